@@ -1,0 +1,41 @@
+# adpulse: one entry point. `make help` lists the targets.
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help venv test unit integration lint demo bench clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+venv: $(STAMP) ## create .venv and install adpulse with its dev tools
+
+lint: $(STAMP) ## ruff and mypy
+	$(BIN)/ruff check .
+	$(BIN)/mypy adpulse schemas scoring streams
+
+test: $(STAMP) ## the whole suite: lint, unit, integration (real embedded broker)
+	$(BIN)/ruff check .
+	$(BIN)/mypy adpulse schemas scoring streams
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+unit: $(STAMP) ## fast tests without a broker
+	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
+
+integration: $(STAMP) ## tests against the real embedded broker
+	$(BIN)/python -m pytest tests/integration $(PYTEST_ARGS)
+
+demo: $(STAMP) ## run the engine on the real sample data (../shared/data)
+	$(BIN)/adpulse demo
+
+clean: ## remove the venv and local state
+	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,204 @@
+"""``adpulse``: one command line for the broker, topics, replay, worker, demo and benchmarks.
+
+Every subcommand that talks to Kafka takes ``--bootstrap`` (or ADPULSE_BOOTSTRAP).
+User mistakes end in one line on stderr and a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from types import FrameType
+
+from adpulse.errors import AdpulseError, BrokerUnavailable, InputError
+from adpulse.settings import Settings
+
+Handler = Callable[[argparse.Namespace, Settings], int]
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return Settings.from_env(bootstrap=getattr(args, "bootstrap", None))
+
+
+def _add_bootstrap(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--bootstrap",
+        metavar="HOST:PORT",
+        help="Kafka bootstrap servers (default: $ADPULSE_BOOTSTRAP, else 127.0.0.1:9092)",
+    )
+
+
+def cmd_broker(args: argparse.Namespace, settings: Settings) -> int:
+    from adpulse.broker import EmbeddedBroker  # noqa: PLC0415
+
+    port = args.port or settings.broker_port
+    broker = EmbeddedBroker(port=port).start()
+    print(f"embedded broker (tansu) answering on {broker.bootstrap}; Ctrl-C stops it", flush=True)
+    _wait_for_signal()
+    broker.stop()
+    print("embedded broker stopped")
+    return 0
+
+
+def _wait_for_signal() -> None:
+    """Sleep until SIGINT or SIGTERM; both mean a clean stop."""
+    received: list[int] = []
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        received.append(signum)
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while not received:
+            signal.pause()
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def cmd_topics_create(args: argparse.Namespace, settings: Settings) -> int:
+    from adpulse.topics import create_topics  # noqa: PLC0415
+
+    if args.partitions:
+        settings = settings.with_(partitions=args.partitions)
+    for name, outcome in create_topics(settings):
+        print(f"{outcome:8s} {name}")
+    return 0
+
+
+def cmd_topics_plan(_args: argparse.Namespace, settings: Settings) -> int:
+    from adpulse.topics import plan  # noqa: PLC0415
+
+    for t in plan(settings):
+        conf = " ".join(f"{k}={v}" for k, v in sorted(t.configs.items()))
+        print(f"{t.name:24s} partitions={t.partitions} {conf}")
+    return 0
+
+
+def cmd_replay_taobao(args: argparse.Namespace, settings: Settings) -> int:
+    from adpulse import replay  # noqa: PLC0415
+    from adpulse.broker import wait_for_broker  # noqa: PLC0415
+    from adpulse.progress import Progress  # noqa: PLC0415
+
+    if args.speed < 0:
+        msg = f"--speed {args.speed:g}: must be 0 (as fast as possible) or a positive factor"
+        raise InputError(msg)
+    events = replay.read_taobao(Path(args.path))
+    if args.limit:
+        events = events[: args.limit]
+    bootstrap = settings.bootstrap_or_default
+    wait_for_broker(bootstrap, timeout=5)
+    topic = settings.topic("user-events")
+    with Progress(total=len(events), label=f"replay -> {topic}") as bar:
+        sent = replay.produce(replay.paced(events, args.speed), bootstrap, topic, bar.advance)
+    print(f"sent {sent} events from {args.path} to {topic} at {bootstrap}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
+    from adpulse.demo import run_demo  # noqa: PLC0415
+
+    return run_demo(settings, data=Path(args.data), out=Path(args.out))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="adpulse",
+        description="adpulse: streaming engine for real-time ad delivery "
+        "(Kafka events -> interest state -> ONNX scoring -> online strategy).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser(
+        "broker",
+        help="run the embedded Kafka-protocol broker (tansu) on 127.0.0.1",
+        description="Start the embedded broker (tansu, memory storage) on 127.0.0.1, wait "
+        "until it answers a Kafka Metadata request, and stop it cleanly on Ctrl-C or SIGTERM. "
+        "For development and tests; production uses a real Kafka cluster via --bootstrap.",
+    )
+    p.add_argument("--port", type=int, help="port to listen on (default: $ADPULSE_BROKER_PORT)")
+    p.set_defaults(handler=cmd_broker)
+
+    p = sub.add_parser(
+        "topics",
+        help="create or show adpulse's Kafka topics",
+        description="Manage the topics of the adpulse contract (schemas/topics.py).",
+    )
+    tsub = p.add_subparsers(dest="topics_command", required=True, metavar="ACTION")
+    c = tsub.add_parser(
+        "create",
+        help="create every topic that is missing (idempotent)",
+        description="Create every adpulse topic with its partition count, compaction and "
+        "retention. Topics that already exist are left alone, so this is safe to rerun.",
+    )
+    _add_bootstrap(c)
+    c.add_argument("--partitions", type=int, help="partitions per topic ($ADPULSE_PARTITIONS)")
+    c.set_defaults(handler=cmd_topics_create)
+    c = tsub.add_parser(
+        "plan",
+        help="print the topics and configs 'create' would make",
+        description="Print each topic's name, partitions and configs without contacting Kafka.",
+    )
+    c.set_defaults(handler=cmd_topics_plan)
+
+    p = sub.add_parser(
+        "replay",
+        help="replay a real behaviour log into user-events",
+        description="Send the rows of a real behaviour log to the user-events topic, "
+        "keyed by user id.",
+    )
+    rsub = p.add_subparsers(dest="source", required=True, metavar="SOURCE")
+    c = rsub.add_parser(
+        "taobao",
+        help="the Taobao UserBehavior CSV (user,item,category,behavior,timestamp)",
+        description="Map the Taobao UserBehavior CSV (pv->browse, cart, fav, buy->purchase; "
+        "timestamps in seconds) to user-events messages and send them, with a progress bar.",
+    )
+    c.add_argument("path", help="the CSV file, e.g. ../shared/data/taobao_userbehavior_sample.csv")
+    c.add_argument(
+        "--speed",
+        type=float,
+        default=0.0,
+        help="0 = as fast as possible (file order); N = N x real time, in event-time order",
+    )
+    c.add_argument("--limit", type=int, help="send only the first N rows")
+    _add_bootstrap(c)
+    c.set_defaults(handler=cmd_replay_taobao)
+
+    p = sub.add_parser(
+        "demo",
+        help="run the pipeline on the real sample data and show what it did",
+        description="Start the embedded broker (unless --bootstrap or ADPULSE_BOOTSTRAP is "
+        "given), create the topics, replay the real Taobao sample and report what landed.",
+    )
+    p.add_argument("--data", default="../shared/data", help="folder with the sample data")
+    p.add_argument("--out", default="var/demo", help="folder for the demo's outputs")
+    _add_bootstrap(p)
+    p.set_defaults(handler=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler: Handler = args.handler
+    try:
+        return handler(args, _settings(args))
+    except AdpulseError as exc:
+        print(f"adpulse: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("adpulse: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a Kafka client's own errors are user-facing too
+        if type(exc).__module__.startswith(("kafka", "aiokafka")):
+            unavailable = BrokerUnavailable(f"Kafka: {type(exc).__name__}: {exc}")
+            print(f"adpulse: error: {unavailable}", file=sys.stderr)
+            return unavailable.exit_code
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

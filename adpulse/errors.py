@@ -1,0 +1,44 @@
+"""One exception root; each subclass tells the operator what to do.
+
+The CLI prints ``str(error)`` on one line and exits non-zero for any
+:class:`AdpulseError`: these are user or environment mistakes, not bugs, so they
+never show a traceback.
+"""
+
+from __future__ import annotations
+
+
+class AdpulseError(Exception):
+    """Root of every error adpulse raises on purpose."""
+
+    exit_code = 1
+
+
+class ConfigError(AdpulseError):
+    """A setting or option has a value adpulse cannot use: fix the variable or flag named."""
+
+    exit_code = 2
+
+
+class BrokerUnavailable(AdpulseError):
+    """No Kafka broker answered at the bootstrap address: start one or fix --bootstrap."""
+
+    exit_code = 3
+
+
+class BrokerStartError(AdpulseError):
+    """The embedded broker could not start (port taken, binary missing)."""
+
+    exit_code = 3
+
+
+class InputError(AdpulseError):
+    """An input file is missing or malformed: the message names the file and line."""
+
+    exit_code = 4
+
+
+class StateError(AdpulseError):
+    """Local state (RocksDB directory) cannot be used: the message names the path."""
+
+    exit_code = 5

@@ -1,0 +1,180 @@
+"""One frozen settings object for every adpulse process.
+
+Every field reads an ``ADPULSE_<FIELD>`` environment variable and documents its
+default beside it, so an operator can configure a worker, the CLI or a test from
+the environment alone. Factories take a :class:`Settings`; nothing else reads
+``os.environ``.
+
+>>> s = Settings.from_env({"ADPULSE_PARTITIONS": "8"})
+>>> s.partitions
+8
+>>> s.with_(partitions=2).partitions
+2
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+from adpulse.errors import ConfigError
+
+ENV_PREFIX = "ADPULSE_"
+KINDS = ("browse", "click", "cart", "fav", "purchase")
+Device = Literal["auto", "cuda", "cpu"]
+
+
+def _setting(default: Any, doc: str) -> Any:
+    return field(default=default, metadata={"doc": doc})
+
+
+def _parse_weights(text: str) -> tuple[float, ...]:
+    """``"browse=1,click=2,..."`` -> weights in :data:`KINDS` order."""
+    given: dict[str, float] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, sep, value = part.partition("=")
+        if not sep or name.strip() not in KINDS:
+            msg = f"kind weight {part!r}: expected KIND=NUMBER with KIND one of {', '.join(KINDS)}"
+            raise ConfigError(msg)
+        given[name.strip()] = float(value)
+    missing = [k for k in KINDS if k not in given]
+    if missing:
+        msg = f"kind weights miss {', '.join(missing)}: give all of {', '.join(KINDS)}"
+        raise ConfigError(msg)
+    return tuple(given[k] for k in KINDS)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Configuration of a worker, the CLI and the tools; see README "Configuration"."""
+
+    # -- Kafka --------------------------------------------------------------------------
+    bootstrap: str = _setting(
+        "",
+        "Kafka bootstrap servers (host:port,...). Empty: commands that can start the "
+        "embedded tansu broker do so; others use 127.0.0.1:9092.",
+    )
+    broker_port: int = _setting(9092, "Port of the embedded broker (`adpulse broker`).")
+    embedded_broker: bool = _setting(
+        False,
+        "The broker is the embedded tansu: turn on its workarounds (changelog sealing "
+        "before recovery). Apache Kafka needs none. Set automatically by the demo/tests.",
+    )
+    partitions: int = _setting(
+        4, "Partitions of every co-partitioned topic (user-events, ad-requests, ...)."
+    )
+    replication: int = _setting(1, "Replication factor for created topics.")
+    topic_prefix: str = _setting("", "Prefix for every topic name (several apps, one cluster).")
+    # -- Worker -------------------------------------------------------------------------
+    app_id: str = _setting("adpulse", "Faust app id: consumer group and changelog names.")
+    data_dir: Path = _setting(Path("var/data"), "Where RocksDB tables live.")
+    web_host: str = _setting("127.0.0.1", "Bind address of the worker's HTTP server.")
+    web_port: int = _setting(6066, "Port of the worker's HTTP server (interest lookups, health).")
+    session_timeout_s: float = _setting(
+        10.0, "Consumer-group session timeout; short so a dead worker's partitions move soon."
+    )
+    # -- Ingest -------------------------------------------------------------------------
+    max_event_bytes: int = _setting(
+        8192, "user-events payloads larger than this are dead-lettered (too_large)."
+    )
+    max_future_skew_ms: int = _setting(
+        300_000, "Events stamped further than this into the future are dead-lettered."
+    )
+    batch_max_events: int = _setting(
+        5000, "Most events one ingest batch takes (larger: more throughput, more latency)."
+    )
+    batch_max_wait_s: float = _setting(
+        0.005, "Longest an ingest batch waits to fill before it is processed."
+    )
+    dedupe_ids: int = _setting(8, "Recent event ids remembered per user to drop duplicates.")
+    dedupe_ttl_h: int = _setting(
+        24, "A user's remembered event ids are forgotten after this many hours with no arrival."
+    )
+    # -- Interest features --------------------------------------------------------------
+    dim: int = _setting(64, "Dimension of the interest space (embeddings and vectors).")
+    half_life_h: float = _setting(24.0, "Half-life of an event's weight in the interest vector.")
+    kind_weights: tuple[float, ...] = _setting(
+        (1.0, 2.0, 4.0, 3.0, 6.0),
+        "Weight per kind (browse, click, cart, fav, purchase), as 'browse=1,click=2,cart=4,...'.",
+    )
+    category_mix: float = _setting(
+        0.5, "Share of the category embedding in an event's embedding (rest: the item's)."
+    )
+    embedding_seed: int = _setting(20171125, "Seed of the hashed embedding table.")
+    top_categories: int = _setting(4, "Top categories kept per user.")
+    # -- Scoring ------------------------------------------------------------------------
+    device: Device = _setting("auto", "ONNX Runtime device: auto (CUDA if present), cuda, cpu.")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Build settings from ``ADPULSE_*`` variables, then explicit overrides."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = env.get(ENV_PREFIX + f.name.upper())
+            if raw is not None and raw != "":
+                values[f.name] = _convert(f, raw)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    def with_(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+    def topic(self, name: str) -> str:
+        """Full topic name for one of the contract's topics."""
+        return self.topic_prefix + name
+
+    @property
+    def bootstrap_or_default(self) -> str:
+        return self.bootstrap or f"127.0.0.1:{self.broker_port}"
+
+    def kind_weight(self, kind: str) -> float:
+        return self.kind_weights[KINDS.index(kind)]
+
+
+def _convert(f: dataclasses.Field[Any], raw: str) -> Any:
+    name = ENV_PREFIX + f.name.upper()
+    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    try:
+        if kind == "bool":
+            if raw.lower() in {"1", "true", "yes", "on"}:
+                return True
+            if raw.lower() in {"0", "false", "no", "off"}:
+                return False
+            msg = "expected true/false"
+            raise ValueError(msg)
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+        if kind == "Path":
+            return Path(raw)
+        if kind == "tuple[float, ...]":
+            return _parse_weights(raw)
+        if kind == "Device":
+            if raw not in get_args(Device):
+                msg = f"expected one of {', '.join(get_args(Device))}"
+                raise ValueError(msg)
+            return raw
+        return raw
+    except ConfigError as exc:
+        msg = f"{name}: {exc}"
+        raise ConfigError(msg) from None
+    except ValueError as exc:
+        msg = f"{name}={raw!r}: {exc}"
+        raise ConfigError(msg) from None
+
+
+def documented() -> list[tuple[str, str, str]]:
+    """(variable, default, doc) for every setting: the README's configuration table."""
+    rows = []
+    for f in fields(Settings):
+        default = f.default
+        if isinstance(default, tuple):
+            default = ",".join(f"{k}={w:g}" for k, w in zip(KINDS, default, strict=True))
+        rows.append((ENV_PREFIX + f.name.upper(), str(default), f.metadata["doc"]))
+    return rows

@@ -1,0 +1,100 @@
+"""What each topic is: its schema, Record, key and retention, in one table.
+
+Partition counts are deliberately absent: topics joined on the same key
+(user-events, ad-requests, ad-decisions) must have the same count, so it is one
+setting for the deployment, not a per-topic fact of the contract.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import faust
+
+from schemas.records import Ad, AdDecision, AdRequest, CtrFeedback, DeadLetter, UserEvent
+
+DAY_MS = 24 * 60 * 60 * 1000
+WEEK_MS = 7 * DAY_MS
+
+
+@dataclass(frozen=True, slots=True)
+class TopicSpec:
+    """One topic of the contract.
+
+    ``key_field`` names the payload field whose value is the message key (None:
+    unkeyed, round-robin). ``retention_ms`` None means keep forever (Kafka
+    ``retention.ms=-1``).
+    """
+
+    name: str
+    schema_file: str
+    record: type[faust.Record]
+    key_field: str | None
+    compacted: bool
+    retention_ms: int | None
+    description: str
+
+
+def _spec(
+    name: str,
+    record: type[faust.Record],
+    key_field: str | None,
+    description: str,
+    *,
+    compacted: bool = False,
+    retention_ms: int | None = WEEK_MS,
+) -> TopicSpec:
+    return TopicSpec(
+        name=name,
+        schema_file=f"{name}.schema.json",
+        record=record,
+        key_field=key_field,
+        compacted=compacted,
+        retention_ms=retention_ms,
+        description=description,
+    )
+
+
+TOPICS: dict[str, TopicSpec] = {
+    spec.name: spec
+    for spec in (
+        _spec(
+            "user-events",
+            UserEvent,
+            "user_id",
+            "User actions (browse, click, cart, fav, purchase); input of the interest state.",
+        ),
+        _spec(
+            "ad-requests",
+            AdRequest,
+            "user_id",
+            "Pages asking for an ad; co-partitioned with user-events so interest is local.",
+        ),
+        _spec(
+            "ad-decisions",
+            AdDecision,
+            "user_id",
+            "One answer per request with pctr and propensity; joined with clicks by user.",
+        ),
+        _spec(
+            "ctr-feedback",
+            CtrFeedback,
+            "ad_id",
+            "Labelled decisions with their feature snapshot; one writer per ad's learner.",
+        ),
+        _spec(
+            "ad-catalog",
+            Ad,
+            "ad_id",
+            "Current state of every ad; compacted, a null value deletes the ad.",
+            compacted=True,
+            retention_ms=None,
+        ),
+        _spec(
+            "dead-letters",
+            DeadLetter,
+            None,
+            "Refused messages with origin and reason, for an operator to fix and replay.",
+        ),
+    )
+}

@@ -1,0 +1,54 @@
+"""Shared fixtures: one real embedded broker per test session, fresh names per test."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from adpulse.broker import EmbeddedBroker, free_port
+from adpulse.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = Path(os.environ.get("ADPULSE_SHARED_DATA", ROOT.parent / "shared" / "data"))
+TAOBAO = DATA / "taobao_userbehavior_sample.csv"
+_counter = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedBroker]:
+    """The embedded tansu broker on a free loopback port, for the whole session."""
+    log = tmp_path_factory.mktemp("broker") / "tansu.log"
+    with EmbeddedBroker(port=free_port(), log_path=log) as b:
+        yield b
+
+
+@pytest.fixture
+def unique() -> str:
+    """A name no other test uses: tansu only finishes a group join after old members expire."""
+    return f"t{next(_counter)}-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+def settings(broker: EmbeddedBroker, unique: str, tmp_path: Path) -> Settings:
+    """Settings isolated per test: own topic prefix, app id and data dir on the session broker."""
+    return Settings.from_env(
+        {},
+        bootstrap=broker.bootstrap,
+        embedded_broker=True,
+        topic_prefix=f"{unique}.",
+        app_id=f"adpulse-{unique}",
+        data_dir=tmp_path / "data",
+        session_timeout_s=6.0,
+    )
+
+
+@pytest.fixture(scope="session")
+def taobao() -> Path:
+    if not TAOBAO.is_file():
+        pytest.skip(f"real sample data missing at {TAOBAO} (set ADPULSE_SHARED_DATA)")
+    return TAOBAO

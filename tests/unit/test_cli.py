@@ -1,0 +1,104 @@
+"""Every subcommand explains itself, and user mistakes end in one line, not a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from adpulse.broker import free_port
+from adpulse.cli import build_parser, main
+
+
+def _subcommand_paths(
+    parser: argparse.ArgumentParser, prefix: tuple[str, ...] = ()
+) -> list[tuple[str, ...]]:
+    paths = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                paths.append((*prefix, name))
+                paths.extend(_subcommand_paths(sub, (*prefix, name)))
+    return paths
+
+
+SUBCOMMANDS = _subcommand_paths(build_parser())
+
+
+def test_parser_has_the_documented_subcommands() -> None:
+    tops = {p[0] for p in SUBCOMMANDS}
+    assert {"broker", "topics", "replay", "demo"} <= tops
+
+
+@pytest.mark.parametrize("path", SUBCOMMANDS, ids=lambda p: " ".join(p))
+def test_every_subcommand_help_exits_zero(
+    path: tuple[str, ...], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main([*path, "--help"])
+    assert exit_info.value.code == 0
+    assert "usage: adpulse" in capsys.readouterr().out
+
+
+def _run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "adpulse.cli", *args], capture_output=True, text=True, timeout=60
+    )
+
+
+def test_console_script_help_works() -> None:
+    bin_dir = Path(sys.executable).parent
+    out = subprocess.run(
+        [bin_dir / "adpulse", "--help"], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0
+    assert "replay" in out.stdout
+
+
+def test_missing_file_is_one_line_error(tmp_path: Path) -> None:
+    out = _run("replay", "taobao", str(tmp_path / "nope.csv"), "--bootstrap", "127.0.0.1:1")
+    assert out.returncode == 4
+    assert out.stderr.strip().count("\n") == 0
+    assert "nope.csv: no such file" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_bad_csv_row_names_its_line(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.csv"
+    bad.write_text("1,2,3,pv,1511544070\n1,2,3,pv,1511544071\n1,x,3,pv,1511544072\n")
+    out = _run("replay", "taobao", str(bad), "--bootstrap", "127.0.0.1:1")
+    assert out.returncode == 4
+    assert f"{bad}:3:" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_unknown_behavior_is_named(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.csv"
+    bad.write_text("1,2,3,look,1511544070\n")
+    out = _run("replay", "taobao", str(bad), "--bootstrap", "127.0.0.1:1")
+    assert out.returncode == 4
+    assert "behavior 'look'" in out.stderr
+
+
+def test_unreachable_broker_is_one_line_error(tmp_path: Path) -> None:
+    port = free_port()
+    out = _run("topics", "create", "--bootstrap", f"127.0.0.1:{port}")
+    assert out.returncode == 3
+    assert f"no Kafka broker answered at 127.0.0.1:{port}" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_bad_setting_is_one_line_error() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "adpulse.cli", "topics", "plan"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"ADPULSE_PARTITIONS": "four", "PATH": ""},
+    )
+    assert out.returncode == 2
+    assert "ADPULSE_PARTITIONS='four'" in out.stderr
+    assert "Traceback" not in out.stderr
