@@ -98,6 +98,18 @@ def cmd_replay_taobao(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
+    from streams.worker import run_worker  # noqa: PLC0415
+
+    changes = {
+        "web_port": args.web_port,
+        "data_dir": Path(args.data_dir) if args.data_dir else None,
+        "app_id": args.app_id,
+    }
+    settings = settings.with_(**{k: v for k, v in changes.items() if v is not None})
+    return run_worker(settings, loglevel=args.loglevel)
+
+
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     from adpulse.demo import run_demo  # noqa: PLC0415
 
@@ -167,6 +179,26 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--limit", type=int, help="send only the first N rows")
     _add_bootstrap(c)
     c.set_defaults(handler=cmd_replay_taobao)
+
+    p = sub.add_parser(
+        "worker",
+        help="run a stream worker (Faust app: ingest, interest table, web server)",
+        description="Run one adpulse worker: consumes user-events in batches, keeps the "
+        "interest table (RocksDB, changelogged), dead-letters bad input, and serves "
+        "GET /users/{id}/interest, /health and /metrics. Start several with different "
+        "--web-port and --data-dir to split the partitions. Stops cleanly on SIGTERM/Ctrl-C.",
+    )
+    _add_bootstrap(p)
+    p.add_argument("--web-port", type=int, help="HTTP port ($ADPULSE_WEB_PORT, default 6066)")
+    p.add_argument("--data-dir", help="RocksDB directory ($ADPULSE_DATA_DIR)")
+    p.add_argument("--app-id", help="Faust app id / consumer group ($ADPULSE_APP_ID)")
+    p.add_argument(
+        "--loglevel",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="log level (default: info)",
+    )
+    p.set_defaults(handler=cmd_worker)
 
     p = sub.add_parser(
         "demo",

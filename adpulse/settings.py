@@ -85,10 +85,13 @@ class Settings:
         300_000, "Events stamped further than this into the future are dead-lettered."
     )
     batch_max_events: int = _setting(
-        5000, "Most events one ingest batch takes (larger: more throughput, more latency)."
+        20_000, "Most events one ingest batch takes (larger: fewer table writes per event)."
     )
     batch_max_wait_s: float = _setting(
         0.005, "Longest an ingest batch waits to fill before it is processed."
+    )
+    fetch_max_wait_ms: int = _setting(
+        10, "Longest the broker holds a fetch for data to arrive (latency vs. idle requests)."
     )
     dedupe_ids: int = _setting(8, "Recent event ids remembered per user to drop duplicates.")
     dedupe_ttl_h: int = _setting(

@@ -11,11 +11,9 @@ in agreement: whatever the fast path accepts, the schema accepts.
 
 from __future__ import annotations
 
-import base64
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -23,6 +21,7 @@ import numpy as np
 
 from schemas import first_error
 from scoring.features import KIND_INDEX, EventBatch, fingerprint
+from streams.deadletter import Raw, Rejected
 
 Id = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
 Int64Id = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
@@ -48,23 +47,6 @@ _decode = msgspec.json.Decoder(UserEventMsg).decode
 
 # Reasons a message is dead-lettered: a metric label, so a fixed, small set.
 REASONS = ("too_large", "invalid_json", "schema", "future_ts")
-
-
-@dataclass(frozen=True, slots=True)
-class Raw:
-    """One consumed message: what a dead letter must carry to be replayable."""
-
-    value: bytes | None
-    key: bytes | None
-    partition: int
-    offset: int
-
-
-@dataclass(frozen=True, slots=True)
-class Rejected:
-    raw: Raw
-    reason: str
-    message: str
 
 
 def _fast_ok(ev: UserEventMsg) -> bool:
@@ -154,19 +136,3 @@ def to_columns(
         offset=np.fromiter((raw.offset for _, raw in good), np.int64, len(good)),
     )
     return list(index), batch
-
-
-def dead_letter(rej: Rejected, topic: str, now_ms: int, stage: str = "ingest") -> dict[str, Any]:
-    """The dead-letters message for a rejected input (schemas/dead-letters.schema.json)."""
-    raw = rej.raw
-    return {
-        "payload_b64": base64.b64encode(raw.value or b"").decode(),
-        "key_b64": None if raw.key is None else base64.b64encode(raw.key).decode(),
-        "topic": topic,
-        "partition": raw.partition,
-        "offset": raw.offset,
-        "error": rej.reason,
-        "message": rej.message,
-        "ts": now_ms,
-        "stage": stage,
-    }

@@ -1,0 +1,111 @@
+"""A real `adpulse worker` subprocess for tests and benchmarks: start, wait, query, kill."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from adpulse.broker import free_port
+from adpulse.settings import Settings
+
+
+class WorkerProcess:
+    def __init__(self, settings: Settings, log_dir: Path, name: str = "worker") -> None:
+        self.settings = settings.with_(web_port=free_port())
+        self.log_path = log_dir / f"{name}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.settings.web_port}"
+
+    def env(self) -> dict[str, str]:
+        s = self.settings
+        env = dict(os.environ)
+        env.update(
+            ADPULSE_BOOTSTRAP=s.bootstrap,
+            ADPULSE_EMBEDDED_BROKER="true" if s.embedded_broker else "false",
+            ADPULSE_TOPIC_PREFIX=s.topic_prefix,
+            ADPULSE_APP_ID=s.app_id,
+            ADPULSE_DATA_DIR=str(s.data_dir),
+            ADPULSE_WEB_PORT=str(s.web_port),
+            ADPULSE_SESSION_TIMEOUT_S=str(s.session_timeout_s),
+            ADPULSE_PARTITIONS=str(s.partitions),
+        )
+        return env
+
+    def start(self, timeout: float = 60.0) -> WorkerProcess:
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "adpulse.cli", "worker", "--loglevel", "info"],
+            env=self.env(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        log.close()
+        self.wait_until(lambda: self._health() == 200, timeout, "worker ready (/health 200)")
+        return self
+
+    def _health(self) -> int | None:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            msg = f"worker exited with {self.proc.returncode}:\n{self.tail()}"
+            raise AssertionError(msg)
+        try:
+            with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
+                return int(r.status)
+        except urllib.error.HTTPError as e:
+            return int(e.code)
+        except OSError:
+            return None
+
+    def get(self, path: str) -> tuple[int, Any]:
+        try:
+            with urllib.request.urlopen(self.url + path, timeout=10) as r:
+                body = r.read()
+                status = int(r.status)
+        except urllib.error.HTTPError as e:
+            body, status = e.read(), int(e.code)
+        return status, json.loads(body) if body[:1] in (b"{", b"[") else body.decode()
+
+    def interest(self, user: str) -> dict[str, Any] | None:
+        status, body = self.get(f"/users/{user}/interest")
+        return body if status == 200 else None
+
+    def wait_until(self, check: Callable[[], bool], timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if check():
+                return
+            time.sleep(0.2)
+        msg = f"timed out after {timeout:.0f}s waiting for {what}:\n{self.tail()}"
+        raise AssertionError(msg)
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown, no final commit, no flush."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def tail(self, n: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""

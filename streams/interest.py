@@ -1,0 +1,78 @@
+"""Apply a batch of raw ``user-events`` messages to the interest table.
+
+One call per consumed batch: decode and validate everything at once, read each
+touched user's state once, fold the batch in with numpy (scoring/features.py),
+and hand back one write per user. The Faust adapter (streams/app.py) owns the
+I/O; this module owns the order of the steps, so it can be tested without a
+broker.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from adpulse.settings import Settings
+from scoring.embeddings import EmbeddingTable, HashedEmbeddings
+from scoring.features import (
+    KINDS,
+    OUTCOMES,
+    InterestParams,
+    apply_batch,
+    decode_states,
+    encode_states,
+)
+from streams.deadletter import Raw, Rejected
+from streams.ingest import decode_events, to_columns
+
+# (user keys, their partitions) -> stored values (None = new user)
+Loader = Callable[[Sequence[bytes], Sequence[int]], list[bytes | None]]
+
+
+@dataclass
+class BatchResult:
+    """What one batch did: the table writes to make and what to count and dead-letter."""
+
+    writes: list[tuple[bytes, int, bytes]] = field(default_factory=list)  # key, partition, value
+    rejected: list[Rejected] = field(default_factory=list)
+    outcomes: Counter[tuple[str, str]] = field(default_factory=Counter)  # (kind, outcome)
+    newest_ts: int = 0  # latest event time applied, for freshness
+
+
+class InterestStage:
+    """Validated, deduplicated, decayed interest updates for batches of events."""
+
+    def __init__(self, settings: Settings, table: EmbeddingTable | None = None) -> None:
+        self.settings = settings
+        self.params = InterestParams.from_settings(settings)
+        self.table = table or HashedEmbeddings(settings.dim, settings.embedding_seed)
+
+    def process(self, raws: Sequence[Raw], load: Loader, now_ms: int) -> BatchResult:
+        s = self.settings
+        good, rejected = decode_events(raws, now_ms, s.max_event_bytes, s.max_future_skew_ms)
+        result = BatchResult(rejected=rejected)
+        if not good:
+            return result
+        users, batch = to_columns(good)
+        keys = [u.encode() for u in users]
+        first = np.unique(batch.user, return_index=True)[1]
+        partitions = [good[i][1].partition for i in first]
+        states = decode_states(load(keys, partitions), self.params)
+        new, outcome = apply_batch(states, batch, self.table, self.params, now_ms)
+        # Every user of the batch is written, duplicates-only ones too: their
+        # applied offset moved, and that is what makes a redelivery harmless.
+        result.writes = list(zip(keys, partitions, encode_states(new), strict=True))
+        pairs = np.bincount(
+            batch.kind.astype(np.int64) * len(OUTCOMES) + outcome,
+            minlength=len(KINDS) * len(OUTCOMES),
+        )
+        for code, n in enumerate(pairs.tolist()):
+            if n:
+                result.outcomes[(KINDS[code // len(OUTCOMES)], OUTCOMES[code % len(OUTCOMES)])] = n
+        applied = outcome == 0
+        if applied.any():
+            result.newest_ts = int(batch.ts[applied].max())
+        return result
