@@ -17,10 +17,12 @@ import socket
 import struct
 import subprocess
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import TracebackType
 
 from adpulse.errors import BrokerStartError, BrokerUnavailable
+from adpulse.settings import Settings
 
 _PR_SET_PDEATHSIG = 1
 
@@ -172,3 +174,14 @@ class EmbeddedBroker:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+@contextlib.contextmanager
+def broker_for(settings: Settings, log: Callable[[str], None] = print) -> Iterator[Settings]:
+    """The configured cluster, or an embedded broker on a free port for the block."""
+    if settings.bootstrap:
+        yield settings
+        return
+    with EmbeddedBroker(port=free_port()) as broker:
+        log(f"started the embedded broker (tansu) on {broker.bootstrap}")
+        yield settings.with_(bootstrap=broker.bootstrap, embedded_broker=True)

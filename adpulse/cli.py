@@ -7,6 +7,8 @@ User mistakes end in one line on stderr and a non-zero exit, never a traceback.
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -110,6 +112,44 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     return run_worker(settings, loglevel=args.loglevel)
 
 
+def cmd_bench_features(args: argparse.Namespace, settings: Settings) -> int:
+    from adpulse.bench import features  # noqa: PLC0415
+    from adpulse.broker import broker_for  # noqa: PLC0415
+
+    taobao = Path(args.data) / "taobao_userbehavior_sample.csv"
+    if args.smoke:
+        cfg = features.FeaturesBench.smoke(taobao)
+    else:
+        cfg = features.FeaturesBench(
+            events=args.events, repeats=args.repeat, rate=args.rate,
+            duration_s=args.duration, users=args.users, taobao=taobao,
+        )  # fmt: skip
+    with broker_for(settings) as s:
+        result = features.run(s, cfg)
+    print(features.result_line(result))
+    _write_json(args.json, {"features": result})
+    return 0
+
+
+def _write_json(path: str | None, payload: dict[str, object]) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        text = json.dumps(_finite(payload), indent=2, sort_keys=True, allow_nan=False)
+        Path(path).write_text(text + "\n")
+        print(f"wrote {path}")
+
+
+def _finite(obj: object) -> object:
+    """NaN (a figure that could not be measured) becomes null: JSON has no NaN."""
+    if isinstance(obj, float) and math.isnan(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite(v) for v in obj]
+    return obj
+
+
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     from adpulse.demo import run_demo  # noqa: PLC0415
 
@@ -199,6 +239,31 @@ def build_parser() -> argparse.ArgumentParser:
         help="log level (default: info)",
     )
     p.set_defaults(handler=cmd_worker)
+
+    p = sub.add_parser(
+        "bench",
+        help="benchmarks, each with its baseline measured in the same run",
+        description="Benchmarks print medians with their spread and a baseline measured in "
+        "the same run on the same messages (this machine is shared and noisy: compare ratios).",
+    )
+    bsub = p.add_subparsers(dest="bench", required=True, metavar="BENCH")
+    c = bsub.add_parser(
+        "features",
+        help="interest-feature throughput and freshness of one worker",
+        description="Produce N Taobao-shaped events, then measure a worker's events/s against "
+        "a bare aiokafka consume->produce loop over the same messages, and event-to-state "
+        "freshness at a fixed offered load.",
+    )
+    c.add_argument("--events", type=int, default=200_000, help="events per repeat (200000)")
+    c.add_argument("--repeat", type=int, default=3, help="repeats; the median is reported (3)")
+    c.add_argument("--rate", type=float, default=5000.0, help="offered events/s for freshness")
+    c.add_argument("--duration", type=float, default=10.0, help="seconds of freshness load (10)")
+    c.add_argument("--users", type=int, default=10_000, help="distinct users (10000)")
+    c.add_argument("--data", default="../shared/data", help="folder with the Taobao sample to fit")
+    c.add_argument("--smoke", action="store_true", help="tiny sizes: checks it runs, not speed")
+    c.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
+    _add_bootstrap(c)
+    c.set_defaults(handler=cmd_bench_features)
 
     p = sub.add_parser(
         "demo",

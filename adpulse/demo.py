@@ -6,32 +6,19 @@ topics, replays the sample and reads it back to show exactly what landed.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 from adpulse import replay
-from adpulse.broker import EmbeddedBroker, free_port
+from adpulse.broker import broker_for
 from adpulse.errors import InputError
 from adpulse.inspect import read_topic
 from adpulse.settings import Settings
 from adpulse.topics import create_topics
 
 TAOBAO_FILE = "taobao_userbehavior_sample.csv"
-
-
-@contextlib.contextmanager
-def broker_for(settings: Settings) -> Iterator[Settings]:
-    """The configured cluster, or an embedded broker on a free port for the block."""
-    if settings.bootstrap:
-        yield settings
-        return
-    with EmbeddedBroker(port=free_port()) as broker:
-        print(f"started the embedded broker (tansu) on {broker.bootstrap}")
-        yield settings.with_(bootstrap=broker.bootstrap, embedded_broker=True)
 
 
 def run_demo(settings: Settings, data: Path, out: Path) -> int:

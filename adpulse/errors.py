@@ -42,3 +42,18 @@ class StateError(AdpulseError):
     """Local state (RocksDB directory) cannot be used: the message names the path."""
 
     exit_code = 5
+
+
+class ModelRefused(AdpulseError):
+    """A model version failed validation at load; the reason says what to fix.
+
+    The registry keeps serving the current version and does not retry the
+    refused one until its files change: publish a fixed version under a new name.
+    """
+
+    exit_code = 6
+
+    def __init__(self, version: str, reason: str) -> None:
+        super().__init__(f"model {version} refused: {reason}")
+        self.version = version
+        self.reason = reason

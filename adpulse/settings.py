@@ -111,6 +111,28 @@ class Settings:
     top_categories: int = _setting(4, "Top categories kept per user.")
     # -- Scoring ------------------------------------------------------------------------
     device: Device = _setting("auto", "ONNX Runtime device: auto (CUDA if present), cuda, cpu.")
+    model_dir: str = _setting(
+        "", "Model registry directory (DIR/VERSION/model.onnx); empty: the shipped default."
+    )
+    model_poll_s: float = _setting(10.0, "How often the worker looks for a newer model version.")
+    model_latency_budget_ms: float = _setting(
+        5.0, "A model whose 100-row batch takes longer than this at validation is refused."
+    )
+    model_max_slowdown: float = _setting(
+        3.0, "A new model this many times slower than the serving one is refused."
+    )
+    scorer_threads: int = _setting(
+        2, "ONNX Runtime intra-op threads (0: one per core); 2 measured best on 2 cores."
+    )
+    scorer_max_batch_rows: int = _setting(
+        4096, "Most candidate rows one micro-batch sends to the model."
+    )
+    scorer_max_wait_ms: float = _setting(
+        1.0, "Longest a request waits for others to share its micro-batch."
+    )
+    fallback_ctr: float = _setting(
+        0.02, "pCTR of every candidate when no model can score (unless the model's metrics say)."
+    )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

@@ -1,0 +1,56 @@
+"""Benchmarks: each prints its baseline from the same run, and medians with their spread.
+
+This machine is shared and noisy, so a figure is only meaningful next to a
+baseline measured in the same run on the same messages; every benchmark
+repeats and reports the median with min and max, never one sample.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import subprocess
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def machine() -> dict[str, Any]:
+    """Cores, CPU model and GPU (if any) of the machine the figures come from."""
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = None
+    if shutil.which("nvidia-smi"):
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+            capture_output=True, text=True, timeout=10, check=False,
+        )  # fmt: skip
+        gpu = out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout else None
+    return {"cores": os.cpu_count(), "cpu": cpu, "gpu": gpu, "python": platform.python_version()}
+
+
+def spread(values: Sequence[float]) -> dict[str, float]:
+    """Median with min and max: how we report any repeated measurement."""
+    arr = np.asarray(values, dtype=np.float64)
+    return {"median": float(np.median(arr)), "min": float(arr.min()), "max": float(arr.max())}
+
+
+def percentiles_ms(seconds: Sequence[float], qs: Sequence[float]) -> list[float]:
+    if not seconds:
+        return [float("nan")] * len(qs)
+    arr = np.asarray(seconds, dtype=np.float64) * 1000.0
+    return [float(x) for x in np.percentile(arr, qs)]
+
+
+def machine_line(m: dict[str, Any]) -> str:
+    gpu = f", GPU {m['gpu']}" if m.get("gpu") else ", no GPU"
+    return f"{m['cores']} cores, {m['cpu']}{gpu}"

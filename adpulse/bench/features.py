@@ -1,0 +1,246 @@
+"""``adpulse bench features``: interest-feature throughput and freshness of one worker.
+
+Per repeat, on fresh topics: N Taobao-shaped events are produced, then
+  * the baseline, a bare aiokafka consume -> produce loop with no processing,
+    moves the same N messages (the transport's ceiling), and
+  * a fresh ``adpulse worker`` process consumes the same N messages into its
+    interest table; its rate is read off its own counters.
+Then, against the last worker, freshness at a fixed offered load: events are
+produced at ``rate``/s to fresh users and the changelog of the interest table is
+watched; an event is fresh when a changelog record shows its user's counters
+include it. Freshness = that moment - the moment the event was handed to the
+producer, so it spans produce, fetch, the batch, the RocksDB write and the
+changelog write, an upper bound on when the vector became readable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+from adpulse.bench import machine, machine_line, percentiles_ms, spread
+from adpulse.settings import Settings
+from adpulse.topics import create_topics
+from adpulse.workerproc import WorkerProcess
+from adpulse.workload import Workload, WorkloadModel, fit_taobao
+from scoring.features import InterestParams, state_dtype
+
+
+@dataclass(frozen=True)
+class FeaturesBench:
+    events: int = 200_000
+    repeats: int = 3
+    rate: float = 5_000.0
+    duration_s: float = 10.0
+    users: int = 10_000
+    taobao: Path | None = None
+
+    @classmethod
+    def smoke(cls, taobao: Path | None = None) -> FeaturesBench:
+        return cls(events=3_000, repeats=1, rate=500.0, duration_s=2.0, users=200, taobao=taobao)
+
+
+def run(base: Settings, cfg: FeaturesBench, log: Any = print) -> dict[str, Any]:
+    model = fit_taobao(cfg.taobao) if cfg.taobao and cfg.taobao.is_file() else WorkloadModel()
+    workload = Workload(model, users=cfg.users, seed=1)
+    worker_rates, base_rates, ratios = [], [], []
+    with tempfile.TemporaryDirectory(prefix="adpulse-bench-") as tmp:
+        worker = None
+        for r in range(cfg.repeats):
+            tag = uuid.uuid4().hex[:8]
+            s = base.with_(
+                topic_prefix=f"bench-{tag}.", app_id=f"bench-{tag}",
+                data_dir=Path(tmp) / tag, session_timeout_s=6.0,
+            )  # fmt: skip
+            create_topics(s)
+            keys, values = workload.payloads(cfg.events, int(time.time() * 1000), prefix=f"{tag}-")
+            asyncio.run(_produce(s.bootstrap, s.topic("user-events"), keys, values))
+            baseline = asyncio.run(_bare_loop(s, cfg.events))
+            if worker is not None:
+                worker.stop()
+            worker = WorkerProcess(s, Path(tmp), name=f"worker-{tag}").start()
+            rate = _worker_rate(worker, cfg.events)
+            worker_rates.append(rate)
+            base_rates.append(baseline)
+            ratios.append(rate / baseline)
+            log(
+                f"  repeat {r + 1}/{cfg.repeats}: worker {rate:,.0f} events/s, "
+                f"bare aiokafka loop {baseline:,.0f} events/s, ratio {rate / baseline:.2f}"
+            )
+        assert worker is not None
+        gc.collect()
+        gc.freeze()  # the benchmark's own collector pauses must not count as worker latency
+        try:
+            fresh = asyncio.run(_freshness(worker.settings, workload, cfg, log))
+        finally:
+            gc.unfreeze()
+            worker.stop()
+    p50, p99 = percentiles_ms(fresh, [50, 99])
+    w, b, q = spread(worker_rates), spread(base_rates), spread(ratios)
+    return {
+        "events": cfg.events,
+        "repeats": cfg.repeats,
+        "events_per_s": w["median"],
+        "baseline_events_per_s": b["median"],
+        "ratio": q["median"],
+        "events_per_s_spread": w,
+        "baseline_events_per_s_spread": b,
+        "ratio_spread": q,
+        "freshness_p50_ms": p50,
+        "freshness_p99_ms": p99,
+        "freshness_offered_per_s": cfg.rate,
+        "freshness_samples": len(fresh),
+        "users": cfg.users,
+        "machine": machine(),
+    }
+
+
+def result_line(res: dict[str, Any]) -> str:
+    return (
+        f"features: {res['events_per_s']:,.0f} events/s per worker "
+        f"(median of {res['repeats']}, range {res['events_per_s_spread']['min']:,.0f}"
+        f"-{res['events_per_s_spread']['max']:,.0f}); bare aiokafka loop "
+        f"{res['baseline_events_per_s']:,.0f}/s; ratio {res['ratio']:.2f}; freshness at "
+        f"{res['freshness_offered_per_s']:,.0f} events/s p50 {res['freshness_p50_ms']:.1f} ms "
+        f"p99 {res['freshness_p99_ms']:.1f} ms; {machine_line(res['machine'])}"
+    )
+
+
+async def _produce(bootstrap: str, topic: str, keys: list[bytes], values: list[bytes]) -> None:
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap, linger_ms=5, max_batch_size=1 << 20, acks=1
+    )
+    await producer.start()
+    try:
+        futures = [await producer.send(topic, v, key=k) for k, v in zip(keys, values, strict=True)]
+        await asyncio.gather(*futures)
+    finally:
+        await producer.stop()
+
+
+async def _bare_loop(s: Settings, n: int) -> float:
+    """Consume n messages and produce each to a sink topic: no decoding, no state."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=s.bootstrap, enable_auto_commit=False, fetch_max_wait_ms=10,
+        max_partition_fetch_bytes=16 << 20, auto_offset_reset="earliest",
+    )  # fmt: skip
+    producer = AIOKafkaProducer(bootstrap_servers=s.bootstrap, linger_ms=5, max_batch_size=1 << 20)
+    await consumer.start()
+    await producer.start()
+    try:
+        topic, sink = s.topic("user-events"), s.topic("bench-sink")
+        tps = [TopicPartition(topic, p) for p in range(s.partitions)]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        seen, started, futures = 0, 0.0, []
+        while seen < n:
+            batch = await consumer.getmany(timeout_ms=1000, max_records=10_000)
+            if batch and not started:
+                started = time.perf_counter()
+            for records in batch.values():
+                for rec in records:
+                    futures.append(await producer.send(sink, rec.value, key=rec.key))
+                seen += len(records)
+        await asyncio.gather(*futures)
+        return n / (time.perf_counter() - started)
+    finally:
+        await consumer.stop()
+        await producer.stop()
+
+
+def _applied(worker: WorkerProcess) -> float:
+    _, text = worker.get("/metrics")
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in str(text).splitlines()
+        if line.startswith("adpulse_events_total{")
+    )
+
+
+def _worker_rate(worker: WorkerProcess, n: int, timeout: float = 300.0) -> float:
+    """Events/s between the first and the last look at the worker's counters."""
+    deadline = time.monotonic() + timeout
+    first: tuple[float, float] | None = None
+    while time.monotonic() < deadline:
+        done = _applied(worker)
+        now = time.perf_counter()
+        if first is None and done > 0:
+            first = (now, done)
+        if done >= n:
+            assert first is not None
+            if done == first[1]:  # all of it in one batch: no interval to measure
+                return float("nan")
+            return (done - first[1]) / (now - first[0])
+        time.sleep(0.01)
+    msg = f"worker did not apply {n} events within {timeout:.0f}s"
+    raise TimeoutError(msg)
+
+
+async def _freshness(s: Settings, workload: Workload, cfg: FeaturesBench, log: Any) -> list[float]:
+    params = InterestParams.from_settings(s)
+    fields = state_dtype(params).fields
+    assert fields is not None
+    counts_at = int(fields["counts"][1])  # byte offset of the counters in a state record
+    changelog = f"{s.app_id}-interest-changelog"
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=s.bootstrap, enable_auto_commit=False, fetch_max_wait_ms=1
+    )
+    producer = AIOKafkaProducer(bootstrap_servers=s.bootstrap, linger_ms=1, acks=1)
+    await consumer.start()
+    await producer.start()
+    sent: dict[bytes, list[float]] = {}
+    reported: dict[bytes, int] = {}
+    fresh: list[float] = []
+    try:
+        tps = [TopicPartition(changelog, p) for p in range(s.partitions)]
+        consumer.assign(tps)
+        await consumer.seek_to_end(*tps)
+        for tp in tps:
+            await consumer.position(tp)
+        total = int(cfg.rate * cfg.duration_s)
+        keys, values = workload.payloads(total, int(time.time() * 1000), prefix="fresh-")
+        keys = [b"f" + k for k in keys]
+        values = [v.replace(b'"user_id":"', b'"user_id":"f', 1) for v in values]
+
+        async def watch() -> None:
+            while len(fresh) < total:
+                batch = await consumer.getmany(timeout_ms=200)
+                now = time.perf_counter()
+                for records in batch.values():
+                    for rec in records:
+                        if rec.key not in sent or rec.value is None:
+                            continue
+                        count = int(np.frombuffer(rec.value, "<u4", 5, counts_at).sum())
+                        times = sent[rec.key]
+                        for i in range(reported.get(rec.key, 0), min(count, len(times))):
+                            fresh.append(now - times[i])
+                        reported[rec.key] = max(reported.get(rec.key, 0), count)
+
+        watcher = asyncio.create_task(watch())
+        tick, start = 0.01, time.perf_counter()
+        per_tick = cfg.rate * tick
+        i = 0
+        while i < total:
+            due = int((time.perf_counter() - start) / tick * per_tick) + 1
+            for _ in range(min(due, total) - i):
+                sent.setdefault(keys[i], []).append(time.perf_counter())
+                await producer.send(s.topic("user-events"), values[i], key=keys[i])
+                i += 1
+            await asyncio.sleep(tick)
+        try:
+            await asyncio.wait_for(watcher, timeout=30)
+        except TimeoutError:
+            log(f"  freshness: only {len(fresh)} of {total} events seen in the changelog")
+        return fresh
+    finally:
+        await consumer.stop()
+        await producer.stop()

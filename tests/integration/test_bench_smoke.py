@@ -1,0 +1,35 @@
+"""Benchmarks run end to end at tiny sizes, so they cannot rot (speed is not asserted here)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from adpulse.bench import features
+from adpulse.cli import main
+from adpulse.settings import Settings
+
+pytestmark = pytest.mark.integration
+
+
+def test_features_bench_smoke_reports_every_key(settings: Settings, taobao: Path) -> None:
+    result = features.run(settings, features.FeaturesBench.smoke(taobao), log=lambda _m: None)
+    for key in ("events_per_s", "baseline_events_per_s", "ratio", "freshness_p50_ms",
+                "freshness_p99_ms", "events"):  # fmt: skip
+        assert key in result
+    assert result["events"] == 3000
+    assert result["baseline_events_per_s"] > 0
+    assert result["freshness_samples"] == 1000
+    assert math.isfinite(result["freshness_p99_ms"])
+    assert "features:" in features.result_line(result)
+
+
+def test_bench_cli_writes_json(settings: Settings, tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    args = ["bench", "features", "--smoke", "--json", str(out), "--bootstrap", settings.bootstrap]
+    assert main(args) == 0
+    body = json.loads(out.read_text())
+    assert body["features"]["events"] == 3000
