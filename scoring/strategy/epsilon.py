@@ -1,0 +1,40 @@
+"""Epsilon-greedy: explore uniformly with probability epsilon, else exploit.
+
+P(a) = epsilon / K + (1 - epsilon) * [a in argmax] / |argmax| over the K
+eligible candidates: exact, and never zero, so every logged decision can be
+reweighted in off-policy evaluation (Sutton & Barto, 2018, sec. 2.2).
+
+>>> import numpy as np
+>>> c = EpsilonGreedy(0.1).choose(np.array([1.0, 3.0, 2.0]), np.random.default_rng(0))
+>>> round(float(c.probabilities.sum()), 12), round(float(c.probabilities[1]), 4)
+(1.0, 0.9333)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import numpy.typing as npt
+
+from scoring.strategy import Choice
+from scoring.strategy.greedy import argmax_set
+
+
+class EpsilonGreedy:
+    def __init__(self, epsilon: float) -> None:
+        if not 0.0 <= epsilon <= 1.0:
+            msg = f"epsilon {epsilon} must be within [0, 1]"
+            raise ValueError(msg)
+        self.epsilon = epsilon
+        self.name = f"epsilon-greedy({epsilon:g})"
+
+    def probabilities(self, values: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+        k = len(values)
+        probs = np.full(k, self.epsilon / k)
+        best = argmax_set(values)
+        probs[best] += (1.0 - self.epsilon) / len(best)
+        return probs
+
+    def choose(self, values: npt.NDArray[np.float64], rng: np.random.Generator) -> Choice:
+        probs = self.probabilities(values)
+        pick = int(rng.choice(len(values), p=probs))
+        return Choice(pick, float(probs[pick]), probs)
