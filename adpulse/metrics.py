@@ -11,7 +11,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    generate_latest,
+)
 
 # Fine around 1-100 ms, where the freshness and decision targets are.
 LATENCY_BUCKETS = (
@@ -31,6 +38,16 @@ class Metrics:
     freshness: Histogram
     table_writes: Counter
     newest_event_ts: Gauge
+    decisions: Counter
+    decision_latency: Histogram
+    no_fill: Counter
+    fallbacks: Counter
+    scorer_rows: Counter
+    scorer_batch_rows: Histogram
+    model: Info
+    model_swaps: Counter
+    catalog_ads: Gauge
+    catalog_invalid: Counter
 
     @classmethod
     def create(cls, registry: CollectorRegistry | None = None) -> Metrics:
@@ -76,6 +93,48 @@ class Metrics:
             newest_event_ts=Gauge(
                 "adpulse_newest_event_timestamp_seconds",
                 "Event time of the newest event applied to the interest table.",
+                registry=r,
+            ),
+            decisions=Counter(
+                "adpulse_decisions_total",
+                "Ad decisions emitted, by policy and placement.",
+                ["policy", "placement"],
+                registry=r,
+            ),
+            decision_latency=Histogram(
+                "adpulse_decision_latency_seconds",
+                "Request produced (record timestamp) to decision sent.",
+                buckets=LATENCY_BUCKETS,
+                registry=r,
+            ),
+            no_fill=Counter("adpulse_no_fill_total", "Requests with no eligible ad.", registry=r),
+            fallbacks=Counter(
+                "adpulse_scorer_fallbacks_total",
+                "Requests scored by the fallback rule (no model, or non-finite output).",
+                registry=r,
+            ),
+            scorer_rows=Counter(
+                "adpulse_scorer_rows_total", "Candidate rows scored by the model.", registry=r
+            ),
+            scorer_batch_rows=Histogram(
+                "adpulse_scorer_batch_rows",
+                "Candidate rows per scoring run (one per decision batch).",
+                buckets=(1, 10, 100, 250, 500, 1000, 2500, 5000, 10000, 50000),
+                registry=r,
+            ),
+            model=Info("adpulse_model", "Model version and execution provider in use.", registry=r),
+            model_swaps=Counter(
+                "adpulse_model_swaps_total",
+                "Model versions considered for hot-swap, by outcome (swapped, refused).",
+                ["outcome"],
+                registry=r,
+            ),
+            catalog_ads=Gauge(
+                "adpulse_catalog_ads", "Active ads in the worker's catalog.", registry=r
+            ),
+            catalog_invalid=Counter(
+                "adpulse_catalog_invalid_total",
+                "Catalog records skipped because they break the ad-catalog contract.",
                 registry=r,
             ),
         )

@@ -109,6 +109,14 @@ class Settings:
     )
     embedding_seed: int = _setting(20171125, "Seed of the hashed embedding table.")
     top_categories: int = _setting(4, "Top categories kept per user.")
+    # -- Decisions ----------------------------------------------------------------------
+    policy: str = _setting(
+        "epsilon-greedy:0.05", "Serving policy: greedy or epsilon-greedy:EPS (exploration share)."
+    )
+    placement_policies: str = _setting(
+        "", "Per-placement policies over the default, as 'home=greedy;feed=epsilon-greedy:0.1'."
+    )
+    freq_cap_per_day: int = _setting(3, "Impressions of one ad per user per UTC day, at most.")
     # -- Scoring ------------------------------------------------------------------------
     device: Device = _setting("auto", "ONNX Runtime device: auto (CUDA if present), cuda, cpu.")
     model_dir: str = _setting(

@@ -111,6 +111,7 @@ class FeatureSnapshot(_Contract):
     hour: int | None = None
     category_id: int | None = None
     campaign_id: str | None = None
+    item_id: int | None = None
     pctr: float | None = None
 
 

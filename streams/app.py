@@ -29,9 +29,38 @@ class Wiring:
     settings: Settings
     app: BatchApp
     user_events: faust.TopicT
+    ad_requests: faust.TopicT
+    ad_decisions: faust.TopicT
+    ad_catalog: faust.TopicT
     dead_letters: faust.TopicT
     interest: Any  # faust Table, raw bytes -> raw bytes (scoring.features record)
+    freqcap: Any  # user id -> scoring.caps.CapRecord (msgpack)
+    spend: Any  # campaign id -> scoring.caps.SpendRecord, per partition (budget share)
+    catalog: Any  # CatalogTable (GlobalTable over ad-catalog)
     metrics: Metrics
+
+
+class CatalogTable(faust.GlobalTable):
+    """Every worker's full copy of the ad catalog; ``version`` moves on every change.
+
+    Changes arrive two ways: written here by the catalog agent, or replayed from
+    the table's changelog (written by whichever worker owns that ad-catalog
+    partition). Both bump ``version`` so the decision stage rebuilds its arrays.
+    """
+
+    version = 0
+
+    def apply_changelog_batch(self, batch: Any) -> None:
+        super().apply_changelog_batch(batch)
+        self.version += 1
+
+    def on_key_set(self, key: Any, value: Any) -> None:
+        super().on_key_set(key, value)
+        self.version += 1
+
+    def on_key_del(self, key: Any) -> None:
+        super().on_key_del(key)
+        self.version += 1
 
 
 class SealingTableManager(TableManager):
@@ -74,6 +103,7 @@ def create_app(settings: Settings) -> Wiring:
         web_bind=settings.web_host,
         web_port=settings.web_port,
         TableManager=SealingTableManager,
+        GlobalTable=CatalogTable,
         batch_max=settings.batch_max_events,
         batch_within=settings.batch_max_wait_s,
         fetch_max_wait_ms=settings.fetch_max_wait_ms,
@@ -85,17 +115,36 @@ def create_app(settings: Settings) -> Wiring:
         "key_serializer": "raw",
         "value_serializer": "raw",
     }
-    user_events = app.topic(settings.topic("user-events"), **raw)
-    dead_letters = app.topic(settings.topic("dead-letters"), **raw)
-    # bytes key/value types give the table raw serializers: state records are packed bytes.
-    interest = app.Table(
-        "interest",
+
+    # bytes key/value types give tables raw serializers: values are packed records.
+    def table(name: str, help_: str) -> Any:
+        return app.Table(
+            name, partitions=settings.partitions, key_type=bytes, value_type=bytes, help=help_
+        )
+
+    # A GlobalTable over its own changelog, filled by an agent on ad-catalog: Faust's
+    # assignor never completes when a source topic doubles as a global changelog.
+    catalog = app.GlobalTable(
+        "catalog",
         partitions=settings.partitions,
         key_type=bytes,
         value_type=bytes,
-        help="user id -> interest state record (scoring.features.state_dtype)",
+        help="ad id -> ad-catalog record (JSON); every worker holds all of it",
     )
-    wiring = Wiring(settings, app, user_events, dead_letters, interest, Metrics.create())
+    wiring = Wiring(
+        settings=settings,
+        app=app,
+        user_events=app.topic(settings.topic("user-events"), **raw),
+        ad_requests=app.topic(settings.topic("ad-requests"), **raw),
+        ad_decisions=app.topic(settings.topic("ad-decisions"), **raw),
+        ad_catalog=app.topic(settings.topic("ad-catalog"), **raw),
+        dead_letters=app.topic(settings.topic("dead-letters"), **raw),
+        interest=table("interest", "user id -> interest state (scoring.features.state_dtype)"),
+        freqcap=table("freqcap", "user id -> impressions per ad today (scoring.caps)"),
+        spend=table("spend", "campaign id -> spend today of this partition's budget share"),
+        catalog=catalog,
+        metrics=Metrics.create(),
+    )
 
     from streams import pipeline, web  # noqa: PLC0415 - stages register themselves on the app
 

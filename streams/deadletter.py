@@ -25,6 +25,7 @@ class Raw:
     key: bytes | None
     partition: int
     offset: int
+    timestamp_ms: int = 0  # the record's Kafka timestamp (producer's create time)
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,36 +1,128 @@
-"""The main path, top to bottom: what happens to a batch of user events.
+"""The main path, top to bottom: what happens to each batch, stage by stage.
 
-    user-events batch -> validate + dedupe + decay (streams/interest.py)
-                      -> interest table (streams/tablewriter.py)
-                      -> dead-letters for what was refused (streams/deadletter.py)
-
-Later stages (decide, join, learn) hang off the same wiring.
+user-events batch  -> validate + dedupe + decay (streams/interest.py)
+                   -> interest table (streams/tablewriter.py)
+ad-requests batch  -> candidates, caps, budgets, one scoring run, strategy
+                      (streams/decide.py) -> ad-decisions
+anything refused   -> dead-letters (streams/deadletter.py)
+timers             -> model registry poll (hot-swap), catalog refresh
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections import defaultdict
 from collections.abc import Awaitable, Sequence
 from typing import TYPE_CHECKING, Any
 
+import msgspec
+
+from scoring.featurespec import FeatureSpec
+from scoring.registry import LoadedModel, ModelRegistry
+from scoring.scorer import FallbackRule
+from streams.catalog import CATALOG_REFRESH_S, CatalogCache, apply_catalog_record
 from streams.consumer import Batch
 from streams.deadletter import Raw, Rejected, dead_letter
+from streams.decide import DecideStage, ServingModels
 from streams.interest import BatchResult, InterestStage
 from streams.tablewriter import read_many, write_many
 
 if TYPE_CHECKING:
     from streams.app import Wiring
 
+log = logging.getLogger(__name__)
+
 
 def wire(w: Wiring) -> None:
-    stage = InterestStage(w.settings)
+    interest = InterestStage(w.settings)
+    models = load_models(w)
+    catalog = CatalogCache(w.catalog, FeatureSpec.from_settings(w.settings), w.metrics)
+    decide = DecideStage(w.settings, models, catalog.get)
 
     @w.app.batch_topic(w.user_events)
     async def on_user_events(batch: Batch) -> None:
-        await ingest(w, stage, batch)
+        await ingest(w, interest, batch)
+
+    @w.app.batch_topic(w.ad_requests)
+    async def on_ad_requests(batch: Batch) -> None:
+        await decide_batch(w, decide, batch)
+
+    @w.app.agent(w.ad_catalog)
+    async def catalog_updates(stream: Any) -> None:
+        async for event in stream.events():
+            apply_catalog_record(w.catalog, event.key, event.value)
+
+    @w.app.timer(CATALOG_REFRESH_S)
+    async def refresh_catalog() -> None:
+        catalog.refresh()
+
+    @w.app.timer(w.settings.model_poll_s)
+    async def poll_models() -> None:
+        loaded = await asyncio.to_thread(models.registry.poll)
+        if loaded is not None:
+            models.swap(loaded, w.settings.fallback_ctr)
+            _model_in_use(w, loaded)
+            w.metrics.model_swaps.labels("swapped").inc()
+
+
+def load_models(w: Wiring) -> ServingModels:
+    def refused(version: str, reason: str) -> None:
+        log.error("model %s refused, current model keeps serving: %s", version, reason)
+        w.metrics.model_swaps.labels("refused").inc()
+
+    registry = ModelRegistry.from_settings(w.settings, on_refused=refused)
+    loaded = registry.latest_valid()
+    if loaded is None:
+        log.error("no valid model in %s: decisions use the fallback rule", registry.root)
+        models = ServingModels(None, FallbackRule(prior_ctr=w.settings.fallback_ctr), registry)
+    else:
+        models = ServingModels(loaded, loaded.fallback(w.settings.fallback_ctr), registry)
+        _model_in_use(w, loaded)
+    return models
+
+
+def _model_in_use(w: Wiring, loaded: LoadedModel) -> None:
+    log.info("serving model %s on %s", loaded.version, loaded.scorer.provider)
+    w.metrics.model.info({"version": loaded.version, "provider": loaded.scorer.provider})
+
+
+async def decide_batch(w: Wiring, stage: DecideStage, batch: Batch) -> None:
+    """One batch of ad-requests: decisions sent, caps and spend written, then acked."""
+    now_ms = int(time.time() * 1000)
+    raws = [
+        Raw(r.value, r.key, tp.partition, r.offset, r.timestamp)
+        for tp, records in batch.items()
+        for r in records
+    ]
+    result = stage.process(
+        raws,
+        lambda k, p: _load(w.interest, k, p),
+        lambda k, p: _load(w.freqcap, k, p),
+        lambda k, p: _load(w.spend, k, p),
+        now_ms,
+    )
+    futures: list[Awaitable[Any]] = []
+    m, topic = w.metrics, w.settings.topic("ad-decisions")
+    encode = msgspec.json.encode
+    for key, decision, request_ts in result.decisions:
+        sent = time.time()
+        decision["latency_ms"] = max(0.0, sent * 1000 - request_ts)
+        futures.append(await w.app.producer.send(topic, key, encode(decision), None, None, None))
+        m.decision_latency.observe(decision["latency_ms"] / 1000)
+    futures += await _write_by_partition(w.freqcap, result.cap_writes)
+    futures += await _write_by_partition(w.spend, result.spend_writes)
+    futures += await _dead_letter(w, result.rejected, now_ms, "ad-requests", "decide")
+    await asyncio.gather(*futures)
+    for (policy, placement), n in result.by_policy.items():
+        m.decisions.labels(policy, placement).inc(n)
+    m.no_fill.inc(result.no_fill)
+    m.fallbacks.inc(result.fallbacks)
+    if result.rows_scored:
+        m.scorer_rows.inc(result.rows_scored)
+        m.scorer_batch_rows.observe(result.rows_scored)
 
 
 async def ingest(w: Wiring, stage: InterestStage, batch: Batch) -> None:
@@ -41,15 +133,15 @@ async def ingest(w: Wiring, stage: InterestStage, batch: Batch) -> None:
     oldest_ms = now_ms
     for tp, records in batch.items():
         part = tp.partition
-        raws.extend(Raw(r.value, r.key, part, r.offset) for r in records)
+        raws.extend(Raw(r.value, r.key, part, r.offset, r.timestamp) for r in records)
         oldest_ms = min(oldest_ms, records[0].timestamp)
 
     def load(keys: Sequence[bytes], partitions: Sequence[int]) -> list[bytes | None]:
         return _load(w.interest, keys, partitions)
 
     result = stage.process(raws, load, now_ms)
-    futures: list[Awaitable[Any]] = [*await _write(w, result)]
-    futures += await _dead_letter(w, result.rejected, now_ms)
+    futures: list[Awaitable[Any]] = [*await _write_by_partition(w.interest, result.writes)]
+    futures += await _dead_letter(w, result.rejected, now_ms, "user-events", "ingest")
     await asyncio.gather(*futures)
     _count(w, result, len(raws), started, oldest_ms)
 
@@ -65,21 +157,25 @@ def _load(table: Any, keys: Sequence[bytes], partitions: Sequence[int]) -> list[
     return out
 
 
-async def _write(w: Wiring, result: BatchResult) -> list[asyncio.Future[Any]]:
+async def _write_by_partition(
+    table: Any, writes: Sequence[tuple[bytes, int, bytes | None]]
+) -> list[asyncio.Future[Any]]:
     by_part: dict[int, list[tuple[bytes, bytes | None]]] = defaultdict(list)
-    for key, part, value in result.writes:
+    for key, part, value in writes:
         by_part[part].append((key, value))
     futures: list[asyncio.Future[Any]] = []
     for part, items in by_part.items():
-        futures += await write_many(w.interest, part, items)
+        futures += await write_many(table, part, items)
     return futures
 
 
-async def _dead_letter(w: Wiring, rejected: list[Rejected], now_ms: int) -> list[Awaitable[Any]]:
-    topic = w.settings.topic("user-events")
+async def _dead_letter(
+    w: Wiring, rejected: list[Rejected], now_ms: int, source: str, stage: str
+) -> list[Awaitable[Any]]:
+    topic = w.settings.topic(source)
     futures: list[Awaitable[Any]] = []
     for rej in rejected:
-        value = json.dumps(dead_letter(rej, topic, now_ms, stage="ingest")).encode()
+        value = json.dumps(dead_letter(rej, topic, now_ms, stage=stage)).encode()
         futures.append(await w.dead_letters.send(value=value))
         w.metrics.dead_letters.labels(topic, rej.reason).inc()
     return futures

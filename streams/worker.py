@@ -30,9 +30,11 @@ def check_data_dir(settings: Settings) -> None:
 def run_worker(settings: Settings, loglevel: str = "info") -> int:
     from faust.worker import Worker  # noqa: PLC0415 - heavy import, CLI --help stays fast
 
+    from adpulse.topics import create_topics  # noqa: PLC0415
     from streams.app import create_app  # noqa: PLC0415
 
     check_data_dir(settings)
+    create_topics(settings)  # idempotent: a worker never waits on a topic nobody made
     wiring = create_app(settings)
 
     @wiring.app.task
@@ -45,7 +47,8 @@ def run_worker(settings: Settings, loglevel: str = "info") -> int:
 
     worker = Worker(wiring.app, loglevel=loglevel, quiet=True)
     # Faust's debug-level client logging costs ~8% of throughput when enabled; keep it off.
-    for name in ("aiokafka", "kafka", "faust.transport", "faust.tables.recovery"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+    if loglevel != "debug":
+        for name in ("aiokafka", "kafka", "faust.transport", "faust.tables.recovery"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     worker.execute_from_commandline()
     return 0

@@ -1,0 +1,270 @@
+"""Train the CTR model on logged ctr-feedback, evaluate it, publish a registry version.
+
+The split is by time (first 80% of decision_ts to train, last 20% held out), as
+a served model only ever predicts the future. Held-out metrics: AUC, log loss
+(with the constant-prior log loss beside it for scale) and calibration by
+decile of predicted CTR. The version is exported to ONNX, verified against
+PyTorch, and written to ``<out>/<version>/`` atomically (temp dir + rename).
+
+Regenerate the shipped default model (CPU, about a minute)::
+
+    python -m scoring.train --generate 200000 --seed 7 --epochs 3 --out scoring/models
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from adpulse.errors import InputError
+from scoring.featurespec import FeatureSpec, Inputs, from_feedback
+from scoring.registry import METRICS, MODEL, SPEC
+from scoring.synthetic import generate as generate_records
+from scoring.synthetic import read_jsonl
+
+log = logging.getLogger(__name__)
+F64 = npt.NDArray[np.float64]
+
+
+def load_records(path: Path | str) -> list[dict[str, Any]]:
+    """ctr-feedback records from JSONL (or Parquet when pyarrow is installed)."""
+    p = Path(path)
+    if p.suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq  # noqa: PLC0415
+        except ImportError:
+            msg = f"{p}: reading Parquet needs pyarrow (pip install pyarrow), or convert to JSONL"
+            raise InputError(msg) from None
+        rows: list[dict[str, Any]] = pq.read_table(p).to_pylist()
+        for i, r in enumerate(rows, 1):
+            _check(r, f"{p}: row {i}")
+        return rows
+    out = []
+    for i, r in enumerate(read_jsonl(p), 1):
+        _check(r, f"{p}:{i}")
+        out.append(r)
+    if not out:
+        msg = f"{p}: no records; expected ctr-feedback objects, one per line"
+        raise InputError(msg)
+    return out
+
+
+def _check(r: Mapping[str, Any], where: str) -> None:
+    f = r.get("features")
+    ok = (
+        r.get("clicked") in (0, 1)
+        and isinstance(r.get("decision_ts"), int)
+        and isinstance(f, dict)
+        and isinstance(f.get("interest"), list)
+    )
+    if not ok:
+        msg = f"{where}: not a ctr-feedback record (needs clicked, decision_ts, features.interest)"
+        raise InputError(msg)
+
+
+def auc(y: npt.ArrayLike, p: npt.ArrayLike) -> float:
+    """ROC AUC by the rank-sum (Mann-Whitney) formula, ties averaged."""
+    yv, pv = np.asarray(y, dtype=np.float64), np.asarray(p, dtype=np.float64)
+    order = np.argsort(pv, kind="mergesort")
+    ranks = np.empty(len(pv), dtype=np.float64)
+    sp = pv[order]
+    starts = np.flatnonzero(np.r_[True, sp[1:] != sp[:-1]])
+    ends = np.r_[starts[1:], len(sp)]
+    ranks[order] = np.repeat((starts + ends + 1) / 2.0, ends - starts)
+    pos = yv.sum()
+    neg = len(yv) - pos
+    if pos == 0 or neg == 0:
+        return float("nan")
+    return float((ranks[yv == 1].sum() - pos * (pos + 1) / 2) / (pos * neg))
+
+
+def logloss(y: npt.ArrayLike, p: npt.ArrayLike) -> float:
+    yv = np.asarray(y, dtype=np.float64)
+    pv = np.clip(np.asarray(p, dtype=np.float64), 1e-7, 1 - 1e-7)
+    return float(-np.mean(yv * np.log(pv) + (1 - yv) * np.log(1 - pv)))
+
+
+def calibration(y: npt.ArrayLike, p: npt.ArrayLike, bins: int = 10) -> list[dict[str, float]]:
+    """Mean predicted vs observed CTR per decile of prediction (lowest first)."""
+    yv, pv = np.asarray(y, dtype=np.float64), np.asarray(p, dtype=np.float64)
+    order = np.argsort(pv, kind="mergesort")
+    return [
+        {
+            "decile": i + 1,
+            "n": len(idx),
+            "predicted": round(float(pv[idx].mean()), 6),
+            "observed": round(float(yv[idx].mean()), 6),
+        }
+        for i, idx in enumerate(np.array_split(order, bins))
+        if len(idx)
+    ]
+
+
+def _take(x: Inputs, idx: npt.NDArray[np.int64]) -> Inputs:
+    return {k: v[idx] for k, v in x.items()}
+
+
+def train(
+    records: Sequence[Mapping[str, Any]] | Path | str,
+    out_dir: Path | str,
+    *,
+    epochs: int = 3,
+    seed: int = 7,
+    spec: FeatureSpec | None = None,
+    batch_size: int = 512,
+    lr: float = 2e-3,
+    threads: int | None = None,
+    version: str | None = None,
+) -> dict[str, Any]:
+    """Train, evaluate on the held-out time split, export and publish; returns the metrics."""
+    import torch  # noqa: PLC0415 (training-only dependency)
+
+    from scoring.model import CtrNet, export_onnx  # noqa: PLC0415
+
+    spec = spec or FeatureSpec()
+    recs = load_records(records) if isinstance(records, Path | str) else list(records)
+    if len(recs) < 100:
+        msg = f"only {len(recs)} records: need at least 100 to train and hold out 20%"
+        raise InputError(msg)
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    t0 = time.perf_counter()
+    ts = np.array([int(r["decision_ts"]) for r in recs], dtype=np.int64)
+    order = np.argsort(ts, kind="stable")
+    y_all = np.array([int(r["clicked"]) for r in recs], dtype=np.float32)
+    try:
+        x_all = from_feedback(recs, spec)
+    except (KeyError, ValueError, TypeError) as exc:
+        msg = f"cannot build features from the records: {exc}"
+        raise InputError(msg) from None
+    cut = int(len(recs) * 0.8)
+    tr, te = order[:cut], order[cut:]
+    xtr, ytr, xte, yte = _take(x_all, tr), y_all[tr], _take(x_all, te), y_all[te]
+
+    model = CtrNet(spec)
+    base = float(np.clip(ytr.mean(), 1e-4, 1 - 1e-4))
+    model.start_at(base)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+    tens = {k: torch.from_numpy(v) for k, v in xtr.items()}
+    yt = torch.from_numpy(ytr).reshape(-1, 1)
+    gen = torch.Generator().manual_seed(seed)
+    for epoch in range(epochs):
+        model.train()
+        perm = torch.randperm(len(ytr), generator=gen)
+        total = 0.0
+        for start in range(0, len(perm), batch_size):
+            b = perm[start : start + batch_size]
+            opt.zero_grad()
+            loss = loss_fn(
+                model.logits(tens["user"][b], tens["ad"][b], tens["ids"][b], tens["dense"][b]),
+                yt[b],
+            )
+            loss.backward()
+            opt.step()
+            total += float(loss.detach()) * len(b)
+        log.info("epoch %d/%d: train log loss %.4f", epoch + 1, epochs, total / len(perm))
+
+    model.eval()
+    with torch.no_grad():
+        p = model(*(torch.from_numpy(xte[k]) for k in ("user", "ad", "ids", "dense"))).numpy()
+    p = p.reshape(-1).astype(np.float64)
+    version = version or datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    out = Path(out_dir)
+    tmp = out / f".{version}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    diff = export_onnx(model, tmp / MODEL, spec)
+    metrics: dict[str, Any] = {
+        "version": version,
+        "auc": round(auc(yte, p), 6),
+        "logloss": round(logloss(yte, p), 6),
+        "logloss_prior": round(logloss(yte, np.full(len(yte), base)), 6),
+        "calibration": calibration(yte, p),
+        "n_train": len(tr),
+        "n_test": len(te),
+        "train_ctr": round(base, 6),
+        "test_ctr": round(float(yte.mean()), 6),
+        "epochs": epochs,
+        "seed": seed,
+        "onnx_max_abs_diff": diff,
+        "train_seconds": round(time.perf_counter() - t0, 2),
+        "trained_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    (tmp / SPEC).write_text(spec.to_json() + "\n", encoding="utf-8")
+    (tmp / METRICS).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    final = out / version
+    if final.exists():
+        msg = f"{final} already exists: pick another --version"
+        raise InputError(msg)
+    tmp.rename(final)
+    metrics["path"] = str(final)
+    return metrics
+
+
+def run_train(
+    input_path: Path | str | None,
+    generate: int | None,
+    out_dir: Path | str,
+    seed: int = 7,
+    epochs: int = 3,
+    *,
+    threads: int | None = None,
+    version: str | None = None,
+) -> dict[str, Any]:
+    """``adpulse train``: from a file, or from ``generate`` synthetic records when no file."""
+    if input_path is None and not generate:
+        msg = "give an input file of ctr-feedback records, or --generate N for synthetic ones"
+        raise InputError(msg)
+    records: Sequence[Mapping[str, Any]] | Path | str = (
+        input_path if input_path is not None else generate_records(int(generate or 0), seed)
+    )
+    return train(records, out_dir, epochs=epochs, seed=seed, threads=threads, version=version)
+
+
+def summary(m: Mapping[str, Any]) -> str:
+    """One line for a terminal."""
+    return (
+        f"model {m['version']}: held-out AUC {m['auc']:.3f}, log loss {m['logloss']:.4f} "
+        f"(prior {m['logloss_prior']:.4f}), {m['n_train']} train / {m['n_test']} test rows, "
+        f"written to {m.get('path', '?')}"
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m scoring.train", description=__doc__.split("\n")[0])
+    ap.add_argument("input", nargs="?", help="ctr-feedback JSONL (or Parquet with pyarrow)")
+    ap.add_argument("--generate", type=int, help="train on N synthetic records instead")
+    ap.add_argument("--out", default="var/models", help="registry directory")
+    ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    ap.add_argument("--version", help="version name (default: UTC timestamp)")
+    a = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        m = run_train(
+            a.input, a.generate, a.out, a.seed, a.epochs, threads=a.threads, version=a.version
+        )
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    print(summary(m))
+    print(json.dumps(m["calibration"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""The worker's view of the ad catalog: rebuilt from the catalog GlobalTable when it changes.
+
+An agent copies the compacted ad-catalog topic into a GlobalTable (RocksDB,
+changelogged): the durable copy every worker holds. The decision stage reads
+the :class:`Catalog` arrays built from it. A refresh runs on a short timer and
+only when the table has changed since the last one, so updates and tombstones
+take effect within one timer period (``CATALOG_REFRESH_S``) of reaching the
+worker.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from adpulse.metrics import Metrics
+from schemas import first_error
+from scoring.catalog import Catalog
+from scoring.featurespec import FeatureSpec
+from streams.seal import is_seal
+
+log = logging.getLogger(__name__)
+CATALOG_REFRESH_S = 0.25
+
+
+def apply_catalog_record(table: Any, key: bytes | None, value: bytes | None) -> None:
+    """One ad-catalog record into the global table: a tombstone (null) removes the ad.
+
+    Records are stored as they come and checked at refresh, where a bad one is
+    counted and skipped: the catalog topic is compacted, so the next good
+    record for that ad replaces it.
+    """
+    if key is None or is_seal(key):
+        return
+    if value is None:
+        if key in table:
+            del table[key]
+    else:
+        table[key] = value
+
+
+class CatalogCache:
+    def __init__(self, table: Any, spec: FeatureSpec, metrics: Metrics) -> None:
+        self.table = table
+        self.spec = spec
+        self.metrics = metrics
+        self._version = -1
+        self._catalog: Catalog | None = None
+
+    def get(self) -> Catalog | None:
+        return self._catalog
+
+    def refresh(self) -> bool:
+        """Rebuild if the table moved; True when a new catalog is in force."""
+        version = self.table.version
+        if version == self._version:
+            return False
+        ads = []
+        for key, value in self.table.data.items():
+            if is_seal(key) or value is None:
+                continue
+            ad = self._parse(key, value)
+            if ad is not None:
+                ads.append(ad)
+        try:
+            catalog = Catalog(ads, self.spec)
+        except ValueError as exc:  # e.g. an embedding of the wrong dimension
+            log.error("catalog not rebuilt, the previous one stays in force: %s", exc)
+            self._version = version
+            return False
+        self._catalog, self._version = catalog, version
+        self.metrics.catalog_ads.set(len(catalog))
+        return True
+
+    def _parse(self, key: bytes, value: bytes) -> dict[str, Any] | None:
+        problem: str | None
+        try:
+            ad = json.loads(value)
+        except ValueError:
+            ad, problem = None, "not JSON"
+        else:
+            problem = first_error("ad-catalog", ad)
+        if problem is None and ad.get("ad_id", "").encode() != key:
+            problem = f"key {key!r} differs from ad_id {ad.get('ad_id')!r}"
+        if problem is not None:
+            self.metrics.catalog_invalid.inc()
+            log.warning("skipping catalog record %r: %s", key[:64], problem)
+            return None
+        return dict(ad)

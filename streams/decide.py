@@ -1,0 +1,311 @@
+"""ad-requests -> candidates -> scorer -> strategy -> ad-decisions, one batch at a time.
+
+All requests of a fetched batch are scored in one ONNX Runtime run (split at
+``ADPULSE_SCORER_MAX_BATCH_ROWS``): the consumer's batching is the micro-batch,
+bounded by the same wait (``ADPULSE_BATCH_MAX_WAIT_S``) as ingest. A request's
+user vector comes straight from the interest table (ad-requests is
+co-partitioned with user-events, so this worker owns it). Frequency caps and
+budget spend live in RocksDB tables and are written once per key per batch.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Literal
+
+import msgspec
+import numpy as np
+
+from adpulse.settings import Settings
+from scoring import caps
+from scoring.catalog import Catalog, Context
+from scoring.features import NO_TIME, InterestParams, decode_states
+from scoring.featurespec import FeatureSpec, Inputs, assemble, concat
+from scoring.registry import LoadedModel, ModelRegistry
+from scoring.scorer import FallbackRule
+from scoring.strategy import Strategy
+from scoring.strategy.epsilon import EpsilonGreedy
+from scoring.strategy.greedy import Greedy
+from streams.deadletter import Raw, Rejected
+from streams.validate import ContractDecoder
+
+Id = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+UNSET = msgspec.UNSET
+
+
+class RequestContextMsg(msgspec.Struct, forbid_unknown_fields=True, gc=False):
+    page_category: Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)] | msgspec.UnsetType = UNSET
+    device: Literal["mobile", "desktop", "tablet", "tv", "other"] | msgspec.UnsetType = UNSET
+    country: Annotated[str, msgspec.Meta(pattern=r"^[A-Z]{2}\Z")] | msgspec.UnsetType = UNSET
+    os: Annotated[str, msgspec.Meta(max_length=32)] | msgspec.UnsetType = UNSET
+
+
+class AdRequestMsg(msgspec.Struct, forbid_unknown_fields=True, gc=False):
+    """schemas/ad-requests.schema.json as a msgspec Struct (fast path)."""
+
+    request_id: Id
+    user_id: Id
+    placement: Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=r"^[a-z0-9_.-]+\Z")]
+    ts: Annotated[int, msgspec.Meta(ge=0, le=253_402_300_799_999)]
+    context: RequestContextMsg | msgspec.UnsetType = UNSET
+    candidates: (
+        Annotated[list[Id], msgspec.Meta(min_length=1, max_length=1000)] | msgspec.UnsetType
+    ) = UNSET
+
+
+def _unique_candidates(r: AdRequestMsg) -> bool:
+    return r.candidates is UNSET or len(set(r.candidates)) == len(r.candidates)
+
+
+def request_decoder(max_bytes: int) -> ContractDecoder[AdRequestMsg]:
+    return ContractDecoder("ad-requests", AdRequestMsg, ("ts",), _unique_candidates, max_bytes)
+
+
+def parse_policy(text: str) -> Strategy:
+    """``greedy`` or ``epsilon-greedy:EPS`` (the policies of this issue; bandits come later)."""
+    name, _, arg = text.strip().partition(":")
+    if name == "greedy":
+        return Greedy()
+    if name == "epsilon-greedy":
+        try:
+            return EpsilonGreedy(float(arg or "0.05"))
+        except ValueError as exc:
+            msg = f"policy {text!r}: {exc}"
+            raise ValueError(msg) from None
+    msg = f"unknown policy {text!r}: use greedy or epsilon-greedy:EPS"
+    raise ValueError(msg)
+
+
+def placement_policies(default: str, per_placement: str) -> Callable[[str], Strategy]:
+    """``"home=greedy;feed=epsilon-greedy:0.1"`` on top of a default, as a lookup."""
+    base = parse_policy(default)
+    table: dict[str, Strategy] = {}
+    for part in filter(None, (p.strip() for p in per_placement.split(";"))):
+        placement, sep, policy = part.partition("=")
+        if not sep:
+            msg = f"placement policy {part!r}: expected PLACEMENT=POLICY"
+            raise ValueError(msg)
+        table[placement.strip()] = parse_policy(policy)
+    return lambda placement: table.get(placement, base)
+
+
+@dataclass
+class ServingModels:
+    """The model in force (swapped whole by the registry poller) and the fallback rule.
+
+    A swap replaces the reference between batches' scoring runs; a batch being
+    scored keeps the model it started with, so no request is dropped.
+    """
+
+    current: LoadedModel | None
+    fallback: FallbackRule
+    registry: ModelRegistry
+
+    def swap(self, loaded: LoadedModel, default_ctr: float) -> None:
+        self.current = loaded
+        self.fallback = loaded.fallback(default_ctr)
+
+
+@dataclass
+class DecideResult:
+    # key, decision (latency_ms is set when it is sent), request's record timestamp (ms)
+    decisions: list[tuple[bytes, dict[str, Any], int]] = field(default_factory=list)
+    cap_writes: list[tuple[bytes, int, bytes]] = field(default_factory=list)
+    spend_writes: list[tuple[bytes, int, bytes]] = field(default_factory=list)
+    rejected: list[Rejected] = field(default_factory=list)
+    by_policy: Counter[tuple[str, str]] = field(default_factory=Counter)  # (policy, placement)
+    fallbacks: int = 0
+    no_fill: int = 0
+    rows_scored: int = 0
+
+
+Loader = Callable[[Sequence[bytes], Sequence[int]], list[bytes | None]]
+
+
+@dataclass
+class _Pending:
+    req: AdRequestMsg
+    raw: Raw
+    rows: np.ndarray
+    start: int = 0  # first row of this request in the batch's scores
+
+
+class DecideStage:
+    def __init__(
+        self, settings: Settings, models: ServingModels, catalog: Callable[[], Catalog | None]
+    ) -> None:
+        self.s = settings
+        self.models = models
+        self.catalog = catalog
+        self.params = InterestParams.from_settings(settings)
+        self.spec = FeatureSpec.from_settings(settings)
+        self.policy_for = placement_policies(settings.policy, settings.placement_policies)
+        self.decoder = request_decoder(settings.max_event_bytes)
+        self.rng = np.random.default_rng()
+
+    def process(
+        self,
+        raws: Sequence[Raw],
+        load_interest: Loader,
+        load_caps: Loader,
+        load_spend: Loader,
+        now_ms: int,
+        received: Sequence[float] | None = None,
+    ) -> DecideResult:
+        good, rejected = self.decoder.split(raws)
+        out = DecideResult(rejected=rejected)
+        catalog = self.catalog()
+        if not good:
+            return out
+        day = caps.day_of(now_ms)
+        users = list(dict.fromkeys((r.user_id, raw.partition) for r, raw in good))
+        keys = [u.encode() for u, _ in users]
+        parts = [p for _, p in users]
+        vectors = self._vectors(load_interest(keys, parts), now_ms)
+        user_row = {u: i for i, (u, _) in enumerate(users)}
+        cap_recs = [caps.load_cap(v, day) for v in load_caps(keys, parts)]
+        spend = self._spend(catalog, parts, load_spend, day)
+
+        pending: list[_Pending] = []
+        inputs: list[Inputs] = []
+        n_rows = 0
+        for req, raw in good:
+            u = user_row[req.user_id]
+            rows = self._eligible(catalog, req, cap_recs[u], spend.get(raw.partition, set()))
+            p = _Pending(req, raw, rows, n_rows)
+            pending.append(p)
+            if len(rows) and catalog is not None:
+                ctx = req.context if req.context is not UNSET else None
+                device = ctx.device if ctx is not None and ctx.device is not UNSET else None
+                inputs.append(
+                    assemble(
+                        vectors[u], rows, catalog.index, req.placement, device, now_ms, self.spec
+                    )
+                )
+                n_rows += len(rows)
+        scores, model_version = self._score(inputs, n_rows)
+        out.rows_scored = n_rows
+
+        touched_caps: set[int] = set()
+        spend_delta: dict[tuple[int, str], float] = {}
+        for p in pending:
+            req, policy = p.req, self.policy_for(p.req.placement)
+            decision: dict[str, Any] = {
+                "request_id": req.request_id, "user_id": req.user_id, "placement": req.placement,
+                "ts": now_ms, "request_ts": req.ts, "candidates": len(p.rows),
+                "model_version": model_version,
+            }  # fmt: skip
+            if not len(p.rows) or catalog is None:
+                decision.update(ad_id=None, score=0.0, pctr=0.0, bid=0.0, propensity=1.0,
+                                policy=policy.name)  # fmt: skip
+                out.no_fill += 1
+            else:
+                pctr, fell_back = self.models.fallback.guard(
+                    None if scores is None else scores[p.start : p.start + len(p.rows)], len(p.rows)
+                )
+                bids = catalog.index.bid[p.rows]
+                choice = policy.choose(pctr.astype(np.float64) * bids, self.rng)
+                row = int(p.rows[choice.index])
+                name = self.models.fallback.policy if fell_back else policy.name
+                out.fallbacks += fell_back
+                ad_id, campaign = catalog.index.ad_ids[row], catalog.campaign[row]
+                j = choice.index
+                decision.update(
+                    ad_id=ad_id, campaign_id=campaign, pctr=float(pctr[j]), bid=float(bids[j]),
+                    score=float(pctr[j] * bids[j]), propensity=choice.propensity, policy=name,
+                )  # fmt: skip
+                u = user_row[req.user_id]
+                caps.record_impression(cap_recs[u], ad_id)
+                touched_caps.add(u)
+                k = (p.raw.partition, campaign)
+                spend_delta[k] = spend_delta.get(k, 0.0) + decision["score"]
+            out.by_policy[(decision["policy"], req.placement)] += 1
+            out.decisions.append((req.user_id.encode(), decision, p.raw.timestamp_ms))
+        for u in touched_caps:
+            out.cap_writes.append((keys[u], parts[u], caps.encode(cap_recs[u])))
+        self._spend_writes(out, spend_delta, load_spend, day)
+        return out
+
+    # -- pieces -------------------------------------------------------------------------
+    def _vectors(self, raw_states: list[bytes | None], now_ms: int) -> list[np.ndarray | None]:
+        states = decode_states(raw_states, self.params)
+        known = states["t_ref"] != NO_TIME
+        age = np.where(known, np.maximum(0, now_ms - np.where(known, states["t_ref"], now_ms)), 0)
+        decayed = states["vec"] * np.exp(-age / self.params.tau_ms)[:, None].astype(np.float32)
+        return [decayed[i] if known[i] else None for i in range(len(states))]
+
+    def _eligible(
+        self, catalog: Catalog | None, req: AdRequestMsg, cap: caps.CapRecord, broke: set[str]
+    ) -> np.ndarray:
+        if catalog is None or not len(catalog):
+            return np.zeros(0, dtype=np.int64)
+        ctx = req.context if req.context is not UNSET else None
+        context: Context = (
+            req.placement,
+            ctx.device if ctx is not None and ctx.device is not UNSET else None,
+            ctx.country if ctx is not None and ctx.country is not UNSET else None,
+            ctx.page_category if ctx is not None and ctx.page_category is not UNSET else None,
+        )
+        cands = None if req.candidates is UNSET else req.candidates
+        rows = catalog.candidate_rows(cands, context)
+        limit = self.s.freq_cap_per_day
+        capped = [a for a, n in cap.shown.items() if n >= limit]
+        if capped or broke:
+            keep = np.ones(len(rows), dtype=bool)
+            for i, r in enumerate(rows.tolist()):
+                if catalog.index.ad_ids[r] in capped or catalog.campaign[r] in broke:
+                    keep[i] = False
+            rows = rows[keep]
+        return rows
+
+    def _spend(
+        self, catalog: Catalog | None, parts: Sequence[int], load: Loader, day: int
+    ) -> dict[int, set[str]]:
+        """Per partition: campaigns whose share of today's budget is spent."""
+        if catalog is None:
+            return {}
+        campaigns = sorted(catalog.daily_budget)
+        out: dict[int, set[str]] = {}
+        for p in set(parts):
+            values = load([c.encode() for c in campaigns], [p] * len(campaigns))
+            share = {
+                c: caps.budget_share(catalog.daily_budget[c], self.s.partitions) for c in campaigns
+            }
+            out[p] = {
+                c for c, v in zip(campaigns, values, strict=True)
+                if caps.load_spend(v, day).spent >= share[c]
+            }  # fmt: skip
+        return out
+
+    def _spend_writes(
+        self, out: DecideResult, delta: dict[tuple[int, str], float], load: Loader, day: int
+    ) -> None:
+        if not delta:
+            return
+        items = sorted(delta)
+        values = load([c.encode() for _, c in items], [p for p, _ in items])
+        for (p, c), v in zip(items, values, strict=True):
+            rec = caps.load_spend(v, day)
+            rec.spent += delta[(p, c)]
+            out.spend_writes.append((c.encode(), p, caps.encode(rec)))
+
+    def _score(self, inputs: list[Inputs], n_rows: int) -> tuple[np.ndarray | None, str]:
+        model = self.models.current
+        if model is None:
+            return None, "none"
+        if not inputs:
+            return np.zeros(0, dtype=np.float32), model.version
+        batch = concat(inputs)
+        step = self.s.scorer_max_batch_rows
+        try:
+            if n_rows <= step:
+                return model.scorer.score(batch), model.version
+            parts = [
+                model.scorer.score({k: v[i : i + step] for k, v in batch.items()})
+                for i in range(0, n_rows, step)
+            ]
+            return np.concatenate(parts), model.version
+        except Exception:  # a runtime failure in the model must not stop decisions
+            return None, model.version
