@@ -11,7 +11,9 @@ no ONNX Runtime). ``MicroBatcher`` merges concurrent requests into one run, and
 from __future__ import annotations
 
 import asyncio
+import ctypes.util
 import logging
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,22 +81,39 @@ class SessionOptions:
         return o
 
 
-def providers_for(device: Device, available: Sequence[str] | None = None) -> list[str]:
+def gpu_present() -> bool:
+    """An NVIDIA driver is loaded (onnxruntime-gpu lists CUDA even on machines without one)."""
+    return os.path.exists("/dev/nvidiactl") or os.path.exists("/proc/driver/nvidia/version")
+
+
+def tensorrt_present() -> bool:
+    return ctypes.util.find_library("nvinfer") is not None
+
+
+def providers_for(
+    device: Device, available: Sequence[str] | None = None, gpu: bool | None = None
+) -> list[str]:
     """Execution providers for ``device``; cuda without a GPU warns once and uses CPU.
 
-    auto: TensorRT if available, then CUDA, then CPU; cpu: CPU only.
+    auto: TensorRT (when its libraries are installed), then CUDA, then CPU,
+    but only where a GPU is present: asking ONNX Runtime for CUDA on a machine
+    without one costs a screenful of errors at every session start.
     """
     have = list(ort.get_available_providers() if available is None else available)
     if device == "cpu":
         return [CPU]
-    gpu = [p for p in ((TENSORRT, CUDA) if device == "auto" else (CUDA,)) if p in have]
-    if device == "cuda" and not gpu:
-        log.warning(
-            "ADPULSE_DEVICE=cuda but ONNX Runtime has no CUDA provider here "
-            "(available: %s): scoring on CPU",
-            ", ".join(have),
+    has_gpu = gpu_present() if gpu is None else gpu
+    wanted = [CUDA] if device == "cuda" else [TENSORRT, CUDA] if tensorrt_present() else [CUDA]
+    chosen = [p for p in wanted if p in have] if has_gpu else []
+    if device == "cuda" and not chosen:
+        why = "no NVIDIA GPU found" if not has_gpu else f"no CUDA provider in {', '.join(have)}"
+        log.warning("ADPULSE_DEVICE=cuda but %s: scoring on CPU", why)
+    elif device == "auto" and not chosen:
+        log.info(
+            "no usable GPU (%s): scoring on CPU",
+            "no NVIDIA GPU found" if not has_gpu else "no CUDA provider",
         )
-    return [*gpu, CPU]
+    return [*chosen, CPU]
 
 
 class OnnxScorer:

@@ -8,6 +8,7 @@ import logging
 import numpy as np
 import pytest
 
+from scoring import scorer as scorer_module
 from scoring.featurespec import FeatureSpec
 from scoring.scorer import CPU, FallbackRule, MicroBatcher, providers_for
 
@@ -42,10 +43,29 @@ def test_cuda_without_a_gpu_falls_back_to_cpu_with_a_warning(
     assert "scoring on CPU" in caplog.text
 
 
-def test_auto_prefers_tensorrt_then_cuda() -> None:
+def test_auto_uses_cuda_where_a_gpu_is_present_and_cpu_where_not(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     have = [CPU, "CUDAExecutionProvider", "TensorrtExecutionProvider"]
-    assert providers_for("auto", have)[0] == "TensorrtExecutionProvider"
-    assert providers_for("cpu", have) == [CPU]
+    monkeypatch.setattr(scorer_module, "tensorrt_present", lambda: True)
+    assert providers_for("auto", have, gpu=True) == [
+        "TensorrtExecutionProvider",
+        "CUDAExecutionProvider",
+        CPU,
+    ]
+    monkeypatch.setattr(scorer_module, "tensorrt_present", lambda: False)
+    assert providers_for("auto", have, gpu=True) == ["CUDAExecutionProvider", CPU]
+    assert providers_for("auto", have, gpu=False) == [CPU]
+    assert providers_for("cpu", have, gpu=True) == [CPU]
+
+
+def test_cuda_requested_on_a_machine_without_gpu_warns_and_uses_cpu(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    have = [CPU, "CUDAExecutionProvider"]
+    with caplog.at_level(logging.WARNING, logger="scoring.scorer"):
+        assert providers_for("cuda", have, gpu=False) == [CPU]
+    assert "no NVIDIA GPU found" in caplog.text
 
 
 def test_micro_batcher_returns_each_caller_its_own_rows() -> None:
