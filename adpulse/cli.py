@@ -11,11 +11,12 @@ import json
 import math
 import signal
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
 
-from adpulse.errors import AdpulseError, BrokerUnavailable, InputError
+from adpulse.errors import AdpulseError, BrokerUnavailable, ConfigError, InputError
 from adpulse.settings import Settings
 
 Handler = Callable[[argparse.Namespace, Settings], int]
@@ -91,6 +92,8 @@ def cmd_replay_taobao(args: argparse.Namespace, settings: Settings) -> int:
     events = replay.read_taobao(Path(args.path))
     if args.limit:
         events = events[: args.limit]
+    if args.now:
+        events = replay.rebased(events, int(time.time() * 1000))
     bootstrap = settings.bootstrap_or_default
     wait_for_broker(bootstrap, timeout=5)
     topic = settings.topic("user-events")
@@ -128,6 +131,112 @@ def cmd_bench_features(args: argparse.Namespace, settings: Settings) -> int:
         result = features.run(s, cfg)
     print(features.result_line(result))
     _write_json(args.json, {"features": result})
+    return 0
+
+
+def cmd_catalog_publish(args: argparse.Namespace, settings: Settings) -> int:
+    from adpulse import catalogtool  # noqa: PLC0415
+
+    ads = catalogtool.read_catalog(Path(args.path))  # every line checked before any is sent
+    if not ads:
+        msg = f"{args.path}: no ads in the file"
+        raise InputError(msg)
+    topic = _ready(settings, "ad-catalog")
+    n = catalogtool.publish(settings.bootstrap_or_default, topic, ads)
+    print(f"published {n} ads from {args.path} to {topic} at {settings.bootstrap_or_default}")
+    return 0
+
+
+def cmd_catalog_synth(args: argparse.Namespace, settings: Settings) -> int:
+    from adpulse import catalogtool, replay  # noqa: PLC0415
+
+    if args.ads < 1:
+        msg = f"--ads {args.ads}: must be at least 1"
+        raise InputError(msg)
+    # Every event's category, repeated as often as it occurs: ads follow real interest.
+    categories = [e.category_id for e in replay.read_taobao(Path(args.categories_from))]
+    ads = catalogtool.synthetic_ads(args.ads, categories, seed=args.seed)
+    topic = _ready(settings, "ad-catalog")
+    n = catalogtool.publish(settings.bootstrap_or_default, topic, ads)
+    print(
+        f"published {n} synthetic ads (categories drawn from the {len(set(categories))} in "
+        f"{args.categories_from}) to {topic} at {settings.bootstrap_or_default}"
+    )
+    return 0
+
+
+def cmd_catalog_remove(args: argparse.Namespace, settings: Settings) -> int:
+    from adpulse import catalogtool  # noqa: PLC0415
+
+    topic = _ready(settings, "ad-catalog")
+    catalogtool.remove(settings.bootstrap_or_default, topic, args.ad_ids)
+    print(f"sent {len(args.ad_ids)} tombstone(s) to {topic}: {' '.join(args.ad_ids)}")
+    return 0
+
+
+def _ready(settings: Settings, topic: str) -> str:
+    """The full topic name, once the broker answers (else one-line BrokerUnavailable)."""
+    from adpulse.broker import wait_for_broker  # noqa: PLC0415
+
+    wait_for_broker(settings.bootstrap_or_default, timeout=5)
+    return settings.topic(topic)
+
+
+def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
+    try:
+        import torch  # noqa: F401, PLC0415 - only to give a clear message when it is missing
+    except ImportError:
+        msg = "training needs PyTorch: pip install torch==2.13.0 (or make venv)"
+        raise ConfigError(msg) from None
+    from scoring import train  # noqa: PLC0415
+
+    if args.input is not None and args.generate:
+        msg = "give either an input file or --generate N, not both"
+        raise InputError(msg)
+    out = Path(args.out or settings.model_dir or "var/models")
+    if args.input is not None and not Path(args.input).is_file():
+        msg = f"{args.input}: no such file"
+        raise InputError(msg)
+    m = train.run_train(args.input, args.generate, out, seed=args.seed, epochs=args.epochs)
+    print(train.summary(m))
+    print(f"version directory: {m['path']}")
+    return 0
+
+
+def cmd_bench_scorer(args: argparse.Namespace, settings: Settings) -> int:
+    from adpulse.bench import scorer  # noqa: PLC0415
+
+    try:
+        result = scorer.run(
+            args.device,
+            smoke=args.smoke,
+            settings=settings,
+            model_dir=Path(settings.model_dir) if settings.model_dir else None,
+            log=lambda line: print(line, file=sys.stderr, flush=True),
+        )
+    except FileNotFoundError as exc:  # no model version to measure
+        raise InputError(str(exc)) from None
+    print(scorer.format_table(result))
+    print(scorer.summary(result))
+    _write_json(args.json, {"scorer": result})
+    return 0
+
+
+def cmd_bench_decisions(args: argparse.Namespace, settings: Settings) -> int:
+    from adpulse.bench import decisions  # noqa: PLC0415
+    from adpulse.broker import broker_for  # noqa: PLC0415
+
+    if args.smoke:
+        cfg = decisions.DecisionsBench.smoke()
+    else:
+        cfg = decisions.DecisionsBench(
+            rate=args.rate, duration_s=args.duration, repeats=args.repeat, users=args.users,
+            candidates=args.candidates, ads=args.ads,
+        )  # fmt: skip
+    with broker_for(settings) as s:
+        result = decisions.run(s, cfg)
+    print(decisions.result_line(result))
+    _write_json(args.json, {"decisions": result})
     return 0
 
 
@@ -217,6 +326,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="0 = as fast as possible (file order); N = N x real time, in event-time order",
     )
     c.add_argument("--limit", type=int, help="send only the first N rows")
+    c.add_argument(
+        "--now",
+        action="store_true",
+        help="shift event times so the newest is now (keeps the gaps): the 2017 sample "
+        "would otherwise be decayed to nothing by a 24 h half-life",
+    )
     _add_bootstrap(c)
     c.set_defaults(handler=cmd_replay_taobao)
 
@@ -239,6 +354,74 @@ def build_parser() -> argparse.ArgumentParser:
         help="log level (default: info)",
     )
     p.set_defaults(handler=cmd_worker)
+
+    p = sub.add_parser(
+        "catalog",
+        help="publish, generate or remove ads on the ad-catalog topic",
+        description="Manage the ad catalog every worker holds (the compacted ad-catalog topic, "
+        "keyed by ad_id: the latest record per ad wins, a tombstone removes it). Workers pick "
+        "changes up within about a second.",
+    )
+    csub = p.add_subparsers(dest="catalog_command", required=True, metavar="ACTION")
+    c = csub.add_parser(
+        "publish",
+        help="check a JSONL file of ads against the ad-catalog schema, then publish it",
+        description="Read PATH (one ad-catalog record per line), check every line against "
+        "schemas/ad-catalog.schema.json, and only then send the ads keyed by ad_id. A bad "
+        "line stops the command with its line number and nothing is sent.",
+    )
+    c.add_argument("path", metavar="PATH.jsonl", help="ads, one JSON object per line")
+    _add_bootstrap(c)
+    c.set_defaults(handler=cmd_catalog_publish)
+    c = csub.add_parser(
+        "synth",
+        help="publish N synthetic ads over the categories of the Taobao sample",
+        description="Generate N valid ads (ad-0 ... ad-N-1, 50 campaigns, log-normal bids) "
+        "whose categories follow how often each category occurs in a Taobao UserBehavior "
+        "CSV, and publish them. Same --seed, same ads.",
+    )
+    c.add_argument("--ads", type=int, required=True, metavar="N", help="how many ads to make")
+    c.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    c.add_argument(
+        "--categories-from",
+        default="../shared/data/taobao_userbehavior_sample.csv",
+        metavar="CSV",
+        help="Taobao CSV whose categories the ads promote "
+        "(default ../shared/data/taobao_userbehavior_sample.csv)",
+    )
+    _add_bootstrap(c)
+    c.set_defaults(handler=cmd_catalog_synth)
+    c = csub.add_parser(
+        "remove",
+        help="remove ads from every worker's catalog (tombstones)",
+        description="Send a tombstone (null value) for each AD_ID: the ad stops being served "
+        "and compaction later drops it from the topic.",
+    )
+    c.add_argument("ad_ids", nargs="+", metavar="AD_ID", help="ad ids to remove")
+    _add_bootstrap(c)
+    c.set_defaults(handler=cmd_catalog_remove)
+
+    p = sub.add_parser(
+        "train",
+        help="train the CTR model and write a new model version (needs PyTorch)",
+        description="Train the CTR model on logged ctr-feedback records (a JSONL or Parquet "
+        "file) or on N synthetic ones, report held-out AUC, log loss and calibration on the "
+        "last 20% by time, export ONNX (checked against PyTorch) and write a new version "
+        "directory under --out. The default --out is $ADPULSE_MODEL_DIR, else ./var/models, "
+        "never the shipped scoring/models, so a run cannot replace the default model by "
+        "accident. A worker whose ADPULSE_MODEL_DIR is that folder hot-swaps to the new "
+        "version once it passes validation.",
+    )
+    p.add_argument(
+        "--input", metavar="PATH.jsonl", help="ctr-feedback records to train on (JSONL/Parquet)"
+    )
+    p.add_argument("--generate", type=int, metavar="N", help="train on N synthetic records")
+    p.add_argument("--seed", type=int, default=7, help="random seed (default 7)")
+    p.add_argument("--epochs", type=int, default=3, help="passes over the data (default 3)")
+    p.add_argument(
+        "--out", metavar="DIR", help="model registry folder ($ADPULSE_MODEL_DIR, else var/models)"
+    )
+    p.set_defaults(handler=cmd_train)
 
     p = sub.add_parser(
         "bench",
@@ -264,6 +447,42 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
     _add_bootstrap(c)
     c.set_defaults(handler=cmd_bench_features)
+    c = bsub.add_parser(
+        "decisions",
+        help="end-to-end decision latency under Poisson-arriving ad requests",
+        description="Warm interest vectors for --users users, then offer ad requests "
+        "(Poisson arrivals at --rate/s, --candidates ads each) to one worker and measure "
+        "request produced -> decision consumed latency p50/p99/p99.9 and throughput.",
+    )
+    c.add_argument("--rate", type=float, default=1000.0, help="offered requests/s (1000)")
+    c.add_argument("--duration", type=float, default=20.0, help="seconds per repeat (20)")
+    c.add_argument("--repeat", type=int, default=3, help="repeats; medians reported (3)")
+    c.add_argument("--users", type=int, default=10_000, help="users with warm vectors (10000)")
+    c.add_argument("--candidates", type=int, default=100, help="candidate ads per request (100)")
+    c.add_argument("--ads", type=int, default=2000, help="ads in the catalog (2000)")
+    c.add_argument("--smoke", action="store_true", help="tiny sizes: checks it runs, not speed")
+    c.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
+    _add_bootstrap(c)
+    c.set_defaults(handler=cmd_bench_decisions)
+
+    c = bsub.add_parser(
+        "scorer",
+        help="candidate rows/s of the ONNX scorer by batch size, against numpy",
+        description="Score batches of 1 to 4096 candidate rows with the newest model version "
+        "in ONNX Runtime and, in the same run, with a plain numpy forward pass of the same "
+        "graph; then the whole scoring path (feature assembly, micro-batching, ONNX Runtime, "
+        "ranking) at 100 candidates per request. Prints a table and a one-line summary. "
+        "--device cuda on a machine without a GPU runs on CPU and says so.",
+    )
+    c.add_argument(
+        "--device",
+        choices=["cpu", "cuda", "auto"],
+        default="cpu",
+        help="where ONNX Runtime runs (default cpu; auto: CUDA if present)",
+    )
+    c.add_argument("--smoke", action="store_true", help="tiny sizes: checks it runs, not speed")
+    c.add_argument("--json", metavar="PATH", help='also write {"scorer": figures} as JSON')
+    c.set_defaults(handler=cmd_bench_scorer)
 
     p = sub.add_parser(
         "demo",

@@ -88,6 +88,18 @@ def _taobao_row(path: Path, lineno: int, line: str) -> Event:
     return Event(f"taobao-{lineno}", user, kind, item_id, category_id, seconds * 1000)
 
 
+def rebased(events: list[Event], now_ms: int) -> list[Event]:
+    """The same events shifted in time so the newest happens ``now_ms``; gaps are kept.
+
+    The sample is from 2017: with a 24 h half-life its vectors decay to nothing
+    by today, so a demo that serves ads now replays it as if it just happened.
+    """
+    shift = now_ms - max(e.ts for e in events)
+    return [
+        Event(e.event_id, e.user_id, e.kind, e.item_id, e.category_id, e.ts + shift) for e in events
+    ]
+
+
 def paced(events: list[Event], speed: float) -> Iterator[Event]:
     """Events in event-time order, slept so that they arrive at ``speed`` x real time.
 

@@ -176,7 +176,8 @@ class AdIndex:
 
     def rows(self, ad_ids: Iterable[str]) -> I64:
         """Row numbers of these ads; unknown ids are skipped (the caller filters first)."""
-        return np.fromiter((self.row[a] for a in ad_ids if a in self.row), dtype=np.int64)
+        row = self.row
+        return np.array([row[a] for a in ad_ids if a in row], dtype=np.int64)
 
     @classmethod
     def build(cls, ads: Sequence[Mapping[str, Any]], spec: FeatureSpec) -> AdIndex:

@@ -192,6 +192,13 @@ class DecideStage:
         spend_delta: dict[tuple[int, str], float] = {}
         for p in pending:
             req, policy = p.req, self.policy_for(p.req.placement)
+            got = None if scores is None else scores[p.start : p.start + len(p.rows)]
+            if user_row[req.user_id] in touched_caps and catalog is not None:
+                # An earlier request of this user in this batch may have used up a cap.
+                shown, limit = cap_recs[user_row[req.user_id]].shown, self.s.freq_cap_per_day
+                ids = catalog.index.ad_ids
+                keep = np.array([shown.get(ids[r], 0) < limit for r in p.rows.tolist()], bool)
+                p.rows, got = p.rows[keep], None if got is None else got[keep]
             decision: dict[str, Any] = {
                 "request_id": req.request_id, "user_id": req.user_id, "placement": req.placement,
                 "ts": now_ms, "request_ts": req.ts, "candidates": len(p.rows),
@@ -202,9 +209,7 @@ class DecideStage:
                                 policy=policy.name)  # fmt: skip
                 out.no_fill += 1
             else:
-                pctr, fell_back = self.models.fallback.guard(
-                    None if scores is None else scores[p.start : p.start + len(p.rows)], len(p.rows)
-                )
+                pctr, fell_back = self.models.fallback.guard(got, len(p.rows))
                 bids = catalog.index.bid[p.rows]
                 choice = policy.choose(pctr.astype(np.float64) * bids, self.rng)
                 row = int(p.rows[choice.index])

@@ -5,8 +5,8 @@ eligible candidates: exact, and never zero, so every logged decision can be
 reweighted in off-policy evaluation (Sutton & Barto, 2018, sec. 2.2).
 
 >>> import numpy as np
->>> c = EpsilonGreedy(0.1).choose(np.array([1.0, 3.0, 2.0]), np.random.default_rng(0))
->>> round(float(c.probabilities.sum()), 12), round(float(c.probabilities[1]), 4)
+>>> p = EpsilonGreedy(0.1).probabilities(np.array([1.0, 3.0, 2.0]))
+>>> round(float(p.sum()), 12), round(float(p[1]), 4)
 (1.0, 0.9333)
 """
 
@@ -35,6 +35,17 @@ class EpsilonGreedy:
         return probs
 
     def choose(self, values: npt.NDArray[np.float64], rng: np.random.Generator) -> Choice:
-        probs = self.probabilities(values)
-        pick = int(rng.choice(len(values), p=probs))
-        return Choice(pick, float(probs[pick]), probs)
+        """Explore (uniform) with probability epsilon, else a uniform pick among the best.
+
+        Sampling in two steps draws from exactly ``probabilities(values)`` at a
+        fraction of the cost of a weighted draw, which matters at 1,000+
+        decisions a second.
+        """
+        k = len(values)
+        best = argmax_set(values)
+        if rng.random() < self.epsilon:
+            pick = int(rng.integers(k))
+        else:
+            pick = int(best[0] if len(best) == 1 else best[rng.integers(len(best))])
+        greedy_share = (1.0 - self.epsilon) / len(best) if pick in best else 0.0
+        return Choice(pick, self.epsilon / k + greedy_share, None)

@@ -33,3 +33,15 @@ def test_bench_cli_writes_json(settings: Settings, tmp_path: Path) -> None:
     assert main(args) == 0
     body = json.loads(out.read_text())
     assert body["features"]["events"] == 3000
+
+
+def test_decisions_bench_smoke_reports_every_key(settings: Settings) -> None:
+    from adpulse.bench import decisions
+
+    result = decisions.run(settings, decisions.DecisionsBench.smoke(), log=lambda _m: None)
+    for key in ("offered_per_s", "achieved_per_s", "latency_p50_ms", "latency_p99_ms",
+                "latency_p999_ms", "candidates"):  # fmt: skip
+        assert key in result
+    assert result["lost"] == 0
+    assert result["requests"] == 200
+    assert math.isfinite(result["latency_p99_ms"])

@@ -19,10 +19,12 @@ values_st = st.lists(st.floats(0, 10, allow_nan=False), min_size=1, max_size=50)
 def test_epsilon_greedy_propensities_sum_to_one_and_match_pick(
     values: np.ndarray, eps: float
 ) -> None:
-    choice = EpsilonGreedy(eps).choose(values, np.random.default_rng(0))
-    assert choice.probabilities is not None
-    assert choice.probabilities.sum() == pytest.approx(1.0)
-    assert choice.propensity == choice.probabilities[choice.index] > 0
+    policy = EpsilonGreedy(eps)
+    choice = policy.choose(values, np.random.default_rng(0))
+    probs = policy.probabilities(values)
+    assert probs.sum() == pytest.approx(1.0)
+    assert choice.propensity == pytest.approx(probs[choice.index])
+    assert choice.propensity > 0
 
 
 def test_epsilon_greedy_empirical_frequencies_match_propensities() -> None:

@@ -1,0 +1,186 @@
+"""``adpulse bench decisions``: end-to-end decision latency of one worker under Poisson load.
+
+Setup: a synthetic catalog, ``users`` users with warm interest vectors (their
+events applied first), one ``adpulse worker``. Then ad requests arrive as a
+Poisson process at ``rate``/s for ``duration_s`` seconds, each naming
+``candidates`` ads. Latency is measured from the moment a request is handed to
+the producer to the moment its decision is read back from ad-decisions, on one
+clock (this process), so it includes both Kafka hops, the worker's batching,
+feature assembly, scoring and the strategy. Repeated ``repeats`` times against
+the same worker; medians with min/max are reported.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import json
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+from adpulse.bench import machine, machine_line, percentiles_ms, spread
+from adpulse.bench.features import _applied, _produce
+from adpulse.catalogtool import publish, synthetic_ads
+from adpulse.settings import Settings
+from adpulse.topics import create_topics
+from adpulse.workerproc import WorkerProcess
+from adpulse.workload import Workload, WorkloadModel
+
+
+@dataclass(frozen=True)
+class DecisionsBench:
+    rate: float = 1000.0
+    duration_s: float = 20.0
+    repeats: int = 3
+    users: int = 10_000
+    candidates: int = 100
+    ads: int = 2_000
+    warm_events: int = 100_000
+
+    @classmethod
+    def smoke(cls) -> DecisionsBench:
+        return cls(rate=100.0, duration_s=2.0, repeats=1, users=100, ads=200, warm_events=1_000)
+
+
+def run(base: Settings, cfg: DecisionsBench, log: Any = print) -> dict[str, Any]:
+    tag = uuid.uuid4().hex[:8]
+    workload = Workload(WorkloadModel(), users=cfg.users, seed=2)
+    with tempfile.TemporaryDirectory(prefix="adpulse-bench-") as tmp:
+        s = base.with_(
+            topic_prefix=f"bench-{tag}.", app_id=f"bench-{tag}",
+            data_dir=Path(tmp) / "data", session_timeout_s=6.0,
+        )  # fmt: skip
+        create_topics(s)
+        category_ids = workload.columns(50_000)["category"].tolist()
+        ads = synthetic_ads(cfg.ads, category_ids, seed=3)
+        publish(s.bootstrap, s.topic("ad-catalog"), ads)
+        keys, values = workload.payloads(cfg.warm_events, int(time.time() * 1000), prefix="warm")
+        asyncio.run(_produce(s.bootstrap, s.topic("user-events"), keys, values))
+        worker = WorkerProcess(s, Path(tmp)).start()
+        try:
+            worker.wait_until(
+                lambda: _applied(worker) >= cfg.warm_events, 300, "warm interest vectors"
+            )
+            ad_ids = [a["ad_id"] for a in ads]
+            runs = []
+            for r in range(cfg.repeats):
+                gc.collect()
+                gc.freeze()  # this process's collector pauses are not the worker's latency
+                try:
+                    runs.append(asyncio.run(_offer(s, cfg, ad_ids, r)))
+                finally:
+                    gc.unfreeze()
+                one = runs[-1]
+                log(
+                    f"  repeat {r + 1}/{cfg.repeats}: {one['achieved_per_s']:,.0f} decisions/s, "
+                    f"p50 {one['p50']:.2f} ms, p99 {one['p99']:.2f} ms, p99.9 {one['p999']:.2f} ms"
+                )
+        finally:
+            worker.stop()
+    p50, p99, p999, ach = (spread([x[k] for x in runs]) for k in ("p50", "p99", "p999",
+                                                                 "achieved_per_s"))  # fmt: skip
+    return {
+        "offered_per_s": cfg.rate,
+        "achieved_per_s": ach["median"],
+        "latency_p50_ms": p50["median"],
+        "latency_p99_ms": p99["median"],
+        "latency_p999_ms": p999["median"],
+        "latency_p99_ms_spread": p99,
+        "achieved_per_s_spread": ach,
+        "candidates": cfg.candidates,
+        "requests": sum(x["requests"] for x in runs),
+        "lost": sum(x["lost"] for x in runs),
+        "repeats": cfg.repeats,
+        "duration_s": cfg.duration_s,
+        "users": cfg.users,
+        "ads": cfg.ads,
+        "machine": machine(),
+    }
+
+
+def result_line(res: dict[str, Any]) -> str:
+    return (
+        f"decisions: offered {res['offered_per_s']:,.0f}/s x {res['candidates']} candidates, "
+        f"achieved {res['achieved_per_s']:,.0f}/s; latency p50 {res['latency_p50_ms']:.2f} ms "
+        f"p99 {res['latency_p99_ms']:.2f} ms (range {res['latency_p99_ms_spread']['min']:.2f}"
+        f"-{res['latency_p99_ms_spread']['max']:.2f}) p99.9 {res['latency_p999_ms']:.2f} ms; "
+        f"{res['lost']} lost; {machine_line(res['machine'])}"
+    )
+
+
+async def _offer(
+    s: Settings, cfg: DecisionsBench, ad_ids: list[str], run_no: int
+) -> dict[str, Any]:
+    rng = np.random.default_rng(100 + run_no)
+    n = int(cfg.rate * cfg.duration_s)
+    arrivals = np.cumsum(rng.exponential(1.0 / cfg.rate, n))
+    users = rng.integers(0, cfg.users, n)
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=s.bootstrap, enable_auto_commit=False, fetch_max_wait_ms=1
+    )
+    producer = AIOKafkaProducer(bootstrap_servers=s.bootstrap, linger_ms=0, acks=1)
+    await consumer.start()
+    await producer.start()
+    sent: dict[str, float] = {}
+    latencies: list[float] = []
+    try:
+        topic = s.topic("ad-decisions")
+        tps = [TopicPartition(topic, p) for p in range(s.partitions)]
+        consumer.assign(tps)
+        await consumer.seek_to_end(*tps)
+        for tp in tps:
+            await consumer.position(tp)
+
+        async def watch() -> None:
+            while len(latencies) < n:
+                batch = await consumer.getmany(timeout_ms=100)
+                now = time.perf_counter()
+                for records in batch.values():
+                    for rec in records:
+                        rid = json.loads(rec.value)["request_id"]
+                        t = sent.pop(rid, None)
+                        if t is not None:
+                            latencies.append(now - t)
+
+        watcher = asyncio.create_task(watch())
+        start = time.perf_counter()
+        prefix = f"r{run_no}-"
+        i = 0
+        while i < n:
+            due = start + arrivals[i]
+            delay = due - time.perf_counter()
+            if delay > 0.0005:
+                await asyncio.sleep(delay)
+            now_ms = int(time.time() * 1000)
+            while i < n and start + arrivals[i] <= time.perf_counter():
+                user = f"u{users[i]}"
+                cands = rng.choice(len(ad_ids), cfg.candidates, replace=False)
+                req = {
+                    "request_id": f"{prefix}{i}", "user_id": user, "placement": "feed",
+                    "ts": now_ms, "context": {"device": "mobile"},
+                    "candidates": [ad_ids[c] for c in cands.tolist()],
+                }  # fmt: skip
+                sent[f"{prefix}{i}"] = time.perf_counter()
+                await producer.send(s.topic("ad-requests"), json.dumps(req).encode(),
+                                    key=user.encode())  # fmt: skip
+                i += 1
+        offered_s = time.perf_counter() - start
+        try:
+            await asyncio.wait_for(watcher, timeout=30)
+        except TimeoutError:
+            watcher.cancel()
+        p50, p99, p999 = percentiles_ms(latencies, [50, 99, 99.9])
+        return {
+            "requests": n, "lost": n - len(latencies), "p50": p50, "p99": p99, "p999": p999,
+            "achieved_per_s": len(latencies) / max(offered_s, 1e-9),
+        }  # fmt: skip
+    finally:
+        await consumer.stop()
+        await producer.stop()
