@@ -102,3 +102,27 @@ def test_bad_setting_is_one_line_error() -> None:
     assert out.returncode == 2
     assert "ADPULSE_PARTITIONS='four'" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_train_without_pytorch_says_how_to_install(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setitem(sys.modules, "torch", None)  # import torch now raises ImportError
+    assert main(["train", "--generate", "10"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == (
+        "adpulse: error: training needs PyTorch: pip install torch==2.13.0 (or make venv)"
+    )
+
+
+def test_catalog_publish_checks_every_line_before_contacting_kafka(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    good = '{"ad_id": "a", "campaign_id": "c", "category_id": 1, "bid": 1.0, '
+    good += '"daily_budget": 10, "targeting": {}}'
+    path = tmp_path / "ads.jsonl"
+    path.write_text(f"{good}\n{good.replace('1.0', '-1')}\n")
+    # The broker address is unreachable: the bad line is reported first, nothing is sent.
+    assert main(["catalog", "publish", str(path), "--bootstrap", "127.0.0.1:1"]) == 4
+    err = capsys.readouterr().err
+    assert err.startswith(f"adpulse: error: {path}:2: ") and err.count("\n") == 1
