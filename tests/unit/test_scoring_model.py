@@ -78,3 +78,14 @@ def test_a_cuda_session_on_a_machine_without_gpu_scores_on_cpu_and_warns(
         pytest.skip("this machine has a working CUDA provider")
     assert "scoring on CPU" in caplog.text
     assert scorer.score(SPEC.golden_inputs(3)).shape == (3,)
+
+
+def test_first_cross_layer_folds_its_residual_into_the_bias() -> None:
+    from scoring.model import LowRankCross
+
+    torch.manual_seed(1)
+    first = LowRankCross(12, 4, first=True)
+    x0 = torch.randn(5, 12)
+    with torch.no_grad():
+        h = first.v(x0) @ first.u.weight.T + (first.u.bias - 1.0)
+        assert torch.allclose(first(x0, x0), x0 * h + x0, atol=1e-6)
