@@ -130,7 +130,9 @@ class Settings:
         3.0, "A new model this many times slower than the serving one is refused."
     )
     scorer_threads: int = _setting(
-        2, "ONNX Runtime intra-op threads (0: one per core); 2 measured best on 2 cores."
+        1,
+        "ONNX Runtime intra-op threads (0: one per core). 1 on a 2-core box shared with the "
+        "broker: fastest at batch 32-256, where decisions run.",
     )
     scorer_max_batch_rows: int = _setting(
         4096, "Most candidate rows one micro-batch sends to the model."

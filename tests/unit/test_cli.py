@@ -66,21 +66,23 @@ def test_missing_file_is_one_line_error(tmp_path: Path) -> None:
     assert "Traceback" not in out.stderr
 
 
-def test_bad_csv_row_names_its_line(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("rows", "named"),
+    [
+        ("1,2,3,pv,1511544070\n1,2,3,pv,1511544071\n1,x,3,pv,1511544072\n", "{path}:3:"),
+        ("1,2,3,look,1511544070\n", "behavior 'look'"),
+    ],
+    ids=["bad row names its line", "unknown behavior is named"],
+)
+def test_bad_csv_is_one_line_error_naming_the_problem(
+    tmp_path: Path, rows: str, named: str
+) -> None:
     bad = tmp_path / "bad.csv"
-    bad.write_text("1,2,3,pv,1511544070\n1,2,3,pv,1511544071\n1,x,3,pv,1511544072\n")
+    bad.write_text(rows)
     out = _run("replay", "taobao", str(bad), "--bootstrap", "127.0.0.1:1")
     assert out.returncode == 4
-    assert f"{bad}:3:" in out.stderr
+    assert named.format(path=bad) in out.stderr
     assert "Traceback" not in out.stderr
-
-
-def test_unknown_behavior_is_named(tmp_path: Path) -> None:
-    bad = tmp_path / "bad.csv"
-    bad.write_text("1,2,3,look,1511544070\n")
-    out = _run("replay", "taobao", str(bad), "--bootstrap", "127.0.0.1:1")
-    assert out.returncode == 4
-    assert "behavior 'look'" in out.stderr
 
 
 def test_unreachable_broker_is_one_line_error(tmp_path: Path) -> None:

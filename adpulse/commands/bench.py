@@ -1,0 +1,173 @@
+"""``adpulse bench features|decisions|scorer``: benchmarks with a same-run baseline."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+from adpulse.commands import Subparsers, add_bootstrap, add_command, add_group
+from adpulse.errors import InputError
+from adpulse.settings import Settings
+
+
+def cmd_bench_features(args: argparse.Namespace, settings: Settings) -> int:
+    from adpulse.bench import features  # noqa: PLC0415
+    from adpulse.broker import broker_for  # noqa: PLC0415
+
+    taobao = Path(args.data) / "taobao_userbehavior_sample.csv"
+    if args.smoke:
+        cfg = features.FeaturesBench.smoke(taobao)
+    else:
+        cfg = features.FeaturesBench(
+            events=args.events, repeats=args.repeat, rate=args.rate,
+            duration_s=args.duration, users=args.users, taobao=taobao,
+        )  # fmt: skip
+    with broker_for(settings) as s:
+        result = features.run(s, cfg)
+    print(features.result_line(result))
+    _write_json(args.json, {"features": result})
+    return 0
+
+
+def cmd_bench_decisions(args: argparse.Namespace, settings: Settings) -> int:
+    from adpulse.bench import decisions  # noqa: PLC0415
+    from adpulse.broker import broker_for  # noqa: PLC0415
+
+    if args.smoke:
+        cfg = decisions.DecisionsBench.smoke()
+    else:
+        cfg = decisions.DecisionsBench(
+            rate=args.rate, duration_s=args.duration, repeats=args.repeat, users=args.users,
+            candidates=args.candidates, ads=args.ads,
+        )  # fmt: skip
+    with broker_for(settings) as s:
+        result = decisions.run(s, cfg)
+    print(decisions.result_line(result))
+    _write_json(args.json, {"decisions": result})
+    return 0
+
+
+def cmd_bench_scorer(args: argparse.Namespace, settings: Settings) -> int:
+    from adpulse.bench import scorer  # noqa: PLC0415
+
+    try:
+        result = scorer.run(
+            args.device,
+            smoke=args.smoke,
+            settings=settings,
+            model_dir=Path(settings.model_dir) if settings.model_dir else None,
+            log=lambda line: print(line, file=sys.stderr, flush=True),
+        )
+    except FileNotFoundError as exc:  # no model version to measure
+        raise InputError(str(exc)) from None
+    print(scorer.format_table(result))
+    print(scorer.summary(result))
+    _write_json(args.json, {"scorer": result})
+    return 0
+
+
+def _write_json(path: str | None, payload: dict[str, object]) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        text = json.dumps(_finite(payload), indent=2, sort_keys=True, allow_nan=False)
+        Path(path).write_text(text + "\n")
+        print(f"wrote {path}")
+
+
+def _finite(obj: object) -> object:
+    """NaN (a figure that could not be measured) becomes null: JSON has no NaN."""
+    if isinstance(obj, float) and math.isnan(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def _add_sizes(p: argparse.ArgumentParser, **sizes: tuple[int | float, str]) -> None:
+    """``--NAME`` per keyword, in order; the default's type is the flag's (3: int, 10.0: float)."""
+    for name, (default, help_) in sizes.items():
+        p.add_argument(f"--{name}", type=type(default), default=default, help=help_)
+
+
+def _add_run_flags(p: argparse.ArgumentParser, json_help: str) -> None:
+    """``--smoke`` and ``--json``, which every benchmark has."""
+    p.add_argument("--smoke", action="store_true", help="tiny sizes: checks it runs, not speed")
+    p.add_argument("--json", metavar="PATH", help=json_help)
+
+
+def register(sub: Subparsers) -> None:
+    bench = add_group(
+        sub,
+        "bench",
+        dest="bench",
+        metavar="BENCH",
+        help="benchmarks, each with its baseline measured in the same run",
+        description="Benchmarks print medians with their spread and a baseline measured in "
+        "the same run on the same messages (this machine is shared and noisy: compare ratios).",
+    )
+
+    p = add_command(
+        bench,
+        "features",
+        cmd_bench_features,
+        help="interest-feature throughput and freshness of one worker",
+        description="Produce N Taobao-shaped events, then measure a worker's events/s against "
+        "a bare aiokafka consume->produce loop over the same messages, and event-to-state "
+        "freshness at a fixed offered load.",
+    )
+    _add_sizes(
+        p,
+        events=(200_000, "events per repeat (200000)"),
+        repeat=(3, "repeats; the median is reported (3)"),
+        rate=(5000.0, "offered events/s for freshness"),
+        duration=(10.0, "seconds of freshness load (10)"),
+        users=(10_000, "distinct users (10000)"),
+    )
+    p.add_argument("--data", default="../shared/data", help="folder with the Taobao sample to fit")
+    _add_run_flags(p, "also write the figures as JSON")
+    add_bootstrap(p)
+
+    p = add_command(
+        bench,
+        "decisions",
+        cmd_bench_decisions,
+        help="end-to-end decision latency under Poisson-arriving ad requests",
+        description="Warm interest vectors for --users users, then offer ad requests "
+        "(Poisson arrivals at --rate/s, --candidates ads each) to one worker and measure "
+        "request produced -> decision consumed latency p50/p99/p99.9 and throughput.",
+    )
+    _add_sizes(
+        p,
+        rate=(1000.0, "offered requests/s (1000)"),
+        duration=(20.0, "seconds per repeat (20)"),
+        repeat=(3, "repeats; medians reported (3)"),
+        users=(10_000, "users with warm vectors (10000)"),
+        candidates=(100, "candidate ads per request (100)"),
+        ads=(2000, "ads in the catalog (2000)"),
+    )
+    _add_run_flags(p, "also write the figures as JSON")
+    add_bootstrap(p)
+
+    p = add_command(
+        bench,
+        "scorer",
+        cmd_bench_scorer,
+        help="candidate rows/s of the ONNX scorer by batch size, against numpy",
+        description="Score batches of 1 to 4096 candidate rows with the newest model version "
+        "in ONNX Runtime and, in the same run, with a plain numpy forward pass of the same "
+        "graph; then the whole scoring path (feature assembly, micro-batching, ONNX Runtime, "
+        "ranking) at 100 candidates per request. Prints a table and a one-line summary. "
+        "--device cuda on a machine without a GPU runs on CPU and says so.",
+    )
+    p.add_argument(
+        "--device",
+        choices=["cpu", "cuda", "auto"],
+        default="cpu",
+        help="where ONNX Runtime runs (default cpu; auto: CUDA if present)",
+    )
+    _add_run_flags(p, 'also write {"scorer": figures} as JSON')
