@@ -88,10 +88,12 @@ class Settings:
         20_000, "Most events one ingest batch takes (larger: fewer table writes per event)."
     )
     batch_max_wait_s: float = _setting(
-        0.005, "Longest an ingest batch waits to fill before it is processed."
+        0.0,
+        "Longest a batch waits for more fetches before it is processed; 0 hands over each "
+        "fetch at once (under load fetches are full anyway).",
     )
     fetch_max_wait_ms: int = _setting(
-        10, "Longest the broker holds a fetch for data to arrive (latency vs. idle requests)."
+        2, "Longest the broker holds a fetch for data to arrive (latency vs. idle requests)."
     )
     dedupe_ids: int = _setting(8, "Recent event ids remembered per user to drop duplicates.")
     dedupe_ttl_h: int = _setting(

@@ -31,7 +31,11 @@ from faust.transport.drivers import aiokafka as _drv
 from faust.types import TP
 
 Batch = dict[TP, list[Any]]  # aiokafka ConsumerRecords per partition
-BatchHandler = Callable[[Batch], Awaitable[None]]
+# A handler may return an awaitable that completes when its effects are durable
+# (its table and changelog writes acknowledged). The batch is acknowledged only
+# then, while the consumer already moves on to the next batch.
+BatchHandler = Callable[[Batch], Awaitable[Awaitable[Any] | None]]
+MAX_UNSETTLED = 4  # batches whose writes may be in flight at once
 
 
 class BatchConsumer(_drv.Consumer):
@@ -41,6 +45,7 @@ class BatchConsumer(_drv.Consumer):
         self._batch_next: dict[TP, int] = {}  # next offset to commit, per partition
         self._batch_idle = asyncio.Event()
         self._batch_idle.set()
+        self._unsettled: list[asyncio.Task[None]] = []  # in batch order
         super().__init__(*args, **kwargs)
 
     # -- offsets: batch acks feed Faust's commit() ------------------------------------
@@ -55,8 +60,10 @@ class BatchConsumer(_drv.Consumer):
         return nxt if nxt is not None else super()._new_offset(tp)
 
     async def wait_empty(self) -> None:
-        """Rebalance and stop wait for the batch in flight, then commit as Faust does."""
+        """Rebalance and stop wait for the batch in flight and its writes, then commit."""
         await self._batch_idle.wait()
+        if self._unsettled:
+            await asyncio.gather(*self._unsettled, return_exceptions=True)
         await super().wait_empty()
 
     async def on_partitions_assigned(self, assigned: set[TP], generation_id: int = 0) -> None:
@@ -129,19 +136,45 @@ class BatchConsumer(_drv.Consumer):
         for tp, recs in batch.items():
             by_topic.setdefault(tp.topic, {})[tp] = recs
         self._batch_idle.clear()
+        durable: list[Awaitable[Any]] = []
         try:
             for topic, tps in by_topic.items():
-                await handlers[topic](tps)
-            if gen != self.app.consumer_generation_id:
-                return  # rebalanced meanwhile: no ack; the next owner handles it again
-            now, inbound = monotonic(), self.app.monitor.stream_inbound_time
-            for tp, recs in batch.items():
-                if self.app.topics.acks_enabled_for(tp.topic):
-                    self._batch_next[tp] = recs[-1].offset + 1
-                inbound[tp] = now  # keeps Faust's livelock detector quiet
-            self._n_acked += n
+                done = await handlers[topic](tps)
+                if done is not None:
+                    durable.append(done)
         finally:
             self._batch_idle.set()
+        while len(self._unsettled) >= MAX_UNSETTLED:  # bound the writes in flight
+            await asyncio.wait([self._unsettled[0]])
+        previous = self._unsettled[-1] if self._unsettled else None
+        task = asyncio.ensure_future(self._settle(batch, n, gen, durable, previous))
+        self._unsettled.append(task)
+        task.add_done_callback(self._unsettled.remove)
+
+    async def _settle(
+        self,
+        batch: Batch,
+        n: int,
+        gen: int | None,
+        durable: list[Awaitable[Any]],
+        previous: asyncio.Task[None] | None,
+    ) -> None:
+        """Acknowledge a batch once its writes are durable, never before an earlier batch."""
+        try:
+            await asyncio.gather(*durable)
+            if previous is not None:
+                await asyncio.wait([previous])
+        except Exception as exc:  # a changelog write failed: never ack, stop the worker
+            await self.crash(exc)
+            return
+        if gen != self.app.consumer_generation_id:
+            return  # rebalanced meanwhile: no ack; the next owner handles it again
+        now, inbound = monotonic(), self.app.monitor.stream_inbound_time
+        for tp, recs in batch.items():
+            if self.app.topics.acks_enabled_for(tp.topic):
+                self._batch_next[tp] = recs[-1].offset + 1
+            inbound[tp] = now  # keeps Faust's livelock detector quiet
+        self._n_acked += n
         if self._commit_every is not None and self._n_acked >= self._commit_every:
             self._n_acked = 0
             await self.commit()

@@ -22,7 +22,7 @@ from adpulse.settings import Settings
 from scoring import caps
 from scoring.catalog import Catalog, Context
 from scoring.features import NO_TIME, InterestParams, decode_states
-from scoring.featurespec import FeatureSpec, Inputs, assemble, concat
+from scoring.featurespec import FeatureSpec, Inputs, RequestFeatures, assemble_many
 from scoring.registry import LoadedModel, ModelRegistry
 from scoring.scorer import FallbackRule
 from scoring.strategy import Strategy
@@ -169,22 +169,22 @@ class DecideStage:
         spend = self._spend(catalog, parts, load_spend, day)
 
         pending: list[_Pending] = []
-        inputs: list[Inputs] = []
+        wanted: list[RequestFeatures] = []
         n_rows = 0
         for req, raw in good:
             u = user_row[req.user_id]
             rows = self._eligible(catalog, req, cap_recs[u], spend.get(raw.partition, set()))
-            p = _Pending(req, raw, rows, n_rows)
-            pending.append(p)
-            if len(rows) and catalog is not None:
+            pending.append(_Pending(req, raw, rows, n_rows))
+            if len(rows):
                 ctx = req.context if req.context is not UNSET else None
                 device = ctx.device if ctx is not None and ctx.device is not UNSET else None
-                inputs.append(
-                    assemble(
-                        vectors[u], rows, catalog.index, req.placement, device, now_ms, self.spec
-                    )
-                )
+                wanted.append(RequestFeatures(vectors[u], rows, req.placement, device))
                 n_rows += len(rows)
+        inputs = (
+            assemble_many(wanted, catalog.index, now_ms, self.spec)
+            if wanted and catalog is not None
+            else None
+        )
         scores, model_version = self._score(inputs, n_rows)
         out.rows_scored = n_rows
 
@@ -296,13 +296,12 @@ class DecideStage:
             rec.spent += delta[(p, c)]
             out.spend_writes.append((c.encode(), p, caps.encode(rec)))
 
-    def _score(self, inputs: list[Inputs], n_rows: int) -> tuple[np.ndarray | None, str]:
+    def _score(self, batch: Inputs | None, n_rows: int) -> tuple[np.ndarray | None, str]:
         model = self.models.current
         if model is None:
             return None, "none"
-        if not inputs:
+        if batch is None:
             return np.zeros(0, dtype=np.float32), model.version
-        batch = concat(inputs)
         step = self.s.scorer_max_batch_rows
         try:
             if n_rows <= step:

@@ -43,12 +43,12 @@ def wire(w: Wiring) -> None:
     decide = DecideStage(w.settings, models, catalog.get)
 
     @w.app.batch_topic(w.user_events)
-    async def on_user_events(batch: Batch) -> None:
-        await ingest(w, interest, batch)
+    async def on_user_events(batch: Batch) -> Awaitable[Any]:
+        return await ingest(w, interest, batch)
 
     @w.app.batch_topic(w.ad_requests)
-    async def on_ad_requests(batch: Batch) -> None:
-        await decide_batch(w, decide, batch)
+    async def on_ad_requests(batch: Batch) -> Awaitable[Any]:
+        return await decide_batch(w, decide, batch)
 
     @w.app.agent(w.ad_catalog)
     async def catalog_updates(stream: Any) -> None:
@@ -89,8 +89,12 @@ def _model_in_use(w: Wiring, loaded: LoadedModel) -> None:
     w.metrics.model.info({"version": loaded.version, "provider": loaded.scorer.provider})
 
 
-async def decide_batch(w: Wiring, stage: DecideStage, batch: Batch) -> None:
-    """One batch of ad-requests: decisions sent, caps and spend written, then acked."""
+async def decide_batch(w: Wiring, stage: DecideStage, batch: Batch) -> Awaitable[Any]:
+    """One batch of ad-requests: decisions sent, caps and spend written.
+
+    Returns what completes when those writes are acknowledged; the consumer acks
+    the batch then, and meanwhile moves on to the next one.
+    """
     now_ms = int(time.time() * 1000)
     raws = [
         Raw(r.value, r.key, tp.partition, r.offset, r.timestamp)
@@ -115,7 +119,6 @@ async def decide_batch(w: Wiring, stage: DecideStage, batch: Batch) -> None:
     futures += await _write_by_partition(w.freqcap, result.cap_writes)
     futures += await _write_by_partition(w.spend, result.spend_writes)
     futures += await _dead_letter(w, result.rejected, now_ms, "ad-requests", "decide")
-    await asyncio.gather(*futures)
     for (policy, placement), n in result.by_policy.items():
         m.decisions.labels(policy, placement).inc(n)
     m.no_fill.inc(result.no_fill)
@@ -123,10 +126,15 @@ async def decide_batch(w: Wiring, stage: DecideStage, batch: Batch) -> None:
     if result.rows_scored:
         m.scorer_rows.inc(result.rows_scored)
         m.scorer_batch_rows.observe(result.rows_scored)
+    return asyncio.gather(*futures)
 
 
-async def ingest(w: Wiring, stage: InterestStage, batch: Batch) -> None:
-    """One batch of user-events: state written and changelogged before the batch is acked."""
+async def ingest(w: Wiring, stage: InterestStage, batch: Batch) -> Awaitable[Any]:
+    """One batch of user-events into RocksDB; returns what completes when changelogged.
+
+    The batch is acked only once its changelog writes are acknowledged, so a
+    committed offset never gets ahead of the state it produced.
+    """
     started = time.perf_counter()
     now_ms = int(time.time() * 1000)
     raws: list[Raw] = []
@@ -142,8 +150,8 @@ async def ingest(w: Wiring, stage: InterestStage, batch: Batch) -> None:
     result = stage.process(raws, load, now_ms)
     futures: list[Awaitable[Any]] = [*await _write_by_partition(w.interest, result.writes)]
     futures += await _dead_letter(w, result.rejected, now_ms, "user-events", "ingest")
-    await asyncio.gather(*futures)
     _count(w, result, len(raws), started, oldest_ms)
+    return asyncio.gather(*futures)
 
 
 def _load(table: Any, keys: Sequence[bytes], partitions: Sequence[int]) -> list[bytes | None]:

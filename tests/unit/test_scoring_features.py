@@ -5,7 +5,15 @@ from __future__ import annotations
 import numpy as np
 
 from scoring.embeddings import HashedEmbeddings
-from scoring.featurespec import AdIndex, FeatureSpec, assemble, concat, from_feedback
+from scoring.featurespec import (
+    AdIndex,
+    FeatureSpec,
+    RequestFeatures,
+    assemble,
+    assemble_many,
+    concat,
+    from_feedback,
+)
 
 SPEC = FeatureSpec(dim=16)
 ADS = [
@@ -86,3 +94,27 @@ def test_docstring_examples_hold() -> None:
     for mod in (scoring.featurespec, scoring.registry, scoring.synthetic):
         failed, _ = doctest.testmod(mod)
         assert failed == 0, mod.__name__
+
+
+def test_assemble_many_equals_per_request_assemble_concatenated() -> None:
+    spec = FeatureSpec()
+    ads = AdIndex.build(
+        [{"ad_id": f"a{i}", "campaign_id": f"c{i % 3}", "category_id": i, "bid": 1.0,
+          "daily_budget": 10.0, "targeting": {}} for i in range(20)],
+        spec,
+    )  # fmt: skip
+    rng = np.random.default_rng(0)
+    reqs = [
+        RequestFeatures(rng.normal(size=spec.dim), np.array([1, 5, 7]), "home", "mobile"),
+        RequestFeatures(None, np.array([0, 19]), "feed", None),
+        RequestFeatures(rng.normal(size=spec.dim) * 3, np.arange(20), "feed", "tv"),
+    ]
+    ts = 1_700_000_000_000
+    many = assemble_many(reqs, ads, ts, spec)
+    one_by_one = concat(
+        [assemble(r.interest, r.rows, ads, r.placement, r.device, ts, spec) for r in reqs]
+    )
+    assert many.keys() == one_by_one.keys()
+    for name in many:
+        np.testing.assert_allclose(many[name], one_by_one[name], rtol=1e-6)
+        assert many[name].dtype == one_by_one[name].dtype
