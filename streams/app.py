@@ -51,8 +51,10 @@ class CatalogTable(faust.GlobalTable):
     version = 0
 
     def apply_changelog_batch(self, batch: Any) -> None:
-        super().apply_changelog_batch(batch)
-        self.version += 1
+        events = list(batch)  # Faust also calls this with empty standby buffers
+        if events:
+            super().apply_changelog_batch(events)
+            self.version += 1
 
     def on_key_set(self, key: Any, value: Any) -> None:
         super().on_key_set(key, value)

@@ -47,6 +47,7 @@ class CatalogCache:
         self.metrics = metrics
         self._version = -1
         self._catalog: Catalog | None = None
+        self._parsed: dict[bytes, tuple[bytes, dict[str, Any] | None]] = {}  # key -> value, ad
 
     def get(self) -> Catalog | None:
         return self._catalog
@@ -57,12 +58,16 @@ class CatalogCache:
         if version == self._version:
             return False
         ads = []
+        parsed: dict[bytes, tuple[bytes, dict[str, Any] | None]] = {}
         for key, value in self.table.data.items():
             if is_seal(key) or value is None:
                 continue
-            ad = self._parse(key, value)
+            seen = self._parsed.get(key)  # validate only what changed since the last refresh
+            ad = seen[1] if seen is not None and seen[0] == value else self._parse(key, value)
+            parsed[key] = (value, ad)
             if ad is not None:
                 ads.append(ad)
+        self._parsed = parsed
         try:
             catalog = Catalog(ads, self.spec)
         except ValueError as exc:  # e.g. an embedding of the wrong dimension

@@ -1,16 +1,17 @@
 """``adpulse bench features``: interest-feature throughput and freshness of one worker.
 
-Per repeat, on fresh topics: N Taobao-shaped events are produced, then
+First freshness, on a fresh worker and topics, at a fixed offered load: events
+are produced at ``rate``/s and the changelog of the interest table is watched;
+an event is fresh when a changelog record shows its user's counters include it.
+Freshness = that moment - the moment the event was handed to the producer, so
+it spans produce, fetch, the batch, the RocksDB write and the
+changelog write, an upper bound on when the vector became readable.
+
+Then, per repeat, on fresh topics: N Taobao-shaped events are produced, then
   * the baseline, a bare aiokafka consume -> produce loop with no processing,
     moves the same N messages (the transport's ceiling), and
   * a fresh ``adpulse worker`` process consumes the same N messages into its
     interest table; its rate is read off its own counters.
-Then, against the last worker, freshness at a fixed offered load: events are
-produced at ``rate``/s to fresh users and the changelog of the interest table is
-watched; an event is fresh when a changelog record shows its user's counters
-include it. Freshness = that moment - the moment the event was handed to the
-producer, so it spans produce, fetch, the batch, the RocksDB write and the
-changelog write, an upper bound on when the vector became readable.
 """
 
 from __future__ import annotations
@@ -54,29 +55,18 @@ def run(base: Settings, cfg: FeaturesBench, log: Any = print) -> dict[str, Any]:
     workload = Workload(model, users=cfg.users, seed=1)
     worker_rates, base_rates, ratios = [], [], []
     with tempfile.TemporaryDirectory(prefix="adpulse-bench-") as tmp:
-        worker = None
-        for r in range(cfg.repeats):
+
+        def fresh_settings() -> Settings:
             tag = uuid.uuid4().hex[:8]
             s = base.with_(
                 topic_prefix=f"bench-{tag}.", app_id=f"bench-{tag}",
                 data_dir=Path(tmp) / tag, session_timeout_s=6.0,
             )  # fmt: skip
             create_topics(s)
-            keys, values = workload.payloads(cfg.events, int(time.time() * 1000), prefix=f"{tag}-")
-            asyncio.run(_produce(s.bootstrap, s.topic("user-events"), keys, values))
-            baseline = asyncio.run(_bare_loop(s, cfg.events))
-            if worker is not None:
-                worker.stop()
-            worker = WorkerProcess(s, Path(tmp), name=f"worker-{tag}").start()
-            rate = _worker_rate(worker, cfg.events)
-            worker_rates.append(rate)
-            base_rates.append(baseline)
-            ratios.append(rate / baseline)
-            log(
-                f"  repeat {r + 1}/{cfg.repeats}: worker {rate:,.0f} events/s, "
-                f"bare aiokafka loop {baseline:,.0f} events/s, ratio {rate / baseline:.2f}"
-            )
-        assert worker is not None
+            return s
+
+        # Freshness first, on its own fresh worker and topics, at the offered rate.
+        worker = WorkerProcess(fresh_settings(), Path(tmp), name="worker-freshness").start()
         gc.collect()
         gc.freeze()  # the benchmark's own collector pauses must not count as worker latency
         try:
@@ -84,6 +74,23 @@ def run(base: Settings, cfg: FeaturesBench, log: Any = print) -> dict[str, Any]:
         finally:
             gc.unfreeze()
             worker.stop()
+        for r in range(cfg.repeats):
+            s = fresh_settings()
+            keys, values = workload.payloads(cfg.events, int(time.time() * 1000), prefix=s.app_id)
+            asyncio.run(_produce(s.bootstrap, s.topic("user-events"), keys, values))
+            baseline = asyncio.run(_bare_loop(s, cfg.events))
+            worker = WorkerProcess(s, Path(tmp), name=f"worker-{s.app_id}").start()
+            try:
+                rate = _worker_rate(worker, cfg.events)
+            finally:
+                worker.stop()
+            worker_rates.append(rate)
+            base_rates.append(baseline)
+            ratios.append(rate / baseline)
+            log(
+                f"  repeat {r + 1}/{cfg.repeats}: worker {rate:,.0f} events/s, "
+                f"bare aiokafka loop {baseline:,.0f} events/s, ratio {rate / baseline:.2f}"
+            )
     p50, p99 = percentiles_ms(fresh, [50, 99])
     w, b, q = spread(worker_rates), spread(base_rates), spread(ratios)
     return {
