@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import tempfile
 from pathlib import Path
 
 from adpulse.commands import Subparsers, add_bootstrap, add_command, add_group
@@ -66,17 +67,41 @@ def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
         raise ConfigError(msg) from None
     from scoring import train  # noqa: PLC0415
 
-    if args.input is not None and args.generate:
-        msg = "give either an input file or --generate N, not both"
+    sources = [args.input is not None, bool(args.generate), args.from_topic]
+    if sum(sources) > 1:
+        msg = "give one of an input file, --generate N or --from-topic"
         raise InputError(msg)
     out = Path(args.out or settings.model_dir or "var/models")
     if args.input is not None and not Path(args.input).is_file():
         msg = f"{args.input}: no such file"
         raise InputError(msg)
-    m = train.run_train(args.input, args.generate, out, seed=args.seed, epochs=args.epochs)
+    with tempfile.TemporaryDirectory(prefix="adpulse-train-") as tmp:
+        source = args.input
+        if args.from_topic:
+            source = str(Path(tmp) / "ctr-feedback.jsonl")
+            n = _dump_feedback(settings, Path(source))
+            print(f"read {n} ctr-feedback records from {settings.topic('ctr-feedback')}")
+        m = train.run_train(source, args.generate, out, seed=args.seed, epochs=args.epochs)
     print(train.summary(m))
     print(f"version directory: {m['path']}")
     return 0
+
+
+def _dump_feedback(settings: Settings, path: Path) -> int:
+    """The ctr-feedback topic, from the beginning, as JSONL (what training reads)."""
+    from adpulse.broker import wait_for_broker  # noqa: PLC0415
+    from adpulse.inspect import read_topic  # noqa: PLC0415
+
+    wait_for_broker(settings.bootstrap_or_default, timeout=5)
+    records = read_topic(settings.bootstrap_or_default, settings.topic("ctr-feedback"))
+    if not records:
+        msg = f"topic {settings.topic('ctr-feedback')} has no records to train on"
+        raise InputError(msg)
+    with path.open("wb") as fh:
+        for r in records:
+            if r.value:
+                fh.write(r.value.rstrip(b"\n") + b"\n")
+    return len(records)
 
 
 def register(sub: Subparsers) -> None:
@@ -136,8 +161,8 @@ def register(sub: Subparsers) -> None:
         "train",
         cmd_train,
         help="train the CTR model and write a new model version (needs PyTorch)",
-        description="Train the CTR model on logged ctr-feedback records (a JSONL or Parquet "
-        "file) or on N synthetic ones, report held-out AUC, log loss and calibration on the "
+        description="Train the CTR model on logged ctr-feedback records (the topic, or a JSONL "
+        "or Parquet file) or on N synthetic ones, report held-out AUC, log loss and calibration on the "
         "last 20% by time, export ONNX (checked against PyTorch) and write a new version "
         "directory under --out. The default --out is $ADPULSE_MODEL_DIR, else ./var/models, "
         "never the shipped scoring/models, so a run cannot replace the default model by "
@@ -148,8 +173,14 @@ def register(sub: Subparsers) -> None:
         "--input", metavar="PATH.jsonl", help="ctr-feedback records to train on (JSONL/Parquet)"
     )
     p.add_argument("--generate", type=int, metavar="N", help="train on N synthetic records")
+    p.add_argument(
+        "--from-topic",
+        action="store_true",
+        help="train on the ctr-feedback topic, read from the beginning (--bootstrap)",
+    )
     p.add_argument("--seed", type=int, default=7, help="random seed (default 7)")
     p.add_argument("--epochs", type=int, default=3, help="passes over the data (default 3)")
     p.add_argument(
         "--out", metavar="DIR", help="model registry folder ($ADPULSE_MODEL_DIR, else var/models)"
     )
+    add_bootstrap(p)
