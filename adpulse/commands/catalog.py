@@ -161,13 +161,16 @@ def register(sub: Subparsers) -> None:
         "train",
         cmd_train,
         help="train the CTR model and write a new model version (needs PyTorch)",
-        description="Train the CTR model on logged ctr-feedback records (the topic, or a JSONL "
-        "or Parquet file) or on N synthetic ones, report held-out AUC, log loss and "
-        "calibration on the last 20% by time, export ONNX (checked against PyTorch) and "
-        "write a new version directory under --out. The default --out is $ADPULSE_MODEL_DIR, else ./var/models, "
-        "never the shipped scoring/models, so a run cannot replace the default model by "
-        "accident. A worker whose ADPULSE_MODEL_DIR is that folder hot-swaps to the new "
-        "version once it passes validation.",
+        description=(
+            "Train the CTR model on logged ctr-feedback records (the topic, or a JSONL or "
+            "Parquet file) or on N synthetic ones, report held-out AUC, log loss and "
+            "calibration on the last 20% by time, export ONNX (checked against PyTorch) and "
+            "write a new version directory under --out. The default --out is "
+            "$ADPULSE_MODEL_DIR, else ./var/models, never the shipped scoring/models, so a "
+            "run cannot replace the default model by accident. A worker whose "
+            "ADPULSE_MODEL_DIR is that folder hot-swaps to the new version once it passes "
+            "validation."
+        ),
     )
     p.add_argument(
         "--input", metavar="PATH.jsonl", help="ctr-feedback records to train on (JSONL/Parquet)"
