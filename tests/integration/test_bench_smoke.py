@@ -21,7 +21,7 @@ def test_features_bench_smoke_reports_every_key(settings: Settings, taobao: Path
                 "freshness_p99_ms", "events"):  # fmt: skip
         assert key in result
     assert result["events"] == 3000
-    assert result["baseline_events_per_s"] > 0
+    assert result["baseline_events_per_s"] > 0  # bench-ok: it ran, no speed claim
     assert result["freshness_samples"] == 1000
     assert math.isfinite(result["freshness_p99_ms"])
     assert "features:" in features.result_line(result)
@@ -44,4 +44,4 @@ def test_decisions_bench_smoke_reports_every_key(settings: Settings) -> None:
         assert key in result
     assert result["lost"] == 0
     assert result["requests"] == 200
-    assert math.isfinite(result["latency_p99_ms"])
+    assert math.isfinite(result["latency_p99_ms"])  # bench-ok: it ran, no speed claim

@@ -89,7 +89,7 @@ def test_nan_outputs_are_refused(good: Path, tmp_path: Path) -> None:
 
 
 def test_a_model_slower_than_the_budget_is_refused(good: Path) -> None:
-    assert "too slow" in _refusal(good, latency_budget_ms=1e-6)
+    assert "too slow" in _refusal(good, latency_budget_ms=1e-6)  # bench-ok: refusal, not speed
 
 
 def test_a_model_for_another_spec_is_refused(good: Path, tmp_path: Path) -> None:
