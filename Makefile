@@ -34,6 +34,9 @@ unit: $(STAMP) ## fast tests without a broker
 integration: $(STAMP) ## tests against the real embedded broker
 	$(BIN)/python -m pytest tests/integration $(PYTEST_ARGS)
 
+bench: $(STAMP) ## every benchmark at its defaults: prints a table, writes var/bench/all.json
+	$(BIN)/adpulse bench all --json var/bench/all.json
+
 demo: $(STAMP) ## run the engine on the real sample data (../shared/data)
 	$(BIN)/adpulse demo
 

@@ -69,6 +69,35 @@ def cmd_bench_scorer(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_bench_all(args: argparse.Namespace, settings: Settings) -> int:
+    """Every benchmark at its defaults (or --smoke) on one broker; one JSON, one table."""
+    from adpulse.bench import decisions, features, scorer  # noqa: PLC0415
+    from adpulse.bench.report import markdown  # noqa: PLC0415
+    from adpulse.broker import broker_for  # noqa: PLC0415
+
+    taobao = Path(args.data) / "taobao_userbehavior_sample.csv"
+    f_cfg = (
+        features.FeaturesBench.smoke(taobao)
+        if args.smoke
+        else features.FeaturesBench(taobao=taobao)
+    )
+    d_cfg = decisions.DecisionsBench.smoke() if args.smoke else decisions.DecisionsBench()
+    report: dict[str, object] = {}
+    with broker_for(settings) as s:
+        report["features"] = f = features.run(s, f_cfg)
+        print(features.result_line(f), flush=True)
+        report["decisions"] = d = decisions.run(s, d_cfg)
+        print(decisions.result_line(d), flush=True)
+    model_dir = Path(settings.model_dir) if settings.model_dir else None
+    report["scorer"] = sc = scorer.run("cpu", smoke=args.smoke, settings=settings,
+                                       model_dir=model_dir)  # fmt: skip
+    print(scorer.summary(sc))
+    print()
+    print(markdown(report))
+    _write_json(args.json, report)
+    return 0
+
+
 def _write_json(path: str | None, payload: dict[str, object]) -> None:
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -171,3 +200,16 @@ def register(sub: Subparsers) -> None:
         help="where ONNX Runtime runs (default cpu; auto: CUDA if present)",
     )
     _add_run_flags(p, 'also write {"scorer": figures} as JSON')
+
+    p = add_command(
+        bench,
+        "all",
+        cmd_bench_all,
+        help="every benchmark at its defaults, one JSON report and a Markdown table",
+        description="Run bench features, decisions and scorer at their defaults (or --smoke) "
+        "on one broker, print each result line and a Markdown table of every target, the "
+        "measured value and its same-run baseline, and write all figures to --json.",
+    )
+    p.add_argument("--data", default="../shared/data", help="folder with the Taobao sample to fit")
+    _add_run_flags(p, "also write every benchmark's figures as one JSON document")
+    add_bootstrap(p)

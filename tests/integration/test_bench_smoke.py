@@ -45,3 +45,15 @@ def test_decisions_bench_smoke_reports_every_key(settings: Settings) -> None:
     assert result["lost"] == 0
     assert result["requests"] == 200
     assert math.isfinite(result["latency_p99_ms"])  # bench-ok: it ran, no speed claim
+
+
+def test_bench_all_smoke_writes_every_section_and_a_table(
+    settings: Settings, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "all.json"
+    args = ["bench", "all", "--smoke", "--json", str(out), "--bootstrap", settings.bootstrap]
+    assert main(args) == 0
+    body = json.loads(out.read_text())
+    assert {"features", "decisions", "scorer"} <= body.keys()
+    printed = capsys.readouterr().out
+    assert "| benchmark | target | measured | baseline (same run) |" in printed

@@ -1,0 +1,51 @@
+"""The benchmark report as a Markdown table: target, measured value, same-run baseline."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from adpulse.bench import machine_line
+
+
+def _fmt(x: Any, unit: str = "", digits: int = 0) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "n/a"
+    return f"{x:,.{digits}f}{unit}"
+
+
+def markdown(report: dict[str, Any]) -> str:
+    rows: list[tuple[str, str, str, str]] = []
+    f = report.get("features")
+    if f:
+        rows += [
+            ("features events/s per worker", "≥ 35,000", _fmt(f["events_per_s"]),
+             f"bare aiokafka loop {_fmt(f['baseline_events_per_s'])}/s"),
+            ("features ratio to bare loop", "≥ 0.5", _fmt(f["ratio"], digits=2), ""),
+            (f"freshness p99 at {_fmt(f['freshness_offered_per_s'])} events/s", "≤ 50 ms",
+             _fmt(f["freshness_p99_ms"], " ms", 1), f"p50 {_fmt(f['freshness_p50_ms'], ' ms', 1)}"),
+        ]  # fmt: skip
+    d = report.get("decisions")
+    if d:
+        rows.append((
+            f"decision p99 at {_fmt(d['offered_per_s'])} req/s x {d['candidates']}",
+            "≤ 10 ms", _fmt(d["latency_p99_ms"], " ms", 2),
+            f"p50 {_fmt(d['latency_p50_ms'], ' ms', 2)}, achieved {_fmt(d['achieved_per_s'])}/s",
+        ))  # fmt: skip
+    sc = report.get("scorer")
+    if sc:
+        for batch, rate in sc["rows_per_s"].items():
+            base = sc["baseline_rows_per_s"][batch]
+            ratio = rate / base if base else float("nan")
+            target = "≥ 1.3x numpy" if int(batch) >= 32 else ""
+            rows.append((f"scorer rows/s, batch {batch}", target,
+                         f"{_fmt(rate)} ({ratio:.2f}x)", f"numpy {_fmt(base)}"))  # fmt: skip
+        rows.append(("whole scoring path rows/s", "≥ 300,000", _fmt(sc["path_rows_per_s"]), ""))
+    m = next(
+        (r["machine"] for r in report.values() if isinstance(r, dict) and "machine" in r), None
+    )
+    lines = ["| benchmark | target | measured | baseline (same run) |", "|---|---|---|---|"]
+    lines += [f"| {a} | {b} | {c} | {e} |" for a, b, c, e in rows]
+    if m:
+        lines.append(f"\nMachine: {machine_line(m)}.")
+    return "\n".join(lines)
