@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help venv test unit integration lint demo bench clean
+.PHONY: help venv prometheus test unit integration lint demo bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -23,7 +23,19 @@ lint: $(STAMP) ## ruff and mypy
 	$(BIN)/ruff check .
 	$(BIN)/mypy adpulse schemas scoring streams
 
-test: $(STAMP) ## the whole suite: lint, unit, integration (real embedded broker)
+# Debian's prometheus package gives the Prometheus tests a real server and promtool.
+# Installed only as root with apt (CI, containers); anyone else gets those tests skipped.
+prometheus: ## install Prometheus + promtool for their tests (root with apt; else a note)
+	@if command -v prometheus >/dev/null && command -v promtool >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing Debian's prometheus package for the Prometheus tests"; \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get install -y -qq --no-install-recommends prometheus >/dev/null \
+	  || { apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus >/dev/null; } \
+	  || echo "could not install prometheus: its tests will be skipped"; \
+	else echo "prometheus is not installed (needs root with apt): its tests will be skipped"; fi
+
+test: $(STAMP) prometheus ## the whole suite: lint, unit, integration (real embedded broker)
 	$(BIN)/ruff check .
 	$(BIN)/mypy adpulse schemas scoring streams
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -10,6 +10,7 @@ around the 10-50 ms targets we care about.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from importlib import metadata
 
 from prometheus_client import (
     CollectorRegistry,
@@ -48,11 +49,14 @@ class Metrics:
     model_swaps: Counter
     catalog_ads: Gauge
     catalog_invalid: Counter
+    consumer_lag: Gauge
+    table_keys: Gauge
+    build: Info
 
     @classmethod
     def create(cls, registry: CollectorRegistry | None = None) -> Metrics:
         r = registry if registry is not None else CollectorRegistry()
-        return cls(
+        m = cls(
             registry=r,
             events=Counter(
                 "adpulse_events_total",
@@ -137,7 +141,32 @@ class Metrics:
                 "Catalog records skipped because they break the ad-catalog contract.",
                 registry=r,
             ),
+            consumer_lag=Gauge(
+                "adpulse_consumer_lag_messages",
+                "Messages behind the partition's high watermark, per assigned topic-partition "
+                "(sampled every few seconds). The watermark is the last one a fetch reported, so "
+                "on the embedded broker it can be short by up to one fetched batch.",
+                ["topic", "partition"],
+                registry=r,
+            ),
+            table_keys=Gauge(
+                "adpulse_table_keys",
+                "Approximate keys per table in this worker's RocksDB (active and standby "
+                "partitions; RocksDB's estimate-num-keys, sampled every few seconds).",
+                ["table"],
+                registry=r,
+            ),
+            build=Info("adpulse_build", "adpulse version running in this worker.", registry=r),
         )
+        m.build.info({"version": _version()})
+        return m
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def _version() -> str:
+    try:
+        return metadata.version("adpulse")
+    except metadata.PackageNotFoundError:  # running from a tree that is not installed
+        return "unknown"

@@ -74,6 +74,11 @@ class Settings:
     data_dir: Path = _setting(Path("var/data"), "Where RocksDB tables live.")
     web_host: str = _setting("127.0.0.1", "Bind address of the worker's HTTP server.")
     web_port: int = _setting(6066, "Port of the worker's HTTP server (interest lookups, health).")
+    canonical_url: str = _setting(
+        "",
+        "URL other workers use to reach this one (forwarded interest lookups); empty: "
+        "http://WEB_HOST:WEB_PORT. Set it when WEB_HOST is 0.0.0.0 (containers, k8s).",
+    )
     session_timeout_s: float = _setting(
         10.0, "Consumer-group session timeout; short so a dead worker's partitions move soon."
     )

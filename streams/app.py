@@ -104,6 +104,7 @@ def create_app(settings: Settings) -> Wiring:
         web_host=settings.web_host,
         web_bind=settings.web_host,
         web_port=settings.web_port,
+        canonical_url=settings.canonical_url or f"http://{settings.web_host}:{settings.web_port}",
         TableManager=SealingTableManager,
         GlobalTable=CatalogTable,
         batch_max=settings.batch_max_events,

@@ -5,7 +5,8 @@ user-events batch  -> validate + dedupe + decay (streams/interest.py)
 ad-requests batch  -> candidates, caps, budgets, one scoring run, strategy
                       (streams/decide.py) -> ad-decisions
 anything refused   -> dead-letters (streams/deadletter.py)
-timers             -> model registry poll (hot-swap), catalog refresh
+timers             -> model registry poll (hot-swap), catalog refresh,
+                      consumer lag and table sizes (streams/gauges.py)
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from streams.catalog import CATALOG_REFRESH_S, CatalogCache, apply_catalog_recor
 from streams.consumer import Batch
 from streams.deadletter import Raw, Rejected, dead_letter
 from streams.decide import DecideStage, ServingModels
+from streams.gauges import SAMPLE_S, sample_consumer_lag, sample_table_keys
 from streams.interest import BatchResult, InterestStage
 from streams.tablewriter import read_many, write_many
 
@@ -66,6 +68,13 @@ def wire(w: Wiring) -> None:
             models.swap(loaded, w.settings.fallback_ctr)
             _model_in_use(w, loaded)
             w.metrics.model_swaps.labels("swapped").inc()
+
+    lag_labelled: set[tuple[str, str]] = set()
+
+    @w.app.timer(SAMPLE_S)
+    async def sample_gauges() -> None:
+        sample_consumer_lag(w.app, w.metrics, lag_labelled)
+        sample_table_keys((w.interest, w.freqcap, w.spend, w.catalog), w.metrics)
 
 
 def load_models(w: Wiring) -> ServingModels:
