@@ -11,7 +11,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from adpulse.commands import Handler, bench, catalog, demo, kafka, worker
+from adpulse.commands import Handler, bench, catalog, demo, evaluate, kafka, worker
 from adpulse.errors import AdpulseError, BrokerUnavailable
 from adpulse.settings import Settings
 
@@ -32,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker.register(sub)  # worker
     catalog.register(sub)  # catalog, train
     bench.register(sub)  # bench
+    evaluate.register(sub)  # evaluate (off-policy evaluation)
     demo.register(sub)  # demo
     return parser
 
