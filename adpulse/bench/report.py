@@ -32,6 +32,17 @@ def markdown(report: dict[str, Any]) -> str:
             "≤ 10 ms", _fmt(d["latency_p99_ms"], " ms", 2),
             f"p50 {_fmt(d['latency_p50_ms'], ' ms', 2)}, achieved {_fmt(d['achieved_per_s'])}/s",
         ))  # fmt: skip
+    st = report.get("state")
+    if st:
+        rows += [
+            (f"bytes on disk per user ({_fmt(st['users'])} users)", "≤ 400",
+             _fmt(st["bytes_per_user_on_disk"]), f"raw record {st['record_bytes']} bytes"),
+            ("worker RSS with that table", "≤ 1 GiB",
+             _fmt(st["worker_rss_bytes"] / 2**20, " MiB"), ""),
+            ("restore of that table from the changelog", "≤ 60 s",
+             _fmt(st["restore_s"], " s", 1),
+             f"bare changelog read {_fmt(st['baseline_changelog_read_s'], ' s', 1)}"),
+        ]  # fmt: skip
     sc = report.get("scorer")
     if sc:
         for batch, rate in sc["rows_per_s"].items():

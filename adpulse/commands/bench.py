@@ -69,9 +69,21 @@ def cmd_bench_scorer(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_bench_state(args: argparse.Namespace, settings: Settings) -> int:
+    from adpulse.bench import state  # noqa: PLC0415
+    from adpulse.broker import broker_for  # noqa: PLC0415
+
+    cfg = state.StateBench.smoke() if args.smoke else state.StateBench(users=args.users)
+    with broker_for(settings) as s:
+        result = state.run(s, cfg)
+    print(state.result_line(result))
+    _write_json(args.json, {"state": result})
+    return 0
+
+
 def cmd_bench_all(args: argparse.Namespace, settings: Settings) -> int:
     """Every benchmark at its defaults (or --smoke) on one broker; one JSON, one table."""
-    from adpulse.bench import decisions, features, scorer  # noqa: PLC0415
+    from adpulse.bench import decisions, features, scorer, state  # noqa: PLC0415
     from adpulse.bench.report import markdown  # noqa: PLC0415
     from adpulse.broker import broker_for  # noqa: PLC0415
 
@@ -88,6 +100,9 @@ def cmd_bench_all(args: argparse.Namespace, settings: Settings) -> int:
         print(features.result_line(f), flush=True)
         report["decisions"] = d = decisions.run(s, d_cfg)
         print(decisions.result_line(d), flush=True)
+        st_cfg = state.StateBench.smoke() if args.smoke else state.StateBench()
+        report["state"] = st = state.run(s, st_cfg)
+        print(state.result_line(st), flush=True)
     model_dir = Path(settings.model_dir) if settings.model_dir else None
     report["scorer"] = sc = scorer.run("cpu", smoke=args.smoke, settings=settings,
                                        model_dir=model_dir)  # fmt: skip
@@ -203,11 +218,25 @@ def register(sub: Subparsers) -> None:
 
     p = add_command(
         bench,
+        "state",
+        cmd_bench_state,
+        help="interest state size per user on disk, worker RSS, restore time from the changelog",
+        description="Grow the interest table to --users users, then report bytes per user on "
+        "disk (against the raw record size), the worker's RSS, and how long a fresh worker "
+        "with an empty data directory takes to restore the table from its changelog (against "
+        "a bare aiokafka read of the same changelog).",
+    )
+    _add_sizes(p, users=(1_000_000, "users in the table (1000000)"))
+    _add_run_flags(p, 'also write {"state": figures} as JSON')
+    add_bootstrap(p)
+
+    p = add_command(
+        bench,
         "all",
         cmd_bench_all,
         help="every benchmark at its defaults, one JSON report and a Markdown table",
-        description="Run bench features, decisions and scorer at their defaults (or --smoke) "
-        "on one broker, print each result line and a Markdown table of every target, the "
+        description="Run bench features, decisions, state and scorer at their defaults (or "
+        "--smoke) on one broker, print each result line and a Markdown table of every target, the "
         "measured value and its same-run baseline, and write all figures to --json.",
     )
     p.add_argument("--data", default="../shared/data", help="folder with the Taobao sample to fit")

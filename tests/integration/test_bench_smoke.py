@@ -54,6 +54,16 @@ def test_bench_all_smoke_writes_every_section_and_a_table(
     args = ["bench", "all", "--smoke", "--json", str(out), "--bootstrap", settings.bootstrap]
     assert main(args) == 0
     body = json.loads(out.read_text())
-    assert {"features", "decisions", "scorer"} <= body.keys()
+    assert {"features", "decisions", "state", "scorer"} <= body.keys()
     printed = capsys.readouterr().out
     assert "| benchmark | target | measured | baseline (same run) |" in printed
+
+
+def test_state_bench_smoke_restores_and_reports(settings: Settings) -> None:
+    from adpulse.bench import state
+
+    result = state.run(settings, state.StateBench.smoke(), log=lambda _m: None)
+    assert result["users"] == 2000
+    assert result["bytes_per_user_on_disk"] > 0
+    assert result["worker_rss_bytes"] > 0
+    assert math.isfinite(result["restore_s"])

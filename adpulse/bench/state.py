@@ -1,0 +1,151 @@
+"""``adpulse bench state``: interest state per user on disk, worker memory, restore time.
+
+Grows the interest table to ``users`` users (one synthetic event each, so every
+user has a full state record), then reports
+  * bytes on disk per user: the RocksDB files of the interest table after a clean
+    stop (SST, WAL and manifests), against the raw record size as the baseline;
+  * the worker's resident memory with that table;
+  * the time for a fresh worker with an empty data directory to restore the
+    table from its changelog (until /health says recovered), against a bare
+    aiokafka consumer reading the same changelog as the baseline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import msgspec
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from adpulse.bench import machine, machine_line
+from adpulse.bench.features import _applied, _produce
+from adpulse.settings import Settings
+from adpulse.topics import create_topics
+from adpulse.workerproc import WorkerProcess
+from scoring.features import InterestParams, state_dtype
+from streams.seal import is_seal
+
+
+@dataclass(frozen=True)
+class StateBench:
+    users: int = 1_000_000
+
+    @classmethod
+    def smoke(cls) -> StateBench:
+        return cls(users=2_000)
+
+
+def run(base: Settings, cfg: StateBench, log: Any = print) -> dict[str, Any]:
+    tag = uuid.uuid4().hex[:8]
+    record = state_dtype(InterestParams.from_settings(base)).itemsize
+    with tempfile.TemporaryDirectory(prefix="adpulse-bench-") as tmp:
+        s = base.with_(
+            topic_prefix=f"bench-{tag}.", app_id=f"bench-{tag}",
+            data_dir=Path(tmp) / "data", session_timeout_s=6.0,
+        )  # fmt: skip
+        create_topics(s)
+        log(f"  producing one event for each of {cfg.users:,} users ...")
+        asyncio.run(_produce(s.bootstrap, s.topic("user-events"), *_one_event_each(cfg.users)))
+        worker = WorkerProcess(s, Path(tmp), name="worker-grow").start()
+        try:
+            worker.wait_until(lambda: _applied(worker) >= cfg.users, 3600, "every user applied")
+            rss = _rss_bytes(worker)
+        finally:
+            worker.stop()
+        disk = _dir_bytes(s.data_dir, "interest")
+        log(
+            f"  {cfg.users:,} users: {disk / cfg.users:.0f} bytes/user on disk, RSS {rss >> 20} MiB"
+        )
+
+        baseline = asyncio.run(_read_changelog(s, cfg.users))
+        shutil.rmtree(s.data_dir)
+        restored = WorkerProcess(s, Path(tmp), name="worker-restore")
+        started = time.perf_counter()
+        restored.start(timeout=3600)  # ready = /health 200 = recovery completed
+        restore_s = time.perf_counter() - started
+        try:
+            body = restored.interest("u0")
+        finally:
+            restored.stop()
+        if body is None:
+            msg = "restored worker has no state for u0"
+            raise RuntimeError(msg)
+    return {
+        "users": cfg.users,
+        "bytes_per_user_on_disk": disk / cfg.users,
+        "record_bytes": record,
+        "worker_rss_bytes": rss,
+        "restore_s": restore_s,
+        "baseline_changelog_read_s": baseline,
+        "machine": machine(),
+    }
+
+
+def result_line(res: dict[str, Any]) -> str:
+    return (
+        f"state: {res['users']:,} users, {res['bytes_per_user_on_disk']:.0f} bytes/user on disk "
+        f"(record {res['record_bytes']} bytes), worker RSS {res['worker_rss_bytes'] / 2**20:.0f} "
+        f"MiB, restore {res['restore_s']:.1f} s (bare read of the changelog "
+        f"{res['baseline_changelog_read_s']:.1f} s); {machine_line(res['machine'])}"
+    )
+
+
+def _one_event_each(users: int) -> tuple[list[bytes], list[bytes]]:
+    now = int(time.time() * 1000)
+    enc = msgspec.json.encode
+    keys, values = [], []
+    for u in range(users):
+        user = f"u{u}"
+        keys.append(user.encode())
+        event = {"event_id": f"s{u}", "user_id": user, "kind": "browse",
+                 "item_id": u % 100_000, "category_id": u % 5000, "ts": now}  # fmt: skip
+        values.append(enc(event))
+    return keys, values
+
+
+def _rss_bytes(worker: WorkerProcess) -> int:
+    assert worker.proc is not None
+    for line in Path(f"/proc/{worker.proc.pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def _dir_bytes(root: Path, table: str) -> int:
+    """Bytes of every file of the table's RocksDB directories (one per partition)."""
+    return sum(
+        f.stat().st_size
+        for d in root.rglob(f"{table}-*.db")
+        if d.is_dir()
+        for f in d.rglob("*")
+        if f.is_file()
+    )
+
+
+async def _read_changelog(s: Settings, expect: int) -> float:
+    topic = f"{s.app_id}-interest-changelog"
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=s.bootstrap, enable_auto_commit=False, fetch_max_wait_ms=10,
+        max_partition_fetch_bytes=16 << 20,
+    )  # fmt: skip
+    await consumer.start()
+    try:
+        tps = [TopicPartition(topic, p) for p in range(s.partitions)]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        keys: set[bytes] = set()
+        started = time.perf_counter()
+        while len(keys) < expect and time.perf_counter() - started < 3600:
+            batch = await consumer.getmany(timeout_ms=1000, max_records=50_000)
+            for records in batch.values():
+                keys.update(r.key for r in records if r.key is not None and not is_seal(r.key))
+        return time.perf_counter() - started
+    finally:
+        await consumer.stop()
