@@ -50,8 +50,13 @@ class Metrics:
     catalog_ads: Gauge
     catalog_invalid: Counter
     consumer_lag: Gauge
+    feedback_labels: Counter
+    arm_decisions: Counter
     table_keys: Gauge
     build: Info
+    join_labels: Counter
+    late_clicks: Counter
+    pending_expired: Counter
 
     @classmethod
     def create(cls, registry: CollectorRegistry | None = None) -> Metrics:
@@ -141,6 +146,19 @@ class Metrics:
                 "Catalog records skipped because they break the ad-catalog contract.",
                 registry=r,
             ),
+            feedback_labels=Counter(
+                "adpulse_feedback_labels_total",
+                "ctr-feedback labels seen by the learner, by outcome (applied, redelivered, "
+                "duplicate).",
+                ["outcome"],
+                registry=r,
+            ),
+            arm_decisions=Counter(
+                "adpulse_experiment_decisions_total",
+                "Decisions made under an A/B experiment, by experiment and arm.",
+                ["experiment", "arm"],
+                registry=r,
+            ),
             consumer_lag=Gauge(
                 "adpulse_consumer_lag_messages",
                 "Messages behind the partition's high watermark, per assigned topic-partition "
@@ -157,6 +175,23 @@ class Metrics:
                 registry=r,
             ),
             build=Info("adpulse_build", "adpulse version running in this worker.", registry=r),
+            join_labels=Counter(
+                "adpulse_join_labels_total",
+                "ctr-feedback records emitted by the click join, by outcome (clicked, zero, "
+                "converted).",
+                ["outcome"],
+                registry=r,
+            ),
+            late_clicks=Counter(
+                "adpulse_late_clicks_total",
+                "Clicks on a served ad after its label (or its window): counted, never emitted.",
+                registry=r,
+            ),
+            pending_expired=Counter(
+                "adpulse_pending_expired_total",
+                "Join records deleted after their windows and grace period.",
+                registry=r,
+            ),
         )
         m.build.info({"version": _version()})
         return m

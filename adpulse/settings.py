@@ -120,12 +120,51 @@ class Settings:
     top_categories: int = _setting(4, "Top categories kept per user.")
     # -- Decisions ----------------------------------------------------------------------
     policy: str = _setting(
-        "epsilon-greedy:0.05", "Serving policy: greedy or epsilon-greedy:EPS (exploration share)."
+        "epsilon-greedy:0.05",
+        "Serving policy: greedy, epsilon-greedy:EPS (exploration share), thompson[:M] "
+        "(Beta prior worth M impressions) or linucb[:ALPHA] (confidence width).",
     )
     placement_policies: str = _setting(
         "", "Per-placement policies over the default, as 'home=greedy;feed=epsilon-greedy:0.1'."
     )
     freq_cap_per_day: int = _setting(3, "Impressions of one ad per user per UTC day, at most.")
+    # -- Strategy -----------------------------------------------------------------------
+    thompson_prior_strength: float = _setting(
+        20.0, "Impressions the model's pCTR is worth as Thompson's prior (thompson:M overrides)."
+    )
+    thompson_draws: int = _setting(
+        1000, "Monte Carlo draws per Thompson propensity (standard error <= 0.5/sqrt(draws))."
+    )
+    thompson_min_segment_shows: float = _setting(
+        50.0, "Labels an (ad, segment) needs before Thompson uses them instead of the ad's."
+    )
+    linucb_alpha: float = _setting(1.0, "LinUCB confidence width (linucb:ALPHA overrides).")
+    linucb_ridge: float = _setting(1.0, "LinUCB ridge: A starts at RIDGE * identity.")
+    learn_dedupe_ids: int = _setting(
+        1024, "Recent decision ids remembered per ad: a label re-emitted among them counts once."
+    )
+    experiment: str = _setting(
+        "",
+        "A/B experiment over every placement, as 'NAME:KEY:ARM=POLICY@SHARE,...' (first arm "
+        "is the control); users are assigned by HMAC(KEY, user id). Empty: none.",
+    )
+    # -- Feedback -----------------------------------------------------------------------
+    attribution_window_s: float = _setting(
+        1800.0, "A click counts for a decision when it comes this long after it, at most."
+    )
+    conversion_window_s: float = _setting(
+        86400.0, "A purchase of the ad's item or category this long after the click converts it."
+    )
+    watermark_idle_s: float = _setting(
+        30.0,
+        "A quiet partition's event-time watermark trails the wall clock by this much: clicks "
+        "arriving later than this after their window are late (counted, not labelled).",
+    )
+    feedback_grace_s: float = _setting(
+        3600.0,
+        "A labelled decision's record is kept this long after its windows (late clicks are "
+        "recognised, redeliveries change nothing), then deleted.",
+    )
     # -- Scoring ------------------------------------------------------------------------
     device: Device = _setting("auto", "ONNX Runtime device: auto (CUDA if present), cuda, cpu.")
     model_dir: str = _setting(

@@ -38,6 +38,10 @@ class Wiring:
     spend: Any  # campaign id -> scoring.caps.SpendRecord, per partition (budget share)
     catalog: Any  # CatalogTable (GlobalTable over ad-catalog)
     metrics: Metrics
+    ctr_feedback: faust.TopicT
+    learn: Any  # ad id -> streams.learn.AdState (msgpack), per ctr-feedback partition
+    strategy: Any  # GlobalTable: the same records as learn, every worker holds all
+    pending: Any = None  # decision id -> scoring.joinstate.Pending (the click join)
 
 
 class CatalogTable(faust.GlobalTable):
@@ -147,6 +151,16 @@ def create_app(settings: Settings) -> Wiring:
         spend=table("spend", "campaign id -> spend today of this partition's budget share"),
         catalog=catalog,
         metrics=Metrics.create(),
+        ctr_feedback=app.topic(settings.topic("ctr-feedback"), **raw),
+        learn=table("learn", "ad id -> learner state (streams.learn), on the ad's partition"),
+        strategy=app.GlobalTable(
+            "strategy",
+            partitions=settings.partitions,
+            key_type=bytes,
+            value_type=bytes,
+            help="ad id -> learner state, broadcast to every worker (streams/learn.py)",
+        ),
+        pending=table("pending", "decision id -> click-join state (scoring.joinstate)"),
     )
 
     from streams import pipeline, web  # noqa: PLC0415 - stages register themselves on the app

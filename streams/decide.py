@@ -26,9 +26,11 @@ from scoring.featurespec import FeatureSpec, Inputs, RequestFeatures, assemble_m
 from scoring.registry import LoadedModel, ModelRegistry
 from scoring.scorer import FallbackRule
 from scoring.strategy import Strategy
+from scoring.strategy.ab import Arm, Experiment
 from scoring.strategy.epsilon import EpsilonGreedy
 from scoring.strategy.greedy import Greedy
 from streams.deadletter import Raw, Rejected
+from streams.learn import Bandit, StrategyReader
 from streams.validate import ContractDecoder
 
 Id = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
@@ -63,9 +65,18 @@ def request_decoder(max_bytes: int) -> ContractDecoder[AdRequestMsg]:
     return ContractDecoder("ad-requests", AdRequestMsg, ("ts",), _unique_candidates, max_bytes)
 
 
-def parse_policy(text: str) -> Strategy:
-    """``greedy`` or ``epsilon-greedy:EPS`` (the policies of this issue; bandits come later)."""
+Policy = Strategy | Bandit
+
+
+def parse_policy(text: str, settings: Settings | None = None) -> Policy:
+    """``greedy``, ``epsilon-greedy:EPS``, ``thompson[:M]`` or ``linucb[:ALPHA]``."""
     name, _, arg = text.strip().partition(":")
+    if name in ("thompson", "linucb"):
+        try:
+            return Bandit.parse(name, arg, settings or Settings())
+        except ValueError as exc:
+            msg = f"policy {text!r}: {exc}"
+            raise ValueError(msg) from None
     if name == "greedy":
         return Greedy()
     if name == "epsilon-greedy":
@@ -74,21 +85,40 @@ def parse_policy(text: str) -> Strategy:
         except ValueError as exc:
             msg = f"policy {text!r}: {exc}"
             raise ValueError(msg) from None
-    msg = f"unknown policy {text!r}: use greedy or epsilon-greedy:EPS"
+    msg = f"unknown policy {text!r}: use greedy, epsilon-greedy:EPS, thompson:M or linucb:ALPHA"
     raise ValueError(msg)
 
 
-def placement_policies(default: str, per_placement: str) -> Callable[[str], Strategy]:
-    """``"home=greedy;feed=epsilon-greedy:0.1"`` on top of a default, as a lookup."""
-    base = parse_policy(default)
-    table: dict[str, Strategy] = {}
+def placement_policies(
+    default: str, per_placement: str, settings: Settings | None = None
+) -> Callable[[str], Policy]:
+    """``"home=greedy;feed=thompson:20"`` on top of a default, as a lookup."""
+    base = parse_policy(default, settings)
+    table: dict[str, Policy] = {}
     for part in filter(None, (p.strip() for p in per_placement.split(";"))):
         placement, sep, policy = part.partition("=")
         if not sep:
             msg = f"placement policy {part!r}: expected PLACEMENT=POLICY"
             raise ValueError(msg)
-        table[placement.strip()] = parse_policy(policy)
+        table[placement.strip()] = parse_policy(policy, settings)
     return lambda placement: table.get(placement, base)
+
+
+def parse_experiment(text: str, settings: Settings) -> tuple[Experiment, list[Policy]] | None:
+    """``"NAME:KEY:control=greedy@0.5,treatment=thompson@0.5"`` -> experiment, arm policies."""
+    if not text.strip():
+        return None
+    name, key, arms_text = [*text.strip().split(":", 2), "", ""][:3]
+    arms: list[Arm] = []
+    for part in filter(None, (a.strip() for a in arms_text.split(","))):
+        arm, eq, rest = part.partition("=")
+        policy, at, share = rest.rpartition("@")
+        if not (eq and at and arm.strip() and name and key):
+            msg = f"experiment {text!r}: expected NAME:KEY:ARM=POLICY@SHARE,... (got {part!r})"
+            raise ValueError(msg)
+        arms.append(Arm(arm.strip(), float(share), policy.strip()))
+    exp = Experiment(name, key.encode(), tuple(arms))
+    return exp, [parse_policy(a.policy, settings) for a in arms]
 
 
 @dataclass
@@ -116,6 +146,7 @@ class DecideResult:
     spend_writes: list[tuple[bytes, int, bytes]] = field(default_factory=list)
     rejected: list[Rejected] = field(default_factory=list)
     by_policy: Counter[tuple[str, str]] = field(default_factory=Counter)  # (policy, placement)
+    by_arm: Counter[str] = field(default_factory=Counter)  # experiment arm -> decisions
     fallbacks: int = 0
     no_fill: int = 0
     rows_scored: int = 0
@@ -134,14 +165,20 @@ class _Pending:
 
 class DecideStage:
     def __init__(
-        self, settings: Settings, models: ServingModels, catalog: Callable[[], Catalog | None]
+        self,
+        settings: Settings,
+        models: ServingModels,
+        catalog: Callable[[], Catalog | None],
+        strategy: StrategyReader | None = None,
     ) -> None:
         self.s = settings
         self.models = models
         self.catalog = catalog
         self.params = InterestParams.from_settings(settings)
         self.spec = FeatureSpec.from_settings(settings)
-        self.policy_for = placement_policies(settings.policy, settings.placement_policies)
+        self.policy_for = placement_policies(settings.policy, settings.placement_policies, settings)
+        self.experiment = parse_experiment(settings.experiment, settings)
+        self.strategy = strategy or StrategyReader(lambda keys: [None] * len(keys))
         self.decoder = request_decoder(settings.max_event_bytes)
         self.rng = np.random.default_rng()
 
@@ -159,6 +196,7 @@ class DecideStage:
         catalog = self.catalog()
         if not good:
             return out
+        self.strategy.batch()  # learner state read at most once per ad per batch
         day = caps.day_of(now_ms)
         users = list(dict.fromkeys((r.user_id, raw.partition) for r, raw in good))
         keys = [u.encode() for u, _ in users]
@@ -192,6 +230,11 @@ class DecideStage:
         spend_delta: dict[tuple[int, str], float] = {}
         for p in pending:
             req, policy = p.req, self.policy_for(p.req.placement)
+            arm = None
+            if self.experiment is not None:
+                exp, arm_policies = self.experiment
+                i_arm = exp.arm_of(req.user_id)
+                arm, policy = exp.arms[i_arm].name, arm_policies[i_arm]
             got = None if scores is None else scores[p.start : p.start + len(p.rows)]
             if user_row[req.user_id] in touched_caps and catalog is not None:
                 # An earlier request of this user in this batch may have used up a cap.
@@ -204,6 +247,8 @@ class DecideStage:
                 "ts": now_ms, "request_ts": req.ts, "candidates": len(p.rows),
                 "model_version": model_version,
             }  # fmt: skip
+            if arm is not None:
+                decision["arm"] = arm
             if not len(p.rows) or catalog is None:
                 decision.update(ad_id=None, score=0.0, pctr=0.0, bid=0.0, propensity=1.0,
                                 policy=policy.name)  # fmt: skip
@@ -211,7 +256,14 @@ class DecideStage:
             else:
                 pctr, fell_back = self.models.fallback.guard(got, len(p.rows))
                 bids = catalog.index.bid[p.rows]
-                choice = policy.choose(pctr.astype(np.float64) * bids, self.rng)
+                if isinstance(policy, Bandit):
+                    states = self.strategy.states(
+                        [catalog.index.ad_ids[r] for r in p.rows.tolist()]
+                    )
+                    vector = vectors[user_row[req.user_id]]
+                    choice = policy.choose(pctr.astype(np.float64), bids, states, vector, self.rng)
+                else:
+                    choice = policy.choose(pctr.astype(np.float64) * bids, self.rng)
                 row = int(p.rows[choice.index])
                 name = self.models.fallback.policy if fell_back else policy.name
                 out.fallbacks += fell_back
@@ -227,6 +279,8 @@ class DecideStage:
                 k = (p.raw.partition, campaign)
                 spend_delta[k] = spend_delta.get(k, 0.0) + decision["score"]
             out.by_policy[(decision["policy"], req.placement)] += 1
+            if arm is not None:
+                out.by_arm[arm] += 1
             out.decisions.append((req.user_id.encode(), decision, p.raw.timestamp_ms))
         for u in touched_caps:
             out.cap_writes.append((keys[u], parts[u], caps.encode(cap_recs[u])))

@@ -26,7 +26,7 @@ from scoring.features import (
     encode_states,
 )
 from streams.deadletter import Raw, Rejected
-from streams.ingest import decode_events, to_columns
+from streams.ingest import UserEventMsg, decode_events, to_columns
 
 # (user keys, their partitions) -> stored values (None = new user)
 Loader = Callable[[Sequence[bytes], Sequence[int]], list[bytes | None]]
@@ -40,6 +40,7 @@ class BatchResult:
     rejected: list[Rejected] = field(default_factory=list)
     outcomes: Counter[tuple[str, str]] = field(default_factory=Counter)  # (kind, outcome)
     newest_ts: int = 0  # latest event time applied, for freshness
+    valid: list[tuple[UserEventMsg, Raw]] = field(default_factory=list)  # for the click join
 
 
 class InterestStage:
@@ -53,7 +54,7 @@ class InterestStage:
     def process(self, raws: Sequence[Raw], load: Loader, now_ms: int) -> BatchResult:
         s = self.settings
         good, rejected = decode_events(raws, now_ms, s.max_event_bytes, s.max_future_skew_ms)
-        result = BatchResult(rejected=rejected)
+        result = BatchResult(rejected=rejected, valid=good)
         if not good:
             return result
         users, batch = to_columns(good)

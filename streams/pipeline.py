@@ -5,6 +5,10 @@ user-events batch  -> validate + dedupe + decay (streams/interest.py)
 ad-requests batch  -> candidates, caps, budgets, one scoring run, strategy
                       (streams/decide.py) -> ad-decisions
 anything refused   -> dead-letters (streams/deadletter.py)
+ad-decisions batch -> click join: decisions x clicks/purchases (streams/join.py)
+  + clicks, buys      -> pending table; labels -> ctr-feedback
+ctr-feedback batch -> dedupe + Thompson/LinUCB/calibration (streams/learn.py)
+                   -> learn table + strategy GlobalTable (read by decide)
 timers             -> model registry poll (hot-swap), catalog refresh,
                       consumer lag and table sizes (streams/gauges.py)
 """
@@ -30,6 +34,8 @@ from streams.deadletter import Raw, Rejected, dead_letter
 from streams.decide import DecideStage, ServingModels
 from streams.gauges import SAMPLE_S, sample_consumer_lag, sample_table_keys
 from streams.interest import BatchResult, InterestStage
+from streams.join import JOIN_TICK_S, JoinStage
+from streams.learn import LearnStage, StrategyReader, learn_batch, read_global
 from streams.tablewriter import read_many, write_many
 
 if TYPE_CHECKING:
@@ -42,15 +48,30 @@ def wire(w: Wiring) -> None:
     interest = InterestStage(w.settings)
     models = load_models(w)
     catalog = CatalogCache(w.catalog, FeatureSpec.from_settings(w.settings), w.metrics)
-    decide = DecideStage(w.settings, models, catalog.get)
+    strategy = StrategyReader(lambda keys: read_global(w.strategy, keys))
+    decide = DecideStage(w.settings, models, catalog.get, strategy)
+    learn = LearnStage(w.settings)
+    join = JoinStage(w)
 
     @w.app.batch_topic(w.user_events)
     async def on_user_events(batch: Batch) -> Awaitable[Any]:
-        return await ingest(w, interest, batch)
+        return await ingest(w, interest, batch, join)
 
     @w.app.batch_topic(w.ad_requests)
     async def on_ad_requests(batch: Batch) -> Awaitable[Any]:
         return await decide_batch(w, decide, batch)
+
+    @w.app.batch_topic(w.ad_decisions)
+    async def on_ad_decisions(batch: Batch) -> Awaitable[Any]:
+        return await join_decisions(w, join, batch)
+
+    @w.app.timer(JOIN_TICK_S)
+    async def close_join_windows() -> None:
+        await join.tick()
+
+    @w.app.batch_topic(w.ctr_feedback)
+    async def on_ctr_feedback(batch: Batch) -> Awaitable[Any]:
+        return await learn_batch(w, learn, batch)
 
     @w.app.agent(w.ad_catalog)
     async def catalog_updates(stream: Any) -> None:
@@ -130,6 +151,8 @@ async def decide_batch(w: Wiring, stage: DecideStage, batch: Batch) -> Awaitable
     futures += await _dead_letter(w, result.rejected, now_ms, "ad-requests", "decide")
     for (policy, placement), n in result.by_policy.items():
         m.decisions.labels(policy, placement).inc(n)
+    for arm, n in result.by_arm.items():
+        m.arm_decisions.labels(w.settings.experiment.split(":", 1)[0], arm).inc(n)
     m.no_fill.inc(result.no_fill)
     m.fallbacks.inc(result.fallbacks)
     if result.rows_scored:
@@ -138,7 +161,22 @@ async def decide_batch(w: Wiring, stage: DecideStage, batch: Batch) -> Awaitable
     return asyncio.gather(*futures)
 
 
-async def ingest(w: Wiring, stage: InterestStage, batch: Batch) -> Awaitable[Any]:
+async def join_decisions(w: Wiring, join: JoinStage, batch: Batch) -> Awaitable[Any]:
+    """One batch of ad-decisions into the click join (labels sent before state is written)."""
+    now_ms = int(time.time() * 1000)
+    raws = [
+        Raw(r.value, r.key, tp.partition, r.offset, r.timestamp)
+        for tp, records in batch.items()
+        for r in records
+    ]
+    futures, rejected = await join.on_decisions(raws, now_ms)
+    futures += await _dead_letter(w, rejected, now_ms, "ad-decisions", "join")
+    return asyncio.gather(*futures)
+
+
+async def ingest(
+    w: Wiring, stage: InterestStage, batch: Batch, join: JoinStage | None = None
+) -> Awaitable[Any]:
     """One batch of user-events into RocksDB; returns what completes when changelogged.
 
     The batch is acked only once its changelog writes are acknowledged, so a
@@ -159,6 +197,8 @@ async def ingest(w: Wiring, stage: InterestStage, batch: Batch) -> Awaitable[Any
     result = stage.process(raws, load, now_ms)
     futures: list[Awaitable[Any]] = [*await _write_by_partition(w.interest, result.writes)]
     futures += await _dead_letter(w, result.rejected, now_ms, "user-events", "ingest")
+    if join is not None:
+        futures += await join.on_events(result.valid, now_ms)
     _count(w, result, len(raws), started, oldest_ms)
     return asyncio.gather(*futures)
 

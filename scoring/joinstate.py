@@ -1,0 +1,271 @@
+"""Decisions x clicks -> labels: the per-decision state machine of the join, pure.
+
+One record per decision id (``Pending``, msgpack, ~150 bytes) lives in the
+``pending`` table. A decision opens it; the first click inside
+``[decision_ts, decision_ts + window]`` labels it 1 at once; once the
+partition's event-time watermark passes the window end with no click, it is
+labelled 0. A purchase of the ad's item or category within the conversion
+window after the click adds a second record with ``converted: 1``. After that
+the record stays as an "emitted" marker (late clicks are recognised and
+counted, redeliveries change nothing) until its deadline plus a grace period,
+then it is deleted, so state is bounded by decision rate x (window + grace).
+
+Exactness without transactions, as in scoring/features.py: each record keeps
+the highest ad-decisions and user-events offsets applied to it (the topics are
+co-partitioned, so both offsets are of the same partition number); a
+redelivered message at or below them is skipped, so replaying a batch changes
+nothing and labels nothing.
+
+>>> p = JoinParams(window_ms=1000, conversion_ms=0, grace_ms=0)
+>>> state = {}
+>>> out = apply_batch(state, [Decision("d1", 0, "u", "ad", 100)], [], p)
+>>> out.labels
+[]
+>>> close_due(state, 1200, p).labels[0]["clicked"]
+0
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import msgspec
+
+# Status of a record.
+OPEN = 0  # decision seen, no label yet
+CLICKED = 1  # clicked=1 emitted; a purchase may still convert it
+ZERO = 2  # clicked=0 emitted
+CONVERTED = 3  # converted=1 emitted
+ORPHAN = 4  # a click came before its decision (the topics are not ordered together)
+
+
+@dataclass(frozen=True)
+class JoinParams:
+    window_ms: int = 1_800_000
+    conversion_ms: int = 86_400_000
+    grace_ms: int = 3_600_000
+
+    @classmethod
+    def from_settings(cls, s: Any) -> JoinParams:
+        return cls(
+            window_ms=int(s.attribution_window_s * 1000),
+            conversion_ms=int(s.conversion_window_s * 1000),
+            grace_ms=int(s.feedback_grace_s * 1000),
+        )
+
+
+class Pending(msgspec.Struct, array_like=True, gc=False):
+    """One decision's join state (the ``pending`` table value)."""
+
+    status: int
+    user_id: str
+    ad_id: str = ""
+    decision_ts: int = -1
+    propensity: float = 1.0
+    policy: str = ""
+    pctr: float = 0.0
+    model_version: str = ""
+    placement: str = ""
+    campaign_id: str = ""
+    category_id: int = -1
+    item_id: int = -1
+    arm: str = ""
+    click_ts: int = -1
+    dec_off: int = -1  # highest ad-decisions offset applied
+    ev_off: int = -1  # highest user-events offset applied
+
+
+_encode = msgspec.msgpack.Encoder().encode
+_decode = msgspec.msgpack.Decoder(Pending).decode
+
+
+def encode(rec: Pending) -> bytes:
+    return _encode(rec)
+
+
+def decode(value: bytes) -> Pending:
+    return _decode(value)
+
+
+@dataclass(frozen=True)
+class Decision:
+    decision_id: str
+    offset: int
+    user_id: str
+    ad_id: str
+    ts: int
+    propensity: float = 1.0
+    policy: str = "greedy"
+    pctr: float = 0.0
+    model_version: str = "unknown"
+    placement: str = ""
+    campaign_id: str = ""
+    category_id: int = -1
+    item_id: int = -1
+    arm: str = ""
+
+
+@dataclass(frozen=True)
+class Event:
+    """A click on an ad we served (decision_id set) or a purchase (decision_id empty)."""
+
+    offset: int
+    user_id: str
+    ts: int
+    decision_id: str = ""
+    item_id: int = -1
+    category_id: int = -1
+
+
+@dataclass
+class Step:
+    labels: list[dict[str, Any]] = field(default_factory=list)  # ctr-feedback records
+    changed: set[str] = field(default_factory=set)  # decision ids to write
+    deleted: set[str] = field(default_factory=set)  # decision ids to delete (tombstone)
+    late_clicks: int = 0
+    expired: int = 0
+
+
+def window_end(rec: Pending, p: JoinParams) -> int:
+    return rec.decision_ts + p.window_ms
+
+
+def deadline(rec: Pending, p: JoinParams) -> int:
+    """Event time after which the record is due: labelled 0 if OPEN, else deleted."""
+    if rec.status == OPEN:
+        return window_end(rec, p)
+    if rec.status == ORPHAN:
+        return rec.click_ts + p.window_ms + p.grace_ms
+    end = window_end(rec, p)
+    if rec.status == CLICKED:
+        end = max(end, rec.click_ts + p.conversion_ms)
+    return end + p.grace_ms
+
+
+def apply_batch(
+    state: dict[str, Pending | None],
+    decisions: Sequence[Decision],
+    events: Sequence[Event],
+    p: JoinParams,
+) -> Step:
+    """Apply one batch (one partition) to ``state`` in place; ``state`` holds every key touched.
+
+    Decisions go first, so a click in the same batch as its decision finds it.
+    Purchases match the records of their user's clicked decisions that are in
+    ``state`` (the caller loads them from its user index).
+    """
+    out = Step()
+    for d in decisions:
+        rec = state.get(d.decision_id)
+        if rec is not None and (rec.dec_off >= d.offset or rec.status != ORPHAN):
+            continue  # redelivered, or a duplicate decision id
+        orphan_click = rec.click_ts if rec is not None else -1
+        rec = Pending(
+            OPEN, d.user_id, d.ad_id, d.ts, d.propensity, d.policy, d.pctr, d.model_version,
+            d.placement, d.campaign_id, d.category_id, d.item_id, d.arm,
+            dec_off=d.offset, ev_off=rec.ev_off if rec is not None else -1,
+        )  # fmt: skip
+        state[d.decision_id] = rec
+        out.changed.add(d.decision_id)
+        if orphan_click >= 0:
+            _click(d.decision_id, rec, orphan_click, p, out)
+    by_user: dict[str, list[str]] = {}
+    for key, rec in state.items():
+        if rec is not None and rec.status == CLICKED:
+            by_user.setdefault(rec.user_id, []).append(key)
+    for ev in events:
+        if ev.decision_id:
+            rec = state.get(ev.decision_id)
+            if rec is None:
+                state[ev.decision_id] = Pending(
+                    ORPHAN, ev.user_id, click_ts=ev.ts, ev_off=ev.offset
+                )
+                out.changed.add(ev.decision_id)
+                continue
+            if rec.ev_off >= ev.offset:
+                continue
+            rec.ev_off = ev.offset
+            out.changed.add(ev.decision_id)
+            if rec.status == ORPHAN:
+                rec.click_ts = min(rec.click_ts, ev.ts)
+            elif _click(ev.decision_id, rec, ev.ts, p, out):
+                by_user.setdefault(rec.user_id, []).append(ev.decision_id)
+        else:
+            for key in by_user.get(ev.user_id, ()):
+                rec = state[key]
+                assert rec is not None
+                if rec.ev_off >= ev.offset or rec.status != CLICKED:
+                    continue
+                rec.ev_off = ev.offset
+                out.changed.add(key)
+                same = ev.item_id == rec.item_id >= 0 or ev.category_id == rec.category_id >= 0
+                if same and rec.click_ts <= ev.ts <= rec.click_ts + p.conversion_ms:
+                    rec.status = CONVERTED
+                    out.labels.append(label(key, rec, 1, rec.click_ts, "conversion", converted=1))
+    return out
+
+
+def _click(key: str, rec: Pending, ts: int, p: JoinParams, out: Step) -> bool:
+    """A click on an open or labelled decision; True when it labels it 1."""
+    if rec.status == OPEN and rec.decision_ts <= ts <= window_end(rec, p):
+        rec.status, rec.click_ts = CLICKED, ts
+        out.labels.append(label(key, rec, 1, ts, "click"))
+        return True
+    if rec.status in (ZERO, OPEN) and ts >= rec.decision_ts:
+        out.late_clicks += 1  # after the label, or stamped after the window: never emitted
+    return False
+
+
+def close_due(state: Mapping[str, Pending | None], watermark: int, p: JoinParams) -> Step:
+    """Records whose deadline the watermark has passed: OPEN -> clicked=0, others deleted.
+
+    Labelled records are updated in place; expired ones are listed in ``deleted``.
+    """
+    out = Step()
+    for key, rec in state.items():
+        if rec is None or watermark <= deadline(rec, p):
+            continue
+        if rec.status == OPEN:
+            rec.status = ZERO
+            out.changed.add(key)
+            out.labels.append(label(key, rec, 0, window_end(rec, p), "window_expired"))
+        else:
+            out.deleted.add(key)
+            out.expired += 1
+    return out
+
+
+def label(
+    key: str, rec: Pending, clicked: int, label_ts: int, reason: str, converted: int | None = None
+) -> dict[str, Any]:
+    """The ctr-feedback record (schemas/ctr-feedback.schema.json) for a labelled decision.
+
+    ``features.interest`` is empty: ad-decisions does not carry the vector the
+    model scored, so it cannot be snapshotted here (see README "Feedback labels").
+    """
+    hour = datetime.fromtimestamp(rec.decision_ts / 1000, tz=UTC).hour
+    features: dict[str, Any] = {"interest": [], "hour": hour, "pctr": rec.pctr}
+    if rec.placement:
+        features["placement"] = rec.placement
+    if rec.campaign_id:
+        features["campaign_id"] = rec.campaign_id
+    if rec.category_id >= 0:
+        features["category_id"] = rec.category_id
+    if rec.item_id >= 0:
+        features["item_id"] = rec.item_id
+    out: dict[str, Any] = {
+        "decision_id": key, "ad_id": rec.ad_id, "user_id": rec.user_id, "clicked": clicked,
+        "decision_ts": rec.decision_ts, "label_ts": label_ts, "features": features,
+        "propensity": rec.propensity, "policy": rec.policy, "pctr": rec.pctr,
+        "model_version": rec.model_version, "reason": reason,
+    }  # fmt: skip
+    if rec.arm:
+        out["arm"] = rec.arm
+    if clicked:
+        out["click_ts"] = rec.click_ts
+    if converted is not None:
+        out["converted"] = converted
+    return out

@@ -1,0 +1,240 @@
+"""ad-decisions x clicks (and purchases) -> ctr-feedback, partition-local.
+
+ad-decisions and user-events are both keyed by user id, so one worker sees a
+decision and its user's clicks. The state machine is scoring/joinstate.py; this
+module owns the I/O around it: the ``pending`` table (decision id -> record),
+an in-memory index per partition of each record's deadline and of the users
+with clicked decisions (for purchases), and the partition's watermark.
+
+Order of effects, per batch and per timer tick, under one lock: read records,
+apply, **send the labels and wait for their acks**, then write the records.
+A crash before the labels are acked replays the batch from the state before
+it: nothing lost. A crash after the acks but before the state is durable
+replays it too and sends the same labels again: that is the one duplicate
+window, and the learner dedupes by decision_id. Timer-driven labels (clicked=0)
+follow the same order.
+
+Index cost: built by scanning the partition's RocksDB once after each
+rebalance (O(records)); each tick then scans the index dict (O(records) dict
+reads, no RocksDB) to find due records and loads only those.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from scoring import joinstate as js
+from streams.deadletter import Raw, Rejected
+from streams.tablewriter import read_many, write_many
+
+if TYPE_CHECKING:
+    from streams.app import Wiring
+    from streams.ingest import UserEventMsg
+
+log = logging.getLogger(__name__)
+JOIN_TICK_S = 1.0
+
+
+class DecisionMsg(msgspec.Struct, gc=False):
+    """The fields of an ad-decisions record the join keeps (our own output: lenient)."""
+
+    request_id: str
+    user_id: str
+    ad_id: str | None
+    ts: int
+    pctr: float = 0.0
+    propensity: float = 1.0
+    policy: str = "unknown"
+    model_version: str = "unknown"
+    placement: str = ""
+    campaign_id: str = ""
+    arm: str = ""
+
+
+_decode_decision = msgspec.json.Decoder(DecisionMsg).decode
+
+
+class JoinStage:
+    def __init__(self, w: Wiring) -> None:
+        self.w = w
+        self.params = js.JoinParams.from_settings(w.settings)
+        self.idle_ms = int(w.settings.watermark_idle_s * 1000)
+        self.topic = w.settings.topic("ctr-feedback")
+        self.lock = asyncio.Lock()
+        self.due: dict[int, dict[str, int]] = {}  # partition -> decision id -> deadline
+        self.clicked: dict[int, dict[str, set[str]]] = {}  # partition -> user -> decision ids
+        self.watermark: dict[int, int] = {}
+        self.gen: int | None = None
+
+    # -- inputs --------------------------------------------------------------------------
+    async def on_decisions(
+        self, raws: Sequence[Raw], now_ms: int
+    ) -> tuple[list[Any], list[Rejected]]:
+        by_part: dict[int, list[js.Decision]] = {}
+        rejected: list[Rejected] = []
+        ads: dict[str, tuple[int, int]] = {}
+        for raw in raws:
+            try:
+                d = _decode_decision(raw.value or b"")
+            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                rejected.append(Rejected(raw, "schema", str(exc)[:300]))
+                continue
+            if d.ad_id is None:
+                continue  # no fill: nothing to label
+            cat, item = ads.get(d.ad_id) or ads.setdefault(d.ad_id, self._ad(d.ad_id))
+            dec = js.Decision(
+                d.request_id, raw.offset, d.user_id, d.ad_id, d.ts, d.propensity, d.policy,
+                d.pctr, d.model_version, d.placement, d.campaign_id, cat, item, d.arm,
+            )  # fmt: skip
+            by_part.setdefault(raw.partition, []).append(dec)
+        futures: list[Any] = []
+        for part, decisions in by_part.items():
+            futures += await self._apply(part, decisions, [], max(d.ts for d in decisions), now_ms)
+        return futures, rejected
+
+    async def on_events(self, good: Sequence[tuple[UserEventMsg, Raw]], now_ms: int) -> list[Any]:
+        """Clicks on served ads and purchases of a user-events batch (already validated)."""
+        by_part: dict[int, list[js.Event]] = {}
+        newest: dict[int, int] = {}
+        for ev, raw in good:
+            newest[raw.partition] = max(newest.get(raw.partition, 0), ev.ts)
+            if ev.kind == "click" and isinstance(ev.decision_id, str):
+                e = js.Event(raw.offset, ev.user_id, ev.ts, ev.decision_id)
+            elif ev.kind == "purchase":
+                e = js.Event(raw.offset, ev.user_id, ev.ts, "", ev.item_id, ev.category_id)
+            else:
+                continue
+            by_part.setdefault(raw.partition, []).append(e)
+        futures: list[Any] = []
+        for part, ts in newest.items():
+            futures += await self._apply(part, [], by_part.get(part, []), ts, now_ms)
+        return futures
+
+    async def tick(self) -> None:
+        """Advance quiet partitions' watermarks by wall clock; label and expire what is due."""
+        app = self.w.app
+        if getattr(app, "rebalancing", False) or getattr(app, "in_recovery", False):
+            return
+        topic = self.w.ad_decisions.get_topic_name()
+        now_ms = int(time.time() * 1000)
+        for tp in app.assignor.assigned_actives():
+            if tp.topic == topic:
+                await self._apply(tp.partition, [], [], 0, now_ms)
+
+    # -- the one path every change takes -------------------------------------------------------
+    async def _apply(
+        self,
+        part: int,
+        decisions: list[js.Decision],
+        events: list[js.Event],
+        newest_ts: int,
+        now_ms: int,
+    ) -> list[Any]:
+        async with self.lock:
+            due, users = self._index(part)
+            wm = max(self.watermark.get(part, 0), min(newest_ts, now_ms), now_ms - self.idle_ms)
+            self.watermark[part] = wm
+            keys = {d.decision_id for d in decisions} | {e.decision_id for e in events}
+            keys.discard("")
+            for e in events:
+                if not e.decision_id:
+                    keys |= users.get(e.user_id, set())
+            keys |= {k for k, t in due.items() if t < wm}
+            if not keys:
+                return []
+            ordered = sorted(keys)
+            values = read_many(self.w.pending, part, [k.encode() for k in ordered])
+            state = {k: js.decode(v) if v else None for k, v in zip(ordered, values, strict=True)}
+            step = js.apply_batch(state, decisions, events, self.params)
+            closed = js.close_due(state, wm, self.params)
+            labels = step.labels + closed.labels
+            if labels:  # acked before the state that records them is written (see above)
+                sends = [
+                    await self.w.app.producer.send(
+                        self.topic,
+                        lab["ad_id"].encode(),
+                        json.dumps(lab).encode(),
+                        None,
+                        None,
+                        None,
+                    )
+                    for lab in labels
+                ]
+                await asyncio.gather(*sends)
+            writes: list[tuple[bytes, bytes | None]] = []
+            for key in sorted(step.changed | closed.changed | closed.deleted):
+                rec, gone = state[key], key in closed.deleted
+                assert rec is not None
+                self._reindex(due, users, key, rec, gone)
+                writes.append((key.encode(), None if gone else js.encode(rec)))
+            self._count(labels, step.late_clicks, closed.expired, len(writes))
+            return await write_many(self.w.pending, part, writes)
+
+    def _index(self, part: int) -> tuple[dict[str, int], dict[str, set[str]]]:
+        gen = self.w.app.consumer_generation_id
+        if gen != self.gen:  # rebalanced: partitions may have been handled elsewhere meanwhile
+            self.due.clear()
+            self.clicked.clear()
+            self.gen = gen
+        if part not in self.due:
+            due: dict[str, int] = {}
+            users: dict[str, set[str]] = {}
+            db = self.w.pending.data._db_for_partition(part)
+            for k, v in db.items():
+                if k.startswith(b"__faust") or not isinstance(v, bytes):
+                    continue
+                try:
+                    self._reindex(due, users, k.decode(), js.decode(v), deleted=False)
+                except (msgspec.DecodeError, UnicodeDecodeError):
+                    continue
+            self.due[part], self.clicked[part] = due, users
+            log.info("join index of partition %d: %d pending records", part, len(due))
+        return self.due[part], self.clicked[part]
+
+    def _reindex(
+        self,
+        due: dict[str, int],
+        users: dict[str, set[str]],
+        key: str,
+        rec: js.Pending,
+        deleted: bool,
+    ) -> None:
+        if deleted:
+            due.pop(key, None)
+        else:
+            due[key] = js.deadline(rec, self.params)
+        if rec.status == js.CLICKED and not deleted:
+            users.setdefault(rec.user_id, set()).add(key)
+        elif rec.user_id in users:
+            users[rec.user_id].discard(key)
+            if not users[rec.user_id]:
+                del users[rec.user_id]
+
+    def _ad(self, ad_id: str) -> tuple[int, int]:
+        """(category_id, item_id) of an ad from the catalog, -1 where unknown."""
+        try:
+            value = self.w.catalog.data.get(ad_id.encode())
+            ad = json.loads(value) if value else {}
+        except (ValueError, KeyError):
+            ad = {}
+        return int(ad.get("category_id", -1)), int(ad.get("item_id", -1))
+
+    def _count(self, labels: list[dict[str, Any]], late: int, expired: int, writes: int) -> None:
+        m = self.w.metrics
+        for lab in labels:
+            outcome = (
+                "converted" if "converted" in lab else ("clicked" if lab["clicked"] else "zero")
+            )
+            m.join_labels.labels(outcome).inc()
+        if late:
+            m.late_clicks.inc(late)
+            log.info("%d late click(s) after their decision's label: counted, not emitted", late)
+        m.pending_expired.inc(expired)
+        m.table_writes.labels("pending").inc(writes)

@@ -1,0 +1,371 @@
+"""ctr-feedback -> strategy state: labels folded into the learners the bandit policies read.
+
+Where the state lives. ctr-feedback is keyed by ad_id, so an ad's labels all
+reach the one worker that owns that ad's partition: the single writer of the
+ad's state. Decisions for that ad, though, happen on every worker (requests are
+partitioned by user). So each batch's new records go to two tables, in one call:
+
+* ``learn`` (partitioned, like ``interest``): the learner's own copy, restored
+  by Faust's active recovery before this worker handles a label, so the applied
+  offset it holds is never stale when it is read;
+* ``strategy`` (a GlobalTable): the same bytes, broadcast through its changelog,
+  which every worker replays as a standby; the decision stage reads it. A label
+  reaches other workers' decisions one changelog round trip after its batch
+  (milliseconds on the embedded broker, well inside a second).
+
+The learner never reads ``strategy``: a global table's standby replay also
+re-applies this worker's own older records for a moment, harmless for a reader
+that only needs "current within a second", fatal for read-modify-write.
+
+One record per ad (:class:`AdState`, msgpack): the highest ctr-feedback offset
+applied (a redelivered batch changes nothing), a ring of the fingerprints of the
+last ``ADPULSE_LEARN_DEDUPE_IDS`` decision ids (a label the joiner re-emits
+after a crash, at a new offset, changes nothing while it is in the ring), the
+ad's Thompson counts, its counts per segment, and its LinUCB state. A segment
+is the user's dominant interest dimension, argmax of the interest vector
+(:func:`segment_of`, at most ``ADPULSE_DIM`` per ad): ctr-feedback carries the
+vector the decision saw but not the user's top categories, and the decision
+stage computes the same function of the same vector. Calibration counts are
+additive, so each partition keeps its own shard (key ``\\0calibration|P``) and a
+reader sums the shards: one logical record, one writer per shard.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections import Counter, defaultdict
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Annotated, Any, Literal
+
+import msgspec
+import numpy as np
+import numpy.typing as npt
+
+from adpulse.settings import Settings
+from scoring.features import fingerprint
+from scoring.featurespec import user_features
+from scoring.strategy import Choice
+from scoring.strategy.calibration import CalibrationParams, CalibrationState, Calibrator
+from scoring.strategy.linucb import LinUCB, LinUCBParams
+from scoring.strategy.thompson import STATS_DTYPE, ThompsonParams, ThompsonSampling, backoff
+from streams.deadletter import Raw, Rejected, dead_letter
+from streams.tablewriter import read_many, write_many
+from streams.validate import ContractDecoder
+
+if TYPE_CHECKING:
+    from streams.app import Wiring
+
+UNSET = msgspec.UNSET
+Id = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+Ms = Annotated[int, msgspec.Meta(ge=0, le=253_402_300_799_999)]
+Flag = Literal[0, 1]
+Prob = Annotated[float, msgspec.Meta(ge=0, le=1)]
+Placement = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=r"^[a-z0-9_.-]+\Z")]
+Big = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
+OUTCOMES = ("applied", "redelivered", "duplicate")
+FEEDBACK_MAX_BYTES = 64 * 1024  # an interest vector may have up to 1024 numbers
+
+
+class FeaturesMsg(msgspec.Struct, forbid_unknown_fields=True, gc=False):
+    interest: Annotated[list[float], msgspec.Meta(max_length=1024)]
+    placement: Placement | msgspec.UnsetType = UNSET
+    device: Literal["mobile", "desktop", "tablet", "tv", "other"] | msgspec.UnsetType = UNSET
+    hour: Annotated[int, msgspec.Meta(ge=0, le=23)] | msgspec.UnsetType = UNSET
+    category_id: Big | msgspec.UnsetType = UNSET
+    campaign_id: Id | msgspec.UnsetType = UNSET
+    item_id: Big | msgspec.UnsetType = UNSET
+    pctr: Prob | msgspec.UnsetType = UNSET
+
+
+class FeedbackMsg(msgspec.Struct, forbid_unknown_fields=True, gc=False):
+    """schemas/ctr-feedback.schema.json as a msgspec Struct (fast path)."""
+
+    decision_id: Id
+    ad_id: Id
+    user_id: Id
+    clicked: Flag
+    decision_ts: Ms
+    label_ts: Ms
+    features: FeaturesMsg
+    propensity: Annotated[float, msgspec.Meta(gt=0, le=1)]
+    converted: Flag | msgspec.UnsetType = UNSET
+    policy: Name | msgspec.UnsetType = UNSET
+    pctr: Prob | msgspec.UnsetType = UNSET
+    model_version: Id | msgspec.UnsetType = UNSET
+    arm: Name | msgspec.UnsetType = UNSET
+    click_ts: Ms | msgspec.UnsetType = UNSET
+    reason: Annotated[str, msgspec.Meta(max_length=256)] | msgspec.UnsetType = UNSET
+
+
+def feedback_decoder() -> ContractDecoder[FeedbackMsg]:
+    ints = ("clicked", "decision_ts", "label_ts", "converted", "click_ts")
+    return ContractDecoder("ctr-feedback", FeedbackMsg, ints, None, FEEDBACK_MAX_BYTES)
+
+
+class AdState(msgspec.Struct, array_like=True, omit_defaults=True):
+    """One ad's learner state: what the decision stage reads and the dedupe guarding it."""
+
+    offset: int = -1  # highest ctr-feedback offset applied (the ad's partition)
+    ring: list[int] = []  # fingerprints of the last decision ids applied, oldest first
+    shows: float = 0.0  # Thompson counts, pooled over segments
+    clicks: float = 0.0
+    segments: dict[int, tuple[float, float]] = {}  # segment -> (shows, clicks)
+    linucb: bytes = b""  # LinUCB state_dtype record; empty until a label with a context
+
+
+class CalibrationShard(msgspec.Struct, array_like=True):
+    offset: int = -1
+    state: bytes = b""
+
+
+_encode = msgspec.msgpack.Encoder().encode
+_decode_ad = msgspec.msgpack.Decoder(AdState).decode
+_decode_cal = msgspec.msgpack.Decoder(CalibrationShard).decode
+
+
+def decode_ad(raw: bytes | None) -> AdState:
+    return AdState() if raw is None else _decode_ad(raw)
+
+
+def calibration_key(partition: int) -> bytes:
+    """Key of one partition's calibration shard (NUL-prefixed: no ad id collides)."""
+    return b"\x00calibration|%d" % partition
+
+
+def segment_of(vector: npt.ArrayLike | None) -> int | None:
+    """The user's dominant interest dimension, or None for no (or an all-zero) vector."""
+    if vector is None:
+        return None
+    v = np.asarray(vector, dtype=np.float64)
+    if v.size == 0 or not np.any(v):
+        return None
+    return int(np.argmax(v))
+
+
+Loader = Callable[[Sequence[bytes], Sequence[int]], list[bytes | None]]
+
+
+@dataclass
+class LearnResult:
+    writes: list[tuple[bytes, int, bytes]] = field(default_factory=list)  # key, partition, value
+    rejected: list[Rejected] = field(default_factory=list)
+    outcomes: Counter[str] = field(default_factory=Counter)  # OUTCOMES
+
+
+class LearnStage:
+    """Folds a batch of ctr-feedback into per-ad Thompson/LinUCB state and calibration shards."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.s = settings
+        self.decoder = feedback_decoder()
+        self.thompson = ThompsonSampling(ThompsonParams())
+        self.linucb = LinUCB(LinUCBParams(dim=settings.dim, ridge=settings.linucb_ridge))
+        self.calibrator = Calibrator(CalibrationParams())
+
+    def process(self, raws: Sequence[Raw], load: Loader) -> LearnResult:
+        good, rejected = self.decoder.split(raws)
+        out = LearnResult(rejected=rejected)
+        by_ad: dict[tuple[str, int], list[tuple[FeedbackMsg, Raw]]] = defaultdict(list)
+        for msg, raw in good:
+            by_ad[(msg.ad_id, raw.partition)].append((msg, raw))
+        if not by_ad:
+            return out
+        ads = list(by_ad)
+        parts = sorted({p for _, p in ads})
+        stored = load([a.encode() for a, _ in ads] + [calibration_key(p) for p in parts],
+                      [p for _, p in ads] + parts)  # fmt: skip
+        shards = {p: _decode_cal(v) if v else CalibrationShard() for p, v in
+                  zip(parts, stored[len(ads) :], strict=True)}  # fmt: skip
+        cal_in: dict[int, list[tuple[float, int]]] = defaultdict(list)
+        for (ad_id, part), raw_state in zip(ads, stored[: len(ads)], strict=True):
+            labels = sorted(by_ad[(ad_id, part)], key=lambda mr: mr[1].offset)
+            state = decode_ad(raw_state)
+            applied = self._apply(state, labels, out.outcomes)
+            shard = shards[part]
+            for m, r in applied:
+                pctr = _pctr(m)
+                if pctr is not None and r.offset > shard.offset:
+                    cal_in[part].append((pctr, m.clicked))
+            out.writes.append((ad_id.encode(), part, _encode(state)))
+        for p, shard in shards.items():
+            new_offset = max(r.offset for (_, q), ms in by_ad.items() if q == p for _, r in ms)
+            if cal_in[p]:
+                cal = (CalibrationState.from_bytes(shard.state) if shard.state
+                       else self.calibrator.empty())  # fmt: skip
+                pc, y = zip(*cal_in[p], strict=True)
+                shard.state = self.calibrator.update(cal, np.array(pc), np.array(y)).to_bytes()
+            shard.offset = max(shard.offset, new_offset)
+            out.writes.append((calibration_key(p), p, _encode(shard)))
+        return out
+
+    def _apply(
+        self, state: AdState, labels: list[tuple[FeedbackMsg, Raw]], outcomes: Counter[str]
+    ) -> list[tuple[FeedbackMsg, Raw]]:
+        """Fold one ad's labels (in offset order) into its state; returns those applied."""
+        ring, seen = list(state.ring), set(state.ring)
+        applied: list[tuple[FeedbackMsg, Raw]] = []
+        for m, r in labels:
+            fp = fingerprint(m.decision_id)
+            if r.offset <= state.offset:
+                outcomes["redelivered"] += 1
+                continue
+            state.offset = r.offset
+            if fp in seen:
+                outcomes["duplicate"] += 1
+                continue
+            ring.append(fp)
+            seen.add(fp)
+            applied.append((m, r))
+            outcomes["applied"] += 1
+        state.ring = ring[-self.s.learn_dedupe_ids :]
+        if not applied:
+            return applied
+        clicks = [m.clicked for m, _ in applied]
+        state.shows += len(applied)
+        state.clicks += sum(clicks)
+        segments = dict(state.segments)
+        ctx: list[np.ndarray] = []
+        rewards: list[float] = []
+        for m, _ in applied:
+            vec = m.features.interest
+            seg = segment_of(vec)
+            if seg is not None:
+                n, c = segments.get(seg, (0.0, 0.0))
+                segments[seg] = (n + 1.0, c + m.clicked)
+            if len(vec) == self.s.dim and seg is not None:  # LinUCB needs a context
+                ctx.append(user_features(vec, self.s.dim)[0])
+                rewards.append(float(m.clicked))
+        state.segments = segments
+        if ctx:
+            lin = self.linucb.decode([state.linucb or None])
+            lin = self.linucb.update(lin, np.zeros(len(ctx), np.intp), np.stack(ctx), rewards)
+            state.linucb = LinUCB.encode(lin)[0]
+        return applied
+
+
+def _pctr(m: FeedbackMsg) -> float | None:
+    if m.features.pctr is not UNSET:
+        return float(m.features.pctr)
+    return None if m.pctr is UNSET else float(m.pctr)
+
+
+# -- the decision side ---------------------------------------------------------------------
+@dataclass
+class Bandit:
+    """A placement's bandit policy: ``thompson[:M]`` or ``linucb[:ALPHA]``, fed by ``strategy``."""
+
+    kind: Literal["thompson", "linucb"]
+    thompson: ThompsonSampling | None = None
+    linucb: LinUCB | None = None
+
+    @property
+    def name(self) -> str:
+        learner = self.thompson if self.kind == "thompson" else self.linucb
+        assert learner is not None
+        return learner.name
+
+    @classmethod
+    def parse(cls, name: str, arg: str, s: Settings) -> Bandit:
+        if name == "thompson":
+            m = float(arg) if arg else s.thompson_prior_strength
+            params = ThompsonParams(m, s.thompson_draws, 1.0, s.thompson_min_segment_shows)
+            return cls("thompson", thompson=ThompsonSampling(params))
+        alpha = float(arg) if arg else s.linucb_alpha
+        return cls("linucb", linucb=LinUCB(LinUCBParams(s.dim, alpha, s.linucb_ridge)))
+
+    def choose(
+        self,
+        pctr: npt.NDArray[np.float64],
+        bids: npt.NDArray[np.float64],
+        states: Sequence[AdState],
+        vector: npt.NDArray[np.float32] | None,
+        rng: np.random.Generator,
+    ) -> Choice:
+        """Thompson: model pCTR as prior mean, the (ad, segment) or ad counts as evidence;
+        LinUCB: UCB over the normalised interest vector, times the bid."""
+        if self.thompson is not None:
+            seg = segment_of(vector)
+            ad = np.array([(st.shows, st.clicks) for st in states], dtype=STATS_DTYPE)
+            by_seg = np.array([st.segments.get(seg, (0.0, 0.0)) if seg is not None else (0.0, 0.0)
+                               for st in states], dtype=STATS_DTYPE)  # fmt: skip
+            stats = backoff(ad, by_seg, self.thompson.params.min_segment_shows)
+            return self.thompson.choose(pctr, bids, stats, rng)
+        assert self.linucb is not None
+        lin = self.linucb.decode([st.linucb or None for st in states])
+        x = user_features(vector, self.linucb.params.dim)[0]
+        return self.linucb.choose(x, lin, rng, bids)
+
+
+class StrategyReader:
+    """Decoded AdStates for the decision stage; a fresh cache per batch (:meth:`batch`)."""
+
+    def __init__(self, read: Callable[[Sequence[bytes]], list[bytes | None]]) -> None:
+        self.read = read
+        self.cache: dict[str, AdState] = {}
+
+    def batch(self) -> None:
+        self.cache = {}
+
+    def states(self, ad_ids: Sequence[str]) -> list[AdState]:
+        missing = [a for a in dict.fromkeys(ad_ids) if a not in self.cache]
+        if missing:
+            for a, raw in zip(missing, self.read([a.encode() for a in missing]), strict=True):
+                self.cache[a] = decode_ad(raw)
+        return [self.cache[a] for a in ad_ids]
+
+
+def read_global(table: Any, keys: Sequence[bytes]) -> list[bytes | None]:
+    """Values of a GlobalTable's keys, whichever changelog partition wrote them."""
+    out: list[bytes | None] = [None] * len(keys)
+    for db in list(table.data._dbs.values()):
+        if all(v is not None for v in out):
+            break
+        for i, v in enumerate(db[list(keys)]):
+            if v is not None and out[i] is None:
+                out[i] = v
+    return out
+
+
+# -- the Faust adapter ---------------------------------------------------------------------
+async def learn_batch(w: Wiring, stage: LearnStage, batch: Any) -> Awaitable[Any]:
+    """One batch of ctr-feedback: writes to ``learn`` and ``strategy`` (the same bytes)."""
+    now_ms = int(time.time() * 1000)
+    raws = [
+        Raw(r.value, r.key, tp.partition, r.offset, r.timestamp)
+        for tp, records in batch.items()
+        for r in records
+    ]
+
+    def load(keys: Sequence[bytes], parts: Sequence[int]) -> list[bytes | None]:
+        by_part: dict[int, list[int]] = defaultdict(list)
+        for i, p in enumerate(parts):
+            by_part[p].append(i)
+        got: list[bytes | None] = [None] * len(keys)
+        for p, idx in by_part.items():
+            for i, v in zip(idx, read_many(w.learn, p, [keys[i] for i in idx]), strict=True):
+                got[i] = v
+        return got
+
+    result = stage.process(raws, load)
+    by_part: dict[int, list[tuple[bytes, bytes | None]]] = defaultdict(list)
+    for key, part, value in result.writes:
+        by_part[part].append((key, value))
+    futures: list[Awaitable[Any]] = []
+    for part, items in by_part.items():
+        futures += await write_many(w.learn, part, items)
+        futures += await write_many(w.strategy, part, items)
+    if result.writes:
+        w.strategy.version += 1
+    topic = w.settings.topic("ctr-feedback")
+    for rej in result.rejected:
+        letter = dead_letter(rej, topic, now_ms, stage="learn")
+        futures.append(await w.dead_letters.send(value=json.dumps(letter).encode()))
+        w.metrics.dead_letters.labels(topic, rej.reason).inc()
+    for outcome, n in result.outcomes.items():
+        w.metrics.feedback_labels.labels(outcome).inc(n)
+    w.metrics.table_writes.labels("learn").inc(len(result.writes))
+    return asyncio.gather(*futures)

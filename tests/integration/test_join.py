@@ -1,0 +1,145 @@
+"""The click join end to end: real broker, real worker, decisions and clicks in, labels out.
+
+Decisions are produced straight to ad-decisions (the test plays the decide
+stage) with a 2 s attribution window and a 1 s idle watermark, so every window
+closes within seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+
+from adpulse.settings import Settings
+from adpulse.topics import create_topics
+from adpulse.workerproc import WorkerProcess
+from schemas import first_error
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(autouse=True)
+def short_windows(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ADPULSE_ATTRIBUTION_WINDOW_S", "2")
+    monkeypatch.setenv("ADPULSE_WATERMARK_IDLE_S", "1")
+
+
+class Feedback:
+    """ctr-feedback records by decision_id (lists, so duplicates show)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.consumer = KafkaConsumer(
+            bootstrap_servers=settings.bootstrap, enable_auto_commit=False, fetch_max_wait_ms=50
+        )
+        topic = settings.topic("ctr-feedback")
+        tps = [TopicPartition(topic, p) for p in range(settings.partitions)]
+        self.consumer.assign(tps)
+        self.consumer.seek_to_beginning(*tps)
+        self.by_id: dict[str, list[dict[str, Any]]] = defaultdict(list)
+
+    def poll(self, seconds: float) -> None:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            for batch in self.consumer.poll(timeout_ms=100).values():
+                for r in batch:
+                    rec = json.loads(r.value)
+                    assert r.key == rec["ad_id"].encode()
+                    self.by_id[rec["decision_id"]].append(rec)
+
+    def wait(self, ids: list[str], timeout: float) -> None:
+        end = time.monotonic() + timeout
+        while any(i not in self.by_id for i in ids):
+            assert time.monotonic() < end, f"no label for {[i for i in ids if i not in self.by_id]}"
+            self.poll(0.2)
+
+
+class Feed:
+    def __init__(self, settings: Settings) -> None:
+        self.s = settings
+        self.producer = KafkaProducer(bootstrap_servers=settings.bootstrap, linger_ms=2, acks=1)
+
+    def decisions(self, ids: list[str], ts: int) -> None:
+        for i, did in enumerate(ids):
+            d = {"request_id": did, "user_id": f"u{i % 7}", "ad_id": f"ad{i % 3}", "score": 0.1,
+                 "pctr": 0.05, "bid": 2.0, "propensity": 0.9, "policy": "greedy",
+                 "model_version": "v1", "ts": ts, "latency_ms": 1.0,
+                 "placement": "home"}  # fmt: skip
+            self._send("ad-decisions", d["user_id"], d)
+        self.producer.flush()
+
+    def clicks(self, ids: list[str], all_ids: list[str], ts: int, tag: str) -> None:
+        for did in ids:
+            i = all_ids.index(did)
+            e = {"event_id": f"{tag}-{did}", "user_id": f"u{i % 7}", "kind": "click",
+                 "item_id": 1, "category_id": 2, "ts": ts, "ad_id": f"ad{i % 3}",
+                 "decision_id": did}  # fmt: skip
+            self._send("user-events", e["user_id"], e)
+        self.producer.flush()
+
+    def _send(self, topic: str, key: str, value: dict[str, Any]) -> None:
+        self.producer.send(self.s.topic(topic), key=key.encode(), value=json.dumps(value).encode())
+
+
+def late_clicks(worker: WorkerProcess) -> float:
+    _, text = worker.get("/metrics")
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in str(text).splitlines()
+        if line.startswith("adpulse_late_clicks_total ")
+    )
+
+
+@pytest.fixture
+def worker(settings: Settings, tmp_path: Path) -> Iterator[WorkerProcess]:
+    create_topics(settings)
+    w = WorkerProcess(settings, tmp_path)
+    yield w.start()
+    w.stop()
+
+
+def test_each_decision_gets_one_label_clicks_one_late_clicks_counted_not_emitted(
+    worker: WorkerProcess, settings: Settings
+) -> None:
+    ids = [f"d{i}" for i in range(40)]
+    feed, fb = Feed(settings), Feedback(settings)
+    now = int(time.time() * 1000)
+    feed.decisions(ids, now)
+    feed.clicks(ids[:20], ids, now + 500, "c")
+    fb.wait(ids, timeout=30)
+    assert all(first_error("ctr-feedback", r[0]) is None for r in fb.by_id.values())
+    assert {i: fb.by_id[i][0]["clicked"] for i in ids} == {i: int(i in ids[:20]) for i in ids}
+    # A burst of clicks after the zero labels (and repeats of the counted ones): no new labels.
+    feed.clicks(ids[20:], ids, now + 1500, "late")
+    feed.clicks(ids[:20], ids, now + 1600, "again")
+    worker.wait_until(lambda: late_clicks(worker) == 20, 20, "20 late clicks counted")
+    fb.poll(2.0)
+    assert {i: len(fb.by_id[i]) for i in ids} == dict.fromkeys(ids, 1)
+
+
+def test_worker_killed_during_the_window_labels_each_decision_once_after_restart(
+    settings: Settings, tmp_path: Path
+) -> None:
+    create_topics(settings)
+    worker = WorkerProcess(settings, tmp_path).start()
+    ids = [f"k{i}" for i in range(60)]
+    feed, fb = Feed(settings), Feedback(settings)
+    now = int(time.time() * 1000)
+    feed.decisions(ids, now)
+    feed.clicks(ids[:30:2], ids, now + 300, "c")
+    time.sleep(0.5)
+    worker.kill()
+    again = WorkerProcess(settings, tmp_path, name="restarted").start()
+    try:
+        fb.wait(ids, timeout=40)
+        fb.poll(2.0)
+    finally:
+        again.stop()
+    assert {i: len(fb.by_id[i]) for i in ids} == dict.fromkeys(ids, 1)
+    assert {i: fb.by_id[i][0]["clicked"] for i in ids} == {i: int(i in ids[:30:2]) for i in ids}

@@ -1,0 +1,172 @@
+"""The learn stage without a broker: labels -> per-ad state; redeliveries, re-emissions ignored."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import msgspec
+import numpy as np
+import pytest
+
+from adpulse.settings import Settings
+from schemas import first_error
+from scoring.strategy.calibration import CalibrationState
+from streams.deadletter import Raw
+from streams.decide import parse_experiment, parse_policy, placement_policies
+from streams.learn import (
+    AdState,
+    Bandit,
+    CalibrationShard,
+    LearnStage,
+    StrategyReader,
+    calibration_key,
+    decode_ad,
+    segment_of,
+)
+
+DIM = 4
+SETTINGS = Settings(dim=DIM)
+
+
+class Store:
+    """The learn table in memory: (key, partition) -> value."""
+
+    def __init__(self) -> None:
+        self.data: dict[tuple[bytes, int], bytes] = {}
+
+    def load(self, keys: Sequence[bytes], parts: Sequence[int]) -> list[bytes | None]:
+        return [self.data.get((k, p)) for k, p in zip(keys, parts, strict=True)]
+
+    def run(self, stage: LearnStage, raws: list[Raw]) -> Any:
+        result = stage.process(raws, self.load)
+        for key, part, value in result.writes:
+            self.data[(key, part)] = value
+        return result
+
+    def ad(self, ad_id: str, part: int = 0) -> AdState:
+        return decode_ad(self.data.get((ad_id.encode(), part)))
+
+
+def label(decision: str, ad: str, clicked: int, interest: list[float]) -> dict[str, Any]:
+    body = {"decision_id": decision, "ad_id": ad, "user_id": "u1", "clicked": clicked,
+            "decision_ts": 1_700_000_000_000, "label_ts": 1_700_000_001_000,
+            "features": {"interest": interest, "pctr": 0.05}, "propensity": 0.5}  # fmt: skip
+    assert first_error("ctr-feedback", body) is None, first_error("ctr-feedback", body)
+    return body
+
+
+def raws(bodies: list[dict[str, Any]], first_offset: int = 0, part: int = 0) -> list[Raw]:
+    return [Raw(json.dumps(b).encode(), b["ad_id"].encode(), part, first_offset + i, 0)
+            for i, b in enumerate(bodies)]  # fmt: skip
+
+
+def test_a_batch_of_labels_becomes_per_ad_and_per_segment_counts() -> None:
+    store, stage = Store(), LearnStage(SETTINGS)
+    bodies = [label(f"d{i}", "a", int(i < 3), [0.0, 1.0, 0.2, 0.0]) for i in range(5)]
+    bodies += [label("d5", "b", 0, []), label("d6", "b", 1, [0.9, 0.1, 0.0, 0.0])]
+    result = store.run(stage, raws(bodies))
+    assert result.outcomes == {"applied": 7}
+    a, b = store.ad("a"), store.ad("b")
+    assert (a.shows, a.clicks, a.offset) == (5.0, 3.0, 4)
+    assert a.segments == {1: (5.0, 3.0)}
+    assert (b.shows, b.clicks) == (2.0, 1.0) and b.segments == {0: (1.0, 1.0)}
+    # LinUCB learnt from the labels with a context only (b's empty vector is skipped).
+    lin = stage.linucb.decode([a.linucb, b.linucb])
+    assert lin["n"].tolist() == [5, 1]
+    # The partition's calibration shard counted all seven predictions.
+    raw = store.data[(calibration_key(0), 0)]
+    shard = msgspec.msgpack.decode(raw, type=CalibrationShard)
+    cal = CalibrationState.from_bytes(shard.state)
+    assert cal.n.sum() == 7 and cal.clicks.sum() == 4 and shard.offset == 6
+
+
+def test_a_redelivered_batch_changes_nothing() -> None:
+    store, stage = Store(), LearnStage(SETTINGS)
+    batch = raws([label(f"d{i}", "a", i % 2, [1.0, 0, 0, 0]) for i in range(4)])
+    store.run(stage, batch)
+    before = dict(store.data)
+    again = store.run(stage, batch)
+    assert again.outcomes == {"redelivered": 4}
+    assert store.ad("a") == decode_ad(before[(b"a", 0)])
+    assert store.data[(calibration_key(0), 0)] == before[(calibration_key(0), 0)]
+
+
+def test_a_label_re_emitted_at_a_new_offset_counts_once() -> None:
+    store, stage = Store(), LearnStage(SETTINGS)
+    store.run(stage, raws([label("d1", "a", 1, [1.0, 0, 0, 0])]))
+    v = [1.0, 0, 0, 0]
+    again = [label("d1", "a", 1, v), label("d2", "a", 0, v), label("d2", "a", 0, v)]
+    result = store.run(stage, raws(again, first_offset=1))
+    assert result.outcomes == {"duplicate": 2, "applied": 1}
+    a = store.ad("a")
+    assert (a.shows, a.clicks, a.offset) == (2.0, 1.0, 3)
+
+
+def test_the_dedupe_ring_is_bounded() -> None:
+    store, stage = Store(), LearnStage(SETTINGS.with_(learn_dedupe_ids=3))
+    store.run(stage, raws([label(f"d{i}", "a", 0, []) for i in range(10)]))
+    assert len(store.ad("a").ring) == 3
+
+
+def test_invalid_feedback_is_rejected_and_neighbours_applied() -> None:
+    store, stage = Store(), LearnStage(SETTINGS)
+    good = raws([label("d1", "a", 1, [])])[0]
+    bad = Raw(b'{"decision_id": "x"}', b"a", 0, 1, 0)
+    result = store.run(stage, [good, bad])
+    assert [r.reason for r in result.rejected] == ["schema"] and result.outcomes == {"applied": 1}
+
+
+def test_segment_is_the_dominant_interest_dimension() -> None:
+    assert segment_of(None) is None and segment_of([]) is None and segment_of([0.0, 0.0]) is None
+    assert segment_of([0.1, -0.5, 0.7]) == 2
+
+
+def test_thompson_and_linucb_parse_per_placement() -> None:
+    lookup = placement_policies("greedy", "feed=thompson:5;side=linucb:0.5", SETTINGS)
+    feed, side = lookup("feed"), lookup("side")
+    assert isinstance(feed, Bandit) and feed.name == "thompson(m=5)"
+    assert isinstance(side, Bandit) and side.name.startswith("linucb(alpha=0.5")
+    assert lookup("home").name == "greedy"
+    with pytest.raises(ValueError, match="thompson"):
+        parse_policy("thompson:-1", SETTINGS)
+
+
+def test_thompson_follows_the_labels_over_the_model_prior() -> None:
+    policy = parse_policy("thompson:20", SETTINGS)
+    assert isinstance(policy, Bandit)
+    clicked = AdState(shows=200.0, clicks=120.0)
+    states = [AdState(shows=200.0), clicked, AdState(shows=200.0)]
+    rng = np.random.default_rng(0)
+    picks = [policy.choose(np.full(3, 0.05), np.ones(3), states, None, rng) for _ in range(50)]
+    assert all(c.index == 1 and 0 < c.propensity <= 1 for c in picks)
+
+
+def test_strategy_reader_reads_each_ad_once_per_batch() -> None:
+    reads: list[list[bytes]] = []
+
+    def read(keys: Sequence[bytes]) -> list[bytes | None]:
+        reads.append(list(keys))
+        return [None] * len(keys)
+
+    reader = StrategyReader(read)
+    reader.batch()
+    reader.states(["a", "b"])
+    reader.states(["b", "a", "c"])
+    assert reads == [[b"a", b"b"], [b"c"]]
+
+
+def test_experiment_arms_are_stable_and_carry_their_policies() -> None:
+    parsed = parse_experiment("exp1:secret:control=greedy@0.5,treatment=thompson:10@0.5", SETTINGS)
+    assert parsed is not None
+    exp, policies = parsed
+    assert [a.name for a in exp.arms] == ["control", "treatment"]
+    assert policies[0].name == "greedy" and policies[1].name == "thompson(m=10)"
+    again, _ = parse_experiment("exp1:secret:control=greedy@0.5,treatment=thompson@0.5", SETTINGS)  # type: ignore[misc]
+    arms = [exp.arm_of(f"user{i}") for i in range(1000)]
+    assert arms == [again.arm_of(f"user{i}") for i in range(1000)]
+    assert 400 < sum(arms) < 600
+    assert parse_experiment("", SETTINGS) is None
+    with pytest.raises(ValueError, match="ARM=POLICY@SHARE"):
+        parse_experiment("exp1:key:control=greedy", SETTINGS)
