@@ -177,9 +177,10 @@ class Metrics:
             build=Info("adpulse_build", "adpulse version running in this worker.", registry=r),
             join_labels=Counter(
                 "adpulse_join_labels_total",
-                "ctr-feedback records emitted by the click join, by outcome (clicked, zero, "
-                "converted).",
-                ["outcome"],
+                "ctr-feedback records emitted by the click join, by the policy that chose the "
+                "ad and outcome (clicked, zero, converted): CTR by policy over any window is "
+                "rate(clicked) / rate(clicked + zero).",
+                ["policy", "outcome"],
                 registry=r,
             ),
             late_clicks=Counter(

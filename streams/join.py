@@ -232,7 +232,7 @@ class JoinStage:
             outcome = (
                 "converted" if "converted" in lab else ("clicked" if lab["clicked"] else "zero")
             )
-            m.join_labels.labels(outcome).inc()
+            m.join_labels.labels(lab.get("policy", "unknown"), outcome).inc()
         if late:
             m.late_clicks.inc(late)
             log.info("%d late click(s) after their decision's label: counted, not emitted", late)

@@ -10,101 +10,24 @@ evaluated by the same server.
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from kafka import KafkaProducer
 
+from adpulse import prometheus as prom
 from adpulse import replay
-from adpulse.broker import free_port
 from adpulse.catalogtool import publish, synthetic_ads
+from adpulse.plots import dashboard_png
+from adpulse.prometheus import Prometheus, scrape_config
 from adpulse.settings import Settings
 from adpulse.topics import create_topics
 from adpulse.workerproc import WorkerProcess
 
 pytestmark = pytest.mark.integration
-DEPLOY = Path(__file__).resolve().parents[2] / "deploy" / "prometheus"
-
-
-class Prometheus:
-    def __init__(self, binary: str, config: Path, workdir: Path) -> None:
-        self.url = f"http://127.0.0.1:{free_port()}"
-        self.log_path = workdir / "prometheus.log"
-        with self.log_path.open("wb") as log:
-            self.proc = subprocess.Popen(
-                [
-                    binary,
-                    f"--config.file={config}",
-                    f"--storage.tsdb.path={workdir / 'tsdb'}",
-                    f"--web.listen-address={self.url.removeprefix('http://')}",
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        self.wait(lambda: self._ready(), 30, "prometheus ready (/-/ready)")
-
-    def _ready(self) -> bool:
-        if self.proc.poll() is not None:
-            msg = f"prometheus exited with {self.proc.returncode}:\n{self.tail()}"
-            raise AssertionError(msg)
-        try:
-            with urllib.request.urlopen(self.url + "/-/ready", timeout=2) as r:
-                return int(r.status) == 200
-        except (urllib.error.URLError, OSError):
-            return False
-
-    def api(self, path: str, **params: str) -> Any:
-        query = f"?{urllib.parse.urlencode(params)}" if params else ""
-        with urllib.request.urlopen(f"{self.url}/api/v1/{path}{query}", timeout=5) as r:
-            body = json.loads(r.read())
-        assert body["status"] == "success", body
-        return body["data"]
-
-    def value(self, expr: str) -> float | None:
-        """The single value of an instant query; None while it has no result."""
-        result = self.api("query", query=expr)["result"]
-        return float(result[0]["value"][1]) if result else None
-
-    def wait(self, check: Callable[[], bool], timeout: float, what: str) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:  # bench-ok: a wait bound
-            if check():
-                return
-            time.sleep(0.5)
-        msg = f"timed out after {timeout:.0f}s waiting for {what}:\n{self.tail()}"
-        raise AssertionError(msg)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-
-    def tail(self, n: int = 20) -> str:
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-
-
-def scrape_config(worker_url: str, out: Path) -> Path:
-    """The shipped prometheus.yml, pointed at one worker, scraping every second."""
-    config = yaml.safe_load((DEPLOY / "prometheus.yml").read_text())
-    config["global"].update(scrape_interval="1s", evaluation_interval="1s")
-    config["rule_files"] = [str(DEPLOY / f) for f in config["rule_files"]]
-    (job,) = config["scrape_configs"]
-    job["static_configs"] = [{"targets": [worker_url.removeprefix("http://")]}]
-    out.write_text(yaml.safe_dump(config))
-    return out
 
 
 @pytest.fixture
@@ -117,7 +40,7 @@ def worker(settings: Settings, tmp_path: Path) -> Iterator[WorkerProcess]:
 
 @pytest.fixture(scope="session")
 def prometheus_binary() -> str:
-    binary = shutil.which("prometheus")
+    binary = prom.binary()
     if binary is None:
         pytest.skip(
             "prometheus not on PATH: `make test` installs Debian's prometheus package when "
@@ -130,7 +53,7 @@ def prometheus_binary() -> str:
 def prometheus(
     prometheus_binary: str, worker: WorkerProcess, tmp_path: Path
 ) -> Iterator[Prometheus]:
-    config = scrape_config(worker.url, tmp_path / "prometheus.yml")
+    config = scrape_config([worker.url], tmp_path / "prometheus.yml")
     p = Prometheus(prometheus_binary, config, tmp_path)
     yield p
     p.stop()
@@ -149,8 +72,9 @@ def ask_for_ads(settings: Settings, users: list[str]) -> None:
 
 
 def test_prometheus_scrapes_a_worker_replaying_taobao_through_the_shipped_config(
-    prometheus: Prometheus, worker: WorkerProcess, settings: Settings, taobao: Path
+    prometheus: Prometheus, worker: WorkerProcess, settings: Settings, taobao: Path, tmp_path: Path
 ) -> None:
+    started = time.time()
     events = replay.rebased(replay.read_taobao(taobao), int(time.time() * 1000))
     ads = synthetic_ads(50, [e.category_id for e in events], seed=1)
     publish(settings.bootstrap, settings.topic("ad-catalog"), ads)
@@ -194,3 +118,8 @@ def test_prometheus_scrapes_a_worker_replaying_taobao_through_the_shipped_config
 
     prometheus.wait(lambda: all(r["health"] == "ok" for r in rules()), 10, "rules evaluated")
     assert len(rules()) >= 6
+
+    # Every Grafana panel's own queries, run against this server, drawn to a PNG
+    # (a query Prometheus rejects raises here).
+    png = dashboard_png(prometheus, started - 5, time.time(), tmp_path / "dashboard.png")
+    assert png.read_bytes()[:4] == b"\x89PNG"
