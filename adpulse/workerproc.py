@@ -19,8 +19,15 @@ from adpulse.settings import Settings
 
 
 class WorkerProcess:
-    def __init__(self, settings: Settings, log_dir: Path, name: str = "worker") -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        log_dir: Path,
+        name: str = "worker",
+        extra_env: dict[str, str] | None = None,
+    ) -> None:
         self.settings = settings.with_(web_port=free_port())
+        self.extra_env = dict(extra_env or {})  # more ADPULSE_* variables (policy, windows)
         self.log_path = log_dir / f"{name}.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -41,6 +48,7 @@ class WorkerProcess:
             ADPULSE_SESSION_TIMEOUT_S=str(s.session_timeout_s),
             ADPULSE_PARTITIONS=str(s.partitions),
         )
+        env.update(self.extra_env)
         return env
 
     def start(self, timeout: float = 60.0) -> WorkerProcess:
