@@ -63,6 +63,14 @@ def metadata_answers(host: str, port: int, timeout: float = 1.0) -> bool:
     return bool(got_id == correlation_id)
 
 
+def _accepts(host: str, port: int, timeout: float = 1.0) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
 def _recv_exact(s: socket.socket, n: int) -> bytes | None:
     buf = b""
     while len(buf) < n:
@@ -73,15 +81,22 @@ def _recv_exact(s: socket.socket, n: int) -> bytes | None:
     return buf
 
 
-def wait_for_broker(bootstrap: str, timeout: float = 10.0) -> None:
-    """Block until the first bootstrap server answers Metadata, else raise BrokerUnavailable."""
+def wait_for_broker(target: Settings | str, timeout: float = 10.0) -> None:
+    """Block until the first bootstrap server answers, else raise BrokerUnavailable.
+
+    A plaintext broker must answer a Metadata request; behind TLS or SASL the
+    handshake belongs to the client library, so an accepted TCP connection is the
+    proof there.
+    """
+    plaintext = isinstance(target, str) or target.security_protocol == "PLAINTEXT"
+    bootstrap = target if isinstance(target, str) else target.bootstrap_or_default
     host, _, port = bootstrap.split(",", maxsplit=1)[0].rpartition(":")
     if not host or not port.isdigit():
         msg = f"bootstrap {bootstrap!r} is not HOST:PORT"
         raise BrokerUnavailable(msg)
     deadline = time.monotonic() + timeout
     while True:
-        if metadata_answers(host, int(port)):
+        if metadata_answers(host, int(port)) if plaintext else _accepts(host, int(port)):
             return
         if time.monotonic() > deadline:
             msg = f"no Kafka broker answered at {bootstrap} within {timeout:g}s"
@@ -102,9 +117,13 @@ class EmbeddedBroker:
     ...     print(b.bootstrap)
     """
 
-    def __init__(self, port: int = 9092, log_path: Path | None = None) -> None:
+    def __init__(
+        self, port: int = 9092, log_path: Path | None = None, advertised_port: int | None = None
+    ) -> None:
         self.port = port
         self.log_path = log_path
+        # What Metadata tells clients to connect to: another port puts a proxy in the path.
+        self.advertised_port = advertised_port or port
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -122,7 +141,7 @@ class EmbeddedBroker:
             "--listener-url",
             url,
             "--advertised-listener-url",
-            url,
+            f"tcp://127.0.0.1:{self.advertised_port}",
             "--storage-engine",
             "memory://tansu/",
         ]

@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 
 from adpulse.errors import InputError
+from adpulse.kafkaconf import client_kwargs
+from adpulse.settings import Settings
 from schemas import first_error
 
 
@@ -61,11 +63,11 @@ def read_catalog(path: Path) -> list[dict[str, Any]]:
     return ads
 
 
-def publish(bootstrap: str, topic: str, ads: Sequence[dict[str, Any]]) -> int:
+def publish(bootstrap: Settings | str, topic: str, ads: Sequence[dict[str, Any]]) -> int:
     """Send ads keyed by ad_id (the topic is compacted: the latest record per ad wins)."""
     from kafka import KafkaProducer  # noqa: PLC0415 - slow import
 
-    producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=5, acks=1)
+    producer = KafkaProducer(**client_kwargs(bootstrap), linger_ms=5, acks=1)
     try:
         futures = [
             producer.send(topic, key=ad["ad_id"].encode(), value=json.dumps(ad).encode())
@@ -79,11 +81,11 @@ def publish(bootstrap: str, topic: str, ads: Sequence[dict[str, Any]]) -> int:
     return len(ads)
 
 
-def remove(bootstrap: str, topic: str, ad_ids: Sequence[str]) -> None:
+def remove(bootstrap: Settings | str, topic: str, ad_ids: Sequence[str]) -> None:
     """Tombstones: the ads disappear from every worker's catalog."""
     from kafka import KafkaProducer  # noqa: PLC0415
 
-    producer = KafkaProducer(bootstrap_servers=bootstrap, acks=1)
+    producer = KafkaProducer(**client_kwargs(bootstrap), acks=1)
     try:
         for ad_id in ad_ids:
             producer.send(topic, key=ad_id.encode(), value=None)

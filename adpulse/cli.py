@@ -11,7 +11,18 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from adpulse.commands import Handler, bench, catalog, demo, evaluate, kafka, worker
+from adpulse.commands import (
+    Handler,
+    bench,
+    catalog,
+    demo,
+    evaluate,
+    forget,
+    kafka,
+    report,
+    simulate,
+    worker,
+)
 from adpulse.errors import AdpulseError, BrokerUnavailable
 from adpulse.settings import Settings
 
@@ -30,10 +41,13 @@ def build_parser() -> argparse.ArgumentParser:
     # The order here is the order `adpulse --help` lists the commands in.
     kafka.register(sub)  # broker, topics, replay
     worker.register(sub)  # worker
+    forget.register(sub)  # forget (delete one user's state)
     catalog.register(sub)  # catalog, train
     bench.register(sub)  # bench
     evaluate.register(sub)  # evaluate (off-policy evaluation)
     demo.register(sub)  # demo
+    simulate.register(sub)  # simulate (closed loop against a known world)
+    report.register(sub)  # report (per-arm CTR/CVR from ctr-feedback)
     return parser
 
 

@@ -20,6 +20,7 @@ from adpulse.broker import broker_for
 from adpulse.catalogtool import publish, synthetic_ads
 from adpulse.errors import InputError
 from adpulse.inspect import read_topic
+from adpulse.kafkaconf import client_kwargs
 from adpulse.settings import Settings
 from adpulse.topics import create_topics
 from adpulse.workerproc import WorkerProcess
@@ -45,16 +46,16 @@ def run_demo(settings: Settings, data: Path, out: Path) -> int:
             # Replayed as if it just happened: 2017's interests decayed to nothing by now.
             events = replay.rebased(replay.read_taobao(sample), int(time.time() * 1000))
             ads = synthetic_ads(200, [e.category_id for e in events], seed=1)
-            publish(s.bootstrap, s.topic("ad-catalog"), ads)
+            publish(s, s.topic("ad-catalog"), ads)
             print(f"published {len(ads)} ads over the sample's categories to ad-catalog")
             t0 = time.perf_counter()
-            sent = replay.produce(events, s.bootstrap, s.topic("user-events"))
+            sent = replay.produce(events, s, s.topic("user-events"))
             elapsed = time.perf_counter() - t0
             print(
                 f"replayed {sent} real Taobao events into {s.topic('user-events')} "
                 f"in {elapsed:.2f}s ({sent / elapsed:,.0f} events/s)"
             )
-            landed = read_topic(s.bootstrap, s.topic("user-events"), expect=sent, idle_s=1.0)
+            landed = read_topic(s, s.topic("user-events"), expect=sent, idle_s=1.0)
             summary = summarise(landed)
             users = sorted({e.user_id for e in events})
             worker.wait_until(lambda: _all_applied(worker, events), 60, "the sample applied")
@@ -95,7 +96,7 @@ def _ask_for_ads(s: Settings, users: list[str], per_user: int = 5) -> dict[str, 
     """Requests spread over a few seconds (about 80/s); read the decisions back."""
     from kafka import KafkaProducer  # noqa: PLC0415 - slow import
 
-    producer = KafkaProducer(bootstrap_servers=s.bootstrap, linger_ms=0, acks=1)
+    producer = KafkaProducer(**client_kwargs(s), linger_ms=0, acks=1)
     n = 0
     for round_ in range(per_user):
         for user in users:
@@ -108,7 +109,7 @@ def _ask_for_ads(s: Settings, users: list[str], per_user: int = 5) -> dict[str, 
             time.sleep(0.012)
         producer.flush()
     producer.close()
-    records = read_topic(s.bootstrap, s.topic("ad-decisions"), expect=n, idle_s=1.0)
+    records = read_topic(s, s.topic("ad-decisions"), expect=n, idle_s=1.0)
     decisions = [json.loads(r.value or b"{}") for r in records]
     latency = sorted(d["latency_ms"] for d in decisions)
     filled = [d for d in decisions if d.get("ad_id")]

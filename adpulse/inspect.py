@@ -11,6 +11,9 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+from adpulse.kafkaconf import client_kwargs
+from adpulse.settings import Settings
+
 
 @dataclass(frozen=True, slots=True)
 class Record:
@@ -21,7 +24,7 @@ class Record:
 
 
 def read_topic(
-    bootstrap: str,
+    bootstrap: Settings | str,
     topic: str,
     *,
     expect: int | None = None,
@@ -37,7 +40,7 @@ def read_topic(
     from kafka import KafkaConsumer, TopicPartition  # noqa: PLC0415 - slow import
 
     consumer = KafkaConsumer(
-        bootstrap_servers=bootstrap,
+        **client_kwargs(bootstrap),
         enable_auto_commit=False,
         auto_offset_reset="earliest",
         fetch_max_wait_ms=100,

@@ -57,6 +57,15 @@ class Metrics:
     join_labels: Counter
     late_clicks: Counter
     pending_expired: Counter
+    suspect_clicks: Counter
+    forget_requests: Counter
+    pacing_spend: Gauge
+    pacing_target: Gauge
+    pacing_budget: Gauge
+    pacing_participation: Gauge
+    pacing_throttled: Counter
+    calibration_labels: Gauge
+    broker_connected: Gauge
 
     @classmethod
     def create(cls, registry: CollectorRegistry | None = None) -> Metrics:
@@ -191,6 +200,64 @@ class Metrics:
             pending_expired=Counter(
                 "adpulse_pending_expired_total",
                 "Join records deleted after their windows and grace period.",
+                registry=r,
+            ),
+            suspect_clicks=Counter(
+                "adpulse_suspect_clicks_total",
+                "Clicks never labelled, by rule: no_impression (no decision came), too_fast "
+                "(sooner than ADPULSE_MIN_CLICK_DELAY_MS), burst (over the per-user minute cap).",
+                ["rule"],
+                registry=r,
+            ),
+            forget_requests=Counter(
+                "adpulse_forget_requests_total",
+                "forget-requests applied (the user's state deleted, tombstones acknowledged).",
+                registry=r,
+            ),
+            pacing_spend=Gauge(
+                "adpulse_pacing_spend",
+                "Budget spent today (UTC) by a campaign on this worker's partitions "
+                "(expected cost: served pCTR x bid per decision); sum over workers.",
+                ["campaign"],
+                registry=r,
+            ),
+            pacing_target=Gauge(
+                "adpulse_pacing_target",
+                "Planned spend by now for a campaign on this worker's partitions: budget "
+                "share x traffic share of the UTC day elapsed.",
+                ["campaign"],
+                registry=r,
+            ),
+            pacing_budget=Gauge(
+                "adpulse_pacing_budget",
+                "Daily budget of a campaign on this worker's partitions (budget / partitions "
+                "x partitions owned).",
+                ["campaign"],
+                registry=r,
+            ),
+            pacing_participation=Gauge(
+                "adpulse_pacing_participation",
+                "Probability a campaign takes part in a request (mean over this worker's "
+                "partitions); 1 unthrottled, 0 budget spent.",
+                ["campaign"],
+                registry=r,
+            ),
+            pacing_throttled=Counter(
+                "adpulse_pacing_throttled_total",
+                "Requests in which a campaign's eligible ads were held back by pacing.",
+                ["campaign"],
+                registry=r,
+            ),
+            calibration_labels=Gauge(
+                "adpulse_calibration_labels",
+                "Labels in the pCTR calibration the decision stage serves with (0: the raw "
+                "model output is served).",
+                registry=r,
+            ),
+            broker_connected=Gauge(
+                "adpulse_broker_connected",
+                "1 while a bootstrap broker answers the worker's probe (a Kafka Metadata "
+                "request each second), 0 after two probes in a row failed; /health is 503 then.",
                 registry=r,
             ),
         )

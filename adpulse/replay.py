@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from adpulse.errors import InputError
+from adpulse.kafkaconf import client_kwargs
+from adpulse.settings import Settings
 
 TAOBAO_KINDS = {"pv": "browse", "cart": "cart", "fav": "fav", "buy": "purchase"}
 
@@ -120,7 +122,7 @@ def paced(events: list[Event], speed: float) -> Iterator[Event]:
 
 def produce(
     events: Iterator[Event] | list[Event],
-    bootstrap: str,
+    bootstrap: Settings | str,
     topic: str,
     on_sent: Callable[[int], None] | None = None,
 ) -> int:
@@ -128,7 +130,7 @@ def produce(
     from kafka import KafkaProducer  # noqa: PLC0415 - slow import, CLI --help stays fast
 
     producer = KafkaProducer(
-        bootstrap_servers=bootstrap, linger_ms=5, acks=1, client_id="adpulse-replay"
+        **client_kwargs(bootstrap), linger_ms=5, acks=1, client_id="adpulse-replay"
     )
     futures = []
     try:

@@ -26,10 +26,22 @@ from adpulse.errors import ConfigError
 ENV_PREFIX = "ADPULSE_"
 KINDS = ("browse", "click", "cart", "fav", "purchase")
 Device = Literal["auto", "cuda", "cpu"]
+SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
+SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
+_LITERALS: dict[str, Any] = {
+    "Device": Device,
+    "SecurityProtocol": SecurityProtocol,
+    "SaslMechanism": SaslMechanism,
+}
 
 
 def _setting(default: Any, doc: str) -> Any:
     return field(default=default, metadata={"doc": doc})
+
+
+def _secret(doc: str) -> Any:
+    """A secret: never in ``repr(settings)``, so it cannot reach a log line."""
+    return field(default="", repr=False, metadata={"doc": doc})
 
 
 def _parse_weights(text: str) -> tuple[float, ...]:
@@ -69,6 +81,56 @@ class Settings:
     )
     replication: int = _setting(1, "Replication factor for created topics.")
     topic_prefix: str = _setting("", "Prefix for every topic name (several apps, one cluster).")
+    security_protocol: SecurityProtocol = _setting(
+        "PLAINTEXT",
+        "Kafka transport of every client (worker and CLI): PLAINTEXT, SSL, SASL_PLAINTEXT "
+        "or SASL_SSL.",
+    )
+    sasl_mechanism: SaslMechanism = _setting(
+        "PLAIN", "SASL mechanism with SASL_*: PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512."
+    )
+    sasl_username: str = _setting("", "SASL user name (required with SASL_*).")
+    sasl_password_file: str = _setting(
+        "", "File holding the SASL password (preferred: a mounted Secret)."
+    )
+    sasl_password: str = _secret(
+        "SASL password, when no PASSWORD_FILE is given (env only; never logged)."
+    )
+    ssl_cafile: str = _setting(
+        "", "CA bundle (PEM) to verify the brokers with SSL/SASL_SSL; empty: system CAs."
+    )
+    ssl_certfile: str = _setting("", "Client certificate (PEM) for mutual TLS; needs KEYFILE.")
+    ssl_keyfile: str = _setting("", "Client private key (PEM) for mutual TLS; needs CERTFILE.")
+    # -- Privacy and abuse ---------------------------------------------------------------
+    pseudonymise: bool = _setting(
+        True,
+        "Replace user ids by HMAC-SHA256(key, id) (32 hex chars) as soon as a user-events or "
+        "ad-requests record is decoded: state, decisions, feedback, logs see only that.",
+    )
+    pseudonym_key_file: str = _setting(
+        "",
+        "File holding the pseudonym key (preferred: a mounted Secret). Every worker must use "
+        "the same key.",
+    )
+    pseudonym_key: str = _secret(
+        "The pseudonym key itself, when no KEY_FILE is given (env only; never logged). With "
+        "neither, only the embedded broker runs (on a published development key).",
+    )
+    max_events_per_user_s: int = _setting(
+        100,
+        "user-events beyond this many per user in one second of event time are "
+        "dead-lettered (rate_limited); 0: no limit.",
+    )
+    min_click_delay_ms: int = _setting(
+        150,
+        "A click sooner than this after its decision is suspect (too_fast): counted, never "
+        "labelled clicked.",
+    )
+    max_clicks_per_user_min: int = _setting(
+        20,
+        "A user's clicks beyond this many within 60 s of event time are suspect (burst): "
+        "counted, never labelled clicked; 0: no limit.",
+    )
     # -- Worker -------------------------------------------------------------------------
     app_id: str = _setting("adpulse", "Faust app id: consumer group and changelog names.")
     data_dir: Path = _setting(Path("var/data"), "Where RocksDB tables live.")
@@ -81,6 +143,11 @@ class Settings:
     )
     session_timeout_s: float = _setting(
         10.0, "Consumer-group session timeout; short so a dead worker's partitions move soon."
+    )
+    bulk_restore: bool = _setting(
+        True,
+        "Restore tables by reading their changelog backlog straight into RocksDB before "
+        "Faust's per-record recovery replays the rest (streams/restore.py); false: Faust's alone.",
     )
     # -- Ingest -------------------------------------------------------------------------
     max_event_bytes: int = _setting(
@@ -121,7 +188,7 @@ class Settings:
     # -- Decisions ----------------------------------------------------------------------
     policy: str = _setting(
         "epsilon-greedy:0.05",
-        "Serving policy: greedy, epsilon-greedy:EPS (exploration share), thompson[:M] "
+        "Serving policy: random, greedy, epsilon-greedy:EPS (exploration share), thompson[:M] "
         "(Beta prior worth M impressions) or linucb[:ALPHA] (confidence width).",
     )
     placement_policies: str = _setting(
@@ -147,6 +214,32 @@ class Settings:
         "",
         "A/B experiment over every placement, as 'NAME:KEY:ARM=POLICY@SHARE,...' (first arm "
         "is the control); users are assigned by HMAC(KEY, user id). Empty: none.",
+    )
+    # -- Pacing and calibration ---------------------------------------------------------
+    pacing: bool = _setting(
+        True,
+        "Budget pacing (on/off). On: each campaign takes part in a request with a "
+        "probability a throttle controller sets so its daily budget is spent along the "
+        "day's traffic curve. Off: a campaign serves until its budget share is spent.",
+    )
+    pacing_interval_s: float = _setting(
+        60.0, "Pacing control window: how often a campaign's participation is re-set."
+    )
+    pacing_profile: str = _setting(
+        "",
+        "Expected traffic per UTC hour as 24 comma-separated weights (the spend plan "
+        "follows it); empty: uniform over the day.",
+    )
+    calibration: bool = _setting(
+        True,
+        "Online calibration of served pCTR (on/off) from the learner's click counts per "
+        "pCTR bucket; the raw model output stays in the decision as pctr_raw.",
+    )
+    calibration_min_labels: int = _setting(
+        200, "Labels a pCTR bucket needs before calibration uses its observed click rate."
+    )
+    calibration_refresh_s: float = _setting(
+        5.0, "How often the decision stage re-reads the calibration counts."
     )
     # -- Feedback -----------------------------------------------------------------------
     attribution_window_s: float = _setting(
@@ -238,9 +331,10 @@ def _convert(f: dataclasses.Field[Any], raw: str) -> Any:
             return Path(raw)
         if kind == "tuple[float, ...]":
             return _parse_weights(raw)
-        if kind == "Device":
-            if raw not in get_args(Device):
-                msg = f"expected one of {', '.join(get_args(Device))}"
+        if kind in _LITERALS:
+            allowed = get_args(_LITERALS[kind])
+            if raw not in allowed:
+                msg = f"expected one of {', '.join(allowed)}"
                 raise ValueError(msg)
             return raw
         return raw

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from adpulse.broker import wait_for_broker
+from adpulse.kafkaconf import client_kwargs
 from adpulse.settings import Settings
 from schemas.topics import TOPICS
 
@@ -36,9 +37,8 @@ def create_topics(settings: Settings, timeout_s: float = 10.0) -> list[tuple[str
     from kafka.admin import KafkaAdminClient, NewTopic  # noqa: PLC0415 - slow import
     from kafka.errors import TopicAlreadyExistsError  # noqa: PLC0415
 
-    bootstrap = settings.bootstrap_or_default
-    wait_for_broker(bootstrap, timeout=timeout_s)
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="adpulse-topics")
+    wait_for_broker(settings, timeout=timeout_s)
+    admin = KafkaAdminClient(**client_kwargs(settings), client_id="adpulse-topics")
     try:
         existing = set(admin.list_topics())
         results = []

@@ -91,11 +91,19 @@ class Workload:
             "kind": r.choice(len(KINDS), n, p=self.kind_p),
         }
 
-    def payloads(self, n: int, ts_ms: int, prefix: str = "w") -> tuple[list[bytes], list[bytes]]:
-        """(keys, JSON values) of ``n`` user-events stamped ``ts_ms``."""
+    def payloads(
+        self, n: int, ts_ms: int, prefix: str = "w", per_second: int = 1000
+    ) -> tuple[list[bytes], list[bytes]]:
+        """(keys, JSON values) of ``n`` user-events, the last stamped ``ts_ms``.
+
+        Event times go back ``1 / per_second`` s an event, as a stream of that rate
+        would have them: no user comes near the per-user rate limit
+        (``ADPULSE_MAX_EVENTS_PER_USER_S``, 100), as all ``n`` in one second would.
+        """
         c = self.columns(n)
         enc = msgspec.json.encode
         keys, values = [], []
+        first = self._seq + 1
         for u, cat, rank, kind in zip(
             c["user"].tolist(), c["category"].tolist(), c["item_rank"].tolist(),
             c["kind"].tolist(), strict=True,
@@ -111,7 +119,7 @@ class Workload:
                         "kind": KINDS[kind],
                         "item_id": cat * self.items_per_category + rank,
                         "category_id": cat,
-                        "ts": ts_ms,
+                        "ts": ts_ms - (n - 1 - self._seq + first) * 1000 // per_second,
                     }
                 )
             )

@@ -79,6 +79,19 @@ class AdRequest(_Contract):
     candidates: list[str] | None = None
 
 
+class FeatureSnapshot(_Contract):
+    """``ctr-feedback.features`` and ``ad-decisions.features``: what the model saw."""
+
+    interest: list[float]
+    placement: str | None = None
+    device: Device | None = None
+    hour: int | None = None
+    category_id: int | None = None
+    campaign_id: str | None = None
+    item_id: int | None = None
+    pctr: float | None = None
+
+
 class AdDecision(_Contract):
     """``ad-decisions``: the answer to one request; ``ad_id`` is None for a no fill."""
 
@@ -100,19 +113,8 @@ class AdDecision(_Contract):
     arm: str | None = None
     request_ts: int | None = None
     candidates: int | None = None
-
-
-class FeatureSnapshot(_Contract):
-    """``ctr-feedback.features``: what the model saw when it scored the ad."""
-
-    interest: list[float]
-    placement: str | None = None
-    device: Device | None = None
-    hour: int | None = None
-    category_id: int | None = None
-    campaign_id: str | None = None
-    item_id: int | None = None
-    pctr: float | None = None
+    pctr_raw: float | None = None
+    features: FeatureSnapshot | None = None
 
 
 class CtrFeedback(_Contract):
@@ -178,3 +180,23 @@ class DeadLetter(_Contract):
     message: str
     ts: int
     stage: str | None = None
+
+
+class ForgetRequest(_Contract):
+    """``forget-requests``: delete one user's state (keyed by the raw user id)."""
+
+    request_id: str
+    user_id: str
+    ts: int
+    reason: str | None = None
+
+
+class ForgetConfirmation(_Contract):
+    """``forget-confirmations``: a forget request applied, its tombstones acknowledged."""
+
+    request_id: str
+    ts: int
+    partition: int
+    interest: int
+    freqcap: int
+    pending: int

@@ -11,7 +11,16 @@ from dataclasses import dataclass
 
 import faust
 
-from schemas.records import Ad, AdDecision, AdRequest, CtrFeedback, DeadLetter, UserEvent
+from schemas.records import (
+    Ad,
+    AdDecision,
+    AdRequest,
+    CtrFeedback,
+    DeadLetter,
+    ForgetConfirmation,
+    ForgetRequest,
+    UserEvent,
+)
 
 DAY_MS = 24 * 60 * 60 * 1000
 WEEK_MS = 7 * DAY_MS
@@ -95,6 +104,18 @@ TOPICS: dict[str, TopicSpec] = {
             DeadLetter,
             None,
             "Refused messages with origin and reason, for an operator to fix and replay.",
+        ),
+        _spec(
+            "forget-requests",
+            ForgetRequest,
+            "user_id",
+            "Delete one user's state by tombstones; keyed by the raw user id (user's partition).",
+        ),
+        _spec(
+            "forget-confirmations",
+            ForgetConfirmation,
+            "request_id",
+            "A forget request applied; on the request's partition number, no user id.",
         ),
     )
 }

@@ -1,11 +1,12 @@
 """Frequency caps and budgets: what may still be shown today.
 
 A user's cap record counts impressions per ad for one UTC day and resets when
-the day changes; a campaign's spend record does the same for money. Spend is
-accounted at decision time as the expected cost of a cost-per-click
-impression, bid x pCTR; a campaign is dropped once its share is spent, so it
-can overshoot by at most the decisions of one batch (spend is read once per
-batch). Click feedback can settle the real cost later.
+the day changes. Budgets are paced by scoring/strategy/pacing.py, whose record
+now holds a campaign's spend (streams/budget.py); ``SpendRecord`` is the older
+spend-only record, read once to carry today's spend over. Spend is accounted at
+decision time as the expected cost of a cost-per-click impression, bid x
+pCTR; a campaign stops once its share is spent, so it can overshoot by at
+most the decisions of one batch (spend is read once per batch).
 
 Budgets are split evenly across the topic's partitions: each partition (so
 each worker owning it) may spend ``daily_budget / partitions`` of a campaign

@@ -33,6 +33,9 @@ class Catalog:
         for a in active:  # a campaign's budget: the largest its ads state (they should agree)
             c = str(a["campaign_id"])
             self.daily_budget[c] = max(self.daily_budget.get(c, 0.0), float(a["daily_budget"]))
+        self.campaigns = sorted(self.daily_budget)  # campaign number -> id (pacing's order)
+        number = {c: i for i, c in enumerate(self.campaigns)}
+        self.campaign_code = np.array([number[c] for c in self.campaign], dtype=np.intp)
         self._targeting = [a.get("targeting") or {} for a in active]
         self._masks: dict[Context, Mask] = {}
 

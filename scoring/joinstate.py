@@ -2,9 +2,10 @@
 
 One record per decision id (``Pending``, msgpack, ~150 bytes) lives in the
 ``pending`` table. A decision opens it; the first click inside
-``[decision_ts, decision_ts + window]`` labels it 1 at once; once the
-partition's event-time watermark passes the window end with no click, it is
-labelled 0. A purchase of the ad's item or category within the conversion
+``[decision_ts, decision_ts + window]`` labels it 1 at once, unless it is suspect
+(sooner than ``min_click_delay_ms``, scoring/abuse.py: counted, the record stays
+open); once the partition's event-time watermark passes the window end with no
+click, it is labelled 0. A purchase of the ad's item or category within the conversion
 window after the click adds a second record with ``converted: 1``. After that
 the record stays as an "emitted" marker (late clicks are recognised and
 counted, redeliveries change nothing) until its deadline plus a grace period,
@@ -33,6 +34,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
+import numpy as np
+
+from scoring.abuse import too_fast
 
 # Status of a record.
 OPEN = 0  # decision seen, no label yet
@@ -47,6 +51,7 @@ class JoinParams:
     window_ms: int = 1_800_000
     conversion_ms: int = 86_400_000
     grace_ms: int = 3_600_000
+    min_click_delay_ms: int = 0  # sooner clicks are suspect (scoring/abuse.py)
 
     @classmethod
     def from_settings(cls, s: Any) -> JoinParams:
@@ -54,6 +59,7 @@ class JoinParams:
             window_ms=int(s.attribution_window_s * 1000),
             conversion_ms=int(s.conversion_window_s * 1000),
             grace_ms=int(s.feedback_grace_s * 1000),
+            min_click_delay_ms=int(getattr(s, "min_click_delay_ms", 0)),
         )
 
 
@@ -76,6 +82,9 @@ class Pending(msgspec.Struct, array_like=True, gc=False):
     click_ts: int = -1
     dec_off: int = -1  # highest ad-decisions offset applied
     ev_off: int = -1  # highest user-events offset applied
+    pctr_raw: float = -1.0  # model output before calibration (-1: the decision had none)
+    device: str = ""
+    interest: bytes = b""  # the decision's interest vector as float16 (2 bytes a number)
 
 
 _encode = msgspec.msgpack.Encoder().encode
@@ -106,6 +115,22 @@ class Decision:
     category_id: int = -1
     item_id: int = -1
     arm: str = ""
+    pctr_raw: float = -1.0
+    device: str = ""
+    interest: bytes = b""  # float16 bytes (:func:`pack_interest`)
+
+
+def pack_interest(vector: Sequence[float]) -> bytes:
+    """A snapshot's interest vector, compact for the pending record: float16, little-endian.
+
+    float16 keeps about 3 significant digits: 64 numbers cost 128 bytes instead of ~450
+    of JSON, and the pending table holds one per decision for window + grace.
+    """
+    return np.clip(np.asarray(vector, dtype=np.float64), -65504, 65504).astype("<f2").tobytes()
+
+
+def unpack_interest(raw: bytes) -> list[float]:
+    return [round(x, 4) for x in np.frombuffer(raw, dtype="<f2").astype(np.float64).tolist()]
 
 
 @dataclass(frozen=True)
@@ -127,6 +152,7 @@ class Step:
     deleted: set[str] = field(default_factory=set)  # decision ids to delete (tombstone)
     late_clicks: int = 0
     expired: int = 0
+    suspect: list[tuple[str, str]] = field(default_factory=list)  # (rule, user): never labelled
 
 
 def window_end(rec: Pending, p: JoinParams) -> int:
@@ -167,6 +193,7 @@ def apply_batch(
             OPEN, d.user_id, d.ad_id, d.ts, d.propensity, d.policy, d.pctr, d.model_version,
             d.placement, d.campaign_id, d.category_id, d.item_id, d.arm,
             dec_off=d.offset, ev_off=rec.ev_off if rec is not None else -1,
+            pctr_raw=d.pctr_raw, device=d.device, interest=d.interest,
         )  # fmt: skip
         state[d.decision_id] = rec
         out.changed.add(d.decision_id)
@@ -211,6 +238,9 @@ def apply_batch(
 def _click(key: str, rec: Pending, ts: int, p: JoinParams, out: Step) -> bool:
     """A click on an open or labelled decision; True when it labels it 1."""
     if rec.status == OPEN and rec.decision_ts <= ts <= window_end(rec, p):
+        if too_fast(rec.decision_ts, ts, p.min_click_delay_ms):
+            out.suspect.append(("too_fast", rec.user_id))  # stays open: 0 unless a real click
+            return False
         rec.status, rec.click_ts = CLICKED, ts
         out.labels.append(label(key, rec, 1, ts, "click"))
         return True
@@ -233,6 +263,8 @@ def close_due(state: Mapping[str, Pending | None], watermark: int, p: JoinParams
             out.changed.add(key)
             out.labels.append(label(key, rec, 0, window_end(rec, p), "window_expired"))
         else:
+            if rec.status == ORPHAN:  # its decision never came: no impression to click
+                out.suspect.append(("no_impression", rec.user_id))
             out.deleted.add(key)
             out.expired += 1
     return out
@@ -243,11 +275,18 @@ def label(
 ) -> dict[str, Any]:
     """The ctr-feedback record (schemas/ctr-feedback.schema.json) for a labelled decision.
 
-    ``features.interest`` is empty: ad-decisions does not carry the vector the
-    model scored, so it cannot be snapshotted here (see README "Feedback labels").
+    ``features`` is the decision's snapshot: its interest vector (to float16
+    precision; empty for a user with no history), and ``features.pctr`` the raw
+    model output (what calibration learns from), while the top-level ``pctr``
+    is the calibrated one that was served.
     """
     hour = datetime.fromtimestamp(rec.decision_ts / 1000, tz=UTC).hour
-    features: dict[str, Any] = {"interest": [], "hour": hour, "pctr": rec.pctr}
+    raw_pctr = rec.pctr_raw if rec.pctr_raw >= 0 else rec.pctr
+    features: dict[str, Any] = {
+        "interest": unpack_interest(rec.interest), "hour": hour, "pctr": raw_pctr,
+    }  # fmt: skip
+    if rec.device:
+        features["device"] = rec.device
     if rec.placement:
         features["placement"] = rec.placement
     if rec.campaign_id:

@@ -8,15 +8,19 @@ run.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import faust
 from faust.tables.manager import TableManager
+from faust.tables.recovery import Recovery
 
+from adpulse.kafkaconf import client_kwargs, faust_credentials
 from adpulse.metrics import Metrics
+from adpulse.privacy import Pseudonymiser
 from adpulse.settings import Settings
 from streams.consumer import BatchApp
+from streams.restore import BulkRecovery
 from streams.seal import SEAL_KEY
 
 log = logging.getLogger(__name__)
@@ -35,13 +39,15 @@ class Wiring:
     dead_letters: faust.TopicT
     interest: Any  # faust Table, raw bytes -> raw bytes (scoring.features record)
     freqcap: Any  # user id -> scoring.caps.CapRecord (msgpack)
-    spend: Any  # campaign id -> scoring.caps.SpendRecord, per partition (budget share)
+    spend: Any  # campaign id -> pacing record (streams/budget.py), per partition share
     catalog: Any  # CatalogTable (GlobalTable over ad-catalog)
     metrics: Metrics
     ctr_feedback: faust.TopicT
     learn: Any  # ad id -> streams.learn.AdState (msgpack), per ctr-feedback partition
     strategy: Any  # GlobalTable: the same records as learn, every worker holds all
     pending: Any = None  # decision id -> scoring.joinstate.Pending (the click join)
+    pseudonyms: Pseudonymiser = field(default_factory=lambda: Pseudonymiser(None))  # raw id -> it
+    forget_requests: Any = None  # faust topic: erase one user's state (streams/forget.py)
 
 
 class CatalogTable(faust.GlobalTable):
@@ -70,7 +76,14 @@ class CatalogTable(faust.GlobalTable):
 
 
 class SealingTableManager(TableManager):
-    """On the embedded broker, seal changelogs before each recovery (see streams/seal.py)."""
+    """Seals changelogs before each recovery on the embedded broker (see streams/seal.py);
+    its recovery reads the active changelog backlog in bulk (streams/restore.py)."""
+
+    @property
+    def recovery(self) -> Recovery:
+        if self._recovery is None:
+            self._recovery = BulkRecovery(self.app, self, beacon=self.beacon, loop=self.loop)
+        return self._recovery
 
     async def on_rebalance(
         self, assigned: Any, revoked: Any, newly_assigned: Any, generation_id: int = 0
@@ -92,9 +105,11 @@ async def _seal(app: Any, topics: set[str]) -> None:
 
 
 def create_app(settings: Settings) -> Wiring:
+    pseudonyms = Pseudonymiser.from_settings(settings, warn=True)  # no key: ConfigError
     app = BatchApp(
         settings.app_id,
         broker=f"kafka://{settings.bootstrap_or_default}",
+        broker_credentials=faust_credentials(settings),
         store="rocksdb://",
         datadir=str(settings.data_dir),
         topic_partitions=settings.partitions,
@@ -116,6 +131,8 @@ def create_app(settings: Settings) -> Wiring:
         fetch_max_wait_ms=settings.fetch_max_wait_ms,
     )
     app.seal_changelogs = settings.embedded_broker  # type: ignore[attr-defined]
+    # streams/restore.py: the aiokafka client that reads changelog backlogs in bulk.
+    app.bulk_restore_client = client_kwargs(settings) if settings.bulk_restore else None  # type: ignore[attr-defined]
     raw: dict[str, Any] = {
         "key_type": bytes,
         "value_type": bytes,
@@ -161,6 +178,8 @@ def create_app(settings: Settings) -> Wiring:
             help="ad id -> learner state, broadcast to every worker (streams/learn.py)",
         ),
         pending=table("pending", "decision id -> click-join state (scoring.joinstate)"),
+        pseudonyms=pseudonyms,
+        forget_requests=app.topic(settings.topic("forget-requests"), **raw),
     )
 
     from streams import pipeline, web  # noqa: PLC0415 - stages register themselves on the app

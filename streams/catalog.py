@@ -19,25 +19,62 @@ from schemas import first_error
 from scoring.catalog import Catalog
 from scoring.featurespec import FeatureSpec
 from streams.seal import is_seal
+from streams.validate import parse_json
 
 log = logging.getLogger(__name__)
 CATALOG_REFRESH_S = 0.25
 
 
-def apply_catalog_record(table: Any, key: bytes | None, value: bytes | None) -> None:
+CATALOG_MAX_BYTES = 64 * 1024  # a schema-valid ad (1024-float embedding, 2000-char text) fits
+
+
+def check_catalog_record(
+    key: bytes | None, value: bytes, dim: int | None = None
+) -> tuple[str, str] | None:
+    """``(reason, message)`` for an ad-catalog record the catalog refuses, else None.
+
+    Beyond the schema: the key must be the ad id (the topic is compacted by it),
+    and an embedding must have the model's dimension ``dim``: one ad of another
+    dimension would otherwise stop every catalog rebuild.
+    """
+    if len(value) > CATALOG_MAX_BYTES:
+        return "too_large", f"{len(value)} bytes > limit {CATALOG_MAX_BYTES}"
+    ad, why = parse_json(value)
+    if why is not None:
+        return "invalid_json", why
+    try:
+        problem = first_error("ad-catalog", ad)
+    except RecursionError:
+        problem = "nested too deeply to validate"
+    if problem is not None:
+        return "schema", problem
+    if key != ad["ad_id"].encode():
+        return "key_mismatch", f"key {key!r:.80} differs from ad_id {ad['ad_id']!r:.80}"
+    if dim is not None and "embedding" in ad and len(ad["embedding"]) != dim:
+        n = len(ad["embedding"])
+        return "embedding_dim", f"embedding has {n} values, the model expects dim={dim}"
+    return None
+
+
+def apply_catalog_record(
+    table: Any, key: bytes | None, value: bytes | None, dim: int | None = None
+) -> tuple[str, str] | None:
     """One ad-catalog record into the global table: a tombstone (null) removes the ad.
 
-    Records are stored as they come and checked at refresh, where a bad one is
-    counted and skipped: the catalog topic is compacted, so the next good
-    record for that ad replaces it.
+    A record that is not a valid ad is refused: the ad keeps its last valid
+    version and the caller dead-letters the record with the returned
+    ``(reason, message)``.
     """
-    if key is None or is_seal(key):
-        return
+    if key is not None and is_seal(key):
+        return None
     if value is None:
-        if key in table:
+        if key is not None and key in table:
             del table[key]
-    else:
+        return None
+    refused = check_catalog_record(key, value, dim)
+    if refused is None:
         table[key] = value
+    return refused
 
 
 class CatalogCache:

@@ -11,13 +11,14 @@ budget spend live in RocksDB tables and are written once per key per batch.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
 import msgspec
 import numpy as np
 
+from adpulse.privacy import Pseudonymiser
 from adpulse.settings import Settings
 from scoring import caps
 from scoring.catalog import Catalog, Context
@@ -29,6 +30,8 @@ from scoring.strategy import Strategy
 from scoring.strategy.ab import Arm, Experiment
 from scoring.strategy.epsilon import EpsilonGreedy
 from scoring.strategy.greedy import Greedy
+from scoring.strategy.uniform import UniformRandom
+from streams.budget import BudgetGate, Reader, ServedCalibration
 from streams.deadletter import Raw, Rejected
 from streams.learn import Bandit, StrategyReader
 from streams.validate import ContractDecoder
@@ -69,7 +72,7 @@ Policy = Strategy | Bandit
 
 
 def parse_policy(text: str, settings: Settings | None = None) -> Policy:
-    """``greedy``, ``epsilon-greedy:EPS``, ``thompson[:M]`` or ``linucb[:ALPHA]``."""
+    """``random``, ``greedy``, ``epsilon-greedy:EPS``, ``thompson[:M]`` or ``linucb[:ALPHA]``."""
     name, _, arg = text.strip().partition(":")
     if name in ("thompson", "linucb"):
         try:
@@ -79,13 +82,18 @@ def parse_policy(text: str, settings: Settings | None = None) -> Policy:
             raise ValueError(msg) from None
     if name == "greedy":
         return Greedy()
+    if name == "random":
+        return UniformRandom()
     if name == "epsilon-greedy":
         try:
             return EpsilonGreedy(float(arg or "0.05"))
         except ValueError as exc:
             msg = f"policy {text!r}: {exc}"
             raise ValueError(msg) from None
-    msg = f"unknown policy {text!r}: use greedy, epsilon-greedy:EPS, thompson:M or linucb:ALPHA"
+    msg = (
+        f"unknown policy {text!r}: use random, greedy, epsilon-greedy:EPS, thompson:M "
+        "or linucb:ALPHA"
+    )
     raise ValueError(msg)
 
 
@@ -121,6 +129,28 @@ def parse_experiment(text: str, settings: Settings) -> tuple[Experiment, list[Po
     return exp, [parse_policy(a.policy, settings) for a in arms]
 
 
+def snapshot(
+    ad: Mapping[str, Any], vector: np.ndarray | None, req: AdRequestMsg, ts_ms: int, pctr: float
+) -> dict[str, Any]:
+    """The decision's ``features``: what ctr-feedback and the learners need, as scored.
+
+    The interest vector is the decayed one the model saw, rounded to 4 decimals
+    (empty for a user with no history); ``pctr`` is the raw model output.
+    """
+    interest = [] if vector is None else np.round(vector.astype(np.float64), 4).tolist()
+    out: dict[str, Any] = {
+        "interest": interest, "placement": req.placement, "hour": (ts_ms // 3_600_000) % 24,
+        "category_id": int(ad["category_id"]), "campaign_id": str(ad["campaign_id"]),
+        "pctr": pctr,
+    }  # fmt: skip
+    if ad.get("item_id") is not None:
+        out["item_id"] = int(ad["item_id"])
+    ctx = req.context
+    if ctx is not UNSET and ctx.device is not UNSET:
+        out["device"] = ctx.device
+    return out
+
+
 @dataclass
 class ServingModels:
     """The model in force (swapped whole by the registry poller) and the fallback rule.
@@ -140,13 +170,15 @@ class ServingModels:
 
 @dataclass
 class DecideResult:
-    # key, decision (latency_ms is set when it is sent), request's record timestamp (ms)
-    decisions: list[tuple[bytes, dict[str, Any], int]] = field(default_factory=list)
+    # key (the pseudonym), partition (the request's: co-partitioned with the user's events),
+    # decision (latency_ms is set when it is sent), request's record timestamp (ms)
+    decisions: list[tuple[bytes, int, dict[str, Any], int]] = field(default_factory=list)
     cap_writes: list[tuple[bytes, int, bytes]] = field(default_factory=list)
     spend_writes: list[tuple[bytes, int, bytes]] = field(default_factory=list)
     rejected: list[Rejected] = field(default_factory=list)
     by_policy: Counter[tuple[str, str]] = field(default_factory=Counter)  # (policy, placement)
     by_arm: Counter[str] = field(default_factory=Counter)  # experiment arm -> decisions
+    throttled: Counter[str] = field(default_factory=Counter)  # campaign -> requests held back
     fallbacks: int = 0
     no_fill: int = 0
     rows_scored: int = 0
@@ -170,8 +202,11 @@ class DecideStage:
         models: ServingModels,
         catalog: Callable[[], Catalog | None],
         strategy: StrategyReader | None = None,
+        pseudonyms: Pseudonymiser | None = None,
+        calibration: Reader | None = None,
     ) -> None:
         self.s = settings
+        self.pseudonyms = pseudonyms or Pseudonymiser.from_settings(settings)
         self.models = models
         self.catalog = catalog
         self.params = InterestParams.from_settings(settings)
@@ -181,6 +216,8 @@ class DecideStage:
         self.strategy = strategy or StrategyReader(lambda keys: [None] * len(keys))
         self.decoder = request_decoder(settings.max_event_bytes)
         self.rng = np.random.default_rng()
+        self.budget = BudgetGate(settings)  # pacing (streams/budget.py)
+        self.calibration = ServedCalibration(settings, calibration)
 
     def process(
         self,
@@ -192,6 +229,8 @@ class DecideStage:
         received: Sequence[float] | None = None,
     ) -> DecideResult:
         good, rejected = self.decoder.split(raws)
+        for req, _ in good:  # from here on, user ids are pseudonyms (adpulse/privacy.py)
+            req.user_id = self.pseudonyms(req.user_id)
         out = DecideResult(rejected=rejected)
         catalog = self.catalog()
         if not good:
@@ -204,14 +243,17 @@ class DecideStage:
         vectors = self._vectors(load_interest(keys, parts), now_ms)
         user_row = {u: i for i, (u, _) in enumerate(users)}
         cap_recs = [caps.load_cap(v, day) for v in load_caps(keys, parts)]
-        spend = self._spend(catalog, parts, load_spend, day)
+        self.budget.begin(catalog, parts, load_spend, now_ms)
 
         pending: list[_Pending] = []
         wanted: list[RequestFeatures] = []
         n_rows = 0
         for req, raw in good:
             u = user_row[req.user_id]
-            rows = self._eligible(catalog, req, cap_recs[u], spend.get(raw.partition, set()))
+            rows = self._eligible(catalog, req, cap_recs[u])
+            # Pacing gates campaigns before the policy sees them: propensities stay exact.
+            rows, held = self.budget.gate(catalog, raw.partition, rows, self.rng)
+            out.throttled.update(held)
             pending.append(_Pending(req, raw, rows, n_rows))
             if len(rows):
                 ctx = req.context if req.context is not UNSET else None
@@ -227,7 +269,6 @@ class DecideStage:
         out.rows_scored = n_rows
 
         touched_caps: set[int] = set()
-        spend_delta: dict[tuple[int, str], float] = {}
         for p in pending:
             req, policy = p.req, self.policy_for(p.req.placement)
             arm = None
@@ -254,11 +295,12 @@ class DecideStage:
                                 policy=policy.name)  # fmt: skip
                 out.no_fill += 1
             else:
-                pctr, fell_back = self.models.fallback.guard(got, len(p.rows))
+                raw_pctr, fell_back = self.models.fallback.guard(got, len(p.rows))
+                pctr = raw_pctr if fell_back else self.calibration.apply(raw_pctr, now_ms)
                 bids = catalog.index.bid[p.rows]
                 if isinstance(policy, Bandit):
-                    states = self.strategy.states(
-                        [catalog.index.ad_ids[r] for r in p.rows.tolist()]
+                    states = self.strategy.states(  # an arm reads only its own learner state
+                        [catalog.index.ad_ids[r] for r in p.rows.tolist()], arm
                     )
                     vector = vectors[user_row[req.user_id]]
                     choice = policy.choose(pctr.astype(np.float64), bids, states, vector, self.rng)
@@ -272,19 +314,23 @@ class DecideStage:
                 decision.update(
                     ad_id=ad_id, campaign_id=campaign, pctr=float(pctr[j]), bid=float(bids[j]),
                     score=float(pctr[j] * bids[j]), propensity=choice.propensity, policy=name,
+                    pctr_raw=float(raw_pctr[j]),
+                    features=snapshot(catalog.ads[row], vectors[user_row[req.user_id]], req,
+                                      now_ms, float(raw_pctr[j])),
                 )  # fmt: skip
                 u = user_row[req.user_id]
                 caps.record_impression(cap_recs[u], ad_id)
                 touched_caps.add(u)
-                k = (p.raw.partition, campaign)
-                spend_delta[k] = spend_delta.get(k, 0.0) + decision["score"]
+                self.budget.spend(p.raw.partition, campaign, decision["score"], now_ms)
             out.by_policy[(decision["policy"], req.placement)] += 1
             if arm is not None:
                 out.by_arm[arm] += 1
-            out.decisions.append((req.user_id.encode(), decision, p.raw.timestamp_ms))
+            out.decisions.append(
+                (req.user_id.encode(), p.raw.partition, decision, p.raw.timestamp_ms)
+            )
         for u in touched_caps:
             out.cap_writes.append((keys[u], parts[u], caps.encode(cap_recs[u])))
-        self._spend_writes(out, spend_delta, load_spend, day)
+        out.spend_writes = self.budget.writes()
         return out
 
     # -- pieces -------------------------------------------------------------------------
@@ -296,7 +342,7 @@ class DecideStage:
         return [decayed[i] if known[i] else None for i in range(len(states))]
 
     def _eligible(
-        self, catalog: Catalog | None, req: AdRequestMsg, cap: caps.CapRecord, broke: set[str]
+        self, catalog: Catalog | None, req: AdRequestMsg, cap: caps.CapRecord
     ) -> np.ndarray:
         if catalog is None or not len(catalog):
             return np.zeros(0, dtype=np.int64)
@@ -311,44 +357,13 @@ class DecideStage:
         rows = catalog.candidate_rows(cands, context)
         limit = self.s.freq_cap_per_day
         capped = [a for a, n in cap.shown.items() if n >= limit]
-        if capped or broke:
+        if capped:
             keep = np.ones(len(rows), dtype=bool)
             for i, r in enumerate(rows.tolist()):
-                if catalog.index.ad_ids[r] in capped or catalog.campaign[r] in broke:
+                if catalog.index.ad_ids[r] in capped:
                     keep[i] = False
             rows = rows[keep]
         return rows
-
-    def _spend(
-        self, catalog: Catalog | None, parts: Sequence[int], load: Loader, day: int
-    ) -> dict[int, set[str]]:
-        """Per partition: campaigns whose share of today's budget is spent."""
-        if catalog is None:
-            return {}
-        campaigns = sorted(catalog.daily_budget)
-        out: dict[int, set[str]] = {}
-        for p in set(parts):
-            values = load([c.encode() for c in campaigns], [p] * len(campaigns))
-            share = {
-                c: caps.budget_share(catalog.daily_budget[c], self.s.partitions) for c in campaigns
-            }
-            out[p] = {
-                c for c, v in zip(campaigns, values, strict=True)
-                if caps.load_spend(v, day).spent >= share[c]
-            }  # fmt: skip
-        return out
-
-    def _spend_writes(
-        self, out: DecideResult, delta: dict[tuple[int, str], float], load: Loader, day: int
-    ) -> None:
-        if not delta:
-            return
-        items = sorted(delta)
-        values = load([c.encode() for _, c in items], [p for p, _ in items])
-        for (p, c), v in zip(items, values, strict=True):
-            rec = caps.load_spend(v, day)
-            rec.spent += delta[(p, c)]
-            out.spend_writes.append((c.encode(), p, caps.encode(rec)))
 
     def _score(self, batch: Inputs | None, n_rows: int) -> tuple[np.ndarray | None, str]:
         model = self.models.current

@@ -1,4 +1,4 @@
-"""Gauges sampled on a timer, off the hot paths: consumer lag and table sizes.
+"""Gauges sampled on a timer, off the hot paths: consumer lag, table sizes, broker reach.
 
 Both read what the worker already knows (the consumer's last fetched high
 watermarks and read positions, RocksDB's own key estimate), so a sample costs
@@ -7,11 +7,16 @@ microseconds and asks the broker nothing.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import socket
+import time
 from collections.abc import Iterable
 from typing import Any
 
+from adpulse.broker import metadata_answers
 from adpulse.metrics import Metrics
+from adpulse.settings import Settings
 
 log = logging.getLogger(__name__)
 SAMPLE_S = 5.0  # how often the timers in streams/pipeline.py sample
@@ -57,3 +62,88 @@ def sample_table_keys(tables: Iterable[Any], metrics: Metrics) -> None:
             except Exception:  # a partition DB closed by a rebalance meanwhile
                 log.debug("no key estimate for a partition of %s", table.name, exc_info=True)
         metrics.table_keys.labels(table.name).set(keys)
+
+
+def sample_pacing(
+    gauges: dict[str, tuple[float, float, float, float]], metrics: Metrics, labelled: set[str]
+) -> None:
+    """Set the ``adpulse_pacing_*`` gauges from the decision stage's per-campaign view.
+
+    ``gauges`` is ``BudgetGate.gauges(now)``: campaign -> (spent, target, budget, p)
+    over this worker's partitions. Campaigns gone from the catalog (or from this
+    worker) lose their series; ``labelled`` remembers which ones were set.
+    """
+    for campaign, (spent, target, budget, p) in gauges.items():
+        metrics.pacing_spend.labels(campaign).set(spent)
+        metrics.pacing_target.labels(campaign).set(target)
+        metrics.pacing_budget.labels(campaign).set(budget)
+        metrics.pacing_participation.labels(campaign).set(p)
+    for campaign in labelled - set(gauges):
+        for gauge in (metrics.pacing_spend, metrics.pacing_target, metrics.pacing_budget,
+                      metrics.pacing_participation):  # fmt: skip
+            gauge.remove(campaign)
+    labelled.clear()
+    labelled.update(gauges)
+
+
+PROBE_S = 1.0  # how often the broker probe runs
+PROBE_TIMEOUT_S = 2.0
+PROBE_FAILURES = 2  # failed probes in a row before the broker counts as unreachable
+
+
+class BrokerProbe:
+    """Whether the worker can reach a bootstrap broker: ``adpulse_broker_connected``, /health.
+
+    Each probe opens a fresh connection to each bootstrap server in turn (in a
+    thread, off the event loop) and sends a Kafka Metadata request; behind TLS or
+    SASL the handshake belongs to the client library, so an accepted connection
+    is the proof there. Two failures in a row mark the broker unreachable (one
+    slow answer on a busy machine does not flap the health check); the first
+    answer marks it reachable again. Both transitions are logged once.
+    """
+
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+        self.servers = [
+            (host, int(port))
+            for host, _, port in (
+                s.strip().rpartition(":") for s in settings.bootstrap_or_default.split(",")
+            )
+            if host and port.isdigit()
+        ]
+        self.plaintext = getattr(settings, "security_protocol", "PLAINTEXT") == "PLAINTEXT"
+        self.metrics = metrics
+        self.connected = True
+        self.failures = 0
+        self.down_since = 0.0
+        metrics.broker_connected.set(1)
+
+    def answers(self) -> bool:
+        for host, port in self.servers:
+            if self.plaintext:
+                if metadata_answers(host, port, timeout=PROBE_TIMEOUT_S):
+                    return True
+                continue
+            try:
+                with socket.create_connection((host, port), timeout=PROBE_TIMEOUT_S):
+                    return True
+            except OSError:
+                continue
+        return False
+
+    async def run(self) -> None:
+        ok = await asyncio.to_thread(self.answers)
+        self.failures = 0 if ok else self.failures + 1
+        if ok and not self.connected:
+            self.connected = True
+            self.metrics.broker_connected.set(1)
+            log.warning("broker reachable again after %.1f s", time.monotonic() - self.down_since)
+        elif self.connected and self.failures >= PROBE_FAILURES:
+            self.connected = False
+            self.down_since = time.monotonic()
+            self.metrics.broker_connected.set(0)
+            log.error(
+                "broker unreachable: no answer from %s in %d probes; /health is 503 until it "
+                "answers (the consumer and producer keep retrying on their own)",
+                ",".join(f"{h}:{p}" for h, p in self.servers),
+                self.failures,
+            )

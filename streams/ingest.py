@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Annotated, Literal
 
 import msgspec
 import numpy as np
 
+from scoring.abuse import EventRateLimiter
 from scoring.features import KIND_INDEX, EventBatch, fingerprint
 from streams.deadletter import Raw, Rejected
 from streams.validate import ContractDecoder
@@ -40,7 +41,7 @@ class UserEventMsg(msgspec.Struct, forbid_unknown_fields=True, gc=False):
 
 
 # Reasons a message is dead-lettered: a metric label, so a fixed, small set.
-REASONS = ("too_large", "invalid_json", "schema", "future_ts")
+REASONS = ("too_large", "invalid_json", "schema", "future_ts", "rate_limited")
 
 
 def _consistent(ev: UserEventMsg) -> bool:
@@ -79,6 +80,33 @@ def decode_events(
                 kept.append((ev, raw))
         good = kept
     return good, bad
+
+
+def pseudonymise(good: Sequence[tuple[UserEventMsg, Raw]], pseudonym: Callable[[str], str]) -> None:
+    """Replace each event's user id by its pseudonym, in place (adpulse/privacy.py)."""
+    for ev, _ in good:
+        ev.user_id = pseudonym(ev.user_id)
+
+
+def rate_limit(
+    good: list[tuple[UserEventMsg, Raw]], limiter: EventRateLimiter
+) -> tuple[list[tuple[UserEventMsg, Raw]], list[Rejected]]:
+    """Events within the per-user rate limit, and the rest as ``rate_limited`` rejections."""
+    if limiter.limit <= 0 or not good:
+        return good, []
+    ts = np.fromiter((ev.ts for ev, _ in good), np.int64, len(good))
+    keep = limiter.admit([ev.user_id for ev, _ in good], ts)
+    if keep.all():
+        return good, []
+    kept, bad = [], []
+    for (ev, raw), ok in zip(good, keep.tolist(), strict=True):
+        if ok:
+            kept.append((ev, raw))
+        else:
+            second = ev.ts // 1000
+            why = f"user {ev.user_id} sent more than {limiter.limit} events in second {second}"
+            bad.append(Rejected(raw, "rate_limited", why))
+    return kept, bad
 
 
 def to_columns(

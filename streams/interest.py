@@ -15,7 +15,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from adpulse.privacy import Pseudonymiser
 from adpulse.settings import Settings
+from scoring.abuse import EventRateLimiter
 from scoring.embeddings import EmbeddingTable, HashedEmbeddings
 from scoring.features import (
     KINDS,
@@ -26,7 +28,7 @@ from scoring.features import (
     encode_states,
 )
 from streams.deadletter import Raw, Rejected
-from streams.ingest import UserEventMsg, decode_events, to_columns
+from streams.ingest import UserEventMsg, decode_events, pseudonymise, rate_limit, to_columns
 
 # (user keys, their partitions) -> stored values (None = new user)
 Loader = Callable[[Sequence[bytes], Sequence[int]], list[bytes | None]]
@@ -46,15 +48,24 @@ class BatchResult:
 class InterestStage:
     """Validated, deduplicated, decayed interest updates for batches of events."""
 
-    def __init__(self, settings: Settings, table: EmbeddingTable | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        table: EmbeddingTable | None = None,
+        pseudonyms: Pseudonymiser | None = None,
+    ) -> None:
         self.settings = settings
+        self.pseudonyms = pseudonyms or Pseudonymiser.from_settings(settings)
+        self.limiter = EventRateLimiter(settings.max_events_per_user_s)
         self.params = InterestParams.from_settings(settings)
         self.table = table or HashedEmbeddings(settings.dim, settings.embedding_seed)
 
     def process(self, raws: Sequence[Raw], load: Loader, now_ms: int) -> BatchResult:
         s = self.settings
         good, rejected = decode_events(raws, now_ms, s.max_event_bytes, s.max_future_skew_ms)
-        result = BatchResult(rejected=rejected, valid=good)
+        pseudonymise(good, self.pseudonyms)  # from here on, user ids are pseudonyms
+        good, limited = rate_limit(good, self.limiter)
+        result = BatchResult(rejected=rejected + limited, valid=good)
         if not good:
             return result
         users, batch = to_columns(good)

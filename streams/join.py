@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from scoring import joinstate as js
+from scoring.abuse import ClickBurst
 from streams.deadletter import Raw, Rejected
 from streams.tablewriter import read_many, write_many
 
@@ -40,6 +41,15 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 JOIN_TICK_S = 1.0
+
+
+class SnapshotMsg(msgspec.Struct, gc=False):
+    """The parts of a decision's ``features`` the pending record keeps."""
+
+    interest: list[float] = []
+    device: str = ""
+    category_id: int = -1
+    item_id: int = -1
 
 
 class DecisionMsg(msgspec.Struct, gc=False):
@@ -56,6 +66,8 @@ class DecisionMsg(msgspec.Struct, gc=False):
     placement: str = ""
     campaign_id: str = ""
     arm: str = ""
+    pctr_raw: float = -1.0
+    features: SnapshotMsg | None = None
 
 
 _decode_decision = msgspec.json.Decoder(DecisionMsg).decode
@@ -72,6 +84,7 @@ class JoinStage:
         self.clicked: dict[int, dict[str, set[str]]] = {}  # partition -> user -> decision ids
         self.watermark: dict[int, int] = {}
         self.gen: int | None = None
+        self.burst = ClickBurst(w.settings.max_clicks_per_user_min)
 
     # -- inputs --------------------------------------------------------------------------
     async def on_decisions(
@@ -88,10 +101,15 @@ class JoinStage:
                 continue
             if d.ad_id is None:
                 continue  # no fill: nothing to label
-            cat, item = ads.get(d.ad_id) or ads.setdefault(d.ad_id, self._ad(d.ad_id))
+            f = d.features or SnapshotMsg()
+            if f.category_id >= 0:  # the snapshot: the ad as it was when it was served
+                cat, item = f.category_id, f.item_id
+            else:
+                cat, item = ads.get(d.ad_id) or ads.setdefault(d.ad_id, self._ad(d.ad_id))
             dec = js.Decision(
                 d.request_id, raw.offset, d.user_id, d.ad_id, d.ts, d.propensity, d.policy,
                 d.pctr, d.model_version, d.placement, d.campaign_id, cat, item, d.arm,
+                d.pctr_raw, f.device, js.pack_interest(f.interest),
             )  # fmt: skip
             by_part.setdefault(raw.partition, []).append(dec)
         futures: list[Any] = []
@@ -103,15 +121,20 @@ class JoinStage:
         """Clicks on served ads and purchases of a user-events batch (already validated)."""
         by_part: dict[int, list[js.Event]] = {}
         newest: dict[int, int] = {}
+        bursts: list[tuple[str, str]] = []
         for ev, raw in good:
             newest[raw.partition] = max(newest.get(raw.partition, 0), ev.ts)
             if ev.kind == "click" and isinstance(ev.decision_id, str):
+                if self.burst.suspect(ev.user_id, ev.ts):  # never reaches the state machine
+                    bursts.append(("burst", ev.user_id))
+                    continue
                 e = js.Event(raw.offset, ev.user_id, ev.ts, ev.decision_id)
             elif ev.kind == "purchase":
                 e = js.Event(raw.offset, ev.user_id, ev.ts, "", ev.item_id, ev.category_id)
             else:
                 continue
             by_part.setdefault(raw.partition, []).append(e)
+        self._suspects(bursts)
         futures: list[Any] = []
         for part, ts in newest.items():
             futures += await self._apply(part, [], by_part.get(part, []), ts, now_ms)
@@ -175,6 +198,7 @@ class JoinStage:
                 self._reindex(due, users, key, rec, gone)
                 writes.append((key.encode(), None if gone else js.encode(rec)))
             self._count(labels, step.late_clicks, closed.expired, len(writes))
+            self._suspects(step.suspect + closed.suspect)
             return await write_many(self.w.pending, part, writes)
 
     def _index(self, part: int) -> tuple[dict[str, int], dict[str, set[str]]]:
@@ -216,6 +240,44 @@ class JoinStage:
             users[rec.user_id].discard(key)
             if not users[rec.user_id]:
                 del users[rec.user_id]
+
+    async def forget(self, part: int, user: str) -> tuple[list[Any], int]:
+        """Delete every record of ``user`` (a pseudonym) on ``part``: tombstone futures, count.
+
+        A scan of the partition's records (forget requests are rare; no per-user
+        index is kept for them), under the same lock as every other change.
+        """
+        async with self.lock:
+            due, users = self._index(part)
+            db = self.w.pending.data._db_for_partition(part)
+            gone: list[str] = []
+            for k, v in db.items():
+                if k.startswith(b"__faust") or not isinstance(v, bytes):
+                    continue
+                try:
+                    rec = js.decode(v)
+                except msgspec.DecodeError:
+                    continue
+                if rec.user_id == user:
+                    gone.append(k.decode())
+                    self._reindex(due, users, k.decode(), rec, deleted=True)
+            users.pop(user, None)
+            self.burst.forget(user)
+            futures = await write_many(self.w.pending, part, [(k.encode(), None) for k in gone])
+            return futures, len(gone)
+
+    def _suspects(self, found: list[tuple[str, str]]) -> None:
+        """Count suspect clicks by rule; log them with the pseudonym (never a raw id)."""
+        if not found:
+            return
+        by_rule: dict[str, list[str]] = {}
+        for rule, user in found:
+            by_rule.setdefault(rule, []).append(user)
+        for rule, users in by_rule.items():
+            self.w.metrics.suspect_clicks.labels(rule).inc(len(users))
+            shown = ", ".join(sorted(set(users))[:5])
+            n = len(users)
+            log.info("%d suspect click(s), rule %s, not labelled; users %s", n, rule, shown)
 
     def _ad(self, ad_id: str) -> tuple[int, int]:
         """(category_id, item_id) of an ad from the catalog, -1 where unknown."""

@@ -28,6 +28,16 @@ vector the decision saw but not the user's top categories, and the decision
 stage computes the same function of the same vector. Calibration counts are
 additive, so each partition keeps its own shard (key ``\\0calibration|P``) and a
 reader sums the shards: one logical record, one writer per shard.
+
+Experiment arms. A label that carries an ``arm`` (ADPULSE_EXPERIMENT) is folded
+into that arm's own record of the ad, key ``ARM\\x1fAD`` (:func:`state_key`),
+still on the ad's ctr-feedback partition, and a decision in arm A reads only
+arm A's records: each arm's bandit learns only from the traffic it served, so
+an A/B comparison of policies is fair (a shared state would let the control's
+traffic train the treatment). Without an arm the key is the ad id, as before.
+An arm's record keeps the LinUCB part only when the arm's policy is LinUCB
+(the label names its policy): no other policy reads it, and it is ~34 KB.
+Calibration shards stay pooled: they measure the model, not a policy.
 """
 
 from __future__ import annotations
@@ -131,6 +141,21 @@ def decode_ad(raw: bytes | None) -> AdState:
     return AdState() if raw is None else _decode_ad(raw)
 
 
+ARM_SEP = "\x1f"  # unit separator, between arm and ad id: a control character ids avoid
+
+
+def state_key(ad_id: str, arm: str | None = None) -> str:
+    """Learner-state key of an ad: the ad id, or ``ARM\\x1fAD`` for one experiment arm's."""
+    return f"{arm}{ARM_SEP}{ad_id}" if arm else ad_id
+
+
+def _keeps_linucb(m: FeedbackMsg) -> bool:
+    """Whether a label feeds LinUCB state: always without an arm, else if the arm's is."""
+    if m.arm is UNSET or m.policy is UNSET:
+        return True
+    return m.policy.startswith("linucb") or m.policy.startswith("fallback")
+
+
 def calibration_key(partition: int) -> bytes:
     """Key of one partition's calibration shard (NUL-prefixed: no ad id collides)."""
     return b"\x00calibration|%d" % partition
@@ -170,8 +195,9 @@ class LearnStage:
         good, rejected = self.decoder.split(raws)
         out = LearnResult(rejected=rejected)
         by_ad: dict[tuple[str, int], list[tuple[FeedbackMsg, Raw]]] = defaultdict(list)
-        for msg, raw in good:
-            by_ad[(msg.ad_id, raw.partition)].append((msg, raw))
+        for msg, raw in good:  # keyed by state key: the ad's, or one arm's record of it
+            arm = None if msg.arm is UNSET else msg.arm
+            by_ad[(state_key(msg.ad_id, arm), raw.partition)].append((msg, raw))
         if not by_ad:
             return out
         ads = list(by_ad)
@@ -181,8 +207,8 @@ class LearnStage:
         shards = {p: _decode_cal(v) if v else CalibrationShard() for p, v in
                   zip(parts, stored[len(ads) :], strict=True)}  # fmt: skip
         cal_in: dict[int, list[tuple[float, int]]] = defaultdict(list)
-        for (ad_id, part), raw_state in zip(ads, stored[: len(ads)], strict=True):
-            labels = sorted(by_ad[(ad_id, part)], key=lambda mr: mr[1].offset)
+        for (key, part), raw_state in zip(ads, stored[: len(ads)], strict=True):
+            labels = sorted(by_ad[(key, part)], key=lambda mr: mr[1].offset)
             state = decode_ad(raw_state)
             applied = self._apply(state, labels, out.outcomes)
             shard = shards[part]
@@ -190,7 +216,7 @@ class LearnStage:
                 pctr = _pctr(m)
                 if pctr is not None and r.offset > shard.offset:
                     cal_in[part].append((pctr, m.clicked))
-            out.writes.append((ad_id.encode(), part, _encode(state)))
+            out.writes.append((key.encode(), part, _encode(state)))
         for p, shard in shards.items():
             new_offset = max(r.offset for (_, q), ms in by_ad.items() if q == p for _, r in ms)
             if cal_in[p]:
@@ -236,7 +262,7 @@ class LearnStage:
             if seg is not None:
                 n, c = segments.get(seg, (0.0, 0.0))
                 segments[seg] = (n + 1.0, c + m.clicked)
-            if len(vec) == self.s.dim and seg is not None:  # LinUCB needs a context
+            if len(vec) == self.s.dim and seg is not None and _keeps_linucb(m):  # a context
                 ctx.append(user_features(vec, self.s.dim)[0])
                 rewards.append(float(m.clicked))
         state.segments = segments
@@ -310,12 +336,14 @@ class StrategyReader:
     def batch(self) -> None:
         self.cache = {}
 
-    def states(self, ad_ids: Sequence[str]) -> list[AdState]:
-        missing = [a for a in dict.fromkeys(ad_ids) if a not in self.cache]
+    def states(self, ad_ids: Sequence[str], arm: str | None = None) -> list[AdState]:
+        """The ads' states; with an experiment arm, that arm's own (see :func:`state_key`)."""
+        keys = [state_key(a, arm) for a in ad_ids]
+        missing = [k for k in dict.fromkeys(keys) if k not in self.cache]
         if missing:
-            for a, raw in zip(missing, self.read([a.encode() for a in missing]), strict=True):
-                self.cache[a] = decode_ad(raw)
-        return [self.cache[a] for a in ad_ids]
+            for k, raw in zip(missing, self.read([k.encode() for k in missing]), strict=True):
+                self.cache[k] = decode_ad(raw)
+        return [self.cache[k] for k in keys]
 
 
 def read_global(table: Any, keys: Sequence[bytes]) -> list[bytes | None]:

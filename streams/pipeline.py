@@ -9,6 +9,8 @@ ad-decisions batch -> click join: decisions x clicks/purchases (streams/join.py)
   + clicks, buys      -> pending table; labels -> ctr-feedback
 ctr-feedback batch -> dedupe + Thompson/LinUCB/calibration (streams/learn.py)
                    -> learn table + strategy GlobalTable (read by decide)
+forget-requests    -> the user's interest, freqcap, pending records deleted by
+                      tombstones (streams/forget.py) -> forget-confirmations
 timers             -> model registry poll (hot-swap), catalog refresh,
                       consumer lag and table sizes (streams/gauges.py)
 """
@@ -28,11 +30,12 @@ import msgspec
 from scoring.featurespec import FeatureSpec
 from scoring.registry import LoadedModel, ModelRegistry
 from scoring.scorer import FallbackRule
+from streams import forget
 from streams.catalog import CATALOG_REFRESH_S, CatalogCache, apply_catalog_record
 from streams.consumer import Batch
 from streams.deadletter import Raw, Rejected, dead_letter
 from streams.decide import DecideStage, ServingModels
-from streams.gauges import SAMPLE_S, sample_consumer_lag, sample_table_keys
+from streams.gauges import SAMPLE_S, sample_consumer_lag, sample_pacing, sample_table_keys
 from streams.interest import BatchResult, InterestStage
 from streams.join import JOIN_TICK_S, JoinStage
 from streams.learn import LearnStage, StrategyReader, learn_batch, read_global
@@ -45,13 +48,15 @@ log = logging.getLogger(__name__)
 
 
 def wire(w: Wiring) -> None:
-    interest = InterestStage(w.settings)
+    interest = InterestStage(w.settings, pseudonyms=w.pseudonyms)
     models = load_models(w)
     catalog = CatalogCache(w.catalog, FeatureSpec.from_settings(w.settings), w.metrics)
     strategy = StrategyReader(lambda keys: read_global(w.strategy, keys))
-    decide = DecideStage(w.settings, models, catalog.get, strategy)
+    decide = DecideStage(w.settings, models, catalog.get, strategy, pseudonyms=w.pseudonyms,
+                         calibration=lambda keys: read_global(w.strategy, keys))  # fmt: skip
     learn = LearnStage(w.settings)
     join = JoinStage(w)
+    forget.wire(w, join)  # forget-requests: a user's state deleted (streams/forget.py)
 
     @w.app.batch_topic(w.user_events)
     async def on_user_events(batch: Batch) -> Awaitable[Any]:
@@ -76,7 +81,13 @@ def wire(w: Wiring) -> None:
     @w.app.agent(w.ad_catalog)
     async def catalog_updates(stream: Any) -> None:
         async for event in stream.events():
-            apply_catalog_record(w.catalog, event.key, event.value)
+            refused = apply_catalog_record(w.catalog, event.key, event.value, w.settings.dim)
+            if refused is not None:  # the ad keeps its last valid version
+                msg, now_ms = event.message, int(time.time() * 1000)
+                ts_ms = int((msg.timestamp or 0) * 1000)
+                raw = Raw(event.value, event.key, msg.partition, msg.offset, ts_ms)
+                rejected = [Rejected(raw, *refused)]
+                await _dead_letter(w, rejected, now_ms, "ad-catalog", "catalog")
 
     @w.app.timer(CATALOG_REFRESH_S)
     async def refresh_catalog() -> None:
@@ -91,11 +102,14 @@ def wire(w: Wiring) -> None:
             w.metrics.model_swaps.labels("swapped").inc()
 
     lag_labelled: set[tuple[str, str]] = set()
+    pacing_labelled: set[str] = set()
 
     @w.app.timer(SAMPLE_S)
     async def sample_gauges() -> None:
         sample_consumer_lag(w.app, w.metrics, lag_labelled)
         sample_table_keys((w.interest, w.freqcap, w.spend, w.catalog), w.metrics)
+        sample_pacing(decide.budget.gauges(int(time.time() * 1000)), w.metrics, pacing_labelled)
+        w.metrics.calibration_labels.set(decide.calibration.labels)
 
 
 def load_models(w: Wiring) -> ServingModels:
@@ -141,10 +155,12 @@ async def decide_batch(w: Wiring, stage: DecideStage, batch: Batch) -> Awaitable
     futures: list[Awaitable[Any]] = []
     m, topic = w.metrics, w.settings.topic("ad-decisions")
     encode = msgspec.json.encode
-    for key, decision, request_ts in result.decisions:
+    for key, part, decision, request_ts in result.decisions:
         sent = time.time()
         decision["latency_ms"] = max(0.0, sent * 1000 - request_ts)
-        futures.append(await w.app.producer.send(topic, key, encode(decision), None, None, None))
+        # Keyed by the pseudonym, so the partition is given: the request's, where the
+        # user's events are (the click join is partition-local).
+        futures.append(await w.app.producer.send(topic, key, encode(decision), part, None, None))
         m.decision_latency.observe(decision["latency_ms"] / 1000)
     futures += await _write_by_partition(w.freqcap, result.cap_writes)
     futures += await _write_by_partition(w.spend, result.spend_writes)
@@ -155,6 +171,8 @@ async def decide_batch(w: Wiring, stage: DecideStage, batch: Batch) -> Awaitable
         m.arm_decisions.labels(w.settings.experiment.split(":", 1)[0], arm).inc(n)
     m.no_fill.inc(result.no_fill)
     m.fallbacks.inc(result.fallbacks)
+    for campaign, n in result.throttled.items():
+        m.pacing_throttled.labels(campaign).inc(n)
     if result.rows_scored:
         m.scorer_rows.inc(result.rows_scored)
         m.scorer_batch_rows.observe(result.rows_scored)

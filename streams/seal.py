@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from adpulse.kafkaconf import client_kwargs
+
 SEAL_KEY = b"\x00adpulse-seal"
 
 
@@ -32,7 +34,7 @@ def seal_changelogs(bootstrap: str, topics: Iterable[str]) -> int:
     """
     from kafka import KafkaAdminClient, KafkaProducer  # noqa: PLC0415 - embedded broker only
 
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="adpulse-seal")
+    admin = KafkaAdminClient(**client_kwargs(bootstrap), client_id="adpulse-seal")
     try:
         wanted = set(topics) & set(admin.list_topics())
         described = admin.describe_topics(sorted(wanted)) if wanted else []
@@ -41,7 +43,7 @@ def seal_changelogs(bootstrap: str, topics: Iterable[str]) -> int:
     targets = [(t["topic"], p["partition"]) for t in described for p in t["partitions"]]
     if not targets:
         return 0
-    producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=0, acks=1)
+    producer = KafkaProducer(**client_kwargs(bootstrap), linger_ms=0, acks=1)
     try:
         for topic, partition in sorted(targets):
             producer.send(topic, key=SEAL_KEY, value=None, partition=partition).get(timeout=10)

@@ -27,6 +27,48 @@ def _no_constants(name: str) -> Any:
     raise ValueError(msg)
 
 
+def _lone_surrogate(obj: Any) -> str | None:
+    """The first string (key or value) holding a lone UTF-16 surrogate, else None.
+
+    JSON may spell one (``"\\ud800"``) but it is no Unicode character: it cannot be
+    encoded as UTF-8, so it could never become a key, a table key or an output
+    record (RFC 7493, I-JSON, forbids it for that reason). Iterative: no recursion.
+    """
+    stack = [obj]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return item
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list | tuple):
+            stack.extend(item)
+    return None
+
+
+def parse_json(value: bytes) -> tuple[Any, str | None]:
+    """``(data, None)`` for a JSON document we can use, else ``(None, why)``: one line.
+
+    Refused: invalid UTF-8, not JSON, NaN/Infinity, nesting deeper than Python's
+    recursion limit (a ~1000-level ``[[[...]]]`` bomb fits in a few kilobytes), and
+    lone surrogates (see :func:`_lone_surrogate`).
+    """
+    try:
+        data = json.loads(value, parse_constant=_no_constants)
+    except (UnicodeDecodeError, ValueError) as exc:
+        return None, f"not JSON: {exc}"[:300]
+    except RecursionError:
+        return None, "not JSON we accept: nested too deeply"
+    bad = _lone_surrogate(data)
+    if bad is not None:
+        return None, f"not JSON we accept: lone UTF-16 surrogate in string {bad[:40]!r}"
+    return data, None
+
+
 class ContractDecoder(Generic[T]):
     """Bytes -> Struct for one topic, or a rejection reason (a metric label) and message."""
 
@@ -53,18 +95,22 @@ class ContractDecoder(Generic[T]):
             return Rejected(raw, "too_large", f"{len(value)} bytes > limit {self.max_bytes}")
         try:
             obj = self._decode(value)
-            if self.extra_check is None or self.extra_check(obj):
+            if (self.extra_check is None or self.extra_check(obj)) and (
+                b"\\u" not in value or _lone_surrogate(msgspec.to_builtins(obj)) is None
+            ):
                 return obj
-        except (msgspec.DecodeError, msgspec.ValidationError):
-            pass
+        except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError):
+            pass  # msgspec raises UnicodeDecodeError for invalid UTF-8 inside a string
         return self._slow(raw, value)
 
     def _slow(self, raw: Raw, value: bytes) -> T | Rejected:
+        data, why = parse_json(value)
+        if why is not None:
+            return Rejected(raw, "invalid_json", why)
         try:
-            data = json.loads(value, parse_constant=_no_constants)
-        except (UnicodeDecodeError, ValueError) as exc:
-            return Rejected(raw, "invalid_json", f"not JSON: {exc}"[:300])
-        problem = first_error(self.topic, data)
+            problem = first_error(self.topic, data)
+        except RecursionError:  # deep nesting the parser took but the validator cannot walk
+            problem = "nested too deeply to validate"
         if problem is not None:
             return Rejected(raw, "schema", problem)
         # Valid by the schema: JSON Schema's "integer" includes integral floats (1.0).

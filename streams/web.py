@@ -1,8 +1,15 @@
-"""HTTP views on the worker's web server: interest lookups, health and metrics.
+"""HTTP views on the worker's web server: interest lookups, learner state, health, metrics.
 
-``GET /users/{user_id}/interest`` is answered by whichever worker owns the
-user's partition (Faust's table routing forwards the request there), so an
-operator can ask any worker.
+``/health`` is 503 while tables recover and while no bootstrap broker answers
+(streams/gauges.py ``BrokerProbe``); ``GET /ads/{ad_id}/strategy`` shows the
+learner counts the decision stage reads for an ad.
+
+``GET /users/{user_id}/interest`` takes the raw user id (the one apps key
+events by): the raw id picks the partition, so Faust's table routing forwards
+the request to the worker that owns it, which looks the user up by pseudonym
+(adpulse/privacy.py). ``GET /pseudonyms/{pseudonym}/interest`` looks up a
+pseudonym (as logs and ctr-feedback show it) in the partitions this worker
+holds: a pseudonym does not tell its partition, so ask each worker.
 """
 
 from __future__ import annotations
@@ -13,6 +20,8 @@ from typing import TYPE_CHECKING, Any
 from faust import web
 
 from scoring.features import InterestParams, decode_states, describe
+from streams.gauges import PROBE_S, BrokerProbe
+from streams.learn import decode_ad, read_global
 
 if TYPE_CHECKING:
     from streams.app import Wiring
@@ -21,22 +30,51 @@ if TYPE_CHECKING:
 def wire(w: Wiring) -> None:
     app, table = w.app, w.interest
     params = InterestParams.from_settings(w.settings)
+    probe = BrokerProbe(w.settings, w.metrics)
 
     @app.page("/users/{user_id}/interest")
     @app.table_route(table=table, match_info="user_id")
     async def interest(self: web.View, request: web.Request, user_id: str) -> web.Response:
-        raw = table.data.get(user_id.encode())
+        body, status = _lookup(w.pseudonyms(user_id), {"user_id": user_id})
+        return self.json(body, status=status)
+
+    @app.page("/pseudonyms/{pseudonym}/interest")
+    async def interest_by_pseudonym(
+        self: web.View, request: web.Request, pseudonym: str
+    ) -> web.Response:
+        body, status = _lookup(pseudonym, {})
+        return self.json(body, status=status)
+
+    def _lookup(pseudonym: str, body: dict[str, Any]) -> tuple[dict[str, Any], int]:
+        body["pseudonym"] = pseudonym
+        raw = table.data.get(pseudonym.encode())
         if raw is None:
-            return self.json({"user_id": user_id, "error": "unknown user"}, status=404)
+            return {**body, "error": "unknown user"}, 404
         state = decode_states([raw], params)[0]
-        body: dict[str, Any] = {"user_id": user_id, **describe(state, _now_ms(), params)}
-        return self.json(body)
+        return {**body, **describe(state, _now_ms(), params)}, 200
 
     @app.page("/health")
     async def health(self: web.View, request: web.Request) -> web.Response:
         recovered = app.tables.recovery.completed.is_set()  # type: ignore[attr-defined]
+        if not probe.connected:
+            return self.json({"status": "broker unreachable"}, status=503)
         status = 200 if recovered else 503
         return self.json({"status": "ok" if recovered else "recovering"}, status=status)
+
+    @app.timer(PROBE_S)
+    async def probe_broker() -> None:
+        await probe.run()
+
+    @app.page("/ads/{ad_id}/strategy")
+    async def strategy(self: web.View, request: web.Request, ad_id: str) -> web.Response:
+        """The learner state the decision stage reads for one ad (every worker holds it)."""
+        raw = read_global(w.strategy, [ad_id.encode()])[0]
+        if raw is None:
+            return self.json({"ad_id": ad_id, "error": "no labels for this ad"}, status=404)
+        st = decode_ad(raw)
+        segments = {str(k): {"shows": n, "clicks": c} for k, (n, c) in st.segments.items()}
+        body = {"ad_id": ad_id, "shows": st.shows, "clicks": st.clicks, "segments": segments}
+        return self.json(body)
 
     @app.page("/metrics")
     async def metrics(self: web.View, request: web.Request) -> web.Response:

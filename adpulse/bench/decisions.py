@@ -28,6 +28,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from adpulse.bench import machine, machine_line, percentiles_ms, spread
 from adpulse.bench.features import _applied, _produce
 from adpulse.catalogtool import publish, synthetic_ads
+from adpulse.kafkaconf import client_kwargs
 from adpulse.settings import Settings
 from adpulse.topics import create_topics
 from adpulse.workerproc import WorkerProcess
@@ -60,9 +61,9 @@ def run(base: Settings, cfg: DecisionsBench, log: Any = print) -> dict[str, Any]
         create_topics(s)
         category_ids = workload.columns(50_000)["category"].tolist()
         ads = synthetic_ads(cfg.ads, category_ids, seed=3)
-        publish(s.bootstrap, s.topic("ad-catalog"), ads)
+        publish(s, s.topic("ad-catalog"), ads)
         keys, values = workload.payloads(cfg.warm_events, int(time.time() * 1000), prefix="warm")
-        asyncio.run(_produce(s.bootstrap, s.topic("user-events"), keys, values))
+        asyncio.run(_produce(s, s.topic("user-events"), keys, values))
         worker = WorkerProcess(s, Path(tmp)).start()
         try:
             worker.wait_until(
@@ -135,10 +136,8 @@ async def _offer(
             "ts": 0, "context": {"device": "mobile"}, "candidates": cands,
         }).encode().split(b'"ts": 0', 1))  # fmt: skip
     keys = [f"u{u}".encode() for u in users.tolist()]
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=s.bootstrap, enable_auto_commit=False, fetch_max_wait_ms=2
-    )
-    producer = AIOKafkaProducer(bootstrap_servers=s.bootstrap, linger_ms=1, acks=1)
+    consumer = AIOKafkaConsumer(**client_kwargs(s), enable_auto_commit=False, fetch_max_wait_ms=2)
+    producer = AIOKafkaProducer(**client_kwargs(s), linger_ms=1, acks=1)
     await consumer.start()
     await producer.start()
     sent: dict[str, float] = {}

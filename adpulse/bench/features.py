@@ -29,6 +29,7 @@ import numpy as np
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from adpulse.bench import machine, machine_line, percentiles_ms, spread
+from adpulse.kafkaconf import client_kwargs
 from adpulse.settings import Settings
 from adpulse.topics import create_topics
 from adpulse.workerproc import WorkerProcess
@@ -77,7 +78,7 @@ def run(base: Settings, cfg: FeaturesBench, log: Any = print) -> dict[str, Any]:
         for r in range(cfg.repeats):
             s = fresh_settings()
             keys, values = workload.payloads(cfg.events, int(time.time() * 1000), prefix=s.app_id)
-            asyncio.run(_produce(s.bootstrap, s.topic("user-events"), keys, values))
+            asyncio.run(_produce(s, s.topic("user-events"), keys, values))
             baseline = asyncio.run(_bare_loop(s, cfg.events))
             worker = WorkerProcess(s, Path(tmp), name=f"worker-{s.app_id}").start()
             try:
@@ -122,9 +123,11 @@ def result_line(res: dict[str, Any]) -> str:
     )
 
 
-async def _produce(bootstrap: str, topic: str, keys: list[bytes], values: list[bytes]) -> None:
+async def _produce(
+    bootstrap: Settings | str, topic: str, keys: list[bytes], values: list[bytes]
+) -> None:
     producer = AIOKafkaProducer(
-        bootstrap_servers=bootstrap, linger_ms=5, max_batch_size=1 << 20, acks=1
+        **client_kwargs(bootstrap), linger_ms=5, max_batch_size=1 << 20, acks=1
     )
     await producer.start()
     try:
@@ -137,10 +140,10 @@ async def _produce(bootstrap: str, topic: str, keys: list[bytes], values: list[b
 async def _bare_loop(s: Settings, n: int) -> float:
     """Consume n messages and produce each to a sink topic: no decoding, no state."""
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=s.bootstrap, enable_auto_commit=False, fetch_max_wait_ms=10,
+        **client_kwargs(s), enable_auto_commit=False, fetch_max_wait_ms=10,
         max_partition_fetch_bytes=16 << 20, auto_offset_reset="earliest",
     )  # fmt: skip
-    producer = AIOKafkaProducer(bootstrap_servers=s.bootstrap, linger_ms=5, max_batch_size=1 << 20)
+    producer = AIOKafkaProducer(**client_kwargs(s), linger_ms=5, max_batch_size=1 << 20)
     await consumer.start()
     await producer.start()
     try:
@@ -198,10 +201,8 @@ async def _freshness(s: Settings, workload: Workload, cfg: FeaturesBench, log: A
     assert fields is not None
     counts_at = int(fields["counts"][1])  # byte offset of the counters in a state record
     changelog = f"{s.app_id}-interest-changelog"
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=s.bootstrap, enable_auto_commit=False, fetch_max_wait_ms=1
-    )
-    producer = AIOKafkaProducer(bootstrap_servers=s.bootstrap, linger_ms=1, acks=1)
+    consumer = AIOKafkaConsumer(**client_kwargs(s), enable_auto_commit=False, fetch_max_wait_ms=1)
+    producer = AIOKafkaProducer(**client_kwargs(s), linger_ms=1, acks=1)
     await consumer.start()
     await producer.start()
     sent: dict[bytes, list[float]] = {}

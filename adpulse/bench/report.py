@@ -43,6 +43,33 @@ def markdown(report: dict[str, Any]) -> str:
              _fmt(st["restore_s"], " s", 1),
              f"bare changelog read {_fmt(st['baseline_changelog_read_s'], ' s', 1)}"),
         ]  # fmt: skip
+    mx = report.get("mixed")
+    if mx:
+        load = (f"{_fmt(mx['offered_events_per_s'])} events/s + "
+                f"{_fmt(mx['offered_requests_per_s'])} req/s")  # fmt: skip
+        rows += [
+            (f"mixed: decision p99 at {load}", "≤ 15 ms", _fmt(mx["latency_p99_ms"], " ms", 1),
+             f"p50 {_fmt(mx['latency_p50_ms'], ' ms', 1)}, p99.9 "
+             f"{_fmt(mx['latency_p999_ms'], ' ms', 1)}"),
+            ("mixed: freshness p99", "≤ 100 ms", _fmt(mx["freshness_p99_ms"], " ms", 1),
+             f"p50 {_fmt(mx['freshness_p50_ms'], ' ms', 1)}"),
+            ("mixed: achieved events/s, decisions/s", "as offered",
+             f"{_fmt(mx['worker_events_per_s'])}, {_fmt(mx['requests_per_s'])}",
+             f"generators offered {_fmt(mx['events_offered_per_s'])}, "
+             f"{_fmt(mx['requests_offered_per_s'])}"),
+            ("mixed: worker CPU, RSS", "", f"{_fmt(mx['worker_cpu_percent'], '%')}, "
+             f"{_fmt(mx['worker_rss_bytes'] / 2**20, ' MiB')}", ""),
+        ]  # fmt: skip
+    rb = report.get("rebalance")
+    if rb:
+        for r in rb["rounds"]:
+            rows.append((
+                f"rebalance pause, {r['signal']} (longest gap between decisions)", "≤ 10 s",
+                _fmt(r["longest_gap_s"], " s", 1),
+                f"moved partitions {_fmt(r['moved_outage_s'], ' s', 1)}: exit "
+                f"{_fmt(r['stopped_exit_s'], ' s', 1)}, rejoin {_fmt(r['rejoined_s'], ' s', 1)}, "
+                f"recovered {_fmt(r['recovered_s'], ' s', 1)}; state equal {r['state_equal']}",
+            ))  # fmt: skip
     sc = report.get("scorer")
     if sc:
         for batch, rate in sc["rows_per_s"].items():

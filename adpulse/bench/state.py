@@ -26,6 +26,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from adpulse.bench import machine, machine_line
 from adpulse.bench.features import _applied, _produce
+from adpulse.kafkaconf import client_kwargs
 from adpulse.settings import Settings
 from adpulse.topics import create_topics
 from adpulse.workerproc import WorkerProcess
@@ -52,7 +53,7 @@ def run(base: Settings, cfg: StateBench, log: Any = print) -> dict[str, Any]:
         )  # fmt: skip
         create_topics(s)
         log(f"  producing one event for each of {cfg.users:,} users ...")
-        asyncio.run(_produce(s.bootstrap, s.topic("user-events"), *_one_event_each(cfg.users)))
+        asyncio.run(_produce(s, s.topic("user-events"), *_one_event_each(cfg.users)))
         worker = WorkerProcess(s, Path(tmp), name="worker-grow").start()
         try:
             worker.wait_until(lambda: _applied(worker) >= cfg.users, 3600, "every user applied")
@@ -132,7 +133,7 @@ def _dir_bytes(root: Path, table: str) -> int:
 async def _read_changelog(s: Settings, expect: int) -> float:
     topic = f"{s.app_id}-interest-changelog"
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=s.bootstrap, enable_auto_commit=False, fetch_max_wait_ms=10,
+        **client_kwargs(s), enable_auto_commit=False, fetch_max_wait_ms=10,
         max_partition_fetch_bytes=16 << 20,
     )  # fmt: skip
     await consumer.start()

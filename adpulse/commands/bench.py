@@ -1,4 +1,4 @@
-"""``adpulse bench features|decisions|scorer``: benchmarks with a same-run baseline."""
+"""``adpulse bench features|decisions|state|mixed|rebalance|scorer|all``: benchmarks."""
 
 from __future__ import annotations
 
@@ -81,9 +81,46 @@ def cmd_bench_state(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_bench_mixed(args: argparse.Namespace, settings: Settings) -> int:
+    from adpulse.bench import mixed  # noqa: PLC0415
+    from adpulse.broker import broker_for  # noqa: PLC0415
+
+    if args.smoke:
+        cfg = mixed.MixedBench.smoke()
+    else:
+        cfg = mixed.MixedBench(
+            event_rate=args.event_rate, request_rate=args.request_rate,
+            duration_s=args.duration, repeats=args.repeat, users=args.users,
+            candidates=args.candidates, ctr=args.ctr,
+        )  # fmt: skip
+    with broker_for(settings) as s:
+        result = mixed.run(s, cfg)
+    print(mixed.result_line(result))
+    _write_json(args.json, {"mixed": result})
+    return 0
+
+
+def cmd_bench_rebalance(args: argparse.Namespace, settings: Settings) -> int:
+    from adpulse.bench import rebalance  # noqa: PLC0415
+    from adpulse.broker import broker_for  # noqa: PLC0415
+
+    if args.smoke:
+        cfg = rebalance.RebalanceBench.smoke()
+    else:
+        cfg = rebalance.RebalanceBench(
+            rate=args.rate, users=args.users, session_timeout_s=args.session_timeout,
+            kill=not args.no_kill,
+        )  # fmt: skip
+    with broker_for(settings) as s:
+        result = rebalance.run(s, cfg)
+    print(rebalance.result_line(result))
+    _write_json(args.json, {"rebalance": result})
+    return 0
+
+
 def cmd_bench_all(args: argparse.Namespace, settings: Settings) -> int:
     """Every benchmark at its defaults (or --smoke) on one broker; one JSON, one table."""
-    from adpulse.bench import decisions, features, scorer, state  # noqa: PLC0415
+    from adpulse.bench import decisions, features, mixed, rebalance, scorer, state  # noqa: PLC0415
     from adpulse.bench.report import markdown  # noqa: PLC0415
     from adpulse.broker import broker_for  # noqa: PLC0415
 
@@ -103,6 +140,12 @@ def cmd_bench_all(args: argparse.Namespace, settings: Settings) -> int:
         st_cfg = state.StateBench.smoke() if args.smoke else state.StateBench()
         report["state"] = st = state.run(s, st_cfg)
         print(state.result_line(st), flush=True)
+        mx_cfg = mixed.MixedBench.smoke() if args.smoke else mixed.MixedBench()
+        report["mixed"] = mx = mixed.run(s, mx_cfg)
+        print(mixed.result_line(mx), flush=True)
+        rb_cfg = rebalance.RebalanceBench.smoke() if args.smoke else rebalance.RebalanceBench()
+        report["rebalance"] = rb = rebalance.run(s, rb_cfg)
+        print(rebalance.result_line(rb), flush=True)
     model_dir = Path(settings.model_dir) if settings.model_dir else None
     report["scorer"] = sc = scorer.run("cpu", smoke=args.smoke, settings=settings,
                                        model_dir=model_dir)  # fmt: skip
@@ -135,7 +178,8 @@ def _finite(obj: object) -> object:
 def _add_sizes(p: argparse.ArgumentParser, **sizes: tuple[int | float, str]) -> None:
     """``--NAME`` per keyword, in order; the default's type is the flag's (3: int, 10.0: float)."""
     for name, (default, help_) in sizes.items():
-        p.add_argument(f"--{name}", type=type(default), default=default, help=help_)
+        flag = "--" + name.replace("_", "-")
+        p.add_argument(flag, type=type(default), default=default, help=help_)
 
 
 def _add_run_flags(p: argparse.ArgumentParser, json_help: str) -> None:
@@ -232,12 +276,57 @@ def register(sub: Subparsers) -> None:
 
     p = add_command(
         bench,
+        "mixed",
+        cmd_bench_mixed,
+        help="user events, ad requests and clicks offered together to one worker",
+        description="Warm interest vectors, then offer --event-rate user events/s and "
+        "--request-rate ad requests/s (--candidates ads each) at the same time from two "
+        "generator processes, answering --ctr of the decisions with clicks; report decision "
+        "latency p50/p99/p99.9, event->state freshness p99, the rates offered and achieved, and "
+        "the worker's CPU and RSS.",
+    )
+    _add_sizes(
+        p,
+        event_rate=(10_000.0, "offered user events/s (10000)"),
+        request_rate=(1_000.0, "offered ad requests/s (1000)"),
+        duration=(20.0, "seconds per repeat (20)"),
+        repeat=(3, "repeats; medians reported (3)"),
+        users=(10_000, "users with warm vectors (10000)"),
+        candidates=(100, "candidate ads per request (100)"),
+        ctr=(0.02, "share of filled decisions answered with a click (0.02)"),
+    )
+    _add_run_flags(p, 'also write {"mixed": figures} as JSON')
+    add_bootstrap(p)
+
+    p = add_command(
+        bench,
+        "rebalance",
+        cmd_bench_rebalance,
+        help="two workers split the partitions; one stops; pause in decisions during takeover",
+        description="Start two workers on the same topics, check both hold partitions and serve "
+        "decisions, then stop one (SIGTERM, then SIGKILL in a second round) while requests keep "
+        "arriving at --rate/s; report the longest gap between decisions, what it is made of, and "
+        "whether the survivor serves the stopped worker's users with the same interest state.",
+    )
+    _add_sizes(
+        p,
+        rate=(200.0, "offered ad requests/s during the rebalance (200)"),
+        users=(2_000, "users with interest state (2000)"),
+        session_timeout=(3.0, "consumer-group session timeout of both workers, s (3)"),
+    )
+    p.add_argument("--no-kill", action="store_true", help="skip the SIGKILL round")
+    _add_run_flags(p, 'also write {"rebalance": figures} as JSON')
+    add_bootstrap(p)
+
+    p = add_command(
+        bench,
         "all",
         cmd_bench_all,
         help="every benchmark at its defaults, one JSON report and a Markdown table",
-        description="Run bench features, decisions, state and scorer at their defaults (or "
-        "--smoke) on one broker, print each result line and a Markdown table of every target, the "
-        "measured value and its same-run baseline, and write all figures to --json.",
+        description="Run bench features, decisions, state, mixed, rebalance and scorer at their "
+        "defaults (or --smoke) on one broker, print each result line and a Markdown table of "
+        "every target, the measured value and its same-run baseline, and write all figures to "
+        "--json.",
     )
     p.add_argument("--data", default="../shared/data", help="folder with the Taobao sample to fit")
     _add_run_flags(p, "also write every benchmark's figures as one JSON document")

@@ -19,7 +19,7 @@ def cmd_catalog_publish(args: argparse.Namespace, settings: Settings) -> int:
         msg = f"{args.path}: no ads in the file"
         raise InputError(msg)
     topic = _ready(settings, "ad-catalog")
-    n = catalogtool.publish(settings.bootstrap_or_default, topic, ads)
+    n = catalogtool.publish(settings, topic, ads)
     print(f"published {n} ads from {args.path} to {topic} at {settings.bootstrap_or_default}")
     return 0
 
@@ -34,7 +34,7 @@ def cmd_catalog_synth(args: argparse.Namespace, settings: Settings) -> int:
     categories = [e.category_id for e in replay.read_taobao(Path(args.categories_from))]
     ads = catalogtool.synthetic_ads(args.ads, categories, seed=args.seed)
     topic = _ready(settings, "ad-catalog")
-    n = catalogtool.publish(settings.bootstrap_or_default, topic, ads)
+    n = catalogtool.publish(settings, topic, ads)
     print(
         f"published {n} synthetic ads (categories drawn from the {len(set(categories))} in "
         f"{args.categories_from}) to {topic} at {settings.bootstrap_or_default}"
@@ -46,7 +46,7 @@ def cmd_catalog_remove(args: argparse.Namespace, settings: Settings) -> int:
     from adpulse import catalogtool  # noqa: PLC0415
 
     topic = _ready(settings, "ad-catalog")
-    catalogtool.remove(settings.bootstrap_or_default, topic, args.ad_ids)
+    catalogtool.remove(settings, topic, args.ad_ids)
     print(f"sent {len(args.ad_ids)} tombstone(s) to {topic}: {' '.join(args.ad_ids)}")
     return 0
 
@@ -55,7 +55,7 @@ def _ready(settings: Settings, topic: str) -> str:
     """The full topic name, once the broker answers (else one-line BrokerUnavailable)."""
     from adpulse.broker import wait_for_broker  # noqa: PLC0415
 
-    wait_for_broker(settings.bootstrap_or_default, timeout=5)
+    wait_for_broker(settings, timeout=5)
     return settings.topic(topic)
 
 
@@ -92,8 +92,8 @@ def _dump_feedback(settings: Settings, path: Path) -> int:
     from adpulse.broker import wait_for_broker  # noqa: PLC0415
     from adpulse.inspect import read_topic  # noqa: PLC0415
 
-    wait_for_broker(settings.bootstrap_or_default, timeout=5)
-    records = read_topic(settings.bootstrap_or_default, settings.topic("ctr-feedback"))
+    wait_for_broker(settings, timeout=5)
+    records = read_topic(settings, settings.topic("ctr-feedback"))
     if not records:
         msg = f"topic {settings.topic('ctr-feedback')} has no records to train on"
         raise InputError(msg)

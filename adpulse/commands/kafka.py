@@ -74,10 +74,10 @@ def cmd_replay_taobao(args: argparse.Namespace, settings: Settings) -> int:
     if args.now:
         events = replay.rebased(events, int(time.time() * 1000))
     bootstrap = settings.bootstrap_or_default
-    wait_for_broker(bootstrap, timeout=5)
+    wait_for_broker(settings, timeout=5)
     topic = settings.topic("user-events")
     with Progress(total=len(events), label=f"replay -> {topic}") as bar:
-        sent = replay.produce(replay.paced(events, args.speed), bootstrap, topic, bar.advance)
+        sent = replay.produce(replay.paced(events, args.speed), settings, topic, bar.advance)
     print(f"sent {sent} events from {args.path} to {topic} at {bootstrap}")
     return 0
 

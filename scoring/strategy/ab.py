@@ -124,24 +124,42 @@ def two_proportion_z(k1: float, n1: float, k2: float, n2: float) -> tuple[float,
 
 def report(exp: Experiment, counts: npt.NDArray[np.int64]) -> list[dict[str, Any]]:
     """Per arm: counts, CTR and CVR with 95% intervals, and z/p against the control."""
+    return compare([a.name for a in exp.arms], counts, [a.policy for a in exp.arms])
+
+
+def compare(
+    names: list[str],
+    counts: npt.NDArray[np.int64],
+    policies: list[str] | None = None,
+    control: int = 0,
+) -> list[dict[str, Any]]:
+    """Per group (arm or policy): counts, CTR and CVR with 95% intervals, and the
+    difference against group ``control`` with its pooled z-test (z, two-sided p)."""
     rows = []
-    imp0, clk0, cnv0 = (float(x) for x in counts[0])
-    for arm, (imp, clk, cnv) in zip(exp.arms, counts.astype(float), strict=True):
+    imp0, clk0, cnv0 = (float(x) for x in counts[control])
+    ctr0 = clk0 / imp0 if imp0 else math.nan
+    cvr0 = cnv0 / clk0 if clk0 else math.nan
+    for i, (name, (imp, clk, cnv)) in enumerate(zip(names, counts.astype(float), strict=True)):
         ctr_z, ctr_p = two_proportion_z(clk0, imp0, clk, imp)
         cvr_z, cvr_p = two_proportion_z(cnv0, clk0, cnv, clk)
+        ctr = clk / imp if imp else math.nan
+        cvr = cnv / clk if clk else math.nan
         rows.append(
             {
-                "arm": arm.name,
-                "policy": arm.policy,
+                "arm": name,
+                "policy": policies[i] if policies is not None else name,
+                "control": i == control,
                 "impressions": int(imp),
                 "clicks": int(clk),
                 "conversions": int(cnv),
-                "ctr": clk / imp if imp else math.nan,
+                "ctr": ctr,
                 "ctr_ci": wilson(clk, imp),
-                "cvr": cnv / clk if clk else math.nan,
+                "cvr": cvr,
                 "cvr_ci": wilson(cnv, clk),
+                "ctr_diff": ctr - ctr0,
                 "ctr_z": ctr_z,
                 "ctr_p": ctr_p,
+                "cvr_diff": cvr - cvr0,
                 "cvr_z": cvr_z,
                 "cvr_p": cvr_p,
             }

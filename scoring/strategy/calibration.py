@@ -54,6 +54,11 @@ def pav(y: F64, w: F64) -> F64:
     return np.repeat(np.array(means), sizes)
 
 
+def apply_curve(curve: tuple[F64, F64], pctr: npt.ArrayLike) -> F64:
+    """Map pCTR through a cached :meth:`Calibrator.curve` (monotone, linear in logit)."""
+    return np.asarray(np.interp(logit(pctr), curve[0], curve[1]), dtype=np.float64)
+
+
 @dataclass(frozen=True)
 class CalibrationParams:
     buckets: int = 20
@@ -80,6 +85,12 @@ class CalibrationState:
     def from_bytes(cls, raw: bytes) -> CalibrationState:
         a = np.frombuffer(raw, dtype="<f8").reshape(3, -1).copy()
         return cls(a[0], a[1], a[2])
+
+    def __add__(self, other: CalibrationState) -> CalibrationState:
+        """Counts are additive: the sum of partition shards is the whole stream's state."""
+        return CalibrationState(
+            self.n + other.n, self.clicks + other.clicks, self.pred_sum + other.pred_sum
+        )
 
 
 class Calibrator:
@@ -130,12 +141,29 @@ class Calibrator:
             raw = np.where(w > 0, (state.clicks + m * pred) / w, pred)
         return pav(raw, np.where(w > 0, w, 1e-12))
 
+    def trusted(self, state: CalibrationState, min_labels: float) -> CalibrationState | None:
+        """``state`` with the cells under ``min_labels`` labels emptied; None if none has.
+
+        An emptied cell falls back to the model (its rate is its own prediction),
+        so serving can apply :meth:`calibrate` to the result from the first trusted
+        cell on, and leave pCTR untouched while there is none.
+        """
+        keep = state.n >= min_labels
+        if not np.any(keep):
+            return None
+        return CalibrationState(
+            np.where(keep, state.n, 0.0),
+            np.where(keep, state.clicks, 0.0),
+            np.where(keep, state.pred_sum, 0.0),
+        )
+
     def calibrate(self, state: CalibrationState, pctr: npt.ArrayLike) -> F64:
         """Calibrated CTR for each pCTR: linear in logit between cells' mean predictions."""
-        return np.asarray(
-            np.interp(logit(pctr), logit(self.predicted(state)), self.rates(state)),
-            dtype=np.float64,
-        )
+        return apply_curve(self.curve(state), pctr)
+
+    def curve(self, state: CalibrationState) -> tuple[F64, F64]:
+        """(logit of each cell's mean prediction, its calibrated rate): what serving caches."""
+        return logit(self.predicted(state)), self.rates(state)
 
     def report(self, state: CalibrationState) -> list[dict[str, float]]:
         """Predicted vs observed per cell, for operators (``adpulse report``)."""

@@ -54,7 +54,7 @@ def test_bench_all_smoke_writes_every_section_and_a_table(
     args = ["bench", "all", "--smoke", "--json", str(out), "--bootstrap", settings.bootstrap]
     assert main(args) == 0
     body = json.loads(out.read_text())
-    assert {"features", "decisions", "state", "scorer"} <= body.keys()
+    assert {"features", "decisions", "state", "mixed", "rebalance", "scorer"} <= body.keys()
     printed = capsys.readouterr().out
     assert "| benchmark | target | measured | baseline (same run) |" in printed
 
@@ -67,3 +67,31 @@ def test_state_bench_smoke_restores_and_reports(settings: Settings) -> None:
     assert result["bytes_per_user_on_disk"] > 0
     assert result["worker_rss_bytes"] > 0
     assert math.isfinite(result["restore_s"])
+
+
+def test_mixed_bench_smoke_offers_both_loads_and_reports_every_key(settings: Settings) -> None:
+    from adpulse.bench import mixed
+
+    result = mixed.run(settings, mixed.MixedBench.smoke(), log=lambda _m: None)
+    assert result["lost"] == 0
+    assert result["requests"] == 60
+    assert result["freshness_samples"] == 600  # every offered event became visible in state
+    assert result["clicks_per_s"] > 0  # bench-ok: clicks were sent, no speed claim
+    for key in ("latency_p99_ms", "latency_p999_ms", "freshness_p99_ms", "worker_cpu_percent",
+                "worker_events_per_s", "requests_per_s"):  # fmt: skip
+        assert math.isfinite(result[key]), key
+    assert result["worker_rss_bytes"] > 0
+    assert "mixed:" in mixed.result_line(result)
+
+
+def test_rebalance_bench_smoke_splits_partitions_and_survivor_restores_state(
+    settings: Settings,
+) -> None:
+    from adpulse.bench import rebalance
+
+    result = rebalance.run(settings, rebalance.RebalanceBench.smoke(), log=lambda _m: None)
+    (r,) = result["rounds"]
+    assert r["a_partitions"] and r["b_partitions"]
+    assert sorted(r["a_partitions"] + r["b_partitions"]) == list(range(settings.partitions))
+    assert r["state_equal"]  # a moved user's interest served by the survivor as before
+    assert math.isfinite(r["longest_gap_s"])  # bench-ok: it ran, no timing claim

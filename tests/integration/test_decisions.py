@@ -20,14 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
 import pytest
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.partitioner.default import murmur2
-from onnx import numpy_helper
 
 from adpulse.broker import EmbeddedBroker
 from adpulse.catalogtool import publish, remove
+from adpulse.privacy import DEVELOPMENT_KEY, Pseudonymiser
 from adpulse.settings import Settings
 from adpulse.topics import create_topics
 from adpulse.workerproc import WorkerProcess
@@ -36,6 +35,7 @@ from scoring.features import InterestParams
 from scoring.featurespec import AdIndex, FeatureSpec, assemble
 from scoring.registry import MODEL, PACKAGED, ModelRegistry
 from scoring.scorer import OnnxScorer
+from tests.modelfaults import corrupt, nan_model, publish_version
 
 pytestmark = pytest.mark.integration
 HOUR = 3600 * 1000
@@ -162,6 +162,9 @@ def ad(ad_id: str, placement: str, bid: float, category: int, **extra: Any) -> d
             "targeting": {"placements": [placement]}, **extra}  # fmt: skip
 
 
+pseudonym = Pseudonymiser(DEVELOPMENT_KEY)  # what a worker on the embedded broker uses
+
+
 def partition_of(key: str, partitions: int) -> int:
     """Where the default (murmur2) partitioner puts a key: the Java client's rule."""
     return (murmur2(key.encode()) & 0x7FFFFFFF) % partitions
@@ -256,6 +259,9 @@ def shared(broker: EmbeddedBroker, tmp_path_factory: pytest.TempPathFactory) -> 
     publish(settings.bootstrap, settings.topic("ad-catalog"), ads)
     extra = {
         "ADPULSE_FREQ_CAP_PER_DAY": "1",
+        # Serve-until-spent budgets: the budget test checks that mode's exact stop point;
+        # pacing (throttled participation) has its own test in test_pacing.py.
+        "ADPULSE_PACING": "off",
         "ADPULSE_PLACEMENT_POLICIES": ";".join(f"{p}=greedy" for p in GREEDY),
         **LENIENT,
     }
@@ -305,7 +311,10 @@ def test_every_valid_request_gets_exactly_one_schema_valid_decision(shared: Shar
         d = sh.decisions.one(r["request_id"])
         body = {k: v for k, v in d.items() if k != "_partition"}
         assert first_error("ad-decisions", body) is None, first_error("ad-decisions", body)
-        assert d["user_id"] == r["user_id"] and d["placement"] == "complete"
+        # The decision holds the pseudonym, on the request's partition (co-partitioned).
+        assert d["user_id"] == pseudonym(r["user_id"]) != r["user_id"]
+        assert d["_partition"] == partition_of(r["user_id"], sh.settings.partitions)
+        assert d["placement"] == "complete"
         # Known or not, every user gets an ad scored by the model, not an error or a fallback.
         assert d["ad_id"] in sh.ads and d["ad_id"].startswith("complete-")
         assert d["model_version"] == sh.oracle.version
@@ -535,32 +544,6 @@ def test_catalog_update_and_tombstone_take_effect(shared: Shared) -> None:
 
 
 # -- hot swap (own worker, own model registry) ---------------------------------------------
-def corrupt(src: Path, dst: Path) -> None:
-    shutil.copytree(src, dst)
-    data = (src / MODEL).read_bytes()
-    (dst / MODEL).write_bytes(data[: len(data) // 3])
-
-
-def nan_model(src: Path, dst: Path) -> None:
-    """Same inputs and outputs as the spec, but the last layer's bias is NaN: pctr is NaN."""
-    shutil.copytree(src, dst)
-    model = onnx.load(str(src / MODEL))
-    for init in model.graph.initializer:
-        if init.name == "mlp.4.bias":
-            init.CopyFrom(numpy_helper.from_array(np.full(1, np.nan, np.float32), init.name))
-            break
-    else:
-        pytest.fail("the shipped model has no mlp.4.bias initializer to poison")
-    onnx.save(model, str(dst / MODEL))
-
-
-def publish_version(root: Path, version: str, build: Any, src: Path) -> None:
-    """Write under a hidden temporary name, then rename: a poll never sees half a model."""
-    tmp = root / f".{version}.tmp"
-    build(src, tmp)
-    tmp.rename(root / version)
-
-
 def test_model_hot_swap_drops_nothing_and_bad_models_are_refused(
     settings: Settings, tmp_path: Path
 ) -> None:

@@ -61,6 +61,11 @@ class Feedback:
             self.poll(0.2)
 
 
+def interest(i: int) -> list[float]:
+    """The snapshot a decision carries: 4-decimal numbers (the join keeps them as float16)."""
+    return [0.0, 0.25, round(0.1 * (i % 7), 4), 1.5]
+
+
 class Feed:
     def __init__(self, settings: Settings) -> None:
         self.s = settings
@@ -71,7 +76,9 @@ class Feed:
             d = {"request_id": did, "user_id": f"u{i % 7}", "ad_id": f"ad{i % 3}", "score": 0.1,
                  "pctr": 0.05, "bid": 2.0, "propensity": 0.9, "policy": "greedy",
                  "model_version": "v1", "ts": ts, "latency_ms": 1.0,
-                 "placement": "home"}  # fmt: skip
+                 "placement": "home", "pctr_raw": 0.08,
+                 "features": {"interest": interest(i), "placement": "home", "pctr": 0.08,
+                              "category_id": 2, "campaign_id": "c1"}}  # fmt: skip
             self._send("ad-decisions", d["user_id"], d)
         self.producer.flush()
 
@@ -116,6 +123,13 @@ def test_each_decision_gets_one_label_clicks_one_late_clicks_counted_not_emitted
     fb.wait(ids, timeout=30)
     assert all(first_error("ctr-feedback", r[0]) is None for r in fb.by_id.values())
     assert {i: fb.by_id[i][0]["clicked"] for i in ids} == {i: int(i in ids[:20]) for i in ids}
+    # Each label carries its decision's snapshot: the interest vector (float16 precision)
+    # and the raw model output as features.pctr, the served one at the top level.
+    for n, i in enumerate(ids):
+        features = fb.by_id[i][0]["features"]
+        assert features["interest"] == pytest.approx(interest(n), abs=1e-3)
+        assert features["pctr"] == 0.08 and fb.by_id[i][0]["pctr"] == 0.05
+        assert features["category_id"] == 2
     # A burst of clicks after the zero labels (and repeats of the counted ones): no new labels.
     feed.clicks(ids[20:], ids, now + 1500, "late")
     feed.clicks(ids[:20], ids, now + 1600, "again")

@@ -31,7 +31,7 @@ from scoring.strategy.pacing import HOUR_MS, Pacer, PacingParams, decode, encode
 
 @pytest.mark.parametrize(
     "name",
-    ["scoring.strategy.calibration", "scoring.strategy.ab"],
+    ["scoring.strategy.calibration", "scoring.strategy.ab", "scoring.strategy.pacing"],
 )
 def test_docstring_examples_hold(name: str) -> None:
     result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
@@ -122,25 +122,27 @@ DAY0 = 20_000 * 24 * HOUR_MS  # a UTC midnight
 def _simulate_day(
     plan: tuple[float, ...], traffic: tuple[float, ...], offered_x: float, seed: int
 ) -> tuple[list[float], list[float]]:
-    """One day in minutes: Poisson opportunities, each allowed one costs 1; (spent, plan)/hour."""
+    """One day: Poisson opportunities, each allowed one costs 1; (spent, plan) per hour.
+
+    The first two minutes step a second at a time, as a worker's batches do (the cold
+    start's short probe windows need it), the rest a minute at a time.
+    """
     params = PacingParams(profile=plan)
     budget = 50_000.0
     pacer = Pacer({"c": budget}, params)
     rng = np.random.default_rng(seed)
     share = np.asarray(traffic) / sum(traffic)
+    steps = [(t * 1000, 1000) for t in range(120)] + [(m * 60_000, 60_000) for m in range(2, 1440)]
     spent, target = [], []
-    for minute in range(1440):
-        now = DAY0 + minute * 60_000
+    for t, dt in steps:
+        now = DAY0 + t
         p = pacer.probability("c", now)
-        pacer.spend(
-            "c",
-            float(rng.binomial(rng.poisson(offered_x * budget * share[minute // 60] / 60), p)),
-            now,
-        )
-        if minute % 60 == 59:
+        offered = offered_x * budget * share[t // HOUR_MS] * dt / HOUR_MS
+        pacer.spend("c", float(rng.binomial(rng.poisson(offered), p)), now)
+        if (t + dt) % HOUR_MS == 0:
             spent.append(float(pacer.record("c")["spent"]))
-            end = now + 60_000
-            target.append(budget * (params.cumulative(end) if minute < 1439 else 1.0))
+            end = now + dt
+            target.append(budget * (params.cumulative(end) if t + dt < 24 * HOUR_MS else 1.0))
     return spent, target
 
 
@@ -162,6 +164,24 @@ def test_pacer_spends_within_ten_percent_of_plan_every_hour(
     for s, t in zip(spent, target, strict=True):
         assert s == pytest.approx(t, rel=0.10)
     assert spent[0] < 0.1 * 50_000
+
+
+def test_a_cold_start_under_a_flood_cannot_spend_the_morning_at_once() -> None:
+    """A new campaign starts at p = 1; traffic worth 1000 budgets a day hits it."""
+    spent, target = _simulate_day((1.0,) * 24, (1.0,) * 24, offered_x=1000.0, seed=7)
+    assert spent[0] < 0.1 * 50_000  # early window closes cut the first-second burst
+    assert spent[-1] == pytest.approx(50_000, rel=0.02)
+    for s, t in zip(spent[1:], target[1:], strict=True):
+        assert s == pytest.approx(t, rel=0.10)
+
+
+def test_a_campaign_whose_budget_dwarfs_its_traffic_is_never_throttled() -> None:
+    pacer = Pacer({"c": 1e9})
+    rng = np.random.default_rng(0)
+    for minute in range(600):
+        now = DAY0 + minute * 60_000
+        assert pacer.probability("c", now) == 1.0
+        pacer.spend("c", float(rng.poisson(30.0)), now)
 
 
 def test_pacer_follows_the_plan_when_traffic_does_not_match_the_profile() -> None:

@@ -102,6 +102,12 @@ def test_promtool_accepts_the_alert_rules() -> None:
     assert done.returncode == 0, done.stdout + done.stderr
 
 
+def test_alerts_fire_on_synthetic_series_as_their_unit_tests_say() -> None:
+    """deploy/prometheus/alerts_test.yml: joiner stalled, budget exhausted early."""
+    done = promtool("test", "rules", str(PROMETHEUS / "alerts_test.yml"))
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
 def test_prometheus_scrapes_worker_metrics_and_loads_the_rules() -> None:
     config = load_yaml(PROMETHEUS / "prometheus.yml")
     assert config["rule_files"] == ["alerts.yml"]
@@ -121,6 +127,8 @@ def test_every_alert_has_severity_summary_description_and_runbook() -> None:
         "AdpulseFreshnessP99OverBudget",
         "AdpulseDeadLetterSpike",
         "AdpulseModelSwapRefused",
+        "AdpulseJoinerStalled",
+        "AdpulseBudgetExhaustedEarly",
     } <= names
     for rule in rules:
         assert rule["labels"]["severity"] in {"page", "ticket"}, rule["alert"]
@@ -185,12 +193,31 @@ def test_compose_workers_agree_with_settings_and_prometheus_targets() -> None:
         host, container = svc["ports"][0].split(":")
         assert int(container) == s.web_port
         host_ports.add(host)
-        (volume,) = svc["volumes"]
-        assert volume.endswith(f":{s.data_dir}")
+        (volume,) = [v for v in svc["volumes"] if v.endswith(f":{s.data_dir}")]
         volumes.add(volume.split(":")[0])
         assert svc["build"]["dockerfile"] == "deploy/Dockerfile"
         assert f"{svc['hostname']}:{s.web_port}" in prometheus_targets()
     assert len(volumes) == len(host_ports) == len(workers), "each worker its own volume and port"
+
+
+def test_compose_workers_share_one_pseudonym_key_written_once_by_keygen() -> None:
+    services = compose()["services"]
+    workers = [svc for name, svc in services.items() if name.startswith("worker-")]
+    keygen = services["keygen"]
+    (key_volume,) = keygen["volumes"]
+    volume, secrets_dir = key_volume.split(":")
+    assert "/secrets/pseudonym-key" in " ".join(keygen["command"])
+    assert secrets_dir == "/secrets"
+    files = set()
+    for svc in workers:
+        key_file = Path(Settings.from_env(svc["environment"]).pseudonym_key_file)
+        assert f"{volume}:{key_file.parent}:ro" in svc["volumes"]
+        assert key_file.name == "pseudonym-key"
+        files.add(key_file)
+        assert "ADPULSE_PSEUDONYM_KEY" not in svc["environment"]  # never inline
+    assert len(files) == 1, "every worker reads the same key"
+    worker_base = compose().get("x-worker") or {}
+    assert worker_base["depends_on"]["keygen"]["condition"] == "service_completed_successfully"
 
 
 def prometheus_targets() -> list[str]:
@@ -264,6 +291,20 @@ def test_k8s_workers_are_a_statefulset_with_storage_probes_and_scrape_annotation
     for env in container.get("env", []):
         assert env["name"] in SETTINGS
     (claim,) = sts["spec"]["volumeClaimTemplates"]
-    (mount,) = container["volumeMounts"]
-    assert mount["name"] == claim["metadata"]["name"]
-    assert mount["mountPath"] == str(s.data_dir)
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    assert mounts[claim["metadata"]["name"]]["mountPath"] == str(s.data_dir)
+
+
+def test_k8s_pods_read_the_pseudonym_key_from_one_required_secret() -> None:
+    docs = manifests()
+    s = Settings.from_env(docs["ConfigMap"]["data"])
+    assert s.pseudonymise and s.pseudonym_key_file and not s.pseudonym_key
+    pod = docs["StatefulSet"]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    key = Path(s.pseudonym_key_file)
+    (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == str(key.parent)]
+    assert mount["readOnly"]
+    (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    assert volume["secret"]["secretName"] == "adpulse-pseudonym-key"
+    assert not volume["secret"].get("optional"), "no key: the worker must not start"
+    assert all(e["name"] != "ADPULSE_PSEUDONYM_KEY" for e in container.get("env", []))

@@ -9,6 +9,9 @@ import pytest
 
 MODULES = [
     "adpulse.settings",
+    "adpulse.privacy",
+    "adpulse.kafkaconf",
+    "scoring.abuse",
     "scoring.embeddings",
     "scoring.strategy.epsilon",
     "schemas",

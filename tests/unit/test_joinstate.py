@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import msgspec
+
 from schemas import first_error
 from scoring import joinstate as js
 
@@ -93,3 +95,30 @@ def test_record_roundtrips_through_msgpack() -> None:
     run(state, [dec("d1", 0, campaign_id="c", arm="control")], [])
     rec = state["d1"]
     assert rec is not None and js.decode(js.encode(rec)) == rec
+
+
+def test_label_carries_the_decisions_snapshot_compactly() -> None:
+    vector = [0.0, 0.1234, 2.5, -0.75] + [0.0] * 60
+    packed = js.pack_interest(vector)
+    assert len(packed) == 2 * len(vector)  # float16: two bytes a number
+    state: dict[str, js.Pending | None] = {}
+    d = dec("d1", 0, pctr_raw=0.2, device="mobile", interest=packed)
+    run(state, [d], [])
+    rec = state["d1"]
+    assert rec is not None and js.decode(js.encode(rec)) == rec
+    assert len(js.encode(rec)) < 250  # bounded: one per decision for window + grace
+    (lab,) = js.close_due(state, 5000, P).labels
+    assert first_error("ctr-feedback", lab) is None
+    assert lab["features"]["interest"] == [0.0, 0.1234, 2.5, -0.75] + [0.0] * 60
+    assert lab["features"]["device"] == "mobile"
+    assert lab["features"]["pctr"] == 0.2 and lab["pctr"] == 0.1  # raw vs served
+
+
+def test_a_record_written_before_the_snapshot_fields_still_decodes() -> None:
+    rec = js.Pending(js.OPEN, "u1", "ad1", 1000, 0.5, "greedy", 0.1)
+    names = list(rec.__struct_fields__)
+    older = msgspec.msgpack.encode([getattr(rec, f) for f in names[: names.index("pctr_raw")]])
+    back = js.decode(older)
+    assert back.interest == b"" and back.pctr_raw == -1.0
+    features = js.label("d1", back, 0, 2000, "window_expired")["features"]
+    assert features["interest"] == [] and features["pctr"] == 0.1

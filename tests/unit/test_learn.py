@@ -24,6 +24,7 @@ from streams.learn import (
     calibration_key,
     decode_ad,
     segment_of,
+    state_key,
 )
 
 DIM = 4
@@ -170,3 +171,43 @@ def test_experiment_arms_are_stable_and_carry_their_policies() -> None:
     assert parse_experiment("", SETTINGS) is None
     with pytest.raises(ValueError, match="ARM=POLICY@SHARE"):
         parse_experiment("exp1:key:control=greedy", SETTINGS)
+
+
+def arm_label(decision: str, ad: str, clicked: int, arm: str, policy: str) -> dict[str, Any]:
+    body = {**label(decision, ad, clicked, [1.0, 0.0, 0.0, 0.0]), "arm": arm, "policy": policy}
+    assert first_error("ctr-feedback", body) is None
+    return body
+
+
+def test_each_experiment_arm_learns_only_from_its_own_labels() -> None:
+    store, stage = Store(), LearnStage(SETTINGS)
+    bodies = [arm_label(f"t{i}", "a", 1, "treat", "thompson(m=20)") for i in range(3)]
+    bodies += [arm_label(f"c{i}", "a", 0, "ctl", "linucb(alpha=1,eps=0)") for i in range(5)]
+    assert store.run(stage, raws(bodies)).outcomes == {"applied": 8}
+    treat = decode_ad(store.data[(state_key("a", "treat").encode(), 0)])
+    ctl = decode_ad(store.data[(state_key("a", "ctl").encode(), 0)])
+    assert (treat.shows, treat.clicks, treat.offset) == (3.0, 3.0, 2)
+    assert (ctl.shows, ctl.clicks, ctl.offset) == (5.0, 0.0, 7)
+    assert (b"a", 0) not in store.data  # nothing pooled over the arms
+    # Only a LinUCB arm keeps (and pays for) the LinUCB part of its records.
+    assert treat.linucb == b"" and stage.linucb.decode([ctl.linucb])["n"].tolist() == [5]
+    # A decision in an arm reads that arm's records; without an arm, the ad's own.
+    reader = StrategyReader(lambda keys: [store.data.get((k, 0)) for k in keys])
+    reader.batch()
+    assert reader.states(["a"], "treat")[0].shows == 3.0
+    assert reader.states(["a"], "ctl")[0].shows == 5.0
+    assert reader.states(["a"])[0].shows == 0.0
+    # Dedupe is per arm record, and as exact as without arms.
+    again = store.run(stage, raws([arm_label("t0", "a", 1, "treat", "thompson(m=20)")], 8))
+    assert again.outcomes == {"duplicate": 1}
+    assert store.run(stage, raws(bodies)).outcomes == {"redelivered": 8}
+    assert decode_ad(store.data[(state_key("a", "treat").encode(), 0)]).shows == 3.0
+
+
+def test_random_policy_is_uniform_with_exact_propensity() -> None:
+    policy = parse_policy("random", SETTINGS)
+    assert policy.name == "random"
+    rng = np.random.default_rng(0)
+    picks = [policy.choose(np.array([0.9, 0.1, 0.5, 0.0]), rng) for _ in range(4000)]  # type: ignore[call-arg]
+    assert {c.propensity for c in picks} == {0.25}
+    assert np.bincount([c.index for c in picks], minlength=4).min() > 900

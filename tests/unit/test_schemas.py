@@ -29,6 +29,8 @@ EXPECTED_TOPICS = {
     "ctr-feedback",
     "ad-catalog",
     "dead-letters",
+    "forget-requests",
+    "forget-confirmations",
 }
 TOPIC_NAMES = topic_names()
 
@@ -48,7 +50,7 @@ def _read(path: Path) -> Any:
 # --- schemas -----------------------------------------------------------------
 
 
-def test_the_six_topics_have_schema_files() -> None:
+def test_the_eight_topics_have_schema_files() -> None:
     assert set(TOPIC_NAMES) == EXPECTED_TOPICS
 
 

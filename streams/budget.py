@@ -1,0 +1,207 @@
+"""Budgets and calibration for the decision stage: throttle gates, spend, served pCTR.
+
+Budget state is the ``spend`` table: one pacing record (scoring/strategy/pacing.py,
+72 bytes) per campaign per partition. Each partition may spend
+``daily_budget / partitions`` of a campaign per UTC day (its share), so the
+worker owning a partition is the single writer of its records and no
+coordination sits on the hot path. Per batch, :class:`BudgetGate` reads the
+records of every campaign for the batch's partitions once, sets each one's
+participation probability (the pacer, or 1/0 for "serve until spent" when
+``ADPULSE_PACING=off``), gates each request's candidates with one coin per
+campaign before the policy sees them, accounts the batch's spend and returns
+the records that changed.
+
+Spend model: expected cost. A decision costs served pCTR x bid (the catalog's
+bid is a price per click) when it is made; clicks are not settled against it
+(there is no per-impression pricing in the catalog to settle). Calibration
+makes the expected cost unbiased once enough labels exist.
+
+:class:`ServedCalibration` sums the learner's calibration shards (one per
+ctr-feedback partition, in the ``strategy`` GlobalTable) at most every
+``ADPULSE_CALIBRATION_REFRESH_S`` and keeps the curve the decision stage maps
+pCTR through.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import msgspec
+import numpy as np
+import numpy.typing as npt
+
+from adpulse.settings import Settings
+from scoring import caps
+from scoring.catalog import Catalog
+from scoring.strategy import pacing
+from scoring.strategy.calibration import (
+    F64,
+    CalibrationParams,
+    CalibrationState,
+    Calibrator,
+    apply_curve,
+)
+from streams.learn import CalibrationShard, calibration_key
+
+Loader = Callable[[Sequence[bytes], Sequence[int]], list[bytes | None]]
+Reader = Callable[[Sequence[bytes]], list[bytes | None]]
+VIEW_TTL_MS = 300_000  # a partition not decided on for this long leaves the gauges
+_decode_shard = msgspec.msgpack.Decoder(CalibrationShard).decode
+
+
+def pacing_params(s: Settings) -> pacing.PacingParams:
+    return pacing.PacingParams(
+        profile=pacing.parse_profile(s.pacing_profile), interval_ms=int(s.pacing_interval_s * 1000)
+    )
+
+
+def load_record(raw: bytes | None, now_ms: int) -> npt.NDArray[Any]:
+    """A pacing record; a spend record of an older version is carried over (today's spend)."""
+    if raw is None or len(raw) == pacing.RECORD_DTYPE.itemsize:
+        return pacing.decode(raw)
+    rec = pacing.empty_record()
+    try:
+        old = caps.load_spend(raw, caps.day_of(now_ms))
+    except msgspec.DecodeError:
+        return rec
+    rec["day"], rec["spent"] = old.day, old.spent
+    rec["win_start"], rec["p"] = now_ms, 1.0
+    return rec
+
+
+class BudgetGate:
+    """One batch's budget state: participation per (partition, campaign), spend to write."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.s = settings
+        self.params = pacing_params(settings)
+        self.records: dict[tuple[int, str], npt.NDArray[Any]] = {}
+        self.stored: dict[tuple[int, str], bytes | None] = {}
+        self.p: dict[int, npt.NDArray[np.float64]] = {}
+        # (partition, campaign) -> (UTC day, spent, p, budget share, last seen ms): gauges
+        self.view: dict[tuple[int, str], tuple[int, float, float, float, int]] = {}
+
+    def begin(
+        self, catalog: Catalog | None, parts: Sequence[int], load: Loader, now_ms: int
+    ) -> None:
+        """Read every campaign's record for the batch's partitions; set participation."""
+        self.records, self.stored, self.p = {}, {}, {}
+        if catalog is None:
+            return
+        campaigns = catalog.campaigns
+        for part in sorted(set(parts)):
+            values = load([c.encode() for c in campaigns], [part] * len(campaigns))
+            probs = np.ones(len(campaigns))
+            for i, (c, raw) in enumerate(zip(campaigns, values, strict=True)):
+                rec = load_record(raw, now_ms)
+                share = caps.budget_share(catalog.daily_budget[c], self.s.partitions)
+                if self.s.pacing:
+                    probs[i] = pacing.control(rec, share, now_ms, self.params)
+                else:
+                    pacing.roll(rec, now_ms, self.params)
+                    probs[i] = 0.0 if float(rec["spent"]) >= share else 1.0
+                self.records[(part, c)], self.stored[(part, c)] = rec, raw
+                self.view[(part, c)] = (int(rec["day"]), float(rec["spent"]), probs[i], share,
+                                        now_ms)  # fmt: skip
+            if bool(np.any(probs < 1.0)):  # else every campaign takes part: no gate
+                self.p[part] = probs
+
+    def gate(
+        self,
+        catalog: Catalog | None,
+        part: int,
+        rows: npt.NDArray[np.int64],
+        rng: np.random.Generator,
+    ) -> tuple[npt.NDArray[np.int64], list[str]]:
+        """The rows whose campaign takes part in this request, and the campaigns held back."""
+        probs = self.p.get(part)
+        if probs is None or catalog is None or not len(rows):
+            return rows, []
+        codes = catalog.campaign_code[rows]
+        keep = pacing.throttle(codes, probs, rng)
+        if bool(keep.all()):
+            return rows, []
+        held = sorted({catalog.campaigns[c] for c in np.unique(codes[~keep]).tolist()})
+        return rows[keep], held
+
+    def spend(self, part: int, campaign: str, amount: float, now_ms: int) -> None:
+        rec = self.records[(part, campaign)]
+        pacing.record_spend(rec, amount, now_ms, self.params)
+        day, _, p, share, _ = self.view[(part, campaign)]
+        self.view[(part, campaign)] = (day, float(rec["spent"]), p, share, now_ms)
+
+    def writes(self) -> list[tuple[bytes, int, bytes]]:
+        """(campaign, partition, record) for every record this batch changed."""
+        out = []
+        for (part, c), rec in self.records.items():
+            value = pacing.encode(rec)
+            if value != self.stored[(part, c)]:
+                out.append((c.encode(), part, value))
+        return out
+
+    def gauges(self, now_ms: int) -> dict[str, tuple[float, float, float, float]]:
+        """Per campaign over this worker's recent partitions: (spent, target, budget, p)."""
+        day, f_now = now_ms // pacing.DAY_MS, self.params.cumulative(now_ms)
+        sums: dict[str, list[float]] = {}
+        for (part, c), (d, spent, p, share, seen) in list(self.view.items()):
+            if now_ms - seen > VIEW_TTL_MS:
+                del self.view[(part, c)]
+                continue
+            acc = sums.setdefault(c, [0.0, 0.0, 0.0, 0.0, 0.0])
+            acc[0] += spent if d == day else 0.0
+            acc[1] += share * f_now
+            acc[2] += share
+            acc[3] += p
+            acc[4] += 1
+        return {c: (a[0], a[1], a[2], a[3] / a[4]) for c, a in sums.items()}
+
+
+class ServedCalibration:
+    """The calibration curve decisions use: shards summed, refreshed every few seconds."""
+
+    def __init__(self, settings: Settings, read: Reader | None) -> None:
+        self.s = settings
+        self.read = read
+        self.calibrator = Calibrator(CalibrationParams())
+        self.keys = [calibration_key(p) for p in range(settings.partitions)]
+        self.refresh_ms = int(settings.calibration_refresh_s * 1000)
+        self.at = -math.inf
+        self.curve: tuple[F64, F64] | None = None
+        self.labels = 0.0  # labels in the state behind the curve
+
+    def current(self, now_ms: int) -> tuple[F64, F64] | None:
+        if not self.s.calibration or self.read is None:
+            return None
+        if now_ms - self.at >= self.refresh_ms:
+            self.at = now_ms
+            self.curve, self.labels = self._load()
+        return self.curve
+
+    def apply(self, pctr: npt.NDArray[Any], now_ms: int) -> npt.NDArray[np.float64]:
+        curve = self.current(now_ms)
+        p = pctr.astype(np.float64)
+        return p if curve is None else apply_curve(curve, p)
+
+    def _load(self) -> tuple[tuple[F64, F64] | None, float]:
+        assert self.read is not None
+        total: CalibrationState | None = None
+        size = self.calibrator.params.buckets * 3 * 8
+        for raw in self.read(self.keys):
+            if raw is None:
+                continue
+            try:
+                shard = _decode_shard(raw)
+            except msgspec.DecodeError:
+                continue
+            if len(shard.state) != size:  # other calibration params: not ours to read
+                continue
+            state = CalibrationState.from_bytes(shard.state)
+            total = state if total is None else total + state
+        if total is None:
+            return None, 0.0
+        trusted = self.calibrator.trusted(total, self.s.calibration_min_labels)
+        if trusted is None:
+            return None, 0.0
+        return self.calibrator.curve(trusted), float(trusted.n.sum())

@@ -1,0 +1,120 @@
+"""Budget pacing and the feature snapshot in a real worker: real broker, shipped model.
+
+One campaign outbids the other ten to one but has a budget worth a few
+impressions a day: without pacing greedy would serve it on every request until
+its share is gone. With pacing it is throttled after its first spend (the
+window closes early and the controller sees an offered rate far above the
+plan), the other campaign serves the rest, and the pacing metrics say so.
+Users with events get decisions whose snapshot carries their interest vector,
+and the click join carries it into ctr-feedback.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from adpulse.catalogtool import publish
+from adpulse.settings import Settings
+from adpulse.topics import create_topics
+from schemas import first_error
+from tests.integration.test_decisions import (
+    HOUR,
+    LENIENT,
+    Decisions,
+    Requests,
+    TopicReader,
+    Worker,
+    ad,
+    request,
+    wait_catalog,
+)
+
+pytestmark = pytest.mark.integration
+
+
+def test_an_overspending_campaign_is_throttled_and_feedback_carries_the_snapshot(
+    settings: Settings, tmp_path: Path
+) -> None:
+    create_topics(settings)
+    budget = 0.04 * settings.partitions  # a share per partition of about 1% of one impression
+    ads = [ad("tight-0", "pace", 10.0, 4756105, campaign_id="c-tight", daily_budget=budget),
+           ad("loose-0", "pace", 1.0, 982926, campaign_id="c-loose")]  # fmt: skip
+    publish(settings.bootstrap, settings.topic("ad-catalog"), ads)
+    extra = {"ADPULSE_PLACEMENT_POLICIES": "pace=greedy", "ADPULSE_ATTRIBUTION_WINDOW_S": "2",
+             "ADPULSE_WATERMARK_IDLE_S": "1", **LENIENT}  # fmt: skip
+    worker = Worker(settings, tmp_path, extra).start()
+    requests, decisions = Requests(settings), Decisions(settings)
+    feedback = TopicReader(settings.bootstrap, settings.topic("ctr-feedback"), settings.partitions)
+    try:
+        wait_catalog(worker, len(ads))
+        users = [f"fan{i}" for i in range(6)]
+        now = int(time.time() * 1000)
+        requests.events([
+            {"event_id": f"{u}-e{k}", "user_id": u, "kind": "cart", "item_id": 1000 + k,
+             "category_id": 4756105, "ts": now - (k + 1) * HOUR}
+            for u in users for k in range(3)
+        ])  # fmt: skip
+        worker.wait_until(lambda: all(worker.interest(u) for u in users), 20, "interest vectors")
+
+        sent: list[dict[str, Any]] = []
+        for wave in range(4):  # one wave at a time: each sees the spend of the ones before
+            reqs = [request(f"p{wave}-{i}", f"w{wave}-{i}", "pace") for i in range(20)]
+            if wave == 3:
+                reqs += [request(f"fan-{u}", u, "pace") for u in users]
+            requests.send(reqs)
+            decisions.wait([r["request_id"] for r in reqs])
+            sent += reqs
+        got = [decisions.one(r["request_id"]) for r in sent]
+        for d in got:
+            body = {k: v for k, v in d.items() if k != "_partition"}
+            assert first_error("ad-decisions", body) is None, first_error("ad-decisions", body)
+        # The first wave finds tight in its first window (p = 1: greedy serves it), spends
+        # far more than 1% of its budget and closes that window: from the next batch on it
+        # takes part with p = 1e-4, so later waves (66 requests) get the other campaign.
+        first, later = got[:20], got[20:]
+        assert any(d["ad_id"] == "tight-0" for d in first)
+        assert sum(d["ad_id"] == "tight-0" for d in later) <= 1
+        assert all(d["candidates"] == 1 for d in later if d["ad_id"] == "loose-0")
+        assert worker.metric("adpulse_pacing_throttled_total", 'campaign="c-tight"') > 0
+        assert worker.metric("adpulse_pacing_throttled_total", 'campaign="c-loose"') == 0
+
+        def gauge(name: str, campaign: str) -> float:
+            return worker.metric(name, f'campaign="{campaign}"')
+
+        worker.wait_until(lambda: gauge("adpulse_pacing_budget", "c-tight") > 0, 20, "gauges")
+        assert gauge("adpulse_pacing_participation", "c-loose") == 1.0
+        assert gauge("adpulse_pacing_participation", "c-tight") < 0.01
+        assert gauge("adpulse_pacing_spend", "c-tight") > 0
+
+        # The fans' decisions snapshot their interest vectors; the join carries them on.
+        fans = {r["request_id"]: decisions.one(r["request_id"]) for r in sent[-len(users) :]}
+        for d in fans.values():
+            assert len(d["features"]["interest"]) == settings.dim
+            assert any(d["features"]["interest"]) and d["features"]["pctr"] == d["pctr_raw"]
+        labels: dict[str, dict[str, Any]] = {}
+
+        def labelled() -> bool:
+            feedback.poll()
+            for _, _, value in feedback.records:
+                body = json.loads(value)
+                labels[body["decision_id"]] = body
+            return set(fans) <= set(labels)
+
+        worker.wait_until(labelled, 30, "labels of the fans' decisions")
+        for rid, d in fans.items():
+            lab = labels[rid]
+            assert first_error("ctr-feedback", lab) is None
+            assert lab["features"]["interest"] == pytest.approx(
+                d["features"]["interest"], rel=1e-3, abs=1e-3
+            )
+            assert lab["features"]["pctr"] == pytest.approx(d["pctr_raw"])
+    finally:
+        feedback.close()
+        requests.close()
+        decisions.close()
+        worker.stop()

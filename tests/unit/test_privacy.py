@@ -1,0 +1,90 @@
+"""Pseudonyms: keyed, stable, never the key in a log line; no key means no start (off dev)."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+from pathlib import Path
+
+import pytest
+
+from adpulse.errors import ConfigError
+from adpulse.privacy import DEVELOPMENT_KEY, PSEUDONYM_HEX, Pseudonymiser, load_key
+from adpulse.settings import Settings
+from streams.deadletter import Raw
+from streams.ingest import decode_events, pseudonymise
+
+KEY = "a-test-key-of-at-least-16-bytes"
+
+
+def test_pseudonym_is_the_truncated_hmac_sha256_of_the_user_id() -> None:
+    p = Pseudonymiser(KEY.encode())
+    expected = hmac.new(KEY.encode(), b"1000040", hashlib.sha256).hexdigest()[:PSEUDONYM_HEX]
+    assert p("1000040") == expected
+    assert len(p("x")) == 32
+    assert p("1000040") != Pseudonymiser(b"another-key-16-bytes!")("1000040")
+
+
+def test_memo_gives_the_same_answer_after_it_starts_over() -> None:
+    p = Pseudonymiser(KEY.encode())
+    first = [p(f"u{i}") for i in range(70_000)]  # more than the memo holds
+    assert [p(f"u{i}") for i in range(70_000)] == first
+    assert len(set(first)) == len(first)
+
+
+def test_key_file_wins_over_the_variable_and_is_stripped(tmp_path: Path) -> None:
+    f = tmp_path / "key"
+    f.write_text(KEY + "\n")
+    s = Settings(pseudonym_key_file=str(f), pseudonym_key="ignored-because-file-given")
+    assert load_key(s) == KEY.encode()
+    assert load_key(Settings(pseudonym_key=KEY)) == KEY.encode()
+
+
+@pytest.mark.parametrize(
+    ("settings", "names"),
+    [
+        (Settings(bootstrap="kafka:9092"), "ADPULSE_PSEUDONYM_KEY_FILE"),
+        (Settings(pseudonym_key="short"), "ADPULSE_PSEUDONYM_KEY"),
+        (Settings(pseudonym_key_file="/nonexistent/key"), "/nonexistent/key"),
+    ],
+)
+def test_no_usable_key_off_the_embedded_broker_is_a_one_line_config_error(
+    settings: Settings, names: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        Pseudonymiser.from_settings(settings)
+    assert names in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_embedded_broker_without_key_uses_the_development_key_with_one_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="adpulse.privacy"):
+        p = Pseudonymiser.from_settings(Settings(embedded_broker=True), warn=True)
+    assert p("u1") == Pseudonymiser(DEVELOPMENT_KEY)("u1")
+    (record,) = caplog.records
+    assert "development key" in record.getMessage() and "\n" not in record.getMessage()
+
+
+def test_the_key_never_shows_in_reprs(caplog: pytest.LogCaptureFixture) -> None:
+    s = Settings.from_env({"ADPULSE_PSEUDONYM_KEY": KEY, "ADPULSE_SASL_PASSWORD": "hunter2"})
+    assert s.pseudonym_key == KEY
+    assert KEY not in repr(s) and "hunter2" not in repr(s)
+    assert KEY not in repr(Pseudonymiser.from_settings(s))
+
+
+def test_pseudonymise_false_keeps_raw_ids() -> None:
+    p = Pseudonymiser.from_settings(Settings(pseudonymise=False))
+    assert not p.enabled and p("1000040") == "1000040"
+
+
+def test_decoded_events_carry_the_pseudonym_from_then_on() -> None:
+    value = (
+        b'{"event_id":"e1","user_id":"1000040","kind":"browse","item_id":1,"category_id":2,"ts":1}'
+    )
+    good, _ = decode_events([Raw(value, b"1000040", 0, 0)], 10, 8192, 1000)
+    p = Pseudonymiser(KEY.encode())
+    pseudonymise(good, p)
+    assert good[0][0].user_id == p("1000040") != "1000040"
