@@ -52,6 +52,12 @@ class WorkerProcess:
         return env
 
     def start(self, timeout: float = 60.0) -> WorkerProcess:
+        self.spawn()
+        self.wait_until(lambda: self._health() == 200, timeout, "worker ready (/health 200)")
+        return self
+
+    def spawn(self) -> WorkerProcess:
+        """Start the process and return at once (a fault test may kill it while it starts)."""
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "adpulse.cli", "worker", "--loglevel", "info"],
@@ -60,7 +66,6 @@ class WorkerProcess:
             stderr=subprocess.STDOUT,
         )
         log.close()
-        self.wait_until(lambda: self._health() == 200, timeout, "worker ready (/health 200)")
         return self
 
     def _health(self) -> int | None:

@@ -30,6 +30,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from adpulse.bench import machine, machine_line, percentiles_ms, spread
 from adpulse.kafkaconf import client_kwargs
+from adpulse.privacy import Pseudonymiser
 from adpulse.settings import Settings
 from adpulse.topics import create_topics
 from adpulse.workerproc import WorkerProcess
@@ -218,6 +219,9 @@ async def _freshness(s: Settings, workload: Workload, cfg: FeaturesBench, log: A
         keys, values = workload.payloads(total, int(time.time() * 1000), prefix="fresh-")
         keys = [b"f" + k for k in keys]
         values = [v.replace(b'"user_id":"', b'"user_id":"f', 1) for v in values]
+        # The changelog is keyed by pseudonym (the worker's key: the same settings).
+        pseudonym = Pseudonymiser.from_settings(s)
+        state_keys = [pseudonym(k.decode()).encode() for k in keys]
 
         async def watch() -> None:
             while len(fresh) < total:
@@ -240,7 +244,7 @@ async def _freshness(s: Settings, workload: Workload, cfg: FeaturesBench, log: A
         while i < total:
             due = int((time.perf_counter() - start) / tick * per_tick) + 1
             for _ in range(min(due, total) - i):
-                sent.setdefault(keys[i], []).append(time.perf_counter())
+                sent.setdefault(state_keys[i], []).append(time.perf_counter())
                 await producer.send(s.topic("user-events"), values[i], key=keys[i])
                 i += 1
             await asyncio.sleep(tick)

@@ -14,6 +14,9 @@ MODULES = [
     "scoring.abuse",
     "scoring.embeddings",
     "scoring.strategy.epsilon",
+    "scoring.strategy.uniform",
+    "scoring.simulation",
+    "adpulse.report",
     "schemas",
 ]
 

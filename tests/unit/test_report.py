@@ -19,7 +19,7 @@ from scoring.strategy.ab import compare, two_proportion_z, wilson
 def rec(i: int, clicked: int, arm: str | None, **extra: Any) -> dict[str, Any]:
     policy = {"c": "greedy", "t": "thompson(m=20)"}.get(arm or "", "greedy")
     body = {"decision_id": f"d{i}", "ad_id": "a", "user_id": "u", "clicked": clicked}
-    body.update(policy=policy, **extra)
+    body.update({"policy": policy, **extra})
     if arm is not None:
         body["arm"] = arm
     return body
