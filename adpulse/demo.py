@@ -1,73 +1,181 @@
-"""``make demo``: the whole engine on the real Taobao sample, on one machine.
+"""``make demo``: the whole engine on one machine, live, in about three minutes.
 
-Starts the embedded broker unless a bootstrap server is configured, creates the
-topics, starts a worker, publishes a catalog of ads in the sample's categories,
-replays the sample, asks for ads for its users and shows what the engine did:
-what landed, the users' interest vectors, and the decisions with their latency.
+1. Starts the embedded broker (unless a bootstrap server is configured), a real
+   worker running a 4-arm experiment (greedy, random, thompson, linucb), and,
+   when Prometheus is installed, a real Prometheus scraping it through the
+   shipped config.
+2. Replays the real Taobao sample and shows what the engine made of it: what
+   landed, the users' interest vectors, decisions for them.
+3. Runs simulated traffic (``adpulse simulate``'s world: users fitted to the
+   sample, events, ad requests, clicks drawn from a known truth) for
+   ``--seconds``, with a live terminal dashboard read from the worker's own
+   ``/metrics``: events/s, decisions/s, decision p50/p99, freshness, CTR by
+   policy, dead letters.
+4. Prints a summary and writes plots (CTR over time by policy, latency
+   histograms, the simulator's CTR/regret plot, and the Grafana dashboard's
+   panels drawn from Prometheus) to the folder it names. Ctrl-C ends step 3
+   early and still writes them.
 """
 
 from __future__ import annotations
 
 import json
+import secrets
 import tempfile
+import threading
 import time
 from collections import Counter
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from adpulse import replay
+from rich.console import Console
+from rich.live import Live
+
+from adpulse import dashboard, plots, replay, simresults
+from adpulse import prometheus as prom
 from adpulse.broker import broker_for
-from adpulse.catalogtool import publish, synthetic_ads
 from adpulse.errors import InputError
 from adpulse.inspect import read_topic
 from adpulse.kafkaconf import client_kwargs
 from adpulse.settings import Settings
-from adpulse.topics import create_topics
+from adpulse.simulate import Run, SimConfig, run_loop, sim_worker
 from adpulse.workerproc import WorkerProcess
 
 TAOBAO_FILE = "taobao_userbehavior_sample.csv"
 
 
-def run_demo(settings: Settings, data: Path, out: Path) -> int:
+def run_demo(settings: Settings, data: Path, out: Path, seconds: float = 120.0) -> int:
     sample = data / TAOBAO_FILE
     if not sample.is_file():
         msg = f"{sample}: sample data not found; pass --data FOLDER (see README)"
         raise InputError(msg)
     out.mkdir(parents=True, exist_ok=True)
-    with broker_for(settings) as b, tempfile.TemporaryDirectory(prefix="adpulse-demo-") as tmp:
-        s = b.with_(app_id=f"adpulse-demo-{int(time.time())}", data_dir=Path(tmp) / "data")
-        for name, outcome in create_topics(s):
-            print(f"  topic {name}: {outcome}")
-        worker = WorkerProcess(s, out, name="demo-worker")
-        print(f"starting a worker (log: {worker.log_path}) ...")
-        worker.start()
+    console = Console()
+    rate = 200.0
+    cfg = SimConfig(
+        decisions=max(100, int(rate * seconds)), rate=rate, sample=sample, label_wait_s=10.0
+    )
+    world = simresults.load_world(cfg.seed, cfg.sample, cfg.users)
+    with ExitStack() as stack:
+        b = stack.enter_context(broker_for(settings, console.print))
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="adpulse-demo-")))
+        tag = secrets.token_hex(3)
+        s = b.with_(
+            app_id=f"adpulse-demo-{tag}", data_dir=tmp / "data",
+            topic_prefix=f"{settings.topic_prefix}demo-{tag}.",
+        )  # fmt: skip
+        worker, scrape = stack.enter_context(sim_worker(s, cfg, world, out, console.print))
+        console.print(f"worker metrics: [bold]{worker.url}/metrics[/bold]")
+        server = _prometheus(worker, tmp, console)
+        if server is not None:
+            stack.callback(server.stop)
+        started = time.time()
+        summary = _replay_taobao(s, sample, worker)
+        console.print(format_summary(summary))
+        run = Run(cfg.decisions, int(cfg.drift_at * cfg.decisions))
+        board = dashboard.Dashboard(worker.url + "/metrics")
+        stop = threading.Event()
+        result: dict[str, Any] = {}
+
+        def play() -> None:
+            result.update(run_loop(s, cfg, world, run, worker, scrape, console.print, stop))
+
+        console.print(
+            f"simulated traffic for {seconds:.0f} s at up to {rate:.0f} requests/s "
+            "(Ctrl-C ends it early) ..."
+        )
+        player = threading.Thread(target=play, name="simulated-users", daemon=True)
+        player.start()
+        deadline = time.monotonic() + seconds
         try:
-            print(f"worker ready; metrics at {worker.url}/metrics")
-            # Replayed as if it just happened: 2017's interests decayed to nothing by now.
-            events = replay.rebased(replay.read_taobao(sample), int(time.time() * 1000))
-            ads = synthetic_ads(200, [e.category_id for e in events], seed=1)
-            publish(s, s.topic("ad-catalog"), ads)
-            print(f"published {len(ads)} ads over the sample's categories to ad-catalog")
-            t0 = time.perf_counter()
-            sent = replay.produce(events, s, s.topic("user-events"))
-            elapsed = time.perf_counter() - t0
-            print(
-                f"replayed {sent} real Taobao events into {s.topic('user-events')} "
-                f"in {elapsed:.2f}s ({sent / elapsed:,.0f} events/s)"
-            )
-            landed = read_topic(s, s.topic("user-events"), expect=sent, idle_s=1.0)
-            summary = summarise(landed)
-            users = sorted({e.user_id for e in events})
-            worker.wait_until(lambda: _all_applied(worker, events), 60, "the sample applied")
-            summary["interest"] = _interest_summary(worker, users)
-            summary["decisions"] = _ask_for_ads(s, users)
-        finally:
-            worker.stop()
-    print(format_summary(summary))
-    path = out / "summary.json"
-    path.write_text(json.dumps(summary, indent=2, sort_keys=True))
-    print(f"summary written to {path}")
+            with Live(console=console, refresh_per_second=2, transient=False) as live:
+                while player.is_alive():
+                    if time.monotonic() > deadline:
+                        stop.set()
+                    if board.tick() is not None:
+                        live.update(dashboard.render(board.views, "adpulse demo: live"))
+                    player.join(1.0)
+        except KeyboardInterrupt:
+            console.print("stopping: winding the simulated users down ...")
+            stop.set()
+            run.interrupted = True
+            player.join(30)
+        board.tick()
+        sim = simresults.summarise(run, cfg, world, result)
+        simresults.write(sim, run, cfg, out, lambda *_: None)
+        written = _plots(board, server, started, out)
+    summary["live"] = dashboard.summary(board.views)
+    summary["simulation"] = {k: sim[k] for k in ("arms", "labels") if k in sim}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True, default=str))
+    console.print(format_live(summary["live"]))
+    console.print(simresults.format_table(sim))
+    for path in [*written, out / "simulate.png", out / "summary.json"]:
+        console.print(f"wrote {path}")
     return 0
+
+
+def _prometheus(worker: WorkerProcess, tmp: Path, console: Console) -> prom.Prometheus | None:
+    executable = prom.binary()
+    if executable is None:
+        console.print("prometheus not installed: no dashboard.png (apt-get install prometheus)")
+        return None
+    config = prom.scrape_config([worker.url], tmp / "prometheus.yml")
+    (tmp / "prom").mkdir()
+    server = prom.Prometheus(executable, config, tmp / "prom")
+    console.print(f"prometheus (shipped config and alert rules): [bold]{server.url}[/bold]")
+    return server
+
+
+def _replay_taobao(s: Settings, sample: Path, worker: WorkerProcess) -> dict[str, Any]:
+    # Replayed as if it just happened: 2017's interests decayed to nothing by now.
+    events = replay.rebased(replay.read_taobao(sample), int(time.time() * 1000))
+    t0 = time.perf_counter()
+    sent = replay.produce(events, s, s.topic("user-events"))
+    elapsed = time.perf_counter() - t0
+    print(
+        f"replayed {sent} real Taobao events into {s.topic('user-events')} "
+        f"in {elapsed:.2f}s ({sent / elapsed:,.0f} events/s)"
+    )
+    landed = read_topic(s, s.topic("user-events"), expect=sent, idle_s=1.0)
+    summary = summarise(landed)
+    users = sorted({e.user_id for e in events})
+    worker.wait_until(lambda: _all_applied(worker, events), 60, "the sample applied")
+    summary["interest"] = _interest_summary(worker, users)
+    summary["decisions"] = _ask_for_ads(s, users)
+    return summary
+
+
+def _plots(
+    board: dashboard.Dashboard, server: prom.Prometheus | None, started: float, out: Path
+) -> list[Path]:
+    written = []
+    if board.views:
+        written.append(plots.ctr_over_time(board.views, out / "ctr_by_policy.png"))
+        written.append(plots.latency_png(board.final, out / "latency.png"))
+    if server is not None:
+        time.sleep(2)  # one more scrape of the last seconds
+        written.append(plots.dashboard_png(server, started, time.time(), out / "dashboard.png"))
+    return written
+
+
+def format_live(live: dict[str, Any]) -> str:
+    if not live:
+        return "no live figures (the dashboard never scraped the worker)"
+    lines = [
+        f"live run ({live['seconds']} s, from the worker's /metrics):",
+        f"  events {live['events']:,}, decisions {live['decisions']:,} "
+        f"(median {live['decisions_per_s_median']}/s)",
+        f"  decision p99 (median of 1 s windows) {live['decision_p99_ms_median']} ms, "
+        f"freshness p99 {live['freshness_p99_ms_median']} ms",
+        f"  dead letters {live['dead_letters'] or 'none'}",
+    ]
+    for policy, r in sorted(live["ctr_by_policy"].items()):
+        lo, hi = r["ci95"]
+        lines.append(
+            f"  CTR {policy:24s} {r['ctr']:.2%} [{lo:.2%}, {hi:.2%}] over {r['labels']:,} labels"
+        )
+    return "\n".join(lines)
 
 
 def _all_applied(worker: WorkerProcess, events: list[replay.Event]) -> bool:

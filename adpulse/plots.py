@@ -105,7 +105,9 @@ def dashboard_png(
     ps = panels(dashboard)
     cols = 3
     rows = math.ceil(len(ps) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 3.2 * rows), squeeze=False)
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(6 * cols, 3.2 * rows), squeeze=False, layout="constrained"
+    )
     for ax, panel in zip(axes.flat, ps, strict=False):
         drawn = 0
         for target in panel["targets"]:
@@ -121,20 +123,23 @@ def dashboard_png(
         ax.set_title(panel["title"], fontsize=9)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
-        if drawn:
+        if 0 < drawn <= 8:
             ax.legend(fontsize=6, loc="upper left")
+        elif drawn:
+            ax.set_title(f"{panel['title']} ({drawn} series)", fontsize=9)
         else:
             ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
     for ax in list(axes.flat)[len(ps) :]:
         ax.axis("off")
     fig.suptitle("adpulse dashboard (deploy/grafana), queries run against a real Prometheus")
     fig.supxlabel("seconds since the start of the window")
-    return _save(fig, path)
+    return _save(fig, path, tight=False)
 
 
-def _save(fig: Any, path: Path) -> Path:
+def _save(fig: Any, path: Path, tight: bool = True) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
+    if tight:
+        fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

@@ -33,16 +33,19 @@ import heapq
 import json
 import secrets
 import tempfile
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from adpulse import simresults
 from adpulse.errors import BrokerUnavailable
 from adpulse.settings import Settings
+from adpulse.workerproc import WorkerProcess
 from scoring.simulation import World
 
 # (arm, policy); the first is the control. Bandit arguments come from SimConfig.
@@ -137,6 +140,7 @@ class Loop:
         self.due: list[tuple[float, int, bytes, bytes]] = []  # (wall s, seq, key, value)
         self.seq = 0
         self.tag = secrets.token_hex(3)
+        self.stop: threading.Event | None = None  # set: offer no more requests, wind down
 
     # -- out ----------------------------------------------------------------------------
     def event(self, user: int, kind: str, item: int, cat: int, ts: int, **extra: Any) -> bytes:
@@ -174,6 +178,9 @@ class Loop:
         start = time.monotonic()
         events_topic, requests_topic = self.s.topic("user-events"), self.s.topic("ad-requests")
         for i in range(run.n_requests):
+            if self.stop is not None and self.stop.is_set():
+                run.n_requests = run.sent  # what was offered is the run
+                return
             while run.sent - run.decided >= cfg.max_inflight:
                 await self.flush_due(producer)
                 await asyncio.sleep(0.005)
@@ -337,13 +344,89 @@ async def drive(
         await producer.stop()
 
 
-def simulate(settings: Settings, cfg: SimConfig, out: Path, log: Any = print) -> dict[str, Any]:
-    """Run the closed loop; returns the summary (also written with the plot under ``out``)."""
-    from adpulse import simresults  # noqa: PLC0415
-    from adpulse.broker import broker_for  # noqa: PLC0415
+@contextlib.contextmanager
+def sim_worker(
+    s: Settings, cfg: SimConfig, world: World, out: Path, log: Any = print
+) -> Iterator[tuple[WorkerProcess, Callable[[str], float]]]:
+    """A worker running the 4-arm experiment with the world's catalog loaded; and a scraper.
+
+    ``s`` names the broker, topics (created here), app id and data dir.
+    """
     from adpulse.catalogtool import publish  # noqa: PLC0415
     from adpulse.topics import create_topics  # noqa: PLC0415
-    from adpulse.workerproc import WorkerProcess  # noqa: PLC0415
+
+    create_topics(s)
+    ads = world.catalog()
+    worker = WorkerProcess(
+        s, out, name="simulate-worker", extra_env=cfg.worker_env(secrets.token_hex(8))
+    )
+    log(f"starting a worker (log: {worker.log_path}) ...")
+    try:
+        worker.start(timeout=120)
+
+        def scrape(name: str) -> float:
+            """Sum of a metric's samples in the worker's /metrics."""
+            text = str(worker.get("/metrics")[1])
+            return sum(
+                float(line.rsplit(" ", 1)[1])
+                for line in text.splitlines()
+                if line.startswith(name) and line[len(name) : len(name) + 1] in (" ", "{")
+            )
+
+        # Published once the worker runs (as the demo does); sent again if part of it
+        # did not arrive (the topic is compacted by ad id: a repeat changes nothing).
+        for attempt in range(3):
+            publish(s, s.topic("ad-catalog"), ads)
+            with contextlib.suppress(AssertionError):
+                worker.wait_until(lambda: scrape("adpulse_catalog_ads") >= len(ads), 20, "")
+                break
+            if attempt == 2:
+                msg = f"the worker never loaded the {len(ads)} ads; see {worker.log_path}"
+                raise BrokerUnavailable(msg)
+        log(
+            f"worker ready; {len(ads)} ads in {world.params.categories} categories; "
+            f"{world.n_users:,} users; experiment arms {', '.join(a for a, _ in ARMS)}"
+        )
+        yield worker, scrape
+    finally:
+        worker.stop()
+
+
+def run_loop(
+    s: Settings,
+    cfg: SimConfig,
+    world: World,
+    run: Run,
+    worker: WorkerProcess,
+    scrape: Callable[[str], float],
+    log: Any = print,
+    stop: threading.Event | None = None,
+) -> dict[str, Any]:
+    """Play the users against a running worker until the run ends (or ``stop`` is set)."""
+    loop = Loop(s, cfg, world, run, log)
+    loop.stop = stop
+    try:
+        asyncio.run(
+            drive(
+                s,
+                loop,
+                lambda: log(simresults.progress_line(run)),
+                lambda: scrape("adpulse_events_total"),
+            )
+        )
+    except KeyboardInterrupt:
+        run.interrupted = True
+        log("interrupted: stopping the worker and writing what was collected")
+    alive = worker.proc is not None and worker.proc.poll() is None
+    extra: dict[str, Any] = {"topic_prefix": s.topic_prefix}
+    if alive:
+        extra["late_clicks"] = scrape("adpulse_late_clicks_total")
+    return extra
+
+
+def simulate(settings: Settings, cfg: SimConfig, out: Path, log: Any = print) -> dict[str, Any]:
+    """Run the closed loop; returns the summary (also written with the plot under ``out``)."""
+    from adpulse.broker import broker_for  # noqa: PLC0415
 
     world = simresults.load_world(cfg.seed, cfg.sample, cfg.users)
     out.mkdir(parents=True, exist_ok=True)
@@ -355,57 +438,8 @@ def simulate(settings: Settings, cfg: SimConfig, out: Path, log: Any = print) ->
             app_id=f"adpulse-sim-{tag}",
             data_dir=Path(tmp) / "data",
         )
-        create_topics(s)
-        ads = world.catalog()
-        worker = WorkerProcess(
-            s, out, name="simulate-worker", extra_env=cfg.worker_env(secrets.token_hex(8))
-        )
-        log(f"starting a worker (log: {worker.log_path}) ...")
-        try:
-            worker.start(timeout=120)
-
-            def scrape(name: str) -> float:
-                """Sum of a metric's samples in the worker's /metrics."""
-                text = str(worker.get("/metrics")[1])
-                return sum(
-                    float(line.rsplit(" ", 1)[1])
-                    for line in text.splitlines()
-                    if line.startswith(name) and line[len(name) : len(name) + 1] in (" ", "{")
-                )
-
-            # Published once the worker runs (as the demo does); sent again if part of it
-            # did not arrive (the topic is compacted by ad id: a repeat changes nothing).
-            for attempt in range(3):
-                publish(s, s.topic("ad-catalog"), ads)
-                with contextlib.suppress(AssertionError):
-                    worker.wait_until(lambda: scrape("adpulse_catalog_ads") >= len(ads), 20, "")
-                    break
-                if attempt == 2:
-                    msg = f"the worker never loaded the {len(ads)} ads; see {worker.log_path}"
-                    raise BrokerUnavailable(msg)
-            log(
-                f"worker ready; {len(ads)} ads in {world.params.categories} categories; "
-                f"{world.n_users:,} users; experiment arms {', '.join(a for a, _ in ARMS)}"
-            )
-            loop = Loop(s, cfg, world, run, log)
-            try:
-                asyncio.run(
-                    drive(
-                        s,
-                        loop,
-                        lambda: log(simresults.progress_line(run)),
-                        lambda: scrape("adpulse_events_total"),
-                    )
-                )
-            except KeyboardInterrupt:
-                run.interrupted = True
-                log("interrupted: stopping the worker and writing what was collected")
-            alive = worker.proc is not None and worker.proc.poll() is None
-            extra: dict[str, Any] = {"topic_prefix": s.topic_prefix}
-            if alive:
-                extra["late_clicks"] = scrape("adpulse_late_clicks_total")
-        finally:
-            worker.stop()
+        with sim_worker(s, cfg, world, out, log) as (worker, scrape):
+            extra = run_loop(s, cfg, world, run, worker, scrape, log)
     summary = simresults.summarise(run, cfg, world, extra)
     simresults.write(summary, run, cfg, out, log)
     return summary
