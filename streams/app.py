@@ -38,7 +38,7 @@ class Wiring:
     ad_catalog: faust.TopicT
     dead_letters: faust.TopicT
     interest: Any  # faust Table, raw bytes -> raw bytes (scoring.features record)
-    freqcap: Any  # user id -> scoring.caps.CapRecord (msgpack)
+    freqcap: Any  # pseudonym -> scoring.caps.CapRecord (msgpack)
     spend: Any  # campaign id -> pacing record (streams/budget.py), per partition share
     catalog: Any  # CatalogTable (GlobalTable over ad-catalog)
     metrics: Metrics
@@ -163,8 +163,8 @@ def create_app(settings: Settings) -> Wiring:
         ad_decisions=app.topic(settings.topic("ad-decisions"), **raw),
         ad_catalog=app.topic(settings.topic("ad-catalog"), **raw),
         dead_letters=app.topic(settings.topic("dead-letters"), **raw),
-        interest=table("interest", "user id -> interest state (scoring.features.state_dtype)"),
-        freqcap=table("freqcap", "user id -> impressions per ad today (scoring.caps)"),
+        interest=table("interest", "pseudonym -> interest state (scoring.features.state_dtype)"),
+        freqcap=table("freqcap", "pseudonym -> impressions per ad today (scoring.caps)"),
         spend=table("spend", "campaign id -> spend today of this partition's budget share"),
         catalog=catalog,
         metrics=Metrics.create(),

@@ -1,10 +1,12 @@
 """ad-decisions x clicks (and purchases) -> ctr-feedback, partition-local.
 
-ad-decisions and user-events are both keyed by user id, so one worker sees a
-decision and its user's clicks. The state machine is scoring/joinstate.py; this
-module owns the I/O around it: the ``pending`` table (decision id -> record),
-an in-memory index per partition of each record's deadline and of the users
-with clicked decisions (for purchases), and the partition's watermark.
+user-events are keyed by the raw user id and ad-decisions by its pseudonym, but
+each decision is written to its request's partition number (streams/pipeline.py),
+so one worker sees a decision and its user's clicks. The state machine is
+scoring/joinstate.py; this module owns the I/O around it: the ``pending`` table
+(decision id -> record), an in-memory index per partition of each record's
+deadline and of the users with clicked decisions (for purchases), and the
+partition's watermark.
 
 Order of effects, per batch and per timer tick, under one lock: read records,
 apply, **send the labels and wait for their acks**, then write the records.
@@ -96,7 +98,7 @@ class JoinStage:
         for raw in raws:
             try:
                 d = _decode_decision(raw.value or b"")
-            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
                 rejected.append(Rejected(raw, "schema", str(exc)[:300]))
                 continue
             if d.ad_id is None:

@@ -95,10 +95,8 @@ class ContractDecoder(Generic[T]):
             return Rejected(raw, "too_large", f"{len(value)} bytes > limit {self.max_bytes}")
         try:
             obj = self._decode(value)
-            if (self.extra_check is None or self.extra_check(obj)) and (
-                b"\\u" not in value or _lone_surrogate(msgspec.to_builtins(obj)) is None
-            ):
-                return obj
+            if self.extra_check is None or self.extra_check(obj):
+                return obj  # msgspec itself refuses lone surrogates, escaped or not
         except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError):
             pass  # msgspec raises UnicodeDecodeError for invalid UTF-8 inside a string
         return self._slow(raw, value)

@@ -27,6 +27,15 @@ def check_data_dir(settings: Settings) -> None:
         raise StateError(msg)
 
 
+def check_config(settings: Settings) -> None:
+    """Fail at start, in one line, on a missing pseudonym key or unusable Kafka security."""
+    from adpulse.kafkaconf import check  # noqa: PLC0415
+    from adpulse.privacy import Pseudonymiser  # noqa: PLC0415
+
+    check(settings)
+    Pseudonymiser.from_settings(settings)
+
+
 def run_worker(settings: Settings, loglevel: str = "info") -> int:
     from faust.worker import Worker  # noqa: PLC0415 - heavy import, CLI --help stays fast
 
@@ -34,6 +43,7 @@ def run_worker(settings: Settings, loglevel: str = "info") -> int:
     from streams.app import create_app  # noqa: PLC0415
 
     check_data_dir(settings)
+    check_config(settings)
     create_topics(settings)  # idempotent: a worker never waits on a topic nobody made
     wiring = create_app(settings)
 

@@ -90,6 +90,7 @@ def produce(settings: Settings, topic: str, messages: list[Message]) -> list[tup
     return where
 
 
+@pytest.mark.integration
 def test_worker_applies_valid_and_dead_letters_each_invalid_message_once(
     settings: Settings, tmp_path: Path
 ) -> None:

@@ -27,7 +27,10 @@ def test_features_bench_smoke_reports_every_key(settings: Settings, taobao: Path
     assert "features:" in features.result_line(result)
 
 
-def test_bench_cli_writes_json(settings: Settings, tmp_path: Path) -> None:
+def test_bench_cli_writes_json(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ADPULSE_EMBEDDED_BROKER", "true")  # tansu: its workarounds, dev key
     out = tmp_path / "bench.json"
     args = ["bench", "features", "--smoke", "--json", str(out), "--bootstrap", settings.bootstrap]
     assert main(args) == 0
@@ -48,8 +51,12 @@ def test_decisions_bench_smoke_reports_every_key(settings: Settings) -> None:
 
 
 def test_bench_all_smoke_writes_every_section_and_a_table(
-    settings: Settings, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    settings: Settings,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    monkeypatch.setenv("ADPULSE_EMBEDDED_BROKER", "true")  # tansu: its workarounds, dev key
     out = tmp_path / "all.json"
     args = ["bench", "all", "--smoke", "--json", str(out), "--bootstrap", settings.bootstrap]
     assert main(args) == 0

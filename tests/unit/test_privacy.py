@@ -5,6 +5,9 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -88,3 +91,17 @@ def test_decoded_events_carry_the_pseudonym_from_then_on() -> None:
     p = Pseudonymiser(KEY.encode())
     pseudonymise(good, p)
     assert good[0][0].user_id == p("1000040") != "1000040"
+
+
+def test_a_worker_with_no_key_on_a_real_cluster_refuses_to_start_in_one_line(
+    tmp_path: Path,
+) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ADPULSE_")}
+    env.update(ADPULSE_BOOTSTRAP="127.0.0.1:1", ADPULSE_DATA_DIR=str(tmp_path / "data"))
+    out = subprocess.run(
+        [sys.executable, "-m", "adpulse.cli", "worker"],
+        capture_output=True, text=True, timeout=60, env=env,  # bench-ok: a wait bound
+    )  # fmt: skip
+    assert out.returncode == 2, out.stderr
+    assert "ADPULSE_PSEUDONYM_KEY_FILE" in out.stderr and "Traceback" not in out.stderr
+    assert out.stderr.strip().count("\n") == 0
