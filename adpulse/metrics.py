@@ -9,7 +9,7 @@ around the 10-50 ms targets we care about.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from importlib import metadata
 
 from prometheus_client import (
@@ -273,3 +273,20 @@ def _version() -> str:
         return metadata.version("adpulse")
     except metadata.PackageNotFoundError:  # running from a tree that is not installed
         return "unknown"
+
+
+def documented_metrics() -> list[tuple[str, str, str, str]]:
+    """(name, type, labels, help) of every metric: the README's metric table."""
+    m = Metrics.create()
+    rows = []
+    for f in fields(m):
+        c = getattr(m, f.name)
+        if f.name == "registry":
+            continue
+        kind = c._type  # prometheus_client keeps these private
+        name = c._name + ("_total" if kind == "counter" else "")
+        if kind == "info":
+            name += "_info"
+        labels = ", ".join(c._labelnames)
+        rows.append((name, kind, labels, c._documentation))
+    return rows
