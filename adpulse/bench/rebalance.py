@@ -50,6 +50,7 @@ from adpulse.workerproc import WorkerProcess
 from adpulse.workload import Workload, WorkloadModel
 
 WAIT_S = 120.0  # bench-ok: wait bound for joins and takeovers, not a timing claim
+STALL_S = 30.0  # bench-ok: a worker that applied nothing this long after ready is stalled
 
 
 @dataclass(frozen=True)
@@ -139,6 +140,7 @@ def run(base: Settings, cfg: RebalanceBench, log: Any = print) -> dict[str, Any]
         loop = asyncio.new_event_loop()
         offer = threading.Thread(target=loop.run_until_complete, args=(decisions.run(),))
         try:
+            stall_restarts = _first_events(a, log)
             a.wait_until(lambda: _applied(a) >= cfg.warm_events, WAIT_S, "warm interest state")
             offer.start()
             rounds = []
@@ -160,10 +162,30 @@ def run(base: Settings, cfg: RebalanceBench, log: Any = print) -> dict[str, Any]
         "state_equal": all(r["state_equal"] for r in rounds),
         "offered_per_s": cfg.rate,
         "session_timeout_s": cfg.session_timeout_s,
+        "stall_restarts": stall_restarts,
         "target_pause_s": 10.0,
         "users": cfg.users,
         "machine": machine(),
     }
+
+
+def _first_events(a: WorkerProcess, log: Any) -> int:
+    """Wait for A's first applied events; restart A once if it stalls (returns restarts).
+
+    Seen here, rarely, after a long session on one embedded broker: a worker
+    reports ready, holds its partitions and then fetches nothing at all (no
+    consumer-lag series, not even the catalog). Unexplained yet (README, "The
+    embedded broker"); a restart consumes normally. Counted in the report.
+    """
+    try:
+        a.wait_until(lambda: _applied(a) > 0, STALL_S, "first events applied")
+        return 0
+    except AssertionError:
+        log(f"  worker A applied nothing {STALL_S:.0f} s after ready (fetch stall): restarting it")
+        a.stop()
+        a.start(timeout=WAIT_S)
+        a.wait_until(lambda: _applied(a) > 0, WAIT_S, "first events applied after a restart")
+        return 1
 
 
 def _round(
