@@ -288,8 +288,16 @@ def test_k8s_workers_are_a_statefulset_with_storage_probes_and_scrape_annotation
     sources = container["envFrom"]
     assert {"configMapRef": {"name": docs["ConfigMap"]["metadata"]["name"]}} in sources
     assert any(src.get("secretRef", {}).get("optional") for src in sources)
-    for env in container.get("env", []):
-        assert env["name"] in SETTINGS
+    env = {e["name"]: e for e in container.get("env", [])}
+    for name in env:
+        assert name in SETTINGS or name in ("POD_NAME", "POD_NAMESPACE"), name
+    # Each pod names itself through the headless service (forwarded lookups).
+    url = env["ADPULSE_CANONICAL_URL"]["value"]
+    assert url == (
+        f"http://$(POD_NAME).{svc['metadata']['name']}.$(POD_NAMESPACE).svc.cluster.local:"
+        f"{s.web_port}"
+    )
+    assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
     (claim,) = sts["spec"]["volumeClaimTemplates"]
     mounts = {m["name"]: m for m in container["volumeMounts"]}
     assert mounts[claim["metadata"]["name"]]["mountPath"] == str(s.data_dir)
