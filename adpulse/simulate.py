@@ -365,13 +365,7 @@ def sim_worker(
         worker.start(timeout=120)
 
         def scrape(name: str) -> float:
-            """Sum of a metric's samples in the worker's /metrics."""
-            text = str(worker.get("/metrics")[1])
-            return sum(
-                float(line.rsplit(" ", 1)[1])
-                for line in text.splitlines()
-                if line.startswith(name) and line[len(name) : len(name) + 1] in (" ", "{")
-            )
+            return worker.metric(name)
 
         # Published once the worker runs (as the demo does); sent again if part of it
         # did not arrive (the topic is compacted by ad id: a repeat changes nothing).

@@ -90,6 +90,25 @@ class WorkerProcess:
             body, status = e.read(), int(e.code)
         return status, json.loads(body) if body[:1] in (b"{", b"[") else body.decode()
 
+    def metric(self, name: str, labels: str = "") -> float:
+        """Sum of one metric's samples whose labels contain ``labels``.
+
+        0 when the metric is absent or the worker does not answer (down, busy,
+        restarting): callers poll it until it reaches what they wait for.
+        """
+        try:
+            status, text = self.get("/metrics")
+        except OSError:
+            return 0.0
+        if status != 200:
+            return 0.0
+        return sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in str(text).splitlines()
+            if line.startswith(name) and line[len(name) : len(name) + 1] in (" ", "{")
+            and labels in line
+        )  # fmt: skip
+
     def interest(self, user: str) -> dict[str, Any] | None:
         status, body = self.get(f"/users/{user}/interest")
         return body if status == 200 else None

@@ -169,12 +169,7 @@ async def _bare_loop(s: Settings, n: int) -> float:
 
 
 def _applied(worker: WorkerProcess) -> float:
-    _, text = worker.get("/metrics")
-    return sum(
-        float(line.rsplit(" ", 1)[1])
-        for line in str(text).splitlines()
-        if line.startswith("adpulse_events_total{")
-    )
+    return worker.metric("adpulse_events_total")
 
 
 def _worker_rate(worker: WorkerProcess, n: int, timeout: float = 300.0) -> float:

@@ -276,12 +276,7 @@ def _partitions(w: WorkerProcess, s: Settings) -> set[int]:
 
 
 def _decided(w: WorkerProcess) -> float:
-    _, text = w.get("/metrics")
-    return sum(
-        float(line.rsplit(" ", 1)[1])
-        for line in str(text).splitlines()
-        if line.startswith("adpulse_decisions_total{")
-    )
+    return w.metric("adpulse_decisions_total")
 
 
 def _partition(user: str, s: Settings) -> int:

@@ -29,31 +29,13 @@ class Worker(WorkerProcess):
     def env(self) -> dict[str, str]:
         return {**super().env(), **self.extra}
 
-    def metric(self, name: str, labels: str = "") -> float:
-        """Sum of one metric's samples whose labels contain ``labels``; 0 if absent."""
-        status, text = self.get("/metrics")
-        assert status == 200, f"/metrics answered {status}"
-        return sum(
-            float(line.rsplit(" ", 1)[1])
-            for line in str(text).splitlines()
-            if line.startswith(name) and line[len(name)] in " {" and labels in line
-        )
-
     def health(self) -> int | None:
         return self._health()
 
 
 def scrape(worker: WorkerProcess, name: str, labels: str = "") -> float:
     """A metric of a worker that may be down or busy: 0 when it does not answer."""
-    try:
-        _, text = worker.get("/metrics")
-    except OSError:
-        return 0.0
-    return sum(
-        float(line.rsplit(" ", 1)[1])
-        for line in str(text).splitlines()
-        if line.startswith(name) and line[len(name)] in " {" and labels in line
-    )
+    return worker.metric(name, labels)
 
 
 class Reader:

@@ -56,15 +56,6 @@ class Worker(WorkerProcess):
     def env(self) -> dict[str, str]:
         return {**super().env(), **self.extra}
 
-    def metric(self, name: str, labels: str = "") -> float:
-        """Sum of one metric's samples whose labels contain ``labels``; 0 if absent."""
-        _, text = self.get("/metrics")
-        return sum(
-            float(line.rsplit(" ", 1)[1])
-            for line in text.splitlines()
-            if line.startswith(name) and line[len(name)] in " {" and labels in line
-        )
-
 
 class TopicReader:
     """Every record of one topic from the start, collected as it arrives (no group)."""

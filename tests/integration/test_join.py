@@ -96,12 +96,7 @@ class Feed:
 
 
 def late_clicks(worker: WorkerProcess) -> float:
-    _, text = worker.get("/metrics")
-    return sum(
-        float(line.rsplit(" ", 1)[1])
-        for line in str(text).splitlines()
-        if line.startswith("adpulse_late_clicks_total ")
-    )
+    return worker.metric("adpulse_late_clicks_total")
 
 
 @pytest.fixture

@@ -89,8 +89,7 @@ def labels(settings: Settings, ids: set[str]) -> dict[str, dict[str, Any]]:
 
 
 def metric(worker: WorkerProcess, name: str) -> float:
-    _, text = worker.get("/metrics")
-    return sum(float(ln.rsplit(" ", 1)[1]) for ln in str(text).splitlines() if ln.startswith(name))
+    return worker.metric(name)
 
 
 def non_loopback_address() -> str | None:

@@ -22,15 +22,7 @@ pytestmark = pytest.mark.integration
 
 
 def applied_so_far(worker: WorkerProcess) -> float:
-    try:
-        _, text = worker.get("/metrics")
-    except OSError:
-        return 0.0
-    return sum(
-        float(line.rsplit(" ", 1)[1])
-        for line in str(text).splitlines()
-        if line.startswith("adpulse_events_total{")
-    )
+    return worker.metric("adpulse_events_total")
 
 
 @pytest.mark.parametrize("local_state", ["kept", "wiped"])
