@@ -62,7 +62,7 @@ def test_each_bad_new_version_is_refused_and_decisions_keep_the_serving_model(
         """A request every 40 ms until ``n_refused`` refusals are counted."""
         deadline = time.monotonic() + 30  # bench-ok: a wait bound
         while refused() < n_refused:
-            assert time.monotonic() < deadline, (
+            assert time.monotonic() < deadline, (  # bench-ok: a wait bound
                 f"{what} never refused:\n{worker.tail()}"
             )  # bench-ok
             rid = f"mf{len(sent)}"

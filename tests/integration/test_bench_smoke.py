@@ -43,7 +43,7 @@ def test_bench_all_smoke_writes_every_section_and_a_table(
     assert f["events"] == 3000
     assert f["baseline_events_per_s"] > 0  # bench-ok: it ran, no speed claim
     assert f["freshness_samples"] == 1000
-    assert math.isfinite(f["freshness_p99_ms"])
+    assert math.isfinite(f["freshness_p99_ms"])  # bench-ok: it ran
 
     d = body["decisions"]
     for key in ("offered_per_s", "achieved_per_s", "latency_p50_ms", "latency_p99_ms",
@@ -57,7 +57,7 @@ def test_bench_all_smoke_writes_every_section_and_a_table(
     assert s["users"] == 2000
     assert s["bytes_per_user_on_disk"] > 0
     assert s["worker_rss_bytes"] > 0
-    assert math.isfinite(s["restore_s"])
+    assert math.isfinite(s["restore_s"])  # bench-ok: it ran
 
     m = body["mixed"]
     assert m["lost"] == 0
