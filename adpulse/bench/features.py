@@ -25,17 +25,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from adpulse.bench import machine, machine_line, percentiles_ms, spread
+from adpulse.bench.freshness import ChangelogFreshness
 from adpulse.kafkaconf import client_kwargs
 from adpulse.privacy import Pseudonymiser
 from adpulse.settings import Settings
 from adpulse.topics import create_topics
 from adpulse.workerproc import WorkerProcess
 from adpulse.workload import Workload, WorkloadModel, fit_taobao
-from scoring.features import InterestParams, state_dtype
 
 
 @dataclass(frozen=True)
@@ -192,24 +191,11 @@ def _worker_rate(worker: WorkerProcess, n: int, timeout: float = 300.0) -> float
 
 
 async def _freshness(s: Settings, workload: Workload, cfg: FeaturesBench, log: Any) -> list[float]:
-    params = InterestParams.from_settings(s)
-    fields = state_dtype(params).fields
-    assert fields is not None
-    counts_at = int(fields["counts"][1])  # byte offset of the counters in a state record
-    changelog = f"{s.app_id}-interest-changelog"
-    consumer = AIOKafkaConsumer(**client_kwargs(s), enable_auto_commit=False, fetch_max_wait_ms=1)
+    watch = ChangelogFreshness(s)
     producer = AIOKafkaProducer(**client_kwargs(s), linger_ms=1, acks=1)
-    await consumer.start()
+    await watch.start()
     await producer.start()
-    sent: dict[bytes, list[float]] = {}
-    reported: dict[bytes, int] = {}
-    fresh: list[float] = []
     try:
-        tps = [TopicPartition(changelog, p) for p in range(s.partitions)]
-        consumer.assign(tps)
-        await consumer.seek_to_end(*tps)
-        for tp in tps:
-            await consumer.position(tp)
         total = int(cfg.rate * cfg.duration_s)
         keys, values = workload.payloads(total, int(time.time() * 1000), prefix="fresh-")
         keys = [b"f" + k for k in keys]
@@ -217,37 +203,22 @@ async def _freshness(s: Settings, workload: Workload, cfg: FeaturesBench, log: A
         # The changelog is keyed by pseudonym (the worker's key: the same settings).
         pseudonym = Pseudonymiser.from_settings(s)
         state_keys = [pseudonym(k.decode()).encode() for k in keys]
-
-        async def watch() -> None:
-            while len(fresh) < total:
-                batch = await consumer.getmany(timeout_ms=200)
-                now = time.perf_counter()
-                for records in batch.values():
-                    for rec in records:
-                        if rec.key not in sent or rec.value is None:
-                            continue
-                        count = int(np.frombuffer(rec.value, "<u4", 5, counts_at).sum())
-                        times = sent[rec.key]
-                        for i in range(reported.get(rec.key, 0), min(count, len(times))):
-                            fresh.append(now - times[i])
-                        reported[rec.key] = max(reported.get(rec.key, 0), count)
-
-        watcher = asyncio.create_task(watch())
+        watcher = asyncio.create_task(watch.watch(total))
         tick, start = 0.01, time.perf_counter()
         per_tick = cfg.rate * tick
         i = 0
         while i < total:
             due = int((time.perf_counter() - start) / tick * per_tick) + 1
             for _ in range(min(due, total) - i):
-                sent.setdefault(state_keys[i], []).append(time.perf_counter())
+                watch.mark(state_keys[i])
                 await producer.send(s.topic("user-events"), values[i], key=keys[i])
                 i += 1
             await asyncio.sleep(tick)
         try:
             await asyncio.wait_for(watcher, timeout=30)
         except TimeoutError:
-            log(f"  freshness: only {len(fresh)} of {total} events seen in the changelog")
-        return fresh
+            log(f"  freshness: only {len(watch.fresh)} of {total} events seen in the changelog")
+        return watch.fresh
     finally:
-        await consumer.stop()
+        await watch.stop()
         await producer.stop()

@@ -38,13 +38,14 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from adpulse.bench import machine, machine_line, percentiles_ms, spread
 from adpulse.bench.features import _applied, _produce
+from adpulse.bench.freshness import ChangelogFreshness
 from adpulse.catalogtool import publish, synthetic_ads
 from adpulse.kafkaconf import client_kwargs
+from adpulse.privacy import Pseudonymiser
 from adpulse.settings import Settings
 from adpulse.topics import create_topics
 from adpulse.workerproc import WorkerProcess
 from adpulse.workload import Workload, WorkloadModel
-from scoring.features import InterestParams, state_dtype
 
 
 @dataclass(frozen=True)
@@ -228,15 +229,6 @@ def _requests_main(s: Settings, cfg: MixedBench, ad_items: dict[str, tuple[int, 
     out.put(asyncio.run(_requests(s, cfg, ad_items, r, ready, go)))
 
 
-def _state_keys(s: Settings) -> Any:
-    """Raw user id -> the key the worker stores the user under (its pseudonym, if on)."""
-    try:
-        from adpulse.privacy import Pseudonymiser  # noqa: PLC0415
-    except ImportError:  # pragma: no cover - before pseudonyms existed
-        return lambda user: user
-    return Pseudonymiser.from_settings(s)
-
-
 async def _events(
     s: Settings, cfg: MixedBench, r: int, ready: MpEvent, go: MpEvent
 ) -> dict[str, Any]:
@@ -247,41 +239,14 @@ async def _events(
     user_prefix = f"m{r}-"  # users new to this repeat: their counters start at zero
     keys = [user_prefix.encode() + k for k in keys]
     values = [v.replace(b'"user_id":"', b'"user_id":"' + user_prefix.encode(), 1) for v in values]
-    to_state = _state_keys(s)
+    to_state = Pseudonymiser.from_settings(s)  # the worker's table keys
     state_key = {k: to_state(k.decode()).encode() for k in set(keys)}
-    fields = state_dtype(InterestParams.from_settings(s)).fields
-    assert fields is not None
-    counts_at = int(fields["counts"][1])
-    consumer = AIOKafkaConsumer(**client_kwargs(s), enable_auto_commit=False, fetch_max_wait_ms=1)
+    watch = ChangelogFreshness(s)
     producer = AIOKafkaProducer(**client_kwargs(s), linger_ms=1, acks=1)
-    await consumer.start()
+    await watch.start()
     await producer.start()
-    sent: dict[bytes, list[float]] = {}
-    reported: dict[bytes, int] = {}
-    fresh: list[float] = []
     try:
-        changelog = f"{s.app_id}-interest-changelog"
-        tps = [TopicPartition(changelog, p) for p in range(s.partitions)]
-        consumer.assign(tps)
-        await consumer.seek_to_end(*tps)
-        for tp in tps:
-            await consumer.position(tp)
-
-        async def watch() -> None:
-            while len(fresh) < n:
-                batch = await consumer.getmany(timeout_ms=200)
-                now = time.perf_counter()
-                for records in batch.values():
-                    for rec in records:
-                        times = sent.get(rec.key)
-                        if times is None or rec.value is None:
-                            continue
-                        count = int(np.frombuffer(rec.value, "<u4", 5, counts_at).sum())
-                        for i in range(reported.get(rec.key, 0), min(count, len(times))):
-                            fresh.append(now - times[i])
-                        reported[rec.key] = max(reported.get(rec.key, 0), count)
-
-        watcher = asyncio.create_task(watch())
+        watcher = asyncio.create_task(watch.watch(n))
         ready.set()
         await asyncio.to_thread(go.wait)
         topic, tick, start = s.topic("user-events"), 0.005, time.perf_counter()
@@ -290,13 +255,14 @@ async def _events(
             due = min(n, int((time.perf_counter() - start) * cfg.event_rate) + 1)
             behind = max(behind, (due - i) / cfg.event_rate)
             while i < due:
-                sent.setdefault(state_key[keys[i]], []).append(time.perf_counter())
+                watch.mark(state_key[keys[i]])
                 await producer.send(topic, values[i], key=keys[i])
                 i += 1
             await asyncio.sleep(tick)
         offered_s = time.perf_counter() - start
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(watcher, timeout=30)
+        fresh = watch.fresh
         p50, p99 = percentiles_ms(fresh, [50, 99])
         return {
             "events_offered_per_s": n / offered_s, "freshness_p50_ms": p50,
@@ -305,7 +271,7 @@ async def _events(
             "events_generator_behind_s": behind,
         }  # fmt: skip
     finally:
-        await consumer.stop()
+        await watch.stop()
         await producer.stop()
 
 
