@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help venv prometheus test unit integration lint demo bench clean
+.PHONY: help venv kafka prometheus test unit integration lint demo bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -23,6 +23,13 @@ lint: $(STAMP) ## ruff and mypy
 	$(BIN)/ruff check .
 	$(BIN)/mypy adpulse schemas scoring streams
 
+# The embedded Apache Kafka's jars, once, from Maven Central into ~/.cache/adpulse (or
+# $ADPULSE_KAFKA_LIBS): deploy/kafka/pom.xml through `mvn dependency:copy-dependencies`.
+# With ADPULSE_EMBEDDED=tansu (no Java or Maven) nothing is fetched.
+kafka: $(STAMP) ## fetch Apache Kafka's jars for the embedded broker (Maven; once)
+	@if [ "$${ADPULSE_EMBEDDED:-kafka}" = tansu ]; then echo "ADPULSE_EMBEDDED=tansu: no Kafka jars needed"; \
+	else $(BIN)/adpulse broker --fetch-only; fi
+
 # Debian's prometheus package gives the Prometheus tests a real server and promtool.
 # Installed only as root with apt (CI, containers); anyone else gets those tests skipped.
 prometheus: ## install Prometheus + promtool for their tests (root with apt; else a note)
@@ -35,7 +42,7 @@ prometheus: ## install Prometheus + promtool for their tests (root with apt; els
 	  || echo "could not install prometheus: its tests will be skipped"; \
 	else echo "prometheus is not installed (needs root with apt): its tests will be skipped"; fi
 
-test: $(STAMP) prometheus ## the whole suite: lint, unit, integration (real embedded broker)
+test: $(STAMP) kafka prometheus ## the whole suite: lint, unit, integration (real embedded Kafka)
 	$(BIN)/ruff check .
 	$(BIN)/mypy adpulse schemas scoring streams
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
@@ -43,13 +50,13 @@ test: $(STAMP) prometheus ## the whole suite: lint, unit, integration (real embe
 unit: $(STAMP) ## fast tests without a broker
 	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
 
-integration: $(STAMP) ## tests against the real embedded broker
+integration: $(STAMP) kafka ## tests against the real embedded broker
 	$(BIN)/python -m pytest tests/integration $(PYTEST_ARGS)
 
-bench: $(STAMP) ## every benchmark at its defaults: prints a table, writes var/bench/all.json
+bench: $(STAMP) kafka ## every benchmark at its defaults: prints a table, writes var/bench/all.json
 	$(BIN)/adpulse bench all --json var/bench/all.json
 
-demo: $(STAMP) ## run the engine on the real sample data (../shared/data)
+demo: $(STAMP) kafka ## run the engine on the real sample data (../shared/data)
 	$(BIN)/adpulse demo
 
 clean: ## remove the venv and local state

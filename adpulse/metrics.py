@@ -66,6 +66,8 @@ class Metrics:
     pacing_throttled: Counter
     calibration_labels: Gauge
     broker_connected: Gauge
+    consumer_stalled: Gauge
+    consumer_stalls: Counter
 
     @classmethod
     def create(cls, registry: CollectorRegistry | None = None) -> Metrics:
@@ -258,6 +260,17 @@ class Metrics:
                 "adpulse_broker_connected",
                 "1 while a bootstrap broker answers the worker's probe (a Kafka Metadata "
                 "request each second), 0 after two probes in a row failed; /health is 503 then.",
+                registry=r,
+            ),
+            consumer_stalled=Gauge(
+                "adpulse_consumer_stalled_partitions",
+                "Source partitions with records past their position and no progress for "
+                "ADPULSE_STALL_S (streams/watchdog.py); /health is 503 while above 0.",
+                registry=r,
+            ),
+            consumer_stalls=Counter(
+                "adpulse_consumer_stalls",
+                "Consumer stalls the watchdog detected (each is remedied by resume + seek).",
                 registry=r,
             ),
         )

@@ -28,7 +28,9 @@ KINDS = ("browse", "click", "cart", "fav", "purchase")
 Device = Literal["auto", "cuda", "cpu"]
 SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
 SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
+EmbeddedKind = Literal["kafka", "tansu"]
 _LITERALS: dict[str, Any] = {
+    "EmbeddedKind": EmbeddedKind,
     "Device": Device,
     "SecurityProtocol": SecurityProtocol,
     "SaslMechanism": SaslMechanism,
@@ -68,13 +70,25 @@ class Settings:
     bootstrap: str = _setting(
         "",
         "Kafka bootstrap servers (host:port,...). Empty: commands that can start the "
-        "embedded tansu broker do so; others use 127.0.0.1:9092.",
+        "embedded broker do so; others use 127.0.0.1:9092.",
     )
     broker_port: int = _setting(9092, "Port of the embedded broker (`adpulse broker`).")
+    embedded: EmbeddedKind = _setting(
+        "kafka",
+        "Which embedded broker the demo, tests and benches start: kafka (Apache Kafka in "
+        "KRaft mode from its Maven Central jars; needs Java 17+) or tansu (fallback without "
+        "Java; its fetches slow down with everything stored, see README).",
+    )
+    kafka_libs: str = _setting(
+        "",
+        "Folder of the embedded Apache Kafka's jars; empty: ~/.cache/adpulse/kafka-VERSION, "
+        "filled once by `make kafka` (mvn dependency:copy-dependencies).",
+    )
+    kafka_heap_mb: int = _setting(512, "Java heap of the embedded Apache Kafka broker (MiB).")
     embedded_broker: bool = _setting(
         False,
-        "The broker is the embedded tansu: turn on its workarounds (changelog sealing "
-        "before recovery). Apache Kafka needs none. Set automatically by the demo/tests.",
+        "The broker is an embedded development broker (development pseudonym key allowed; "
+        "with EMBEDDED=tansu also its workarounds). Set automatically by the demo/tests.",
     )
     partitions: int = _setting(
         4, "Partitions of every co-partitioned topic (user-events, ad-requests, ...)."
@@ -143,6 +157,11 @@ class Settings:
     )
     session_timeout_s: float = _setting(
         10.0, "Consumer-group session timeout; short so a dead worker's partitions move soon."
+    )
+    stall_s: float = _setting(
+        30.0,
+        "A source partition with records past its position and no progress this long is "
+        "stalled: /health 503, adpulse_consumer_stalled_partitions, resume + re-seek; 0: off.",
     )
     bulk_restore: bool = _setting(
         True,

@@ -41,6 +41,7 @@ class WorkerProcess:
         env.update(
             ADPULSE_BOOTSTRAP=s.bootstrap,
             ADPULSE_EMBEDDED_BROKER="true" if s.embedded_broker else "false",
+            ADPULSE_EMBEDDED=s.embedded,
             ADPULSE_TOPIC_PREFIX=s.topic_prefix,
             ADPULSE_APP_ID=s.app_id,
             ADPULSE_DATA_DIR=str(s.data_dir),

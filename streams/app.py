@@ -130,7 +130,9 @@ def create_app(settings: Settings) -> Wiring:
         batch_within=settings.batch_max_wait_s,
         fetch_max_wait_ms=settings.fetch_max_wait_ms,
     )
-    app.seal_changelogs = settings.embedded_broker  # type: ignore[attr-defined]
+    # Only tansu reports short end offsets (streams/seal.py); Apache Kafka needs no seal.
+    tansu = settings.embedded_broker and settings.embedded == "tansu"
+    app.seal_changelogs = tansu  # type: ignore[attr-defined]
     # streams/restore.py: the aiokafka client that reads changelog backlogs in bulk.
     app.bulk_restore_client = client_kwargs(settings) if settings.bulk_restore else None  # type: ignore[attr-defined]
     raw: dict[str, Any] = {

@@ -21,7 +21,7 @@ pyproject.toml.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Hashable, Iterable, Iterator, Mapping
 from time import monotonic
 from typing import Any, cast
 
@@ -229,3 +229,44 @@ class BatchApp(faust.App):
             return fn
 
         return register
+
+
+class FaustConsumerView:
+    """The watchdog's view (streams/watchdog.py) of a Faust worker's consumer.
+
+    Faust internals used: ``Consumer._read_offset`` (processed positions; the batch
+    path stores the next offset, Faust's own path the last one read),
+    ``app.tables.changelog_topics`` (changelog partitions are recovery's business,
+    not the watchdog's), ``Consumer.resume_partitions``, ``seek`` and ``highwaters``.
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    def eligible(self) -> bool:
+        """Only a recovered worker outside a rebalance is expected to make progress."""
+        app = self.app
+        return bool(
+            app.tables.recovery.completed.is_set()
+            and not app.rebalancing
+            and app.consumer.flow_active
+        )
+
+    def partitions(self) -> list[Hashable]:
+        changelogs = self.app.tables.changelog_topics
+        return [tp for tp in self.app.consumer.assignment() if tp.topic not in changelogs]
+
+    def position(self, tp: Any) -> int | None:  # Any: a Faust TP
+        read = self.app.consumer._read_offset.get(tp)
+        if read is None:
+            return None
+        return int(read) if tp.topic in getattr(self.app, "batch_handlers", {}) else int(read) + 1
+
+    async def end_offsets(self, tps: list[Hashable]) -> dict[Hashable, int]:
+        return dict(await self.app.consumer.highwaters(*tps))
+
+    async def unstick(self, tps: Mapping[Hashable, int]) -> None:
+        consumer = self.app.consumer
+        consumer.resume_partitions(tps)
+        for tp, offset in tps.items():
+            await consumer.seek(tp, offset)

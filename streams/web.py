@@ -1,7 +1,8 @@
 """HTTP views on the worker's web server: interest lookups, learner state, health, metrics.
 
-``/health`` is 503 while tables recover and while no bootstrap broker answers
-(streams/gauges.py ``BrokerProbe``); ``GET /ads/{ad_id}/strategy`` shows the
+``/health`` is 503 while tables recover, while no bootstrap broker answers
+(streams/gauges.py ``BrokerProbe``) and while a consumer partition is stalled
+(streams/watchdog.py); ``GET /ads/{ad_id}/strategy`` shows the
 learner counts the decision stage reads for an ad.
 
 ``GET /users/{user_id}/interest`` takes the raw user id (the one apps key
@@ -20,6 +21,8 @@ from typing import TYPE_CHECKING, Any
 from faust import web
 
 from scoring.features import InterestParams, decode_states, describe
+from streams import watchdog
+from streams.consumer import FaustConsumerView
 from streams.gauges import PROBE_S, BrokerProbe
 from streams.learn import decode_ad, read_global
 
@@ -31,6 +34,8 @@ def wire(w: Wiring) -> None:
     app, table = w.app, w.interest
     params = InterestParams.from_settings(w.settings)
     probe = BrokerProbe(w.settings, w.metrics)
+    stall = watchdog.StallWatchdog(stall_s=w.settings.stall_s)
+    view = FaustConsumerView(app)
 
     @app.page("/users/{user_id}/interest")
     @app.table_route(table=table, match_info="user_id")
@@ -58,12 +63,27 @@ def wire(w: Wiring) -> None:
         recovered = app.tables.recovery.completed.is_set()  # type: ignore[attr-defined]
         if not probe.connected:
             return self.json({"status": "broker unreachable"}, status=503)
+        if stall.stalled:
+            return self.json({"status": "consumer stalled", "partitions": len(stall.stalled)},
+                             status=503)  # fmt: skip
         status = 200 if recovered else 503
         return self.json({"status": "ok" if recovered else "recovering"}, status=status)
 
     @app.timer(PROBE_S)
     async def probe_broker() -> None:
         await probe.run()
+
+    @app.timer(watchdog.TICK_S)
+    async def watch_consumer() -> None:
+        if w.settings.stall_s <= 0:
+            return
+        if not view.eligible():
+            stall.reset(0.0)
+        else:
+            before = stall.stalls
+            await watchdog.check(stall, view)
+            w.metrics.consumer_stalls.inc(stall.stalls - before)
+        w.metrics.consumer_stalled.set(len(stall.stalled))
 
     @app.page("/ads/{ad_id}/strategy")
     async def strategy(self: web.View, request: web.Request, ad_id: str) -> web.Response:

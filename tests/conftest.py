@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from adpulse.broker import EmbeddedBroker, free_port
+from adpulse.broker import EmbeddedBroker, embedded_broker, free_port
 from adpulse.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -21,15 +21,15 @@ _counter = itertools.count()
 
 @pytest.fixture(scope="session")
 def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedBroker]:
-    """The embedded tansu broker on a free loopback port, for the whole session."""
-    log = tmp_path_factory.mktemp("broker") / "tansu.log"
-    with EmbeddedBroker(port=free_port(), log_path=log) as b:
+    """The embedded broker (ADPULSE_EMBEDDED: Apache Kafka by default) for the whole session."""
+    log = tmp_path_factory.mktemp("broker") / "broker.log"
+    with embedded_broker(Settings.from_env(), port=free_port(), log_path=log) as b:
         yield b
 
 
 @pytest.fixture
 def unique() -> str:
-    """A name no other test uses: tansu only finishes a group join after old members expire."""
+    """A name no other test uses: topics, groups and state of one test never meet another's."""
     return f"t{next(_counter)}-{uuid.uuid4().hex[:8]}"
 
 
@@ -40,6 +40,7 @@ def settings(broker: EmbeddedBroker, unique: str, tmp_path: Path) -> Settings:
         {},
         bootstrap=broker.bootstrap,
         embedded_broker=True,
+        embedded=broker.kind,
         topic_prefix=f"{unique}.",
         app_id=f"adpulse-{unique}",
         data_dir=tmp_path / "data",

@@ -1,4 +1,4 @@
-"""``adpulse bench features|decisions|state|mixed|rebalance|scorer|all``: benchmarks."""
+"""``adpulse bench features|decisions|state|mixed|rebalance|scorer|broker|all``: benchmarks."""
 
 from __future__ import annotations
 
@@ -115,6 +115,24 @@ def cmd_bench_rebalance(args: argparse.Namespace, settings: Settings) -> int:
         result = rebalance.run(s, cfg)
     print(rebalance.result_line(result))
     _write_json(args.json, {"rebalance": result})
+    return 0
+
+
+def cmd_bench_broker(args: argparse.Namespace, settings: Settings) -> int:
+    from adpulse.bench import broker  # noqa: PLC0415
+
+    kinds = broker.parse_brokers(args.brokers)
+    common = {"size": args.size, "linger_ms": args.linger_ms, "brokers": kinds}
+    if args.smoke:
+        cfg = broker.BrokerBench.smoke(**common)
+    else:
+        cfg = broker.BrokerBench(
+            rate=args.rate, duration_s=args.duration, window_s=args.window, **common
+        )
+    result = broker.run(settings, cfg, log=lambda line: print(line, file=sys.stderr, flush=True))
+    print(broker.format_tables(result))
+    print(broker.result_line(result))
+    _write_json(args.json, {"broker": result})
     return 0
 
 
@@ -317,6 +335,31 @@ def register(sub: Subparsers) -> None:
     p.add_argument("--no-kill", action="store_true", help="skip the SIGKILL round")
     _add_run_flags(p, 'also write {"rebalance": figures} as JSON')
     add_bootstrap(p)
+
+    p = add_command(
+        bench,
+        "broker",
+        cmd_bench_broker,
+        help="bare aiokafka produce->consume echo on each embedded broker: latency, broker CPU",
+        description="Start each embedded broker of --brokers in turn (stopping one before the "
+        "next), create one 4-partition topic, produce --rate msg/s of --size bytes for --duration "
+        "seconds and consume them with one aiokafka consumer (fetch wait 10 ms). Print per "
+        "--window seconds: sent, received, broker CPU (% of one core), latency p50/p99; then per "
+        "broker the last/first window p99 ratio and whether the consumer starved. The same load "
+        "runs on each broker in one process run: only ratios within one run compare.",
+    )
+    _add_sizes(
+        p,
+        rate=(2000.0, "offered messages/s (2000)"),
+        duration=(180.0, "seconds of load per broker (180)"),
+        window=(15.0, "seconds per reported window (15)"),
+        size=(200, "payload bytes per message (200)"),
+        linger_ms=(1, "producer linger.ms (1)"),
+    )
+    p.add_argument(
+        "--brokers", default="kafka,tansu", help="comma list of kafka, tansu (kafka,tansu)"
+    )
+    _add_run_flags(p, 'also write {"broker": figures} as JSON')
 
     p = add_command(
         bench,

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
 
@@ -14,19 +16,33 @@ from adpulse.settings import Settings
 
 
 def cmd_broker(args: argparse.Namespace, settings: Settings) -> int:
-    from adpulse.broker import EmbeddedBroker  # noqa: PLC0415
+    from adpulse.broker import embedded_broker  # noqa: PLC0415
 
+    if args.kind:
+        settings = settings.with_(embedded=args.kind)
+    if args.fetch_only:
+        from adpulse.kafkabroker import kafka_libs  # noqa: PLC0415
+
+        print(f"Apache Kafka jars in {kafka_libs(settings)}")
+        return 0
     port = args.port or settings.broker_port
-    broker = EmbeddedBroker(port=port).start()
-    print(f"embedded broker (tansu) answering on {broker.bootstrap}; Ctrl-C stops it", flush=True)
-    _wait_for_signal()
+    broker = embedded_broker(settings, port=port)
+    # The signal handler is in place before the JVM starts: a SIGTERM during the start
+    # still stops it cleanly instead of killing this process and orphaning the broker.
+    with _signals_recorded() as received:
+        broker.start()
+        print(f"embedded broker ({broker.name}) answering on {broker.bootstrap}; "
+              "Ctrl-C stops it", flush=True)  # fmt: skip
+        while not received:
+            signal.pause()
     broker.stop()
-    print("embedded broker stopped")
+    print(f"embedded broker ({broker.name}) stopped", flush=True)
     return 0
 
 
-def _wait_for_signal() -> None:
-    """Sleep until SIGINT or SIGTERM; both mean a clean stop."""
+@contextlib.contextmanager
+def _signals_recorded() -> Iterator[list[int]]:
+    """Record SIGINT and SIGTERM (both mean a clean stop) instead of dying of them."""
     received: list[int] = []
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
@@ -34,8 +50,7 @@ def _wait_for_signal() -> None:
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        while not received:
-            signal.pause()
+        yield received
     finally:
         for s, h in old.items():
             signal.signal(s, h)
@@ -87,12 +102,22 @@ def register(sub: Subparsers) -> None:
         sub,
         "broker",
         cmd_broker,
-        help="run the embedded Kafka-protocol broker (tansu) on 127.0.0.1",
-        description="Start the embedded broker (tansu, memory storage) on 127.0.0.1, wait "
-        "until it answers a Kafka Metadata request, and stop it cleanly on Ctrl-C or SIGTERM. "
-        "For development and tests; production uses a real Kafka cluster via --bootstrap.",
+        help="run the embedded broker (Apache Kafka, KRaft) on 127.0.0.1",
+        description="Start the embedded broker on 127.0.0.1: Apache Kafka in KRaft mode from "
+        "its Maven Central jars (a fresh storage directory, removed at stop), or tansu with "
+        "--kind tansu. Waits until it answers a Kafka Metadata request and stops it cleanly "
+        "on Ctrl-C or SIGTERM. For development and tests; production uses a real cluster "
+        "via --bootstrap.",
     )
     p.add_argument("--port", type=int, help="port to listen on (default: $ADPULSE_BROKER_PORT)")
+    p.add_argument(
+        "--kind", choices=("kafka", "tansu"), help="which broker (default: $ADPULSE_EMBEDDED)"
+    )
+    p.add_argument(
+        "--fetch-only",
+        action="store_true",
+        help="only fetch Apache Kafka's jars into the cache (Maven) and print where",
+    )
 
     topics = add_group(
         sub,

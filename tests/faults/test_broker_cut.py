@@ -1,6 +1,6 @@
 """The link between worker and broker cut for 10 s while events and ad requests flow.
 
-A dedicated tansu advertises the port of a TCP proxy that lives in this test, so
+A dedicated embedded broker advertises the port of a TCP proxy that lives in this test, so
 every Kafka connection (bootstrap and after Metadata) goes through the proxy.
 The proxy reads the client id of each connection's first request: the test's
 own clients (``fault-app``, standing in for the apps) are never cut; the
@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 from kafka import KafkaProducer
 
-from adpulse.broker import EmbeddedBroker, free_port
+from adpulse.broker import embedded_broker, free_port
 from adpulse.catalogtool import publish
 from adpulse.settings import Settings
 from adpulse.topics import create_topics
@@ -110,10 +110,10 @@ class Proxy:
 
 @pytest.fixture
 def cut_settings(settings: Settings, tmp_path: Path) -> Iterator[tuple[Settings, Proxy]]:
-    """Settings whose bootstrap is the proxy in front of a dedicated tansu that advertises it."""
+    """Settings whose bootstrap is the proxy in front of a dedicated broker that advertises it."""
     port = free_port()
     proxy = Proxy(port)
-    broker = EmbeddedBroker(port, tmp_path / "tansu.log", advertised_port=proxy.port)
+    broker = embedded_broker(settings, port, tmp_path / "broker.log", advertised_port=proxy.port)
     with broker:
         try:
             yield settings.with_(bootstrap=f"127.0.0.1:{proxy.port}"), proxy

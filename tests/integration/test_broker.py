@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import pytest
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.admin import NewTopic
 
-from adpulse.broker import EmbeddedBroker, free_port, metadata_answers
+from adpulse.broker import EmbeddedBroker, embedded_broker, free_port, metadata_answers
 from adpulse.errors import BrokerStartError
+from adpulse.settings import Settings
 
 pytestmark = pytest.mark.integration
 
@@ -20,6 +22,9 @@ def test_kafka_python_round_trip_through_embedded_broker(
     broker: EmbeddedBroker, unique: str
 ) -> None:
     topic = f"{unique}-roundtrip"
+    admin = KafkaAdminClient(bootstrap_servers=broker.bootstrap)
+    admin.create_topics([NewTopic(topic, num_partitions=2, replication_factor=1)])
+    admin.close()
     producer = KafkaProducer(bootstrap_servers=broker.bootstrap, linger_ms=1)
     sent = [(f"k{i % 7}".encode(), f"value-{i}".encode()) for i in range(50)]
     for key, value in sent:
@@ -45,14 +50,14 @@ def test_kafka_python_round_trip_through_embedded_broker(
 
 def test_broker_stops_cleanly_and_frees_its_port() -> None:
     port = free_port()
-    broker = EmbeddedBroker(port=port).start()
+    broker = embedded_broker(Settings.from_env(), port=port).start()
     proc = broker.proc
     assert proc is not None
     broker.stop()
-    assert proc.poll() is not None, "tansu still running after stop()"
+    assert proc.poll() is not None, f"{broker.name} still running after stop()"
     assert not metadata_answers("127.0.0.1", port, timeout=0.3)
 
 
 def test_second_broker_on_a_taken_port_is_refused(broker: EmbeddedBroker) -> None:
     with pytest.raises(BrokerStartError, match="already has a Kafka broker"):
-        EmbeddedBroker(port=broker.port).start()
+        embedded_broker(Settings.from_env(), port=broker.port).start()

@@ -232,6 +232,7 @@ def shared(broker: EmbeddedBroker, tmp_path_factory: pytest.TempPathFactory) -> 
         {},
         bootstrap=broker.bootstrap,
         embedded_broker=True,
+        embedded=broker.kind,
         topic_prefix=f"{unique}.",
         app_id=f"adpulse-{unique}",
         data_dir=tmp / "data",

@@ -37,6 +37,7 @@ def settings(broker: EmbeddedBroker, tmp_path_factory: pytest.TempPathFactory) -
         {},
         bootstrap=broker.bootstrap,
         embedded_broker=True,
+        embedded=broker.kind,
         topic_prefix=f"{tag}.",
         app_id=f"adpulse-{tag}",
         data_dir=tmp_path_factory.mktemp("privacy") / "data",

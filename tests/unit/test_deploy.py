@@ -316,3 +316,13 @@ def test_k8s_pods_read_the_pseudonym_key_from_one_required_secret() -> None:
     assert volume["secret"]["secretName"] == "adpulse-pseudonym-key"
     assert not volume["secret"].get("optional"), "no key: the worker must not start"
     assert all(e["name"] != "ADPULSE_PSEUDONYM_KEY" for e in container.get("env", []))
+
+
+def test_embedded_kafka_is_the_version_compose_runs() -> None:
+    from adpulse.kafkabroker import KAFKA_VERSION, POM
+
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    image = compose["services"]["kafka"]["image"]
+    pom = re.search(r"<kafka.version>([^<]+)</kafka.version>", POM.read_text())
+    assert pom is not None
+    assert image == f"apache/kafka:{KAFKA_VERSION}" and pom.group(1) == KAFKA_VERSION

