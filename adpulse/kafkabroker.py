@@ -125,6 +125,14 @@ def java_executable() -> str:
         raise BrokerStartError(msg) from None
 
 
+def _remove_orphaned_workdirs() -> None:
+    """Storage left by a broker whose owner was killed (kill -9 runs no cleanup)."""
+    for path in Path(tempfile.gettempdir()).glob("adpulse-kafka-*-*"):
+        owner = path.name.split("-")[2]
+        if owner.isdigit() and not Path(f"/proc/{owner}").exists():
+            shutil.rmtree(path, ignore_errors=True)
+
+
 class KafkaBroker(EmbeddedBroker):
     """A single-node KRaft Apache Kafka on 127.0.0.1 (broker and controller in one JVM)."""
 
@@ -161,7 +169,8 @@ class KafkaBroker(EmbeddedBroker):
         ]
 
     def prepare(self) -> None:
-        self.workdir = Path(tempfile.mkdtemp(prefix="adpulse-kafka-"))
+        _remove_orphaned_workdirs()
+        self.workdir = Path(tempfile.mkdtemp(prefix=f"adpulse-kafka-{os.getpid()}-"))
         (self.workdir / "log4j.properties").write_text(LOG4J_PROPERTIES)
         props = SERVER_PROPERTIES.format(
             port=self.port,

@@ -158,6 +158,16 @@ class Settings:
     session_timeout_s: float = _setting(
         10.0, "Consumer-group session timeout; short so a dead worker's partitions move soon."
     )
+    producer_linger_ms: float = _setting(
+        1.0,
+        "linger.ms of the worker's producer (changelogs, decisions, ctr-feedback, dead "
+        "letters): how long a record waits for others to share its request.",
+    )
+    producer_batch_bytes: int = _setting(
+        262_144,
+        "batch.size of the worker's producer: most bytes per partition in one request "
+        "(a changelog burst of a large ingest batch goes out in few requests).",
+    )
     stall_s: float = _setting(
         30.0,
         "A source partition with records past its position and no progress this long is "

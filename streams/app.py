@@ -119,7 +119,12 @@ def create_app(settings: Settings) -> Wiring:
         broker_heartbeat_interval=max(0.5, settings.session_timeout_s / 6),
         broker_max_poll_records=10_000,
         consumer_max_fetch_size=16 * 1024 * 1024,
-        producer_linger_ms=1,
+        # The worker's one producer carries changelogs, decisions, ctr-feedback and dead
+        # letters: a short linger keeps decisions fast, a large batch keeps bursts of
+        # changelog writes in few requests (README, "Producers").
+        producer_linger=settings.producer_linger_ms / 1000,
+        producer_max_batch_size=settings.producer_batch_bytes,
+        producer_acks=-1,
         web_host=settings.web_host,
         web_bind=settings.web_host,
         web_port=settings.web_port,

@@ -97,6 +97,8 @@ def run(base: Settings, cfg: DecisionsBench, log: Any = print) -> dict[str, Any]
         "latency_p99_ms_spread": p99,
         "worker_latency_p99_ms": spread([x["worker_p99"] for x in runs])["median"],
         "achieved_per_s_spread": ach,
+        # Repeats run one after another on one worker: minutes in the worker's time order.
+        "latency_p99_per_minute_ms": [m for x in runs for m in x["per_minute_p99"]],
         "candidates": cfg.candidates,
         "requests": sum(x["requests"] for x in runs),
         "lost": sum(x["lost"] for x in runs),
@@ -108,14 +110,34 @@ def run(base: Settings, cfg: DecisionsBench, log: Any = print) -> dict[str, Any]
     }
 
 
+def per_minute_p99(sent_at: list[float], latencies: list[float]) -> list[float]:
+    """p99 (ms) of the requests sent in each whole minute of a run; a partial last minute
+    is left out (it would compare fewer requests)."""
+    if not latencies:
+        return []
+    minute = (np.asarray(sent_at) // 60).astype(int)
+    lat = np.asarray(latencies)
+    whole = int(max(sent_at) // 60)
+    return [float(np.percentile(lat[minute == m], 99) * 1000) for m in range(whole)
+            if (minute == m).any()]  # fmt: skip
+
+
 def result_line(res: dict[str, Any]) -> str:
     return (
         f"decisions: offered {res['offered_per_s']:,.0f}/s x {res['candidates']} candidates, "
         f"achieved {res['achieved_per_s']:,.0f}/s; latency p50 {res['latency_p50_ms']:.2f} ms "
         f"p99 {res['latency_p99_ms']:.2f} ms (range {res['latency_p99_ms_spread']['min']:.2f}"
         f"-{res['latency_p99_ms_spread']['max']:.2f}) p99.9 {res['latency_p999_ms']:.2f} ms; "
-        f"{res['lost']} lost; {machine_line(res['machine'])}"
+        f"{res['lost']} lost; {_minutes(res)}{machine_line(res['machine'])}"
     )
+
+
+def _minutes(res: dict[str, Any]) -> str:
+    per_min = res.get("latency_p99_per_minute_ms") or []
+    if len(per_min) < 2:
+        return ""
+    shown = " ".join(f"{m:.1f}" for m in per_min)
+    return f"p99 per minute {shown} ms (last/second {per_min[-1] / per_min[1]:.2f}x); "
 
 
 async def _offer(
@@ -142,6 +164,7 @@ async def _offer(
     await producer.start()
     sent: dict[str, float] = {}
     latencies: list[float] = []
+    sent_at: list[float] = []  # when each measured request was sent, from the run's start
     in_worker: list[float] = []  # the decision's own latency_ms: request record -> decision sent
     try:
         topic = s.topic("ad-decisions")
@@ -161,11 +184,12 @@ async def _offer(
                         t = sent.pop(decision["request_id"], None)
                         if t is not None:
                             latencies.append(now - t)
+                            sent_at.append(t - start)
                             in_worker.append(decision["latency_ms"] / 1000)
 
-        watcher = asyncio.create_task(watch())
         topic = s.topic("ad-requests")
         start = time.perf_counter()
+        watcher = asyncio.create_task(watch())
         i = 0
         while i < n:
             delay = start + arrivals[i] - time.perf_counter()
@@ -186,7 +210,7 @@ async def _offer(
         (worker_p99,) = percentiles_ms(in_worker, [99])
         return {
             "requests": n, "lost": n - len(latencies), "p50": p50, "p99": p99, "p999": p999,
-            "worker_p99": worker_p99,
+            "worker_p99": worker_p99, "per_minute_p99": per_minute_p99(sent_at, latencies),
             "achieved_per_s": len(latencies) / max(offered_s, 1e-9),
         }  # fmt: skip
     finally:

@@ -110,27 +110,31 @@ def test_worker_applies_valid_and_dead_letters_each_invalid_message_once(
     create_topics(settings)
     extra = {"ADPULSE_MAX_EVENTS_PER_USER_S": "0"}  # rate limiting is not under test here
     worker = Worker(settings, tmp_path, extra)
-    starting = threading.Thread(target=worker.start)
-    starting.start()  # the worker starts while the corpus is drawn
-    sent: dict[str, list[tuple[bytes | None, bytes, bool]]] = {}
-    where: dict[tuple[str, int, int], bytes] = {}  # invalid messages by source position
-    for topic in TOPICS:
-        sent[topic] = corpus(topic)
-        if topic == "ad-catalog" and settings.embedded == "kafka":
-            # Apache Kafka refuses keyless records on a compacted topic (and with them the
-            # rest of their batch): they never reach the worker, so none is dead-lettered.
-            keyless = [(k, v, ok) for k, v, ok in sent[topic] if k is None]
-            assert keyless and not any(ok for *_, ok in keyless)
-            assert broker_refuses(settings, topic, keyless[0][1])
-            sent[topic] = [m for m in sent[topic] if m[0] is not None]
-        acks = produce(settings, topic, [(k, v) for k, v, _ in sent[topic]])
-        for (part, off), (_, v, ok) in zip(acks, sent[topic], strict=True):
-            if not ok:
-                where[(settings.topic(topic), part, off)] = v
-    starting.join()
-    sentinel = {"event_id": "sentinel", "user_id": "sentinel", "kind": "fav", "item_id": 1,
-                "category_id": 1, "ts": int(time.time() * 1000)}  # fmt: skip
-    produce(settings, "user-events", [(b"sentinel", json.dumps(sentinel).encode())])
+    try:
+        starting = threading.Thread(target=worker.start)
+        starting.start()  # the worker starts while the corpus is drawn
+        sent: dict[str, list[tuple[bytes | None, bytes, bool]]] = {}
+        where: dict[tuple[str, int, int], bytes] = {}  # invalid messages by source position
+        for topic in TOPICS:
+            sent[topic] = corpus(topic)
+            if topic == "ad-catalog" and settings.embedded == "kafka":
+                # Apache Kafka refuses keyless records on a compacted topic (and with them the
+                # rest of their batch): they never reach the worker, so none is dead-lettered.
+                keyless = [(k, v, ok) for k, v, ok in sent[topic] if k is None]
+                assert keyless and not any(ok for *_, ok in keyless)
+                assert broker_refuses(settings, topic, keyless[0][1])
+                sent[topic] = [m for m in sent[topic] if m[0] is not None]
+            acks = produce(settings, topic, [(k, v) for k, v, _ in sent[topic]])
+            for (part, off), (_, v, ok) in zip(acks, sent[topic], strict=True):
+                if not ok:
+                    where[(settings.topic(topic), part, off)] = v
+        starting.join()
+        sentinel = {"event_id": "sentinel", "user_id": "sentinel", "kind": "fav", "item_id": 1,
+                    "category_id": 1, "ts": int(time.time() * 1000)}  # fmt: skip
+        produce(settings, "user-events", [(b"sentinel", json.dumps(sentinel).encode())])
+    except BaseException:
+        worker.stop()  # a failure while feeding must not leave the worker running
+        raise
     dead, decisions = Reader(settings, "dead-letters"), Reader(settings, "ad-decisions")
     try:
         worker.wait_until(lambda: worker.interest("sentinel") is not None, 120, "the sentinel")

@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import pytest
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewTopic
@@ -61,3 +68,48 @@ def test_broker_stops_cleanly_and_frees_its_port() -> None:
 def test_second_broker_on_a_taken_port_is_refused(broker: EmbeddedBroker) -> None:
     with pytest.raises(BrokerStartError, match="already has a Kafka broker"):
         embedded_broker(Settings.from_env(), port=broker.port).start()
+
+
+def _broker_cli(port: int) -> tuple[subprocess.Popen[str], int]:
+    """`adpulse broker --port PORT` in its own process; returns it and its broker child's pid."""
+    cli = Path(sys.executable).with_name("adpulse")
+    proc = subprocess.Popen([str(cli), "broker", "--port", str(port)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    assert proc.stdout is not None
+    line = proc.stdout.readline()  # blocks until the broker answers (or the command fails)
+    assert "answering on" in line, line
+    children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True)
+    pids = [int(p) for p in children.stdout.split()]
+    assert len(pids) == 1, f"expected one broker process under the CLI, found {pids}"
+    return proc, pids[0]
+
+
+def _gone(pid: int, within_s: float) -> bool:
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:  # bench-ok: a wait bound, not a timing claim
+        try:
+            os.kill(pid, 0)
+            stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            if stat[0] == "Z":  # exited; only its (reaped-by-init) entry remains
+                return True
+        except (ProcessLookupError, FileNotFoundError):
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_broker_command_stops_its_broker_on_sigterm_and_leaves_no_orphan() -> None:
+    port = free_port()
+    proc, child = _broker_cli(port)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(60) == 0
+    assert _gone(child, 5), "the broker process outlived `adpulse broker`"
+    assert not metadata_answers("127.0.0.1", port, timeout=0.3)
+
+
+def test_broker_dies_with_its_parent_killed_by_sigkill() -> None:
+    port = free_port()
+    proc, child = _broker_cli(port)
+    proc.kill()  # no handler runs: only the kernel's parent-death signal can stop the broker
+    proc.wait()
+    assert _gone(child, 60), "the broker survived its parent's kill -9 (orphan)"
