@@ -26,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
 
 from adpulse.bench import machine, machine_line, percentiles_ms, spread
 from adpulse.bench.freshness import ChangelogFreshness
@@ -137,6 +139,17 @@ async def _produce(
         await producer.stop()
 
 
+async def _create_topic(s: Settings, name: str) -> None:
+    admin = AIOKafkaAdminClient(**client_kwargs(s))
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(name, s.partitions, s.replication)])
+    except TopicAlreadyExistsError:
+        pass
+    finally:
+        await admin.close()
+
+
 async def _bare_loop(s: Settings, n: int) -> float:
     """Consume n messages and produce each to a sink topic: no decoding, no state."""
     consumer = AIOKafkaConsumer(
@@ -144,10 +157,11 @@ async def _bare_loop(s: Settings, n: int) -> float:
         max_partition_fetch_bytes=16 << 20, auto_offset_reset="earliest",
     )  # fmt: skip
     producer = AIOKafkaProducer(**client_kwargs(s), linger_ms=5, max_batch_size=1 << 20)
+    topic, sink = s.topic("user-events"), s.topic("bench-sink")
+    await _create_topic(s, sink)  # brokers like production's create no topic on first use
     await consumer.start()
     await producer.start()
     try:
-        topic, sink = s.topic("user-events"), s.topic("bench-sink")
         tps = [TopicPartition(topic, p) for p in range(s.partitions)]
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)
