@@ -104,3 +104,24 @@ def test_every_dashboard_panel_has_a_query_to_draw() -> None:
     ps = plots.panels()
     assert len(ps) >= 10
     assert all(p["title"] and p["targets"] for p in ps)
+
+
+def test_p99_windows_show_a_slow_stretch_that_a_median_of_1s_windows_hides() -> None:
+    m = Metrics.create()
+    board = d.Dashboard("unused")
+    for second in range(30):
+        # Seconds 10-19 hold one slow (0.5 s) decision among ten fast ones.
+        for _ in range(10):
+            m.decision_latency.observe(0.004)
+            m.freshness.observe(0.003)
+        if 10 <= second < 20:
+            m.decision_latency.observe(0.5)
+        scrape = _scrape(m)
+        board.marks.append((float(second), d.buckets(scrape, d.DECISION_HIST),
+                            d.buckets(scrape, d.FRESHNESS_HIST)))  # fmt: skip
+    windows = board.p99_windows(10.0)
+    assert [w["end_s"] for w in windows] == [10.0, 20.0]
+    fast, slow = windows
+    assert fast["decision_p99_ms"] <= 5.0 and slow["decision_p99_ms"] >= 250.0
+    assert slow["decisions"] == 109  # marks at 10 and 20: seconds 11-20, nine of them slow
+    assert fast["freshness_p99_ms"] <= 5.0
