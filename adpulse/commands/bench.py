@@ -1,4 +1,4 @@
-"""``adpulse bench features|decisions|state|mixed|rebalance|scorer|broker|all``: benchmarks."""
+"""``adpulse bench features|decisions|state|mixed|rebalance|scorer|broker|startup|all``."""
 
 from __future__ import annotations
 
@@ -133,6 +133,35 @@ def cmd_bench_broker(args: argparse.Namespace, settings: Settings) -> int:
     print(broker.format_tables(result))
     print(broker.result_line(result))
     _write_json(args.json, {"broker": result})
+    return 0
+
+
+def cmd_bench_startup(args: argparse.Namespace, settings: Settings) -> int:
+    from adpulse.bench import broker, startup  # noqa: PLC0415
+
+    kinds = broker.parse_brokers(args.brokers)
+    common = {"brokers": kinds, "stall_s": args.stall_s, "ready_timeout_s": args.ready_timeout_s}
+    if args.smoke:
+        cfg = startup.StartupBench.smoke(**common)
+    else:
+        cfg = startup.StartupBench(
+            fill_sets=args.fill_sets, fill_events=args.fill_events,
+            fill_workers=args.fill_workers, workers=args.workers, **common,
+        )  # fmt: skip
+    result = startup.run(settings, cfg, log=lambda line: print(line, file=sys.stderr, flush=True))
+    print(startup.format_tables(result))
+    print(startup.result_line(result))
+    _write_json(args.json, {"startup": result})
+    return 0
+
+
+def cmd_bench_eos(args: argparse.Namespace, settings: Settings) -> int:
+    from adpulse.bench import eos  # noqa: PLC0415
+
+    cfg = eos.EosBench.smoke() if args.smoke else eos.EosBench(events=args.events, kills=args.kills)
+    result = eos.run(settings, cfg, log=lambda line: print(line, file=sys.stderr, flush=True))
+    print(eos.format_table(result))
+    _write_json(args.json, {"eos": result})
     return 0
 
 
@@ -360,6 +389,50 @@ def register(sub: Subparsers) -> None:
         "--brokers", default="kafka,tansu", help="comma list of kafka, tansu (kafka,tansu)"
     )
     _add_run_flags(p, 'also write {"broker": figures} as JSON')
+
+    p = add_command(
+        bench,
+        "startup",
+        cmd_bench_startup,
+        help="workers started in a row on a broker full of old topics: ready, then catalog?",
+        description="Per embedded broker of --brokers: fill it with --fill-sets adpulse topic "
+        "sets of --fill-events user-events and 42 ads each (a real worker reads the first "
+        "--fill-workers of them), then start --workers fresh workers one after another, each "
+        "on new topics with 42 ads. Per worker: seconds to /health 200, then ready -> "
+        "adpulse_catalog_ads = 42; not loaded within --stall-s is a stall, kept with its log "
+        "tail, the group as the broker describes it and broker/worker CPU.",
+    )
+    _add_sizes(
+        p,
+        fill_sets=(30, "topic sets left on the broker before the workers start (30)"),
+        fill_events=(20_000, "user-events per fill set (20000)"),
+        fill_workers=(2, "fill sets a real worker reads first (2)"),
+        workers=(15, "workers started one after another (15)"),
+        stall_s=(30.0, "seconds after ready without the catalog that count as a stall (30)"),
+        ready_timeout_s=(60.0, "seconds a worker may take to /health 200 (60)"),
+    )
+    p.add_argument(
+        "--brokers", default="kafka,tansu", help="comma list of kafka, tansu (kafka,tansu)"
+    )
+    _add_run_flags(p, 'also write {"startup": figures} as JSON')
+
+    p = add_command(
+        bench,
+        "eos",
+        cmd_bench_eos,
+        help="Faust exactly_once against at_least_once: events/s, and duplicates after kill -9",
+        description="On an embedded Apache Kafka, run a minimal Faust app (a RocksDB table "
+        "counting per key, one output record per event) over --events pre-produced events "
+        "with processing_guarantee at_least_once and exactly_once: events/s of each and their "
+        "ratio; then kill -9 the worker --kills times per guarantee, restart it, and count "
+        "duplicate and lost output records (read_committed) and wrong table counts.",
+    )
+    _add_sizes(
+        p,
+        events=(50_000, "pre-produced events per phase (50000)"),
+        kills=(3, "kill -9 and restart of the worker per guarantee (3)"),
+    )
+    _add_run_flags(p, 'also write {"eos": figures} as JSON')
 
     p = add_command(
         bench,
