@@ -71,58 +71,12 @@ class BatchConsumer(_drv.Consumer):
             self._batch_next.pop(tp, None)
         await super().on_partitions_assigned(assigned, generation_id)
 
-    async def perform_seek(self) -> None:
-        """Faust's seek to the committed offsets, and back to the beginning where none is.
-
-        Why: aiokafka's ``seek_to_committed`` leaves a partition alone when its group
-        has committed nothing (or offset 0), so records fetched and then dropped by a
-        rebalance (agent buffers cleared, a pending batch discarded) were skipped for
-        good in a new group: a worker's catalog stopped at 32 of 42 ads with every
-        record on the broker (``adpulse bench startup`` on tansu, whose slow group
-        joins rebalance new workers often). Nothing committed means nothing was
-        acknowledged, so with ``auto_offset_reset=earliest`` the beginning is where
-        an at-least-once consumer must read from; changelog partitions are left to
-        recovery.
-        """
-        committed = await self.seek_to_committed()
-        self._read_offset.update(
-            {tp: off if off is not None and off >= 0 else None for tp, off in committed.items()}
-        )
-        self._committed_offset.update({tp: off for tp, off in committed.items() if off})
-        if self.app.conf.consumer_auto_offset_reset != "earliest":
-            return
-        uncommitted = [
-            tp for tp, off in committed.items() if not off and not self._is_changelog_tp(tp)
-        ]
-        if uncommitted:
-            earliest = await self.earliest_offsets(*uncommitted)
-            for tp in uncommitted:
-                await self._seek(tp, earliest.get(tp) or 0)
-                self._read_offset[tp] = None
-
-    async def _deliver(self, tp: TP, recs: list[Any]) -> bool:
-        """Hand records to Faust one at a time; False when the flow stopped meanwhile.
-
-        As in Faust's own loop, a delivery blocked on a full agent buffer gives way
-        when a rebalance stops the flow (else the fetch loop and the rebalance wait on
-        each other); the undelivered records are fetched again after it.
-        """
-        read_offset, callback = self._read_offset, self.callback
-        for rec in recs:
-            if not self.flow_active:
-                return False
-            await self.wait_first(callback(self._to_message(tp, rec)), self.suspend_flow.wait())
-            if not self.flow_active:
-                return False
-            read_offset[tp] = rec.offset
-        return True
-
     # -- the fetch loop ----------------------------------------------------------------
     async def _drain_messages(self, fetcher: Any) -> None:  # replaces Faust's per-message loop
         handlers: dict[str, BatchHandler] = getattr(self.app, "batch_handlers", {})
         limits = cast("BatchApp", self.app)
         batch_max, batch_within = limits.batch_max, limits.batch_within
-        app, read_offset = self.app, self._read_offset
+        app, callback, read_offset = self.app, self.callback, self._read_offset
         should_stop, fetcher_stopped = self._stopped.is_set, fetcher._stopped.is_set
         pending: Batch = {}
         n_pending, t_first, gen = 0, 0.0, None
@@ -160,8 +114,10 @@ class BatchConsumer(_drv.Consumer):
                         pending.setdefault(tp, []).extend(recs)
                         n_pending += len(recs)
                         read_offset[tp] = recs[-1].offset + 1
-                    elif not await self._deliver(tp, recs):  # Faust's per-message path
-                        break  # flow stopped: the rest is fetched again after the rebalance
+                    else:  # every other topic: Faust's ordinary per-message path
+                        for rec in recs:
+                            await callback(self._to_message(tp, rec))
+                            read_offset[tp] = rec.offset
                 if n_pending and (n_pending >= batch_max or monotonic() - t_first >= batch_within):
                     batch, n = pending, n_pending
                     pending, n_pending = {}, 0
