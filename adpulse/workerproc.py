@@ -54,6 +54,10 @@ class WorkerProcess:
 
     def start(self, timeout: float = 60.0) -> WorkerProcess:
         self.spawn()
+        return self.wait_ready(timeout)
+
+    def wait_ready(self, timeout: float = 60.0) -> WorkerProcess:
+        """Block until /health answers 200 (an exited worker fails at once, with its log)."""
         self.wait_until(lambda: self._health() == 200, timeout, "worker ready (/health 200)")
         return self
 

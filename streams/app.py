@@ -19,6 +19,7 @@ from adpulse.kafkaconf import client_kwargs, faust_credentials
 from adpulse.metrics import Metrics
 from adpulse.privacy import Pseudonymiser
 from adpulse.settings import Settings
+from streams.catalogmirror import CatalogMirror
 from streams.consumer import BatchApp
 from streams.restore import BulkRecovery
 from streams.seal import SEAL_KEY
@@ -40,7 +41,7 @@ class Wiring:
     interest: Any  # faust Table, raw bytes -> raw bytes (scoring.features record)
     freqcap: Any  # pseudonym -> scoring.caps.CapRecord (msgpack)
     spend: Any  # campaign id -> pacing record (streams/budget.py), per partition share
-    catalog: Any  # CatalogTable (GlobalTable over ad-catalog)
+    catalog: CatalogMirror  # every ad-catalog record, read by this worker itself
     metrics: Metrics
     ctr_feedback: faust.TopicT
     learn: Any  # ad id -> streams.learn.AdState (msgpack), per ctr-feedback partition
@@ -51,11 +52,11 @@ class Wiring:
 
 
 class CatalogTable(faust.GlobalTable):
-    """Every worker's full copy of the ad catalog; ``version`` moves on every change.
+    """A GlobalTable whose ``version`` moves on every change (the learners' ``strategy``
+    table: the decision stage re-reads what moved).
 
-    Changes arrive two ways: written here by the catalog agent, or replayed from
-    the table's changelog (written by whichever worker owns that ad-catalog
-    partition). Both bump ``version`` so the decision stage rebuilds its arrays.
+    Changes arrive two ways: written here, or replayed from the table's changelog
+    (written by other workers). Both bump ``version``.
     """
 
     version = 0
@@ -153,15 +154,9 @@ def create_app(settings: Settings) -> Wiring:
             name, partitions=settings.partitions, key_type=bytes, value_type=bytes, help=help_
         )
 
-    # A GlobalTable over its own changelog, filled by an agent on ad-catalog: Faust's
-    # assignor never completes when a source topic doubles as a global changelog.
-    catalog = app.GlobalTable(
-        "catalog",
-        partitions=settings.partitions,
-        key_type=bytes,
-        value_type=bytes,
-        help="ad id -> ad-catalog record (JSON); every worker holds all of it",
-    )
+    # Every worker reads all of ad-catalog itself (no group, so no rebalance can drop
+    # records): streams/catalogmirror.py says why it is not a Faust GlobalTable.
+    catalog = CatalogMirror(settings, settings.dim)
     wiring = Wiring(
         settings=settings,
         app=app,

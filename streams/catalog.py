@@ -1,11 +1,10 @@
-"""The worker's view of the ad catalog: rebuilt from the catalog GlobalTable when it changes.
+"""The worker's view of the ad catalog: rebuilt from the catalog mirror when it changes.
 
-An agent copies the compacted ad-catalog topic into a GlobalTable (RocksDB,
-changelogged): the durable copy every worker holds. The decision stage reads
-the :class:`Catalog` arrays built from it. A refresh runs on a short timer and
-only when the table has changed since the last one, so updates and tombstones
-take effect within one timer period (``CATALOG_REFRESH_S``) of reaching the
-worker.
+Every worker reads the compacted ad-catalog topic itself (streams/catalogmirror.py);
+the decision stage reads the :class:`Catalog` arrays built from that copy. A
+refresh runs on a short timer and only when the copy has changed since the last
+one, so updates and tombstones take effect within one timer period
+(``CATALOG_REFRESH_S``) of reaching the worker.
 """
 
 from __future__ import annotations
@@ -54,27 +53,6 @@ def check_catalog_record(
         n = len(ad["embedding"])
         return "embedding_dim", f"embedding has {n} values, the model expects dim={dim}"
     return None
-
-
-def apply_catalog_record(
-    table: Any, key: bytes | None, value: bytes | None, dim: int | None = None
-) -> tuple[str, str] | None:
-    """One ad-catalog record into the global table: a tombstone (null) removes the ad.
-
-    A record that is not a valid ad is refused: the ad keeps its last valid
-    version and the caller dead-letters the record with the returned
-    ``(reason, message)``.
-    """
-    if key is not None and is_seal(key):
-        return None
-    if value is None:
-        if key is not None and key in table:
-            del table[key]
-        return None
-    refused = check_catalog_record(key, value, dim)
-    if refused is None:
-        table[key] = value
-    return refused
 
 
 class CatalogCache:

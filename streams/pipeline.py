@@ -31,7 +31,7 @@ from scoring.featurespec import FeatureSpec
 from scoring.registry import LoadedModel, ModelRegistry
 from scoring.scorer import FallbackRule
 from streams import forget
-from streams.catalog import CATALOG_REFRESH_S, CatalogCache, apply_catalog_record
+from streams.catalog import CATALOG_REFRESH_S, CatalogCache, check_catalog_record
 from streams.consumer import Batch
 from streams.deadletter import Raw, Rejected, dead_letter
 from streams.decide import DecideStage, ServingModels
@@ -39,6 +39,7 @@ from streams.gauges import SAMPLE_S, sample_consumer_lag, sample_pacing, sample_
 from streams.interest import BatchResult, InterestStage
 from streams.join import JOIN_TICK_S, JoinStage
 from streams.learn import LearnStage, StrategyReader, learn_batch, read_global
+from streams.seal import is_seal
 from streams.tablewriter import read_many, write_many
 
 if TYPE_CHECKING:
@@ -78,10 +79,18 @@ def wire(w: Wiring) -> None:
     async def on_ctr_feedback(batch: Batch) -> Awaitable[Any]:
         return await learn_batch(w, learn, batch)
 
+    @w.app.task
+    async def mirror_catalog() -> None:
+        await w.catalog.run()
+
     @w.app.agent(w.ad_catalog)
-    async def catalog_updates(stream: Any) -> None:
+    async def catalog_dead_letters(stream: Any) -> None:
+        """Invalid ad-catalog records, dead-lettered once by their partition's owner (every
+        worker's mirror skips them: streams/catalogmirror.py)."""
         async for event in stream.events():
-            refused = apply_catalog_record(w.catalog, event.key, event.value, w.settings.dim)
+            if event.value is None or (event.key is not None and is_seal(event.key)):
+                continue
+            refused = check_catalog_record(event.key, event.value, w.settings.dim)
             if refused is not None:  # the ad keeps its last valid version
                 msg, now_ms = event.message, int(time.time() * 1000)
                 ts_ms = int((msg.timestamp or 0) * 1000)
@@ -107,7 +116,7 @@ def wire(w: Wiring) -> None:
     @w.app.timer(SAMPLE_S)
     async def sample_gauges() -> None:
         sample_consumer_lag(w.app, w.metrics, lag_labelled)
-        sample_table_keys((w.interest, w.freqcap, w.spend, w.catalog), w.metrics)
+        sample_table_keys((w.interest, w.freqcap, w.spend), w.metrics)
         sample_pacing(decide.budget.gauges(int(time.time() * 1000)), w.metrics, pacing_labelled)
         w.metrics.calibration_labels.set(decide.calibration.labels)
 

@@ -63,6 +63,8 @@ def wire(w: Wiring) -> None:
         recovered = app.tables.recovery.completed.is_set()  # type: ignore[attr-defined]
         if not probe.connected:
             return self.json({"status": "broker unreachable"}, status=503)
+        if not w.catalog.ready:
+            return self.json({"status": "loading catalog"}, status=503)
         if stall.stalled:
             return self.json({"status": "consumer stalled", "partitions": len(stall.stalled)},
                              status=503)  # fmt: skip

@@ -74,6 +74,8 @@ def run(base: Settings, cfg: DecisionsBench, log: Any = print) -> dict[str, Any]
             for r in range(cfg.repeats):
                 gc.collect()
                 gc.freeze()  # this process's collector pauses are not the worker's latency
+                log(f"  repeat {r + 1}/{cfg.repeats}: offering {cfg.rate:g} requests/s for "
+                    f"{cfg.duration_s:g} s (worker pid {worker.proc.pid if worker.proc else '?'})")
                 try:
                     runs.append(asyncio.run(_offer(s, cfg, ad_ids, r)))
                 finally:

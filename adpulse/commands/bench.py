@@ -1,4 +1,5 @@
-"""``adpulse bench features|decisions|state|mixed|rebalance|scorer|broker|startup|all``."""
+"""``adpulse bench features|decisions|state|mixed|rebalance|scorer|broker|startup|eos|
+catalog-join|all``: benchmarks and reproductions, each with its same-run baseline."""
 
 from __future__ import annotations
 
@@ -152,6 +153,19 @@ def cmd_bench_startup(args: argparse.Namespace, settings: Settings) -> int:
     print(startup.format_tables(result))
     print(startup.result_line(result))
     _write_json(args.json, {"startup": result})
+    return 0
+
+
+def cmd_bench_catalog_join(args: argparse.Namespace, settings: Settings) -> int:
+    from adpulse.bench import catalogjoin  # noqa: PLC0415
+
+    if args.smoke:
+        cfg = catalogjoin.CatalogJoinBench.smoke()
+    else:
+        cfg = catalogjoin.CatalogJoinBench(trials=args.trials, ads=args.ads, delay_s=args.delay)
+    result = catalogjoin.run(settings, cfg, log=lambda line: print(line, file=sys.stderr))
+    print(catalogjoin.result_line(result))
+    _write_json(args.json, {"catalog_join": result})
     return 0
 
 
@@ -433,6 +447,25 @@ def register(sub: Subparsers) -> None:
         kills=(3, "kill -9 and restart of the worker per guarantee (3)"),
     )
     _add_run_flags(p, 'also write {"eos": figures} as JSON')
+
+    p = add_command(
+        bench,
+        "catalog-join",
+        cmd_bench_catalog_join,
+        help="a second worker joins while the catalog loads: does every worker get every ad?",
+        description="On an embedded Apache Kafka, per trial: publish --ads ads, start worker A, "
+        "--delay seconds later worker B in the same new group; report each worker's "
+        "adpulse_catalog_ads once settled and the distinct ads in the catalog changelog "
+        "(read to its end). Reproduces Faust's GlobalTable losing changelog records across a "
+        "rebalance (README, The embedded broker).",
+    )
+    _add_sizes(
+        p,
+        trials=(6, "trials, each on new topics and a new group (6)"),
+        ads=(3000, "ads published before worker A starts (3000)"),
+        delay=(4.0, "seconds between worker A's and worker B's start (4.0)"),
+    )
+    _add_run_flags(p, 'also write {"catalog_join": figures} as JSON')
 
     p = add_command(
         bench,
