@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help venv kafka prometheus test unit integration lint demo bench clean
+.PHONY: help venv kafka prometheus test unit integration reproductions lint demo bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -45,7 +45,10 @@ prometheus: ## install Prometheus + promtool for their tests (root with apt; els
 test: $(STAMP) kafka prometheus ## the whole suite: lint, unit, integration (real embedded Kafka)
 	$(BIN)/ruff check .
 	$(BIN)/mypy adpulse schemas scoring streams
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not reproduction" $(PYTEST_ARGS)
+
+reproductions: $(STAMP) kafka ## the findings' reproductions (bench eos, bench startup smokes; minutes)
+	$(BIN)/python -m pytest -m reproduction $(PYTEST_ARGS)
 
 unit: $(STAMP) ## fast tests without a broker
 	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)

@@ -20,7 +20,9 @@ import pytest
 
 from adpulse.cli import main
 
-pytestmark = pytest.mark.integration
+# Reproductions of findings (minutes of workers and kills): `make reproductions`, not
+# `make test`, which must stay under 10 minutes.
+pytestmark = [pytest.mark.integration, pytest.mark.reproduction]
 
 EVENTS = 2_000
 

@@ -16,7 +16,9 @@ import pytest
 
 from adpulse.cli import main
 
-pytestmark = pytest.mark.integration
+# Reproductions of findings (minutes of workers and kills): `make reproductions`, not
+# `make test`, which must stay under 10 minutes.
+pytestmark = [pytest.mark.integration, pytest.mark.reproduction]
 
 
 def test_bench_startup_smoke_on_kafka_loads_every_catalog(
