@@ -34,6 +34,7 @@ import msgspec
 
 from scoring import joinstate as js
 from scoring.abuse import ClickBurst
+from scoring.dueindex import DueIndex
 from streams.deadletter import Raw, Rejected
 from streams.tablewriter import read_many, write_many
 
@@ -82,7 +83,7 @@ class JoinStage:
         self.idle_ms = int(w.settings.watermark_idle_s * 1000)
         self.topic = w.settings.topic("ctr-feedback")
         self.lock = asyncio.Lock()
-        self.due: dict[int, dict[str, int]] = {}  # partition -> decision id -> deadline
+        self.due: dict[int, DueIndex] = {}  # partition -> decision id -> deadline
         self.clicked: dict[int, dict[str, set[str]]] = {}  # partition -> user -> decision ids
         self.watermark: dict[int, int] = {}
         self.gen: int | None = None
@@ -171,7 +172,7 @@ class JoinStage:
             for e in events:
                 if not e.decision_id:
                     keys |= users.get(e.user_id, set())
-            keys |= {k for k, t in due.items() if t < wm}
+            keys.update(due.due(wm))
             if not keys:
                 return []
             ordered = sorted(keys)
@@ -203,14 +204,14 @@ class JoinStage:
             self._suspects(step.suspect + closed.suspect)
             return await write_many(self.w.pending, part, writes)
 
-    def _index(self, part: int) -> tuple[dict[str, int], dict[str, set[str]]]:
+    def _index(self, part: int) -> tuple[DueIndex, dict[str, set[str]]]:
         gen = self.w.app.consumer_generation_id
         if gen != self.gen:  # rebalanced: partitions may have been handled elsewhere meanwhile
             self.due.clear()
             self.clicked.clear()
             self.gen = gen
         if part not in self.due:
-            due: dict[str, int] = {}
+            due = DueIndex()
             users: dict[str, set[str]] = {}
             db = self.w.pending.data._db_for_partition(part)
             for k, v in db.items():
@@ -226,16 +227,16 @@ class JoinStage:
 
     def _reindex(
         self,
-        due: dict[str, int],
+        due: DueIndex,
         users: dict[str, set[str]],
         key: str,
         rec: js.Pending,
         deleted: bool,
     ) -> None:
         if deleted:
-            due.pop(key, None)
+            due.discard(key)
         else:
-            due[key] = js.deadline(rec, self.params)
+            due.set(key, js.deadline(rec, self.params))
         if rec.status == js.CLICKED and not deleted:
             users.setdefault(rec.user_id, set()).add(key)
         elif rec.user_id in users:
