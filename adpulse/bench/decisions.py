@@ -112,14 +112,16 @@ def run(base: Settings, cfg: DecisionsBench, log: Any = print) -> dict[str, Any]
     }
 
 
-def per_minute_p99(sent_at: list[float], latencies: list[float]) -> list[float]:
-    """p99 (ms) of the requests sent in each whole minute of a run; a partial last minute
-    is left out (it would compare fewer requests)."""
+def per_minute_p99(
+    sent_at: list[float], latencies: list[float], duration_s: float
+) -> list[float]:
+    """p99 (ms) of the requests sent in each whole minute of a ``duration_s`` run; a
+    partial last minute is left out (it would compare fewer requests)."""
     if not latencies:
         return []
     minute = (np.asarray(sent_at) // 60).astype(int)
     lat = np.asarray(latencies)
-    whole = int(max(sent_at) // 60)
+    whole = int(duration_s // 60)
     return [float(np.percentile(lat[minute == m], 99) * 1000) for m in range(whole)
             if (minute == m).any()]  # fmt: skip
 
@@ -212,7 +214,8 @@ async def _offer(
         (worker_p99,) = percentiles_ms(in_worker, [99])
         return {
             "requests": n, "lost": n - len(latencies), "p50": p50, "p99": p99, "p999": p999,
-            "worker_p99": worker_p99, "per_minute_p99": per_minute_p99(sent_at, latencies),
+            "worker_p99": worker_p99,
+            "per_minute_p99": per_minute_p99(sent_at, latencies, cfg.duration_s),
             "achieved_per_s": len(latencies) / max(offered_s, 1e-9),
         }  # fmt: skip
     finally:
