@@ -263,8 +263,12 @@ def result_line(res: dict[str, Any]) -> str:
 
 
 def _partitions(w: WorkerProcess, s: Settings) -> set[int]:
-    """Partitions of ad-requests the worker reads, from its consumer-lag series."""
-    _, text = w.get("/metrics")
+    """Partitions of ad-requests the worker reads, from its consumer-lag series; none while
+    its web server does not answer (a restarted worker between spawn and listen)."""
+    try:
+        _, text = w.get("/metrics")
+    except OSError:  # urllib's URLError is an OSError
+        return set()
     topic = s.topic("ad-requests")
     out = set()
     for line in str(text).splitlines():
