@@ -34,7 +34,7 @@ def test_bench_broker_smoke_receives_every_record_sent(
     assert [w["end_s"] for w in k["windows"]] == [5.0, 10.0]
     for w in k["windows"]:
         assert set(w) == {"end_s", "sent", "received", "broker_cpu_percent", "p50_ms", "p99_ms"}
-        assert w["sent"] == 1000  # a steady 200 msg/s, exactly, per 5 s window
+        assert w["sent"] == 1000  # not timing: the generator's quota per window (rate x window)
         assert w["received"] > 0
         assert math.isfinite(w["p99_ms"])  # bench-ok: it ran, no speed claim
         assert w["broker_cpu_percent"] > 0  # the broker's own process tree was measured
