@@ -15,6 +15,7 @@ from adpulse.commands import (
     Handler,
     bench,
     catalog,
+    decide,
     demo,
     evaluate,
     forget,
@@ -41,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     # The order here is the order `adpulse --help` lists the commands in.
     kafka.register(sub)  # broker, topics, replay
     worker.register(sub)  # worker
+    decide.register(sub)  # decide (one decision over HTTP)
     forget.register(sub)  # forget (delete one user's state)
     catalog.register(sub)  # catalog, train
     bench.register(sub)  # bench

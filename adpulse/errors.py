@@ -57,3 +57,9 @@ class ModelRefused(AdpulseError):
         super().__init__(f"model {version} refused: {reason}")
         self.version = version
         self.reason = reason
+
+
+class WorkerUnavailable(AdpulseError):
+    """A worker's HTTP API did not answer, or answered 503 (recovering, overloaded): retry."""
+
+    exit_code = 8

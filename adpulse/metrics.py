@@ -68,6 +68,10 @@ class Metrics:
     broker_connected: Gauge
     consumer_stalled: Gauge
     consumer_stalls: Counter
+    decide_requests: Counter
+    decide_seconds: Histogram
+    decide_forward_seconds: Histogram
+    decision_log_failures: Counter
 
     @classmethod
     def create(cls, registry: CollectorRegistry | None = None) -> Metrics:
@@ -127,7 +131,12 @@ class Metrics:
                 buckets=LATENCY_BUCKETS,
                 registry=r,
             ),
-            no_fill=Counter("adpulse_no_fill_total", "Requests with no eligible ad.", registry=r),
+            no_fill=Counter(
+                "adpulse_no_fill_total",
+                "Decisions without an ad, by no_fill_reason (no_candidates, deadline).",
+                ["reason"],
+                registry=r,
+            ),
             fallbacks=Counter(
                 "adpulse_scorer_fallbacks_total",
                 "Requests scored by the fallback rule (no model, or non-finite output).",
@@ -271,6 +280,33 @@ class Metrics:
             consumer_stalls=Counter(
                 "adpulse_consumer_stalls",
                 "Consumer stalls the watchdog detected (each is remedied by resume + seek).",
+                registry=r,
+            ),
+            decide_requests=Counter(
+                "adpulse_decide_requests_total",
+                "POST /decide requests by outcome: answered, forwarded (to the owner of the "
+                "user's partition), shed (503, overload), invalid (400), unavailable (503, "
+                "recovering or no owner known).",
+                ["outcome"],
+                registry=r,
+            ),
+            decide_seconds=Histogram(
+                "adpulse_decide_seconds",
+                "POST /decide answered here: request read to response ready (queueing for the "
+                "scoring run included).",
+                buckets=LATENCY_BUCKETS,
+                registry=r,
+            ),
+            decide_forward_seconds=Histogram(
+                "adpulse_decide_forward_seconds",
+                "POST /decide forwarded to the owner: the whole extra hop, as this worker saw it.",
+                buckets=LATENCY_BUCKETS,
+                registry=r,
+            ),
+            decision_log_failures=Counter(
+                "adpulse_decision_log_failures_total",
+                "Decisions answered over HTTP whose ad-decisions record the broker did not "
+                "acknowledge: the joiner and learners never see them.",
                 registry=r,
             ),
         )

@@ -308,7 +308,24 @@ class Settings:
         4096, "Most candidate rows one micro-batch sends to the model."
     )
     scorer_max_wait_ms: float = _setting(
-        1.0, "Longest a request waits for others to share its micro-batch."
+        0.0,
+        "POST /decide: longest a request waits for concurrent ones to share its scoring run "
+        "(0: it shares with those that arrived in the same event-loop turn, no added wait).",
+    )
+    decide_tmax_ms: int = _setting(
+        100,
+        "POST /decide: budget of a request without tmax_ms, from its arrival; a request "
+        "that used it up before scoring gets a no fill with no_fill_reason deadline.",
+    )
+    topic_tmax_ms: int = _setting(
+        0,
+        "ad-requests topic: budget of a request without tmax_ms, from its record timestamp "
+        "(0: none, so a backlog after downtime is still answered).",
+    )
+    decide_max_queue_ms: float = _setting(
+        20.0,
+        "POST /decide sheds a request (503 with Retry-After) when the requests already "
+        "waiting would take longer than this to score at the measured rate.",
     )
     fallback_ctr: float = _setting(
         0.02, "pCTR of every candidate when no model can score (unless the model's metrics say)."

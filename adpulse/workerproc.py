@@ -95,6 +95,23 @@ class WorkerProcess:
             body, status = e.read(), int(e.code)
         return status, json.loads(body) if body[:1] in (b"{", b"[") else body.decode()
 
+    def post(
+        self, path: str, body: bytes, headers: dict[str, str] | None = None
+    ) -> tuple[int, Any, dict[str, str]]:
+        """POST ``body``: status, JSON answer, response headers (an HTTP error is an answer)."""
+        req = urllib.request.Request(
+            self.url + path,
+            data=body,
+            method="POST",
+            headers={"Content-Type": "application/json", **(headers or {})},
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=10) as r:
+                raw, status, got = r.read(), int(r.status), dict(r.headers.items())
+        except urllib.error.HTTPError as e:
+            raw, status, got = e.read(), int(e.code), dict(e.headers.items())
+        return status, json.loads(raw) if raw[:1] in (b"{", b"[") else raw.decode(), got
+
     def metric(self, name: str, labels: str = "") -> float:
         """Sum of one metric's samples whose labels contain ``labels``.
 

@@ -76,6 +76,7 @@ class AdRequest(_Contract):
     placement: str
     ts: int
     context: RequestContext | None = None
+    tmax_ms: int | None = None
     candidates: list[str] | None = None
 
 
@@ -108,6 +109,7 @@ class AdDecision(_Contract):
     model_version: str
     ts: int
     latency_ms: float
+    no_fill_reason: str | None = None
     placement: str | None = None
     campaign_id: str | None = None
     arm: str | None = None

@@ -16,6 +16,8 @@ about the same pace, and no cross-worker coordination sits on the hot path.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import msgspec
 
 DAY_MS = 24 * 3600 * 1000
@@ -52,6 +54,14 @@ def load_spend(raw: bytes | None, day: int) -> SpendRecord:
 
 def under_cap(rec: CapRecord, ad_id: str, cap: int) -> bool:
     return rec.shown.get(ad_id, 0) < cap
+
+
+def under_caps(rec: CapRecord, ad_ids: Sequence[str], cap: int) -> list[bool]:
+    """:func:`under_cap` for each ad: the one frequency-cap rule of the decision stage."""
+    shown = rec.shown
+    if not shown:
+        return [True] * len(ad_ids)
+    return [shown.get(a, 0) < cap for a in ad_ids]
 
 
 def record_impression(rec: CapRecord, ad_id: str) -> None:

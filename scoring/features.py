@@ -290,13 +290,22 @@ def fingerprint(event_id: str) -> int:
     return h or 1
 
 
+def vectors_at(
+    states: npt.NDArray[Any], t_ms: int, p: InterestParams
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.bool_]]:
+    """The states' interest vectors decayed to time ``t_ms`` (no growth for t before
+    t_ref), and which states have any history (the others' vectors are zeros)."""
+    known = states["t_ref"] != NO_TIME
+    age = np.where(known, np.maximum(0, t_ms - np.where(known, states["t_ref"], t_ms)), 0)
+    scale = np.where(known, np.exp(-age / p.tau_ms), 0.0).astype(np.float32)
+    return (states["vec"] * scale[:, None]).astype(np.float32), known
+
+
 def vector_at(state: npt.NDArray[Any], t_ms: int, p: InterestParams) -> npt.NDArray[np.float32]:
-    """The interest vector decayed to time ``t_ms`` (no growth for t before t_ref)."""
-    t_ref = int(state["t_ref"])
-    if t_ref == NO_TIME:
-        return np.zeros(p.dim, dtype=np.float32)
-    scale = math.exp(-max(0, t_ms - t_ref) / p.tau_ms)
-    return (state["vec"] * np.float32(scale)).astype(np.float32)
+    """One state's interest vector decayed to time ``t_ms`` (:func:`vectors_at`)."""
+    vecs, _ = vectors_at(np.asarray(state).reshape(1), t_ms, p)
+    one: npt.NDArray[np.float32] = vecs[0]
+    return one
 
 
 def describe(state: npt.NDArray[Any], now_ms: int, p: InterestParams) -> dict[str, Any]:

@@ -43,7 +43,7 @@ from scoring.strategy.calibration import (
     Calibrator,
     apply_curve,
 )
-from streams.learn import CalibrationShard, calibration_key
+from scoring.strategy.state import CalibrationShard, calibration_key
 
 Loader = Callable[[Sequence[bytes], Sequence[int]], list[bytes | None]]
 Reader = Callable[[Sequence[bytes]], list[bytes | None]]

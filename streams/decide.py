@@ -17,23 +17,25 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 import numpy as np
+import numpy.typing as npt
 
 from adpulse.privacy import Pseudonymiser
 from adpulse.settings import Settings
 from scoring import caps
 from scoring.catalog import Catalog, Context
-from scoring.features import NO_TIME, InterestParams, decode_states
-from scoring.featurespec import FeatureSpec, Inputs, RequestFeatures, assemble_many
+from scoring.features import InterestParams, decode_states, vectors_at
+from scoring.featurespec import FeatureSpec, RequestFeatures, assemble_many
 from scoring.registry import LoadedModel, ModelRegistry
 from scoring.scorer import FallbackRule
-from scoring.strategy import Strategy
-from scoring.strategy.ab import Arm, Experiment
-from scoring.strategy.epsilon import EpsilonGreedy
-from scoring.strategy.greedy import Greedy
-from scoring.strategy.uniform import UniformRandom
+from scoring.strategy.policy import (
+    Candidates,
+    PolicyParams,
+    StrategyReader,
+    parse_experiment,
+    placement_policies,
+)
 from streams.budget import BudgetGate, Reader, ServedCalibration
 from streams.deadletter import Raw, Rejected
-from streams.learn import Bandit, StrategyReader
 from streams.validate import ContractDecoder
 
 Id = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
@@ -55,6 +57,7 @@ class AdRequestMsg(msgspec.Struct, forbid_unknown_fields=True, gc=False):
     placement: Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=r"^[a-z0-9_.-]+\Z")]
     ts: Annotated[int, msgspec.Meta(ge=0, le=253_402_300_799_999)]
     context: RequestContextMsg | msgspec.UnsetType = UNSET
+    tmax_ms: Annotated[int, msgspec.Meta(ge=1, le=60_000)] | msgspec.UnsetType = UNSET
     candidates: (
         Annotated[list[Id], msgspec.Meta(min_length=1, max_length=1000)] | msgspec.UnsetType
     ) = UNSET
@@ -66,67 +69,6 @@ def _unique_candidates(r: AdRequestMsg) -> bool:
 
 def request_decoder(max_bytes: int) -> ContractDecoder[AdRequestMsg]:
     return ContractDecoder("ad-requests", AdRequestMsg, ("ts",), _unique_candidates, max_bytes)
-
-
-Policy = Strategy | Bandit
-
-
-def parse_policy(text: str, settings: Settings | None = None) -> Policy:
-    """``random``, ``greedy``, ``epsilon-greedy:EPS``, ``thompson[:M]`` or ``linucb[:ALPHA]``."""
-    name, _, arg = text.strip().partition(":")
-    if name in ("thompson", "linucb"):
-        try:
-            return Bandit.parse(name, arg, settings or Settings())
-        except ValueError as exc:
-            msg = f"policy {text!r}: {exc}"
-            raise ValueError(msg) from None
-    if name == "greedy":
-        return Greedy()
-    if name == "random":
-        return UniformRandom()
-    if name == "epsilon-greedy":
-        try:
-            return EpsilonGreedy(float(arg or "0.05"))
-        except ValueError as exc:
-            msg = f"policy {text!r}: {exc}"
-            raise ValueError(msg) from None
-    msg = (
-        f"unknown policy {text!r}: use random, greedy, epsilon-greedy:EPS, thompson:M "
-        "or linucb:ALPHA"
-    )
-    raise ValueError(msg)
-
-
-def placement_policies(
-    default: str, per_placement: str, settings: Settings | None = None
-) -> Callable[[str], Policy]:
-    """``"home=greedy;feed=thompson:20"`` on top of a default, as a lookup."""
-    base = parse_policy(default, settings)
-    table: dict[str, Policy] = {}
-    for part in filter(None, (p.strip() for p in per_placement.split(";"))):
-        placement, sep, policy = part.partition("=")
-        if not sep:
-            msg = f"placement policy {part!r}: expected PLACEMENT=POLICY"
-            raise ValueError(msg)
-        table[placement.strip()] = parse_policy(policy, settings)
-    return lambda placement: table.get(placement, base)
-
-
-def parse_experiment(text: str, settings: Settings) -> tuple[Experiment, list[Policy]] | None:
-    """``"NAME:KEY:control=greedy@0.5,treatment=thompson@0.5"`` -> experiment, arm policies."""
-    if not text.strip():
-        return None
-    name, key, arms_text = [*text.strip().split(":", 2), "", ""][:3]
-    arms: list[Arm] = []
-    for part in filter(None, (a.strip() for a in arms_text.split(","))):
-        arm, eq, rest = part.partition("=")
-        policy, at, share = rest.rpartition("@")
-        if not (eq and at and arm.strip() and name and key):
-            msg = f"experiment {text!r}: expected NAME:KEY:ARM=POLICY@SHARE,... (got {part!r})"
-            raise ValueError(msg)
-        arms.append(Arm(arm.strip(), float(share), policy.strip()))
-    exp = Experiment(name, key.encode(), tuple(arms))
-    return exp, [parse_policy(a.policy, settings) for a in arms]
 
 
 def snapshot(
@@ -151,6 +93,13 @@ def snapshot(
     return out
 
 
+def _decision(req: AdRequestMsg, now_ms: int, candidates: int, version: str) -> dict[str, Any]:
+    return {
+        "request_id": req.request_id, "user_id": req.user_id, "placement": req.placement,
+        "ts": now_ms, "request_ts": req.ts, "candidates": candidates, "model_version": version,
+    }  # fmt: skip
+
+
 @dataclass
 class ServingModels:
     """The model in force (swapped whole by the registry poller) and the fallback rule.
@@ -170,9 +119,9 @@ class ServingModels:
 
 @dataclass
 class DecideResult:
-    # key (the pseudonym), partition (the request's: co-partitioned with the user's events),
-    # decision (latency_ms is set when it is sent), request's record timestamp (ms)
-    decisions: list[tuple[bytes, int, dict[str, Any], int]] = field(default_factory=list)
+    # key (the pseudonym), the request (its partition: co-partitioned with the user's events;
+    # its timestamp: when its budget started), decision (latency_ms is set when it is sent)
+    decisions: list[tuple[bytes, Raw, dict[str, Any]]] = field(default_factory=list)
     cap_writes: list[tuple[bytes, int, bytes]] = field(default_factory=list)
     spend_writes: list[tuple[bytes, int, bytes]] = field(default_factory=list)
     rejected: list[Rejected] = field(default_factory=list)
@@ -180,22 +129,43 @@ class DecideResult:
     by_arm: Counter[str] = field(default_factory=Counter)  # experiment arm -> decisions
     throttled: Counter[str] = field(default_factory=Counter)  # campaign -> requests held back
     fallbacks: int = 0
-    no_fill: int = 0
+    no_fill: Counter[str] = field(default_factory=Counter)  # no_fill_reason -> decisions
     rows_scored: int = 0
 
 
 Loader = Callable[[Sequence[bytes], Sequence[int]], list[bytes | None]]
+Decision = tuple[bytes, Raw, dict[str, Any]]
+
+
+@dataclass
+class _Users:
+    """The batch's users: interest vectors and cap records, loaded once per batch."""
+
+    keys: list[bytes]
+    parts: list[int]
+    row: dict[str, int]  # pseudonym -> index
+    vectors: list[npt.NDArray[np.float32] | None]
+    caps: list[caps.CapRecord]
+    touched: set[int] = field(default_factory=set)  # users whose caps this batch changed
+
+    def cap_writes(self) -> list[tuple[bytes, int, bytes]]:
+        return [(self.keys[u], self.parts[u], caps.encode(self.caps[u])) for u in self.touched]
 
 
 @dataclass
 class _Pending:
     req: AdRequestMsg
     raw: Raw
-    rows: np.ndarray
+    user: int
+    rows: npt.NDArray[np.int64]  # eligible catalog rows
     start: int = 0  # first row of this request in the batch's scores
 
 
 class DecideStage:
+    """Requests -> decisions, in named steps: admit (deadlines), load the users,
+    eligible candidates (targeting, caps, pacing), one scoring run, then per
+    request calibration, the policy's choice and its bookkeeping."""
+
     def __init__(
         self,
         settings: Settings,
@@ -211,8 +181,9 @@ class DecideStage:
         self.catalog = catalog
         self.params = InterestParams.from_settings(settings)
         self.spec = FeatureSpec.from_settings(settings)
-        self.policy_for = placement_policies(settings.policy, settings.placement_policies, settings)
-        self.experiment = parse_experiment(settings.experiment, settings)
+        policy = PolicyParams.from_settings(settings)
+        self.policy_for = placement_policies(settings.policy, settings.placement_policies, policy)
+        self.experiment = parse_experiment(settings.experiment, policy)
         self.strategy = strategy or StrategyReader(lambda keys: [None] * len(keys))
         self.decoder = request_decoder(settings.max_event_bytes)
         self.rng = np.random.default_rng()
@@ -226,126 +197,92 @@ class DecideStage:
         load_caps: Loader,
         load_spend: Loader,
         now_ms: int,
-        received: Sequence[float] | None = None,
+        default_tmax_ms: int = 0,
     ) -> DecideResult:
+        """The ad-requests topic's entry: decode, then :meth:`decide`."""
         good, rejected = self.decoder.split(raws)
-        for req, _ in good:  # from here on, user ids are pseudonyms (adpulse/privacy.py)
-            req.user_id = self.pseudonyms(req.user_id)
-        out = DecideResult(rejected=rejected)
-        catalog = self.catalog()
-        if not good:
+        out = self.decide(good, load_interest, load_caps, load_spend, now_ms, default_tmax_ms)
+        out.rejected = rejected
+        return out
+
+    def decide(
+        self,
+        requests: Sequence[tuple[AdRequestMsg, Raw]],
+        load_interest: Loader,
+        load_caps: Loader,
+        load_spend: Loader,
+        now_ms: int,
+        default_tmax_ms: int = 0,
+    ) -> DecideResult:
+        """Decisions for decoded requests: the one call both entry points (the
+        ad-requests topic, ``POST /decide``) make.
+
+        ``raw.timestamp_ms`` is when each request's budget started (its record
+        timestamp, or its arrival over HTTP); one whose ``tmax_ms`` (else
+        ``default_tmax_ms``, 0: none) is used up gets a ``deadline`` no fill, unscored.
+        """
+        out = DecideResult()
+        live = self._admit(requests, now_ms, default_tmax_ms, out)
+        if not live:
             return out
+        catalog = self.catalog()
         self.strategy.batch()  # learner state read at most once per ad per batch
-        day = caps.day_of(now_ms)
-        users = list(dict.fromkeys((r.user_id, raw.partition) for r, raw in good))
-        keys = [u.encode() for u, _ in users]
-        parts = [p for _, p in users]
-        vectors = self._vectors(load_interest(keys, parts), now_ms)
-        user_row = {u: i for i, (u, _) in enumerate(users)}
-        cap_recs = [caps.load_cap(v, day) for v in load_caps(keys, parts)]
-        self.budget.begin(catalog, parts, load_spend, now_ms)
-
-        pending: list[_Pending] = []
-        wanted: list[RequestFeatures] = []
-        n_rows = 0
-        for req, raw in good:
-            u = user_row[req.user_id]
-            rows = self._eligible(catalog, req, cap_recs[u])
-            # Pacing gates campaigns before the policy sees them: propensities stay exact.
-            rows, held = self.budget.gate(catalog, raw.partition, rows, self.rng)
-            out.throttled.update(held)
-            pending.append(_Pending(req, raw, rows, n_rows))
-            if len(rows):
-                ctx = req.context if req.context is not UNSET else None
-                device = ctx.device if ctx is not None and ctx.device is not UNSET else None
-                wanted.append(RequestFeatures(vectors[u], rows, req.placement, device))
-                n_rows += len(rows)
-        inputs = (
-            assemble_many(wanted, catalog.index, now_ms, self.spec)
-            if wanted and catalog is not None
-            else None
-        )
-        scores, model_version = self._score(inputs, n_rows)
-        out.rows_scored = n_rows
-
-        touched_caps: set[int] = set()
+        users = self._users(live, load_interest, load_caps, now_ms)
+        self.budget.begin(catalog, users.parts, load_spend, now_ms)
+        pending = [self._eligible(catalog, req, raw, users, out) for req, raw in live]
+        scores, version = self._score(catalog, pending, users, now_ms, out)
         for p in pending:
-            req, policy = p.req, self.policy_for(p.req.placement)
-            arm = None
-            if self.experiment is not None:
-                exp, arm_policies = self.experiment
-                i_arm = exp.arm_of(req.user_id)
-                arm, policy = exp.arms[i_arm].name, arm_policies[i_arm]
-            got = None if scores is None else scores[p.start : p.start + len(p.rows)]
-            if user_row[req.user_id] in touched_caps and catalog is not None:
-                # An earlier request of this user in this batch may have used up a cap.
-                shown, limit = cap_recs[user_row[req.user_id]].shown, self.s.freq_cap_per_day
-                ids = catalog.index.ad_ids
-                keep = np.array([shown.get(ids[r], 0) < limit for r in p.rows.tolist()], bool)
-                p.rows, got = p.rows[keep], None if got is None else got[keep]
-            decision: dict[str, Any] = {
-                "request_id": req.request_id, "user_id": req.user_id, "placement": req.placement,
-                "ts": now_ms, "request_ts": req.ts, "candidates": len(p.rows),
-                "model_version": model_version,
-            }  # fmt: skip
-            if arm is not None:
-                decision["arm"] = arm
-            if not len(p.rows) or catalog is None:
-                decision.update(ad_id=None, score=0.0, pctr=0.0, bid=0.0, propensity=1.0,
-                                policy=policy.name)  # fmt: skip
-                out.no_fill += 1
-            else:
-                raw_pctr, fell_back = self.models.fallback.guard(got, len(p.rows))
-                pctr = raw_pctr if fell_back else self.calibration.apply(raw_pctr, now_ms)
-                bids = catalog.index.bid[p.rows]
-                if isinstance(policy, Bandit):
-                    states = self.strategy.states(  # an arm reads only its own learner state
-                        [catalog.index.ad_ids[r] for r in p.rows.tolist()], arm
-                    )
-                    vector = vectors[user_row[req.user_id]]
-                    choice = policy.choose(pctr.astype(np.float64), bids, states, vector, self.rng)
-                else:
-                    choice = policy.choose(pctr.astype(np.float64) * bids, self.rng)
-                row = int(p.rows[choice.index])
-                name = self.models.fallback.policy if fell_back else policy.name
-                out.fallbacks += fell_back
-                ad_id, campaign = catalog.index.ad_ids[row], catalog.campaign[row]
-                j = choice.index
-                decision.update(
-                    ad_id=ad_id, campaign_id=campaign, pctr=float(pctr[j]), bid=float(bids[j]),
-                    score=float(pctr[j] * bids[j]), propensity=choice.propensity, policy=name,
-                    pctr_raw=float(raw_pctr[j]),
-                    features=snapshot(catalog.ads[row], vectors[user_row[req.user_id]], req,
-                                      now_ms, float(raw_pctr[j])),
-                )  # fmt: skip
-                u = user_row[req.user_id]
-                caps.record_impression(cap_recs[u], ad_id)
-                touched_caps.add(u)
-                self.budget.spend(p.raw.partition, campaign, decision["score"], now_ms)
-            out.by_policy[(decision["policy"], req.placement)] += 1
-            if arm is not None:
-                out.by_arm[arm] += 1
-            out.decisions.append(
-                (req.user_id.encode(), p.raw.partition, decision, p.raw.timestamp_ms)
-            )
-        for u in touched_caps:
-            out.cap_writes.append((keys[u], parts[u], caps.encode(cap_recs[u])))
+            out.decisions.append(self._choose(catalog, p, users, scores, version, now_ms, out))
+        out.cap_writes = users.cap_writes()
         out.spend_writes = self.budget.writes()
         return out
 
-    # -- pieces -------------------------------------------------------------------------
-    def _vectors(self, raw_states: list[bytes | None], now_ms: int) -> list[np.ndarray | None]:
-        states = decode_states(raw_states, self.params)
-        known = states["t_ref"] != NO_TIME
-        age = np.where(known, np.maximum(0, now_ms - np.where(known, states["t_ref"], now_ms)), 0)
-        decayed = states["vec"] * np.exp(-age / self.params.tau_ms)[:, None].astype(np.float32)
-        return [decayed[i] if known[i] else None for i in range(len(states))]
+    # -- the steps ------------------------------------------------------------------------
+    def _admit(
+        self,
+        requests: Sequence[tuple[AdRequestMsg, Raw]],
+        now_ms: int,
+        default_tmax_ms: int,
+        out: DecideResult,
+    ) -> list[tuple[AdRequestMsg, Raw]]:
+        """Pseudonymise; answer the requests whose budget is used up; the rest go on."""
+        live: list[tuple[AdRequestMsg, Raw]] = []
+        for req, raw in requests:  # from here on, user ids are pseudonyms (adpulse/privacy.py)
+            req.user_id = self.pseudonyms(req.user_id)
+            tmax = req.tmax_ms if req.tmax_ms is not UNSET else default_tmax_ms
+            if tmax and now_ms - raw.timestamp_ms >= tmax:
+                decision = _decision(req, now_ms, 0, "none")
+                out.decisions.append(self._no_fill(req, raw, decision, "deadline", out))
+            else:
+                live.append((req, raw))
+        return live
+
+    def _users(
+        self,
+        live: list[tuple[AdRequestMsg, Raw]],
+        load_interest: Loader,
+        load_caps: Loader,
+        now_ms: int,
+    ) -> _Users:
+        pairs = list(dict.fromkeys((r.user_id, raw.partition) for r, raw in live))
+        keys = [u.encode() for u, _ in pairs]
+        parts = [p for _, p in pairs]
+        states = decode_states(load_interest(keys, parts), self.params)
+        vecs, known = vectors_at(states, now_ms, self.params)
+        vectors = [vecs[i] if known[i] else None for i in range(len(pairs))]
+        day = caps.day_of(now_ms)
+        cap_recs = [caps.load_cap(v, day) for v in load_caps(keys, parts)]
+        row = {u: i for i, (u, _) in enumerate(pairs)}
+        return _Users(keys, parts, row, vectors, cap_recs)
 
     def _eligible(
-        self, catalog: Catalog | None, req: AdRequestMsg, cap: caps.CapRecord
-    ) -> np.ndarray:
+        self, catalog: Catalog | None, req: AdRequestMsg, raw: Raw, users: _Users, out: DecideResult
+    ) -> _Pending:
+        """Targeting, then the user's caps, then pacing (before the policy sees the ads, so
+        propensities stay exact)."""
+        u = users.row[req.user_id]
         if catalog is None or not len(catalog):
-            return np.zeros(0, dtype=np.int64)
+            return _Pending(req, raw, u, np.zeros(0, dtype=np.int64))
         ctx = req.context if req.context is not UNSET else None
         context: Context = (
             req.placement,
@@ -354,23 +291,44 @@ class DecideStage:
             ctx.page_category if ctx is not None and ctx.page_category is not UNSET else None,
         )
         cands = None if req.candidates is UNSET else req.candidates
-        rows = catalog.candidate_rows(cands, context)
-        limit = self.s.freq_cap_per_day
-        capped = [a for a, n in cap.shown.items() if n >= limit]
-        if capped:
-            keep = np.ones(len(rows), dtype=bool)
-            for i, r in enumerate(rows.tolist()):
-                if catalog.index.ad_ids[r] in capped:
-                    keep[i] = False
-            rows = rows[keep]
-        return rows
+        rows = self._under_caps(catalog, catalog.candidate_rows(cands, context), users.caps[u])
+        rows, held = self.budget.gate(catalog, raw.partition, rows, self.rng)
+        out.throttled.update(held)
+        return _Pending(req, raw, u, rows)
 
-    def _score(self, batch: Inputs | None, n_rows: int) -> tuple[np.ndarray | None, str]:
+    def _under_caps(
+        self, catalog: Catalog, rows: npt.NDArray[np.int64], cap: caps.CapRecord
+    ) -> npt.NDArray[np.int64]:
+        ids = catalog.index.ad_ids
+        keep = caps.under_caps(cap, [ids[r] for r in rows.tolist()], self.s.freq_cap_per_day)
+        return rows if all(keep) else rows[np.asarray(keep, dtype=bool)]
+
+    def _score(
+        self,
+        catalog: Catalog | None,
+        pending: list[_Pending],
+        users: _Users,
+        now_ms: int,
+        out: DecideResult,
+    ) -> tuple[npt.NDArray[np.float32] | None, str]:
+        """One model run over every request's candidates (split at the row limit)."""
+        wanted: list[RequestFeatures] = []
+        n_rows = 0
+        for p in pending:
+            p.start = n_rows
+            if len(p.rows):
+                ctx = p.req.context if p.req.context is not UNSET else None
+                device = ctx.device if ctx is not None and ctx.device is not UNSET else None
+                wanted.append(RequestFeatures(users.vectors[p.user], p.rows, p.req.placement,
+                                              device))  # fmt: skip
+                n_rows += len(p.rows)
+        out.rows_scored = n_rows
         model = self.models.current
         if model is None:
             return None, "none"
-        if batch is None:
+        if not wanted or catalog is None:
             return np.zeros(0, dtype=np.float32), model.version
+        batch = assemble_many(wanted, catalog.index, now_ms, self.spec)
         step = self.s.scorer_max_batch_rows
         try:
             if n_rows <= step:
@@ -382,3 +340,68 @@ class DecideStage:
             return np.concatenate(parts), model.version
         except Exception:  # a runtime failure in the model must not stop decisions
             return None, model.version
+
+    def _choose(
+        self,
+        catalog: Catalog | None,
+        p: _Pending,
+        users: _Users,
+        scores: npt.NDArray[np.float32] | None,
+        version: str,
+        now_ms: int,
+        out: DecideResult,
+    ) -> Decision:
+        """Calibration, the policy's pick and its bookkeeping (caps, spend, counts)."""
+        req, policy, arm = p.req, self.policy_for(p.req.placement), None
+        if self.experiment is not None:
+            exp, arm_policies = self.experiment
+            i_arm = exp.arm_of(req.user_id)
+            arm, policy = exp.arms[i_arm].name, arm_policies[i_arm]
+        got = None if scores is None else scores[p.start : p.start + len(p.rows)]
+        if p.user in users.touched and catalog is not None:
+            # An earlier request of this user in this batch may have used up a cap.
+            keep = np.asarray(caps.under_caps(users.caps[p.user],
+                                              [catalog.index.ad_ids[r] for r in p.rows.tolist()],
+                                              self.s.freq_cap_per_day), dtype=bool)  # fmt: skip
+            p.rows, got = p.rows[keep], None if got is None else got[keep]
+        decision = _decision(req, now_ms, len(p.rows), version)
+        if arm is not None:
+            decision["arm"] = arm
+            out.by_arm[arm] += 1
+        if not len(p.rows) or catalog is None:
+            decision["policy"] = policy.name
+            return self._no_fill(req, p.raw, decision, "no_candidates", out)
+        raw_pctr, fell_back = self.models.fallback.guard(got, len(p.rows))
+        pctr = raw_pctr if fell_back else self.calibration.apply(raw_pctr, now_ms)
+        bids = catalog.index.bid[p.rows]
+        vector = users.vectors[p.user]
+        ad_ids = [catalog.index.ad_ids[r] for r in p.rows.tolist()]
+        candidates = Candidates(pctr.astype(np.float64), bids, vector,
+                                lambda: self.strategy.states(ad_ids, arm))  # fmt: skip
+        choice = policy.choose(candidates, self.rng)
+        j = choice.index
+        row = int(p.rows[j])
+        out.fallbacks += fell_back
+        ad_id, campaign = catalog.index.ad_ids[row], catalog.campaign[row]
+        decision.update(
+            ad_id=ad_id, campaign_id=campaign, pctr=float(pctr[j]), bid=float(bids[j]),
+            score=float(pctr[j] * bids[j]), propensity=choice.propensity,
+            policy=self.models.fallback.policy if fell_back else policy.name,
+            pctr_raw=float(raw_pctr[j]),
+            features=snapshot(catalog.ads[row], vector, req, now_ms, float(raw_pctr[j])),
+        )  # fmt: skip
+        caps.record_impression(users.caps[p.user], ad_id)
+        users.touched.add(p.user)
+        self.budget.spend(p.raw.partition, campaign, decision["score"], now_ms)
+        out.by_policy[(decision["policy"], req.placement)] += 1
+        return req.user_id.encode(), p.raw, decision
+
+    def _no_fill(
+        self, req: AdRequestMsg, raw: Raw, decision: dict[str, Any], reason: str, out: DecideResult
+    ) -> Decision:
+        policy = decision.get("policy") or self.policy_for(req.placement).name
+        decision.update(ad_id=None, score=0.0, pctr=0.0, bid=0.0, propensity=1.0,
+                        policy=policy, no_fill_reason=reason)  # fmt: skip
+        out.no_fill[reason] += 1
+        out.by_policy[(policy, req.placement)] += 1
+        return req.user_id.encode(), raw, decision

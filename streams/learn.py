@@ -52,15 +52,23 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import msgspec
 import numpy as np
-import numpy.typing as npt
 
 from adpulse.settings import Settings
 from scoring.features import fingerprint
 from scoring.featurespec import user_features
-from scoring.strategy import Choice
 from scoring.strategy.calibration import CalibrationParams, CalibrationState, Calibrator
 from scoring.strategy.linucb import LinUCB, LinUCBParams
-from scoring.strategy.thompson import STATS_DTYPE, ThompsonParams, ThompsonSampling, backoff
+from scoring.strategy.state import (
+    AdState,
+    CalibrationShard,
+    calibration_key,
+    decode_ad,
+    decode_shard,
+    encode,
+    segment_of,
+    state_key,
+)
+from scoring.strategy.thompson import ThompsonParams, ThompsonSampling
 from streams.deadletter import Raw, Rejected, dead_letter
 from streams.tablewriter import read_many, write_many
 from streams.validate import ContractDecoder
@@ -116,59 +124,11 @@ def feedback_decoder() -> ContractDecoder[FeedbackMsg]:
     return ContractDecoder("ctr-feedback", FeedbackMsg, ints, None, FEEDBACK_MAX_BYTES)
 
 
-class AdState(msgspec.Struct, array_like=True, omit_defaults=True):
-    """One ad's learner state: what the decision stage reads and the dedupe guarding it."""
-
-    offset: int = -1  # highest ctr-feedback offset applied (the ad's partition)
-    ring: list[int] = []  # fingerprints of the last decision ids applied, oldest first
-    shows: float = 0.0  # Thompson counts, pooled over segments
-    clicks: float = 0.0
-    segments: dict[int, tuple[float, float]] = {}  # segment -> (shows, clicks)
-    linucb: bytes = b""  # LinUCB state_dtype record; empty until a label with a context
-
-
-class CalibrationShard(msgspec.Struct, array_like=True):
-    offset: int = -1
-    state: bytes = b""
-
-
-_encode = msgspec.msgpack.Encoder().encode
-_decode_ad = msgspec.msgpack.Decoder(AdState).decode
-_decode_cal = msgspec.msgpack.Decoder(CalibrationShard).decode
-
-
-def decode_ad(raw: bytes | None) -> AdState:
-    return AdState() if raw is None else _decode_ad(raw)
-
-
-ARM_SEP = "\x1f"  # unit separator, between arm and ad id: a control character ids avoid
-
-
-def state_key(ad_id: str, arm: str | None = None) -> str:
-    """Learner-state key of an ad: the ad id, or ``ARM\\x1fAD`` for one experiment arm's."""
-    return f"{arm}{ARM_SEP}{ad_id}" if arm else ad_id
-
-
 def _keeps_linucb(m: FeedbackMsg) -> bool:
     """Whether a label feeds LinUCB state: always without an arm, else if the arm's is."""
     if m.arm is UNSET or m.policy is UNSET:
         return True
     return m.policy.startswith("linucb") or m.policy.startswith("fallback")
-
-
-def calibration_key(partition: int) -> bytes:
-    """Key of one partition's calibration shard (NUL-prefixed: no ad id collides)."""
-    return b"\x00calibration|%d" % partition
-
-
-def segment_of(vector: npt.ArrayLike | None) -> int | None:
-    """The user's dominant interest dimension, or None for no (or an all-zero) vector."""
-    if vector is None:
-        return None
-    v = np.asarray(vector, dtype=np.float64)
-    if v.size == 0 or not np.any(v):
-        return None
-    return int(np.argmax(v))
 
 
 Loader = Callable[[Sequence[bytes], Sequence[int]], list[bytes | None]]
@@ -204,7 +164,7 @@ class LearnStage:
         parts = sorted({p for _, p in ads})
         stored = load([a.encode() for a, _ in ads] + [calibration_key(p) for p in parts],
                       [p for _, p in ads] + parts)  # fmt: skip
-        shards = {p: _decode_cal(v) if v else CalibrationShard() for p, v in
+        shards = {p: decode_shard(v) if v else CalibrationShard() for p, v in
                   zip(parts, stored[len(ads) :], strict=True)}  # fmt: skip
         cal_in: dict[int, list[tuple[float, int]]] = defaultdict(list)
         for (key, part), raw_state in zip(ads, stored[: len(ads)], strict=True):
@@ -216,7 +176,7 @@ class LearnStage:
                 pctr = _pctr(m)
                 if pctr is not None and r.offset > shard.offset:
                     cal_in[part].append((pctr, m.clicked))
-            out.writes.append((key.encode(), part, _encode(state)))
+            out.writes.append((key.encode(), part, encode(state)))
         for p, shard in shards.items():
             new_offset = max(r.offset for (_, q), ms in by_ad.items() if q == p for _, r in ms)
             if cal_in[p]:
@@ -225,7 +185,7 @@ class LearnStage:
                 pc, y = zip(*cal_in[p], strict=True)
                 shard.state = self.calibrator.update(cal, np.array(pc), np.array(y)).to_bytes()
             shard.offset = max(shard.offset, new_offset)
-            out.writes.append((calibration_key(p), p, _encode(shard)))
+            out.writes.append((calibration_key(p), p, encode(shard)))
         return out
 
     def _apply(
@@ -280,72 +240,6 @@ def _pctr(m: FeedbackMsg) -> float | None:
 
 
 # -- the decision side ---------------------------------------------------------------------
-@dataclass
-class Bandit:
-    """A placement's bandit policy: ``thompson[:M]`` or ``linucb[:ALPHA]``, fed by ``strategy``."""
-
-    kind: Literal["thompson", "linucb"]
-    thompson: ThompsonSampling | None = None
-    linucb: LinUCB | None = None
-
-    @property
-    def name(self) -> str:
-        learner = self.thompson if self.kind == "thompson" else self.linucb
-        assert learner is not None
-        return learner.name
-
-    @classmethod
-    def parse(cls, name: str, arg: str, s: Settings) -> Bandit:
-        if name == "thompson":
-            m = float(arg) if arg else s.thompson_prior_strength
-            params = ThompsonParams(m, s.thompson_draws, 1.0, s.thompson_min_segment_shows)
-            return cls("thompson", thompson=ThompsonSampling(params))
-        alpha = float(arg) if arg else s.linucb_alpha
-        return cls("linucb", linucb=LinUCB(LinUCBParams(s.dim, alpha, s.linucb_ridge)))
-
-    def choose(
-        self,
-        pctr: npt.NDArray[np.float64],
-        bids: npt.NDArray[np.float64],
-        states: Sequence[AdState],
-        vector: npt.NDArray[np.float32] | None,
-        rng: np.random.Generator,
-    ) -> Choice:
-        """Thompson: model pCTR as prior mean, the (ad, segment) or ad counts as evidence;
-        LinUCB: UCB over the normalised interest vector, times the bid."""
-        if self.thompson is not None:
-            seg = segment_of(vector)
-            ad = np.array([(st.shows, st.clicks) for st in states], dtype=STATS_DTYPE)
-            by_seg = np.array([st.segments.get(seg, (0.0, 0.0)) if seg is not None else (0.0, 0.0)
-                               for st in states], dtype=STATS_DTYPE)  # fmt: skip
-            stats = backoff(ad, by_seg, self.thompson.params.min_segment_shows)
-            return self.thompson.choose(pctr, bids, stats, rng)
-        assert self.linucb is not None
-        lin = self.linucb.decode([st.linucb or None for st in states])
-        x = user_features(vector, self.linucb.params.dim)[0]
-        return self.linucb.choose(x, lin, rng, bids)
-
-
-class StrategyReader:
-    """Decoded AdStates for the decision stage; a fresh cache per batch (:meth:`batch`)."""
-
-    def __init__(self, read: Callable[[Sequence[bytes]], list[bytes | None]]) -> None:
-        self.read = read
-        self.cache: dict[str, AdState] = {}
-
-    def batch(self) -> None:
-        self.cache = {}
-
-    def states(self, ad_ids: Sequence[str], arm: str | None = None) -> list[AdState]:
-        """The ads' states; with an experiment arm, that arm's own (see :func:`state_key`)."""
-        keys = [state_key(a, arm) for a in ad_ids]
-        missing = [k for k in dict.fromkeys(keys) if k not in self.cache]
-        if missing:
-            for k, raw in zip(missing, self.read([k.encode() for k in missing]), strict=True):
-                self.cache[k] = decode_ad(raw)
-        return [self.cache[k] for k in keys]
-
-
 def read_global(table: Any, keys: Sequence[bytes]) -> list[bytes | None]:
     """Values of a GlobalTable's keys, whichever changelog partition wrote them."""
     out: list[bytes | None] = [None] * len(keys)

@@ -30,15 +30,16 @@ import msgspec
 from scoring.featurespec import FeatureSpec
 from scoring.registry import LoadedModel, ModelRegistry
 from scoring.scorer import FallbackRule
-from streams import forget
+from scoring.strategy.policy import StrategyReader
+from streams import forget, serve
 from streams.catalog import CATALOG_REFRESH_S, CatalogCache, check_catalog_record
 from streams.consumer import Batch
 from streams.deadletter import Raw, Rejected, dead_letter
-from streams.decide import DecideStage, ServingModels
+from streams.decide import AdRequestMsg, DecideResult, DecideStage, ServingModels
 from streams.gauges import SAMPLE_S, sample_consumer_lag, sample_pacing, sample_table_keys
 from streams.interest import BatchResult, InterestStage
 from streams.join import JOIN_TICK_S, JoinStage
-from streams.learn import LearnStage, StrategyReader, learn_batch, read_global
+from streams.learn import LearnStage, learn_batch, read_global
 from streams.seal import is_seal
 from streams.tablewriter import read_many, write_many
 
@@ -58,6 +59,18 @@ def wire(w: Wiring) -> None:
     learn = LearnStage(w.settings)
     join = JoinStage(w)
     forget.wire(w, join)  # forget-requests: a user's state deleted (streams/forget.py)
+
+    async def decide_now(
+        requests: Sequence[tuple[AdRequestMsg, Raw]],
+    ) -> tuple[list[dict[str, Any]], list[Awaitable[Any]]]:
+        now_ms = int(time.time() * 1000)
+        result, futures = await decide_requests(w, decide, requests, now_ms,
+                                                w.settings.decide_tmax_ms)  # fmt: skip
+        by_raw = {id(raw): d for _, raw, d in result.decisions}
+        return [by_raw[id(raw)] for _, raw in requests], futures[: len(result.decisions)]
+
+    # POST /decide (streams/serve.py): the same decisions, answered synchronously
+    serve.wire(w, decide_now, lambda: len(catalog.get() or ()))
 
     @w.app.batch_topic(w.user_events)
     async def on_user_events(batch: Batch) -> Awaitable[Any]:
@@ -154,38 +167,60 @@ async def decide_batch(w: Wiring, stage: DecideStage, batch: Batch) -> Awaitable
         for tp, records in batch.items()
         for r in records
     ]
-    result = stage.process(
-        raws,
+    good, rejected = stage.decoder.split(raws)
+    _, futures = await decide_requests(w, stage, good, now_ms, w.settings.topic_tmax_ms)
+    futures += await _dead_letter(w, rejected, now_ms, "ad-requests", "decide")
+    return asyncio.gather(*futures)
+
+
+async def decide_requests(
+    w: Wiring,
+    stage: DecideStage,
+    requests: Sequence[tuple[AdRequestMsg, Raw]],
+    now_ms: int,
+    default_tmax_ms: int,
+) -> tuple[DecideResult, list[Awaitable[Any]]]:
+    """Decoded requests from either entry point (the topic, ``POST /decide``): decided in
+    one :meth:`DecideStage.decide` call, each decision sent to ad-decisions, caps and
+    spend written, metrics counted.
+
+    Returns the result (each decision's ``latency_ms`` set) and the send and write
+    futures, the decisions' first and in the result's order.
+    """
+    result = stage.decide(
+        requests,
         lambda k, p: _load(w.interest, k, p),
         lambda k, p: _load(w.freqcap, k, p),
         lambda k, p: _load(w.spend, k, p),
         now_ms,
+        default_tmax_ms,
     )
     futures: list[Awaitable[Any]] = []
     m, topic = w.metrics, w.settings.topic("ad-decisions")
     encode = msgspec.json.encode
-    for key, part, decision, request_ts in result.decisions:
+    for key, raw, decision in result.decisions:
         sent = time.time()
-        decision["latency_ms"] = max(0.0, sent * 1000 - request_ts)
+        decision["latency_ms"] = max(0.0, sent * 1000 - raw.timestamp_ms)
         # Keyed by the pseudonym, so the partition is given: the request's, where the
         # user's events are (the click join is partition-local).
-        futures.append(await w.app.producer.send(topic, key, encode(decision), part, None, None))
+        value = encode(decision)
+        futures.append(await w.app.producer.send(topic, key, value, raw.partition, None, None))
         m.decision_latency.observe(decision["latency_ms"] / 1000)
     futures += await _write_by_partition(w.freqcap, result.cap_writes)
     futures += await _write_by_partition(w.spend, result.spend_writes)
-    futures += await _dead_letter(w, result.rejected, now_ms, "ad-requests", "decide")
     for (policy, placement), n in result.by_policy.items():
         m.decisions.labels(policy, placement).inc(n)
     for arm, n in result.by_arm.items():
         m.arm_decisions.labels(w.settings.experiment.split(":", 1)[0], arm).inc(n)
-    m.no_fill.inc(result.no_fill)
+    for reason, n in result.no_fill.items():
+        m.no_fill.labels(reason).inc(n)
     m.fallbacks.inc(result.fallbacks)
     for campaign, n in result.throttled.items():
         m.pacing_throttled.labels(campaign).inc(n)
     if result.rows_scored:
         m.scorer_rows.inc(result.rows_scored)
         m.scorer_batch_rows.observe(result.rows_scored)
-    return asyncio.gather(*futures)
+    return result, futures
 
 
 async def join_decisions(w: Wiring, join: JoinStage, batch: Batch) -> Awaitable[Any]:

@@ -21,10 +21,11 @@ from typing import TYPE_CHECKING, Any
 from faust import web
 
 from scoring.features import InterestParams, decode_states, describe
+from scoring.strategy.state import decode_ad
 from streams import watchdog
 from streams.consumer import FaustConsumerView
 from streams.gauges import PROBE_S, BrokerProbe
-from streams.learn import decode_ad, read_global
+from streams.learn import read_global
 
 if TYPE_CHECKING:
     from streams.app import Wiring

@@ -51,6 +51,24 @@ def cmd_bench_decisions(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_bench_serve(args: argparse.Namespace, settings: Settings) -> int:
+    from adpulse.bench import serve  # noqa: PLC0415
+    from adpulse.broker import broker_for  # noqa: PLC0415
+
+    if args.smoke:
+        cfg = serve.ServeBench.smoke()
+    else:
+        cfg = serve.ServeBench(
+            rate=args.rate, duration_s=args.duration, event_rate=args.event_rate,
+            users=args.users, candidates=args.candidates, ads=args.ads,
+        )  # fmt: skip
+    with broker_for(settings) as s:
+        result = serve.run(s, cfg, log=lambda line: print(line, file=sys.stderr, flush=True))
+    print(serve.result_line(result))
+    _write_json(args.json, {"serve": result})
+    return 0
+
+
 def cmd_bench_scorer(args: argparse.Namespace, settings: Settings) -> int:
     from adpulse.bench import scorer  # noqa: PLC0415
 
@@ -181,7 +199,15 @@ def cmd_bench_eos(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_bench_all(args: argparse.Namespace, settings: Settings) -> int:
     """Every benchmark at its defaults (or --smoke) on one broker; one JSON, one table."""
-    from adpulse.bench import decisions, features, mixed, rebalance, scorer, state  # noqa: PLC0415
+    from adpulse.bench import (  # noqa: PLC0415
+        decisions,
+        features,
+        mixed,
+        rebalance,
+        scorer,
+        serve,
+        state,
+    )
     from adpulse.bench.report import markdown  # noqa: PLC0415
     from adpulse.broker import broker_for  # noqa: PLC0415
 
@@ -198,6 +224,9 @@ def cmd_bench_all(args: argparse.Namespace, settings: Settings) -> int:
         print(features.result_line(f), flush=True)
         report["decisions"] = d = decisions.run(s, d_cfg)
         print(decisions.result_line(d), flush=True)
+        sv_cfg = serve.ServeBench.smoke() if args.smoke else serve.ServeBench()
+        report["serve"] = sv = serve.run(s, sv_cfg)
+        print(serve.result_line(sv), flush=True)
         st_cfg = state.StateBench.smoke() if args.smoke else state.StateBench()
         report["state"] = st = state.run(s, st_cfg)
         print(state.result_line(st), flush=True)
@@ -279,6 +308,31 @@ def register(sub: Subparsers) -> None:
     )
     p.add_argument("--data", default="../shared/data", help="folder with the Taobao sample to fit")
     _add_run_flags(p, "also write the figures as JSON")
+    add_bootstrap(p)
+
+    p = add_command(
+        bench,
+        "serve",
+        cmd_bench_serve,
+        help="POST /decide latency under open-loop Poisson load, alone and with ingest",
+        description="Warm interest vectors for --users users, then offer POST /decide "
+        "requests (Poisson arrivals at --rate/s, --candidates ads each, keep-alive pool) to "
+        "one worker: latency from each request's scheduled send time, p50/p99/p99.9, errors, "
+        "sheds and no-fills; alone, then with --event-rate user-events/s of ingest and "
+        "freshness probes (event produced -> visible to /decide). Baselines from the same "
+        "run: GET /health at the same rate (the HTTP floor) and the in-process decision "
+        "cost. --duration 120 or more also reports p99 per minute.",
+    )
+    _add_sizes(
+        p,
+        rate=(1000.0, "offered requests/s (1000)"),
+        duration=(20.0, "seconds per phase (20)"),
+        event_rate=(5000.0, "user-events/s of concurrent ingest in the second phase (5000)"),
+        users=(10_000, "users with warm vectors (10000)"),
+        candidates=(100, "candidate ads per request (100)"),
+        ads=(2000, "ads in the catalog (2000)"),
+    )
+    _add_run_flags(p, 'also write {"serve": figures} as JSON')
     add_bootstrap(p)
 
     p = add_command(

@@ -30,10 +30,11 @@ def test_bench_all_smoke_writes_every_section_and_a_table(
     args = ["bench", "all", "--smoke", "--json", str(out), "--bootstrap", settings.bootstrap]
     assert main(args) == 0
     body = json.loads(out.read_text())
-    assert {"features", "decisions", "state", "mixed", "rebalance", "scorer"} <= body.keys()
+    sections = {"features", "decisions", "serve", "state", "mixed", "rebalance", "scorer"}
+    assert sections <= body.keys()
     printed = capsys.readouterr().out
     assert "| benchmark | target | measured | baseline (same run) |" in printed
-    for line in ("features:", "decisions:", "state:", "mixed:", "rebalance"):
+    for line in ("features:", "decisions:", "serve:", "state:", "mixed:", "rebalance"):
         assert line in printed, line
 
     f = body["features"]
@@ -52,6 +53,17 @@ def test_bench_all_smoke_writes_every_section_and_a_table(
     assert d["lost"] == 0
     assert d["requests"] == 200
     assert math.isfinite(d["latency_p99_ms"])  # bench-ok: it ran, no speed claim
+
+    sv = body["serve"]
+    for key in ("offered_per_s", "achieved_per_s", "candidates", "latency_p50_ms",
+                "latency_p99_ms", "latency_p999_ms", "with_ingest_latency_p99_ms", "event_rate",
+                "freshness_p99_ms", "floor_p99_ms", "in_process_p99_ms"):  # fmt: skip
+        assert math.isfinite(sv[key]), key  # bench-ok: it ran, no speed claim
+    assert sv["errors"] == 0
+    assert sv["alone"]["requests"] == sv["with_ingest"]["requests"] == 200
+    assert sv["alone"]["answered"] + sv["alone"]["shed"] == 200  # nothing else lost
+    assert sv["freshness_probes"] > 0
+    assert "p99_per_minute_ms" not in sv  # only for runs of 2 minutes or more
 
     s = body["state"]
     assert s["users"] == 2000

@@ -13,22 +13,29 @@ import pytest
 from adpulse.settings import Settings
 from schemas import first_error
 from scoring.strategy.calibration import CalibrationState
-from streams.deadletter import Raw
-from streams.decide import parse_experiment, parse_policy, placement_policies
-from streams.learn import (
-    AdState,
+from scoring.strategy.policy import (
     Bandit,
-    CalibrationShard,
-    LearnStage,
+    Candidates,
+    PolicyParams,
     StrategyReader,
+    parse_experiment,
+    parse_policy,
+    placement_policies,
+)
+from scoring.strategy.state import (
+    AdState,
+    CalibrationShard,
     calibration_key,
     decode_ad,
     segment_of,
     state_key,
 )
+from streams.deadletter import Raw
+from streams.learn import LearnStage
 
 DIM = 4
 SETTINGS = Settings(dim=DIM)
+PARAMS = PolicyParams.from_settings(SETTINGS)
 
 
 class Store:
@@ -125,22 +132,23 @@ def test_segment_is_the_dominant_interest_dimension() -> None:
 
 
 def test_thompson_and_linucb_parse_per_placement() -> None:
-    lookup = placement_policies("greedy", "feed=thompson:5;side=linucb:0.5", SETTINGS)
+    lookup = placement_policies("greedy", "feed=thompson:5;side=linucb:0.5", PARAMS)
     feed, side = lookup("feed"), lookup("side")
     assert isinstance(feed, Bandit) and feed.name == "thompson(m=5)"
     assert isinstance(side, Bandit) and side.name.startswith("linucb(alpha=0.5")
     assert lookup("home").name == "greedy"
     with pytest.raises(ValueError, match="thompson"):
-        parse_policy("thompson:-1", SETTINGS)
+        parse_policy("thompson:-1", PARAMS)
 
 
 def test_thompson_follows_the_labels_over_the_model_prior() -> None:
-    policy = parse_policy("thompson:20", SETTINGS)
+    policy = parse_policy("thompson:20", PARAMS)
     assert isinstance(policy, Bandit)
     clicked = AdState(shows=200.0, clicks=120.0)
     states = [AdState(shows=200.0), clicked, AdState(shows=200.0)]
     rng = np.random.default_rng(0)
-    picks = [policy.choose(np.full(3, 0.05), np.ones(3), states, None, rng) for _ in range(50)]
+    cands = Candidates(np.full(3, 0.05), np.ones(3), None, lambda: states)
+    picks = [policy.choose(cands, rng) for _ in range(50)]
     assert all(c.index == 1 and 0 < c.propensity <= 1 for c in picks)
 
 
@@ -159,18 +167,18 @@ def test_strategy_reader_reads_each_ad_once_per_batch() -> None:
 
 
 def test_experiment_arms_are_stable_and_carry_their_policies() -> None:
-    parsed = parse_experiment("exp1:secret:control=greedy@0.5,treatment=thompson:10@0.5", SETTINGS)
+    parsed = parse_experiment("exp1:secret:control=greedy@0.5,treatment=thompson:10@0.5", PARAMS)
     assert parsed is not None
     exp, policies = parsed
     assert [a.name for a in exp.arms] == ["control", "treatment"]
     assert policies[0].name == "greedy" and policies[1].name == "thompson(m=10)"
-    again, _ = parse_experiment("exp1:secret:control=greedy@0.5,treatment=thompson@0.5", SETTINGS)  # type: ignore[misc]
+    again, _ = parse_experiment("exp1:secret:control=greedy@0.5,treatment=thompson@0.5", PARAMS)  # type: ignore[misc]
     arms = [exp.arm_of(f"user{i}") for i in range(1000)]
     assert arms == [again.arm_of(f"user{i}") for i in range(1000)]
     assert 400 < sum(arms) < 600
-    assert parse_experiment("", SETTINGS) is None
+    assert parse_experiment("", PARAMS) is None
     with pytest.raises(ValueError, match="ARM=POLICY@SHARE"):
-        parse_experiment("exp1:key:control=greedy", SETTINGS)
+        parse_experiment("exp1:key:control=greedy", PARAMS)
 
 
 def arm_label(decision: str, ad: str, clicked: int, arm: str, policy: str) -> dict[str, Any]:
@@ -205,9 +213,10 @@ def test_each_experiment_arm_learns_only_from_its_own_labels() -> None:
 
 
 def test_random_policy_is_uniform_with_exact_propensity() -> None:
-    policy = parse_policy("random", SETTINGS)
+    policy = parse_policy("random", PARAMS)
     assert policy.name == "random"
     rng = np.random.default_rng(0)
-    picks = [policy.choose(np.array([0.9, 0.1, 0.5, 0.0]), rng) for _ in range(4000)]  # type: ignore[call-arg]
+    cands = Candidates(np.array([0.9, 0.1, 0.5, 0.0]), np.ones(4), None, list)
+    picks = [policy.choose(cands, rng) for _ in range(4000)]
     assert {c.propensity for c in picks} == {0.25}
     assert np.bincount([c.index for c in picks], minlength=4).min() > 900

@@ -22,10 +22,10 @@ from scoring.registry import ModelRegistry
 from scoring.scorer import FallbackRule
 from scoring.strategy.calibration import CalibrationParams, Calibrator
 from scoring.strategy.pacing import DAY_MS, HOUR_MS
+from scoring.strategy.state import CalibrationShard, calibration_key
 from streams.budget import load_record
 from streams.deadletter import Raw
 from streams.decide import DecideStage, ServingModels
-from streams.learn import CalibrationShard, calibration_key
 
 DAY0 = 20_000 * DAY_MS  # a UTC midnight
 PARTS = 2
@@ -94,7 +94,7 @@ def _day(
                          spend.load, now)  # fmt: skip
         spend.write(out.spend_writes)
         caps.write(out.cap_writes)
-        decisions += [d for _, _, d, _ in out.decisions]
+        decisions += [d for _, _, d in out.decisions]
         if (minute + step_min) % 60 == 0:
             recs = [load_record(spend.data.get((p, b"tight")), now) for p in range(PARTS)]
             hourly.append(sum(float(r["spent"]) for r in recs))
@@ -144,7 +144,7 @@ def test_decisions_carry_the_feature_snapshot_and_raw_pctr() -> None:
     now = DAY0 + 13 * HOUR_MS + 5
     out = st.process(requests(4, now, "f", device="tv"), Tables().load, Tables().load,
                      Tables().load, now)  # fmt: skip
-    for _, _, d, _ in out.decisions:
+    for _, _, d in out.decisions:
         f = d["features"]
         assert f["interest"] == []  # users with no history
         assert f["hour"] == 13 and f["device"] == "tv" and f["placement"] == "home"
@@ -184,7 +184,7 @@ class Shards:
 
 def _serve(st: DecideStage, now: int, tag: str) -> list[dict[str, Any]]:
     out = st.process(requests(20, now, tag), Tables().load, Tables().load, Tables().load, now)
-    return [d for _, _, d, _ in out.decisions]
+    return [d for _, _, d in out.decisions]
 
 
 def test_served_pctr_is_calibrated_once_buckets_have_enough_labels(

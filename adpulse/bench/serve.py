@@ -1,0 +1,366 @@
+"""``adpulse bench serve``: ``POST /decide`` latency of one worker under open-loop load.
+
+Setup as ``bench decisions``: a synthetic catalog, ``users`` users with warm
+interest vectors, one ``adpulse worker``. Then, each phase at ``rate``
+requests/s with Poisson arrivals over a keep-alive connection pool:
+
+1. **floor**: ``GET /health`` of the same server: what HTTP alone costs here;
+2. **alone**: ``POST /decide``, each request naming ``candidates`` ads;
+3. **with ingest**: the same, while another process produces ``event_rate``
+   user-events/s; meanwhile a freshness probe produces one event for a new user
+   every 100 ms and polls the interest lookup (the table ``/decide`` reads) every
+   2 ms until it shows the event: produced to visible.
+
+Latency is measured from each request's *scheduled* send time, not from when
+the generator got round to it, so a stall shows in full (no coordinated
+omission). Finally the in-process cost of one decision without HTTP (the
+decision stage on the same catalog and model, one request at a time) is timed
+in this process. Only ratios within one run compare.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import json
+import multiprocessing
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import numpy as np
+from aiokafka import AIOKafkaProducer
+
+from adpulse.bench import machine, machine_line, percentiles_ms
+from adpulse.bench.decisions import per_minute_p99
+from adpulse.bench.features import _applied, _produce
+from adpulse.catalogtool import publish, synthetic_ads
+from adpulse.kafkaconf import client_kwargs
+from adpulse.settings import Settings
+from adpulse.topics import create_topics
+from adpulse.workerproc import WorkerProcess
+from adpulse.workload import Workload, WorkloadModel
+
+POOL = 128  # keep-alive connections the generator may hold open
+PROBE_EVERY_S = 0.1
+PROBE_POLL_S = 0.002
+
+
+@dataclass(frozen=True)
+class ServeBench:
+    rate: float = 1000.0
+    duration_s: float = 20.0
+    event_rate: float = 5000.0
+    users: int = 10_000
+    candidates: int = 100
+    ads: int = 2_000
+    warm_events: int = 100_000
+
+    @classmethod
+    def smoke(cls) -> ServeBench:
+        return cls(rate=100.0, duration_s=2.0, event_rate=200.0, users=100, ads=200,
+                   warm_events=1_000)  # fmt: skip
+
+
+@dataclass
+class Phase:
+    """One open-loop run: per request, its scheduled offset and outcome."""
+
+    scheduled: list[float]
+    latency_s: list[float]  # answered (200) requests only
+    sent_at: list[float]  # their scheduled offsets
+    shed: int = 0
+    errors: int = 0
+    no_fill: int = 0
+    duration_s: float = 0.0
+
+    def summary(self) -> dict[str, Any]:
+        p50, p99, p999 = percentiles_ms(self.latency_s, [50, 99, 99.9])
+        return {
+            "requests": len(self.scheduled), "answered": len(self.latency_s),
+            "achieved_per_s": len(self.latency_s) / max(self.duration_s, 1e-9),
+            "latency_p50_ms": p50, "latency_p99_ms": p99, "latency_p999_ms": p999,
+            "shed": self.shed, "errors": self.errors, "no_fill": self.no_fill,
+        }  # fmt: skip
+
+
+def run(base: Settings, cfg: ServeBench, log: Any = print) -> dict[str, Any]:
+    tag = uuid.uuid4().hex[:8]
+    workload = Workload(WorkloadModel(), users=cfg.users, seed=2)
+    with tempfile.TemporaryDirectory(prefix="adpulse-bench-") as tmp:
+        s = base.with_(
+            topic_prefix=f"bench-{tag}.", app_id=f"bench-{tag}",
+            data_dir=Path(tmp) / "data", session_timeout_s=6.0,
+        )  # fmt: skip
+        create_topics(s)
+        category_ids = workload.columns(50_000)["category"].tolist()
+        ads = synthetic_ads(cfg.ads, category_ids, seed=3)
+        publish(s, s.topic("ad-catalog"), ads)
+        keys, values = workload.payloads(cfg.warm_events, int(time.time() * 1000), prefix="warm")
+        asyncio.run(_produce(s, s.topic("user-events"), keys, values))
+        worker = WorkerProcess(s, Path(tmp)).start()
+        ad_ids = [a["ad_id"] for a in ads]
+        try:
+            worker.wait_until(
+                lambda: _applied(worker) >= cfg.warm_events, 300, "warm interest vectors"
+            )
+            log(f"  floor: GET /health at {cfg.rate:g}/s for {cfg.duration_s:g} s")
+            floor = _measured(lambda: _offer(worker.url, cfg, ad_ids, "floor"))
+            log(f"  alone: POST /decide at {cfg.rate:g}/s x {cfg.candidates} candidates")
+            alone = _measured(lambda: _offer(worker.url, cfg, ad_ids, "alone"))
+            log(f"  with ingest: the same + {cfg.event_rate:g} user-events/s, freshness probes")
+            ingest = _ingest_process(s, cfg)
+            try:
+                busy, fresh = _measured(
+                    lambda: _offer_with_probe(s, worker.url, cfg, ad_ids)
+                )
+            finally:
+                ingest.join(cfg.duration_s + 60)
+                if ingest.is_alive():
+                    ingest.kill()
+            forwards = worker.metric("adpulse_decide_requests_total", 'outcome="forwarded"')
+        finally:
+            worker.stop()
+        in_process = _in_process(cfg, ads, workload, values)
+    a, b = alone.summary(), busy.summary()
+    (floor_p99,) = percentiles_ms(floor.latency_s, [99])
+    fresh_p50, fresh_p99 = percentiles_ms(fresh, [50, 99])
+    out: dict[str, Any] = {
+        "offered_per_s": cfg.rate, "achieved_per_s": a["achieved_per_s"],
+        "candidates": cfg.candidates,
+        "latency_p50_ms": a["latency_p50_ms"], "latency_p99_ms": a["latency_p99_ms"],
+        "latency_p999_ms": a["latency_p999_ms"],
+        "with_ingest_latency_p50_ms": b["latency_p50_ms"],
+        "with_ingest_latency_p99_ms": b["latency_p99_ms"],
+        "with_ingest_latency_p999_ms": b["latency_p999_ms"],
+        "with_ingest_achieved_per_s": b["achieved_per_s"],
+        "event_rate": cfg.event_rate,
+        "freshness_p50_ms": fresh_p50, "freshness_p99_ms": fresh_p99,
+        "freshness_probes": len(fresh),
+        "floor_p99_ms": floor_p99,
+        "in_process_p50_ms": in_process[0], "in_process_p99_ms": in_process[1],
+        "errors": a["errors"] + b["errors"], "shed": a["shed"] + b["shed"],
+        "no_fill": a["no_fill"] + b["no_fill"], "forwarded": forwards,
+        "alone": a, "with_ingest": b, "floor": floor.summary(),
+        "duration_s": cfg.duration_s, "users": cfg.users, "ads": cfg.ads,
+        "machine": machine(),
+    }  # fmt: skip
+    if cfg.duration_s >= 120:
+        out["p99_per_minute_ms"] = per_minute_p99(alone.sent_at, alone.latency_s, cfg.duration_s)
+    return out
+
+
+def result_line(res: dict[str, Any]) -> str:
+    minutes = ""
+    per_min = res.get("p99_per_minute_ms") or []
+    if len(per_min) >= 2:
+        shown = " ".join(f"{m:.1f}" for m in per_min)
+        minutes = f"p99 per minute {shown} ms (last/second {per_min[-1] / per_min[1]:.2f}x); "
+    return (
+        f"serve: offered {res['offered_per_s']:,.0f}/s x {res['candidates']} candidates, "
+        f"achieved {res['achieved_per_s']:,.0f}/s; /decide p50 {res['latency_p50_ms']:.2f} ms "
+        f"p99 {res['latency_p99_ms']:.2f} ms p99.9 {res['latency_p999_ms']:.2f} ms; "
+        f"with {res['event_rate']:,.0f} events/s ingest p99 "
+        f"{res['with_ingest_latency_p99_ms']:.2f} ms; freshness p99 "
+        f"{res['freshness_p99_ms']:.1f} ms; HTTP floor (/health) p99 {res['floor_p99_ms']:.2f} "
+        f"ms; in-process decision p99 {res['in_process_p99_ms']:.2f} ms; {res['errors']} "
+        f"errors, {res['shed']} shed, {res['no_fill']} no-fill; {minutes}"
+        f"{machine_line(res['machine'])}"
+    )
+
+
+def _measured(fn: Any) -> Any:
+    gc.collect()
+    gc.freeze()  # this process's collector pauses are not the worker's latency
+    try:
+        return asyncio.run(fn())
+    finally:
+        gc.unfreeze()
+
+
+def _bodies(cfg: ServeBench, ad_ids: list[str], n: int, seed: int, tag: str) -> list[bytes]:
+    rng = np.random.default_rng(seed)
+    users = rng.integers(0, cfg.users, n)
+    out = []
+    for i in range(n):
+        cands = [ad_ids[c] for c in rng.choice(len(ad_ids), cfg.candidates, replace=False)]
+        out.append(json.dumps({
+            "request_id": f"{tag}-{i}", "user_id": f"u{users[i]}", "placement": "feed",
+            "ts": int(time.time() * 1000), "context": {"device": "mobile"}, "candidates": cands,
+        }).encode())  # fmt: skip
+    return out
+
+
+async def _offer(url: str, cfg: ServeBench, ad_ids: list[str], phase: str) -> Phase:
+    n = int(cfg.rate * cfg.duration_s)
+    rng = np.random.default_rng({"floor": 1, "alone": 2, "ingest": 3}[phase])
+    arrivals = np.cumsum(rng.exponential(1.0 / cfg.rate, n)).tolist()
+    # Built before the clock starts: the generator must not compete with the worker.
+    bodies = [] if phase == "floor" else _bodies(cfg, ad_ids, n, 10 + len(phase), phase)
+    out = Phase(arrivals, [], [])
+    connector = aiohttp.TCPConnector(limit=POOL, keepalive_timeout=60)
+    timeout = aiohttp.ClientTimeout(total=10)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+
+        async def one(i: int, due: float) -> None:
+            try:
+                if phase == "floor":
+                    async with session.get(url + "/health") as resp:
+                        await resp.read()
+                        ok = resp.status == 200
+                else:
+                    async with session.post(url + "/decide", data=bodies[i]) as resp:
+                        raw = await resp.read()
+                        if resp.status == 503:
+                            out.shed += 1
+                            return
+                        ok = resp.status == 200
+                        if ok and b'"ad_id":null' in raw:
+                            out.no_fill += 1
+            except (aiohttp.ClientError, TimeoutError):
+                ok = False
+            if not ok:
+                out.errors += 1
+                return
+            out.latency_s.append(time.perf_counter() - due)
+            out.sent_at.append(due - start)
+
+        await _warm(session, url)
+        tasks: list[asyncio.Task[None]] = []
+        start = time.perf_counter()
+        for i, at in enumerate(arrivals):
+            due = start + at
+            delay = due - time.perf_counter()
+            if delay > 0.0005:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one(i, due)))
+        await asyncio.gather(*tasks)
+        out.duration_s = time.perf_counter() - start
+    return out
+
+
+async def _warm(session: aiohttp.ClientSession, url: str) -> None:
+    """Open the pool's first connections before the clock starts."""
+    for _ in range(3):
+        async with session.get(url + "/health") as resp:
+            await resp.read()
+
+
+async def _offer_with_probe(
+    s: Settings, url: str, cfg: ServeBench, ad_ids: list[str]
+) -> tuple[Phase, list[float]]:
+    probe = asyncio.create_task(_freshness(s, url, cfg.duration_s))
+    phase = await _offer(url, cfg, ad_ids, "ingest")
+    return phase, await probe
+
+
+async def _freshness(s: Settings, url: str, duration_s: float) -> list[float]:
+    """Produced -> visible in the interest table, for one new user every 100 ms."""
+    producer = AIOKafkaProducer(**client_kwargs(s), linger_ms=0, acks=1)
+    await producer.start()
+    seen: list[float] = []
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
+            end = time.perf_counter() + duration_s
+            k = 0
+            while time.perf_counter() < end:
+                user = f"fresh-{uuid.uuid4().hex[:10]}"
+                event = {"event_id": f"{user}-e", "user_id": user, "kind": "click",
+                         "item_id": 7, "category_id": 7, "ts": int(time.time() * 1000)}  # fmt: skip
+                t0 = time.perf_counter()
+                await producer.send(s.topic("user-events"), json.dumps(event).encode(),
+                                    key=user.encode())  # fmt: skip
+                while time.perf_counter() - t0 < 5.0:
+                    async with session.get(f"{url}/users/{user}/interest") as resp:
+                        await resp.read()
+                        if resp.status == 200:
+                            seen.append(time.perf_counter() - t0)
+                            break
+                    await asyncio.sleep(PROBE_POLL_S)
+                k += 1
+                await asyncio.sleep(max(0.0, t0 + PROBE_EVERY_S - time.perf_counter()))
+    finally:
+        await producer.stop()
+    return seen
+
+
+def _ingest_process(s: Settings, cfg: ServeBench) -> Any:
+    ctx = multiprocessing.get_context("spawn")
+    proc = ctx.Process(
+        target=_ingest_main,
+        args=(s.bootstrap, s.topic("user-events"), cfg.event_rate, cfg.duration_s + 2, cfg.users),
+        daemon=True,
+    )
+    proc.start()
+    return proc
+
+
+def _ingest_main(bootstrap: str, topic: str, rate: float, duration_s: float, users: int) -> None:
+    asyncio.run(_ingest(bootstrap, topic, rate, duration_s, users))
+
+
+async def _ingest(bootstrap: str, topic: str, rate: float, duration_s: float, users: int) -> None:
+    """``rate`` events/s in 10 ms ticks: ingest load that competes with ``/decide``."""
+    workload = Workload(WorkloadModel(), users=users, seed=9)
+    per_tick = max(1, int(rate / 100))
+    ticks = int(duration_s * 100)
+    keys, values = workload.payloads(per_tick * ticks, int(time.time() * 1000), prefix="live")
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5, acks=1)
+    await producer.start()
+    try:
+        start = time.perf_counter()
+        for t in range(ticks):
+            await asyncio.sleep(max(0.0, start + t / 100 - time.perf_counter()))
+            for j in range(t * per_tick, (t + 1) * per_tick):
+                await producer.send(topic, values[j], key=keys[j])
+        await producer.flush()
+    finally:
+        await producer.stop()
+
+
+def _in_process(
+    cfg: ServeBench, ads: list[dict[str, Any]], workload: Workload, values: list[bytes]
+) -> tuple[float, float]:
+    """p50, p99 (ms) of one decision in the decision stage itself: no HTTP, no Kafka."""
+    from scoring.catalog import Catalog  # noqa: PLC0415
+    from scoring.featurespec import FeatureSpec  # noqa: PLC0415
+    from streams.deadletter import Raw  # noqa: PLC0415
+    from streams.decide import DecideStage, ServingModels, request_decoder  # noqa: PLC0415
+    from streams.interest import InterestStage  # noqa: PLC0415
+
+    s = Settings(pseudonymise=False, policy="greedy", partitions=1)
+    table: dict[bytes, bytes] = {}
+    interest = InterestStage(s)
+    now = int(time.time() * 1000)
+    raws = [Raw(v, None, 0, i, now) for i, v in enumerate(values)]
+    for i in range(0, len(raws), 10_000):
+        res = interest.process(raws[i : i + 10_000], lambda k, _p: [table.get(x) for x in k], now)
+        table.update({k: v for k, _p, v in res.writes if v is not None})
+    catalog = Catalog(ads, FeatureSpec.from_settings(s))
+    from scoring.registry import ModelRegistry  # noqa: PLC0415
+
+    registry = ModelRegistry.from_settings(s)
+    loaded = registry.latest_valid()
+    models = ServingModels(loaded, loaded.fallback(s.fallback_ctr) if loaded else None, registry)  # type: ignore[arg-type]
+    stage = DecideStage(s, models, lambda: catalog)
+    decode = request_decoder(s.max_event_bytes).decode
+    bodies = _bodies(cfg, [a["ad_id"] for a in ads], 2_000, 77, "inproc")
+    none: dict[bytes, bytes] = {}
+    times = []
+    for b in bodies:
+        t0 = time.perf_counter()
+        req = decode(Raw(b, None, 0, 0, now))
+        stage.decide(
+            [(req, Raw(None, None, 0, 0, int(time.time() * 1000)))],  # type: ignore[list-item]
+            lambda k, _p: [table.get(x) for x in k],
+            lambda k, _p: [none.get(x) for x in k],
+            lambda k, _p: [none.get(x) for x in k],
+            int(time.time() * 1000),
+        )
+        times.append(time.perf_counter() - t0)
+    p50, p99 = percentiles_ms(times[100:], [50, 99])  # the first ones warm the caches
+    return p50, p99

@@ -1,0 +1,272 @@
+"""``POST /decide``: a synchronous decision from the worker that owns the user's partition.
+
+The body follows the ad-requests contract and the answer the ad-decisions one:
+the decision is made by the same :meth:`DecideStage.decide` call as a request
+from the ad-requests topic (streams/pipeline.py ``decide_requests``), and sent to
+ad-decisions like it, so the click join, the learners and every downstream
+consumer see it.
+
+- **Owner.** The user's raw id picks the partition (as it does on the topics);
+  a worker that does not own it forwards the request once, over HTTP, to the
+  one that does (Faust's partition assignment says which), with the time the
+  budget started. A forwarded request that lands on a non-owner again (a
+  rebalance in between) gets a 503.
+- **Micro-batching.** Requests that arrive while the event loop is busy are
+  decided together in one call (one scoring run, split at
+  ``ADPULSE_SCORER_MAX_BATCH_ROWS``); ``ADPULSE_SCORER_MAX_WAIT_MS`` can hold a
+  request back to wait for more.
+- **Deadlines.** A request's budget is its ``tmax_ms``, else
+  ``ADPULSE_DECIDE_TMAX_MS``, from its arrival: one used up before scoring gets
+  a ``deadline`` no fill at once.
+- **Overload.** A request that would wait longer than ``ADPULSE_DECIDE_MAX_QUEUE_MS``
+  behind those already queued (at the measured cost per request) is shed at once:
+  503 with ``Retry-After``. The queue cannot grow into seconds.
+- **Logging.** The response does not wait for the broker's acknowledgement of
+  the decision's ad-decisions record (that would add a produce round trip to
+  every answer). A crash between the answer and the acknowledgement loses those
+  records: the caller has its decision, but the join never labels it. A record
+  the broker refuses is counted (``adpulse_decision_log_failures_total``) and
+  alerted on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+import msgspec
+from faust import web
+from yarl import URL
+
+from adpulse.settings import Settings
+from streams.deadletter import Raw, Rejected
+from streams.decide import AdRequestMsg, request_decoder
+
+if TYPE_CHECKING:
+    from streams.app import Wiring
+
+log = logging.getLogger(__name__)
+
+FORWARDED = "X-Adpulse-Forwarded"  # set on a request one worker forwards to another
+STARTED = "X-Adpulse-Start-Ms"  # when the forwarded request's budget started (epoch ms)
+_COST_ALPHA = 0.2  # weight of the newest scoring run in the cost-per-request estimate
+
+# Decide the given requests (the budget started at each raw's timestamp) and send them
+# to ad-decisions; returns each one's decision, in order, and their send futures.
+Decide = Callable[
+    [Sequence[tuple[AdRequestMsg, Raw]]],
+    Awaitable[tuple[list[dict[str, Any]], list[Awaitable[Any]]]],
+]
+
+
+@dataclass(frozen=True)
+class Reply:
+    status: int
+    body: bytes
+    headers: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def error(cls, status: int, message: str, retry_after_s: int = 0) -> Reply:
+        headers = {"Retry-After": str(retry_after_s)} if retry_after_s else {}
+        return cls(status, msgspec.json.encode({"error": message}), headers)
+
+
+@dataclass
+class _Call:
+    req: AdRequestMsg
+    raw: Raw
+    rows: int
+    done: asyncio.Future[dict[str, Any]]
+
+
+class DecideService:
+    """The queue in front of :data:`Decide`: micro-batches, deadlines, shedding.
+
+    Framework-free, so its rules are unit-tested without a worker; ``wire``
+    puts it behind the Faust web server.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        decide: Decide,
+        catalog_rows: Callable[[], int],
+        on_log_failure: Callable[[BaseException], None],
+    ) -> None:
+        self.decoder = request_decoder(settings.max_event_bytes)
+        self.decide = decide
+        self.catalog_rows = catalog_rows
+        self.on_log_failure = on_log_failure
+        self.max_wait_s = settings.scorer_max_wait_ms / 1000
+        self.max_rows = settings.scorer_max_batch_rows
+        self.max_queue_s = settings.decide_max_queue_ms / 1000
+        self.queue: list[_Call] = []
+        self.queued_rows = 0
+        self.deciding = 0  # requests in the scoring run under way
+        self.cost_s = 0.0  # measured seconds per request in a scoring run (EWMA)
+        self._flush: asyncio.Handle | asyncio.TimerHandle | None = None
+        self._running: set[asyncio.Task[None]] = set()
+
+    def parse(self, body: bytes) -> AdRequestMsg | Reply:
+        out = self.decoder.decode(Raw(body, None, -1, -1))
+        if isinstance(out, Rejected):
+            return Reply.error(400, f"ad-requests contract: {out.message}")
+        return out
+
+    def overloaded(self) -> bool:
+        """Whether a new request would wait longer than the queue limit to be scored."""
+        waiting = len(self.queue) + self.deciding
+        return waiting > 0 and (waiting + 1) * self.cost_s > self.max_queue_s
+
+    async def submit(self, req: AdRequestMsg, partition: int, start_ms: int) -> dict[str, Any]:
+        """Queue one request for the next scoring run; its decision when made."""
+        loop = asyncio.get_running_loop()
+        rows = len(req.candidates) if req.candidates is not msgspec.UNSET else self.catalog_rows()
+        raw = Raw(None, req.user_id.encode(), partition, -1, start_ms)
+        call = _Call(req, raw, max(1, rows), loop.create_future())
+        self.queue.append(call)
+        self.queued_rows += call.rows
+        if self.queued_rows >= self.max_rows:  # full: this run goes now, a new one starts
+            self._start(loop)
+        elif self._flush is None:
+            go = lambda: self._start(loop)  # noqa: E731
+            wait = self.max_wait_s
+            self._flush = loop.call_later(wait, go) if wait > 0 else loop.call_soon(go)
+        return await call.done
+
+    def _start(self, loop: asyncio.AbstractEventLoop) -> None:
+        task = loop.create_task(self._run(self._take()))
+        self._running.add(task)  # held until done: the loop keeps only a weak reference
+        task.add_done_callback(self._running.discard)
+
+    def _take(self) -> list[_Call]:
+        if self._flush is not None:
+            self._flush.cancel()
+        calls, self.queue, self.queued_rows, self._flush = self.queue, [], 0, None
+        self.deciding += len(calls)
+        return calls
+
+    async def _run(self, calls: list[_Call]) -> None:
+        if not calls:
+            return
+        started = time.perf_counter()
+        try:
+            decisions, sends = await self.decide([(c.req, c.raw) for c in calls])
+        except Exception as exc:  # every waiting caller gets an answer, never a hang
+            log.exception("decide failed for %d request(s)", len(calls))
+            for c in calls:
+                if not c.done.done():
+                    c.done.set_exception(exc)
+            return
+        finally:
+            self.deciding -= len(calls)
+            took = (time.perf_counter() - started) / len(calls)
+            a = _COST_ALPHA if self.cost_s else 1.0
+            self.cost_s = (1 - a) * self.cost_s + a * took
+        for c, decision in zip(calls, decisions, strict=True):
+            if not c.done.done():  # a caller that went away leaves its future cancelled
+                c.done.set_result(decision)
+        for sent in sends:  # the producer's futures: the broker's acknowledgement
+            asyncio.ensure_future(sent).add_done_callback(self._logged)
+
+    def _logged(self, fut: asyncio.Future[Any]) -> None:
+        if fut.cancelled():
+            self.on_log_failure(asyncio.CancelledError())
+        elif fut.exception() is not None:
+            self.on_log_failure(fut.exception())  # type: ignore[arg-type]
+
+
+def wire(w: Wiring, decide: Decide, catalog_rows: Callable[[], int]) -> DecideService:
+    """``POST /decide`` on the worker's web server, in front of ``decide``."""
+    app, m = w.app, w.metrics
+    requests_topic = w.settings.topic("ad-requests")
+
+    def log_failure(exc: BaseException) -> None:
+        m.decision_log_failures.inc()
+        log.error("a decision answered over HTTP was not logged to ad-decisions: %r", exc)
+
+    service = DecideService(w.settings, decide, catalog_rows, log_failure)
+    own = _ident(URL(app.conf.canonical_url))
+
+    def owner(user_id: str) -> URL | None:
+        """None when this worker owns the user's partition, else the owner's URL.
+
+        The raw id picks the partition, as on the topics (Kafka's murmur2 of the key);
+        Faust's assignment says which worker holds it. KeyError: none known yet.
+        """
+        url = app.router.key_store(w.interest.name, user_id.encode())
+        return None if _ident(url) == own else url
+
+    async def forward(url: URL, body: bytes, start_ms: int) -> Reply:
+        started = time.perf_counter()
+        headers = {FORWARDED: "1", STARTED: str(start_ms), "Content-Type": "application/json"}
+        try:
+            async with app.http_client.post(
+                url.with_path("/decide"), data=body, headers=headers, timeout=_FORWARD_TIMEOUT
+            ) as resp:
+                keep = {k: v for k, v in resp.headers.items() if k == "Retry-After"}
+                return Reply(resp.status, await resp.read(), keep)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            return Reply.error(503, f"the owner of this user, {url}, did not answer: {exc!r}", 1)
+        finally:
+            m.decide_forward_seconds.observe(time.perf_counter() - started)
+
+    async def handle(body: bytes, start_ms: int, forwarded: bool) -> tuple[str, Reply]:
+        if not app.tables.recovery.completed.is_set():  # type: ignore[attr-defined]
+            return "unavailable", Reply.error(503, "recovering state: retry shortly", 1)
+        if not w.catalog.ready:
+            return "unavailable", Reply.error(503, "loading the ad catalog: retry shortly", 1)
+        req = service.parse(body)
+        if isinstance(req, Reply):
+            return "invalid", req
+        try:
+            url = owner(req.user_id)
+        except KeyError:
+            return "unavailable", Reply.error(503, "no worker owns this user yet: retry", 1)
+        if url is not None:
+            if forwarded:  # the assignment moved while it was on its way
+                return "unavailable", Reply.error(503, "this user's partition is moving", 1)
+            return "forwarded", await forward(url, body, start_ms)
+        if service.overloaded():
+            return "shed", Reply.error(503, "overloaded: request shed", 1)
+        partition = app.producer.key_partition(requests_topic, req.user_id.encode()).partition
+        decision = await service.submit(req, partition, start_ms)
+        m.decide_seconds.observe(max(0.0, time.time() - start_ms / 1000))
+        return "answered", Reply(200, msgspec.json.encode(decision))
+
+    class DecideView(web.View):
+        async def post(self, request: web.Request) -> web.Response:
+            now_ms = int(time.time() * 1000)
+            forwarded = request.headers.get(FORWARDED) == "1"
+            start_ms = _int(request.headers.get(STARTED), now_ms) if forwarded else now_ms
+            body: bytes = await request.read()
+            outcome, reply = await handle(body, start_ms, forwarded)
+            m.decide_requests.labels(outcome).inc()
+            return self.bytes(
+                reply.body,
+                content_type="application/json",
+                status=reply.status,
+                headers=reply.headers,
+            )
+
+    app.page("/decide")(DecideView)
+    return service
+
+
+_FORWARD_TIMEOUT = aiohttp.ClientTimeout(total=2.0)
+
+
+def _ident(url: URL) -> tuple[str, int]:
+    return url.host or "", url.port or 80
+
+
+def _int(text: str | None, default: int) -> int:
+    try:
+        return int(text) if text else default
+    except ValueError:
+        return default

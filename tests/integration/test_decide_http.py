@@ -1,0 +1,261 @@
+"""POST /decide end to end: real broker, two real workers sharing the partitions.
+
+Worker ``a`` starts alone, then ``b`` joins the group, so each owns some users'
+partitions and a request sent to the other worker must be forwarded. Windows are
+short (5 s attribution, 1 s idle watermark) so the joiner labels within seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from kafka import KafkaProducer
+
+from adpulse.broker import EmbeddedBroker
+from adpulse.catalogtool import publish
+from adpulse.settings import Settings
+from adpulse.topics import create_topics
+from adpulse.workerproc import WorkerProcess
+from schemas import first_error
+from tests.integration.test_decisions import Decisions, ad, partition_of, request
+from tests.integration.test_join import Feedback
+
+pytestmark = pytest.mark.integration
+HOUR = 3600 * 1000
+CATS = [4756105, 982926, 2355072, 1320293, 4145813]
+EXTRA = {
+    "ADPULSE_POLICY": "greedy",
+    "ADPULSE_ATTRIBUTION_WINDOW_S": "5",
+    "ADPULSE_WATERMARK_IDLE_S": "1",
+    "ADPULSE_FREQ_CAP_PER_DAY": "1000",
+    # a few ms of queue: the overload test sheds without needing a slow machine
+    "ADPULSE_DECIDE_MAX_QUEUE_MS": "3",
+    "ADPULSE_MODEL_LATENCY_BUDGET_MS": "200",
+    "ADPULSE_MODEL_MAX_SLOWDOWN": "100",
+}
+
+
+@dataclass
+class Pair:
+    settings: Settings
+    a: WorkerProcess
+    b: WorkerProcess
+    producer: KafkaProducer
+    decisions: Decisions
+    feedback: Feedback
+    tag: str
+
+    def id(self, name: str) -> str:
+        return f"{self.tag}-{name}"
+
+    def events(self, events: list[dict[str, Any]]) -> None:
+        for e in events:
+            self.producer.send(
+                self.settings.topic("user-events"),
+                key=e["user_id"].encode(),
+                value=json.dumps(e).encode(),
+            ).get(10)  # acknowledged, one by one
+
+    def owner(self, user: str) -> WorkerProcess:
+        """The worker whose /decide answers ``user`` itself (the other forwards)."""
+        before = self.a.metric("adpulse_decide_requests_total", 'outcome="forwarded"')
+        status, _, _ = self.a.post("/decide", body(self.id("probe"), user))
+        assert status == 200
+        after = self.a.metric("adpulse_decide_requests_total", 'outcome="forwarded"')
+        return self.b if after > before else self.a
+
+
+def body(rid: str, user: str, **extra: Any) -> bytes:
+    return json.dumps(request(rid, user, "http", **extra)).encode()
+
+
+def history(user: str, n: int = 6) -> list[dict[str, Any]]:
+    now = int(time.time() * 1000)
+    return [
+        {"event_id": f"{user}-e{i}", "user_id": user, "kind": ["browse", "cart", "fav"][i % 3],
+         "item_id": 2000 + i, "category_id": CATS[i % 5], "ts": now - (i + 1) * HOUR}
+        for i in range(n)
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def pair(broker: EmbeddedBroker, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
+    unique = f"http-{uuid.uuid4().hex[:8]}"
+    tmp = tmp_path_factory.mktemp(unique)
+    settings = Settings.from_env(
+        {},
+        bootstrap=broker.bootstrap,
+        embedded_broker=True,
+        embedded=broker.kind,
+        topic_prefix=f"{unique}.",
+        app_id=f"adpulse-{unique}",
+        data_dir=tmp / "a",
+        session_timeout_s=6.0,
+    )
+    create_topics(settings)
+    ads = [ad(f"h-{i}", "http", round(1.0 + 0.05 * i, 2), CATS[i % 5]) for i in range(20)]
+    publish(settings.bootstrap, settings.topic("ad-catalog"), ads)
+    a = WorkerProcess(settings, tmp, name="a", extra_env=EXTRA).start()
+    b = WorkerProcess(settings.with_(data_dir=tmp / "b"), tmp, name="b", extra_env=EXTRA)
+    b.start()
+    for w in (a, b):
+        w.wait_until(lambda w=w: w.metric("adpulse_catalog_ads") == len(ads), 30, "catalog")
+    producer = KafkaProducer(bootstrap_servers=settings.bootstrap, linger_ms=1, acks="all")
+    pair = Pair(settings, a, b, producer, Decisions(settings), Feedback(settings), unique)
+    try:
+        a.wait_until(lambda: _split(pair), 40, "both workers to own partitions")
+        yield pair
+    finally:
+        producer.close()
+        pair.decisions.close()
+        b.stop()
+        a.stop()
+
+
+def _split(p: Pair) -> bool:
+    """Whether a and b both answer /decide for some users of their own (a rebalance is over)."""
+    owners = {id(p.owner(f"{p.tag}-split{i}")) for i in range(12)}
+    return len(owners) == 2 and all(w.get("/health")[0] == 200 for w in (p.a, p.b))
+
+
+def test_decide_matches_the_kafka_path_is_logged_and_gets_labelled(pair: Pair) -> None:
+    p = pair
+    via_http, via_topic = p.id("twin-http"), p.id("twin-topic")
+    # Same history, so the same interest vector: the two paths must rank alike.
+    p.events(history(via_http) + [{**e, "user_id": via_topic, "event_id": e["event_id"] + "t"}
+                                  for e in history(via_http)])  # fmt: skip
+    owner = p.owner(via_http)
+    owner.wait_until(lambda: owner.interest(via_http) is not None, 20, "the user's interest")
+    p.b.wait_until(lambda: p.owner(via_topic).interest(via_topic) is not None, 20, "interest")
+
+    status, got, _ = p.a.post("/decide", body(p.id("h1"), via_http))
+    assert status == 200, got
+    assert first_error("ad-decisions", got) is None
+    time.sleep(0.4)  # a person's click: sooner is suspect (ADPULSE_MIN_CLICK_DELAY_MS)
+    click = {"event_id": p.id("click-h1"), "user_id": via_http, "kind": "click",
+             "item_id": 1, "category_id": CATS[0], "ts": int(time.time() * 1000),
+             "ad_id": got["ad_id"], "decision_id": got["request_id"]}  # fmt: skip
+    p.events([click])  # inside the attribution window
+    twin = json.dumps(request(p.id("k1"), via_topic, "http")).encode()
+    p.producer.send(p.settings.topic("ad-requests"), key=via_topic.encode(), value=twin).get(10)
+    p.decisions.wait([p.id("h1"), p.id("k1")])
+    logged, kafka = p.decisions.one(p.id("h1")), p.decisions.one(p.id("k1"))
+    assert logged["ad_id"] == got["ad_id"] and logged["pctr"] == got["pctr"]
+    assert logged["_partition"] == partition_of(via_http, p.settings.partitions)
+    assert got["features"]["interest"]  # the user's history was seen
+    assert kafka["ad_id"] == got["ad_id"]
+    assert kafka["pctr"] == pytest.approx(got["pctr"], rel=1e-3)  # decay over the ms between
+    assert (kafka["candidates"], kafka["policy"]) == (got["candidates"], got["policy"])
+
+    p.feedback.wait([got["request_id"]], timeout=30)
+    labels = p.feedback.by_id[got["request_id"]]
+    assert [lab["clicked"] for lab in labels] == [1]
+
+
+def test_a_non_owner_forwards_the_request(pair: Pair) -> None:
+    p = pair
+    users = [p.id(f"fwd{i}") for i in range(16)]
+    away = [u for u in users if p.owner(u) is p.b]
+    assert away, "no user of b among 16: the partitions are not split"
+    before_a = p.a.metric("adpulse_decide_requests_total", 'outcome="forwarded"')
+    before_b = p.b.metric("adpulse_decide_requests_total", 'outcome="answered"')
+    rids = []
+    for i, u in enumerate(away):
+        status, got, _ = p.a.post("/decide", body(p.id(f"f{i}"), u))
+        assert status == 200, got
+        assert got["request_id"] == p.id(f"f{i}")
+        rids.append(got["request_id"])
+    forwarded = p.a.metric("adpulse_decide_requests_total", 'outcome="forwarded"') - before_a
+    answered = p.b.metric("adpulse_decide_requests_total", 'outcome="answered"') - before_b
+    assert forwarded == answered == len(away)
+    assert p.a.metric("adpulse_decide_forward_seconds_count") >= len(away)
+    p.decisions.wait(rids)
+    assert all(len(p.decisions.by_id[r]) == 1 for r in rids)
+
+
+def test_a_request_past_its_deadline_gets_a_deadline_no_fill(pair: Pair) -> None:
+    p = pair
+    user = p.id("late")
+    owner = p.owner(user)
+    # A request forwarded after sitting 500 ms (the header carries when its budget began).
+    old = {"X-Adpulse-Forwarded": "1", "X-Adpulse-Start-Ms": str(int(time.time() * 1000) - 500)}
+    status, got, _ = owner.post("/decide", body(p.id("late1"), user, tmax_ms=100), old)
+    assert status == 200
+    assert (got["ad_id"], got["no_fill_reason"]) == (None, "deadline")
+    assert first_error("ad-decisions", got) is None
+    status, got, _ = owner.post("/decide", body(p.id("late2"), user, tmax_ms=5000), old)
+    assert got["ad_id"] is not None  # the same age, within a larger budget
+    # The topic path: a record stamped 500 ms ago with a 100 ms budget.
+    stamp = int(time.time() * 1000) - 500
+    p.producer.send(p.settings.topic("ad-requests"), key=user.encode(), timestamp_ms=stamp,
+                    value=json.dumps(request(p.id("late3"), user, "http", tmax_ms=100)).encode()
+                    ).get(10)  # fmt: skip
+    p.decisions.wait([p.id("late3")])
+    assert p.decisions.one(p.id("late3"))["no_fill_reason"] == "deadline"
+
+
+def test_a_malformed_body_gets_a_400_and_its_contract_error(pair: Pair) -> None:
+    p = pair
+    cases = [
+        b"{not json",
+        json.dumps({"request_id": "x", "placement": "http", "ts": 1}).encode(),
+        body(p.id("bad"), p.id("u"), candidates=["a", "a"]),
+        body(p.id("bad"), p.id("u"), tmax_ms=-1),
+    ]
+    for raw in cases:
+        status, got, _ = p.a.post("/decide", raw)
+        assert status == 400, (raw, got)
+        assert got["error"].startswith("ad-requests contract: ")
+        assert "\n" not in got["error"]
+    assert "user_id" in p.a.post("/decide", cases[1])[1]["error"]
+
+
+def test_an_event_acknowledged_50ms_before_a_request_is_in_its_features(pair: Pair) -> None:
+    p = pair
+    for i in range(3):
+        user = p.id(f"raw{i}")
+        owner = p.owner(user)  # a first decision: no history yet
+        p.events(history(user, 1))  # acknowledged by the broker
+        time.sleep(0.05)
+        status, got, _ = owner.post("/decide", body(p.id(f"raw{i}-d"), user))
+        assert status == 200
+        assert got["features"]["interest"], f"{user}: the event 50 ms before is not visible"
+
+
+def test_under_overload_the_excess_is_shed_with_503_and_nothing_else_is_lost(pair: Pair) -> None:
+    p = pair
+    owner = p.owner(p.id("load0"))
+    users = [u for u in (p.id(f"load{i}") for i in range(40)) if p.owner(u) is owner]
+    results: list[tuple[str, int, dict[str, str]]] = []
+    lock = threading.Lock()
+
+    def fire(t: int) -> None:
+        for i in range(25):
+            rid = p.id(f"o{t}-{i}")
+            status, _, headers = owner.post("/decide", body(rid, users[(t + i) % len(users)]))
+            with lock:
+                results.append((rid, status, headers))
+
+    threads = [threading.Thread(target=fire, args=(t,)) for t in range(32)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    statuses = [s for _, s, _ in results]
+    assert len(results) == 32 * 25
+    assert set(statuses) <= {200, 503}, set(statuses)
+    shed = [h for _, s, h in results if s == 503]
+    assert shed, "32 concurrent callers never overloaded a 3 ms queue"
+    assert all(h.get("Retry-After") == "1" for h in shed)
+    answered = [r for r, s, _ in results if s == 200]
+    p.decisions.wait(answered, settle=1.0)
+    assert all(len(p.decisions.by_id[r]) == 1 for r in answered)
+    refused = [r for r, s, _ in results if s == 503]
+    assert not any(r in p.decisions.by_id for r in refused)  # a shed request decided nothing

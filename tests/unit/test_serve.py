@@ -1,0 +1,178 @@
+"""POST /decide's queue (streams/serve.py) and the deadline rule both entry points share.
+
+The service runs on a real event loop with a recording ``decide`` in place of the
+worker; the deadline rule runs in the real decision stage (streams/decide.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import msgspec
+import pytest
+
+from adpulse.settings import Settings
+from streams.deadletter import Raw
+from streams.decide import AdRequestMsg
+from streams.serve import DecideService, Reply
+from tests.unit.test_pacing_stage import DAY0, Tables, requests, settings, stage
+
+
+def body(i: int, **extra: Any) -> bytes:
+    req = {"request_id": f"r{i}", "user_id": f"u{i}", "placement": "home", "ts": 1, **extra}
+    return json.dumps(req).encode()
+
+
+class Recorder:
+    """A ``decide`` that answers each request with its id and records the runs."""
+
+    def __init__(self, delay_s: float = 0.0, fail: bool = False) -> None:
+        self.runs: list[list[str]] = []
+        self.delay_s = delay_s
+        self.fail = fail
+        self.sends: list[asyncio.Future[Any]] = []
+
+    async def __call__(
+        self, reqs: Sequence[tuple[AdRequestMsg, Raw]]
+    ) -> tuple[list[dict[str, Any]], list[Any]]:
+        self.runs.append([r.request_id for r, _ in reqs])
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
+        if self.fail:
+            raise RuntimeError("scorer exploded")
+        sends = [asyncio.get_running_loop().create_future() for _ in reqs]
+        self.sends += sends
+        return [{"request_id": r.request_id, "start": raw.timestamp_ms} for r, raw in reqs], sends
+
+
+def service(rec: Recorder, failures: list[BaseException] | None = None, **kw: Any) -> DecideService:
+    s = Settings(**kw)
+    sink = failures if failures is not None else []
+    return DecideService(s, rec, lambda: 10, sink.append)
+
+
+def parsed(svc: DecideService, raw: bytes) -> AdRequestMsg:
+    req = svc.parse(raw)
+    assert isinstance(req, AdRequestMsg)
+    return req
+
+
+def test_requests_arriving_together_share_one_scoring_run() -> None:
+    rec = Recorder()
+
+    async def main() -> list[dict[str, Any]]:
+        svc = service(rec)
+        calls = [svc.submit(parsed(svc, body(i)), 0, 1000 + i) for i in range(5)]
+        return await asyncio.gather(*calls)
+
+    got = asyncio.run(main())
+    assert rec.runs == [[f"r{i}" for i in range(5)]]
+    assert [d["request_id"] for d in got] == [f"r{i}" for i in range(5)]
+    assert [d["start"] for d in got] == [1000 + i for i in range(5)]  # each its own budget
+
+
+def test_a_run_that_reaches_the_row_limit_goes_at_once() -> None:
+    rec = Recorder()
+
+    async def main() -> None:
+        svc = service(rec, scorer_max_batch_rows=4, scorer_max_wait_ms=10_000.0)
+        cands = {"candidates": ["a", "b"]}
+        await asyncio.wait_for(
+            asyncio.gather(*(svc.submit(parsed(svc, body(i, **cands)), 0, 0) for i in range(4))),
+            timeout=5,  # the 10 s wait would otherwise hold them
+        )
+
+    asyncio.run(main())
+    assert [len(r) for r in rec.runs] == [2, 2]
+
+
+def test_a_new_request_is_shed_when_the_queue_would_exceed_its_limit() -> None:
+    rec = Recorder(delay_s=0.05)
+
+    async def main() -> tuple[bool, bool]:
+        svc = service(rec, decide_max_queue_ms=20.0)
+        first = asyncio.ensure_future(svc.submit(parsed(svc, body(0)), 0, 0))
+        await first  # measured: 50 ms per request
+        idle = svc.overloaded()
+        waiting = asyncio.ensure_future(svc.submit(parsed(svc, body(1)), 0, 0))
+        await asyncio.sleep(0.01)  # now scoring, 50 ms a request
+        busy = svc.overloaded()
+        await waiting
+        return idle, busy
+
+    idle, busy = asyncio.run(main())
+    assert not idle  # nothing waiting: a request is always taken
+    assert busy
+
+
+def test_a_malformed_body_is_a_400_with_the_contract_error_in_one_line() -> None:
+    svc = service(Recorder())
+    for raw in (b"{nope", body(1, placement="Bad Placement"), body(1, tmax_ms=0), b"[]"):
+        reply = svc.parse(raw)
+        assert isinstance(reply, Reply)
+        assert reply.status == 400
+        message = msgspec.json.decode(reply.body)["error"]
+        assert message.startswith("ad-requests contract: ")
+        assert "\n" not in message
+
+
+def test_a_decision_the_broker_refuses_is_counted() -> None:
+    rec, failures = Recorder(), list[BaseException]()
+
+    async def main() -> None:
+        svc = service(rec, failures)
+        await svc.submit(parsed(svc, body(0)), 0, 0)
+        rec.sends[0].set_exception(OSError("broker gone"))
+        await asyncio.sleep(0)
+
+    asyncio.run(main())
+    assert len(failures) == 1
+
+
+def test_every_caller_of_a_failed_run_gets_the_error() -> None:
+    rec = Recorder(fail=True)
+
+    async def main() -> list[Any]:
+        svc = service(rec)
+        calls = [svc.submit(parsed(svc, body(i)), 0, 0) for i in range(3)]
+        return await asyncio.gather(*calls, return_exceptions=True)
+
+    got = asyncio.run(main())
+    assert [type(e) for e in got] == [RuntimeError] * 3
+
+
+@pytest.mark.parametrize("tmax", [None, 50])
+def test_a_request_past_its_budget_gets_a_deadline_no_fill_unscored(tmax: int | None) -> None:
+    s = settings(freq_cap_per_day=100)
+    st = stage(s)
+    now = DAY0 + 1000
+    old = requests(2, now, "old")
+    for i, raw in enumerate(old):  # budget started 60 ms ago
+        req = json.loads(raw.value or b"")
+        if tmax is not None:
+            req["tmax_ms"] = tmax
+        old[i] = Raw(json.dumps(req).encode(), raw.key, raw.partition, raw.offset, now - 60)
+    fresh = requests(1, now, "fresh")
+    default = 0 if tmax is not None else 50
+    out = st.process([*old, *fresh], Tables().load, Tables().load, Tables().load, now, default)
+    by_id = {d["request_id"]: d for _, _, d in out.decisions}
+    assert len(by_id) == 3
+    for i in range(2):
+        d = by_id[f"old-{i}"]
+        assert d["ad_id"] is None
+        assert d["no_fill_reason"] == "deadline"
+    assert by_id["fresh-0"]["ad_id"] is not None
+    assert "no_fill_reason" not in by_id["fresh-0"]
+    assert out.no_fill == {"deadline": 2}
+    assert out.rows_scored == 2  # only the fresh request's candidates
+
+
+def test_no_budget_means_no_deadline() -> None:
+    st = stage(settings())
+    now = DAY0 + 10_000_000
+    old = [Raw(r.value, r.key, r.partition, r.offset, 0) for r in requests(2, now, "q")]
+    out = st.process(old, Tables().load, Tables().load, Tables().load, now)
+    assert all(d["ad_id"] is not None for _, _, d in out.decisions)
