@@ -131,6 +131,20 @@ class WorkerProcess:
             and labels in line
         )  # fmt: skip
 
+    def buckets(self, name: str) -> dict[float, float]:
+        """A histogram's cumulative bucket counts, upper bound -> count ({} if absent)."""
+        try:
+            status, text = self.get("/metrics")
+        except OSError:
+            return {}
+        out: dict[float, float] = {}
+        prefix = f'{name}_bucket{{le="'
+        for line in str(text).splitlines() if status == 200 else []:
+            if line.startswith(prefix):
+                le, _, count = line[len(prefix) :].partition('"} ')
+                out[float(le)] = float(count)
+        return out
+
     def interest(self, user: str) -> dict[str, Any] | None:
         status, body = self.get(f"/users/{user}/interest")
         return body if status == 200 else None

@@ -174,7 +174,10 @@ class DecideStage:
         strategy: StrategyReader | None = None,
         pseudonyms: Pseudonymiser | None = None,
         calibration: Reader | None = None,
+        generation: Callable[[], Any] = lambda: None,
     ) -> None:
+        """``generation`` names the consumer's current partition assignment: the budget
+        records of this worker's partitions are kept while it does not change."""
         self.s = settings
         self.pseudonyms = pseudonyms or Pseudonymiser.from_settings(settings)
         self.models = models
@@ -187,7 +190,7 @@ class DecideStage:
         self.strategy = strategy or StrategyReader(lambda keys: [None] * len(keys))
         self.decoder = request_decoder(settings.max_event_bytes)
         self.rng = np.random.default_rng()
-        self.budget = BudgetGate(settings)  # pacing (streams/budget.py)
+        self.budget = BudgetGate(settings, generation)  # pacing (streams/budget.py)
         self.calibration = ServedCalibration(settings, calibration)
 
     def process(

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import msgspec
 
 from streams.deadletter import Raw, Rejected, dead_letter
-from streams.tablewriter import read_many, write_many
+from streams.tablewriter import ChangelogBuffer, read_many, write_local, write_many
 from streams.validate import ContractDecoder
 
 if TYPE_CHECKING:
@@ -52,8 +52,14 @@ class ForgetRequestMsg(msgspec.Struct, forbid_unknown_fields=True, gc=False):
 _decoder = ContractDecoder("forget-requests", ForgetRequestMsg, ("ts",))
 
 
-async def forget(w: Wiring, join: JoinStage | None, raw: Raw) -> None:
-    """Apply one forget request: tombstones acked, then the confirmation sent."""
+async def forget(
+    w: Wiring, join: JoinStage | None, raw: Raw, caps: ChangelogBuffer | None = None
+) -> None:
+    """Apply one forget request: tombstones acked, then the confirmation sent.
+
+    ``caps`` is the buffer the decisions' cap records wait in: the tombstone goes
+    through it, so no cap record written just before can be sent after it.
+    """
     req = _decoder.decode(raw)
     now_ms = int(time.time() * 1000)
     if isinstance(req, Rejected):
@@ -68,7 +74,11 @@ async def forget(w: Wiring, join: JoinStage | None, raw: Raw) -> None:
     futures: list[Any] = []
     for name, table in (("interest", w.interest), ("freqcap", w.freqcap)):
         counts[name] = sum(v is not None for v in read_many(table, part, [key]))
-        futures += await write_many(table, part, [(key, None)])
+        if name == "freqcap" and caps is not None:
+            write_local(table, part, [(key, None)])
+            futures.append(caps.add(part, [(key, None)]))
+        else:
+            futures += await write_many(table, part, [(key, None)])
     counts["pending"] = 0
     if join is not None:
         more, counts["pending"] = await join.forget(part, user)
@@ -87,10 +97,10 @@ async def forget(w: Wiring, join: JoinStage | None, raw: Raw) -> None:
     )  # fmt: skip
 
 
-def wire(w: Wiring, join: JoinStage | None) -> None:
+def wire(w: Wiring, join: JoinStage | None, caps: ChangelogBuffer | None = None) -> None:
     @w.app.agent(w.forget_requests)
     async def forget_requests(stream: Any) -> None:
         async for event in stream.events():
             m = event.message
             ts_ms = int(m.timestamp * 1000)
-            await forget(w, join, Raw(event.value, event.key, m.partition, m.offset, ts_ms))
+            await forget(w, join, Raw(event.value, event.key, m.partition, m.offset, ts_ms), caps)

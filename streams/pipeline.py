@@ -23,6 +23,7 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import Awaitable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -41,7 +42,7 @@ from streams.interest import BatchResult, InterestStage
 from streams.join import JOIN_TICK_S, JoinStage
 from streams.learn import LearnStage, learn_batch, read_global
 from streams.seal import is_seal
-from streams.tablewriter import read_many, write_many
+from streams.tablewriter import ChangelogBuffer, read_many, send_changelog, write_local
 
 if TYPE_CHECKING:
     from streams.app import Wiring
@@ -55,19 +56,25 @@ def wire(w: Wiring) -> None:
     catalog = CatalogCache(w.catalog, FeatureSpec.from_settings(w.settings), w.metrics)
     strategy = StrategyReader(lambda keys: read_global(w.strategy, keys))
     decide = DecideStage(w.settings, models, catalog.get, strategy, pseudonyms=w.pseudonyms,
-                         calibration=lambda keys: read_global(w.strategy, keys))  # fmt: skip
+                         calibration=lambda keys: read_global(w.strategy, keys),
+                         generation=lambda: w.app.consumer_generation_id)  # fmt: skip
     learn = LearnStage(w.settings)
     join = JoinStage(w)
-    forget.wire(w, join)  # forget-requests: a user's state deleted (streams/forget.py)
+    changelogs = DecisionChangelogs(ChangelogBuffer(w.freqcap), ChangelogBuffer(w.spend))
+    # forget-requests: a user's state deleted (streams/forget.py)
+    forget.wire(w, join, changelogs.caps)
 
-    async def decide_now(
+    def decide_now(
         requests: Sequence[tuple[AdRequestMsg, Raw]],
-    ) -> tuple[list[dict[str, Any]], list[Awaitable[Any]]]:
+    ) -> tuple[list[dict[str, Any]], serve.Log]:
         now_ms = int(time.time() * 1000)
-        result, futures = await decide_requests(w, decide, requests, now_ms,
-                                                w.settings.decide_tmax_ms)  # fmt: skip
+        result = decide_requests(w, decide, requests, now_ms, w.settings.decide_tmax_ms)
         by_raw = {id(raw): d for _, raw, d in result.decisions}
-        return [by_raw[id(raw)] for _, raw in requests], futures[: len(result.decisions)]
+
+        async def send() -> list[Awaitable[Any]]:
+            return (await emit_decisions(w, result, changelogs))[: len(result.decisions)]
+
+        return [by_raw[id(raw)] for _, raw in requests], send
 
     # POST /decide (streams/serve.py): the same decisions, answered synchronously
     serve.wire(w, decide_now, lambda: len(catalog.get() or ()))
@@ -78,7 +85,7 @@ def wire(w: Wiring) -> None:
 
     @w.app.batch_topic(w.ad_requests)
     async def on_ad_requests(batch: Batch) -> Awaitable[Any]:
-        return await decide_batch(w, decide, batch)
+        return await decide_batch(w, decide, batch, changelogs)
 
     @w.app.batch_topic(w.ad_decisions)
     async def on_ad_decisions(batch: Batch) -> Awaitable[Any]:
@@ -155,7 +162,9 @@ def _model_in_use(w: Wiring, loaded: LoadedModel) -> None:
     w.metrics.model.info({"version": loaded.version, "provider": loaded.scorer.provider})
 
 
-async def decide_batch(w: Wiring, stage: DecideStage, batch: Batch) -> Awaitable[Any]:
+async def decide_batch(
+    w: Wiring, stage: DecideStage, batch: Batch, changelogs: DecisionChangelogs
+) -> Awaitable[Any]:
     """One batch of ad-requests: decisions sent, caps and spend written.
 
     Returns what completes when those writes are acknowledged; the consumer acks
@@ -168,24 +177,23 @@ async def decide_batch(w: Wiring, stage: DecideStage, batch: Batch) -> Awaitable
         for r in records
     ]
     good, rejected = stage.decoder.split(raws)
-    _, futures = await decide_requests(w, stage, good, now_ms, w.settings.topic_tmax_ms)
+    result = decide_requests(w, stage, good, now_ms, w.settings.topic_tmax_ms)
+    futures = await emit_decisions(w, result, changelogs)
     futures += await _dead_letter(w, rejected, now_ms, "ad-requests", "decide")
     return asyncio.gather(*futures)
 
 
-async def decide_requests(
+def decide_requests(
     w: Wiring,
     stage: DecideStage,
     requests: Sequence[tuple[AdRequestMsg, Raw]],
     now_ms: int,
     default_tmax_ms: int,
-) -> tuple[DecideResult, list[Awaitable[Any]]]:
+) -> DecideResult:
     """Decoded requests from either entry point (the topic, ``POST /decide``): decided in
-    one :meth:`DecideStage.decide` call, each decision sent to ad-decisions, caps and
-    spend written, metrics counted.
-
-    Returns the result (each decision's ``latency_ms`` set) and the send and write
-    futures, the decisions' first and in the result's order.
+    one :meth:`DecideStage.decide` call, caps and spend written to RocksDB, metrics
+    counted, each decision's ``latency_ms`` set. Synchronous: the next decision, from
+    either entry point, reads these caps (:func:`emit_decisions` sends the records).
     """
     result = stage.decide(
         requests,
@@ -195,19 +203,13 @@ async def decide_requests(
         now_ms,
         default_tmax_ms,
     )
-    futures: list[Awaitable[Any]] = []
-    m, topic = w.metrics, w.settings.topic("ad-decisions")
-    encode = msgspec.json.encode
-    for key, raw, decision in result.decisions:
-        sent = time.time()
-        decision["latency_ms"] = max(0.0, sent * 1000 - raw.timestamp_ms)
-        # Keyed by the pseudonym, so the partition is given: the request's, where the
-        # user's events are (the click join is partition-local).
-        value = encode(decision)
-        futures.append(await w.app.producer.send(topic, key, value, raw.partition, None, None))
+    _write_local(w.freqcap, result.cap_writes)
+    _write_local(w.spend, result.spend_writes)
+    m = w.metrics
+    done_ms = time.time() * 1000
+    for _, raw, decision in result.decisions:
+        decision["latency_ms"] = max(0.0, done_ms - raw.timestamp_ms)
         m.decision_latency.observe(decision["latency_ms"] / 1000)
-    futures += await _write_by_partition(w.freqcap, result.cap_writes)
-    futures += await _write_by_partition(w.spend, result.spend_writes)
     for (policy, placement), n in result.by_policy.items():
         m.decisions.labels(policy, placement).inc(n)
     for arm, n in result.by_arm.items():
@@ -220,7 +222,33 @@ async def decide_requests(
     if result.rows_scored:
         m.scorer_rows.inc(result.rows_scored)
         m.scorer_batch_rows.observe(result.rows_scored)
-    return result, futures
+    return result
+
+
+async def emit_decisions(
+    w: Wiring, result: DecideResult, changelogs: DecisionChangelogs
+) -> list[Awaitable[Any]]:
+    """Each decision to ad-decisions, then the caps' and spend's changelog records;
+    returns the send futures, the decisions' first and in the result's order."""
+    topic, encode = w.settings.topic("ad-decisions"), msgspec.json.encode
+    futures: list[Awaitable[Any]] = []
+    for key, raw, decision in result.decisions:
+        # Keyed by the pseudonym, so the partition is given: the request's, where the
+        # user's events are (the click join is partition-local).
+        value = encode(decision)
+        futures.append(await w.app.producer.send(topic, key, value, raw.partition, None, None))
+    for buffer, writes in ((changelogs.caps, result.cap_writes),
+                           (changelogs.spend, result.spend_writes)):  # fmt: skip
+        futures += [buffer.add(p, items) for p, items in _by_partition(writes).items()]
+    return futures
+
+
+@dataclass(frozen=True)
+class DecisionChangelogs:
+    """The changelog records of decisions' cap and spend writes, sent in shared batches."""
+
+    caps: ChangelogBuffer
+    spend: ChangelogBuffer
 
 
 async def join_decisions(w: Wiring, join: JoinStage, batch: Batch) -> Awaitable[Any]:
@@ -276,16 +304,35 @@ def _load(table: Any, keys: Sequence[bytes], partitions: Sequence[int]) -> list[
     return out
 
 
+def _write_local(table: Any, writes: Sequence[tuple[bytes, int, bytes | None]]) -> None:
+    for part, items in _by_partition(writes).items():
+        write_local(table, part, items)
+
+
+async def _send_by_partition(
+    table: Any, writes: Sequence[tuple[bytes, int, bytes | None]]
+) -> list[asyncio.Future[Any]]:
+    futures: list[asyncio.Future[Any]] = []
+    for part, items in _by_partition(writes).items():
+        futures += await send_changelog(table, part, items)
+    return futures
+
+
 async def _write_by_partition(
     table: Any, writes: Sequence[tuple[bytes, int, bytes | None]]
 ) -> list[asyncio.Future[Any]]:
+    """Every partition's RocksDB first (readers see all of it at once), then changelogs."""
+    _write_local(table, writes)
+    return await _send_by_partition(table, writes)
+
+
+def _by_partition(
+    writes: Sequence[tuple[bytes, int, bytes | None]],
+) -> dict[int, list[tuple[bytes, bytes | None]]]:
     by_part: dict[int, list[tuple[bytes, bytes | None]]] = defaultdict(list)
     for key, part, value in writes:
         by_part[part].append((key, value))
-    futures: list[asyncio.Future[Any]] = []
-    for part, items in by_part.items():
-        futures += await write_many(table, part, items)
-    return futures
+    return by_part
 
 
 async def _dead_letter(

@@ -18,9 +18,10 @@ consumer see it.
 - **Deadlines.** A request's budget is its ``tmax_ms``, else
   ``ADPULSE_DECIDE_TMAX_MS``, from its arrival: one used up before scoring gets
   a ``deadline`` no fill at once.
-- **Overload.** A request that would wait longer than ``ADPULSE_DECIDE_MAX_QUEUE_MS``
-  behind those already queued (at the measured cost per request) is shed at once:
-  503 with ``Retry-After``. The queue cannot grow into seconds.
+- **Overload.** While requests wait longer than ``ADPULSE_DECIDE_MAX_QUEUE_MS``
+  (the event loop runs late by that much, or the oldest queued request is that
+  old), a new request is shed at once: 503 with ``Retry-After``. Both are
+  measured, not estimated, so the queue cannot grow into seconds.
 - **Logging.** The response does not wait for the broker's acknowledgement of
   the decision's ad-decisions record (that would add a produce round trip to
   every answer). A crash between the answer and the acknowledgement loses those
@@ -54,14 +55,13 @@ log = logging.getLogger(__name__)
 
 FORWARDED = "X-Adpulse-Forwarded"  # set on a request one worker forwards to another
 STARTED = "X-Adpulse-Start-Ms"  # when the forwarded request's budget started (epoch ms)
-_COST_ALPHA = 0.2  # weight of the newest scoring run in the cost-per-request estimate
+_TICK_S = 0.002  # how often the event loop's lateness is sampled
 
-# Decide the given requests (the budget started at each raw's timestamp) and send them
-# to ad-decisions; returns each one's decision, in order, and their send futures.
-Decide = Callable[
-    [Sequence[tuple[AdRequestMsg, Raw]]],
-    Awaitable[tuple[list[dict[str, Any]], list[Awaitable[Any]]]],
-]
+# Decide the given requests (each budget started at its raw's timestamp) at once, state
+# written; returns each one's decision, in order, and what sends them to ad-decisions
+# (its result: the broker's acknowledgements to come, one per decision).
+Log = Callable[[], Awaitable[list[Awaitable[Any]]]]
+Decide = Callable[[Sequence[tuple[AdRequestMsg, Raw]]], tuple[list[dict[str, Any]], Log]]
 
 
 @dataclass(frozen=True)
@@ -81,6 +81,7 @@ class _Call:
     req: AdRequestMsg
     raw: Raw
     rows: int
+    queued_at: float  # event-loop time
     done: asyncio.Future[dict[str, Any]]
 
 
@@ -107,8 +108,8 @@ class DecideService:
         self.max_queue_s = settings.decide_max_queue_ms / 1000
         self.queue: list[_Call] = []
         self.queued_rows = 0
-        self.deciding = 0  # requests in the scoring run under way
-        self.cost_s = 0.0  # measured seconds per request in a scoring run (EWMA)
+        self.lag_s = 0.0  # how late the event loop ran the last tick
+        self._due: float | None = None  # when the next tick is due (loop time); None: not started
         self._flush: asyncio.Handle | asyncio.TimerHandle | None = None
         self._running: set[asyncio.Task[None]] = set()
 
@@ -119,16 +120,31 @@ class DecideService:
         return out
 
     def overloaded(self) -> bool:
-        """Whether a new request would wait longer than the queue limit to be scored."""
-        waiting = len(self.queue) + self.deciding
-        return waiting > 0 and (waiting + 1) * self.cost_s > self.max_queue_s
+        """Whether requests now wait longer than the queue limit, measured two ways: the
+        event loop running late (requests wait unseen in sockets and handlers while it
+        is busy) and the oldest queued request's age."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if self._due is None:
+            self._due = now + _TICK_S
+            loop.call_later(_TICK_S, self._tick)
+        late = max(self.lag_s, now - self._due)
+        head = now - self.queue[0].queued_at if self.queue else 0.0
+        return max(late, head) > self.max_queue_s
+
+    def _tick(self) -> None:
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        self.lag_s = max(0.0, now - (self._due or now))
+        self._due = now + _TICK_S
+        loop.call_later(_TICK_S, self._tick)
 
     async def submit(self, req: AdRequestMsg, partition: int, start_ms: int) -> dict[str, Any]:
         """Queue one request for the next scoring run; its decision when made."""
         loop = asyncio.get_running_loop()
         rows = len(req.candidates) if req.candidates is not msgspec.UNSET else self.catalog_rows()
         raw = Raw(None, req.user_id.encode(), partition, -1, start_ms)
-        call = _Call(req, raw, max(1, rows), loop.create_future())
+        call = _Call(req, raw, max(1, rows), loop.time(), loop.create_future())
         self.queue.append(call)
         self.queued_rows += call.rows
         if self.queued_rows >= self.max_rows:  # full: this run goes now, a new one starts
@@ -148,29 +164,28 @@ class DecideService:
         if self._flush is not None:
             self._flush.cancel()
         calls, self.queue, self.queued_rows, self._flush = self.queue, [], 0, None
-        self.deciding += len(calls)
         return calls
 
     async def _run(self, calls: list[_Call]) -> None:
         if not calls:
             return
-        started = time.perf_counter()
         try:
-            decisions, sends = await self.decide([(c.req, c.raw) for c in calls])
+            decisions, send = self.decide([(c.req, c.raw) for c in calls])
         except Exception as exc:  # every waiting caller gets an answer, never a hang
             log.exception("decide failed for %d request(s)", len(calls))
             for c in calls:
                 if not c.done.done():
                     c.done.set_exception(exc)
             return
-        finally:
-            self.deciding -= len(calls)
-            took = (time.perf_counter() - started) / len(calls)
-            a = _COST_ALPHA if self.cost_s else 1.0
-            self.cost_s = (1 - a) * self.cost_s + a * took
         for c, decision in zip(calls, decisions, strict=True):
             if not c.done.done():  # a caller that went away leaves its future cancelled
                 c.done.set_result(decision)
+        try:  # answered first: the log does not delay the callers
+            sends = await send()
+        except Exception as exc:  # not even handed to the producer
+            for _ in decisions:
+                self.on_log_failure(exc)
+            return
         for sent in sends:  # the producer's futures: the broker's acknowledgement
             asyncio.ensure_future(sent).add_done_callback(self._logged)
 

@@ -77,6 +77,7 @@ class Phase:
     errors: int = 0
     no_fill: int = 0
     duration_s: float = 0.0
+    in_worker: tuple[float, float] = (float("nan"), float("nan"))  # p50, p99 ms (bucket bound)
 
     def summary(self) -> dict[str, Any]:
         p50, p99, p999 = percentiles_ms(self.latency_s, [50, 99, 99.9])
@@ -85,6 +86,7 @@ class Phase:
             "achieved_per_s": len(self.latency_s) / max(self.duration_s, 1e-9),
             "latency_p50_ms": p50, "latency_p99_ms": p99, "latency_p999_ms": p999,
             "shed": self.shed, "errors": self.errors, "no_fill": self.no_fill,
+            "in_worker_p50_ms": self.in_worker[0], "in_worker_p99_ms": self.in_worker[1],
         }  # fmt: skip
 
 
@@ -111,13 +113,19 @@ def run(base: Settings, cfg: ServeBench, log: Any = print) -> dict[str, Any]:
             log(f"  floor: GET /health at {cfg.rate:g}/s for {cfg.duration_s:g} s")
             floor = _measured(lambda: _offer(worker.url, cfg, ad_ids, "floor"))
             log(f"  alone: POST /decide at {cfg.rate:g}/s x {cfg.candidates} candidates")
+            before = worker.buckets("adpulse_decide_seconds")
             alone = _measured(lambda: _offer(worker.url, cfg, ad_ids, "alone"))
+            alone.in_worker = _quantiles(before, worker.buckets("adpulse_decide_seconds"))
+            log(f"  alone: {_phase_line(alone)}")
             log(f"  with ingest: the same + {cfg.event_rate:g} user-events/s, freshness probes")
             ingest = _ingest_process(s, cfg)
+            before = worker.buckets("adpulse_decide_seconds")
             try:
                 busy, fresh = _measured(
                     lambda: _offer_with_probe(s, worker.url, cfg, ad_ids)
                 )
+                busy.in_worker = _quantiles(before, worker.buckets("adpulse_decide_seconds"))
+                log(f"  with ingest: {_phase_line(busy)}")
             finally:
                 ingest.join(cfg.duration_s + 60)
                 if ingest.is_alive():
@@ -171,6 +179,29 @@ def result_line(res: dict[str, Any]) -> str:
         f"errors, {res['shed']} shed, {res['no_fill']} no-fill; {minutes}"
         f"{machine_line(res['machine'])}"
     )
+
+
+def _phase_line(ph: Phase) -> str:
+    x = ph.summary()
+    return (
+        f"{x['achieved_per_s']:,.0f} answered/s, p50 {x['latency_p50_ms']:.2f} ms p99 "
+        f"{x['latency_p99_ms']:.2f} ms p99.9 {x['latency_p999_ms']:.2f} ms (in the worker: "
+        f"p50 <= {x['in_worker_p50_ms']:g} ms, p99 <= {x['in_worker_p99_ms']:g} ms); "
+        f"{x['shed']} shed, {x['errors']} errors"
+    )
+
+
+def _quantiles(before: dict[float, float], after: dict[float, float]) -> tuple[float, float]:
+    """p50, p99 (ms, as the upper bound of their histogram bucket) of what a phase added."""
+    bounds = sorted(after)
+    counts = [after[b] - before.get(b, 0.0) for b in bounds]
+    if not counts or counts[-1] <= 0:
+        return float("nan"), float("nan")
+    out = []
+    for q in (0.5, 0.99):
+        i = next(i for i, c in enumerate(counts) if c >= q * counts[-1])
+        out.append(bounds[i] * 1000)
+    return out[0], out[1]
 
 
 def _measured(fn: Any) -> Any:

@@ -66,10 +66,24 @@ class Pair:
     def owner(self, user: str) -> WorkerProcess:
         """The worker whose /decide answers ``user`` itself (the other forwards)."""
         before = self.a.metric("adpulse_decide_requests_total", 'outcome="forwarded"')
-        status, _, _ = self.a.post("/decide", body(self.id("probe"), user))
+        status, _, _ = decide(self.a, body(self.id("probe"), user))
         assert status == 200
         after = self.a.metric("adpulse_decide_requests_total", 'outcome="forwarded"')
         return self.b if after > before else self.a
+
+
+def decide(
+    worker: WorkerProcess, raw: bytes, headers: dict[str, str] | None = None
+) -> tuple[int, Any, dict[str, str]]:
+    """POST /decide as a client should: a 503 (shed with Retry-After, or a partition on the
+    move) is retried a few times. The queue limit in these workers is 3 ms, so a
+    garbage-collection pause can shed a lone request."""
+    for _ in range(20):
+        status, got, hdrs = worker.post("/decide", raw, headers)
+        if status != 503:
+            break
+        time.sleep(0.05)
+    return status, got, hdrs
 
 
 def body(rid: str, user: str, **extra: Any) -> bytes:
@@ -119,10 +133,20 @@ def pair(broker: EmbeddedBroker, tmp_path_factory: pytest.TempPathFactory) -> It
         a.stop()
 
 
+def _events_in(worker: WorkerProcess, user: str) -> int:
+    body = worker.interest(user)
+    return 0 if body is None else sum(body["counts"].values())
+
+
 def _split(p: Pair) -> bool:
     """Whether a and b both answer /decide for some users of their own (a rebalance is over)."""
-    owners = {id(p.owner(f"{p.tag}-split{i}")) for i in range(12)}
-    return len(owners) == 2 and all(w.get("/health")[0] == 200 for w in (p.a, p.b))
+    if not all(w.get("/health")[0] == 200 for w in (p.a, p.b)):
+        return False
+    try:
+        owners = {id(p.owner(f"{p.tag}-split{i}")) for i in range(12)}
+    except AssertionError:  # a 503 while the partitions move
+        return False
+    return len(owners) == 2
 
 
 def test_decide_matches_the_kafka_path_is_logged_and_gets_labelled(pair: Pair) -> None:
@@ -131,11 +155,11 @@ def test_decide_matches_the_kafka_path_is_logged_and_gets_labelled(pair: Pair) -
     # Same history, so the same interest vector: the two paths must rank alike.
     p.events(history(via_http) + [{**e, "user_id": via_topic, "event_id": e["event_id"] + "t"}
                                   for e in history(via_http)])  # fmt: skip
-    owner = p.owner(via_http)
-    owner.wait_until(lambda: owner.interest(via_http) is not None, 20, "the user's interest")
-    p.b.wait_until(lambda: p.owner(via_topic).interest(via_topic) is not None, 20, "interest")
+    for user in (via_http, via_topic):
+        owner = p.owner(user)
+        owner.wait_until(lambda o=owner, u=user: _events_in(o, u) == 6, 20, f"{user}'s history")
 
-    status, got, _ = p.a.post("/decide", body(p.id("h1"), via_http))
+    status, got, _ = decide(p.a, body(p.id("h1"), via_http))
     assert status == 200, got
     assert first_error("ad-decisions", got) is None
     time.sleep(0.4)  # a person's click: sooner is suspect (ADPULSE_MIN_CLICK_DELAY_MS)
@@ -168,13 +192,13 @@ def test_a_non_owner_forwards_the_request(pair: Pair) -> None:
     before_b = p.b.metric("adpulse_decide_requests_total", 'outcome="answered"')
     rids = []
     for i, u in enumerate(away):
-        status, got, _ = p.a.post("/decide", body(p.id(f"f{i}"), u))
+        status, got, _ = decide(p.a, body(p.id(f"f{i}"), u))
         assert status == 200, got
         assert got["request_id"] == p.id(f"f{i}")
         rids.append(got["request_id"])
     forwarded = p.a.metric("adpulse_decide_requests_total", 'outcome="forwarded"') - before_a
     answered = p.b.metric("adpulse_decide_requests_total", 'outcome="answered"') - before_b
-    assert forwarded == answered == len(away)
+    assert forwarded >= len(away) and answered >= len(away)  # more if a 503 was retried
     assert p.a.metric("adpulse_decide_forward_seconds_count") >= len(away)
     p.decisions.wait(rids)
     assert all(len(p.decisions.by_id[r]) == 1 for r in rids)
@@ -186,11 +210,11 @@ def test_a_request_past_its_deadline_gets_a_deadline_no_fill(pair: Pair) -> None
     owner = p.owner(user)
     # A request forwarded after sitting 500 ms (the header carries when its budget began).
     old = {"X-Adpulse-Forwarded": "1", "X-Adpulse-Start-Ms": str(int(time.time() * 1000) - 500)}
-    status, got, _ = owner.post("/decide", body(p.id("late1"), user, tmax_ms=100), old)
+    status, got, _ = decide(owner, body(p.id("late1"), user, tmax_ms=100), old)
     assert status == 200
     assert (got["ad_id"], got["no_fill_reason"]) == (None, "deadline")
     assert first_error("ad-decisions", got) is None
-    status, got, _ = owner.post("/decide", body(p.id("late2"), user, tmax_ms=5000), old)
+    status, got, _ = decide(owner, body(p.id("late2"), user, tmax_ms=5000), old)
     assert got["ad_id"] is not None  # the same age, within a larger budget
     # The topic path: a record stamped 500 ms ago with a 100 ms budget.
     stamp = int(time.time() * 1000) - 500
@@ -224,7 +248,7 @@ def test_an_event_acknowledged_50ms_before_a_request_is_in_its_features(pair: Pa
         owner = p.owner(user)  # a first decision: no history yet
         p.events(history(user, 1))  # acknowledged by the broker
         time.sleep(0.05)
-        status, got, _ = owner.post("/decide", body(p.id(f"raw{i}-d"), user))
+        status, got, _ = decide(owner, body(p.id(f"raw{i}-d"), user))
         assert status == 200
         assert got["features"]["interest"], f"{user}: the event 50 ms before is not visible"
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -35,17 +36,21 @@ class Recorder:
         self.fail = fail
         self.sends: list[asyncio.Future[Any]] = []
 
-    async def __call__(
+    def __call__(
         self, reqs: Sequence[tuple[AdRequestMsg, Raw]]
-    ) -> tuple[list[dict[str, Any]], list[Any]]:
+    ) -> tuple[list[dict[str, Any]], Any]:
         self.runs.append([r.request_id for r, _ in reqs])
         if self.delay_s:
-            await asyncio.sleep(self.delay_s)
+            time.sleep(self.delay_s)
         if self.fail:
             raise RuntimeError("scorer exploded")
         sends = [asyncio.get_running_loop().create_future() for _ in reqs]
         self.sends += sends
-        return [{"request_id": r.request_id, "start": raw.timestamp_ms} for r, raw in reqs], sends
+
+        async def send() -> list[Any]:
+            return list(sends)
+
+        return [{"request_id": r.request_id, "start": raw.timestamp_ms} for r, raw in reqs], send
 
 
 def service(rec: Recorder, failures: list[BaseException] | None = None, **kw: Any) -> DecideService:
@@ -89,23 +94,36 @@ def test_a_run_that_reaches_the_row_limit_goes_at_once() -> None:
     assert [len(r) for r in rec.runs] == [2, 2]
 
 
-def test_a_new_request_is_shed_when_the_queue_would_exceed_its_limit() -> None:
-    rec = Recorder(delay_s=0.05)
-
-    async def main() -> tuple[bool, bool]:
-        svc = service(rec, decide_max_queue_ms=20.0)
-        first = asyncio.ensure_future(svc.submit(parsed(svc, body(0)), 0, 0))
-        await first  # measured: 50 ms per request
-        idle = svc.overloaded()
-        waiting = asyncio.ensure_future(svc.submit(parsed(svc, body(1)), 0, 0))
-        await asyncio.sleep(0.01)  # now scoring, 50 ms a request
+def test_a_request_is_shed_while_the_event_loop_runs_late() -> None:
+    async def main() -> tuple[bool, bool, bool]:
+        svc = service(Recorder(), decide_max_queue_ms=20.0)
+        idle = svc.overloaded()  # starts the lateness sampling
+        await asyncio.sleep(0.01)
+        time.sleep(0.05)  # the loop is blocked 50 ms (an ingest batch, a GC pause)
         busy = svc.overloaded()
-        await waiting
-        return idle, busy
+        await asyncio.sleep(0.01)  # the loop catches up
+        return idle, busy, svc.overloaded()
 
-    idle, busy = asyncio.run(main())
-    assert not idle  # nothing waiting: a request is always taken
+    idle, busy, after = asyncio.run(main())
+    assert not idle
     assert busy
+    assert not after
+
+
+def test_a_request_is_shed_while_the_oldest_queued_one_is_older_than_the_limit() -> None:
+    async def main() -> tuple[bool, bool]:
+        svc = service(Recorder(), decide_max_queue_ms=20.0, scorer_max_wait_ms=60.0)
+        waiting = asyncio.ensure_future(svc.submit(parsed(svc, body(0)), 0, 0))
+        await asyncio.sleep(0.005)
+        young = svc.overloaded()
+        await asyncio.sleep(0.03)  # held by the 60 ms micro-batch wait
+        old = svc.overloaded()
+        await waiting
+        return young, old
+
+    young, old = asyncio.run(main())
+    assert not young
+    assert old
 
 
 def test_a_malformed_body_is_a_400_with_the_contract_error_in_one_line() -> None:
