@@ -72,6 +72,7 @@ class Metrics:
     decide_seconds: Histogram
     decide_forward_seconds: Histogram
     decision_log_failures: Counter
+    loop_lag: Histogram
 
     @classmethod
     def create(cls, registry: CollectorRegistry | None = None) -> Metrics:
@@ -307,6 +308,14 @@ class Metrics:
                 "adpulse_decision_log_failures_total",
                 "Decisions answered over HTTP whose ad-decisions record the broker did not "
                 "acknowledge: the joiner and learners never see them.",
+                registry=r,
+            ),
+            loop_lag=Histogram(
+                "adpulse_event_loop_lag_seconds",
+                "How late the worker's event loop ran a 2 ms timer (sampled while /decide is in "
+                "use): the wait a request has before its handler runs. /decide sheds above "
+                "ADPULSE_DECIDE_MAX_QUEUE_MS.",
+                buckets=LATENCY_BUCKETS,
                 registry=r,
             ),
         )

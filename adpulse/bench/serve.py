@@ -78,6 +78,7 @@ class Phase:
     no_fill: int = 0
     duration_s: float = 0.0
     in_worker: tuple[float, float] = (float("nan"), float("nan"))  # p50, p99 ms (bucket bound)
+    loop_lag: tuple[float, float] = (float("nan"), float("nan"))  # the worker's, likewise
 
     def summary(self) -> dict[str, Any]:
         p50, p99, p999 = percentiles_ms(self.latency_s, [50, 99, 99.9])
@@ -87,6 +88,7 @@ class Phase:
             "latency_p50_ms": p50, "latency_p99_ms": p99, "latency_p999_ms": p999,
             "shed": self.shed, "errors": self.errors, "no_fill": self.no_fill,
             "in_worker_p50_ms": self.in_worker[0], "in_worker_p99_ms": self.in_worker[1],
+            "loop_lag_p50_ms": self.loop_lag[0], "loop_lag_p99_ms": self.loop_lag[1],
         }  # fmt: skip
 
 
@@ -114,18 +116,25 @@ def run(base: Settings, cfg: ServeBench, log: Any = print) -> dict[str, Any]:
             floor = _measured(lambda: _offer(worker.url, cfg, ad_ids, "floor"))
             log(f"  alone: POST /decide at {cfg.rate:g}/s x {cfg.candidates} candidates")
             before = worker.buckets("adpulse_decide_seconds")
+            lag = worker.buckets("adpulse_event_loop_lag_seconds")
             alone = _measured(lambda: _offer(worker.url, cfg, ad_ids, "alone"))
             alone.in_worker = _quantiles(before, worker.buckets("adpulse_decide_seconds"))
+            alone.loop_lag = _quantiles(lag, worker.buckets("adpulse_event_loop_lag_seconds"))
             log(f"  alone: {_phase_line(alone)}")
             log(f"  with ingest: the same + {cfg.event_rate:g} user-events/s, freshness probes")
             ingest = _ingest_process(s, cfg)
             before = worker.buckets("adpulse_decide_seconds")
+            batches = worker.buckets("adpulse_ingest_batch_seconds")
+            lag = worker.buckets("adpulse_event_loop_lag_seconds")
             try:
                 busy, fresh = _measured(
                     lambda: _offer_with_probe(s, worker.url, cfg, ad_ids)
                 )
                 busy.in_worker = _quantiles(before, worker.buckets("adpulse_decide_seconds"))
-                log(f"  with ingest: {_phase_line(busy)}")
+                busy.loop_lag = _quantiles(lag, worker.buckets("adpulse_event_loop_lag_seconds"))
+                ingest_batch = _quantiles(batches, worker.buckets("adpulse_ingest_batch_seconds"))
+                log(f"  with ingest: {_phase_line(busy)}; ingest batches p50 <= "
+                    f"{ingest_batch[0]:g} ms, p99 <= {ingest_batch[1]:g} ms")
             finally:
                 ingest.join(cfg.duration_s + 60)
                 if ingest.is_alive():
@@ -149,6 +158,7 @@ def run(base: Settings, cfg: ServeBench, log: Any = print) -> dict[str, Any]:
         "event_rate": cfg.event_rate,
         "freshness_p50_ms": fresh_p50, "freshness_p99_ms": fresh_p99,
         "freshness_probes": len(fresh),
+        "ingest_batch_p50_ms": ingest_batch[0], "ingest_batch_p99_ms": ingest_batch[1],
         "floor_p99_ms": floor_p99,
         "in_process_p50_ms": in_process[0], "in_process_p99_ms": in_process[1],
         "errors": a["errors"] + b["errors"], "shed": a["shed"] + b["shed"],
@@ -186,7 +196,8 @@ def _phase_line(ph: Phase) -> str:
     return (
         f"{x['achieved_per_s']:,.0f} answered/s, p50 {x['latency_p50_ms']:.2f} ms p99 "
         f"{x['latency_p99_ms']:.2f} ms p99.9 {x['latency_p999_ms']:.2f} ms (in the worker: "
-        f"p50 <= {x['in_worker_p50_ms']:g} ms, p99 <= {x['in_worker_p99_ms']:g} ms); "
+        f"p50 <= {x['in_worker_p50_ms']:g} ms, p99 <= {x['in_worker_p99_ms']:g} ms; event loop "
+        f"late p50 <= {x['loop_lag_p50_ms']:g} ms, p99 <= {x['loop_lag_p99_ms']:g} ms); "
         f"{x['shed']} shed, {x['errors']} errors"
     )
 
