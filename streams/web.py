@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from faust import web
 
+from schemas.openapi import dumps
 from scoring.features import InterestParams, decode_states, describe
 from scoring.strategy.state import decode_ad
 from streams import watchdog
@@ -99,9 +100,17 @@ def wire(w: Wiring) -> None:
         body = {"ad_id": ad_id, "shows": st.shows, "clicks": st.clicks, "segments": segments}
         return self.json(body)
 
+    @app.page("/openapi.json")
+    async def openapi_doc(self: web.View, request: web.Request) -> web.Response:
+        """The HTTP API (schemas/openapi.py: built from the topic contracts)."""
+        return self.bytes(_OPENAPI, content_type="application/json")
+
     @app.page("/metrics")
     async def metrics(self: web.View, request: web.Request) -> web.Response:
         return self.bytes(w.metrics.exposition(), content_type="text/plain; version=0.0.4")
+
+
+_OPENAPI = dumps().encode()
 
 
 def _now_ms() -> int:

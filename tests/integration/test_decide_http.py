@@ -283,3 +283,11 @@ def test_under_overload_the_excess_is_shed_with_503_and_nothing_else_is_lost(pai
     assert all(len(p.decisions.by_id[r]) == 1 for r in answered)
     refused = [r for r, s, _ in results if s == 503]
     assert not any(r in p.decisions.by_id for r in refused)  # a shed request decided nothing
+
+
+def test_the_worker_serves_its_openapi_document(pair: Pair) -> None:
+    from schemas.openapi import openapi
+
+    status, doc = pair.b.get("/openapi.json")
+    assert status == 200
+    assert doc == json.loads(json.dumps(openapi()))
