@@ -19,6 +19,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import secrets
@@ -67,6 +68,7 @@ def run_demo(settings: Settings, data: Path, out: Path, seconds: float = 120.0) 
             topic_prefix=f"{settings.topic_prefix}demo-{tag}.",
         )  # fmt: skip
         worker, scrape = stack.enter_context(sim_worker(s, cfg, world, out, console.print))
+        cfg = dataclasses.replace(cfg, decide_url=worker.url)  # the apps call POST /decide
         console.print(f"worker metrics: [bold]{worker.url}/metrics[/bold]")
         server = _prometheus(worker, tmp, console)
         if server is not None:

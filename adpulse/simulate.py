@@ -49,6 +49,7 @@ from adpulse.workerproc import WorkerProcess
 from scoring.simulation import World
 
 # (arm, policy); the first is the control. Bandit arguments come from SimConfig.
+SHED_RETRIES = 3
 ARMS = (("greedy", "greedy"), ("random", "random"), ("thompson", "thompson"), ("linucb", "linucb"))
 DAY_MS = 86_400_000
 
@@ -73,6 +74,7 @@ class SimConfig:
     bins: int = 20
     label_wait_s: float = 60.0  # after the last decision, for the last labels
     sample: Path = Path("../shared/data/taobao_userbehavior_sample.csv")  # the world's fit
+    decide_url: str | None = None  # a worker's base URL: requests go to POST /decide there
 
     def arms(self) -> list[tuple[str, str]]:
         """(arm, policy spec), the control first."""
@@ -141,6 +143,9 @@ class Loop:
         self.seq = 0
         self.tag = secrets.token_hex(3)
         self.stop: threading.Event | None = None  # set: offer no more requests, wind down
+        self.session: Any = None  # aiohttp ClientSession, when requests go to POST /decide
+        self.posts: set[asyncio.Task[None]] = set()
+        self.shed = 0  # 503 answers (each retried, up to SHED_RETRIES times)
 
     # -- out ----------------------------------------------------------------------------
     def event(self, user: int, kind: str, item: int, cat: int, ts: int, **extra: Any) -> bytes:
@@ -206,8 +211,30 @@ class Loop:
                 "ts": now,
                 "context": {"device": "mobile"},
             }
-            await producer.send(requests_topic, json.dumps(req).encode(), key=key)
+            if self.session is None:
+                await producer.send(requests_topic, json.dumps(req).encode(), key=key)
+            else:  # the app asks a worker synchronously, as an ad server would
+                task = asyncio.create_task(self.post(json.dumps(req).encode(), rid))
+                self.posts.add(task)
+                task.add_done_callback(self.posts.discard)
             run.sent += 1
+
+    async def post(self, body: bytes, rid: str) -> None:
+        """One POST /decide; a shed request (503) is retried after a pause, then given up
+        as a no fill (the simulation counts every request it offered)."""
+        url = f"{self.cfg.decide_url}/decide"
+        for _ in range(SHED_RETRIES + 1):
+            async with self.session.post(url, data=body) as resp:
+                if resp.status == 200:
+                    self.on_decision(await resp.json())
+                    return
+                self.shed += resp.status == 503
+                if resp.status != 503:
+                    text = (await resp.text())[:200]
+                    self.log(f"POST /decide answered {resp.status}: {text}")
+                    break
+            await asyncio.sleep(0.05)
+        self.on_decision({"request_id": rid, "ad_id": None})
 
     async def flush_due(self, producer: Any) -> None:
         now = time.time()
@@ -305,10 +332,16 @@ async def drive(
                     for r in records:
                         handle(json.loads(r.value))
 
-        tasks = [
-            asyncio.create_task(consume(consumers[0], loop.on_decision)),
-            asyncio.create_task(consume(consumers[1], loop.on_label)),
-        ]
+        tasks = [asyncio.create_task(consume(consumers[1], loop.on_label))]
+        if loop.cfg.decide_url is None:  # else decisions are the answers to POST /decide
+            tasks.append(asyncio.create_task(consume(consumers[0], loop.on_decision)))
+        else:
+            import aiohttp  # noqa: PLC0415
+
+            conn = aiohttp.TCPConnector(limit=64)
+            loop.session = aiohttp.ClientSession(
+                connector=conn, timeout=aiohttp.ClientTimeout(total=10)
+            )
 
         async def progress() -> None:
             while True:
@@ -338,7 +371,9 @@ async def drive(
     finally:
         for t in tasks:
             t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, *loop.posts, return_exceptions=True)
+        if loop.session is not None:
+            await loop.session.close()
         for c in consumers:
             await c.stop()
         await producer.stop()
