@@ -13,11 +13,13 @@ the same worker; medians with min/max are reported.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import json
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,9 +52,22 @@ class DecisionsBench:
         return cls(rate=100.0, duration_s=2.0, repeats=1, users=100, ads=200, warm_events=1_000)
 
 
-def run(base: Settings, cfg: DecisionsBench, log: Any = print) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Warm:
+    """A worker on fresh topics, with a synthetic catalog and warm interest vectors."""
+
+    settings: Settings
+    worker: WorkerProcess
+    ads: list[dict[str, Any]]
+    warm_values: list[bytes]  # the user-events payloads that warmed it
+    workload: Workload
+
+
+@contextlib.contextmanager
+def warm_worker(base: Settings, users: int, ads: int, warm_events: int) -> Iterator[Warm]:
+    """The set-up every decision benchmark shares (``bench decisions``, ``bench serve``)."""
     tag = uuid.uuid4().hex[:8]
-    workload = Workload(WorkloadModel(), users=cfg.users, seed=2)
+    workload = Workload(WorkloadModel(), users=users, seed=2)
     with tempfile.TemporaryDirectory(prefix="adpulse-bench-") as tmp:
         s = base.with_(
             topic_prefix=f"bench-{tag}.", app_id=f"bench-{tag}",
@@ -60,34 +75,38 @@ def run(base: Settings, cfg: DecisionsBench, log: Any = print) -> dict[str, Any]
         )  # fmt: skip
         create_topics(s)
         category_ids = workload.columns(50_000)["category"].tolist()
-        ads = synthetic_ads(cfg.ads, category_ids, seed=3)
-        publish(s, s.topic("ad-catalog"), ads)
-        keys, values = workload.payloads(cfg.warm_events, int(time.time() * 1000), prefix="warm")
+        catalog = synthetic_ads(ads, category_ids, seed=3)
+        publish(s, s.topic("ad-catalog"), catalog)
+        keys, values = workload.payloads(warm_events, int(time.time() * 1000), prefix="warm")
         asyncio.run(_produce(s, s.topic("user-events"), keys, values))
         worker = WorkerProcess(s, Path(tmp)).start()
         try:
-            worker.wait_until(
-                lambda: _applied(worker) >= cfg.warm_events, 300, "warm interest vectors"
-            )
-            ad_ids = [a["ad_id"] for a in ads]
-            runs = []
-            for r in range(cfg.repeats):
-                gc.collect()
-                gc.freeze()  # this process's collector pauses are not the worker's latency
-                log(f"  repeat {r + 1}/{cfg.repeats}: offering {cfg.rate:g} requests/s for "
-                    f"{cfg.duration_s:g} s (worker pid {worker.proc.pid if worker.proc else '?'})")
-                try:
-                    runs.append(asyncio.run(_offer(s, cfg, ad_ids, r)))
-                finally:
-                    gc.unfreeze()
-                one = runs[-1]
-                log(
-                    f"  repeat {r + 1}/{cfg.repeats}: {one['achieved_per_s']:,.0f} decisions/s, "
-                    f"p50 {one['p50']:.2f} ms, p99 {one['p99']:.2f} ms, p99.9 {one['p999']:.2f} ms "
-                    f"(in the worker: p99 {one['worker_p99']:.2f} ms)"
-                )
+            worker.wait_until(lambda: _applied(worker) >= warm_events, 300, "warm interest vectors")
+            yield Warm(s, worker, catalog, values, workload)
         finally:
             worker.stop()
+
+
+def run(base: Settings, cfg: DecisionsBench, log: Any = print) -> dict[str, Any]:
+    with warm_worker(base, cfg.users, cfg.ads, cfg.warm_events) as warm:
+        s, worker = warm.settings, warm.worker
+        ad_ids = [a["ad_id"] for a in warm.ads]
+        runs = []
+        for r in range(cfg.repeats):
+            gc.collect()
+            gc.freeze()  # this process's collector pauses are not the worker's latency
+            log(f"  repeat {r + 1}/{cfg.repeats}: offering {cfg.rate:g} requests/s for "
+                f"{cfg.duration_s:g} s (worker pid {worker.proc.pid if worker.proc else '?'})")
+            try:
+                runs.append(asyncio.run(_offer(s, cfg, ad_ids, r)))
+            finally:
+                gc.unfreeze()
+            one = runs[-1]
+            log(
+                f"  repeat {r + 1}/{cfg.repeats}: {one['achieved_per_s']:,.0f} decisions/s, "
+                f"p50 {one['p50']:.2f} ms, p99 {one['p99']:.2f} ms, p99.9 {one['p999']:.2f} ms "
+                f"(in the worker: p99 {one['worker_p99']:.2f} ms)"
+            )
     p50, p99, p999, ach = (spread([x[k] for x in runs]) for k in ("p50", "p99", "p999",
                                                                  "achieved_per_s"))  # fmt: skip
     return {

@@ -24,11 +24,9 @@ import asyncio
 import gc
 import json
 import multiprocessing
-import tempfile
 import time
 import uuid
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -36,13 +34,9 @@ import numpy as np
 from aiokafka import AIOKafkaProducer
 
 from adpulse.bench import machine, machine_line, percentiles_ms
-from adpulse.bench.decisions import per_minute_p99
-from adpulse.bench.features import _applied, _produce
-from adpulse.catalogtool import publish, synthetic_ads
+from adpulse.bench.decisions import per_minute_p99, warm_worker
 from adpulse.kafkaconf import client_kwargs
 from adpulse.settings import Settings
-from adpulse.topics import create_topics
-from adpulse.workerproc import WorkerProcess
 from adpulse.workload import Workload, WorkloadModel
 
 POOL = 128  # keep-alive connections the generator may hold open
@@ -93,56 +87,36 @@ class Phase:
 
 
 def run(base: Settings, cfg: ServeBench, log: Any = print) -> dict[str, Any]:
-    tag = uuid.uuid4().hex[:8]
-    workload = Workload(WorkloadModel(), users=cfg.users, seed=2)
-    with tempfile.TemporaryDirectory(prefix="adpulse-bench-") as tmp:
-        s = base.with_(
-            topic_prefix=f"bench-{tag}.", app_id=f"bench-{tag}",
-            data_dir=Path(tmp) / "data", session_timeout_s=6.0,
-        )  # fmt: skip
-        create_topics(s)
-        category_ids = workload.columns(50_000)["category"].tolist()
-        ads = synthetic_ads(cfg.ads, category_ids, seed=3)
-        publish(s, s.topic("ad-catalog"), ads)
-        keys, values = workload.payloads(cfg.warm_events, int(time.time() * 1000), prefix="warm")
-        asyncio.run(_produce(s, s.topic("user-events"), keys, values))
-        worker = WorkerProcess(s, Path(tmp)).start()
+    with warm_worker(base, cfg.users, cfg.ads, cfg.warm_events) as warm:
+        s, worker, ads = warm.settings, warm.worker, warm.ads
         ad_ids = [a["ad_id"] for a in ads]
+        log(f"  floor: GET /health at {cfg.rate:g}/s for {cfg.duration_s:g} s")
+        floor = _measured(lambda: _offer(worker.url, cfg, ad_ids, "floor"))
+        log(f"  alone: POST /decide at {cfg.rate:g}/s x {cfg.candidates} candidates")
+        before = worker.buckets("adpulse_decide_seconds")
+        lag = worker.buckets("adpulse_event_loop_lag_seconds")
+        alone = _measured(lambda: _offer(worker.url, cfg, ad_ids, "alone"))
+        alone.in_worker = _quantiles(before, worker.buckets("adpulse_decide_seconds"))
+        alone.loop_lag = _quantiles(lag, worker.buckets("adpulse_event_loop_lag_seconds"))
+        log(f"  alone: {_phase_line(alone)}")
+        log(f"  with ingest: the same + {cfg.event_rate:g} user-events/s, freshness probes")
+        ingest = _ingest_process(s, cfg)
+        before = worker.buckets("adpulse_decide_seconds")
+        batches = worker.buckets("adpulse_ingest_batch_seconds")
+        lag = worker.buckets("adpulse_event_loop_lag_seconds")
         try:
-            worker.wait_until(
-                lambda: _applied(worker) >= cfg.warm_events, 300, "warm interest vectors"
-            )
-            log(f"  floor: GET /health at {cfg.rate:g}/s for {cfg.duration_s:g} s")
-            floor = _measured(lambda: _offer(worker.url, cfg, ad_ids, "floor"))
-            log(f"  alone: POST /decide at {cfg.rate:g}/s x {cfg.candidates} candidates")
-            before = worker.buckets("adpulse_decide_seconds")
-            lag = worker.buckets("adpulse_event_loop_lag_seconds")
-            alone = _measured(lambda: _offer(worker.url, cfg, ad_ids, "alone"))
-            alone.in_worker = _quantiles(before, worker.buckets("adpulse_decide_seconds"))
-            alone.loop_lag = _quantiles(lag, worker.buckets("adpulse_event_loop_lag_seconds"))
-            log(f"  alone: {_phase_line(alone)}")
-            log(f"  with ingest: the same + {cfg.event_rate:g} user-events/s, freshness probes")
-            ingest = _ingest_process(s, cfg)
-            before = worker.buckets("adpulse_decide_seconds")
-            batches = worker.buckets("adpulse_ingest_batch_seconds")
-            lag = worker.buckets("adpulse_event_loop_lag_seconds")
-            try:
-                busy, fresh = _measured(
-                    lambda: _offer_with_probe(s, worker.url, cfg, ad_ids)
-                )
-                busy.in_worker = _quantiles(before, worker.buckets("adpulse_decide_seconds"))
-                busy.loop_lag = _quantiles(lag, worker.buckets("adpulse_event_loop_lag_seconds"))
-                ingest_batch = _quantiles(batches, worker.buckets("adpulse_ingest_batch_seconds"))
-                log(f"  with ingest: {_phase_line(busy)}; ingest batches p50 <= "
-                    f"{ingest_batch[0]:g} ms, p99 <= {ingest_batch[1]:g} ms")
-            finally:
-                ingest.join(cfg.duration_s + 60)
-                if ingest.is_alive():
-                    ingest.kill()
-            forwards = worker.metric("adpulse_decide_requests_total", 'outcome="forwarded"')
+            busy, fresh = _measured(lambda: _offer_with_probe(s, worker.url, cfg, ad_ids))
+            busy.in_worker = _quantiles(before, worker.buckets("adpulse_decide_seconds"))
+            busy.loop_lag = _quantiles(lag, worker.buckets("adpulse_event_loop_lag_seconds"))
+            ingest_batch = _quantiles(batches, worker.buckets("adpulse_ingest_batch_seconds"))
+            log(f"  with ingest: {_phase_line(busy)}; ingest batches p50 <= "
+                f"{ingest_batch[0]:g} ms, p99 <= {ingest_batch[1]:g} ms")
         finally:
-            worker.stop()
-        in_process = _in_process(cfg, ads, workload, values)
+            ingest.join(cfg.duration_s + 60)
+            if ingest.is_alive():
+                ingest.kill()
+        forwards = worker.metric("adpulse_decide_requests_total", 'outcome="forwarded"')
+    in_process = _in_process(cfg, ads, warm.warm_values)
     a, b = alone.summary(), busy.summary()
     (floor_p99,) = percentiles_ms(floor.latency_s, [99])
     fresh_p50, fresh_p99 = percentiles_ms(fresh, [50, 99])
@@ -365,7 +339,7 @@ async def _ingest(bootstrap: str, topic: str, rate: float, duration_s: float, us
 
 
 def _in_process(
-    cfg: ServeBench, ads: list[dict[str, Any]], workload: Workload, values: list[bytes]
+    cfg: ServeBench, ads: list[dict[str, Any]], values: list[bytes]
 ) -> tuple[float, float]:
     """p50, p99 (ms) of one decision in the decision stage itself: no HTTP, no Kafka."""
     from scoring.catalog import Catalog  # noqa: PLC0415
