@@ -286,8 +286,8 @@ class Metrics:
             decide_requests=Counter(
                 "adpulse_decide_requests_total",
                 "POST /decide requests by outcome: answered, forwarded (to the owner of the "
-                "user's partition), shed (503, overload), invalid (400), unavailable (503, "
-                "recovering or no owner known).",
+                "user's partition), shed (503, overload), invalid (400), unauthorized (401, no "
+                "or a wrong API token), unavailable (503, recovering or no owner known).",
                 ["outcome"],
                 registry=r,
             ),

@@ -111,3 +111,37 @@ def load_key(settings: Settings, *, warn: bool = False) -> bytes:
         "or ADPULSE_PSEUDONYMISE=false to keep raw user ids"
     )
     raise ConfigError(msg)
+
+
+API_TOKEN_HELP = (
+    "this endpoint needs a bearer token: put one (16 or more bytes) in a file, set "
+    "ADPULSE_API_TOKEN_FILE to that file on every worker, and send the header "
+    "'Authorization: Bearer TOKEN'"
+)
+
+
+def load_api_token(settings: Settings) -> bytes | None:
+    """The bearer token user-data endpoints require, or None when none is configured.
+
+    None leaves those endpoints closed (401), never open: the raw-id lookup maps an
+    id to its pseudonym and state, and POST /decide changes a user's caps.
+    """
+    if not settings.api_token_file:
+        return None
+    path = Path(settings.api_token_file)
+    try:
+        token = path.read_bytes().strip()
+    except OSError as exc:
+        msg = f"ADPULSE_API_TOKEN_FILE={path}: cannot read it ({exc.strerror})"
+        raise ConfigError(msg) from None
+    if len(token) < 16:
+        msg = f"ADPULSE_API_TOKEN_FILE={path}: token has {len(token)} bytes, need >= 16"
+        raise ConfigError(msg)
+    return token
+
+
+def bearer_ok(token: bytes | None, header: str | None) -> bool:
+    """Whether an Authorization header carries the token (constant-time compare)."""
+    if token is None or not header or not header.startswith("Bearer "):
+        return False
+    return hmac.compare_digest(header[len("Bearer ") :].strip().encode(), token)

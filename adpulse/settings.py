@@ -126,6 +126,12 @@ class Settings:
         "File holding the pseudonym key (preferred: a mounted Secret). Every worker must use "
         "the same key.",
     )
+    api_token_file: str = _setting(
+        "",
+        "File holding the bearer token (16+ bytes) that POST /decide and the user lookups "
+        "require (Authorization: Bearer TOKEN); the same on every worker. Empty: those "
+        "endpoints answer 401, saying how to set one.",
+    )
     pseudonym_key: str = _secret(
         "The pseudonym key itself, when no KEY_FILE is given (env only; never logged). With "
         "neither, only the embedded broker runs (on a published development key).",

@@ -75,6 +75,7 @@ class SimConfig:
     label_wait_s: float = 60.0  # after the last decision, for the last labels
     sample: Path = Path("../shared/data/taobao_userbehavior_sample.csv")  # the world's fit
     decide_url: str | None = None  # a worker's base URL: requests go to POST /decide there
+    decide_token: str = ""  # the bearer token that worker requires (ADPULSE_API_TOKEN_FILE)
 
     def arms(self) -> list[tuple[str, str]]:
         """(arm, policy spec), the control first."""
@@ -340,8 +341,9 @@ async def drive(
 
             conn = aiohttp.TCPConnector(limit=64)
             loop.session = aiohttp.ClientSession(
-                connector=conn, timeout=aiohttp.ClientTimeout(total=10)
-            )
+                connector=conn, timeout=aiohttp.ClientTimeout(total=10),
+                headers={"Authorization": f"Bearer {loop.cfg.decide_token}"},
+            )  # fmt: skip
 
         async def progress() -> None:
             while True:

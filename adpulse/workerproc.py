@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -30,6 +31,16 @@ class WorkerProcess:
         self.extra_env = dict(extra_env or {})  # more ADPULSE_* variables (policy, windows)
         self.log_path = log_dir / f"{name}.log"
         self.proc: subprocess.Popen[bytes] | None = None
+        # The API token the user-data endpoints require: the settings', else one made here
+        # (one per log folder, so workers started side by side share it, as they must).
+        token_file = Path(settings.api_token_file) if settings.api_token_file else None
+        if token_file is None:
+            token_file = log_dir / "api-token"
+            if not token_file.exists():
+                token_file.write_text(secrets.token_hex(24))
+                token_file.chmod(0o600)
+        self.token_file = token_file
+        self.token = token_file.read_text().strip()
 
     @property
     def url(self) -> str:
@@ -48,6 +59,7 @@ class WorkerProcess:
             ADPULSE_WEB_PORT=str(s.web_port),
             ADPULSE_SESSION_TIMEOUT_S=str(s.session_timeout_s),
             ADPULSE_PARTITIONS=str(s.partitions),
+            ADPULSE_API_TOKEN_FILE=str(self.token_file),
         )
         env.update(self.extra_env)
         return env
@@ -86,9 +98,15 @@ class WorkerProcess:
         except OSError:
             return None
 
-    def get(self, path: str) -> tuple[int, Any]:
+    @property
+    def auth(self) -> dict[str, str]:
+        """The header the worker's user-data endpoints require."""
+        return {"Authorization": f"Bearer {self.token}"}
+
+    def get(self, path: str, authorized: bool = True) -> tuple[int, Any]:
+        req = urllib.request.Request(self.url + path, headers=self.auth if authorized else {})
         try:
-            with urllib.request.urlopen(self.url + path, timeout=10) as r:
+            with urllib.request.urlopen(req, timeout=10) as r:
                 body = r.read()
                 status = int(r.status)
         except urllib.error.HTTPError as e:
@@ -96,15 +114,16 @@ class WorkerProcess:
         return status, json.loads(body) if body[:1] in (b"{", b"[") else body.decode()
 
     def post(
-        self, path: str, body: bytes, headers: dict[str, str] | None = None
+        self, path: str, body: bytes, headers: dict[str, str] | None = None, authorized: bool = True
     ) -> tuple[int, Any, dict[str, str]]:
         """POST ``body``: status, JSON answer, response headers (an HTTP error is an answer)."""
         req = urllib.request.Request(
             self.url + path,
             data=body,
             method="POST",
-            headers={"Content-Type": "application/json", **(headers or {})},
-        )
+            headers={"Content-Type": "application/json", **(self.auth if authorized else {}),
+                     **(headers or {})},
+        )  # fmt: skip
         try:
             with urllib.request.urlopen(req, timeout=10) as r:
                 raw, status, got = r.read(), int(r.status), dict(r.headers.items())

@@ -58,6 +58,7 @@ def openapi() -> dict[str, Any]:
             "/decide": {
                 "post": {
                     "operationId": "decide",
+                    "security": [{"bearer": []}],
                     "summary": "One ad decision for one request, answered synchronously.",
                     "description": "The decision is also written to the ad-decisions topic "
                     "(the answer does not wait for the broker's acknowledgement). A request "
@@ -74,6 +75,7 @@ def openapi() -> dict[str, Any]:
                     "responses": {
                         "200": _json("AdDecision", "The decision (ad_id null: no fill)."),
                         "400": _error("The body breaks the ad-requests contract."),
+                        "401": _error("No or a wrong bearer token (ADPULSE_API_TOKEN_FILE)."),
                         "503": _error(
                             "Shed (overloaded), recovering, or the user's partition is "
                             "moving: retry after Retry-After seconds.",
@@ -87,8 +89,10 @@ def openapi() -> dict[str, Any]:
                     "operationId": "userInterest",
                     "summary": "A user's interest state, by the raw user id.",
                     "parameters": [_path("user_id")],
+                    "security": [{"bearer": []}],
                     "responses": {
                         "200": {"description": "The decoded interest state."},
+                        "401": _error("No or a wrong bearer token."),
                         "404": _error("No state for this user."),
                     },
                 }
@@ -99,8 +103,10 @@ def openapi() -> dict[str, Any]:
                     "summary": "A user's interest state, by pseudonym (this worker's "
                     "partitions only).",
                     "parameters": [_path("pseudonym")],
+                    "security": [{"bearer": []}],
                     "responses": {
                         "200": {"description": "The decoded interest state."},
+                        "401": _error("No or a wrong bearer token."),
                         "404": _error("No state for this pseudonym here."),
                     },
                 }
@@ -143,6 +149,14 @@ def openapi() -> dict[str, Any]:
             },
         },
         "components": {
+            "securitySchemes": {
+                "bearer": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "The content of ADPULSE_API_TOKEN_FILE, the same on every "
+                    "worker.",
+                }
+            },
             "schemas": {
                 "AdRequest": request,
                 "AdDecision": decision,

@@ -44,6 +44,7 @@ import aiohttp.web
 import msgspec
 from yarl import URL
 
+from adpulse.privacy import API_TOKEN_HELP, bearer_ok, load_api_token
 from adpulse.settings import Settings
 from streams.deadletter import Raw, Rejected
 from streams.decide import AdRequestMsg, request_decoder
@@ -209,6 +210,7 @@ def wire(w: Wiring, decide: Decide, catalog_rows: Callable[[], int]) -> DecideSe
         log.error("a decision answered over HTTP was not logged to ad-decisions: %r", exc)
 
     service = DecideService(w.settings, decide, catalog_rows, log_failure, m.loop_lag.observe)
+    token = load_api_token(w.settings)
     own = _ident(URL(app.conf.canonical_url))
 
     def owner(user_id: str) -> URL | None:
@@ -220,9 +222,10 @@ def wire(w: Wiring, decide: Decide, catalog_rows: Callable[[], int]) -> DecideSe
         url = app.router.key_store(w.interest.name, user_id.encode())
         return None if _ident(url) == own else url
 
-    async def forward(url: URL, body: bytes, start_ms: int) -> Reply:
+    async def forward(url: URL, body: bytes, start_ms: int, auth: str) -> Reply:
         started = time.perf_counter()
-        headers = {FORWARDED: "1", STARTED: str(start_ms), "Content-Type": "application/json"}
+        headers = {FORWARDED: "1", STARTED: str(start_ms), "Content-Type": "application/json",
+                   "Authorization": auth}  # fmt: skip
         try:
             async with app.http_client.post(
                 url.with_path("/decide"), data=body, headers=headers, timeout=_FORWARD_TIMEOUT
@@ -234,7 +237,12 @@ def wire(w: Wiring, decide: Decide, catalog_rows: Callable[[], int]) -> DecideSe
         finally:
             m.decide_forward_seconds.observe(time.perf_counter() - started)
 
-    async def handle(body: bytes, start_ms: int, forwarded: bool) -> tuple[str, Reply]:
+    async def handle(
+        body: bytes, start_ms: int, forwarded: bool, auth: str | None
+    ) -> tuple[str, Reply]:
+        if not bearer_ok(token, auth):
+            reply = Reply.error(401, API_TOKEN_HELP)
+            return "unauthorized", Reply(401, reply.body, dict(_CHALLENGE))
         if not app.tables.recovery.completed.is_set():  # type: ignore[attr-defined]
             return "unavailable", Reply.error(503, "recovering state: retry shortly", 1)
         if not w.catalog.ready:
@@ -249,7 +257,7 @@ def wire(w: Wiring, decide: Decide, catalog_rows: Callable[[], int]) -> DecideSe
         if url is not None:
             if forwarded:  # the assignment moved while it was on its way
                 return "unavailable", Reply.error(503, "this user's partition is moving", 1)
-            return "forwarded", await forward(url, body, start_ms)
+            return "forwarded", await forward(url, body, start_ms, auth or "")
         if service.overloaded():
             return "shed", Reply.error(503, "overloaded: request shed", 1)
         partition = app.producer.key_partition(requests_topic, req.user_id.encode()).partition
@@ -262,7 +270,8 @@ def wire(w: Wiring, decide: Decide, catalog_rows: Callable[[], int]) -> DecideSe
         forwarded = request.headers.get(FORWARDED) == "1"
         start_ms = _int(request.headers.get(STARTED), now_ms) if forwarded else now_ms
         body = await request.read()
-        outcome, reply = await handle(body, start_ms, forwarded)
+        auth = request.headers.get("Authorization")
+        outcome, reply = await handle(body, start_ms, forwarded, auth)
         m.decide_requests.labels(outcome).inc()
         return aiohttp.web.Response(
             body=reply.body, status=reply.status, headers=reply.headers,
@@ -276,6 +285,7 @@ def wire(w: Wiring, decide: Decide, catalog_rows: Callable[[], int]) -> DecideSe
 
 
 _FORWARD_TIMEOUT = aiohttp.ClientTimeout(total=2.0)
+_CHALLENGE = {"WWW-Authenticate": 'Bearer realm="adpulse"'}
 
 
 def _ident(url: URL) -> tuple[str, int]:

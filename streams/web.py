@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from faust import web
 
+from adpulse.privacy import API_TOKEN_HELP, bearer_ok, load_api_token
 from schemas.openapi import dumps
 from scoring.features import InterestParams, decode_states, describe
 from scoring.strategy.state import decode_ad
@@ -39,9 +40,21 @@ def wire(w: Wiring) -> None:
     stall = watchdog.StallWatchdog(stall_s=w.settings.stall_s)
     view = FaustConsumerView(app)
 
+    token = load_api_token(w.settings)
+
+    def refused(view: web.View, request: web.Request) -> web.Response | None:
+        """401 unless the request carries the API token (user data: never open)."""
+        if bearer_ok(token, request.headers.get("Authorization")):
+            return None
+        return view.json({"error": API_TOKEN_HELP}, status=401, headers=_CHALLENGE)
+
     @app.page("/users/{user_id}/interest")
     @app.table_route(table=table, match_info="user_id")
     async def interest(self: web.View, request: web.Request, user_id: str) -> web.Response:
+        # A non-owner has forwarded the request with its headers: the owner checks them.
+        no = refused(self, request)
+        if no is not None:
+            return no
         body, status = _lookup(w.pseudonyms(user_id), {"user_id": user_id})
         return self.json(body, status=status)
 
@@ -49,6 +62,9 @@ def wire(w: Wiring) -> None:
     async def interest_by_pseudonym(
         self: web.View, request: web.Request, pseudonym: str
     ) -> web.Response:
+        no = refused(self, request)
+        if no is not None:
+            return no
         body, status = _lookup(pseudonym, {})
         return self.json(body, status=status)
 
@@ -111,6 +127,7 @@ def wire(w: Wiring) -> None:
 
 
 _OPENAPI = dumps().encode()
+_CHALLENGE = {"WWW-Authenticate": 'Bearer realm="adpulse"'}
 
 
 def _now_ms() -> int:

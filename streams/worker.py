@@ -30,10 +30,11 @@ def check_data_dir(settings: Settings) -> None:
 def check_config(settings: Settings) -> None:
     """Fail at start, in one line, on a missing pseudonym key or unusable Kafka security."""
     from adpulse.kafkaconf import check  # noqa: PLC0415
-    from adpulse.privacy import Pseudonymiser  # noqa: PLC0415
+    from adpulse.privacy import Pseudonymiser, load_api_token  # noqa: PLC0415
 
     check(settings)
     Pseudonymiser.from_settings(settings)
+    load_api_token(settings)  # an unreadable or short token file stops the worker here
 
 
 def run_worker(settings: Settings, loglevel: str = "info") -> int:

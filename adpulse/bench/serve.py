@@ -37,6 +37,7 @@ from adpulse.bench import machine, machine_line, percentiles_ms
 from adpulse.bench.decisions import per_minute_p99, warm_worker
 from adpulse.kafkaconf import client_kwargs
 from adpulse.settings import Settings
+from adpulse.workerproc import WorkerProcess
 from adpulse.workload import Workload, WorkloadModel
 
 POOL = 128  # keep-alive connections the generator may hold open
@@ -91,11 +92,11 @@ def run(base: Settings, cfg: ServeBench, log: Any = print) -> dict[str, Any]:
         s, worker, ads = warm.settings, warm.worker, warm.ads
         ad_ids = [a["ad_id"] for a in ads]
         log(f"  floor: GET /health at {cfg.rate:g}/s for {cfg.duration_s:g} s")
-        floor = _measured(lambda: _offer(worker.url, cfg, ad_ids, "floor"))
+        floor = _measured(lambda: _offer(worker, cfg, ad_ids, "floor"))
         log(f"  alone: POST /decide at {cfg.rate:g}/s x {cfg.candidates} candidates")
         before = worker.buckets("adpulse_decide_seconds")
         lag = worker.buckets("adpulse_event_loop_lag_seconds")
-        alone = _measured(lambda: _offer(worker.url, cfg, ad_ids, "alone"))
+        alone = _measured(lambda: _offer(worker, cfg, ad_ids, "alone"))
         alone.in_worker = _quantiles(before, worker.buckets("adpulse_decide_seconds"))
         alone.loop_lag = _quantiles(lag, worker.buckets("adpulse_event_loop_lag_seconds"))
         log(f"  alone: {_phase_line(alone)}")
@@ -105,7 +106,7 @@ def run(base: Settings, cfg: ServeBench, log: Any = print) -> dict[str, Any]:
         batches = worker.buckets("adpulse_ingest_batch_seconds")
         lag = worker.buckets("adpulse_event_loop_lag_seconds")
         try:
-            busy, fresh = _measured(lambda: _offer_with_probe(s, worker.url, cfg, ad_ids))
+            busy, fresh = _measured(lambda: _offer_with_probe(s, worker, cfg, ad_ids))
             busy.in_worker = _quantiles(before, worker.buckets("adpulse_decide_seconds"))
             busy.loop_lag = _quantiles(lag, worker.buckets("adpulse_event_loop_lag_seconds"))
             ingest_batch = _quantiles(batches, worker.buckets("adpulse_ingest_batch_seconds"))
@@ -211,16 +212,19 @@ def _bodies(cfg: ServeBench, ad_ids: list[str], n: int, seed: int, tag: str) -> 
     return out
 
 
-async def _offer(url: str, cfg: ServeBench, ad_ids: list[str], phase: str) -> Phase:
+async def _offer(worker: WorkerProcess, cfg: ServeBench, ad_ids: list[str], phase: str) -> Phase:
     n = int(cfg.rate * cfg.duration_s)
     rng = np.random.default_rng({"floor": 1, "alone": 2, "ingest": 3}[phase])
     arrivals = np.cumsum(rng.exponential(1.0 / cfg.rate, n)).tolist()
     # Built before the clock starts: the generator must not compete with the worker.
     bodies = [] if phase == "floor" else _bodies(cfg, ad_ids, n, 10 + len(phase), phase)
     out = Phase(arrivals, [], [])
+    url = worker.url
     connector = aiohttp.TCPConnector(limit=POOL, keepalive_timeout=60)
     timeout = aiohttp.ClientTimeout(total=10)
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+    async with aiohttp.ClientSession(
+        connector=connector, timeout=timeout, headers=worker.auth
+    ) as session:
 
         async def one(i: int, due: float) -> None:
             try:
@@ -267,20 +271,22 @@ async def _warm(session: aiohttp.ClientSession, url: str) -> None:
 
 
 async def _offer_with_probe(
-    s: Settings, url: str, cfg: ServeBench, ad_ids: list[str]
+    s: Settings, worker: WorkerProcess, cfg: ServeBench, ad_ids: list[str]
 ) -> tuple[Phase, list[float]]:
-    probe = asyncio.create_task(_freshness(s, url, cfg.duration_s))
-    phase = await _offer(url, cfg, ad_ids, "ingest")
+    probe = asyncio.create_task(_freshness(s, worker, cfg.duration_s))
+    phase = await _offer(worker, cfg, ad_ids, "ingest")
     return phase, await probe
 
 
-async def _freshness(s: Settings, url: str, duration_s: float) -> list[float]:
+async def _freshness(s: Settings, worker: WorkerProcess, duration_s: float) -> list[float]:
     """Produced -> visible in the interest table, for one new user every 100 ms."""
     producer = AIOKafkaProducer(**client_kwargs(s), linger_ms=0, acks=1)
     await producer.start()
     seen: list[float] = []
     try:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
+        url = worker.url
+        timeout = aiohttp.ClientTimeout(total=5)
+        async with aiohttp.ClientSession(timeout=timeout, headers=worker.auth) as session:
             end = time.perf_counter() + duration_s
             k = 0
             while time.perf_counter() < end:

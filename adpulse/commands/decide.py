@@ -13,6 +13,7 @@ from typing import Any
 
 from adpulse.commands import Subparsers, add_command
 from adpulse.errors import InputError, WorkerUnavailable
+from adpulse.privacy import load_api_token
 from adpulse.settings import Settings
 
 
@@ -33,14 +34,14 @@ def request_body(args: argparse.Namespace) -> dict[str, Any]:
     return body
 
 
-def post_decide(url: str, body: bytes, timeout_s: float = 10.0) -> tuple[int, dict[str, Any]]:
+def post_decide(
+    url: str, body: bytes, token: bytes | None, timeout_s: float = 10.0
+) -> tuple[int, dict[str, Any]]:
     """Status and JSON answer of one ``POST /decide``; a worker that does not answer raises."""
-    req = urllib.request.Request(
-        url.rstrip("/") + "/decide",
-        data=body,
-        method="POST",
-        headers={"Content-Type": "application/json"},
-    )
+    headers = {"Content-Type": "application/json"}
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token.decode()}"
+    req = urllib.request.Request(url.rstrip("/") + "/decide", body, headers, method="POST")
     try:
         with urllib.request.urlopen(req, timeout=timeout_s) as r:
             return int(r.status), json.loads(r.read())
@@ -59,10 +60,13 @@ def post_decide(url: str, body: bytes, timeout_s: float = 10.0) -> tuple[int, di
 
 def cmd_decide(args: argparse.Namespace, settings: Settings) -> int:
     url = args.url or f"http://{settings.web_host}:{settings.web_port}"
-    status, answer = post_decide(url, json.dumps(request_body(args)).encode())
+    token = load_api_token(settings)  # ADPULSE_API_TOKEN_FILE, as the worker's
+    status, answer = post_decide(url, json.dumps(request_body(args)).encode(), token)
     if status != 200:
         msg = f"{url}/decide answered {status}: {answer.get('error', answer)}"
-        raise InputError(msg) if status == 400 else WorkerUnavailable(msg)
+        if status == 401:
+            msg = f"{url}/decide answered 401: set ADPULSE_API_TOKEN_FILE to the workers' token"
+        raise InputError(msg) if status in (400, 401) else WorkerUnavailable(msg)
     json.dump(answer, sys.stdout, indent=2 if args.pretty else None)
     print()
     return 0

@@ -291,3 +291,23 @@ def test_the_worker_serves_its_openapi_document(pair: Pair) -> None:
     status, doc = pair.b.get("/openapi.json")
     assert status == 200
     assert doc == json.loads(json.dumps(openapi()))
+
+
+def test_user_data_needs_the_api_token_and_the_rest_stays_open(pair: Pair) -> None:
+    p, w = pair, pair.a
+    raw = body(p.id("noauth"), p.id("u-noauth"))
+    for status, got, headers in (
+        w.post("/decide", raw, authorized=False),
+        w.post("/decide", raw, {"Authorization": "Bearer wrong-token-wrong-token"}, False),
+    ):
+        assert status == 401
+        assert "ADPULSE_API_TOKEN_FILE" in got["error"]
+        assert headers["WWW-Authenticate"].startswith("Bearer")
+    assert w.get(f"/users/{p.id('u-noauth')}/interest", authorized=False)[0] == 401
+    assert w.get("/pseudonyms/0123456789abcdef/interest", authorized=False)[0] == 401
+    assert w.get(f"/users/{p.id('u-noauth')}/interest")[0] == 404  # authorized: unknown user
+    for path in ("/health", "/metrics", "/openapi.json"):
+        assert w.get(path, authorized=False)[0] == 200, path
+    assert w.metric("adpulse_decide_requests_total", 'outcome="unauthorized"') >= 2
+    p.decisions.poll()
+    assert p.id("noauth") not in p.decisions.by_id  # refused before anything was decided

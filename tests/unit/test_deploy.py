@@ -181,7 +181,7 @@ def test_compose_workers_agree_with_settings_and_prometheus_targets() -> None:
     services = compose()["services"]
     workers = sorted(name for name in services if name.startswith("worker-"))
     assert len(workers) >= 2
-    volumes, host_ports = set(), set()
+    volumes = set()
     for name in workers:
         svc = services[name]
         env = svc["environment"]
@@ -190,14 +190,14 @@ def test_compose_workers_agree_with_settings_and_prometheus_targets() -> None:
         assert s.bootstrap == "kafka:19092"
         assert s.web_host == "0.0.0.0"  # reachable by Prometheus from another container
         assert s.partitions == Settings.from_env(services["topics"]["environment"]).partitions
-        host, container = svc["ports"][0].split(":")
-        assert int(container) == s.web_port
-        host_ports.add(host)
+        # User data sits behind the web port: reachable on the compose network only.
+        assert "ports" not in svc, f"{name} publishes its web port on the host"
+        assert s.api_token_file, f"{name}: no ADPULSE_API_TOKEN_FILE"
         (volume,) = [v for v in svc["volumes"] if v.endswith(f":{s.data_dir}")]
         volumes.add(volume.split(":")[0])
         assert svc["build"]["dockerfile"] == "deploy/Dockerfile"
         assert f"{svc['hostname']}:{s.web_port}" in prometheus_targets()
-    assert len(volumes) == len(host_ports) == len(workers), "each worker its own volume and port"
+    assert len(volumes) == len(workers), "each worker its own volume"
 
 
 def test_compose_workers_share_one_pseudonym_key_written_once_by_keygen() -> None:
@@ -207,6 +207,7 @@ def test_compose_workers_share_one_pseudonym_key_written_once_by_keygen() -> Non
     (key_volume,) = keygen["volumes"]
     volume, secrets_dir = key_volume.split(":")
     assert "/secrets/pseudonym-key" in " ".join(keygen["command"])
+    assert "/secrets/api-token" in " ".join(keygen["command"])
     assert secrets_dir == "/secrets"
     files = set()
     for svc in workers:
@@ -316,6 +317,18 @@ def test_k8s_pods_read_the_pseudonym_key_from_one_required_secret() -> None:
     assert volume["secret"]["secretName"] == "adpulse-pseudonym-key"
     assert not volume["secret"].get("optional"), "no key: the worker must not start"
     assert all(e["name"] != "ADPULSE_PSEUDONYM_KEY" for e in container.get("env", []))
+
+
+def test_k8s_pods_read_the_api_token_from_one_required_secret() -> None:
+    docs = manifests()
+    s = Settings.from_env(docs["ConfigMap"]["data"])
+    pod = docs["StatefulSet"]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    token = Path(s.api_token_file)
+    (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == str(token.parent)]
+    (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    assert volume["secret"]["secretName"] == "adpulse-api-token"
+    assert not volume["secret"].get("optional"), "no token: the worker must not start"
 
 
 def test_embedded_kafka_is_the_version_compose_runs() -> None:

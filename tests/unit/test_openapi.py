@@ -21,7 +21,8 @@ def test_decide_takes_an_ad_request_and_answers_an_ad_decision() -> None:
     post = doc["paths"]["/decide"]["post"]
     body = post["requestBody"]["content"]["application/json"]["schema"]
     assert body == {"$ref": "#/components/schemas/AdRequest"}
-    assert set(post["responses"]) == {"200", "400", "503"}
+    assert set(post["responses"]) == {"200", "400", "401", "503"}
+    assert post["security"] == [{"bearer": []}]
     assert "Retry-After" in post["responses"]["503"]["headers"]
     json.dumps(doc, allow_nan=False)  # plain JSON
 

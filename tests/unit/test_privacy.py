@@ -13,7 +13,15 @@ from pathlib import Path
 import pytest
 
 from adpulse.errors import ConfigError
-from adpulse.privacy import DEVELOPMENT_KEY, PSEUDONYM_HEX, Pseudonymiser, load_key
+from adpulse.privacy import (
+    API_TOKEN_HELP,
+    DEVELOPMENT_KEY,
+    PSEUDONYM_HEX,
+    Pseudonymiser,
+    bearer_ok,
+    load_api_token,
+    load_key,
+)
 from adpulse.settings import Settings
 from streams.deadletter import Raw
 from streams.ingest import decode_events, pseudonymise
@@ -105,3 +113,21 @@ def test_a_worker_with_no_key_on_a_real_cluster_refuses_to_start_in_one_line(
     assert out.returncode == 2, out.stderr
     assert "ADPULSE_PSEUDONYM_KEY_FILE" in out.stderr and "Traceback" not in out.stderr
     assert out.stderr.strip().count("\n") == 0
+
+
+def test_api_token_comes_from_its_file_and_unset_means_closed(tmp_path: Path) -> None:
+    assert load_api_token(Settings()) is None
+    assert not bearer_ok(None, "Bearer anything-at-all-long-enough")  # no token: closed
+    path = tmp_path / "token"
+    path.write_text("  s3cret-token-of-24-bytes \n")
+    token = load_api_token(Settings(api_token_file=str(path)))
+    assert token == b"s3cret-token-of-24-bytes"
+    assert bearer_ok(token, "Bearer s3cret-token-of-24-bytes")
+    for header in (None, "", "s3cret-token-of-24-bytes", "Bearer wrong", "Basic s3cret"):
+        assert not bearer_ok(token, header), header
+    path.write_text("short")
+    with pytest.raises(ConfigError, match="need >= 16"):
+        load_api_token(Settings(api_token_file=str(path)))
+    with pytest.raises(ConfigError, match="cannot read it"):
+        load_api_token(Settings(api_token_file=str(tmp_path / "missing")))
+    assert "ADPULSE_API_TOKEN_FILE" in API_TOKEN_HELP and "\n" not in API_TOKEN_HELP
