@@ -215,7 +215,8 @@ def _interest_summary(worker: WorkerProcess, users: list[str]) -> dict[str, Any]
         "example_user": example,
         "example_counts": body.get("counts"),
         "example_top_categories": body.get("top_categories"),
-        "example_vector_head": [round(x, 4) for x in body.get("vector_now", [])[:6]],
+        # + 0.0 turns a rounded -0.0 into 0.0: a decayed-away weight prints as zero
+        "example_vector_head": [round(x, 4) + 0.0 for x in body.get("vector_now", [])[:6]],
     }
 
 

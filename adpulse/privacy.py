@@ -83,16 +83,7 @@ class Pseudonymiser:
 def load_key(settings: Settings, *, warn: bool = False) -> bytes:
     """The pseudonym key: from the key file, else the variable, else the development key."""
     if settings.pseudonym_key_file:
-        path = Path(settings.pseudonym_key_file)
-        try:
-            key = path.read_bytes().strip()
-        except OSError as exc:
-            msg = f"ADPULSE_PSEUDONYM_KEY_FILE={path}: cannot read it ({exc.strerror})"
-            raise ConfigError(msg) from None
-        if len(key) < 16:
-            msg = f"ADPULSE_PSEUDONYM_KEY_FILE={path}: key has {len(key)} bytes, need >= 16"
-            raise ConfigError(msg)
-        return key
+        return read_secret_file(settings.pseudonym_key_file, "ADPULSE_PSEUDONYM_KEY_FILE", "key")
     if settings.pseudonym_key:
         key = settings.pseudonym_key.encode()
         if len(key) < 16:
@@ -128,16 +119,22 @@ def load_api_token(settings: Settings) -> bytes | None:
     """
     if not settings.api_token_file:
         return None
-    path = Path(settings.api_token_file)
+    return read_secret_file(settings.api_token_file, "ADPULSE_API_TOKEN_FILE", "token")
+
+
+def read_secret_file(name: str, variable: str, what: str) -> bytes:
+    """A secret's bytes from its file, stripped; a ConfigError (one line) if it is
+    unreadable or shorter than 16 bytes."""
+    path = Path(name)
     try:
-        token = path.read_bytes().strip()
+        secret = path.read_bytes().strip()
     except OSError as exc:
-        msg = f"ADPULSE_API_TOKEN_FILE={path}: cannot read it ({exc.strerror})"
+        msg = f"{variable}={path}: cannot read it ({exc.strerror})"
         raise ConfigError(msg) from None
-    if len(token) < 16:
-        msg = f"ADPULSE_API_TOKEN_FILE={path}: token has {len(token)} bytes, need >= 16"
+    if len(secret) < 16:
+        msg = f"{variable}={path}: {what} has {len(secret)} bytes, need >= 16"
         raise ConfigError(msg)
-    return token
+    return secret
 
 
 def bearer_ok(token: bytes | None, header: str | None) -> bool:
