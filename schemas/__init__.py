@@ -5,8 +5,8 @@ so a producer in another language and our workers agree on one definition.
 Loading is cached and validators are built (and their schema checked) once,
 so call :func:`validator` at startup to fail fast on a broken schema.
 
-This module imports neither Faust nor the Records: ``schemas.records`` and
-``schemas.topics`` hold those, for code that needs them.
+This package imports no framework: the Faust Records and topic specs built on
+these contracts are ``streams.records`` and ``streams.topics``, a floor up.
 
 >>> first_error("user-events", {"event_id": "e1", "user_id": "u1", "kind": "view",
 ...                             "item_id": 1, "category_id": 2, "ts": 0})

@@ -241,16 +241,20 @@ def test_a_malformed_body_gets_a_400_and_its_contract_error(pair: Pair) -> None:
     assert "user_id" in p.a.post("/decide", cases[1])[1]["error"]
 
 
-def test_an_event_acknowledged_50ms_before_a_request_is_in_its_features(pair: Pair) -> None:
+def test_a_decision_reads_the_state_its_worker_has_applied(pair: Pair) -> None:
+    """Read-after-write without a timing claim: once the owner's table shows an event
+    (the lookup /decide shares), the next decision's features include it. How soon that
+    is after the event is acknowledged is a benchmark figure (``bench serve``,
+    ``freshness_p99_ms``), not something a test should time."""
     p = pair
     for i in range(3):
         user = p.id(f"raw{i}")
         owner = p.owner(user)  # a first decision: no history yet
         p.events(history(user, 1))  # acknowledged by the broker
-        time.sleep(0.05)
+        owner.wait_until(lambda o=owner, u=user: _events_in(o, u) == 1, 20, f"{user}'s event")
         status, got, _ = decide(owner, body(p.id(f"raw{i}-d"), user))
         assert status == 200
-        assert got["features"]["interest"], f"{user}: the event 50 ms before is not visible"
+        assert got["features"]["interest"], f"{user}: applied but not in the decision"
 
 
 def test_under_overload_the_excess_is_shed_with_503_and_nothing_else_is_lost(pair: Pair) -> None:

@@ -12,7 +12,7 @@ from adpulse.cli import main
 from adpulse.inspect import read_topic
 from adpulse.settings import Settings
 from schemas import first_error
-from schemas.topics import TOPICS
+from streams.topics import TOPICS
 
 pytestmark = pytest.mark.integration
 

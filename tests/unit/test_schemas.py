@@ -19,8 +19,8 @@ from jsonschema import Draft202012Validator
 
 import schemas
 from schemas import SCHEMA_DIR, examples, first_error, load_schema, topic_names, validator
-from schemas.records import Ad, AdDecision
-from schemas.topics import TOPICS, WEEK_MS
+from streams.records import Ad, AdDecision
+from streams.topics import TOPICS, WEEK_MS
 
 EXPECTED_TOPICS = {
     "user-events",

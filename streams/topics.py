@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import faust
 
-from schemas.records import (
+from streams.records import (
     Ad,
     AdDecision,
     AdRequest,
