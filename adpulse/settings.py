@@ -199,6 +199,11 @@ class Settings:
         "Longest a batch waits for more fetches before it is processed; 0 hands over each "
         "fetch at once (under load fetches are full anyway).",
     )
+    batch_slice_ms: float = _setting(
+        5.0,
+        "A fetched batch is handled in slices of about this long, yielding between them, so "
+        "a /decide request waits for one slice, not a whole batch; 0: whole batches.",
+    )
     fetch_max_wait_ms: int = _setting(
         10,
         "Longest the broker holds a fetch for data to arrive. The embedded broker holds it "

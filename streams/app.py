@@ -135,6 +135,7 @@ def create_app(settings: Settings) -> Wiring:
         batch_max=settings.batch_max_events,
         batch_within=settings.batch_max_wait_s,
         fetch_max_wait_ms=settings.fetch_max_wait_ms,
+        slice_ms=settings.batch_slice_ms,
     )
     # Only tansu reports short end offsets (streams/seal.py); Apache Kafka needs no seal.
     tansu = settings.embedded_broker and settings.embedded == "tansu"

@@ -137,11 +137,22 @@ class BatchConsumer(_drv.Consumer):
             by_topic.setdefault(tp.topic, {})[tp] = recs
         self._batch_idle.clear()
         durable: list[Awaitable[Any]] = []
+        slicer = cast("BatchApp", self.app).slicer
         try:
             for topic, tps in by_topic.items():
-                done = await handlers[topic](tps)
-                if done is not None:
-                    durable.append(done)
+                for part in slicer.slices(topic, tps):
+                    started = monotonic()
+                    done = await handlers[topic](part)
+                    if done is not None:
+                        durable.append(done)
+                    if slicer.slice_s <= 0:
+                        continue
+                    slicer.observe(topic, sum(map(len, part.values())), monotonic() - started)
+                    # Bounded time slices: whatever else is ready (a /decide request, a
+                    # heartbeat) runs before the next slice of this batch.
+                    await asyncio.sleep(0)
+                    if gen != self.app.consumer_generation_id:
+                        return  # rebalanced mid-batch: never acked, refetched by the owner
         finally:
             self._batch_idle.set()
         while len(self._unsettled) >= MAX_UNSETTLED:  # bound the writes in flight
@@ -199,6 +210,58 @@ class BatchTransport(_drv.Transport):
     Consumer = BatchConsumer
 
 
+class Slicer:
+    """Cuts a fetched batch into slices that each take about ``slice_s`` to handle.
+
+    Why: one event loop serves ``POST /decide`` and ingest. A 5,000-event batch
+    takes tens of milliseconds; handled whole, every request that arrives
+    meanwhile waits for all of it. Handled in slices of about ``slice_s`` with a
+    yield between them, a request waits for one slice at most. The size of a
+    slice follows each topic's measured cost per record (a moving average), so
+    one setting fits cheap and expensive topics. Each slice is still a batch
+    (one table read and one write per key per slice), and the whole fetched
+    batch is acknowledged as one, once every slice's writes are durable.
+    """
+
+    FIRST = 256  # records in a topic's first slice, before its cost is known
+    SMALLEST = 32  # below this the per-slice overhead would dominate
+
+    def __init__(self, slice_s: float) -> None:
+        self.slice_s = slice_s
+        self._per_record: dict[str, float] = {}
+
+    def size(self, topic: str) -> int:
+        cost = self._per_record.get(topic)
+        if cost is None:
+            return self.FIRST
+        return max(self.SMALLEST, round(self.slice_s / max(cost, 1e-7)))
+
+    def observe(self, topic: str, n: int, seconds: float) -> None:
+        cost = seconds / max(1, n)
+        old = self._per_record.get(topic)
+        self._per_record[topic] = cost if old is None else 0.8 * old + 0.2 * cost
+
+    def slices(self, topic: str, batch: Batch) -> Iterator[Batch]:
+        """The batch itself when slicing is off; else slices in partition order."""
+        if self.slice_s <= 0:
+            yield batch
+            return
+        part: Batch = {}
+        room = self.size(topic)
+        for tp, recs in batch.items():
+            start = 0
+            while start < len(recs):
+                take = recs[start : start + room]
+                part[tp] = take
+                start += len(take)
+                room -= len(take)
+                if room == 0:
+                    yield part
+                    part, room = {}, self.size(topic)
+        if part:
+            yield part
+
+
 class BatchApp(faust.App):
     """A faust.App whose consumer hands batches of :meth:`batch_topic` topics to handlers."""
 
@@ -208,6 +271,7 @@ class BatchApp(faust.App):
         batch_max: int = 20_000,
         batch_within: float = 0.005,
         fetch_max_wait_ms: int = 10,
+        slice_ms: float = 0.0,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
@@ -215,6 +279,7 @@ class BatchApp(faust.App):
         self.batch_max = batch_max  # hand a batch over at this many records ...
         self.batch_within = batch_within  # ... or this long after its first record
         self.fetch_max_wait_ms = fetch_max_wait_ms
+        self.slicer = Slicer(slice_ms / 1000)
 
     def _new_transport(self) -> BatchTransport:
         return BatchTransport(self.conf.broker_consumer, self)
