@@ -44,8 +44,8 @@ from scoring.strategy.calibration import (
     apply_curve,
 )
 from scoring.strategy.state import CalibrationShard, calibration_key
+from streams.deadletter import Loader
 
-Loader = Callable[[Sequence[bytes], Sequence[int]], list[bytes | None]]
 Reader = Callable[[Sequence[bytes]], list[bytes | None]]
 VIEW_TTL_MS = 300_000  # a partition not decided on for this long leaves the gauges
 _decode_shard = msgspec.msgpack.Decoder(CalibrationShard).decode

@@ -10,6 +10,7 @@ on size.
 from __future__ import annotations
 
 import base64
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,3 +55,8 @@ def dead_letter(rej: Rejected, topic: str, now_ms: int, stage: str) -> dict[str,
         "ts": now_ms,
         "stage": stage,
     }
+
+
+# How a stage reads its table: values of keys, each on its partition (None: absent).
+# Stages get it as an argument, so they stay pure and the I/O stays in pipeline.py.
+Loader = Callable[[Sequence[bytes], Sequence[int]], list[bytes | None]]

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NamedTuple
 
 import msgspec
 import numpy as np
@@ -35,7 +35,7 @@ from scoring.strategy.policy import (
     placement_policies,
 )
 from streams.budget import BudgetGate, Reader, ServedCalibration
-from streams.deadletter import Raw, Rejected
+from streams.deadletter import Loader, Raw, Rejected
 from streams.validate import ContractDecoder
 
 Id = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
@@ -112,6 +112,14 @@ class ServingModels:
     fallback: FallbackRule
     registry: ModelRegistry
 
+    @classmethod
+    def load(cls, registry: ModelRegistry, default_ctr: float) -> ServingModels:
+        """The registry's newest valid model, else the fallback rule alone."""
+        loaded = registry.latest_valid()
+        if loaded is None:
+            return cls(None, FallbackRule(prior_ctr=default_ctr), registry)
+        return cls(loaded, loaded.fallback(default_ctr), registry)
+
     def swap(self, loaded: LoadedModel, default_ctr: float) -> None:
         self.current = loaded
         self.fallback = loaded.fallback(default_ctr)
@@ -133,8 +141,16 @@ class DecideResult:
     rows_scored: int = 0
 
 
-Loader = Callable[[Sequence[bytes], Sequence[int]], list[bytes | None]]
 Decision = tuple[bytes, Raw, dict[str, Any]]
+
+
+class StateReaders(NamedTuple):
+    """The three tables a decision reads: the user's interest, the user's caps, and
+    campaigns' spend (pacing), each read on the request's partition."""
+
+    interest: Loader
+    caps: Loader
+    spend: Loader
 
 
 @dataclass
@@ -196,24 +212,20 @@ class DecideStage:
     def process(
         self,
         raws: Sequence[Raw],
-        load_interest: Loader,
-        load_caps: Loader,
-        load_spend: Loader,
+        tables: StateReaders,
         now_ms: int,
         default_tmax_ms: int = 0,
     ) -> DecideResult:
         """The ad-requests topic's entry: decode, then :meth:`decide`."""
         good, rejected = self.decoder.split(raws)
-        out = self.decide(good, load_interest, load_caps, load_spend, now_ms, default_tmax_ms)
+        out = self.decide(good, tables, now_ms, default_tmax_ms)
         out.rejected = rejected
         return out
 
     def decide(
         self,
         requests: Sequence[tuple[AdRequestMsg, Raw]],
-        load_interest: Loader,
-        load_caps: Loader,
-        load_spend: Loader,
+        tables: StateReaders,
         now_ms: int,
         default_tmax_ms: int = 0,
     ) -> DecideResult:
@@ -230,8 +242,8 @@ class DecideStage:
             return out
         catalog = self.catalog()
         self.strategy.batch()  # learner state read at most once per ad per batch
-        users = self._users(live, load_interest, load_caps, now_ms)
-        self.budget.begin(catalog, users.parts, load_spend, now_ms)
+        users = self._users(live, tables, now_ms)
+        self.budget.begin(catalog, users.parts, tables.spend, now_ms)
         pending = [self._eligible(catalog, req, raw, users, out) for req, raw in live]
         scores, version = self._score(catalog, pending, users, now_ms, out)
         for p in pending:
@@ -263,18 +275,17 @@ class DecideStage:
     def _users(
         self,
         live: list[tuple[AdRequestMsg, Raw]],
-        load_interest: Loader,
-        load_caps: Loader,
+        tables: StateReaders,
         now_ms: int,
     ) -> _Users:
         pairs = list(dict.fromkeys((r.user_id, raw.partition) for r, raw in live))
         keys = [u.encode() for u, _ in pairs]
         parts = [p for _, p in pairs]
-        states = decode_states(load_interest(keys, parts), self.params)
+        states = decode_states(tables.interest(keys, parts), self.params)
         vecs, known = vectors_at(states, now_ms, self.params)
         vectors = [vecs[i] if known[i] else None for i in range(len(pairs))]
         day = caps.day_of(now_ms)
-        cap_recs = [caps.load_cap(v, day) for v in load_caps(keys, parts)]
+        cap_recs = [caps.load_cap(v, day) for v in tables.caps(keys, parts)]
         row = {u: i for i, (u, _) in enumerate(pairs)}
         return _Users(keys, parts, row, vectors, cap_recs)
 

@@ -10,7 +10,7 @@ broker.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -27,11 +27,10 @@ from scoring.features import (
     decode_states,
     encode_states,
 )
-from streams.deadletter import Raw, Rejected
+from streams.deadletter import Loader, Raw, Rejected
 from streams.ingest import UserEventMsg, decode_events, pseudonymise, rate_limit, to_columns
 
 # (user keys, their partitions) -> stored values (None = new user)
-Loader = Callable[[Sequence[bytes], Sequence[int]], list[bytes | None]]
 
 
 @dataclass

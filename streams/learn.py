@@ -46,7 +46,7 @@ import asyncio
 import json
 import time
 from collections import Counter, defaultdict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
@@ -69,7 +69,7 @@ from scoring.strategy.state import (
     state_key,
 )
 from scoring.strategy.thompson import ThompsonParams, ThompsonSampling
-from streams.deadletter import Raw, Rejected, dead_letter
+from streams.deadletter import Loader, Raw, Rejected, dead_letter
 from streams.tablewriter import read_many, write_many
 from streams.validate import ContractDecoder
 
@@ -131,7 +131,6 @@ def _keeps_linucb(m: FeedbackMsg) -> bool:
     return m.policy.startswith("linucb") or m.policy.startswith("fallback")
 
 
-Loader = Callable[[Sequence[bytes], Sequence[int]], list[bytes | None]]
 
 
 @dataclass

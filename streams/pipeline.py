@@ -30,13 +30,12 @@ import msgspec
 
 from scoring.featurespec import FeatureSpec
 from scoring.registry import LoadedModel, ModelRegistry
-from scoring.scorer import FallbackRule
 from scoring.strategy.policy import StrategyReader
 from streams import forget, serve
 from streams.catalog import CATALOG_REFRESH_S, CatalogCache, check_catalog_record
 from streams.consumer import Batch
 from streams.deadletter import Raw, Rejected, dead_letter
-from streams.decide import AdRequestMsg, DecideResult, DecideStage, ServingModels
+from streams.decide import AdRequestMsg, DecideResult, DecideStage, ServingModels, StateReaders
 from streams.gauges import SAMPLE_S, sample_consumer_lag, sample_pacing, sample_table_keys
 from streams.interest import BatchResult, InterestStage
 from streams.join import JOIN_TICK_S, JoinStage
@@ -147,13 +146,11 @@ def load_models(w: Wiring) -> ServingModels:
         w.metrics.model_swaps.labels("refused").inc()
 
     registry = ModelRegistry.from_settings(w.settings, on_refused=refused)
-    loaded = registry.latest_valid()
-    if loaded is None:
+    models = ServingModels.load(registry, w.settings.fallback_ctr)
+    if models.current is None:
         log.error("no valid model in %s: decisions use the fallback rule", registry.root)
-        models = ServingModels(None, FallbackRule(prior_ctr=w.settings.fallback_ctr), registry)
     else:
-        models = ServingModels(loaded, loaded.fallback(w.settings.fallback_ctr), registry)
-        _model_in_use(w, loaded)
+        _model_in_use(w, models.current)
     return models
 
 
@@ -195,14 +192,12 @@ def decide_requests(
     counted, each decision's ``latency_ms`` set. Synchronous: the next decision, from
     either entry point, reads these caps (:func:`emit_decisions` sends the records).
     """
-    result = stage.decide(
-        requests,
+    tables = StateReaders(
         lambda k, p: _load(w.interest, k, p),
         lambda k, p: _load(w.freqcap, k, p),
         lambda k, p: _load(w.spend, k, p),
-        now_ms,
-        default_tmax_ms,
     )
+    result = stage.decide(requests, tables, now_ms, default_tmax_ms)
     _write_local(w.freqcap, result.cap_writes)
     _write_local(w.spend, result.spend_writes)
     m = w.metrics

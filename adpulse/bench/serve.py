@@ -356,7 +356,12 @@ def _in_process(
     from scoring.catalog import Catalog  # noqa: PLC0415
     from scoring.featurespec import FeatureSpec  # noqa: PLC0415
     from streams.deadletter import Raw  # noqa: PLC0415
-    from streams.decide import DecideStage, ServingModels, request_decoder  # noqa: PLC0415
+    from streams.decide import (  # noqa: PLC0415
+        DecideStage,
+        ServingModels,
+        StateReaders,
+        request_decoder,
+    )
     from streams.interest import InterestStage  # noqa: PLC0415
 
     s = Settings(pseudonymise=False, policy="greedy", partitions=1)
@@ -371,21 +376,22 @@ def _in_process(
     from scoring.registry import ModelRegistry  # noqa: PLC0415
 
     registry = ModelRegistry.from_settings(s)
-    loaded = registry.latest_valid()
-    models = ServingModels(loaded, loaded.fallback(s.fallback_ctr) if loaded else None, registry)  # type: ignore[arg-type]
-    stage = DecideStage(s, models, lambda: catalog)
+    stage = DecideStage(s, ServingModels.load(registry, s.fallback_ctr), lambda: catalog)
     decode = request_decoder(s.max_event_bytes).decode
     bodies = _bodies(cfg, [a["ad_id"] for a in ads], 2_000, 77, "inproc")
     none: dict[bytes, bytes] = {}
+    tables = StateReaders(
+        lambda k, _p: [table.get(x) for x in k],
+        lambda k, _p: [none.get(x) for x in k],
+        lambda k, _p: [none.get(x) for x in k],
+    )
     times = []
     for b in bodies:
         t0 = time.perf_counter()
         req = decode(Raw(b, None, 0, 0, now))
         stage.decide(
             [(req, Raw(None, None, 0, 0, int(time.time() * 1000)))],  # type: ignore[list-item]
-            lambda k, _p: [table.get(x) for x in k],
-            lambda k, _p: [none.get(x) for x in k],
-            lambda k, _p: [none.get(x) for x in k],
+            tables,
             int(time.time() * 1000),
         )
         times.append(time.perf_counter() - t0)

@@ -25,7 +25,7 @@ from scoring.strategy.pacing import DAY_MS, HOUR_MS
 from scoring.strategy.state import CalibrationShard, calibration_key
 from streams.budget import load_record
 from streams.deadletter import Raw
-from streams.decide import DecideStage, ServingModels
+from streams.decide import DecideStage, ServingModels, StateReaders
 
 DAY0 = 20_000 * DAY_MS  # a UTC midnight
 PARTS = 2
@@ -35,6 +35,10 @@ TIGHT_BUDGET = 216.0  # a day of traffic offers about 20 times this (see _day)
 def settings(**kw: Any) -> Settings:
     """Raw user ids (no pseudonym key needed), two partitions, greedy."""
     return Settings(pseudonymise=False, partitions=PARTS, policy="greedy", **kw)
+
+
+def _empty() -> StateReaders:
+    return StateReaders(Tables().load, Tables().load, Tables().load)
 
 
 class Tables:
@@ -90,8 +94,8 @@ def _day(
     decisions: list[dict[str, Any]] = []
     for minute in range(0, 60 * hours, step_min):
         now = DAY0 + minute * 60_000
-        out = st.process(requests(30 * step_min, now, f"m{minute}"), Tables().load, caps.load,
-                         spend.load, now)  # fmt: skip
+        tables = StateReaders(Tables().load, caps.load, spend.load)
+        out = st.process(requests(30 * step_min, now, f"m{minute}"), tables, now)
         spend.write(out.spend_writes)
         caps.write(out.cap_writes)
         decisions += [d for _, _, d in out.decisions]
@@ -127,8 +131,8 @@ def test_a_campaign_with_budget_to_spare_is_never_throttled() -> None:
     st, spend = stage(s), Tables()
     for minute in range(0, 120, 5):
         now = DAY0 + 6 * HOUR_MS + minute * 60_000
-        out = st.process(requests(20, now, f"s{minute}"), Tables().load, Tables().load,
-                         spend.load, now)  # fmt: skip
+        tables = StateReaders(Tables().load, Tables().load, spend.load)
+        out = st.process(requests(20, now, f"s{minute}"), tables, now)
         spend.write(out.spend_writes)
         assert not out.throttled.get("filler")
     gauges = st.budget.gauges(DAY0 + 8 * HOUR_MS)
@@ -142,8 +146,7 @@ def test_decisions_carry_the_feature_snapshot_and_raw_pctr() -> None:
     s = settings()
     st = stage(s)
     now = DAY0 + 13 * HOUR_MS + 5
-    out = st.process(requests(4, now, "f", device="tv"), Tables().load, Tables().load,
-                     Tables().load, now)  # fmt: skip
+    out = st.process(requests(4, now, "f", device="tv"), _empty(), now)
     for _, _, d in out.decisions:
         f = d["features"]
         assert f["interest"] == []  # users with no history
@@ -183,7 +186,7 @@ class Shards:
 
 
 def _serve(st: DecideStage, now: int, tag: str) -> list[dict[str, Any]]:
-    out = st.process(requests(20, now, tag), Tables().load, Tables().load, Tables().load, now)
+    out = st.process(requests(20, now, tag), _empty(), now)
     return [d for _, _, d in out.decisions]
 
 

@@ -17,7 +17,7 @@ import pytest
 
 from adpulse.settings import Settings
 from streams.deadletter import Raw
-from streams.decide import AdRequestMsg
+from streams.decide import AdRequestMsg, StateReaders
 from streams.serve import DecideService, Reply
 from tests.unit.test_pacing_stage import DAY0, Tables, requests, settings, stage
 
@@ -175,7 +175,8 @@ def test_a_request_past_its_budget_gets_a_deadline_no_fill_unscored(tmax: int | 
         old[i] = Raw(json.dumps(req).encode(), raw.key, raw.partition, raw.offset, now - 60)
     fresh = requests(1, now, "fresh")
     default = 0 if tmax is not None else 50
-    out = st.process([*old, *fresh], Tables().load, Tables().load, Tables().load, now, default)
+    empty = StateReaders(Tables().load, Tables().load, Tables().load)
+    out = st.process([*old, *fresh], empty, now, default)
     by_id = {d["request_id"]: d for _, _, d in out.decisions}
     assert len(by_id) == 3
     for i in range(2):
@@ -192,5 +193,6 @@ def test_no_budget_means_no_deadline() -> None:
     st = stage(settings())
     now = DAY0 + 10_000_000
     old = [Raw(r.value, r.key, r.partition, r.offset, 0) for r in requests(2, now, "q")]
-    out = st.process(old, Tables().load, Tables().load, Tables().load, now)
+    empty = StateReaders(Tables().load, Tables().load, Tables().load)
+    out = st.process(old, empty, now)
     assert all(d["ad_id"] is not None for _, _, d in out.decisions)
