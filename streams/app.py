@@ -19,7 +19,7 @@ from adpulse.kafkaconf import client_kwargs, faust_credentials
 from adpulse.metrics import Metrics
 from adpulse.privacy import Pseudonymiser
 from adpulse.settings import Settings
-from streams.catalogmirror import CatalogMirror
+from streams.catalogmirror import TopicMirror, catalog_mirror
 from streams.consumer import BatchApp
 from streams.restore import BulkRecovery
 from streams.seal import SEAL_KEY
@@ -41,39 +41,14 @@ class Wiring:
     interest: Any  # faust Table, raw bytes -> raw bytes (scoring.features record)
     freqcap: Any  # pseudonym -> scoring.caps.CapRecord (msgpack)
     spend: Any  # campaign id -> pacing record (streams/budget.py), per partition share
-    catalog: CatalogMirror  # every ad-catalog record, read by this worker itself
+    catalog: TopicMirror  # every ad-catalog record, read by this worker itself
     metrics: Metrics
     ctr_feedback: faust.TopicT
     learn: Any  # ad id -> streams.learn.AdState (msgpack), per ctr-feedback partition
-    strategy: Any  # GlobalTable: the same records as learn, every worker holds all
+    strategy: TopicMirror  # every learn record, whoever wrote it (streams/catalogmirror.py)
     pending: Any = None  # decision id -> scoring.joinstate.Pending (the click join)
     pseudonyms: Pseudonymiser = field(default_factory=lambda: Pseudonymiser(None))  # raw id -> it
     forget_requests: Any = None  # faust topic: erase one user's state (streams/forget.py)
-
-
-class CatalogTable(faust.GlobalTable):
-    """A GlobalTable whose ``version`` moves on every change (the learners' ``strategy``
-    table: the decision stage re-reads what moved).
-
-    Changes arrive two ways: written here, or replayed from the table's changelog
-    (written by other workers). Both bump ``version``.
-    """
-
-    version = 0
-
-    def apply_changelog_batch(self, batch: Any) -> None:
-        events = list(batch)  # Faust also calls this with empty standby buffers
-        if events:
-            super().apply_changelog_batch(events)
-            self.version += 1
-
-    def on_key_set(self, key: Any, value: Any) -> None:
-        super().on_key_set(key, value)
-        self.version += 1
-
-    def on_key_del(self, key: Any) -> None:
-        super().on_key_del(key)
-        self.version += 1
 
 
 class SealingTableManager(TableManager):
@@ -131,7 +106,6 @@ def create_app(settings: Settings) -> Wiring:
         web_port=settings.web_port,
         canonical_url=settings.canonical_url or f"http://{settings.web_host}:{settings.web_port}",
         TableManager=SealingTableManager,
-        GlobalTable=CatalogTable,
         batch_max=settings.batch_max_events,
         batch_within=settings.batch_max_wait_s,
         fetch_max_wait_ms=settings.fetch_max_wait_ms,
@@ -157,7 +131,8 @@ def create_app(settings: Settings) -> Wiring:
 
     # Every worker reads all of ad-catalog itself (no group, so no rebalance can drop
     # records): streams/catalogmirror.py says why it is not a Faust GlobalTable.
-    catalog = CatalogMirror(settings, settings.dim)
+    catalog = catalog_mirror(settings, settings.dim)
+    learn = table("learn", "ad id -> learner state (streams.learn), on the ad's partition")
     wiring = Wiring(
         settings=settings,
         app=app,
@@ -172,14 +147,9 @@ def create_app(settings: Settings) -> Wiring:
         catalog=catalog,
         metrics=Metrics.create(),
         ctr_feedback=app.topic(settings.topic("ctr-feedback"), **raw),
-        learn=table("learn", "ad id -> learner state (streams.learn), on the ad's partition"),
-        strategy=app.GlobalTable(
-            "strategy",
-            partitions=settings.partitions,
-            key_type=bytes,
-            value_type=bytes,
-            help="ad id -> learner state, broadcast to every worker (streams/learn.py)",
-        ),
+        learn=learn,
+        # What the decision stage reads: the learn table's changelog, mirrored whole.
+        strategy=TopicMirror(settings, learn.changelog_topic.get_topic_name(), "strategy"),
         pending=table("pending", "decision id -> click-join state (scoring.joinstate)"),
         pseudonyms=pseudonyms,
         forget_requests=app.topic(settings.topic("forget-requests"), **raw),

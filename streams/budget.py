@@ -17,7 +17,7 @@ bid is a price per click) when it is made; clicks are not settled against it
 makes the expected cost unbiased once enough labels exist.
 
 :class:`ServedCalibration` sums the learner's calibration shards (one per
-ctr-feedback partition, in the ``strategy`` GlobalTable) at most every
+ctr-feedback partition, in the ``strategy`` mirror) at most every
 ``ADPULSE_CALIBRATION_REFRESH_S`` and keeps the curve the decision stage maps
 pCTR through.
 """

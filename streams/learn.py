@@ -3,19 +3,19 @@
 Where the state lives. ctr-feedback is keyed by ad_id, so an ad's labels all
 reach the one worker that owns that ad's partition: the single writer of the
 ad's state. Decisions for that ad, though, happen on every worker (requests are
-partitioned by user). So each batch's new records go to two tables, in one call:
+partitioned by user). So the learner writes its ``learn`` table (partitioned,
+like ``interest``: restored by Faust's active recovery before this worker
+handles a label, so the applied offset it holds is never stale when it is
+read), and every worker, this one included, reads the whole of that table's
+changelog into its ``strategy`` mirror (streams/catalogmirror.py: a consumer in
+no group, so no rebalance can make it lose a record, as Faust's GlobalTable,
+used here before, did). A label reaches every worker's decisions one changelog
+round trip after its batch: ``adpulse bench promises`` measures it (label ->
+the other worker's learner state).
 
-* ``learn`` (partitioned, like ``interest``): the learner's own copy, restored
-  by Faust's active recovery before this worker handles a label, so the applied
-  offset it holds is never stale when it is read;
-* ``strategy`` (a GlobalTable): the same bytes, broadcast through its changelog,
-  which every worker replays as a standby; the decision stage reads it. A label
-  reaches other workers' decisions one changelog round trip after its batch
-  (milliseconds on the embedded broker, well inside a second).
-
-The learner never reads ``strategy``: a global table's standby replay also
-re-applies this worker's own older records for a moment, harmless for a reader
-that only needs "current within a second", fatal for read-modify-write.
+The learner never reads ``strategy``: a mirror trails the writer by that round
+trip, harmless for a reader that only needs "current within a second", fatal
+for read-modify-write.
 
 One record per ad (:class:`AdState`, msgpack): the highest ctr-feedback offset
 applied (a redelivered batch changes nothing), a ring of the fingerprints of the
@@ -238,22 +238,10 @@ def _pctr(m: FeedbackMsg) -> float | None:
     return None if m.pctr is UNSET else float(m.pctr)
 
 
-# -- the decision side ---------------------------------------------------------------------
-def read_global(table: Any, keys: Sequence[bytes]) -> list[bytes | None]:
-    """Values of a GlobalTable's keys, whichever changelog partition wrote them."""
-    out: list[bytes | None] = [None] * len(keys)
-    for db in list(table.data._dbs.values()):
-        if all(v is not None for v in out):
-            break
-        for i, v in enumerate(db[list(keys)]):
-            if v is not None and out[i] is None:
-                out[i] = v
-    return out
-
-
 # -- the Faust adapter ---------------------------------------------------------------------
 async def learn_batch(w: Wiring, stage: LearnStage, batch: Any) -> Awaitable[Any]:
-    """One batch of ctr-feedback: writes to ``learn`` and ``strategy`` (the same bytes)."""
+    """One batch of ctr-feedback: writes to ``learn`` (its changelog feeds every worker's
+    ``strategy`` mirror)."""
     now_ms = int(time.time() * 1000)
     raws = [
         Raw(r.value, r.key, tp.partition, r.offset, r.timestamp)
@@ -278,9 +266,6 @@ async def learn_batch(w: Wiring, stage: LearnStage, batch: Any) -> Awaitable[Any
     futures: list[Awaitable[Any]] = []
     for part, items in by_part.items():
         futures += await write_many(w.learn, part, items)
-        futures += await write_many(w.strategy, part, items)
-    if result.writes:
-        w.strategy.version += 1
     topic = w.settings.topic("ctr-feedback")
     for rej in result.rejected:
         letter = dead_letter(rej, topic, now_ms, stage="learn")

@@ -8,7 +8,7 @@ anything refused   -> dead-letters (streams/deadletter.py)
 ad-decisions batch -> click join: decisions x clicks/purchases (streams/join.py)
   + clicks, buys      -> pending table; labels -> ctr-feedback
 ctr-feedback batch -> dedupe + Thompson/LinUCB/calibration (streams/learn.py)
-                   -> learn table + strategy GlobalTable (read by decide)
+                   -> learn table (its changelog mirrored by every worker: read by decide)
 forget-requests    -> the user's interest, freqcap, pending records deleted by
                       tombstones (streams/forget.py) -> forget-confirmations
 timers             -> model registry poll (hot-swap), catalog refresh,
@@ -39,7 +39,7 @@ from streams.decide import AdRequestMsg, DecideResult, DecideStage, ServingModel
 from streams.gauges import SAMPLE_S, sample_consumer_lag, sample_pacing, sample_table_keys
 from streams.interest import BatchResult, InterestStage
 from streams.join import JOIN_TICK_S, JoinStage
-from streams.learn import LearnStage, learn_batch, read_global
+from streams.learn import LearnStage, learn_batch
 from streams.seal import is_seal
 from streams.tablewriter import ChangelogBuffer, read_many, send_changelog, write_local
 
@@ -53,9 +53,9 @@ def wire(w: Wiring) -> None:
     interest = InterestStage(w.settings, pseudonyms=w.pseudonyms)
     models = load_models(w)
     catalog = CatalogCache(w.catalog, FeatureSpec.from_settings(w.settings), w.metrics)
-    strategy = StrategyReader(lambda keys: read_global(w.strategy, keys))
+    strategy = StrategyReader(w.strategy.get_many)
     decide = DecideStage(w.settings, models, catalog.get, strategy, pseudonyms=w.pseudonyms,
-                         calibration=lambda keys: read_global(w.strategy, keys),
+                         calibration=w.strategy.get_many,
                          generation=lambda: w.app.consumer_generation_id)  # fmt: skip
     learn = LearnStage(w.settings)
     join = JoinStage(w)
@@ -101,6 +101,10 @@ def wire(w: Wiring) -> None:
     @w.app.task
     async def mirror_catalog() -> None:
         await w.catalog.run()
+
+    @w.app.task
+    async def mirror_strategy() -> None:
+        await w.strategy.run()
 
     @w.app.agent(w.ad_catalog)
     async def catalog_dead_letters(stream: Any) -> None:

@@ -219,8 +219,23 @@ def wire(w: Wiring, decide: Decide, catalog_rows: Callable[[], int]) -> DecideSe
         The raw id picks the partition, as on the topics (Kafka's murmur2 of the key);
         Faust's assignment says which worker holds it. KeyError: none known yet.
         """
-        url = app.router.key_store(w.interest.name, user_id.encode())
+        try:
+            url = app.router.key_store(w.interest.name, user_id.encode())
+        except TypeError:  # the producer has no partition count for the topic yet
+            raise KeyError(user_id) from None
         return None if _ident(url) == own else url
+
+    @app.task
+    async def learn_partition_counts() -> None:
+        """Both topics that pick a request's partition (the interest changelog, where
+        Faust's router looks up the owner, and ad-requests) become known to the
+        producer. A worker only learns a topic's partition count when it first
+        sends to it, so a fresh worker, before its first user event, answered
+        /decide with an error; until this completes it answers 503."""
+        faust_producer: Any = app.producer
+        producer = faust_producer._producer  # the aiokafka one (README, Faust internals)
+        for topic in (w.interest.changelog_topic.get_topic_name(), requests_topic):
+            await producer.partitions_for(topic)
 
     async def forward(url: URL, body: bytes, start_ms: int, auth: str) -> Reply:
         started = time.perf_counter()
@@ -260,7 +275,10 @@ def wire(w: Wiring, decide: Decide, catalog_rows: Callable[[], int]) -> DecideSe
             return "forwarded", await forward(url, body, start_ms, auth or "")
         if service.overloaded():
             return "shed", Reply.error(503, "overloaded: request shed", 1)
-        partition = app.producer.key_partition(requests_topic, req.user_id.encode()).partition
+        try:
+            partition = app.producer.key_partition(requests_topic, req.user_id.encode()).partition
+        except TypeError:  # see learn_partition_counts
+            return "unavailable", Reply.error(503, "learning the partition map: retry", 1)
         decision = await service.submit(req, partition, start_ms)
         m.decide_seconds.observe(max(0.0, time.time() - start_ms / 1000))
         return "answered", Reply(200, msgspec.json.encode(decision))

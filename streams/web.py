@@ -27,7 +27,6 @@ from scoring.strategy.state import decode_ad
 from streams import watchdog
 from streams.consumer import FaustConsumerView
 from streams.gauges import PROBE_S, BrokerProbe
-from streams.learn import read_global
 
 if TYPE_CHECKING:
     from streams.app import Wiring
@@ -83,6 +82,8 @@ def wire(w: Wiring) -> None:
             return self.json({"status": "broker unreachable"}, status=503)
         if not w.catalog.ready:
             return self.json({"status": "loading catalog"}, status=503)
+        if not w.strategy.ready:
+            return self.json({"status": "loading learner state"}, status=503)
         if stall.stalled:
             return self.json({"status": "consumer stalled", "partitions": len(stall.stalled)},
                              status=503)  # fmt: skip
@@ -108,7 +109,7 @@ def wire(w: Wiring) -> None:
     @app.page("/ads/{ad_id}/strategy")
     async def strategy(self: web.View, request: web.Request, ad_id: str) -> web.Response:
         """The learner state the decision stage reads for one ad (every worker holds it)."""
-        raw = read_global(w.strategy, [ad_id.encode()])[0]
+        raw = w.strategy.get_many([ad_id.encode()])[0]
         if raw is None:
             return self.json({"ad_id": ad_id, "error": "no labels for this ad"}, status=404)
         st = decode_ad(raw)

@@ -94,6 +94,18 @@ def markdown(report: dict[str, Any]) -> str:
                 f"{_fmt(r['stopped_exit_s'], ' s', 1)}, rejoin {_fmt(r['rejoined_s'], ' s', 1)}, "
                 f"recovered {_fmt(r['recovered_s'], ' s', 1)}; state equal {r['state_equal']}",
             ))  # fmt: skip
+    pr = report.get("promises")
+    if pr:
+        for key, name, target in (
+            ("catalog_s", "catalog change -> decisions on both workers", "≤ 1 s"),
+            ("label_s", "label -> the other worker's learner state", "≤ 1 s (stated bound)"),
+            ("resume_s", f"broker cut {pr['cut_s']:g} s -> events applied again", "≤ 5 s"),
+        ):
+            f = pr[key]
+            got = (f"median {_fmt(f['median'], ' s', 3)} ({_fmt(f['min'], '', 3)}-"
+                   f"{_fmt(f['max'], ' s', 3)}), p99 {_fmt(f['p99'], ' s', 3)}"
+                   if "median" in f else "never")  # fmt: skip
+            rows.append((name, target, got, f"{f['samples']} repeats, {f['missed']} missed"))
     sc = report.get("scorer")
     if sc:
         for threads, fig in sc.get("by_threads", {"": sc}).items():

@@ -119,6 +119,24 @@ def cmd_bench_mixed(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_bench_promises(args: argparse.Namespace, settings: Settings) -> int:
+    from adpulse.bench import promises  # noqa: PLC0415
+    from adpulse.broker import broker_for  # noqa: PLC0415
+
+    if args.smoke:
+        cfg = promises.PromisesBench.smoke()
+    else:
+        cfg = promises.PromisesBench(
+            catalog_repeats=args.catalog_repeats, labels=args.labels, cuts=args.cuts,
+            cut_s=args.cut_s,
+        )  # fmt: skip
+    with broker_for(settings) as s:
+        result = promises.run(s, cfg, log=lambda line: print(line, file=sys.stderr, flush=True))
+    print(promises.result_line(result))
+    _write_json(args.json, {"promises": result})
+    return 0
+
+
 def cmd_bench_rebalance(args: argparse.Namespace, settings: Settings) -> int:
     from adpulse.bench import rebalance  # noqa: PLC0415
     from adpulse.broker import broker_for  # noqa: PLC0415
@@ -203,6 +221,7 @@ def cmd_bench_all(args: argparse.Namespace, settings: Settings) -> int:
         decisions,
         features,
         mixed,
+        promises,
         rebalance,
         scorer,
         serve,
@@ -236,6 +255,9 @@ def cmd_bench_all(args: argparse.Namespace, settings: Settings) -> int:
         rb_cfg = rebalance.RebalanceBench.smoke() if args.smoke else rebalance.RebalanceBench()
         report["rebalance"] = rb = rebalance.run(s, rb_cfg)
         print(rebalance.result_line(rb), flush=True)
+        pr_cfg = promises.PromisesBench.smoke() if args.smoke else promises.PromisesBench()
+        report["promises"] = pr = promises.run(s, pr_cfg)
+        print(promises.result_line(pr), flush=True)
     model_dir = Path(settings.model_dir) if settings.model_dir else None
     report["scorer"] = sc = scorer.run("cpu", smoke=args.smoke, settings=settings,
                                        model_dir=model_dir)  # fmt: skip
@@ -411,6 +433,29 @@ def register(sub: Subparsers) -> None:
         ctr=(0.02, "share of filled decisions answered with a click (0.02)"),
     )
     _add_run_flags(p, 'also write {"mixed": figures} as JSON')
+    add_bootstrap(p)
+
+    p = add_command(
+        bench,
+        "promises",
+        cmd_bench_promises,
+        help="timing promises over repeats: catalog -> decisions, label -> other worker, "
+        "broker cut -> resume",
+        description="On two workers: publish an ad for a new placement and poll /decide on "
+        "each until it is chosen (catalog change -> decisions, target 1 s); produce a "
+        "ctr-feedback label and poll both workers' learner state until it counts it (label -> "
+        "the other worker's next decision, bound 1 s). Then, on a dedicated broker behind a "
+        "cuttable TCP proxy, cut one worker's link for --cut-s while events flow and time "
+        "from the link's return to events applied again (target 5 s). Medians, spread, p99.",
+    )
+    _add_sizes(
+        p,
+        catalog_repeats=(10, "catalog changes timed (10)"),
+        labels=(30, "labels timed (30)"),
+        cuts=(3, "broker cuts timed (3)"),
+        cut_s=(3.0, "seconds each cut lasts (3.0)"),
+    )
+    _add_run_flags(p, 'also write {"promises": figures} as JSON')
     add_bootstrap(p)
 
     p = add_command(

@@ -13,8 +13,6 @@ answered.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import threading
 import time
@@ -27,6 +25,7 @@ from kafka import KafkaProducer
 
 from adpulse.broker import embedded_broker, free_port
 from adpulse.catalogtool import publish
+from adpulse.netcut import Proxy
 from adpulse.settings import Settings
 from adpulse.topics import create_topics
 from tests.faults.kit import CLIENT, Reader, Worker, scrape
@@ -37,82 +36,11 @@ pytestmark = pytest.mark.integration
 CUT_S = 10.0
 
 
-class Proxy:
-    """127.0.0.1:port -> upstream; ``cut()`` drops and refuses every connection not ours."""
-
-    def __init__(self, upstream: int) -> None:
-        self.upstream = upstream
-        self.port = free_port()
-        self.loop = asyncio.new_event_loop()
-        self.is_cut = False
-        self.links: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = set()
-        self.refused = 0
-        ready = threading.Event()
-        self.thread = threading.Thread(target=self._run, args=(ready,), daemon=True)
-        self.thread.start()
-        ready.wait(10)
-
-    def _run(self, ready: threading.Event) -> None:
-        asyncio.set_event_loop(self.loop)
-        server = self.loop.run_until_complete(
-            asyncio.start_server(self._accept, "127.0.0.1", self.port)
-        )
-        ready.set()
-        self.loop.run_forever()
-        server.close()
-
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            head = await reader.readexactly(4)
-            body = await reader.readexactly(int.from_bytes(head, "big"))
-        except (asyncio.IncompleteReadError, ConnectionError):
-            writer.close()
-            return
-        # Request header: api_key, api_version, correlation_id, then client_id (int16 + bytes).
-        n = int.from_bytes(body[8:10], "big", signed=True)
-        client = body[10 : 10 + n].decode(errors="replace") if n > 0 else ""
-        spared = client.startswith(CLIENT)
-        if self.is_cut and not spared:
-            self.refused += 1
-            writer.close()
-            return
-        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream)
-        up_writer.write(head + body)
-        link = (writer, up_writer)
-        if not spared:
-            self.links.add(link)
-        await asyncio.gather(self._pump(reader, up_writer), self._pump(up_reader, writer))
-        self.links.discard(link)
-
-    async def _pump(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(ConnectionError, OSError):
-            while data := await src.read(65536):
-                dst.write(data)
-                await dst.drain()
-        dst.close()
-
-    def cut(self) -> None:
-        def drop() -> None:
-            self.is_cut = True
-            for a, b in list(self.links):
-                a.close()
-                b.close()
-
-        self.loop.call_soon_threadsafe(drop)
-
-    def restore(self) -> None:
-        self.loop.call_soon_threadsafe(setattr, self, "is_cut", False)
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
-
-
 @pytest.fixture
 def cut_settings(settings: Settings, tmp_path: Path) -> Iterator[tuple[Settings, Proxy]]:
     """Settings whose bootstrap is the proxy in front of a dedicated broker that advertises it."""
     port = free_port()
-    proxy = Proxy(port)
+    proxy = Proxy(port, CLIENT)
     broker = embedded_broker(settings, port, tmp_path / "broker.log", advertised_port=proxy.port)
     with broker:
         try:

@@ -30,11 +30,13 @@ def test_bench_all_smoke_writes_every_section_and_a_table(
     args = ["bench", "all", "--smoke", "--json", str(out), "--bootstrap", settings.bootstrap]
     assert main(args) == 0
     body = json.loads(out.read_text())
-    sections = {"features", "decisions", "serve", "state", "mixed", "rebalance", "scorer"}
+    sections = {"features", "decisions", "serve", "state", "mixed", "rebalance", "promises",
+                "scorer"}  # fmt: skip
     assert sections <= body.keys()
     printed = capsys.readouterr().out
     assert "| benchmark | target | measured | baseline (same run) |" in printed
-    for line in ("features:", "decisions:", "serve:", "state:", "mixed:", "rebalance"):
+    for line in ("features:", "decisions:", "serve:", "state:", "mixed:", "rebalance",
+                 "promises:"):  # fmt: skip
         assert line in printed, line
 
     f = body["features"]

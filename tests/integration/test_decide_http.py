@@ -13,6 +13,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -315,3 +316,23 @@ def test_user_data_needs_the_api_token_and_the_rest_stays_open(pair: Pair) -> No
     assert w.metric("adpulse_decide_requests_total", 'outcome="unauthorized"') >= 2
     p.decisions.poll()
     assert p.id("noauth") not in p.decisions.by_id  # refused before anything was decided
+
+
+def test_a_fresh_worker_answers_before_it_has_seen_any_event(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """A worker learns a topic's partition count when it first sends to it; one that
+    had not yet applied a single user event could not find the owner of a user and
+    answered /decide (and lookups) with a server error."""
+    create_topics(settings)
+    publish(settings.bootstrap, settings.topic("ad-catalog"), [ad("fresh-0", "fresh", 1.0, 7)])
+    worker = WorkerProcess(settings, tmp_path, name="fresh", extra_env=EXTRA).start()
+    try:
+        worker.wait_until(lambda: worker.metric("adpulse_catalog_ads") == 1, 30, "catalog")
+        status, got, _ = decide(worker, json.dumps(request("fresh-r", "nobody", "fresh")).encode())
+        assert status == 200, got
+        assert got["ad_id"] == "fresh-0"
+        assert worker.get("/users/nobody/interest")[0] == 404  # unknown, not an error
+        assert "Traceback" not in worker.log_path.read_text(errors="replace")
+    finally:
+        worker.stop()

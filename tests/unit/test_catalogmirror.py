@@ -6,7 +6,7 @@ import json
 
 from adpulse.catalogtool import synthetic_ads
 from adpulse.settings import Settings
-from streams.catalogmirror import CatalogMirror
+from streams.catalogmirror import catalog_mirror
 from streams.seal import SEAL_KEY
 
 
@@ -16,7 +16,7 @@ def ad_bytes(i: int) -> tuple[bytes, bytes]:
 
 
 def test_valid_ads_enter_and_each_change_moves_the_version_once() -> None:
-    m = CatalogMirror(Settings(), dim=None)
+    m = catalog_mirror(Settings(), dim=None)
     key, value = ad_bytes(0)
     m.apply(key, value)
     assert m.data == {key: value} and m.version == 1
@@ -25,7 +25,7 @@ def test_valid_ads_enter_and_each_change_moves_the_version_once() -> None:
 
 
 def test_an_invalid_record_leaves_the_ads_last_valid_version() -> None:
-    m = CatalogMirror(Settings(), dim=None)
+    m = catalog_mirror(Settings(), dim=None)
     key, value = ad_bytes(0)
     m.apply(key, value)
     m.apply(key, b"{not json")
@@ -34,7 +34,7 @@ def test_an_invalid_record_leaves_the_ads_last_valid_version() -> None:
 
 
 def test_a_tombstone_removes_the_ad_and_the_seal_is_ignored() -> None:
-    m = CatalogMirror(Settings(), dim=None)
+    m = catalog_mirror(Settings(), dim=None)
     key, value = ad_bytes(1)
     m.apply(key, value)
     m.apply(SEAL_KEY, None)

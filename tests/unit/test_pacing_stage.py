@@ -168,7 +168,7 @@ def models() -> ServingModels:
 
 
 class Shards:
-    """The strategy GlobalTable's calibration shards: the model over-predicts twice over."""
+    """The strategy mirror's calibration shards: the model over-predicts twice over."""
 
     def __init__(self, labels_per_shard: int) -> None:
         cal, rng = Calibrator(CalibrationParams()), np.random.default_rng(3)
