@@ -145,22 +145,26 @@ def _ad(ad_id: str, placement: str) -> dict[str, Any]:
 
 
 def _decide(w: WorkerProcess, user: str, placement: str) -> tuple[int, Any]:
+    """POST /decide as a client should: a 503 (a partition on the move) is retried."""
     body = {"request_id": uuid.uuid4().hex, "user_id": user, "placement": placement,
             "ts": int(time.time() * 1000)}  # fmt: skip
-    status, got, _ = w.post("/decide", json.dumps(body).encode())
+    for _ in range(40):
+        status, got, _ = w.post("/decide", json.dumps(body).encode())
+        if status != 503:
+            break
+        time.sleep(0.05)
     return status, got
 
 
 def _owners(a: WorkerProcess, b: WorkerProcess) -> tuple[str, str] | None:
     """A user that ``a`` answers itself and one that ``b`` does, or None while the
-    partitions are not split (or are moving)."""
+    partitions are not split."""
     own: dict[int, str] = {}
     for i in range(32):
         user = f"owner-probe-{i}"
         before = a.metric("adpulse_decide_requests_total", 'outcome="forwarded"')
-        status, _ = _decide(a, user, "seed")
-        if status != 200:
-            return None
+        if _decide(a, user, "seed")[0] != 200:
+            continue
         forwarded = a.metric("adpulse_decide_requests_total", 'outcome="forwarded"') > before
         own.setdefault(int(forwarded), user)
         if len(own) == 2:
