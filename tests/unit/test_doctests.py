@@ -12,6 +12,7 @@ MODULES = [
     "adpulse.privacy",
     "adpulse.kafkaconf",
     "scoring.abuse",
+    "scoring.watermark",
     "scoring.embeddings",
     "scoring.strategy.epsilon",
     "scoring.strategy.uniform",
