@@ -13,6 +13,7 @@ MODULES = [
     "adpulse.kafkaconf",
     "scoring.abuse",
     "scoring.watermark",
+    "scoring.train",
     "scoring.embeddings",
     "scoring.strategy.epsilon",
     "scoring.strategy.uniform",
