@@ -15,7 +15,8 @@ apply, **send the labels and wait for their acks**, then write the records.
 A crash before the labels are acked replays the batch from the state before
 it: nothing lost. A crash after the acks but before the state is durable
 replays it too and sends the same labels again: that is the one duplicate
-window, and the learner dedupes by decision_id. Timer-driven labels (clicked=0)
+window. A label's identity is its decision_id, so the learner, ``adpulse report``
+and ``adpulse train`` count a repeat once. Timer-driven labels (clicked=0)
 follow the same order.
 
 Index cost: built by scanning the partition's RocksDB once after each
