@@ -290,8 +290,9 @@ class Settings:
     )
     watermark_idle_s: float = _setting(
         30.0,
-        "A quiet partition's event-time watermark trails the wall clock by this much: clicks "
-        "arriving later than this after their window are late (counted, not labelled).",
+        "A join input read to its end and quiet this long lets the wall clock stand in for its "
+        "event time, trailing it by this much: clicks arriving later than this after their "
+        "window are late (counted, not labelled). Never applies to a backlog.",
     )
     feedback_grace_s: float = _setting(
         3600.0,

@@ -73,6 +73,44 @@ def _check(r: Mapping[str, Any], where: str) -> None:
         raise InputError(msg)
 
 
+def once_per_decision(
+    records: Sequence[Mapping[str, Any]],
+) -> tuple[list[Mapping[str, Any]], int]:
+    """One training row per decision id, and how many records were left out.
+
+    A label's identity is its ``decision_id``. The joiner may send a decision's
+    label twice (its one duplicate window, README "Guarantees"), and a clicked
+    decision that converts gets a second record (``converted: 1``, same snapshot);
+    either would weigh that decision twice and count its click twice. The first
+    label of each decision id is kept; a conversion stands in for its label only
+    when the label is absent. Records without a decision id are kept as they are.
+
+    >>> rows, dropped = once_per_decision([
+    ...     {"decision_id": "a", "clicked": 1}, {"decision_id": "b", "clicked": 0},
+    ...     {"decision_id": "a", "clicked": 1, "converted": 1}, {"decision_id": "b", "clicked": 0}])
+    >>> [r["decision_id"] for r in rows], dropped
+    (['a', 'b'], 2)
+    """
+    labels: dict[str, int] = {}  # decision id -> index of its row in ``out``
+    out: list[Mapping[str, Any]] = []
+    conversions: list[Mapping[str, Any]] = []
+    for r in records:
+        did = r.get("decision_id")
+        if not isinstance(did, str):
+            out.append(r)
+        elif r.get("converted") == 1:
+            conversions.append(r)
+        elif did not in labels:
+            labels[did] = len(out)
+            out.append(r)
+    for r in conversions:
+        did = r["decision_id"]
+        if did not in labels:
+            labels[did] = len(out)
+            out.append(r)
+    return out, len(records) - len(out)
+
+
 def auc(y: npt.ArrayLike, p: npt.ArrayLike) -> float:
     """ROC AUC by the rank-sum (Mann-Whitney) formula, ties averaged."""
     yv, pv = np.asarray(y, dtype=np.float64), np.asarray(p, dtype=np.float64)
@@ -133,7 +171,11 @@ def train(
     from scoring.model import CtrNet, export_onnx  # noqa: PLC0415
 
     spec = spec or FeatureSpec()
-    recs = load_records(records) if isinstance(records, Path | str) else list(records)
+    recs, dropped = once_per_decision(
+        load_records(records) if isinstance(records, Path | str) else list(records)
+    )
+    if dropped:
+        log.info("%d repeated or conversion records left out: one row per decision id", dropped)
     if len(recs) < 100:
         msg = f"only {len(recs)} records: need at least 100 to train and hold out 20%"
         raise InputError(msg)

@@ -6,14 +6,17 @@ so one worker sees a decision and its user's clicks. The state machine is
 scoring/joinstate.py; this module owns the I/O around it: the ``pending`` table
 (decision id -> record), an in-memory index per partition of each record's
 deadline and of the users with clicked decisions (for purchases), and the
-partition's watermark.
+partition's watermark (scoring/watermark.py: the lower of the two inputs' event
+times; the wall clock stands in for an input only while it is caught up to the
+end of its partition and quiet, never on a backlog).
 
 Order of effects, per batch and per timer tick, under one lock: read records,
 apply, **send the labels and wait for their acks**, then write the records.
 A crash before the labels are acked replays the batch from the state before
 it: nothing lost. A crash after the acks but before the state is durable
 replays it too and sends the same labels again: that is the one duplicate
-window, and the learner dedupes by decision_id. Timer-driven labels (clicked=0)
+window. A label's identity is its decision_id, so the learner, ``adpulse report``
+and ``adpulse train`` count a repeat once. Timer-driven labels (clicked=0)
 follow the same order.
 
 Index cost: built by scanning the partition's RocksDB once after each
@@ -27,14 +30,16 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import msgspec
+from faust.types import TP
 
 from scoring import joinstate as js
 from scoring.abuse import ClickBurst
 from scoring.dueindex import DueIndex
+from scoring.watermark import Input, Watermarks
 from streams.deadletter import Raw, Rejected
 from streams.tablewriter import read_many, write_many
 
@@ -80,12 +85,15 @@ class JoinStage:
     def __init__(self, w: Wiring) -> None:
         self.w = w
         self.params = js.JoinParams.from_settings(w.settings)
-        self.idle_ms = int(w.settings.watermark_idle_s * 1000)
         self.topic = w.settings.topic("ctr-feedback")
+        self.inputs: dict[Input, str] = {
+            "decisions": w.settings.topic("ad-decisions"),
+            "events": w.settings.topic("user-events"),
+        }
         self.lock = asyncio.Lock()
         self.due: dict[int, DueIndex] = {}  # partition -> decision id -> deadline
         self.clicked: dict[int, dict[str, set[str]]] = {}  # partition -> user -> decision ids
-        self.watermark: dict[int, int] = {}
+        self.watermark = Watermarks(int(w.settings.watermark_idle_s * 1000))
         self.gen: int | None = None
         self.burst = ClickBurst(w.settings.max_clicks_per_user_min)
 
@@ -96,12 +104,16 @@ class JoinStage:
         by_part: dict[int, list[js.Decision]] = {}
         rejected: list[Rejected] = []
         ads: dict[str, tuple[int, int]] = {}
+        newest: dict[int, int] = {}
+        ends: dict[int, int] = {}
         for raw in raws:
+            ends[raw.partition] = max(ends.get(raw.partition, 0), raw.offset + 1)
             try:
                 d = _decode_decision(raw.value or b"")
             except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
                 rejected.append(Rejected(raw, "schema", str(exc)[:300]))
                 continue
+            newest[raw.partition] = max(newest.get(raw.partition, 0), d.ts)
             if d.ad_id is None:
                 continue  # no fill: nothing to label
             f = d.features or SnapshotMsg()
@@ -116,16 +128,28 @@ class JoinStage:
             )  # fmt: skip
             by_part.setdefault(raw.partition, []).append(dec)
         futures: list[Any] = []
-        for part, decisions in by_part.items():
-            futures += await self._apply(part, decisions, [], max(d.ts for d in decisions), now_ms)
+        for part, end in ends.items():
+            seen: tuple[Input, int, int] = ("decisions", newest.get(part, 0), end)
+            futures += await self._apply(part, by_part.get(part, []), [], now_ms, seen)
         return futures, rejected
 
-    async def on_events(self, good: Sequence[tuple[UserEventMsg, Raw]], now_ms: int) -> list[Any]:
-        """Clicks on served ads and purchases of a user-events batch (already validated)."""
+    async def on_events(
+        self,
+        good: Sequence[tuple[UserEventMsg, Raw]],
+        now_ms: int,
+        ends: Mapping[int, int] | None = None,
+    ) -> list[Any]:
+        """Clicks on served ads and purchases of a user-events batch (already validated).
+
+        ``ends``: partition -> the offset after the batch's last record, valid or not
+        (the watermark's read position; without it, that of the last valid one).
+        """
         by_part: dict[int, list[js.Event]] = {}
         newest: dict[int, int] = {}
+        offsets: dict[int, int] = dict(ends or {})
         bursts: list[tuple[str, str]] = []
         for ev, raw in good:
+            offsets[raw.partition] = max(offsets.get(raw.partition, 0), raw.offset + 1)
             newest[raw.partition] = max(newest.get(raw.partition, 0), ev.ts)
             if ev.kind == "click" and isinstance(ev.decision_id, str):
                 if self.burst.suspect(ev.user_id, ev.ts):  # never reaches the state machine
@@ -139,12 +163,13 @@ class JoinStage:
             by_part.setdefault(raw.partition, []).append(e)
         self._suspects(bursts)
         futures: list[Any] = []
-        for part, ts in newest.items():
-            futures += await self._apply(part, [], by_part.get(part, []), ts, now_ms)
+        for part, end in offsets.items():
+            seen: tuple[Input, int, int] = ("events", newest.get(part, 0), end)
+            futures += await self._apply(part, [], by_part.get(part, []), now_ms, seen)
         return futures
 
     async def tick(self) -> None:
-        """Advance quiet partitions' watermarks by wall clock; label and expire what is due."""
+        """Advance idle partitions' watermarks by wall clock; label and expire what is due."""
         app = self.w.app
         if getattr(app, "rebalancing", False) or getattr(app, "in_recovery", False):
             return
@@ -152,7 +177,7 @@ class JoinStage:
         now_ms = int(time.time() * 1000)
         for tp in app.assignor.assigned_actives():
             if tp.topic == topic:
-                await self._apply(tp.partition, [], [], 0, now_ms)
+                await self._apply(tp.partition, [], [], now_ms)
 
     # -- the one path every change takes -------------------------------------------------------
     async def _apply(
@@ -160,13 +185,16 @@ class JoinStage:
         part: int,
         decisions: list[js.Decision],
         events: list[js.Event],
-        newest_ts: int,
         now_ms: int,
+        seen: tuple[Input, int, int] | None = None,
     ) -> list[Any]:
-        async with self.lock:
+        """``seen``: the input these records came from, their newest time, the offset after."""
+        async with self.lock:  # the watermark moves with the records that move it, never before
             due, users = self._index(part)
-            wm = max(self.watermark.get(part, 0), min(newest_ts, now_ms), now_ms - self.idle_ms)
-            self.watermark[part] = wm
+            if seen is not None:
+                inp, newest_ts, end = seen
+                self.watermark.seen(part, inp, newest_ts, now_ms, end)
+            wm = self.watermark.advance(part, now_ms, lambda inp: self._caught_up(part, inp))
             keys = {d.decision_id for d in decisions} | {e.decision_id for e in events}
             keys.discard("")
             for e in events:
@@ -209,6 +237,7 @@ class JoinStage:
         if gen != self.gen:  # rebalanced: partitions may have been handled elsewhere meanwhile
             self.due.clear()
             self.clicked.clear()
+            self.watermark.reset_inputs()
             self.gen = gen
         if part not in self.due:
             due = DueIndex()
@@ -224,6 +253,26 @@ class JoinStage:
             self.due[part], self.clicked[part] = due, users
             log.info("join index of partition %d: %d pending records", part, len(due))
         return self.due[part], self.clicked[part]
+
+    def _caught_up(self, part: int, inp: Input) -> bool:
+        """Whether the join has handled ``inp`` on ``part`` up to the end the last fetch saw.
+
+        The position is the offset after the last record handed to the join (not
+        the consumer's read offset, which counts a fetched batch not yet handled);
+        before any, the consumer's committed start (Faust's ``_read_offset``).
+        """
+        consumer: Any = self.w.app.consumer
+        tp = TP(self.inputs[inp], part)
+        try:
+            end = consumer.highwater(tp)
+        except (AssertionError, KeyError):  # not (or no longer) assigned
+            return False
+        if end is None:  # not fetched yet
+            return False
+        pos = self.watermark.next_offset(part, inp)
+        if pos is None:
+            pos = consumer._read_offset.get(tp) or 0
+        return bool(pos >= end)
 
     def _reindex(
         self,

@@ -20,7 +20,9 @@ for read-modify-write.
 One record per ad (:class:`AdState`, msgpack): the highest ctr-feedback offset
 applied (a redelivered batch changes nothing), a ring of the fingerprints of the
 last ``ADPULSE_LEARN_DEDUPE_IDS`` decision ids (a label the joiner re-emits
-after a crash, at a new offset, changes nothing while it is in the ring), the
+after a crash, at a new offset, changes nothing while it is in the ring; a
+``converted: 1`` record, the same decision's second record, never does: its
+label was counted already, however long ago), the
 ad's Thompson counts, its counts per segment, and its LinUCB state. A segment
 is the user's dominant interest dimension, argmax of the interest vector
 (:func:`segment_of`, at most ``ADPULSE_DIM`` per ad): ctr-feedback carries the
@@ -199,7 +201,7 @@ class LearnStage:
                 outcomes["redelivered"] += 1
                 continue
             state.offset = r.offset
-            if fp in seen:
+            if fp in seen or m.converted == 1:  # a repeat, or the decision's conversion record
                 outcomes["duplicate"] += 1
                 continue
             ring.append(fp)

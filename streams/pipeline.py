@@ -287,7 +287,8 @@ async def ingest(
     futures: list[Awaitable[Any]] = [*await _write_by_partition(w.interest, result.writes)]
     futures += await _dead_letter(w, result.rejected, now_ms, "user-events", "ingest")
     if join is not None:
-        futures += await join.on_events(result.valid, now_ms)
+        ends = {tp.partition: records[-1].offset + 1 for tp, records in batch.items()}
+        futures += await join.on_events(result.valid, now_ms, ends)
     _count(w, result, len(raws), started, oldest_ms)
     return asyncio.gather(*futures)
 

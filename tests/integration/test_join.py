@@ -153,3 +153,42 @@ def test_worker_killed_during_the_window_labels_each_decision_once_after_restart
         again.stop()
     assert {i: len(fb.by_id[i]) for i in ids} == dict.fromkeys(ids, 1)
     assert {i: fb.by_id[i][0]["clicked"] for i in ids} == {i: int(i in ids[:30:2]) for i in ids}
+
+
+def test_worker_down_longer_than_window_and_idle_labels_exactly_after_restart(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Decisions and their clicks wait on the topics while the worker is down for longer
+    than window + grace + idle (2 s + 1 s + 1 s). The restarted worker reads both topics'
+    backlogs in an order nobody controls: its watermark must advance by their event times
+    (the lower of the two), not by the wall clock. Before the fix, a decision read before
+    its click was labelled 0 at once, and a click read before its decision was expired as
+    a click with no impression (grace 1 s), so either way clicks inside the window were
+    lost. Now every decision is labelled exactly once, clicked=1 iff a click inside its
+    window was sent."""
+    monkeypatch.setenv("ADPULSE_FEEDBACK_GRACE_S", "1")
+    create_topics(settings)
+    WorkerProcess(settings, tmp_path).start().stop()  # the group has committed: it is "down"
+    ids = [f"w{i}" for i in range(60)]
+    inside, outside = ids[:20], ids[20:30]  # clicked in the window; clicked before the decision
+    feed, fb = Feed(settings), Feedback(settings)
+    now = int(time.time() * 1000)
+    for n in range(200):  # older browsing ahead of the clicks on user-events
+        for u in range(7):
+            e = {"event_id": f"f{u}-{n}", "user_id": f"u{u}", "kind": "browse",
+                 "item_id": n % 50, "category_id": n % 9, "ts": now - 60_000 + n}  # fmt: skip
+            feed._send("user-events", e["user_id"], e)
+    feed.decisions(ids, now)
+    feed.clicks(inside, ids, now + 500, "c")
+    feed.clicks(outside, ids, now - 500, "early")
+    down_ms = 2_000 + 1_000 + 1_000 + 2_000  # window + grace + idle, and a margin
+    while time.time() * 1000 < now + down_ms:  # bench-ok: the downtime, not a speed claim
+        time.sleep(0.2)
+    again = WorkerProcess(settings, tmp_path, name="restarted").start()
+    try:
+        fb.wait(ids, timeout=60)
+        fb.poll(2.0)
+    finally:
+        again.stop()
+    assert {i: len(fb.by_id[i]) for i in ids} == dict.fromkeys(ids, 1)
+    assert {i: fb.by_id[i][0]["clicked"] for i in ids} == {i: int(i in inside) for i in ids}

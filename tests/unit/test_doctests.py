@@ -12,6 +12,8 @@ MODULES = [
     "adpulse.privacy",
     "adpulse.kafkaconf",
     "scoring.abuse",
+    "scoring.watermark",
+    "scoring.train",
     "scoring.embeddings",
     "scoring.strategy.epsilon",
     "scoring.strategy.uniform",

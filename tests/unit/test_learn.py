@@ -112,6 +112,17 @@ def test_a_label_re_emitted_at_a_new_offset_counts_once() -> None:
     assert (a.shows, a.clicks, a.offset) == (2.0, 1.0, 3)
 
 
+def test_a_conversion_after_its_label_left_the_ring_is_not_a_second_label() -> None:
+    store, stage = Store(), LearnStage(SETTINGS.with_(learn_dedupe_ids=2))
+    v = [1.0, 0, 0, 0]
+    store.run(stage, raws([label("d1", "a", 1, v), label("d2", "a", 0, v), label("d3", "a", 0, v)]))
+    conversion = {**label("d1", "a", 1, v), "converted": 1}  # a purchase a day later
+    result = store.run(stage, raws([conversion], first_offset=3))
+    assert result.outcomes == {"duplicate": 1}
+    a = store.ad("a")
+    assert (a.shows, a.clicks, a.offset) == (3.0, 1.0, 3)
+
+
 def test_the_dedupe_ring_is_bounded() -> None:
     store, stage = Store(), LearnStage(SETTINGS.with_(learn_dedupe_ids=3))
     store.run(stage, raws([label(f"d{i}", "a", 0, []) for i in range(10)]))

@@ -12,10 +12,10 @@ from scoring.featurespec import FeatureSpec
 from scoring.registry import PACKAGED, ModelRegistry
 from scoring.scorer import SessionOptions
 from scoring.synthetic import generate, make_world, write_jsonl
-from scoring.train import auc, calibration, load_records
+from scoring.train import auc, calibration, load_records, once_per_decision
 
 pytest.importorskip("torch")
-from scoring.train import run_train
+from scoring.train import run_train, train
 
 
 def test_training_on_20k_synthetic_rows_beats_chance_on_the_held_out_split(tmp_path: Path) -> None:
@@ -58,3 +58,30 @@ def test_the_shipped_default_model_validates_and_beats_chance() -> None:
     loaded = reg.latest_valid()
     assert loaded is not None, reg.refused
     assert loaded.metrics["auc"] > 0.7
+
+
+def test_a_repeated_label_and_a_conversion_train_one_row_per_decision(tmp_path: Path) -> None:
+    recs = generate(400, seed=5)
+    clicked = [r for r in recs if r["clicked"]]
+    repeats = [dict(r) for r in recs[:60]]  # the joiner's duplicate window, at a new offset
+    conversions = [{**r, "converted": 1} for r in clicked[:10]]  # a second record, same id
+    path = tmp_path / "labels.jsonl"
+    write_jsonl(recs + repeats + conversions, path)
+    m = train(path, tmp_path / "models", epochs=1, threads=1, version="v1")
+    assert m["n_train"] + m["n_test"] == 400
+    assert m["train_ctr"] * m["n_train"] + m["test_ctr"] * m["n_test"] == pytest.approx(
+        len(clicked), abs=0.01
+    )
+
+
+def test_a_conversion_stands_in_for_its_missing_label_and_ids_keep_their_first_row() -> None:
+    rows, dropped = once_per_decision(
+        [
+            {"decision_id": "c", "clicked": 1, "converted": 1, "n": 1},
+            {"decision_id": "a", "clicked": 0, "n": 2},
+            {"decision_id": "a", "clicked": 0, "n": 3},
+            {"clicked": 1, "n": 4},  # no identity: kept as it is
+            {"clicked": 1, "n": 4},
+        ]
+    )
+    assert [r["n"] for r in rows] == [2, 4, 4, 1] and dropped == 1
