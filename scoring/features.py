@@ -9,10 +9,13 @@ state does not depend on arrival order (up to float rounding): a late event is
 applied exactly, not approximately. Exponents are never positive, so nothing
 overflows however old the data.
 
-State is one fixed-size numpy record per user (``state_dtype``): compact
-(~412 bytes at d = 64), decoded and encoded for a whole batch at once, and
-dedupe lives in the same record as the vector it protects, so one table write
-changes both together (the broker has no transactions; see README "Guarantees").
+State is one record per user: a fixed-size numpy header (``header_dtype``,
+368 bytes at d = 64) and then the user's per-category decayed weights, 12
+bytes a category (``CATEGORY_DTYPE``), decoded and encoded for a whole batch at
+once. Dedupe lives in the same record as the vector it protects, so one table
+write changes both together (the broker has no transactions; see README
+"Guarantees"). The top categories are the heaviest entries of that weight map,
+so they are exact too, not a heavy-hitters estimate (:func:`_update_categories`).
 
 Everything here is pure numpy: no Kafka, no Faust. ``reference_vectors`` is the
 one-batch recompute the streaming update is tested against.
@@ -33,7 +36,7 @@ from scoring.embeddings import EmbeddingTable, event_embeddings
 
 KINDS = ("browse", "click", "cart", "fav", "purchase")
 KIND_INDEX = {k: i for i, k in enumerate(KINDS)}
-STATE_VERSION = 1
+STATE_VERSION = 2  # 1: fixed 412-byte record with an approximate top-k (read, upgraded)
 NO_TIME = np.iinfo(np.int64).min  # t_ref of a user with no event yet
 
 # Outcomes of one event in apply_batch.
@@ -55,10 +58,26 @@ class InterestParams:
     top_k: int = 4
     ring: int = 8
     dedupe_ttl_ms: int = 24 * 3600 * 1000
+    category_limit: int = 128
+
+    def __post_init__(self) -> None:
+        if not self.top_k <= self.category_limit <= 65_535:
+            msg = (
+                f"category limit {self.category_limit} must be between the top categories "
+                f"({self.top_k}) and 65535: set ADPULSE_CATEGORY_LIMIT"
+            )
+            raise ValueError(msg)
 
     @property
     def tau_ms(self) -> float:
         return self.half_life_ms / math.log(2.0)
+
+    @property
+    def category_floor(self) -> float:
+        """Weight under which a category is dropped: 2**-20 of the lightest event's weight,
+        which an event reaches 20 half-lives after it happened."""
+        positive = [w for w in self.kind_weights if w > 0]
+        return DROP_BELOW * (min(positive) if positive else 1.0)
 
     @classmethod
     def from_settings(cls, s: Any) -> InterestParams:
@@ -70,25 +89,82 @@ class InterestParams:
             top_k=s.top_categories,
             ring=s.dedupe_ids,
             dedupe_ttl_ms=s.dedupe_ttl_h * 3600 * 1000,
+            category_limit=s.category_limit,
         )
 
 
+DROP_BELOW = 2.0**-20  # x the lightest kind weight: see InterestParams.category_floor
+CATEGORY_DTYPE = np.dtype([("id", "<i8"), ("w", "<f4")])  # one stored category, 12 bytes
+
+
+def _header_fields(p: InterestParams) -> list[tuple[Any, ...]]:
+    return [
+        ("version", "u1"),
+        ("flags", "u1"),  # reserved, 0
+        ("ncat", "<u2"),  # categories stored after the header
+        ("arrived_min", "<u4"),  # processing time of the last arrival, minutes since epoch
+        ("t_ref", "<i8"),  # latest event time seen (ms); NO_TIME if none
+        ("offset", "<i8"),  # highest source offset applied; -1 if none
+        ("counts", "<u4", (len(KINDS),)),
+        ("dropped", "<f4"),  # category weight dropped (floor, limit), decayed to t_ref
+        ("ring", "<u8", (p.ring,)),  # recent event-id fingerprints, newest last; 0 = empty
+        ("vec", "<f4", (p.dim,)),  # interest vector at t_ref
+    ]
+
+
+def header_dtype(p: InterestParams) -> np.dtype[Any]:
+    """The stored fixed part of a user's record; little-endian and packed so bytes are
+    portable. ``ncat`` entries of :data:`CATEGORY_DTYPE` follow it, heaviest first."""
+    return np.dtype(_header_fields(p))
+
+
 def state_dtype(p: InterestParams) -> np.dtype[Any]:
-    """Layout of one user's state; little-endian and packed so bytes are portable."""
+    """One user's state in memory: the stored header, then the top categories (the
+    heaviest ``top_k`` entries of the weight map, filled in at decode and update)."""
+    return np.dtype(
+        [
+            *_header_fields(p),
+            ("top_ids", "<i8", (p.top_k,)),  # -1 = empty slot
+            ("top_w", "<f4", (p.top_k,)),  # decayed weight at t_ref
+        ]
+    )
+
+
+def _v1_dtype(p: InterestParams) -> np.dtype[Any]:
+    """Records written before the weight map (STATE_VERSION 1), read for compatibility."""
     return np.dtype(
         [
             ("version", "u1"),
             ("flags", "u1", (3,)),
-            ("arrived_min", "<u4"),  # processing time of the last arrival, minutes since epoch
-            ("t_ref", "<i8"),  # latest event time seen (ms); NO_TIME if none
-            ("offset", "<i8"),  # highest source offset applied; -1 if none
+            ("arrived_min", "<u4"),
+            ("t_ref", "<i8"),
+            ("offset", "<i8"),
             ("counts", "<u4", (len(KINDS),)),
-            ("top_ids", "<i8", (p.top_k,)),  # -1 = empty slot
-            ("top_w", "<f4", (p.top_k,)),  # decayed weight at t_ref
-            ("ring", "<u8", (p.ring,)),  # recent event-id fingerprints, newest last; 0 = empty
-            ("vec", "<f4", (p.dim,)),  # interest vector at t_ref
+            ("top_ids", "<i8", (p.top_k,)),
+            ("top_w", "<f4", (p.top_k,)),
+            ("ring", "<u8", (p.ring,)),
+            ("vec", "<f4", (p.dim,)),
         ]
     )
+
+
+@dataclass(frozen=True)
+class Categories:
+    """Every user's category -> decayed weight at its t_ref, ragged: user i's entries are
+    ``ids[start[i]:start[i+1]]`` (and ``w``), heaviest first, ties by smaller id."""
+
+    start: I64  # [n + 1]
+    ids: I64
+    w: npt.NDArray[np.float32]
+
+    @classmethod
+    def empty(cls, n: int) -> Categories:
+        return cls(np.zeros(n + 1, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32))
+
+    def of(self, i: int) -> dict[int, float]:
+        """User ``i``'s map, for tests and tools."""
+        a, b = int(self.start[i]), int(self.start[i + 1])
+        return dict(zip(self.ids[a:b].tolist(), self.w[a:b].tolist(), strict=True))
 
 
 def empty_states(n: int, p: InterestParams) -> npt.NDArray[Any]:
@@ -100,24 +176,100 @@ def empty_states(n: int, p: InterestParams) -> npt.NDArray[Any]:
     return s
 
 
-def decode_states(values: list[bytes | None], p: InterestParams) -> npt.NDArray[Any]:
-    """Records for stored values, an empty state where a value is None."""
-    dt = state_dtype(p)
+def _wrong_size(p: InterestParams) -> ValueError:
+    msg = f"stored interest state has wrong size for dim={p.dim}: was the dim changed?"
+    return ValueError(msg)
+
+
+def _upgrade_v1(raw: bytes, p: InterestParams) -> bytes:
+    """A version-1 record as version 2: its top-k becomes the weight map (all it kept)."""
+    dt = _v1_dtype(p)
+    if len(raw) != dt.itemsize:
+        raise _wrong_size(p)
+    old = np.frombuffer(raw, dtype=dt)
+    new = empty_states(1, p)
+    for name in ("arrived_min", "t_ref", "offset", "counts", "ring", "vec"):
+        new[name] = old[name]
+    keep = old["top_ids"][0] >= 0
+    ids, w = old["top_ids"][0][keep], old["top_w"][0][keep]
+    o = np.lexsort((ids, -w.astype(np.float64)))
+    cats = Categories(np.array([0, len(ids)], np.int64), ids[o].astype(np.int64), w[o])
+    return encode_states(new, cats)[0]
+
+
+def decode_records(
+    values: list[bytes | None], p: InterestParams
+) -> tuple[npt.NDArray[Any], Categories]:
+    """States and category maps for stored values, an empty state where a value is None."""
+    values = [_upgrade_v1(v, p) if v is not None and v[:1] == b"\x01" else v for v in values]
+    hd = header_dtype(p)
+    h = hd.itemsize
     out = empty_states(len(values), p)
     present = [i for i, v in enumerate(values) if v is not None]
+    ncat = np.zeros(len(values), dtype=np.int64)
+    tails = b""
     if present:
-        raw = b"".join(values[i] for i in present)  # type: ignore[misc]
-        if len(raw) != dt.itemsize * len(present):
-            msg = f"stored interest state has wrong size for dim={p.dim}: was the dim changed?"
+        raws: list[bytes] = [values[i] for i in present]  # type: ignore[misc]
+        heads = b"".join(v[:h] for v in raws)
+        if len(heads) != h * len(present):
+            raise _wrong_size(p)
+        head = np.frombuffer(heads, dtype=hd)
+        lengths = np.fromiter((len(v) for v in raws), np.int64, len(raws))
+        if (lengths != h + CATEGORY_DTYPE.itemsize * head["ncat"].astype(np.int64)).any():
+            raise _wrong_size(p)
+        if (head["version"] != STATE_VERSION).any():
+            msg = f"stored interest state has an unknown version {set(head['version'].tolist())}"
             raise ValueError(msg)
-        out[present] = np.frombuffer(raw, dtype=dt)
-    return out
+        out.view(np.uint8).reshape(len(values), -1)[present, :h] = np.frombuffer(
+            heads, np.uint8
+        ).reshape(len(present), h)
+        ncat[present] = head["ncat"]
+        tails = b"".join(v[h:] for v in raws)
+    entries = np.frombuffer(tails, dtype=CATEGORY_DTYPE)
+    cats = Categories(
+        np.r_[0, np.cumsum(ncat)].astype(np.int64),
+        entries["id"].astype(np.int64),
+        entries["w"].astype(np.float32),
+    )
+    _fill_top(out, cats, p)
+    return out, cats
 
 
-def encode_states(states: npt.NDArray[Any]) -> list[bytes]:
-    raw = states.tobytes()
-    n = states.dtype.itemsize
-    return [raw[i : i + n] for i in range(0, len(raw), n)]
+def decode_states(values: list[bytes | None], p: InterestParams) -> npt.NDArray[Any]:
+    """States for stored values (top categories filled in), empty where a value is None."""
+    return decode_records(values, p)[0]
+
+
+def encode_states(states: npt.NDArray[Any], cats: Categories) -> list[bytes]:
+    """Stored records: each state's header, then its category map."""
+    fields = states.dtype.fields
+    assert fields is not None
+    h = int(fields["top_ids"][1])  # the in-memory top fields come after the header
+    heads = states.copy()
+    count = np.diff(cats.start)
+    heads["ncat"] = count
+    raw = heads.tobytes()
+    m = states.dtype.itemsize
+    entries = np.empty(len(cats.ids), dtype=CATEGORY_DTYPE)
+    entries["id"], entries["w"] = cats.ids, cats.w
+    tail = entries.tobytes()
+    at = (cats.start * CATEGORY_DTYPE.itemsize).tolist()
+    return [raw[i * m : i * m + h] + tail[at[i] : at[i + 1]] for i in range(len(states))]
+
+
+def _fill_top(states: npt.NDArray[Any], cats: Categories, p: InterestParams) -> None:
+    """Each state's top categories: the first ``top_k`` entries of its map."""
+    k, n = p.top_k, len(states)
+    take = np.minimum(np.diff(cats.start), k)
+    rows = np.repeat(np.arange(n), take)
+    rank = np.arange(len(rows)) - np.repeat(np.r_[0, np.cumsum(take)[:-1]], take)
+    src = cats.start[rows] + rank
+    top_ids = np.full((n, k), -1, dtype=np.int64)
+    top_w = np.zeros((n, k), dtype=np.float32)
+    top_ids[rows, rank] = cats.ids[src]
+    top_w[rows, rank] = cats.w[src]
+    states["top_ids"] = top_ids
+    states["top_w"] = top_w
 
 
 @dataclass(frozen=True)
@@ -135,12 +287,13 @@ class EventBatch:
 
 def apply_batch(
     states: npt.NDArray[Any],
+    cats: Categories,
     batch: EventBatch,
     table: EmbeddingTable,
     p: InterestParams,
     now_ms: int = 0,
-) -> tuple[npt.NDArray[Any], npt.NDArray[np.uint8]]:
-    """New states for the users of one batch, and each event's outcome code.
+) -> tuple[npt.NDArray[Any], Categories, npt.NDArray[np.uint8]]:
+    """New states and category maps for the users of one batch, and each event's outcome.
 
     One pass of numpy over the whole batch: events are grouped by user (stable,
     so arrival order within a user is kept for dedupe), redeliveries (offset at
@@ -156,7 +309,7 @@ def apply_batch(
     outcome = np.full(n, APPLIED, dtype=np.uint8)
     new = states.copy()
     if n == 0:
-        return new, outcome
+        return new, cats, outcome
     order = np.argsort(batch.user, kind="stable")
     user, fp, ts, off = (
         batch.user[order],
@@ -188,7 +341,7 @@ def apply_batch(
     applied_offsets = np.where(off >= 0, off, -1)
     np.maximum.at(new["offset"], user, applied_offsets)
     if not acc.any():
-        return new, outcome
+        return new, cats, outcome
 
     a_user, a_ts, a_fp = user[acc], ts[acc], fp[acc]
     a_kind = batch.kind[order][acc]
@@ -221,50 +374,71 @@ def apply_batch(
         .astype(np.uint32)
     )
 
-    _update_top(new, ua, keep_old, np.repeat(np.arange(len(ua)), counts_per_u), a_cat, contrib, p)
+    group = np.repeat(np.arange(len(ua)), counts_per_u)
+    cats = _update_categories(new, cats, ua, keep_old, group, a_cat, contrib, p)
+    _fill_top(new, cats, p)
     _update_ring(new, ua, counts_per_u, a_fp, p)
-    return new, outcome
+    return new, cats, outcome
 
 
-def _update_top(
+def _update_categories(
     new: npt.NDArray[Any],
+    cats: Categories,
     ua: I64,
     keep_old: npt.NDArray[np.float64],
     group: I64,
     cat: I64,
     contrib: npt.NDArray[np.float64],
     p: InterestParams,
-) -> None:
-    """Keep the k heaviest categories per user (heavy-hitters summary).
+) -> Categories:
+    """Every category's decayed weight, updated for the users ``ua`` (rows of ``new``).
 
-    Exact while a user has touched at most k categories; beyond that a category
-    evicted earlier restarts from zero when it returns (Space-Saving style,
-    Metwally et al., ICDT 2005), so small weights may be under-counted.
+    A category's weight at t_ref is the sum of its events' decayed weights, kept
+    exactly as the vector is (rescaled to a new t_ref, late events added decayed),
+    so the map, and the top categories read off it, do not depend on arrival
+    order. Two rules bound its size; each adds what it drops to ``dropped`` (decayed
+    with the state), so ``dropped`` bounds how far any weight is below the exact
+    sum:
+
+    * a category whose weight fell under ``category_floor`` (2**-20 of the lightest
+      event, 20 half-lives) is dropped: what it loses is below float32 resolution
+      of the weights that matter, whatever the order;
+    * past ``category_limit`` categories the lightest go (ties: larger id first).
+      Only then does order matter: an evicted category that returns restarts from
+      zero (the Space-Saving trade, Metwally et al., ICDT 2005).
     """
-    k = p.top_k
-    old_ids = new["top_ids"][ua]
-    old_w = new["top_w"][ua].astype(np.float64) * keep_old[:, None]
-    g = np.concatenate([np.repeat(np.arange(len(ua)), k), group])
-    ids = np.concatenate([old_ids.ravel(), cat])
-    w = np.concatenate([old_w.ravel(), contrib])
-    real = ids >= 0
-    g, ids, w = g[real], ids[real], w[real]
+    n = len(new)
+    owner = np.repeat(np.arange(n), np.diff(cats.start))  # user row of each old entry
+    slot = np.full(n, -1, dtype=np.int64)
+    slot[ua] = np.arange(len(ua))
+    touched = slot[owner] >= 0
+    old_g = slot[owner[touched]]
+    g = np.concatenate([old_g, group])
+    ids = np.concatenate([cats.ids[touched], cat])
+    w = np.concatenate([cats.w[touched].astype(np.float64) * keep_old[old_g], contrib])
     o = np.lexsort((ids, g))
     g, ids, w = g[o], ids[o], w[o]
-    first = np.r_[True, (g[1:] != g[:-1]) | (ids[1:] != ids[:-1])]
-    starts = np.flatnonzero(first)
+    starts = np.flatnonzero(np.r_[True, (g[1:] != g[:-1]) | (ids[1:] != ids[:-1])])
     g, ids, w = g[starts], ids[starts], np.add.reduceat(w, starts)
     o = np.lexsort((ids, -w, g))
     g, ids, w = g[o], ids[o], w[o]
     group_start = np.flatnonzero(np.r_[True, g[1:] != g[:-1]])
     rank = np.arange(len(g)) - np.repeat(group_start, np.diff(np.r_[group_start, len(g)]))
-    keep = rank < k
-    top_ids = np.full((len(ua), k), -1, dtype=np.int64)
-    top_w = np.zeros((len(ua), k), dtype=np.float32)
-    top_ids[g[keep], rank[keep]] = ids[keep]
-    top_w[g[keep], rank[keep]] = w[keep]
-    new["top_ids"][ua] = top_ids
-    new["top_w"][ua] = top_w
+    drop = (w < p.category_floor) | (rank >= p.category_limit)
+    lost = np.bincount(g[drop], weights=np.abs(w[drop]), minlength=len(ua))
+    new["dropped"][ua] = (new["dropped"][ua].astype(np.float64) * keep_old + lost).astype(
+        np.float32
+    )
+    g, ids, w = g[~drop], ids[~drop], w[~drop]
+    # Untouched users keep their entries; ua is ascending, so a stable sort by user
+    # keeps each user's entries heaviest first.
+    user = np.concatenate([owner[~touched], ua[g]])
+    o = np.argsort(user, kind="stable")
+    start = np.r_[0, np.cumsum(np.bincount(user, minlength=n))].astype(np.int64)
+    out_ids = np.concatenate([cats.ids[~touched], ids])[o]
+    out_w = np.concatenate([cats.w[~touched], w.astype(np.float32)])[o]
+    new["ncat"] = np.diff(start)
+    return Categories(start, out_ids, out_w)
 
 
 def _update_ring(new: npt.NDArray[Any], ua: I64, n_new: I64, fps: U64, p: InterestParams) -> None:
@@ -323,6 +497,8 @@ def describe(state: npt.NDArray[Any], now_ms: int, p: InterestParams) -> dict[st
         "vector_now": [float(x) for x in vector_at(state, now_ms, p)],
         "counts": {k: int(c) for k, c in zip(KINDS, state["counts"], strict=True)},
         "top_categories": top,
+        # How far any listed weight may be below the exact decayed sum (0.0: exact).
+        "top_categories_error": float(state["dropped"]),
         "applied_offset": int(state["offset"]),
     }
 
@@ -358,4 +534,27 @@ def reference_vectors(
         v = (w * np.exp(-dt / p.tau_ms)) @ e
         counts = {k: sum(1 for x in evs if x["kind"] == k) for k in KINDS}
         out[user] = (t, v, counts)
+    return out
+
+
+def reference_categories(
+    events: Iterable[Mapping[str, Any]], p: InterestParams
+) -> dict[str, dict[int, float]]:
+    """The oracle of the category map: user -> category -> decayed weight at the user's
+    latest event time, float64, recomputed from scratch (duplicates count once)."""
+    seen: set[tuple[str, str]] = set()
+    by_user: dict[str, list[Mapping[str, Any]]] = {}
+    for ev in events:
+        key = (ev["user_id"], ev["event_id"])
+        if key not in seen:
+            seen.add(key)
+            by_user.setdefault(ev["user_id"], []).append(ev)
+    out: dict[str, dict[int, float]] = {}
+    for user, evs in by_user.items():
+        t = max(int(e["ts"]) for e in evs)
+        weights: dict[int, float] = {}
+        for e in evs:
+            w = p.kind_weights[KIND_INDEX[e["kind"]]] * math.exp(-(t - int(e["ts"])) / p.tau_ms)
+            weights[int(e["category_id"])] = weights.get(int(e["category_id"]), 0.0) + w
+        out[user] = weights
     return out

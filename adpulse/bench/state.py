@@ -30,7 +30,7 @@ from adpulse.kafkaconf import client_kwargs
 from adpulse.settings import Settings
 from adpulse.topics import create_topics
 from adpulse.workerproc import WorkerProcess
-from scoring.features import InterestParams, state_dtype
+from scoring.features import CATEGORY_DTYPE, InterestParams, header_dtype
 from streams.seal import is_seal
 
 
@@ -45,7 +45,8 @@ class StateBench:
 
 def run(base: Settings, cfg: StateBench, log: Any = print) -> dict[str, Any]:
     tag = uuid.uuid4().hex[:8]
-    record = state_dtype(InterestParams.from_settings(base)).itemsize
+    # One event each: the header and one category.
+    record = header_dtype(InterestParams.from_settings(base)).itemsize + CATEGORY_DTYPE.itemsize
     with tempfile.TemporaryDirectory(prefix="adpulse-bench-") as tmp:
         s = base.with_(
             topic_prefix=f"bench-{tag}.", app_id=f"bench-{tag}",
