@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from adpulse.replay import read_taobao
-from scoring import features
+from scoring import staterecord
 from scoring.embeddings import HashedEmbeddings
 from scoring.features import (
     APPLIED,
@@ -323,7 +323,7 @@ def test_a_category_decayed_past_the_floor_is_dropped_and_counted_as_dropped() -
 
 def test_a_version_1_record_is_read_with_its_top_categories_as_the_map() -> None:
     p = P
-    v1 = np.zeros(1, dtype=features._v1_dtype(p))
+    v1 = np.zeros(1, dtype=staterecord._v1_dtype(p))
     v1["version"], v1["t_ref"], v1["offset"] = 1, 1234, 7
     v1["counts"][0] = [3, 1, 0, 0, 0]
     v1["top_ids"][0] = [9, 4, -1, -1]
