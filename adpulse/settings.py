@@ -225,6 +225,12 @@ class Settings:
     )
     embedding_seed: int = _setting(20171125, "Seed of the hashed embedding table.")
     top_categories: int = _setting(4, "Top categories kept per user.")
+    category_limit: int = _setting(
+        128,
+        "Categories whose decayed weights a user's state keeps (12 bytes each); top categories "
+        "are exact while a user has at most this many (one decayed below 2^-20 of an event's "
+        "weight is dropped).",
+    )
     # -- Decisions ----------------------------------------------------------------------
     policy: str = _setting(
         "epsilon-greedy:0.05",

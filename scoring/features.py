@@ -9,10 +9,13 @@ state does not depend on arrival order (up to float rounding): a late event is
 applied exactly, not approximately. Exponents are never positive, so nothing
 overflows however old the data.
 
-State is one fixed-size numpy record per user (``state_dtype``): compact
-(~412 bytes at d = 64), decoded and encoded for a whole batch at once, and
-dedupe lives in the same record as the vector it protects, so one table write
-changes both together (the broker has no transactions; see README "Guarantees").
+State is one record per user (scoring/staterecord.py: its layout, encoding and
+versions): the vector, counters, dedupe memory and each category's decayed
+weight. Dedupe lives in the same record as the vector it protects, so one table
+write changes both together (the broker has no transactions; see README
+"Guarantees"). The top categories are the heaviest entries of the weight map,
+updated exactly as the vector is, so they are exact too, not a heavy-hitters
+estimate (:func:`_update_categories`).
 
 Everything here is pure numpy: no Kafka, no Faust. ``reference_vectors`` is the
 one-batch recompute the streaming update is tested against.
@@ -30,11 +33,30 @@ import numpy as np
 import numpy.typing as npt
 
 from scoring.embeddings import EmbeddingTable, event_embeddings
+from scoring.staterecord import (
+    CATEGORY_DTYPE,
+    KIND_INDEX,
+    KINDS,
+    NO_TIME,
+    STATE_VERSION,
+    Categories,
+    InterestParams,
+    _fill_top,
+    decode_records,
+    decode_states,
+    empty_states,
+    encode_states,
+    header_dtype,
+    state_dtype,
+)
 
-KINDS = ("browse", "click", "cart", "fav", "purchase")
-KIND_INDEX = {k: i for i, k in enumerate(KINDS)}
-STATE_VERSION = 1
-NO_TIME = np.iinfo(np.int64).min  # t_ref of a user with no event yet
+__all__ = [  # the state record's names too (scoring/staterecord.py), for existing importers
+    "APPLIED", "CATEGORY_DTYPE", "DUPLICATE", "KINDS", "KIND_INDEX", "NO_TIME", "OUTCOMES",
+    "REDELIVERED", "STATE_VERSION", "Categories", "EventBatch", "InterestParams",
+    "apply_batch", "decode_records", "decode_states", "describe", "empty_states",
+    "encode_states", "fingerprint", "header_dtype", "reference_categories",
+    "reference_vectors", "state_dtype", "vector_at", "vectors_at",
+]  # fmt: skip
 
 # Outcomes of one event in apply_batch.
 APPLIED, DUPLICATE, REDELIVERED = 0, 1, 2
@@ -42,82 +64,6 @@ OUTCOMES = ("applied", "duplicate", "redelivered")
 
 I64 = npt.NDArray[np.int64]
 U64 = npt.NDArray[np.uint64]
-
-
-@dataclass(frozen=True)
-class InterestParams:
-    """The maths' knobs; built from Settings by the stage that owns the table."""
-
-    dim: int = 64
-    half_life_ms: float = 24 * 3600 * 1000.0
-    kind_weights: tuple[float, ...] = (1.0, 2.0, 4.0, 3.0, 6.0)  # KINDS order
-    category_mix: float = 0.5
-    top_k: int = 4
-    ring: int = 8
-    dedupe_ttl_ms: int = 24 * 3600 * 1000
-
-    @property
-    def tau_ms(self) -> float:
-        return self.half_life_ms / math.log(2.0)
-
-    @classmethod
-    def from_settings(cls, s: Any) -> InterestParams:
-        return cls(
-            dim=s.dim,
-            half_life_ms=s.half_life_h * 3600 * 1000.0,
-            kind_weights=tuple(s.kind_weights),
-            category_mix=s.category_mix,
-            top_k=s.top_categories,
-            ring=s.dedupe_ids,
-            dedupe_ttl_ms=s.dedupe_ttl_h * 3600 * 1000,
-        )
-
-
-def state_dtype(p: InterestParams) -> np.dtype[Any]:
-    """Layout of one user's state; little-endian and packed so bytes are portable."""
-    return np.dtype(
-        [
-            ("version", "u1"),
-            ("flags", "u1", (3,)),
-            ("arrived_min", "<u4"),  # processing time of the last arrival, minutes since epoch
-            ("t_ref", "<i8"),  # latest event time seen (ms); NO_TIME if none
-            ("offset", "<i8"),  # highest source offset applied; -1 if none
-            ("counts", "<u4", (len(KINDS),)),
-            ("top_ids", "<i8", (p.top_k,)),  # -1 = empty slot
-            ("top_w", "<f4", (p.top_k,)),  # decayed weight at t_ref
-            ("ring", "<u8", (p.ring,)),  # recent event-id fingerprints, newest last; 0 = empty
-            ("vec", "<f4", (p.dim,)),  # interest vector at t_ref
-        ]
-    )
-
-
-def empty_states(n: int, p: InterestParams) -> npt.NDArray[Any]:
-    s = np.zeros(n, dtype=state_dtype(p))
-    s["version"] = STATE_VERSION
-    s["t_ref"] = NO_TIME
-    s["offset"] = -1
-    s["top_ids"] = -1
-    return s
-
-
-def decode_states(values: list[bytes | None], p: InterestParams) -> npt.NDArray[Any]:
-    """Records for stored values, an empty state where a value is None."""
-    dt = state_dtype(p)
-    out = empty_states(len(values), p)
-    present = [i for i, v in enumerate(values) if v is not None]
-    if present:
-        raw = b"".join(values[i] for i in present)  # type: ignore[misc]
-        if len(raw) != dt.itemsize * len(present):
-            msg = f"stored interest state has wrong size for dim={p.dim}: was the dim changed?"
-            raise ValueError(msg)
-        out[present] = np.frombuffer(raw, dtype=dt)
-    return out
-
-
-def encode_states(states: npt.NDArray[Any]) -> list[bytes]:
-    raw = states.tobytes()
-    n = states.dtype.itemsize
-    return [raw[i : i + n] for i in range(0, len(raw), n)]
 
 
 @dataclass(frozen=True)
@@ -135,12 +81,13 @@ class EventBatch:
 
 def apply_batch(
     states: npt.NDArray[Any],
+    cats: Categories,
     batch: EventBatch,
     table: EmbeddingTable,
     p: InterestParams,
     now_ms: int = 0,
-) -> tuple[npt.NDArray[Any], npt.NDArray[np.uint8]]:
-    """New states for the users of one batch, and each event's outcome code.
+) -> tuple[npt.NDArray[Any], Categories, npt.NDArray[np.uint8]]:
+    """New states and category maps for the users of one batch, and each event's outcome.
 
     One pass of numpy over the whole batch: events are grouped by user (stable,
     so arrival order within a user is kept for dedupe), redeliveries (offset at
@@ -156,7 +103,7 @@ def apply_batch(
     outcome = np.full(n, APPLIED, dtype=np.uint8)
     new = states.copy()
     if n == 0:
-        return new, outcome
+        return new, cats, outcome
     order = np.argsort(batch.user, kind="stable")
     user, fp, ts, off = (
         batch.user[order],
@@ -188,7 +135,7 @@ def apply_batch(
     applied_offsets = np.where(off >= 0, off, -1)
     np.maximum.at(new["offset"], user, applied_offsets)
     if not acc.any():
-        return new, outcome
+        return new, cats, outcome
 
     a_user, a_ts, a_fp = user[acc], ts[acc], fp[acc]
     a_kind = batch.kind[order][acc]
@@ -221,50 +168,71 @@ def apply_batch(
         .astype(np.uint32)
     )
 
-    _update_top(new, ua, keep_old, np.repeat(np.arange(len(ua)), counts_per_u), a_cat, contrib, p)
+    group = np.repeat(np.arange(len(ua)), counts_per_u)
+    cats = _update_categories(new, cats, ua, keep_old, group, a_cat, contrib, p)
+    _fill_top(new, cats, p)
     _update_ring(new, ua, counts_per_u, a_fp, p)
-    return new, outcome
+    return new, cats, outcome
 
 
-def _update_top(
+def _update_categories(
     new: npt.NDArray[Any],
+    cats: Categories,
     ua: I64,
     keep_old: npt.NDArray[np.float64],
     group: I64,
     cat: I64,
     contrib: npt.NDArray[np.float64],
     p: InterestParams,
-) -> None:
-    """Keep the k heaviest categories per user (heavy-hitters summary).
+) -> Categories:
+    """Every category's decayed weight, updated for the users ``ua`` (rows of ``new``).
 
-    Exact while a user has touched at most k categories; beyond that a category
-    evicted earlier restarts from zero when it returns (Space-Saving style,
-    Metwally et al., ICDT 2005), so small weights may be under-counted.
+    A category's weight at t_ref is the sum of its events' decayed weights, kept
+    exactly as the vector is (rescaled to a new t_ref, late events added decayed),
+    so the map, and the top categories read off it, do not depend on arrival
+    order. Two rules bound its size; each adds what it drops to ``dropped`` (decayed
+    with the state), so ``dropped`` bounds how far any weight is below the exact
+    sum:
+
+    * a category whose weight fell under ``category_floor`` (2**-20 of the lightest
+      event, 20 half-lives) is dropped: what it loses is below float32 resolution
+      of the weights that matter, whatever the order;
+    * past ``category_limit`` categories the lightest go (ties: larger id first).
+      Only then does order matter: an evicted category that returns restarts from
+      zero (the Space-Saving trade, Metwally et al., ICDT 2005).
     """
-    k = p.top_k
-    old_ids = new["top_ids"][ua]
-    old_w = new["top_w"][ua].astype(np.float64) * keep_old[:, None]
-    g = np.concatenate([np.repeat(np.arange(len(ua)), k), group])
-    ids = np.concatenate([old_ids.ravel(), cat])
-    w = np.concatenate([old_w.ravel(), contrib])
-    real = ids >= 0
-    g, ids, w = g[real], ids[real], w[real]
+    n = len(new)
+    owner = np.repeat(np.arange(n), np.diff(cats.start))  # user row of each old entry
+    slot = np.full(n, -1, dtype=np.int64)
+    slot[ua] = np.arange(len(ua))
+    touched = slot[owner] >= 0
+    old_g = slot[owner[touched]]
+    g = np.concatenate([old_g, group])
+    ids = np.concatenate([cats.ids[touched], cat])
+    w = np.concatenate([cats.w[touched].astype(np.float64) * keep_old[old_g], contrib])
     o = np.lexsort((ids, g))
     g, ids, w = g[o], ids[o], w[o]
-    first = np.r_[True, (g[1:] != g[:-1]) | (ids[1:] != ids[:-1])]
-    starts = np.flatnonzero(first)
+    starts = np.flatnonzero(np.r_[True, (g[1:] != g[:-1]) | (ids[1:] != ids[:-1])])
     g, ids, w = g[starts], ids[starts], np.add.reduceat(w, starts)
     o = np.lexsort((ids, -w, g))
     g, ids, w = g[o], ids[o], w[o]
     group_start = np.flatnonzero(np.r_[True, g[1:] != g[:-1]])
     rank = np.arange(len(g)) - np.repeat(group_start, np.diff(np.r_[group_start, len(g)]))
-    keep = rank < k
-    top_ids = np.full((len(ua), k), -1, dtype=np.int64)
-    top_w = np.zeros((len(ua), k), dtype=np.float32)
-    top_ids[g[keep], rank[keep]] = ids[keep]
-    top_w[g[keep], rank[keep]] = w[keep]
-    new["top_ids"][ua] = top_ids
-    new["top_w"][ua] = top_w
+    drop = (w < p.category_floor) | (rank >= p.category_limit)
+    lost = np.bincount(g[drop], weights=np.abs(w[drop]), minlength=len(ua))
+    new["dropped"][ua] = (new["dropped"][ua].astype(np.float64) * keep_old + lost).astype(
+        np.float32
+    )
+    g, ids, w = g[~drop], ids[~drop], w[~drop]
+    # Untouched users keep their entries; ua is ascending, so a stable sort by user
+    # keeps each user's entries heaviest first.
+    user = np.concatenate([owner[~touched], ua[g]])
+    o = np.argsort(user, kind="stable")
+    start = np.r_[0, np.cumsum(np.bincount(user, minlength=n))].astype(np.int64)
+    out_ids = np.concatenate([cats.ids[~touched], ids])[o]
+    out_w = np.concatenate([cats.w[~touched], w.astype(np.float32)])[o]
+    new["ncat"] = np.diff(start)
+    return Categories(start, out_ids, out_w)
 
 
 def _update_ring(new: npt.NDArray[Any], ua: I64, n_new: I64, fps: U64, p: InterestParams) -> None:
@@ -323,6 +291,8 @@ def describe(state: npt.NDArray[Any], now_ms: int, p: InterestParams) -> dict[st
         "vector_now": [float(x) for x in vector_at(state, now_ms, p)],
         "counts": {k: int(c) for k, c in zip(KINDS, state["counts"], strict=True)},
         "top_categories": top,
+        # How far any listed weight may be below the exact decayed sum (0.0: exact).
+        "top_categories_error": float(state["dropped"]),
         "applied_offset": int(state["offset"]),
     }
 
@@ -358,4 +328,27 @@ def reference_vectors(
         v = (w * np.exp(-dt / p.tau_ms)) @ e
         counts = {k: sum(1 for x in evs if x["kind"] == k) for k in KINDS}
         out[user] = (t, v, counts)
+    return out
+
+
+def reference_categories(
+    events: Iterable[Mapping[str, Any]], p: InterestParams
+) -> dict[str, dict[int, float]]:
+    """The oracle of the category map: user -> category -> decayed weight at the user's
+    latest event time, float64, recomputed from scratch (duplicates count once)."""
+    seen: set[tuple[str, str]] = set()
+    by_user: dict[str, list[Mapping[str, Any]]] = {}
+    for ev in events:
+        key = (ev["user_id"], ev["event_id"])
+        if key not in seen:
+            seen.add(key)
+            by_user.setdefault(ev["user_id"], []).append(ev)
+    out: dict[str, dict[int, float]] = {}
+    for user, evs in by_user.items():
+        t = max(int(e["ts"]) for e in evs)
+        weights: dict[int, float] = {}
+        for e in evs:
+            w = p.kind_weights[KIND_INDEX[e["kind"]]] * math.exp(-(t - int(e["ts"])) / p.tau_ms)
+            weights[int(e["category_id"])] = weights.get(int(e["category_id"]), 0.0) + w
+        out[user] = weights
     return out

@@ -23,6 +23,7 @@ from streams.catalogmirror import TopicMirror, catalog_mirror
 from streams.consumer import BatchApp
 from streams.restore import BulkRecovery
 from streams.seal import SEAL_KEY
+from streams.tablewriter import PartitionLocks
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,8 @@ class Wiring:
     pending: Any = None  # decision id -> scoring.joinstate.Pending (the click join)
     pseudonyms: Pseudonymiser = field(default_factory=lambda: Pseudonymiser(None))  # raw id -> it
     forget_requests: Any = None  # faust topic: erase one user's state (streams/forget.py)
+    # Per partition of ``interest``: an ingest batch and a forget exclude each other.
+    interest_locks: PartitionLocks = field(default_factory=PartitionLocks)
 
 
 class SealingTableManager(TableManager):

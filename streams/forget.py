@@ -72,13 +72,17 @@ async def forget(
     key, part = user.encode(), raw.partition
     counts: dict[str, Any] = {}
     futures: list[Any] = []
-    for name, table in (("interest", w.interest), ("freqcap", w.freqcap)):
-        counts[name] = sum(v is not None for v in read_many(table, part, [key]))
-        if name == "freqcap" and caps is not None:
-            write_local(table, part, [(key, None)])
-            futures.append(caps.add(part, [(key, None)]))
-        else:
-            futures += await write_many(table, part, [(key, None)])
+    # Under the partition's lock: an ingest batch that read the user before this
+    # tombstone has its changelog records sent before it (streams/tablewriter.py).
+    async with w.interest_locks.hold([part]):
+        counts["interest"] = sum(v is not None for v in read_many(w.interest, part, [key]))
+        futures += await write_many(w.interest, part, [(key, None)])
+    counts["freqcap"] = sum(v is not None for v in read_many(w.freqcap, part, [key]))
+    if caps is not None:
+        write_local(w.freqcap, part, [(key, None)])
+        futures.append(caps.add(part, [(key, None)]))
+    else:
+        futures += await write_many(w.freqcap, part, [(key, None)])
     counts["pending"] = 0
     if join is not None:
         more, counts["pending"] = await join.forget(part, user)

@@ -24,7 +24,7 @@ from scoring.features import (
     OUTCOMES,
     InterestParams,
     apply_batch,
-    decode_states,
+    decode_records,
     encode_states,
 )
 from streams.deadletter import Loader, Raw, Rejected
@@ -71,11 +71,11 @@ class InterestStage:
         keys = [u.encode() for u in users]
         first = np.unique(batch.user, return_index=True)[1]
         partitions = [good[i][1].partition for i in first]
-        states = decode_states(load(keys, partitions), self.params)
-        new, outcome = apply_batch(states, batch, self.table, self.params, now_ms)
+        states, cats = decode_records(load(keys, partitions), self.params)
+        new, cats, outcome = apply_batch(states, cats, batch, self.table, self.params, now_ms)
         # Every user of the batch is written, duplicates-only ones too: their
         # applied offset moved, and that is what makes a redelivery harmless.
-        result.writes = list(zip(keys, partitions, encode_states(new), strict=True))
+        result.writes = list(zip(keys, partitions, encode_states(new, cats), strict=True))
         pairs = np.bincount(
             batch.kind.astype(np.int64) * len(OUTCOMES) + outcome,
             minlength=len(KINDS) * len(OUTCOMES),

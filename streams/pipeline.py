@@ -283,8 +283,9 @@ async def ingest(
     def load(keys: Sequence[bytes], partitions: Sequence[int]) -> list[bytes | None]:
         return _load(w.interest, keys, partitions)
 
-    result = stage.process(raws, load, now_ms)
-    futures: list[Awaitable[Any]] = [*await _write_by_partition(w.interest, result.writes)]
+    async with w.interest_locks.hold(tp.partition for tp in batch):  # vs forget: tablewriter
+        result = stage.process(raws, load, now_ms)
+        futures: list[Awaitable[Any]] = [*await _write_by_partition(w.interest, result.writes)]
     futures += await _dead_letter(w, result.rejected, now_ms, "user-events", "ingest")
     if join is not None:
         ends = {tp.partition: records[-1].offset + 1 for tp, records in batch.items()}

@@ -17,8 +17,9 @@ different producer paths with no ordering between them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Any
 
 import rocksdict
@@ -100,6 +101,35 @@ async def write_many(
     return await send_changelog(table, partition, items)
 
 
+class PartitionLocks:
+    """One asyncio lock per partition of a table, for read-modify-writes that await.
+
+    A batch's RocksDB write is synchronous, but its changelog records go out
+    partition after partition, awaiting the producer in between. Another writer of
+    the same key that runs in that gap (a forget's tombstone) lands in the
+    changelog *before* the batch's older value, so a restored worker would bring
+    the forgotten value back. Whoever holds a partition's lock from its read to its
+    changelog append (not the acknowledgement) keeps the changelog in the order
+    of the table. Locks are taken in partition order, so two holders never deadlock.
+    """
+
+    def __init__(self) -> None:
+        self._locks: dict[int, asyncio.Lock] = {}
+
+    @contextlib.asynccontextmanager
+    async def hold(self, partitions: Iterable[int]) -> AsyncIterator[None]:
+        held: list[asyncio.Lock] = []
+        try:
+            for part in sorted(set(partitions)):
+                lock = self._locks.setdefault(part, asyncio.Lock())
+                await lock.acquire()
+                held.append(lock)
+            yield
+        finally:
+            for lock in reversed(held):
+                lock.release()
+
+
 class ChangelogBuffer:
     """Changelog records of many small writes to one table, sent together.
 
@@ -119,6 +149,9 @@ class ChangelogBuffer:
         self.waiters: list[asyncio.Future[None]] = []
         self._handle: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        # A flush awaits the producer between partitions; the next one, started by
+        # its timer meanwhile, must not append a newer record of a key before it.
+        self._order = asyncio.Lock()
 
     def add(
         self, partition: int, items: Sequence[tuple[bytes, bytes | None]]
@@ -142,8 +175,9 @@ class ChangelogBuffer:
         error: BaseException | None = None
         try:
             futures: list[asyncio.Future[Any]] = []
-            for part, items in pending.items():
-                futures += await send_changelog(self.table, part, list(items.items()))
+            async with self._order:
+                for part, items in pending.items():
+                    futures += await send_changelog(self.table, part, list(items.items()))
             for result in await asyncio.gather(*futures, return_exceptions=True):
                 if isinstance(result, BaseException):
                     error = result

@@ -14,12 +14,12 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from adpulse.kafkaconf import client_kwargs
 from adpulse.settings import Settings
-from scoring.features import InterestParams, state_dtype
+from scoring.features import InterestParams, header_dtype
 
 
 class ChangelogFreshness:
     def __init__(self, s: Settings) -> None:
-        fields = state_dtype(InterestParams.from_settings(s)).fields
+        fields = header_dtype(InterestParams.from_settings(s)).fields
         assert fields is not None
         self.counts_at = int(fields["counts"][1])  # byte offset of the counters in a record
         self.tps = [

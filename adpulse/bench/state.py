@@ -34,7 +34,7 @@ from adpulse.kafkaconf import client_kwargs
 from adpulse.settings import Settings
 from adpulse.topics import create_topics
 from adpulse.workerproc import WorkerProcess
-from scoring.features import InterestParams, state_dtype
+from scoring.features import CATEGORY_DTYPE, InterestParams, header_dtype
 from streams.seal import is_seal
 
 
@@ -50,7 +50,8 @@ class StateBench:
 
 
 def run(base: Settings, cfg: StateBench, log: Any = print) -> dict[str, Any]:
-    record = state_dtype(InterestParams.from_settings(base)).itemsize
+    # One event each: the header and one category.
+    record = header_dtype(InterestParams.from_settings(base)).itemsize + CATEGORY_DTYPE.itemsize
     n_real, per_user = cfg.realistic_users, cfg.events_per_user
     with tempfile.TemporaryDirectory(prefix="adpulse-bench-") as tmp:
         log(f"  {n_real:,} users of {per_user} events each ...")

@@ -21,7 +21,7 @@ from adpulse.settings import Settings
 from adpulse.topics import create_topics
 from adpulse.workerproc import WorkerProcess
 from scoring.embeddings import HashedEmbeddings
-from scoring.features import KINDS, InterestParams, reference_vectors
+from scoring.features import KINDS, InterestParams, reference_categories, reference_vectors
 
 pytestmark = pytest.mark.integration
 DAY = 24 * 3600 * 1000
@@ -90,6 +90,7 @@ def assert_equals_reference(worker: WorkerProcess, events: list[dict[str, Any]])
     s = worker.settings
     params = InterestParams.from_settings(s)
     ref = reference_vectors(events, HashedEmbeddings(s.dim, s.embedding_seed), params)
+    ref_cats = reference_categories(events, params)
     for user, (t, v, counts) in ref.items():
         body = worker.interest(user)
         assert body is not None, f"no state for {user}"
@@ -97,6 +98,13 @@ def assert_equals_reference(worker: WorkerProcess, events: list[dict[str, Any]])
         got = np.array(body["vector_at_reference"])
         np.testing.assert_allclose(got, v, rtol=1e-4, atol=1e-4 * max(1.0, float(np.abs(v).max())))
         assert body["counts"] == counts, f"{user}: counted {body['counts']} expected {counts}"
+        # Top categories: the heaviest exact weights (nothing is dropped in these runs).
+        assert body["top_categories_error"] < 1e-18
+        exact = sorted(ref_cats[user].items(), key=lambda c: (-c[1], c[0]))[: params.top_k]
+        top = [(c["category_id"], c["weight"]) for c in body["top_categories"]]
+        for (c, w), (ec, ew) in zip(top, exact, strict=True):
+            assert w == pytest.approx(ew, rel=1e-5), f"{user}: {top} expected {exact}"
+            assert c == ec or ref_cats[user][c] == pytest.approx(ew, rel=2e-5)  # a near-tie
 
 
 def test_taobao_replay_gives_reference_vectors_for_all_43_users(

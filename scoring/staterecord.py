@@ -1,0 +1,254 @@
+"""A user's interest state as stored: its layout, its encoding, and the versions read.
+
+One record per user: a fixed-size numpy header (:func:`header_dtype`, 368 bytes
+at d = 64: vector, counters, dedupe memory, applied offset, last-seen time) and
+then the user's categories with their decayed weights, heaviest first, 12 bytes
+a category (:data:`CATEGORY_DTYPE`). Decoded and encoded for a whole batch at
+once. In memory a state also carries its top categories (:func:`state_dtype`),
+read off the map, so readers (the lookup, decisions) need only the array.
+
+Version 1 records (a fixed 412-byte record whose top-k was a heavy-hitters
+estimate) are still read: their top-k becomes the map, and the next write of
+the user stores version 2. The maths that updates a state is scoring/features.py.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+KINDS = ("browse", "click", "cart", "fav", "purchase")
+KIND_INDEX = {k: i for i, k in enumerate(KINDS)}
+STATE_VERSION = 2  # 1: fixed 412-byte record with an approximate top-k (read, upgraded)
+NO_TIME = np.iinfo(np.int64).min  # t_ref of a user with no event yet
+
+I64 = npt.NDArray[np.int64]
+
+
+@dataclass(frozen=True)
+class InterestParams:
+    """The maths' knobs; built from Settings by the stage that owns the table."""
+
+    dim: int = 64
+    half_life_ms: float = 24 * 3600 * 1000.0
+    kind_weights: tuple[float, ...] = (1.0, 2.0, 4.0, 3.0, 6.0)  # KINDS order
+    category_mix: float = 0.5
+    top_k: int = 4
+    ring: int = 8
+    dedupe_ttl_ms: int = 24 * 3600 * 1000
+    category_limit: int = 128
+
+    def __post_init__(self) -> None:
+        if not self.top_k <= self.category_limit <= 65_535:
+            msg = (
+                f"category limit {self.category_limit} must be between the top categories "
+                f"({self.top_k}) and 65535: set ADPULSE_CATEGORY_LIMIT"
+            )
+            raise ValueError(msg)
+
+    @property
+    def tau_ms(self) -> float:
+        return self.half_life_ms / math.log(2.0)
+
+    @property
+    def category_floor(self) -> float:
+        """Weight under which a category is dropped: 2**-20 of the lightest event's weight,
+        which an event reaches 20 half-lives after it happened."""
+        positive = [w for w in self.kind_weights if w > 0]
+        return DROP_BELOW * (min(positive) if positive else 1.0)
+
+    @classmethod
+    def from_settings(cls, s: Any) -> InterestParams:
+        return cls(
+            dim=s.dim,
+            half_life_ms=s.half_life_h * 3600 * 1000.0,
+            kind_weights=tuple(s.kind_weights),
+            category_mix=s.category_mix,
+            top_k=s.top_categories,
+            ring=s.dedupe_ids,
+            dedupe_ttl_ms=s.dedupe_ttl_h * 3600 * 1000,
+            category_limit=s.category_limit,
+        )
+
+
+DROP_BELOW = 2.0**-20  # x the lightest kind weight: see InterestParams.category_floor
+CATEGORY_DTYPE = np.dtype([("id", "<i8"), ("w", "<f4")])  # one stored category, 12 bytes
+
+
+def _header_fields(p: InterestParams) -> list[tuple[Any, ...]]:
+    return [
+        ("version", "u1"),
+        ("flags", "u1"),  # reserved, 0
+        ("ncat", "<u2"),  # categories stored after the header
+        ("arrived_min", "<u4"),  # processing time of the last arrival, minutes since epoch
+        ("t_ref", "<i8"),  # latest event time seen (ms); NO_TIME if none
+        ("offset", "<i8"),  # highest source offset applied; -1 if none
+        ("counts", "<u4", (len(KINDS),)),
+        ("dropped", "<f4"),  # category weight dropped (floor, limit), decayed to t_ref
+        ("ring", "<u8", (p.ring,)),  # recent event-id fingerprints, newest last; 0 = empty
+        ("vec", "<f4", (p.dim,)),  # interest vector at t_ref
+    ]
+
+
+def header_dtype(p: InterestParams) -> np.dtype[Any]:
+    """The stored fixed part of a user's record; little-endian and packed so bytes are
+    portable. ``ncat`` entries of :data:`CATEGORY_DTYPE` follow it, heaviest first."""
+    return np.dtype(_header_fields(p))
+
+
+def state_dtype(p: InterestParams) -> np.dtype[Any]:
+    """One user's state in memory: the stored header, then the top categories (the
+    heaviest ``top_k`` entries of the weight map, filled in at decode and update)."""
+    return np.dtype(
+        [
+            *_header_fields(p),
+            ("top_ids", "<i8", (p.top_k,)),  # -1 = empty slot
+            ("top_w", "<f4", (p.top_k,)),  # decayed weight at t_ref
+        ]
+    )
+
+
+def _v1_dtype(p: InterestParams) -> np.dtype[Any]:
+    """Records written before the weight map (STATE_VERSION 1), read for compatibility."""
+    return np.dtype(
+        [
+            ("version", "u1"),
+            ("flags", "u1", (3,)),
+            ("arrived_min", "<u4"),
+            ("t_ref", "<i8"),
+            ("offset", "<i8"),
+            ("counts", "<u4", (len(KINDS),)),
+            ("top_ids", "<i8", (p.top_k,)),
+            ("top_w", "<f4", (p.top_k,)),
+            ("ring", "<u8", (p.ring,)),
+            ("vec", "<f4", (p.dim,)),
+        ]
+    )
+
+
+@dataclass(frozen=True)
+class Categories:
+    """Every user's category -> decayed weight at its t_ref, ragged: user i's entries are
+    ``ids[start[i]:start[i+1]]`` (and ``w``), heaviest first, ties by smaller id."""
+
+    start: I64  # [n + 1]
+    ids: I64
+    w: npt.NDArray[np.float32]
+
+    @classmethod
+    def empty(cls, n: int) -> Categories:
+        return cls(np.zeros(n + 1, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32))
+
+    def of(self, i: int) -> dict[int, float]:
+        """User ``i``'s map, for tests and tools."""
+        a, b = int(self.start[i]), int(self.start[i + 1])
+        return dict(zip(self.ids[a:b].tolist(), self.w[a:b].tolist(), strict=True))
+
+
+def empty_states(n: int, p: InterestParams) -> npt.NDArray[Any]:
+    s = np.zeros(n, dtype=state_dtype(p))
+    s["version"] = STATE_VERSION
+    s["t_ref"] = NO_TIME
+    s["offset"] = -1
+    s["top_ids"] = -1
+    return s
+
+
+def _wrong_size(p: InterestParams) -> ValueError:
+    msg = f"stored interest state has wrong size for dim={p.dim}: was the dim changed?"
+    return ValueError(msg)
+
+
+def _upgrade_v1(raw: bytes, p: InterestParams) -> bytes:
+    """A version-1 record as version 2: its top-k becomes the weight map (all it kept)."""
+    dt = _v1_dtype(p)
+    if len(raw) != dt.itemsize:
+        raise _wrong_size(p)
+    old = np.frombuffer(raw, dtype=dt)
+    new = empty_states(1, p)
+    for name in ("arrived_min", "t_ref", "offset", "counts", "ring", "vec"):
+        new[name] = old[name]
+    keep = old["top_ids"][0] >= 0
+    ids, w = old["top_ids"][0][keep], old["top_w"][0][keep]
+    o = np.lexsort((ids, -w.astype(np.float64)))
+    cats = Categories(np.array([0, len(ids)], np.int64), ids[o].astype(np.int64), w[o])
+    return encode_states(new, cats)[0]
+
+
+def decode_records(
+    values: list[bytes | None], p: InterestParams
+) -> tuple[npt.NDArray[Any], Categories]:
+    """States and category maps for stored values, an empty state where a value is None."""
+    values = [_upgrade_v1(v, p) if v is not None and v[:1] == b"\x01" else v for v in values]
+    hd = header_dtype(p)
+    h = hd.itemsize
+    out = empty_states(len(values), p)
+    present = [i for i, v in enumerate(values) if v is not None]
+    ncat = np.zeros(len(values), dtype=np.int64)
+    tails = b""
+    if present:
+        raws: list[bytes] = [values[i] for i in present]  # type: ignore[misc]
+        heads = b"".join(v[:h] for v in raws)
+        if len(heads) != h * len(present):
+            raise _wrong_size(p)
+        head = np.frombuffer(heads, dtype=hd)
+        lengths = np.fromiter((len(v) for v in raws), np.int64, len(raws))
+        if (lengths != h + CATEGORY_DTYPE.itemsize * head["ncat"].astype(np.int64)).any():
+            raise _wrong_size(p)
+        if (head["version"] != STATE_VERSION).any():
+            msg = f"stored interest state has an unknown version {set(head['version'].tolist())}"
+            raise ValueError(msg)
+        out.view(np.uint8).reshape(len(values), -1)[present, :h] = np.frombuffer(
+            heads, np.uint8
+        ).reshape(len(present), h)
+        ncat[present] = head["ncat"]
+        tails = b"".join(v[h:] for v in raws)
+    entries = np.frombuffer(tails, dtype=CATEGORY_DTYPE)
+    cats = Categories(
+        np.r_[0, np.cumsum(ncat)].astype(np.int64),
+        entries["id"].astype(np.int64),
+        entries["w"].astype(np.float32),
+    )
+    _fill_top(out, cats, p)
+    return out, cats
+
+
+def decode_states(values: list[bytes | None], p: InterestParams) -> npt.NDArray[Any]:
+    """States for stored values (top categories filled in), empty where a value is None."""
+    return decode_records(values, p)[0]
+
+
+def encode_states(states: npt.NDArray[Any], cats: Categories) -> list[bytes]:
+    """Stored records: each state's header, then its category map."""
+    fields = states.dtype.fields
+    assert fields is not None
+    h = int(fields["top_ids"][1])  # the in-memory top fields come after the header
+    heads = states.copy()
+    count = np.diff(cats.start)
+    heads["ncat"] = count
+    raw = heads.tobytes()
+    m = states.dtype.itemsize
+    entries = np.empty(len(cats.ids), dtype=CATEGORY_DTYPE)
+    entries["id"], entries["w"] = cats.ids, cats.w
+    tail = entries.tobytes()
+    at = (cats.start * CATEGORY_DTYPE.itemsize).tolist()
+    return [raw[i * m : i * m + h] + tail[at[i] : at[i + 1]] for i in range(len(states))]
+
+
+def _fill_top(states: npt.NDArray[Any], cats: Categories, p: InterestParams) -> None:
+    """Each state's top categories: the first ``top_k`` entries of its map."""
+    k, n = p.top_k, len(states)
+    take = np.minimum(np.diff(cats.start), k)
+    rows = np.repeat(np.arange(n), take)
+    rank = np.arange(len(rows)) - np.repeat(np.r_[0, np.cumsum(take)[:-1]], take)
+    src = cats.start[rows] + rank
+    top_ids = np.full((n, k), -1, dtype=np.int64)
+    top_w = np.zeros((n, k), dtype=np.float32)
+    top_ids[rows, rank] = cats.ids[src]
+    top_w[rows, rank] = cats.w[src]
+    states["top_ids"] = top_ids
+    states["top_w"] = top_w
