@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -41,12 +42,18 @@ def test_a_worker_given_only_the_bootstrap_of_adpulse_broker_runs(tmp_path: Path
     worker: WorkerProcess | None = None
     try:
         wait_for_broker(f"127.0.0.1:{port}", timeout=90)
+        # announced once it answers: wait for what it prints then, as a newcomer would
+        deadline = time.monotonic() + 30
+        while "recognise it" not in (tmp_path / "broker.out").read_text():
+            assert time.monotonic() < deadline and broker.poll() is None, "no announcement"
+            time.sleep(0.1)
         [announced] = (tmp_path / "state" / "adpulse" / "embedded-brokers").glob("*.json")
         assert json.loads(announced.read_text())["port"] == port
-        # Exactly what a newcomer's terminal has: the bootstrap, nothing else of ours.
+        # No pseudonym key and ADPULSE_EMBEDDED_BROKER=false: only the bootstrap says where
+        # it is (plus the ports, data dir and API token every test worker gets).
         s = Settings(bootstrap=f"127.0.0.1:{port}", data_dir=tmp_path / "data")
-        worker = WorkerProcess(s, tmp_path, extra_env=bare_env(tmp_path))
-        worker.extra_env["ADPULSE_BOOTSTRAP"] = f"127.0.0.1:{port}"
+        no_key = {"ADPULSE_PSEUDONYM_KEY_FILE": "", "ADPULSE_PSEUDONYM_KEY": ""}
+        worker = WorkerProcess(s, tmp_path, extra_env=bare_env(tmp_path, **no_key))
         worker.start(timeout=120)  # /health 200
         assert "published development key" in worker.tail(200)
     finally:
