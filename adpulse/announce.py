@@ -47,6 +47,7 @@ def announce(port: int, pid: int, kind: EmbeddedKind) -> Path:
     """Record that ``pid`` is the embedded broker on ``port``; :func:`withdraw` removes it."""
     path = _path(port)
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    _prune(path.parent)
     part = path.with_suffix(f".{os.getpid()}.part")
     part.write_text(json.dumps({"port": port, "pid": pid, "kind": kind}))
     part.chmod(0o600)
@@ -60,6 +61,14 @@ def withdraw(port: int, pid: int) -> None:
         path = _path(port)
         if json.loads(path.read_text())["pid"] == pid:
             path.unlink()
+
+
+def _prune(where: Path) -> None:
+    """Drop announcements of brokers that are gone (their owner was killed with -9)."""
+    for stale in where.glob("127.0.0.1-*.json"):
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            if not Path(f"/proc/{int(json.loads(stale.read_text())['pid'])}").exists():
+                stale.unlink()
 
 
 def recognise(settings: Settings) -> Settings:

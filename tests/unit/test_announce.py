@@ -103,3 +103,11 @@ def test_withdraw_leaves_another_brokers_announcement(listener: int) -> None:
     path = announce(listener, os.getpid(), "kafka")
     withdraw(listener, os.getpid() + 1)
     assert path.exists()
+
+
+def test_announcing_drops_the_files_of_brokers_that_are_gone(listener: int) -> None:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    stale = announce(listener + 1 if listener < 65535 else listener - 1, child.pid, "kafka")
+    fresh = announce(listener, os.getpid(), "kafka")
+    assert fresh.exists() and not stale.exists()
