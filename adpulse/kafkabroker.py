@@ -237,6 +237,10 @@ class KafkaBroker(EmbeddedBroker):
                 chain=_one_line(self.secure.cert_chain_pem), key=_one_line(self.secure.key_pem)
             )
             for user, password in self.secure.users.items():
+                if any(c in user + password for c in ",[]="):  # kafka-storage's own syntax
+                    self.cleanup()
+                    msg = f"SCRAM user {user!r}: names and passwords cannot hold , [ ] ="
+                    raise BrokerStartError(msg)
                 for mechanism in SCRAM_MECHANISMS:
                     scram += ["--add-scram", f"{mechanism}=[name={user},password={password}]"]
         (self.workdir / "server.properties").write_text(props)
