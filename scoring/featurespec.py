@@ -398,6 +398,3 @@ def concat(parts: Sequence[Inputs]) -> Inputs:
         return parts[0]
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
-
-def batch_rows(inputs: Mapping[str, npt.NDArray[Any]]) -> int:
-    return int(next(iter(inputs.values())).shape[0])

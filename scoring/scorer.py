@@ -4,13 +4,13 @@
 the real one (one ONNX Runtime session; providers chosen from
 ``ADPULSE_DEVICE``; I/O binding on CUDA); ``NumpyScorer`` runs the same
 exported graph in plain numpy (the benchmark baseline, and a fallback that needs
-no ONNX Runtime). ``MicroBatcher`` merges concurrent requests into one run, and
-``FallbackRule`` is what a decision uses when no model can score.
+no ONNX Runtime). ``FallbackRule`` is what a decision uses when no model can
+score. Concurrent requests share one session run through ``POST /decide``'s
+service (streams/serve.py), which batches per event-loop turn.
 """
 
 from __future__ import annotations
 
-import asyncio
 import ctypes.util
 import logging
 import os
@@ -23,7 +23,7 @@ import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
 
-from scoring.featurespec import OUTPUT, Inputs, batch_rows, concat
+from scoring.featurespec import OUTPUT
 
 log = logging.getLogger(__name__)
 
@@ -284,62 +284,3 @@ class FallbackRule:
         if not bool(np.all(np.isfinite(scores) & (scores >= 0.0) & (scores <= 1.0))):
             return self.pctr(n), True
         return scores, False
-
-
-class MicroBatcher:
-    """Merge concurrent ``await score(inputs)`` calls into one session run.
-
-    Pending requests are flushed when they hold ``max_rows`` rows or when the
-    oldest has waited ``max_wait_ms``, whichever is first; each caller gets its
-    own rows back. A single request larger than ``max_rows`` runs alone. The
-    scorer runs on the event loop's thread (ONNX Runtime releases the GIL and
-    uses its own pool), so calls must come from one event loop.
-    """
-
-    def __init__(self, scorer: Scorer, *, max_rows: int = 4096, max_wait_ms: float = 1.0) -> None:
-        self.scorer = scorer
-        self.max_rows = max_rows
-        self.max_wait_s = max_wait_ms / 1000.0
-        self._pending: list[tuple[Inputs, asyncio.Future[F32]]] = []
-        self._rows = 0
-        self._timer: asyncio.TimerHandle | None = None
-        self.runs = 0  # session runs so far (for metrics and tests)
-        self.rows_scored = 0
-
-    async def score(self, inputs: Inputs) -> F32:
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[F32] = loop.create_future()
-        n = batch_rows(inputs)
-        if self._pending and self._rows + n > self.max_rows:
-            self.flush()
-        self._pending.append((inputs, fut))
-        self._rows += n
-        if self._rows >= self.max_rows:
-            self.flush()
-        elif self._timer is None:
-            self._timer = loop.call_later(self.max_wait_s, self.flush)
-        return await fut
-
-    def flush(self) -> None:
-        """Run everything pending now (also called by the timer)."""
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        batch, self._pending, self._rows = self._pending, [], 0
-        if not batch:
-            return
-        try:
-            out = self.scorer.score(concat([b[0] for b in batch]))
-        except Exception as exc:  # every waiting caller gets the error
-            for _, fut in batch:
-                if not fut.done():
-                    fut.set_exception(exc)
-            return
-        self.runs += 1
-        self.rows_scored += len(out)
-        start = 0
-        for inputs, fut in batch:
-            n = batch_rows(inputs)
-            if not fut.done():
-                fut.set_result(out[start : start + n])
-            start += n

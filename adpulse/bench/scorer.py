@@ -1,12 +1,16 @@
 """``adpulse bench scorer``: candidate rows/s of the ONNX scorer, with its numpy baseline.
 
-Per batch size and repeat, the ONNX Runtime session and the numpy forward pass
-(same exported graph, same inputs) each score as many batches as fit in
-``seconds_per_point``, interleaved so both see the same machine load. Then the
-whole scoring path: requests of 100 candidates from 10,000 synthetic users and
-a 1,000-ad catalog go through feature assembly (``AdIndex`` + ``assemble``),
-the ``MicroBatcher``, ONNX Runtime, and ranking by pCTR x bid (top 1), with
-enough concurrent requests to fill a micro-batch. Medians with min/max.
+Per thread count (1, and every core), batch size and repeat, the ONNX Runtime
+session and the numpy forward pass (same exported graph, same inputs) each
+score as many batches as fit in ``seconds_per_point``, interleaved so both see
+the same machine load. Both are held to the same thread count: ONNX Runtime's
+intra-op pool, and numpy's BLAS through threadpoolctl, so neither wins by
+using more cores. Then the whole scoring path as the worker runs it:
+:class:`adpulse.bench.decisionpath.DecisionPath`, the worker's decision call
+(targeting, caps, pacing, feature assembly, ONNX Runtime, policy) on 100-
+candidate requests from 10,000 users over a 1,000-ad catalog, in micro-batches
+of 1, 8 and 32 requests (what ``POST /decide`` gathers in one event-loop turn
+at low, medium and high load). Medians with min/max.
 
 ``--device cuda`` on a machine without a GPU still runs: the result says CUDA
 was unavailable and CPU was used.
@@ -14,27 +18,28 @@ was unavailable and CPU was used.
 
 from __future__ import annotations
 
-import argparse
-import asyncio
-import json
-import sys
+import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from adpulse.bench import machine, machine_line, spread
+from adpulse.bench.decisionpath import DecisionPath, request_bodies
+from adpulse.catalogtool import synthetic_ads
 from adpulse.settings import Settings
-from scoring.featurespec import AdIndex, FeatureSpec, Inputs, assemble
+from adpulse.workload import Workload, WorkloadModel
+from scoring.featurespec import Inputs
 from scoring.registry import MODEL, PACKAGED, ModelRegistry
-from scoring.scorer import CUDA, TENSORRT, Device, MicroBatcher, NumpyScorer, OnnxScorer
+from scoring.scorer import CUDA, TENSORRT, Device, NumpyScorer, OnnxScorer
 from scoring.scorer import SessionOptions as OrtOptions
-from scoring.synthetic import make_world
 
 BATCH_SIZES = (1, 32, 256, 1024, 4096)
 CANDIDATES = 100
+PATH_BATCHES = (1, 8, 32)  # requests per decision call: one loop turn at low ... high load
 
 
 def _rate(fn: Callable[[], int], seconds: float) -> float:
@@ -64,39 +69,6 @@ def _model_dir(model_dir: Path | None) -> Path:
     return versions[-1]
 
 
-async def _path_rows(
-    scorer: OnnxScorer, ads: AdIndex, world: Any, spec: FeatureSpec, s: Settings, seconds: float
-) -> tuple[float, float]:
-    """(rows/s through assemble -> micro-batch -> ONNX -> top-1, mean rows per session run)."""
-    batcher = MicroBatcher(
-        scorer, max_rows=s.scorer_max_batch_rows, max_wait_ms=s.scorer_max_wait_ms
-    )
-    concurrency = max(1, s.scorer_max_batch_rows // CANDIDATES)
-    rng = np.random.default_rng(0)
-    users = [np.asarray(v, dtype=np.float32) for v in world.user_interest]
-    placements, devices = ("home_banner", "feed", "search.top"), ("mobile", "desktop")
-    deadline = time.perf_counter() + seconds
-    done = 0
-
-    async def client(seed: int) -> None:
-        nonlocal done
-        r = np.random.default_rng(seed)
-        while time.perf_counter() < deadline:
-            rows = r.choice(len(ads), CANDIDATES, replace=False)
-            x: Inputs = assemble(
-                users[int(r.integers(len(users)))], rows, ads,
-                placements[seed % 3], devices[seed % 2], 1_717_200_000_000 + done, spec,
-            )  # fmt: skip
-            pctr = await batcher.score(x)
-            best = int(np.argmax(pctr * ads.bid[rows]))
-            done += CANDIDATES + 0 * best
-
-    start = time.perf_counter()
-    await asyncio.gather(*(client(int(rng.integers(1 << 30))) for _ in range(concurrency)))
-    elapsed = time.perf_counter() - start
-    return done / elapsed, batcher.rows_scored / max(1, batcher.runs)
-
-
 def run(
     device: Device = "cpu",
     batch_sizes: Sequence[int] = BATCH_SIZES,
@@ -114,91 +86,122 @@ def run(
         batch_sizes, seconds_per_point, repeats = tuple(b for b in batch_sizes if b <= 256), 0.05, 1
     version_dir = _model_dir(model_dir)
     spec = ModelRegistry.from_settings(s).spec
-    options = OrtOptions(intra_op_threads=s.scorer_threads)
-    onnx = OnnxScorer(version_dir / MODEL, version=version_dir.name, device=device, options=options)
     base = NumpyScorer(version_dir / MODEL, version=version_dir.name)
-    on_gpu = onnx.provider in (CUDA, TENSORRT)
-    note = None
-    if device == "cuda" and not on_gpu:
-        note = "CUDA was unavailable: ran on CPU (CPUExecutionProvider)"
-        log(note)
-    log(f"model {version_dir.name} on {onnx.provider}, {machine_line(machine())}")
-
-    onnx_rates: dict[str, list[float]] = {str(b): [] for b in batch_sizes}
-    base_rates: dict[str, list[float]] = {str(b): [] for b in batch_sizes}
-    for _ in range(repeats):
-        for b in batch_sizes:
-            x = spec.golden_inputs(b, seed=b)
-            onnx_rates[str(b)].append(_rate(_batches(onnx, x), seconds_per_point))
-            base_rates[str(b)].append(_rate(_batches(base, x), seconds_per_point))
-            log(f"batch {b:>5}: onnx {onnx_rates[str(b)][-1]:>12,.0f} rows/s, "
-                f"numpy {base_rates[str(b)][-1]:>12,.0f} rows/s")  # fmt: skip
-
-    world = make_world(1, spec, n_users=500 if smoke else 10_000, n_ads=1_000)
-    ads = AdIndex.build(world.ads, spec)
-    users = [np.asarray(v, dtype=np.float32) for v in world.user_interest]
-    rng = np.random.default_rng(2)
-
-    def assemble_only() -> int:
-        rows = rng.choice(len(ads), CANDIDATES, replace=False)
-        assemble(users[int(rng.integers(len(users)))], rows, ads, "feed", "mobile", 0, spec)
-        return CANDIDATES
-
-    path, assembly, fill = [], [], []
-    for _ in range(repeats):
-        assembly.append(_rate(assemble_only, seconds_per_point))
-        rate, rows_per_run = asyncio.run(_path_rows(onnx, ads, world, spec, s, seconds_per_point))
-        path.append(rate)
-        fill.append(rows_per_run)
-        log(f"path: {rate:,.0f} rows/s ({rows_per_run:.0f} rows per session run)")
-
-    def medians(d: dict[str, list[float]]) -> dict[str, float]:
-        return {k: round(float(np.median(v))) for k, v in d.items()}
-
+    threads = sorted({1, os.cpu_count() or 1})
+    by_threads: dict[str, dict[str, Any]] = {}
+    provider, note = "", None
+    for t in threads:
+        options = OrtOptions(intra_op_threads=t)
+        onnx = OnnxScorer(version_dir / MODEL, version=version_dir.name, device=device,
+                          options=options)  # fmt: skip
+        provider = onnx.provider
+        if device == "cuda" and onnx.provider not in (CUDA, TENSORRT) and note is None:
+            note = "CUDA was unavailable: ran on CPU (CPUExecutionProvider)"
+            log(note)
+        log(f"model {version_dir.name} on {onnx.provider}, {t} thread(s) for ONNX Runtime and "
+            f"numpy's BLAS, {machine_line(machine())}")  # fmt: skip
+        onnx_rates: dict[str, list[float]] = {str(b): [] for b in batch_sizes}
+        base_rates: dict[str, list[float]] = {str(b): [] for b in batch_sizes}
+        with threadpool_limits(limits=t):
+            for _ in range(repeats):
+                for b in batch_sizes:
+                    x = spec.golden_inputs(b, seed=b)
+                    onnx_rates[str(b)].append(_rate(_batches(onnx, x), seconds_per_point))
+                    base_rates[str(b)].append(_rate(_batches(base, x), seconds_per_point))
+                    log(f"{t} thread(s), batch {b:>5}: onnx {onnx_rates[str(b)][-1]:>12,.0f} "
+                        f"rows/s, numpy {base_rates[str(b)][-1]:>12,.0f} rows/s")  # fmt: skip
+        by_threads[str(t)] = {
+            "rows_per_s": _medians(onnx_rates),
+            "baseline_rows_per_s": _medians(base_rates),
+            "rows_per_s_spread": {k: spread(v) for k, v in onnx_rates.items()},
+            "baseline_rows_per_s_spread": {k: spread(v) for k, v in base_rates.items()},
+        }
+    path = _path(s, smoke, seconds_per_point, repeats, log)
+    own = by_threads[str(1 if s.scorer_threads == 1 else threads[-1])]
     return {
         "device": device,
-        "provider": onnx.provider,
+        "provider": provider,
         "cuda_note": note,
         "model_version": version_dir.name,
         "threads": s.scorer_threads,
+        "thread_counts": threads,
         "repeats": repeats,
         "seconds_per_point": seconds_per_point,
-        "rows_per_s": medians(onnx_rates),
-        "baseline_rows_per_s": medians(base_rates),
-        "rows_per_s_spread": {k: spread(v) for k, v in onnx_rates.items()},
-        "baseline_rows_per_s_spread": {k: spread(v) for k, v in base_rates.items()},
-        "path_rows_per_s": round(float(np.median(path))),
-        "path_rows_per_s_spread": spread(path),
-        "path_rows_per_run": round(float(np.median(fill))),
-        "assembly_rows_per_s": round(float(np.median(assembly))),
+        # the worker's own thread count (ADPULSE_SCORER_THREADS) at the top level
+        "rows_per_s": own["rows_per_s"],
+        "baseline_rows_per_s": own["baseline_rows_per_s"],
+        "rows_per_s_spread": own["rows_per_s_spread"],
+        "baseline_rows_per_s_spread": own["baseline_rows_per_s_spread"],
+        "by_threads": by_threads,
+        **path,
         "candidates": CANDIDATES,
         "machine": machine(),
     }
 
 
+def _medians(d: dict[str, list[float]]) -> dict[str, float]:
+    return {k: round(float(np.median(v))) for k, v in d.items()}
+
+
+def _path(
+    s: Settings, smoke: bool, seconds: float, repeats: int, log: Callable[[str], None]
+) -> dict[str, Any]:
+    """Rows/s of the worker's decision call per micro-batch of requests."""
+    users = 500 if smoke else 10_000
+    workload = Workload(WorkloadModel(), users=users, seed=2)
+    ads = synthetic_ads(1_000, workload.columns(50_000)["category"].tolist(), seed=3)
+    _, events = workload.payloads(20 * users, int(time.time() * 1000), prefix="warm")
+    decide = DecisionPath.build(ads, events, s.with_(pseudonymise=False, partitions=1))
+    ad_ids = [a["ad_id"] for a in ads]
+    bodies = request_bodies(ad_ids, users, CANDIDATES, 4_000, 5, "path")
+    per_batch: dict[str, list[float]] = {str(b): [] for b in PATH_BATCHES}
+    with threadpool_limits(limits=s.scorer_threads or None):
+        for _ in range(repeats):
+            for b in PATH_BATCHES:
+                turn = iter(range(0, len(bodies) - b, b))
+
+                def once(b: int = b, turn: Iterator[int] = turn) -> int:
+                    i = next(turn, None)
+                    if i is None:
+                        return 0
+                    return decide.decide(bodies[i : i + b])
+
+                per_batch[str(b)].append(_rate(once, seconds))
+                log(f"path, {b:>2} requests per call: {per_batch[str(b)][-1]:,.0f} rows/s")
+    busy = str(PATH_BATCHES[-1])
+    return {
+        "path_rows_per_s": round(float(np.median(per_batch[busy]))),
+        "path_rows_per_s_spread": spread(per_batch[busy]),
+        "path_requests_per_call": int(busy),
+        "path_by_requests_per_call": _medians(per_batch),
+    }
+
+
 def format_table(r: dict[str, Any]) -> str:
-    """Markdown: rows/s by batch size, ONNX vs numpy, medians (min-max)."""
+    """Markdown: rows/s by thread count and batch size, ONNX vs numpy, medians (min-max)."""
     lines = [
-        f"ONNX Runtime on {r['provider']} vs numpy, {machine_line(r['machine'])}, "
-        f"median (min-max) of {r['repeats']}",
+        f"ONNX Runtime on {r['provider']} vs numpy, each held to the same thread count, "
+        f"{machine_line(r['machine'])}, median (min-max) of {r['repeats']}",
         "",
-        "| batch | ONNX rows/s | numpy rows/s | ONNX / numpy |",
-        "|---:|---:|---:|---:|",
+        "| threads | batch | ONNX rows/s | numpy rows/s | ONNX / numpy |",
+        "|---:|---:|---:|---:|---:|",
     ]
-    for b, v in r["rows_per_s"].items():
-        o, n = r["rows_per_s_spread"][b], r["baseline_rows_per_s_spread"][b]
-        lines.append(
-            f"| {b} | {v:,} ({o['min']:,.0f}-{o['max']:,.0f}) | "
-            f"{r['baseline_rows_per_s'][b]:,} ({n['min']:,.0f}-{n['max']:,.0f}) | "
-            f"{v / max(1, r['baseline_rows_per_s'][b]):.2f}x |"
-        )
+    for t, fig in r["by_threads"].items():
+        for b, v in fig["rows_per_s"].items():
+            o, n = fig["rows_per_s_spread"][b], fig["baseline_rows_per_s_spread"][b]
+            base = fig["baseline_rows_per_s"][b]
+            lines.append(
+                f"| {t} | {b} | {v:,} ({o['min']:,.0f}-{o['max']:,.0f}) | "
+                f"{base:,} ({n['min']:,.0f}-{n['max']:,.0f}) | {v / max(1, base):.2f}x |"
+            )
     p = r["path_rows_per_s_spread"]
     lines += [
         "",
-        f"Whole scoring path ({r['candidates']} candidates/request, assembly + micro-batching + "
-        f"ONNX + top-1): {r['path_rows_per_s']:,} rows/s ({p['min']:,.0f}-{p['max']:,.0f}), "
-        f"{r['path_rows_per_run']:,} rows per session run; assembly alone "
-        f"{r['assembly_rows_per_s']:,} rows/s.",
+        f"Whole scoring path (the worker's decision call, {r['candidates']} candidates a "
+        f"request, {r['path_requests_per_call']} requests a call): {r['path_rows_per_s']:,} "
+        f"rows/s ({p['min']:,.0f}-{p['max']:,.0f}); by requests a call: "
+        + ", ".join(f"{k}: {v:,.0f}" for k, v in r["path_by_requests_per_call"].items())
+        + ".",
     ]
     if r.get("cuda_note"):
         lines.append(f"\n{r['cuda_note']}.")
@@ -213,25 +216,3 @@ def summary(r: dict[str, Any]) -> str:
         f"(numpy {r['baseline_rows_per_s'][big]:,}), path {r['path_rows_per_s']:,} rows/s"
         + (f"; {r['cuda_note']}" if r.get("cuda_note") else "")
     )
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m adpulse.bench.scorer")
-    ap.add_argument("--device", choices=["auto", "cuda", "cpu"], default="cpu")
-    ap.add_argument("--seconds", type=float, default=1.0)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--batch-sizes", default=",".join(map(str, BATCH_SIZES)))
-    ap.add_argument("--smoke", action="store_true")
-    ap.add_argument("--json", type=Path)
-    a = ap.parse_args(argv)
-    sizes = tuple(int(b) for b in a.batch_sizes.split(","))
-    r = run(a.device, sizes, a.seconds, a.repeats, a.smoke, log=lambda m: print(m, file=sys.stderr))
-    if a.json:
-        a.json.write_text(json.dumps(r, indent=2) + "\n")
-    print(format_table(r))
-    print(summary(r))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

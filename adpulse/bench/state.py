@@ -4,6 +4,10 @@ Grows the interest table to ``users`` users (one synthetic event each, so every
 user has a full state record), then reports
   * bytes on disk per user: the RocksDB files of the interest table after a clean
     stop (SST, WAL and manifests), against the raw record size as the baseline;
+    and the same for ``realistic_users`` users of ``events_per_user`` events each
+    (distinct items and categories, so the dedupe ring is full and the top
+    categories are all taken): a record with one event compresses better than a
+    real user's, so the first figure alone would flatter the engine;
   * the worker's resident memory with that table;
   * the time for a fresh worker with an empty data directory to restore the
     table from its changelog (until /health says recovered), against a bare
@@ -37,37 +41,30 @@ from streams.seal import is_seal
 @dataclass(frozen=True)
 class StateBench:
     users: int = 1_000_000
+    realistic_users: int = 50_000
+    events_per_user: int = 20
 
     @classmethod
     def smoke(cls) -> StateBench:
-        return cls(users=2_000)
+        return cls(users=2_000, realistic_users=200)
 
 
 def run(base: Settings, cfg: StateBench, log: Any = print) -> dict[str, Any]:
-    tag = uuid.uuid4().hex[:8]
     record = state_dtype(InterestParams.from_settings(base)).itemsize
+    n_real, per_user = cfg.realistic_users, cfg.events_per_user
     with tempfile.TemporaryDirectory(prefix="adpulse-bench-") as tmp:
-        s = base.with_(
-            topic_prefix=f"bench-{tag}.", app_id=f"bench-{tag}",
-            data_dir=Path(tmp) / "data", session_timeout_s=6.0,
-        )  # fmt: skip
-        create_topics(s)
+        log(f"  {n_real:,} users of {per_user} events each ...")
+        real_disk, _, _ = _grow(base, Path(tmp) / "real", _events(n_real, per_user))
+        log(f"  {n_real:,} users of {per_user} events: {real_disk / n_real:.0f} bytes/user on disk")
         log(f"  producing one event for each of {cfg.users:,} users ...")
-        asyncio.run(_produce(s, s.topic("user-events"), *_one_event_each(cfg.users)))
-        worker = WorkerProcess(s, Path(tmp), name="worker-grow").start()
-        try:
-            worker.wait_until(lambda: _applied(worker) >= cfg.users, 3600, "every user applied")
-            rss = _rss_bytes(worker)
-        finally:
-            worker.stop()
-        disk = _dir_bytes(s.data_dir, "interest")
+        disk, rss, s = _grow(base, Path(tmp) / "one", _events(cfg.users, 1))
         log(
             f"  {cfg.users:,} users: {disk / cfg.users:.0f} bytes/user on disk, RSS {rss >> 20} MiB"
         )
 
         baseline = asyncio.run(_read_changelog(s, cfg.users))
         shutil.rmtree(s.data_dir)
-        restored = WorkerProcess(s, Path(tmp), name="worker-restore")
+        restored = WorkerProcess(s, Path(tmp) / "one", name="worker-restore")
         started = time.perf_counter()
         restored.start(timeout=3600)  # ready = /health 200 = recovery completed
         restore_s = time.perf_counter() - started
@@ -81,6 +78,9 @@ def run(base: Settings, cfg: StateBench, log: Any = print) -> dict[str, Any]:
     return {
         "users": cfg.users,
         "bytes_per_user_on_disk": disk / cfg.users,
+        "realistic_users": n_real,
+        "events_per_user": per_user,
+        "realistic_bytes_per_user_on_disk": real_disk / n_real,
         "record_bytes": record,
         "worker_rss_bytes": rss,
         "restore_s": restore_s,
@@ -92,22 +92,50 @@ def run(base: Settings, cfg: StateBench, log: Any = print) -> dict[str, Any]:
 def result_line(res: dict[str, Any]) -> str:
     return (
         f"state: {res['users']:,} users, {res['bytes_per_user_on_disk']:.0f} bytes/user on disk "
-        f"(record {res['record_bytes']} bytes), worker RSS {res['worker_rss_bytes'] / 2**20:.0f} "
-        f"MiB, restore {res['restore_s']:.1f} s (bare read of the changelog "
+        f"(record {res['record_bytes']} bytes; {res['realistic_bytes_per_user_on_disk']:.0f} "
+        f"bytes/user with {res['events_per_user']} events each), "
+        f"worker RSS {res['worker_rss_bytes'] / 2**20:.0f} MiB, "
+        f"restore {res['restore_s']:.1f} s (bare read of the changelog "
         f"{res['baseline_changelog_read_s']:.1f} s); {machine_line(res['machine'])}"
     )
 
 
-def _one_event_each(users: int) -> tuple[list[bytes], list[bytes]]:
+def _grow(
+    base: Settings, root: Path, events: tuple[list[bytes], list[bytes]]
+) -> tuple[int, int, Settings]:
+    """A worker applies ``events`` on new topics: (bytes on disk of its interest table
+    after a clean stop, its RSS with the table, the settings it ran with)."""
+    tag = uuid.uuid4().hex[:8]
+    s = base.with_(
+        topic_prefix=f"bench-{tag}.", app_id=f"bench-{tag}",
+        data_dir=root / "data", session_timeout_s=6.0,
+    )  # fmt: skip
+    root.mkdir(parents=True)
+    create_topics(s)
+    asyncio.run(_produce(s, s.topic("user-events"), *events))
+    worker = WorkerProcess(s, root, name="worker-grow").start()
+    n = len(events[0])
+    try:
+        worker.wait_until(lambda: _applied(worker) >= n, 3600, "every event applied")
+        rss = _rss_bytes(worker)
+    finally:
+        worker.stop()
+    return _dir_bytes(s.data_dir, "interest"), rss, s
+
+
+def _events(users: int, per_user: int) -> tuple[list[bytes], list[bytes]]:
+    """``per_user`` events for each user, each on its own item and category, 1 s apart."""
     now = int(time.time() * 1000)
     enc = msgspec.json.encode
     keys, values = [], []
-    for u in range(users):
-        user = f"u{u}"
-        keys.append(user.encode())
-        event = {"event_id": f"s{u}", "user_id": user, "kind": "browse",
-                 "item_id": u % 100_000, "category_id": u % 5000, "ts": now}  # fmt: skip
-        values.append(enc(event))
+    for k in range(per_user):
+        for u in range(users):
+            user = f"u{u}"
+            keys.append(user.encode())
+            event = {"event_id": f"s{u}-{k}", "user_id": user, "kind": "browse",
+                     "item_id": (u * per_user + k) % 1_000_000, "category_id": (u + 97 * k) % 5000,
+                     "ts": now - 1000 * (per_user - k)}  # fmt: skip
+            values.append(enc(event))
     return keys, values
 
 

@@ -1,0 +1,95 @@
+"""The worker's own decision call, run in this process: a decision without HTTP or Kafka.
+
+``bench serve`` times it one request at a time (its in-process floor) and
+``bench scorer`` times it on micro-batches of requests, as ``POST /decide``'s
+service forms them from concurrent requests in one event-loop turn. Both run
+:meth:`streams.decide.DecideStage.decide` (targeting, caps, pacing, feature
+assembly, ONNX Runtime, calibration, policy) on in-memory copies of the
+worker's tables, so what is timed is the path the worker runs, not a model of it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from adpulse.settings import Settings
+from scoring.catalog import Catalog
+from scoring.featurespec import FeatureSpec
+from scoring.registry import ModelRegistry
+from streams.deadletter import Raw, Rejected
+from streams.decide import AdRequestMsg, DecideStage, ServingModels, StateReaders, request_decoder
+from streams.interest import InterestStage
+
+
+def request_bodies(
+    ad_ids: Sequence[str], users: int, candidates: int, n: int, seed: int, tag: str
+) -> list[bytes]:
+    """``n`` ad-requests bodies, each for a random one of ``users`` users and naming
+    ``candidates`` distinct random ads of ``ad_ids``."""
+    rng = np.random.default_rng(seed)
+    who = rng.integers(0, users, n)
+    out = []
+    for i in range(n):
+        cands = [ad_ids[c] for c in rng.choice(len(ad_ids), candidates, replace=False)]
+        out.append(json.dumps({
+            "request_id": f"{tag}-{i}", "user_id": f"u{who[i]}", "placement": "feed",
+            "ts": int(time.time() * 1000), "context": {"device": "mobile"}, "candidates": cands,
+        }).encode())  # fmt: skip
+    return out
+
+
+@dataclass
+class DecisionPath:
+    stage: DecideStage
+    tables: StateReaders
+    settings: Settings
+    _decoder: Any = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._decoder = request_decoder(self.settings.max_event_bytes)
+
+    @classmethod
+    def build(
+        cls, ads: list[dict[str, Any]], events: Sequence[bytes], settings: Settings | None = None
+    ) -> DecisionPath:
+        """The decision stage over ``ads`` and the interest state ``events`` (user-events
+        payloads) leave; caps and spend start empty, as in a fresh worker."""
+        s = settings or Settings(pseudonymise=False, policy="greedy", partitions=1)
+        interest_table: dict[bytes, bytes] = {}
+        caps: dict[bytes, bytes] = {}
+        spend: dict[bytes, bytes] = {}
+        interest = InterestStage(s)
+        now = int(time.time() * 1000)
+        raws = [Raw(v, None, 0, i, now) for i, v in enumerate(events)]
+        for i in range(0, len(raws), 10_000):
+            res = interest.process(
+                raws[i : i + 10_000], lambda k, _p: [interest_table.get(x) for x in k], now
+            )
+            interest_table.update({k: v for k, _p, v in res.writes if v is not None})
+        catalog = Catalog(ads, FeatureSpec.from_settings(s))
+        models = ServingModels.load(ModelRegistry.from_settings(s), s.fallback_ctr)
+        tables = StateReaders(
+            lambda k, _p: [interest_table.get(x) for x in k],
+            lambda k, _p: [caps.get(x) for x in k],
+            lambda k, _p: [spend.get(x) for x in k],
+        )
+        return cls(DecideStage(s, models, lambda: catalog), tables, s)
+
+    def decide(self, bodies: Sequence[bytes]) -> int:
+        """Decode and decide ``bodies`` as one micro-batch; returns the candidate rows scored."""
+        decode = self._decoder.decode
+        now = int(time.time() * 1000)
+        requests: list[tuple[AdRequestMsg, Raw]] = []
+        for b in bodies:
+            req = decode(Raw(b, None, 0, 0, now))
+            if isinstance(req, Rejected):
+                msg = f"bench request refused: {req.message}"
+                raise ValueError(msg)
+            requests.append((req, Raw(None, None, 0, 0, now)))
+        return self.stage.decide(requests, self.tables, now).rows_scored
