@@ -77,9 +77,10 @@ def _recv_exact(s: socket.socket, n: int) -> bytes | None:
 def wait_for_broker(target: Settings | str, timeout: float = 10.0) -> None:
     """Block until the first bootstrap server answers, else raise BrokerUnavailable.
 
-    A plaintext broker must answer a Metadata request; behind TLS or SASL the
-    handshake belongs to the client library, so an accepted TCP connection is the
-    proof there.
+    A plaintext broker must answer a Metadata request; behind TLS or SASL, one
+    login with the configured settings (:func:`adpulse.kafkaauth.verify`) must
+    succeed, so a wrong password or an untrusted certificate is one line
+    (BrokerAuthFailed, exit 3) instead of the clients' 30 s "Unable to bootstrap".
     """
     plaintext = isinstance(target, str) or target.security_protocol == "PLAINTEXT"
     bootstrap = target if isinstance(target, str) else target.bootstrap_or_default
@@ -90,6 +91,10 @@ def wait_for_broker(target: Settings | str, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while True:
         if metadata_answers(host, int(port)) if plaintext else _accepts(host, int(port)):
+            if not isinstance(target, str):
+                from adpulse.kafkaauth import verify  # noqa: PLC0415
+
+                verify(target, host, int(port))
             return
         if time.monotonic() > deadline:
             msg = f"no Kafka broker answered at {bootstrap} within {timeout:g}s"
@@ -132,6 +137,11 @@ class EmbeddedBroker:
         return f"127.0.0.1:{self.port}"
 
     @property
+    def probe_port(self) -> int:
+        """The port the readiness probe asks (a plaintext Metadata request)."""
+        return self.port
+
+    @property
     def name(self) -> str:
         return "Apache Kafka" if self.kind == "kafka" else "tansu"
 
@@ -163,7 +173,7 @@ class EmbeddedBroker:
             if log is not subprocess.DEVNULL:
                 log.close()  # type: ignore[union-attr]
         deadline = time.monotonic() + timeout
-        while not metadata_answers("127.0.0.1", self.port, timeout=0.5):
+        while not metadata_answers("127.0.0.1", self.probe_port, timeout=0.5):
             if self.proc.poll() is not None:
                 code = self.proc.returncode
                 self.stop()

@@ -29,7 +29,10 @@ from adpulse.settings import Settings
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    return Settings.from_env(bootstrap=getattr(args, "bootstrap", None))
+    """The environment's settings; on a running ``adpulse broker``, marked as embedded."""
+    from adpulse.announce import recognise  # noqa: PLC0415
+
+    return recognise(Settings.from_env(bootstrap=getattr(args, "bootstrap", None)))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -75,7 +75,7 @@ def run_demo(settings: Settings, data: Path, out: Path, seconds: float = 120.0) 
         if server is not None:
             stack.callback(server.stop)
         started = time.time()
-        summary = _replay_taobao(s, sample, worker)
+        summary = _replay_taobao(s, sample, worker, cfg.half_life_s)
         console.print(format_summary(summary))
         run = Run(cfg.decisions, int(cfg.drift_at * cfg.decisions))
         board = dashboard.Dashboard(worker.url + "/metrics")
@@ -133,15 +133,22 @@ def _prometheus(worker: WorkerProcess, tmp: Path, console: Console) -> prom.Prom
     return server
 
 
-def _replay_taobao(s: Settings, sample: Path, worker: WorkerProcess) -> dict[str, Any]:
-    # Replayed as if it just happened: 2017's interests decayed to nothing by now.
-    events = replay.rebased(replay.read_taobao(sample), int(time.time() * 1000))
+def _replay_taobao(
+    s: Settings, sample: Path, worker: WorkerProcess, half_life_s: float
+) -> dict[str, Any]:
+    # Replayed as if it just happened (2017's interests decayed to nothing by now), on
+    # the worker's clock: its half-life stands for the default one, so the sample's gaps
+    # shrink by that ratio (24 h / 120 s = 720x), and its vectors weigh the days between
+    # a user's events as a production worker would.
+    speedup = Settings().half_life_h * 3600 / half_life_s
+    events = replay.rebased(replay.read_taobao(sample), int(time.time() * 1000), speedup)
     t0 = time.perf_counter()
     sent = replay.produce(events, s, s.topic("user-events"))
     elapsed = time.perf_counter() - t0
     print(
         f"replayed {sent} real Taobao events into {s.topic('user-events')} "
-        f"in {elapsed:.2f}s ({sent / elapsed:,.0f} events/s)"
+        f"in {elapsed:.2f}s ({sent / elapsed:,.0f} events/s), times shifted to now and "
+        f"compressed {speedup:g}x (half-life {half_life_s:g} s here)"
     )
     landed = read_topic(s, s.topic("user-events"), expect=sent, idle_s=1.0)
     summary = summarise(landed)
@@ -214,7 +221,9 @@ def _interest_summary(worker: WorkerProcess, users: list[str]) -> dict[str, Any]
         "users_with_state": sum(b is not None for b in bodies.values()),
         "example_user": example,
         "example_counts": body.get("counts"),
-        "example_top_categories": body.get("top_categories"),
+        "example_top_categories": [
+            {**c, "weight": round(c["weight"], 4) + 0.0} for c in body.get("top_categories", [])
+        ],
         # + 0.0 turns a rounded -0.0 into 0.0: a decayed-away weight prints as zero
         "example_vector_head": [round(x, 4) + 0.0 for x in body.get("vector_now", [])[:6]],
     }

@@ -26,6 +26,13 @@ class BrokerUnavailable(AdpulseError):
     exit_code = 3
 
 
+class BrokerAuthFailed(AdpulseError):
+    """The broker refused our SASL login, or its TLS certificate is not trusted: fix the
+    ADPULSE_SASL_* or ADPULSE_SSL_* setting named (exit 3, like an unreachable broker)."""
+
+    exit_code = 3
+
+
 class BrokerStartError(AdpulseError):
     """The embedded broker could not start (port taken, binary missing)."""
 

@@ -19,6 +19,8 @@ import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from adpulse.broker import EmbeddedBroker, free_port
@@ -35,10 +37,10 @@ SERVER_PROPERTIES = """\
 process.roles=broker,controller
 node.id=1
 controller.quorum.voters=1@127.0.0.1:{controller_port}
-listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}
-advertised.listeners=PLAINTEXT://127.0.0.1:{advertised_port}
+listeners={listeners},CONTROLLER://127.0.0.1:{controller_port}
+advertised.listeners={advertised}
 controller.listener.names=CONTROLLER
-listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT,SASL_SSL:SASL_SSL
 inter.broker.listener.name=PLAINTEXT
 log.dirs={log_dir}
 auto.create.topics.enable=false
@@ -67,6 +69,38 @@ log4j.appender.stdout.layout.ConversionPattern=[%d] %p %m (%c)%n
 log4j.logger.kafka.server.BrokerServer=INFO
 log4j.logger.kafka.server.ControllerServer=INFO
 """
+
+
+# The secured listener (SecureListener): SCRAM over TLS, the way a managed cluster is reached.
+SECURE_PROPERTIES = """\
+sasl.enabled.mechanisms=SCRAM-SHA-256,SCRAM-SHA-512
+listener.name.sasl_ssl.scram-sha-256.sasl.jaas.config=\
+org.apache.kafka.common.security.scram.ScramLoginModule required;
+listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config=\
+org.apache.kafka.common.security.scram.ScramLoginModule required;
+ssl.keystore.type=PEM
+ssl.keystore.certificate.chain={chain}
+ssl.keystore.key={key}
+ssl.client.auth=none
+"""
+SCRAM_MECHANISMS = ("SCRAM-SHA-256", "SCRAM-SHA-512")
+
+
+@dataclass(frozen=True)
+class SecureListener:
+    """Serve clients on SASL_SSL only: a TLS certificate and SCRAM users.
+
+    For tests of the clients' transport settings (README, "Transport security")
+    against a real broker: the certificate and its key are PEM text (the key
+    unencrypted PKCS#8, which Kafka's PEM keystore needs), and every user gets
+    credentials for both SCRAM mechanisms, written into the storage at format
+    time (``--add-scram``), as KRaft requires. The broker's own traffic (and the
+    readiness probe) stays on a plaintext listener bound to loopback.
+    """
+
+    cert_chain_pem: str
+    key_pem: str
+    users: Mapping[str, str] = field(default_factory=dict)  # name -> password
 
 
 def default_libs() -> Path:
@@ -125,6 +159,11 @@ def java_executable() -> str:
         raise BrokerStartError(msg) from None
 
 
+def _one_line(pem: str) -> str:
+    """PEM as one properties value: Kafka's parser ignores the whitespace inside the base64."""
+    return " ".join(pem.split())
+
+
 def _remove_orphaned_workdirs() -> None:
     """Storage left by a broker whose owner was killed (kill -9 runs no cleanup)."""
     for path in Path(tempfile.gettempdir()).glob("adpulse-kafka-*-*"):
@@ -146,10 +185,18 @@ class KafkaBroker(EmbeddedBroker):
         log_path: Path | None = None,
         advertised_port: int | None = None,
         settings: Settings | None = None,
+        secure: SecureListener | None = None,
     ) -> None:
         super().__init__(port, log_path, advertised_port)
         self.settings = settings or Settings()
         self.workdir: Path | None = None
+        self.secure = secure
+        # With a secured listener, the plaintext one (probe, inter-broker) gets its own port.
+        self.plain_port = free_port() if secure else port
+
+    @property
+    def probe_port(self) -> int:
+        return self.plain_port
 
     def _java(self, main: str, *args: str) -> list[str]:
         assert self.workdir is not None
@@ -172,17 +219,35 @@ class KafkaBroker(EmbeddedBroker):
         _remove_orphaned_workdirs()
         self.workdir = Path(tempfile.mkdtemp(prefix=f"adpulse-kafka-{os.getpid()}-"))
         (self.workdir / "log4j.properties").write_text(LOG4J_PROPERTIES)
+        listeners = [f"PLAINTEXT://127.0.0.1:{self.plain_port}"]
+        advertised = [f"PLAINTEXT://127.0.0.1:{self.advertised_port}"]
+        if self.secure:
+            listeners.append(f"SASL_SSL://127.0.0.1:{self.port}")
+            advertised = [listeners[0], f"SASL_SSL://127.0.0.1:{self.advertised_port}"]
         props = SERVER_PROPERTIES.format(
-            port=self.port,
-            advertised_port=self.advertised_port,
+            listeners=",".join(listeners),
+            advertised=",".join(advertised),
             controller_port=free_port(),
             log_dir=self.workdir / "log",
             partitions=self.settings.partitions,
         )
+        scram: list[str] = []
+        if self.secure:
+            props += SECURE_PROPERTIES.format(
+                chain=_one_line(self.secure.cert_chain_pem), key=_one_line(self.secure.key_pem)
+            )
+            for user, password in self.secure.users.items():
+                if any(c in user + password for c in ",[]="):  # kafka-storage's own syntax
+                    self.cleanup()
+                    msg = f"SCRAM user {user!r}: names and passwords cannot hold , [ ] ="
+                    raise BrokerStartError(msg)
+                for mechanism in SCRAM_MECHANISMS:
+                    scram += ["--add-scram", f"{mechanism}=[name={user},password={password}]"]
         (self.workdir / "server.properties").write_text(props)
+        (self.workdir / "server.properties").chmod(0o600)  # holds the key when secured
         fmt = self._java(
             "kafka.tools.StorageTool", "format", "--ignore-formatted",
-            "-t", _CLUSTER_ID, "-c", str(self.workdir / "server.properties"),
+            "-t", _CLUSTER_ID, "-c", str(self.workdir / "server.properties"), *scram,
         )  # fmt: skip
         done = subprocess.run(fmt, capture_output=True, text=True, check=False)
         if done.returncode != 0:

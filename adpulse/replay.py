@@ -90,16 +90,26 @@ def _taobao_row(path: Path, lineno: int, line: str) -> Event:
     return Event(f"taobao-{lineno}", user, kind, item_id, category_id, seconds * 1000)
 
 
-def rebased(events: list[Event], now_ms: int) -> list[Event]:
-    """The same events shifted in time so the newest happens ``now_ms``; gaps are kept.
+def rebased(events: list[Event], now_ms: int, speedup: float = 1.0) -> list[Event]:
+    """The same events shifted in time so the newest happens ``now_ms``; gaps are kept,
+    or divided by ``speedup``.
 
     The sample is from 2017: with a 24 h half-life its vectors decay to nothing
-    by today, so a demo that serves ads now replays it as if it just happened.
+    by today, so a demo that serves ads now replays it as if it just happened. A
+    worker whose time runs fast (the demo's world: a 120 s half-life) needs the gaps
+    compressed by the same factor, else the days between a user's events decay
+    everything but the last one to zero.
+
+    >>> ev = [Event("a", "u", "browse", 1, 2, 0), Event("b", "u", "browse", 1, 2, 7_200_000)]
+    >>> [e.ts for e in rebased(ev, 10_000_000)], [e.ts for e in rebased(ev, 10_000_000, 720)]
+    ([2800000, 10000000], [9990000, 10000000])
     """
-    shift = now_ms - max(e.ts for e in events)
+    newest = max(e.ts for e in events)
     return [
-        Event(e.event_id, e.user_id, e.kind, e.item_id, e.category_id, e.ts + shift) for e in events
-    ]
+        Event(e.event_id, e.user_id, e.kind, e.item_id, e.category_id,
+              now_ms - round((newest - e.ts) / speedup))
+        for e in events
+    ]  # fmt: skip
 
 
 def paced(events: list[Event], speed: float) -> Iterator[Event]:

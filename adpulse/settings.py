@@ -88,7 +88,8 @@ class Settings:
     embedded_broker: bool = _setting(
         False,
         "The broker is an embedded development broker (development pseudonym key allowed; "
-        "with EMBEDDED=tansu also its workarounds). Set automatically by the demo/tests.",
+        "with EMBEDDED=tansu also its workarounds). Set automatically by the demo/tests, and "
+        "on the port of a running `adpulse broker`.",
     )
     partitions: int = _setting(
         4, "Partitions of every co-partitioned topic (user-events, ad-requests, ...)."

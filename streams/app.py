@@ -168,7 +168,9 @@ def create_app(settings: Settings) -> Wiring:
 def __getattr__(name: str) -> Any:
     """``faust -A streams.app worker`` reads ``app``; build it on first use, not at import."""
     if name == "app":
-        built = create_app(Settings.from_env()).app
+        from adpulse.announce import recognise  # noqa: PLC0415 - on `adpulse broker`'s?
+
+        built = create_app(recognise(Settings.from_env())).app
         globals()["app"] = built  # cached: later lookups find the attribute directly
         return built
     msg = f"module {__name__!r} has no attribute {name!r}"

@@ -79,7 +79,8 @@ def snapshot(
     The interest vector is the decayed one the model saw, rounded to 4 decimals
     (empty for a user with no history); ``pctr`` is the raw model output.
     """
-    interest = [] if vector is None else np.round(vector.astype(np.float64), 4).tolist()
+    # + 0.0: a weight that rounds away is 0.0, not -0.0
+    interest = [] if vector is None else (np.round(vector.astype(np.float64), 4) + 0.0).tolist()
     out: dict[str, Any] = {
         "interest": interest, "placement": req.placement, "hour": (ts_ms // 3_600_000) % 24,
         "category_id": int(ad["category_id"]), "campaign_id": str(ad["campaign_id"]),

@@ -16,6 +16,7 @@ from adpulse.settings import Settings
 
 
 def cmd_broker(args: argparse.Namespace, settings: Settings) -> int:
+    from adpulse.announce import announce, withdraw  # noqa: PLC0415
     from adpulse.broker import embedded_broker  # noqa: PLC0415
 
     if args.kind:
@@ -31,13 +32,29 @@ def cmd_broker(args: argparse.Namespace, settings: Settings) -> int:
     # still stops it cleanly instead of killing this process and orphaning the broker.
     with _signals_recorded() as received:
         broker.start()
-        print(f"embedded broker ({broker.name}) answering on {broker.bootstrap}; "
-              "Ctrl-C stops it", flush=True)  # fmt: skip
-        while not received:
-            signal.pause()
+        assert broker.proc is not None
+        pid = broker.proc.pid
+        announce(port, pid, broker.kind)  # workers on this port recognise it (adpulse.announce)
+        try:
+            print(f"embedded broker ({broker.name}) answering on {broker.bootstrap}; "
+                  "Ctrl-C stops it", flush=True)  # fmt: skip
+            print(_recognised_note(broker.bootstrap, port == settings.broker_port), flush=True)
+            while not received:
+                signal.pause()
+        finally:
+            withdraw(port, pid)
     broker.stop()
     print(f"embedded broker ({broker.name}) stopped", flush=True)
     return 0
+
+
+def _recognised_note(bootstrap: str, default: bool) -> str:
+    note = (
+        f"workers and tools on {bootstrap} recognise it as the embedded broker and may use "
+        "the published development pseudonym key (a real cluster needs "
+        "ADPULSE_PSEUDONYM_KEY_FILE)"
+    )
+    return note if default else f"{note}; point them at it: export ADPULSE_BOOTSTRAP={bootstrap}"
 
 
 @contextlib.contextmanager
@@ -106,8 +123,9 @@ def register(sub: Subparsers) -> None:
         description="Start the embedded broker on 127.0.0.1: Apache Kafka in KRaft mode from "
         "its Maven Central jars (a fresh storage directory, removed at stop), or tansu with "
         "--kind tansu. Waits until it answers a Kafka Metadata request and stops it cleanly "
-        "on Ctrl-C or SIGTERM. For development and tests; production uses a real cluster "
-        "via --bootstrap.",
+        "on Ctrl-C or SIGTERM. While it runs it announces itself, so workers on its port "
+        "may use the published development pseudonym key. For development and tests; "
+        "production uses a real cluster via --bootstrap.",
     )
     p.add_argument("--port", type=int, help="port to listen on (default: $ADPULSE_BROKER_PORT)")
     p.add_argument(

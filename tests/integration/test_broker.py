@@ -70,11 +70,14 @@ def test_second_broker_on_a_taken_port_is_refused(broker: EmbeddedBroker) -> Non
         embedded_broker(Settings.from_env(), port=broker.port).start()
 
 
-def _broker_cli(port: int) -> tuple[subprocess.Popen[str], int]:
-    """`adpulse broker --port PORT` in its own process; returns it and its broker child's pid."""
+def _broker_cli(port: int, state: Path) -> tuple[subprocess.Popen[str], int]:
+    """`adpulse broker --port PORT` in its own process; returns it and its broker child's pid.
+
+    ``state`` takes its announcement (adpulse.announce), not the user's state folder."""
     cli = Path(sys.executable).with_name("adpulse")
+    env = {**os.environ, "XDG_STATE_HOME": str(state)}
     proc = subprocess.Popen([str(cli), "broker", "--port", str(port)], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+                            stderr=subprocess.STDOUT, text=True, env=env)  # fmt: skip
     assert proc.stdout is not None
     line = proc.stdout.readline()  # blocks until the broker answers (or the command fails)
     assert "answering on" in line, line
@@ -98,18 +101,18 @@ def _gone(pid: int, within_s: float) -> bool:
     return False
 
 
-def test_broker_command_stops_its_broker_on_sigterm_and_leaves_no_orphan() -> None:
+def test_broker_command_stops_its_broker_on_sigterm_and_leaves_no_orphan(tmp_path: Path) -> None:
     port = free_port()
-    proc, child = _broker_cli(port)
+    proc, child = _broker_cli(port, tmp_path)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(60) == 0
     assert _gone(child, 5), "the broker process outlived `adpulse broker`"
     assert not metadata_answers("127.0.0.1", port, timeout=0.3)
 
 
-def test_broker_dies_with_its_parent_killed_by_sigkill() -> None:
+def test_broker_dies_with_its_parent_killed_by_sigkill(tmp_path: Path) -> None:
     port = free_port()
-    proc, child = _broker_cli(port)
+    proc, child = _broker_cli(port, tmp_path)
     proc.kill()  # no handler runs: only the kernel's parent-death signal can stop the broker
     proc.wait()
     assert _gone(child, 60), "the broker survived its parent's kill -9 (orphan)"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -31,6 +32,12 @@ def test_demo_runs_to_its_summary_and_writes_its_plots(
     summary = json.loads((out / "summary.json").read_text())
     assert summary["messages"] == 4321  # the whole Taobao sample landed
     assert summary["interest"]["users_with_state"] == summary["users"]
+    # The 2017 sample is replayed shifted to now on the worker's clock (its gaps compressed
+    # to the 120 s half-life): live state, not vectors decayed to zero.
+    assert any(x != 0 for x in summary["interest"]["example_vector_head"])
+    example = summary["decisions"]["example"]
+    assert example is not None and any(x != 0 for x in example["features"]["interest"])
+    assert not re.search(r"-0\.0(?!\d)", done.stdout)  # rounded to 0.0, never signed zeros
     live = summary["live"]
     assert live["decisions"] > 0
     assert live["events"] >= 4321

@@ -11,6 +11,7 @@ MODULES = [
     "adpulse.settings",
     "adpulse.privacy",
     "adpulse.kafkaconf",
+    "adpulse.replay",
     "scoring.abuse",
     "scoring.watermark",
     "scoring.train",
