@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help venv kafka prometheus test unit integration reproductions lint demo bench clean
+.PHONY: help venv kafka prometheus test test-long unit integration reproductions lint demo bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -42,10 +42,13 @@ prometheus: ## install Prometheus + promtool for their tests (root with apt; els
 	  || echo "could not install prometheus: its tests will be skipped"; \
 	else echo "prometheus is not installed (needs root with apt): its tests will be skipped"; fi
 
-test: $(STAMP) kafka prometheus ## the whole suite: lint, unit, integration (real embedded Kafka)
+test: $(STAMP) kafka prometheus ## lint, unit, integration (real embedded Kafka); not the long ones
 	$(BIN)/ruff check .
 	$(BIN)/mypy adpulse schemas scoring streams
-	$(BIN)/python -m pytest -m "not reproduction" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not reproduction and not long" $(PYTEST_ARGS)
+
+test-long: $(STAMP) kafka prometheus ## the long end-to-end checks: faults, bench smokes, TLS (CI runs them)
+	$(BIN)/python -m pytest -m "long and not reproduction" $(PYTEST_ARGS)
 
 reproductions: $(STAMP) kafka ## the findings' reproductions (bench eos, bench startup smokes; minutes)
 	$(BIN)/python -m pytest -m reproduction $(PYTEST_ARGS)

@@ -16,7 +16,7 @@ import pytest
 from adpulse.cli import main
 from adpulse.settings import Settings
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.long]
 
 
 def test_bench_all_smoke_writes_every_section_and_a_table(

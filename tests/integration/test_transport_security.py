@@ -28,7 +28,7 @@ from adpulse.settings import Settings
 from adpulse.topics import create_topics
 from adpulse.workerproc import WorkerProcess
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.long]
 USER, PASSWORD = "adpulse-app", "s3cret-scram-password"
 
 
