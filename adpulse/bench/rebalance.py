@@ -40,7 +40,7 @@ import numpy as np
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.partitioner import DefaultPartitioner
 
-from adpulse.bench import machine, machine_line
+from adpulse.bench import machine, machine_line, spread
 from adpulse.bench.features import _applied, _produce
 from adpulse.catalogtool import publish, synthetic_ads
 from adpulse.kafkaconf import client_kwargs
@@ -62,10 +62,11 @@ class RebalanceBench:
     candidates: int = 20
     session_timeout_s: float = 3.0
     kill: bool = True
+    repeats: int = 3  # rounds per signal: a pause is reported as median (min-max)
 
     @classmethod
     def smoke(cls) -> RebalanceBench:
-        return cls(rate=50.0, users=200, warm_events=1_000, kill=False)
+        return cls(rate=50.0, users=200, warm_events=1_000, kill=False, repeats=1)
 
 
 class Decisions:
@@ -144,10 +145,13 @@ def run(base: Settings, cfg: RebalanceBench, log: Any = print) -> dict[str, Any]
             a.wait_until(lambda: _applied(a) >= cfg.warm_events, WAIT_S, "warm interest state")
             offer.start()
             rounds = []
-            for how in ("SIGTERM", "SIGKILL") if cfg.kill else ("SIGTERM",):
-                b = WorkerProcess(s.with_(data_dir=Path(tmp) / "b"), Path(tmp), name="worker-b")
-                b.start(timeout=WAIT_S)
-                rounds.append(_round(a, b, decisions, how, s, log))
+            signals = ("SIGTERM", "SIGKILL") if cfg.kill else ("SIGTERM",)
+            for r in range(cfg.repeats):
+                for how in signals:
+                    b = WorkerProcess(s.with_(data_dir=Path(tmp) / f"b{r}-{how}"), Path(tmp),
+                                      name=f"worker-b{r}-{how}")  # fmt: skip
+                    b.start(timeout=WAIT_S)
+                    rounds.append(_round(a, b, decisions, how, s, log))
         finally:
             decisions.stop = True
             if offer.is_alive():
@@ -157,6 +161,8 @@ def run(base: Settings, cfg: RebalanceBench, log: Any = print) -> dict[str, Any]
                     w.stop()
     return {
         "rounds": rounds,
+        "by_signal": by_signal(rounds),
+        "repeats": cfg.repeats,
         "pause_s": max(r["longest_gap_s"] for r in rounds),
         "moved_outage_s": max(r["moved_outage_s"] for r in rounds),
         "state_equal": all(r["state_equal"] for r in rounds),
@@ -167,6 +173,18 @@ def run(base: Settings, cfg: RebalanceBench, log: Any = print) -> dict[str, Any]
         "users": cfg.users,
         "machine": machine(),
     }
+
+
+def by_signal(rounds: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per signal: rounds, and the longest gap and the moved partitions' outage as
+    median (min-max)."""
+    out: dict[str, dict[str, Any]] = {}
+    for how in dict.fromkeys(r["signal"] for r in rounds):
+        mine = [r for r in rounds if r["signal"] == how]
+        out[how] = {"rounds": len(mine),
+                    "longest_gap_s": spread([r["longest_gap_s"] for r in mine]),
+                    "moved_outage_s": spread([r["moved_outage_s"] for r in mine])}  # fmt: skip
+    return out
 
 
 def _first_events(a: WorkerProcess, log: Any) -> int:
@@ -255,6 +273,11 @@ def result_line(res: dict[str, Any]) -> str:
         f"{r['recovered_s']:.1f}, first decision {r['first_moved_decision_s']:.1f})"
         for r in res["rounds"]
     ]
+    for how, f in res.get("by_signal", {}).items():
+        g, o = f["longest_gap_s"], f["moved_outage_s"]
+        parts.append(f"{how} over {f['rounds']}: gap median {g['median']:.1f} s "
+                     f"({g['min']:.1f}-{g['max']:.1f}), moved {o['median']:.1f} s "
+                     f"({o['min']:.1f}-{o['max']:.1f})")  # fmt: skip
     return (
         f"rebalance: at {res['offered_per_s']:,.0f} req/s, session timeout "
         f"{res['session_timeout_s']:.0f} s: {'; '.join(parts)}; state restored equal: "

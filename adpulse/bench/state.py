@@ -28,7 +28,7 @@ from typing import Any
 import msgspec
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from adpulse.bench import machine, machine_line
+from adpulse.bench import machine, machine_line, spread
 from adpulse.bench.features import _applied, _produce
 from adpulse.kafkaconf import client_kwargs
 from adpulse.settings import Settings
@@ -43,10 +43,11 @@ class StateBench:
     users: int = 1_000_000
     realistic_users: int = 50_000
     events_per_user: int = 20
+    restore_repeats: int = 3
 
     @classmethod
     def smoke(cls) -> StateBench:
-        return cls(users=2_000, realistic_users=200)
+        return cls(users=2_000, realistic_users=200, restore_repeats=1)
 
 
 def run(base: Settings, cfg: StateBench, log: Any = print) -> dict[str, Any]:
@@ -63,19 +64,24 @@ def run(base: Settings, cfg: StateBench, log: Any = print) -> dict[str, Any]:
             f"  {cfg.users:,} users: {disk / cfg.users:.0f} bytes/user on disk, RSS {rss >> 20} MiB"
         )
 
-        baseline = asyncio.run(_read_changelog(s, cfg.users))
-        shutil.rmtree(s.data_dir)
-        restored = WorkerProcess(s, Path(tmp) / "one", name="worker-restore")
-        started = time.perf_counter()
-        restored.start(timeout=3600)  # ready = /health 200 = recovery completed
-        restore_s = time.perf_counter() - started
-        try:
-            body = restored.interest("u0")
-        finally:
-            restored.stop()
-        if body is None:
-            msg = "restored worker has no state for u0"
-            raise RuntimeError(msg)
+        baselines, restores = [], []
+        for r in range(cfg.restore_repeats):
+            baselines.append(asyncio.run(_read_changelog(s, cfg.users)))
+            shutil.rmtree(s.data_dir, ignore_errors=True)
+            restored = WorkerProcess(s, Path(tmp) / "one", name=f"worker-restore-{r}")
+            started = time.perf_counter()
+            restored.start(timeout=3600)  # ready = /health 200 = recovery completed
+            restores.append(time.perf_counter() - started)
+            try:
+                body = restored.interest("u0")
+            finally:
+                restored.stop()
+            if body is None:
+                msg = "restored worker has no state for u0"
+                raise RuntimeError(msg)
+            log(f"  restore {r + 1}/{cfg.restore_repeats}: {restores[-1]:.1f} s "
+                f"(bare changelog read {baselines[-1]:.1f} s)")  # fmt: skip
+        restore, baseline = spread(restores), spread(baselines)
     return {
         "users": cfg.users,
         "bytes_per_user_on_disk": disk / cfg.users,
@@ -84,8 +90,11 @@ def run(base: Settings, cfg: StateBench, log: Any = print) -> dict[str, Any]:
         "realistic_bytes_per_user_on_disk": real_disk / n_real,
         "record_bytes": record,
         "worker_rss_bytes": rss,
-        "restore_s": restore_s,
-        "baseline_changelog_read_s": baseline,
+        "restore_s": restore["median"],
+        "restore_s_spread": restore,
+        "baseline_changelog_read_s": baseline["median"],
+        "baseline_changelog_read_s_spread": baseline,
+        "restore_repeats": cfg.restore_repeats,
         "machine": machine(),
     }
 

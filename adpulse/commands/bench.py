@@ -146,7 +146,7 @@ def cmd_bench_rebalance(args: argparse.Namespace, settings: Settings) -> int:
     else:
         cfg = rebalance.RebalanceBench(
             rate=args.rate, users=args.users, session_timeout_s=args.session_timeout,
-            kill=not args.no_kill,
+            kill=not args.no_kill, repeats=args.repeats,
         )  # fmt: skip
     with broker_for(settings) as s:
         result = rebalance.run(s, cfg)
@@ -473,6 +473,7 @@ def register(sub: Subparsers) -> None:
         rate=(200.0, "offered ad requests/s during the rebalance (200)"),
         users=(2_000, "users with interest state (2000)"),
         session_timeout=(3.0, "consumer-group session timeout of both workers, s (3)"),
+        repeats=(3, "rounds per signal; medians with min-max reported (3)"),
     )
     p.add_argument("--no-kill", action="store_true", help="skip the SIGKILL round")
     _add_run_flags(p, 'also write {"rebalance": figures} as JSON')
