@@ -92,7 +92,10 @@ def cmd_bench_state(args: argparse.Namespace, settings: Settings) -> int:
     from adpulse.bench import state  # noqa: PLC0415
     from adpulse.broker import broker_for  # noqa: PLC0415
 
-    cfg = state.StateBench.smoke() if args.smoke else state.StateBench(users=args.users)
+    cfg = state.StateBench.smoke() if args.smoke else state.StateBench(
+        users=args.users, realistic_users=args.realistic_users,
+        events_per_user=args.events_per_user, restore_repeats=args.restore_repeats,
+    )  # fmt: skip
     with broker_for(settings) as s:
         result = state.run(s, cfg)
     print(state.result_line(result))
@@ -407,7 +410,13 @@ def register(sub: Subparsers) -> None:
         "with an empty data directory takes to restore the table from its changelog (against "
         "a bare aiokafka read of the same changelog).",
     )
-    _add_sizes(p, users=(1_000_000, "users in the table (1000000)"))
+    _add_sizes(
+        p,
+        users=(1_000_000, "users in the table (1000000)"),
+        realistic_users=(50_000, "users of the realistic table (50000)"),
+        events_per_user=(20, "events per realistic user (20)"),
+        restore_repeats=(3, "restores timed; median with min-max (3)"),
+    )
     _add_run_flags(p, 'also write {"state": figures} as JSON')
     add_bootstrap(p)
 
