@@ -140,11 +140,17 @@ class ChangelogBuffer:
     (:func:`write_local`, by the caller) and the changelog records wait up to
     ``flush_s``; a key written twice in that time is sent once, with its last
     value. :meth:`add` returns what completes when the records are acknowledged.
+
+    ``reread``: send each key's value as RocksDB holds it at the flush, not the
+    value added. For a table with two writers on one event loop (spend: decisions
+    and the click join), whose adds can arrive after a newer local write of the
+    same key: the changelog then still ends with the newest value.
     """
 
-    def __init__(self, table: Any, flush_s: float = 0.005) -> None:
+    def __init__(self, table: Any, flush_s: float = 0.005, reread: bool = False) -> None:
         self.table = table
         self.flush_s = flush_s
+        self.reread = reread
         self.pending: dict[int, dict[bytes, bytes | None]] = {}
         self.waiters: list[asyncio.Future[None]] = []
         self._handle: asyncio.TimerHandle | None = None
@@ -177,7 +183,11 @@ class ChangelogBuffer:
             futures: list[asyncio.Future[Any]] = []
             async with self._order:
                 for part, items in pending.items():
-                    futures += await send_changelog(self.table, part, list(items.items()))
+                    records = list(items.items())
+                    if self.reread:
+                        keys = [key for key, _ in records]
+                        records = list(zip(keys, read_many(self.table, part, keys), strict=True))
+                    futures += await send_changelog(self.table, part, records)
             for result in await asyncio.gather(*futures, return_exceptions=True):
                 if isinstance(result, BaseException):
                     error = result
