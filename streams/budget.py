@@ -215,19 +215,24 @@ class BudgetGate:
         marks = self.marks.get(part)
         if marks is None:
             marks = self.marks[part] = decode_marks(load([SETTLED_KEY], [part])[0])
-        before = list(marks)
+        before, replayed = list(marks), set()
         for ch in charges:
-            source = 0 if ch.source == "events" else 1
-            if ch.offset <= marks[source]:
-                continue
             key = (part, ch.campaign_id)
             if key not in self.records:  # not in today's catalog, or not decided here yet
                 raw = load([ch.campaign_id.encode()], [part])[0]
                 self.records[key], self.stored[key] = load_record(raw, now_ms), raw
+            source = 0 if ch.source == "events" else 1
+            if ch.offset <= marks[source]:
+                replayed.add(key)
+                continue
             self.spend(part, ch.campaign_id, ch.amount, now_ms)
             marks[source] = ch.offset
         out = self.writes()
-        if marks != before:
+        # A replay follows a failure, maybe of the changelog send: its records go again.
+        sent = {(part, key.decode()) for key, _, _ in out}
+        out += [(c.encode(), p, pacing.encode(self.records[(p, c)]))
+                for p, c in sorted(replayed - sent)]  # fmt: skip
+        if marks != before or replayed:
             out.append((SETTLED_KEY, part, _MARKS.pack(*marks)))
         return out
 
