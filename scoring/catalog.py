@@ -29,6 +29,8 @@ class Catalog:
         self.index = AdIndex.build(active, spec)
         self.ads = active
         self.campaign = [str(a["campaign_id"]) for a in active]
+        # cpm: charged pCTR x bid when decided; cpc: bid when a click is joined (streams/join.py)
+        self.billing = [str(a.get("billing", "cpm")) for a in active]
         self.daily_budget: dict[str, float] = {}
         for a in active:  # a campaign's budget: the largest its ads state (they should agree)
             c = str(a["campaign_id"])

@@ -17,6 +17,11 @@ co-partitioned, so both offsets are of the same partition number); a
 redelivered message at or below them is skipped, so replaying a batch changes
 nothing and labels nothing.
 
+A decision of a cost-per-click ad carries its price (``click_price``, its bid);
+the label that marks it clicked also lists a :class:`Charge` for it, named by
+the offset of the message that clicked it, so whoever applies charges can skip
+one it already holds when a batch is replayed (streams/budget.py).
+
 >>> p = JoinParams(window_ms=1000, conversion_ms=0, grace_ms=0)
 >>> state = {}
 >>> out = apply_batch(state, [Decision("d1", 0, "u", "ad", 100)], [], p)
@@ -31,7 +36,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 import numpy as np
@@ -85,6 +90,7 @@ class Pending(msgspec.Struct, array_like=True, gc=False):
     pctr_raw: float = -1.0  # model output before calibration (-1: the decision had none)
     device: str = ""
     interest: bytes = b""  # the decision's interest vector as float16 (2 bytes a number)
+    click_price: float = 0.0  # charged when the decision is clicked: its bid if cpc, else 0
 
 
 _encode = msgspec.msgpack.Encoder().encode
@@ -118,6 +124,7 @@ class Decision:
     pctr_raw: float = -1.0
     device: str = ""
     interest: bytes = b""  # float16 bytes (:func:`pack_interest`)
+    click_price: float = 0.0  # the bid of a cpc decision, 0 for cpm
 
 
 def pack_interest(vector: Sequence[float]) -> bytes:
@@ -145,6 +152,21 @@ class Event:
     category_id: int = -1
 
 
+Source = Literal["decisions", "events"]
+
+
+@dataclass(frozen=True)
+class Charge:
+    """A click to charge: ``amount`` to ``campaign_id``, caused by the message at
+    ``offset`` of ``source`` (both topics have the record's partition number)."""
+
+    decision_id: str
+    campaign_id: str
+    amount: float
+    source: Source
+    offset: int
+
+
 @dataclass
 class Step:
     labels: list[dict[str, Any]] = field(default_factory=list)  # ctr-feedback records
@@ -153,6 +175,7 @@ class Step:
     late_clicks: int = 0
     expired: int = 0
     suspect: list[tuple[str, str]] = field(default_factory=list)  # (rule, user): never labelled
+    charges: list[Charge] = field(default_factory=list)  # one per clicked=1 label of a cpc ad
 
 
 def window_end(rec: Pending, p: JoinParams) -> int:
@@ -193,12 +216,12 @@ def apply_batch(
             OPEN, d.user_id, d.ad_id, d.ts, d.propensity, d.policy, d.pctr, d.model_version,
             d.placement, d.campaign_id, d.category_id, d.item_id, d.arm,
             dec_off=d.offset, ev_off=rec.ev_off if rec is not None else -1,
-            pctr_raw=d.pctr_raw, device=d.device, interest=d.interest,
+            pctr_raw=d.pctr_raw, device=d.device, interest=d.interest, click_price=d.click_price,
         )  # fmt: skip
         state[d.decision_id] = rec
         out.changed.add(d.decision_id)
         if orphan_click >= 0:
-            _click(d.decision_id, rec, orphan_click, p, out)
+            _click(d.decision_id, rec, orphan_click, p, out, ("decisions", d.offset))
     by_user: dict[str, list[str]] = {}
     for key, rec in state.items():
         if rec is not None and rec.status == CLICKED:
@@ -218,7 +241,7 @@ def apply_batch(
             out.changed.add(ev.decision_id)
             if rec.status == ORPHAN:
                 rec.click_ts = min(rec.click_ts, ev.ts)
-            elif _click(ev.decision_id, rec, ev.ts, p, out):
+            elif _click(ev.decision_id, rec, ev.ts, p, out, ("events", ev.offset)):
                 by_user.setdefault(rec.user_id, []).append(ev.decision_id)
         else:
             for key in by_user.get(ev.user_id, ()):
@@ -235,14 +258,19 @@ def apply_batch(
     return out
 
 
-def _click(key: str, rec: Pending, ts: int, p: JoinParams, out: Step) -> bool:
-    """A click on an open or labelled decision; True when it labels it 1."""
+def _click(
+    key: str, rec: Pending, ts: int, p: JoinParams, out: Step, cause: tuple[Source, int]
+) -> bool:
+    """A click on an open or labelled decision; True when it labels it 1 (and charges it,
+    if cpc: ``cause`` is the message that clicked it)."""
     if rec.status == OPEN and rec.decision_ts <= ts <= window_end(rec, p):
         if too_fast(rec.decision_ts, ts, p.min_click_delay_ms):
             out.suspect.append(("too_fast", rec.user_id))  # stays open: 0 unless a real click
             return False
         rec.status, rec.click_ts = CLICKED, ts
         out.labels.append(label(key, rec, 1, ts, "click"))
+        if rec.click_price > 0:
+            out.charges.append(Charge(key, rec.campaign_id, rec.click_price, *cause))
         return True
     if rec.status in (ZERO, OPEN) and ts >= rec.decision_ts:
         out.late_clicks += 1  # after the label, or stamped after the window: never emitted

@@ -11,10 +11,16 @@ participation probability (the pacer, or 1/0 for "serve until spent" when
 campaign before the policy sees them, accounts the batch's spend and returns
 the records that changed.
 
-Spend model: expected cost. A decision costs served pCTR x bid (the catalog's
-bid is a price per click) when it is made; clicks are not settled against it
-(there is no per-impression pricing in the catalog to settle). Calibration
-makes the expected cost unbiased once enough labels exist.
+Spend model, by the ad's ``billing`` (ad-catalog). cpm: a decision costs its
+expected cost, served pCTR x bid (the catalog's bid is a price per click), when
+it is made; calibration makes that unbiased once enough labels exist. cpc: a
+decision costs nothing when made, and its bid when the click join labels it
+clicked (:meth:`BudgetGate.settle`, called by streams/join.py on the worker that
+owns the partition, so the single-writer rule holds). A settled charge is
+applied once: the partition's ``SETTLED_KEY`` record, written in the same
+RocksDB batch and changelog append as the charged records, holds the offset of
+the last click charged per input, and a replayed click at or below it is skipped
+(the join's own records use the same rule, scoring/joinstate.py).
 
 :class:`ServedCalibration` sums the learner's calibration shards (one per
 ctr-feedback partition, in the ``strategy`` mirror) at most every
@@ -25,6 +31,7 @@ pCTR through.
 from __future__ import annotations
 
 import math
+import struct
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -35,6 +42,7 @@ import numpy.typing as npt
 from adpulse.settings import Settings
 from scoring import caps
 from scoring.catalog import Catalog
+from scoring.joinstate import Charge
 from scoring.strategy import pacing
 from scoring.strategy.calibration import (
     F64,
@@ -72,6 +80,15 @@ def load_record(raw: bytes | None, now_ms: int) -> npt.NDArray[Any]:
 
 
 P_REFRESH_MS = 100  # participation is recomputed at most this often per partition
+# The spend table's key for the offsets of the last clicks charged (events, decisions):
+# not UTF-8, so no campaign id can be it.
+SETTLED_KEY = b"\xffsettled"
+_MARKS = struct.Struct("<qq")
+
+
+def decode_marks(raw: bytes | None) -> list[int]:
+    """[user-events offset, ad-decisions offset] of the last charged clicks; -1: none."""
+    return list(_MARKS.unpack(raw)) if raw and len(raw) == _MARKS.size else [-1, -1]
 
 
 class BudgetGate:
@@ -94,6 +111,8 @@ class BudgetGate:
         self.stored: dict[tuple[int, str], bytes | None] = {}
         self.dirty: set[tuple[int, str]] = set()
         self.loaded: dict[int, tuple[Any, tuple[str, ...]]] = {}  # part -> (generation, campaigns)
+        self.copy_gen: dict[int, Any] = {}  # part -> generation its records were read in
+        self.marks: dict[int, list[int]] = {}  # part -> last charged clicks (decode_marks)
         self.p_at: dict[int, int] = {}  # part -> when its participation was computed
         self.p: dict[int, npt.NDArray[np.float64]] = {}
         # (partition, campaign) -> (UTC day, spent, p, budget share, last seen ms): gauges
@@ -110,7 +129,7 @@ class BudgetGate:
         for part in sorted(set(parts)):
             if self.loaded.get(part) != (gen, campaigns):
                 self._load(part, campaigns, load, now_ms)
-                self.loaded[part] = (gen, campaigns)
+                self.loaded[part], self.copy_gen[part] = (gen, campaigns), gen
             elif now_ms - self.p_at.get(part, now_ms) < P_REFRESH_MS:
                 continue
             self._participation(catalog, part, now_ms)
@@ -119,6 +138,7 @@ class BudgetGate:
         for key in [k for k in self.records if k[0] == part]:
             del self.records[key], self.stored[key]
             self.dirty.discard(key)
+        self.marks.pop(part, None)
         values = load([c.encode() for c in campaigns], [part] * len(campaigns))
         for c, raw in zip(campaigns, values, strict=True):
             self.records[(part, c)], self.stored[(part, c)] = load_record(raw, now_ms), raw
@@ -167,12 +187,54 @@ class BudgetGate:
         rec = self.records[(part, campaign)]
         pacing.record_spend(rec, amount, now_ms, self.params)
         self.dirty.add((part, campaign))
-        day, _, p, share, _ = self.view[(part, campaign)]
-        if float(rec["spent"]) >= share and p > 0.0:  # spent: out at once, not at the refresh
-            campaigns = self.loaded[part][1]
-            probs = self.p.setdefault(part, np.ones(len(campaigns)))
+        view = self.view.get((part, campaign))
+        if view is None:  # a click settled before this partition decided: gauges follow then
+            return
+        _, _, p, share, _ = view
+        campaigns = self.loaded.get(part, (None, ()))[1]
+        if float(rec["spent"]) >= share and p > 0.0 and campaign in campaigns:
+            probs = self.p.setdefault(part, np.ones(len(campaigns)))  # spent: out at once
             probs[campaigns.index(campaign)] = p = 0.0
-        self.view[(part, campaign)] = (day, float(rec["spent"]), p, share, now_ms)
+        self.view[(part, campaign)] = (int(rec["day"]), float(rec["spent"]), p, share, now_ms)
+
+    def settle(
+        self, part: int, charges: Sequence[Charge], load: Loader, now_ms: int
+    ) -> list[tuple[bytes, int, bytes]]:
+        """Charge clicked cpc decisions to ``part``'s spend; the records to write, the
+        ``SETTLED_KEY`` record last. A charge whose click is at or below the offset that
+        record holds was applied before a crash replayed its batch, and is skipped.
+
+        Write the result before the join's own state (streams/join.py does): then a
+        click the join's state holds as labelled is always charged in this table.
+        """
+        gen = self.generation()
+        if part in self.copy_gen and self.copy_gen[part] != gen:  # another owner meanwhile
+            self._load(part, (), load, now_ms)
+            self.loaded.pop(part, None)
+        self.copy_gen[part] = gen
+        marks = self.marks.get(part)
+        if marks is None:
+            marks = self.marks[part] = decode_marks(load([SETTLED_KEY], [part])[0])
+        before, replayed = list(marks), set()
+        for ch in charges:
+            key = (part, ch.campaign_id)
+            if key not in self.records:  # not in today's catalog, or not decided here yet
+                raw = load([ch.campaign_id.encode()], [part])[0]
+                self.records[key], self.stored[key] = load_record(raw, now_ms), raw
+            source = 0 if ch.source == "events" else 1
+            if ch.offset <= marks[source]:
+                replayed.add(key)
+                continue
+            self.spend(part, ch.campaign_id, ch.amount, now_ms)
+            marks[source] = ch.offset
+        out = self.writes()
+        # A replay follows a failure, maybe of the changelog send: its records go again.
+        sent = {(part, key.decode()) for key, _, _ in out}
+        out += [(c.encode(), p, pacing.encode(self.records[(p, c)]))
+                for p, c in sorted(replayed - sent)]  # fmt: skip
+        if marks != before or replayed:
+            out.append((SETTLED_KEY, part, _MARKS.pack(*marks)))
+        return out
 
     def writes(self) -> list[tuple[bytes, int, bytes]]:
         """(campaign, partition, record) for every record this batch changed."""

@@ -400,6 +400,7 @@ class DecideStage:
         ad_id, campaign = catalog.index.ad_ids[row], catalog.campaign[row]
         decision.update(
             ad_id=ad_id, campaign_id=campaign, pctr=float(pctr[j]), bid=float(bids[j]),
+            billing=catalog.billing[row],
             score=float(pctr[j] * bids[j]), propensity=choice.propensity,
             policy=self.models.fallback.policy if fell_back else policy.name,
             pctr_raw=float(raw_pctr[j]),
@@ -407,7 +408,8 @@ class DecideStage:
         )  # fmt: skip
         caps.record_impression(users.caps[p.user], ad_id)
         users.touched.add(p.user)
-        self.budget.spend(p.raw.partition, campaign, decision["score"], now_ms)
+        if decision["billing"] == "cpm":  # cpc is charged when its click is joined
+            self.budget.spend(p.raw.partition, campaign, decision["score"], now_ms)
         out.by_policy[(decision["policy"], req.placement)] += 1
         return req.user_id.encode(), p.raw, decision
 

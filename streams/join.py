@@ -19,6 +19,11 @@ window. A label's identity is its decision_id, so the learner, ``adpulse report`
 and ``adpulse train`` count a repeat once. Timer-driven labels (clicked=0)
 follow the same order.
 
+A clicked=1 label of a cost-per-click decision also charges its bid to the
+campaign's spend share of the partition (``settle``, streams/budget.py): written
+and acked with the labels, before the records, and skipped on a replay by the
+click's offset, so a click is charged exactly once.
+
 Index cost: built by scanning the partition's RocksDB once after each
 rebalance (O(records)); each tick then scans the index dict (O(records) dict
 reads, no RocksDB) to find due records and loads only those.
@@ -29,8 +34,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -49,6 +55,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 JOIN_TICK_S = 1.0
+# (partition, charges, now_ms) -> what completes when the spend they change is durable
+Settle = Callable[[int, list[js.Charge], int], list[Awaitable[Any]]]
 
 
 class SnapshotMsg(msgspec.Struct, gc=False):
@@ -76,14 +84,22 @@ class DecisionMsg(msgspec.Struct, gc=False):
     arm: str = ""
     pctr_raw: float = -1.0
     features: SnapshotMsg | None = None
+    bid: float = 0.0
+    billing: str = "cpm"
+
+    def click_price(self) -> float:
+        """What a click on it costs: its bid if cost-per-click (a sane bid only), else 0."""
+        return self.bid if self.billing == "cpc" and 0 < self.bid < math.inf else 0.0
 
 
 _decode_decision = msgspec.json.Decoder(DecisionMsg).decode
 
 
 class JoinStage:
-    def __init__(self, w: Wiring) -> None:
+    def __init__(self, w: Wiring, settle: Settle | None = None) -> None:
+        """``settle``: charges clicks of cpc decisions (None: they are not charged)."""
         self.w = w
+        self.settle = settle
         self.params = js.JoinParams.from_settings(w.settings)
         self.topic = w.settings.topic("ctr-feedback")
         self.inputs: dict[Input, str] = {
@@ -124,7 +140,7 @@ class JoinStage:
             dec = js.Decision(
                 d.request_id, raw.offset, d.user_id, d.ad_id, d.ts, d.propensity, d.policy,
                 d.pctr, d.model_version, d.placement, d.campaign_id, cat, item, d.arm,
-                d.pctr_raw, f.device, js.pack_interest(f.interest),
+                d.pctr_raw, f.device, js.pack_interest(f.interest), d.click_price(),
             )  # fmt: skip
             by_part.setdefault(raw.partition, []).append(dec)
         futures: list[Any] = []
@@ -209,6 +225,9 @@ class JoinStage:
             step = js.apply_batch(state, decisions, events, self.params)
             closed = js.close_due(state, wm, self.params)
             labels = step.labels + closed.labels
+            charged: list[Awaitable[Any]] = []
+            if step.charges and self.settle is not None:  # durable with the labels, as they are
+                charged = self.settle(part, step.charges, now_ms)
             if labels:  # acked before the state that records them is written (see above)
                 sends = [
                     await self.w.app.producer.send(
@@ -221,7 +240,7 @@ class JoinStage:
                     )
                     for lab in labels
                 ]
-                await asyncio.gather(*sends)
+                await asyncio.gather(*sends, *charged)
             writes: list[tuple[bytes, bytes | None]] = []
             for key in sorted(step.changed | closed.changed | closed.deleted):
                 rec, gone = state[key], key in closed.deleted

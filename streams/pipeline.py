@@ -6,7 +6,7 @@ ad-requests batch  -> candidates, caps, budgets, one scoring run, strategy
                       (streams/decide.py) -> ad-decisions
 anything refused   -> dead-letters (streams/deadletter.py)
 ad-decisions batch -> click join: decisions x clicks/purchases (streams/join.py)
-  + clicks, buys      -> pending table; labels -> ctr-feedback
+  + clicks, buys      -> pending table; labels -> ctr-feedback; cpc clicks -> spend table
 ctr-feedback batch -> dedupe + Thompson/LinUCB/calibration (streams/learn.py)
                    -> learn table (its changelog mirrored by every worker: read by decide)
 forget-requests    -> the user's interest, freqcap, pending records deleted by
@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from scoring.featurespec import FeatureSpec
+from scoring.joinstate import Charge
 from scoring.registry import LoadedModel, ModelRegistry
 from scoring.strategy.policy import StrategyReader
 from streams import forget, serve
@@ -58,8 +59,11 @@ def wire(w: Wiring) -> None:
                          calibration=w.strategy.get_many,
                          generation=lambda: w.app.consumer_generation_id)  # fmt: skip
     learn = LearnStage(w.settings)
-    join = JoinStage(w)
-    changelogs = DecisionChangelogs(ChangelogBuffer(w.freqcap), ChangelogBuffer(w.spend))
+    # spend: re-read at flush, as the join's click charges and decisions interleave
+    changelogs = DecisionChangelogs(ChangelogBuffer(w.freqcap),
+                                    ChangelogBuffer(w.spend, reread=True))  # fmt: skip
+    join = JoinStage(w, lambda part, charges, now_ms: settle_clicks(
+        w, decide, changelogs.spend, part, charges, now_ms))  # fmt: skip
     # forget-requests: a user's state deleted (streams/forget.py)
     forget.wire(w, join, changelogs.caps)
 
@@ -248,6 +252,23 @@ class DecisionChangelogs:
 
     caps: ChangelogBuffer
     spend: ChangelogBuffer
+
+
+def settle_clicks(
+    w: Wiring,
+    stage: DecideStage,
+    spend: ChangelogBuffer,
+    part: int,
+    charges: list[Charge],
+    now_ms: int,
+) -> list[Awaitable[Any]]:
+    """Clicks of cpc decisions charged to the partition's spend (the decision stage's own
+    budget copy, so the two never overwrite each other); completes when changelogged."""
+    writes = stage.budget.settle(part, charges, lambda k, p: _load(w.spend, k, p), now_ms)
+    if not writes:
+        return []
+    _write_local(w.spend, writes)
+    return [spend.add(part, [(key, value) for key, _, value in writes])]
 
 
 async def join_decisions(w: Wiring, join: JoinStage, batch: Batch) -> Awaitable[Any]:

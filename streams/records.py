@@ -20,6 +20,7 @@ import faust
 
 EventKind = Literal["browse", "click", "cart", "fav", "purchase"]
 Device = Literal["mobile", "desktop", "tablet", "tv", "other"]
+Billing = Literal["cpm", "cpc"]
 
 
 class _Contract(faust.Record, abstract=True, serializer="json", include_metadata=False):
@@ -112,6 +113,7 @@ class AdDecision(_Contract):
     no_fill_reason: str | None = None
     placement: str | None = None
     campaign_id: str | None = None
+    billing: Billing | None = None
     arm: str | None = None
     request_ts: int | None = None
     candidates: int | None = None
@@ -161,6 +163,7 @@ class Ad(_Contract):
     embedding: list[float] | None = None
     text: str | None = None
     active: bool | None = None
+    billing: Billing | None = None
 
     @property
     def is_active(self) -> bool:

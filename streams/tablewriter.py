@@ -140,11 +140,18 @@ class ChangelogBuffer:
     (:func:`write_local`, by the caller) and the changelog records wait up to
     ``flush_s``; a key written twice in that time is sent once, with its last
     value. :meth:`add` returns what completes when the records are acknowledged.
+
+    ``reread``: send each key's value as RocksDB holds it at the flush, not the
+    value added. For a table with two writers on one event loop (spend: decisions
+    and the click join), whose adds can arrive after a newer local write of the
+    same key: the changelog then still ends with the newest value. A key RocksDB
+    does not hold keeps the value added, so a reread never sends a delete.
     """
 
-    def __init__(self, table: Any, flush_s: float = 0.005) -> None:
+    def __init__(self, table: Any, flush_s: float = 0.005, reread: bool = False) -> None:
         self.table = table
         self.flush_s = flush_s
+        self.reread = reread
         self.pending: dict[int, dict[bytes, bytes | None]] = {}
         self.waiters: list[asyncio.Future[None]] = []
         self._handle: asyncio.TimerHandle | None = None
@@ -169,6 +176,16 @@ class ChangelogBuffer:
         self._tasks.add(task)  # held until done: the loop keeps only a weak reference
         task.add_done_callback(self._tasks.discard)
 
+    def _records(
+        self, part: int, items: dict[bytes, bytes | None]
+    ) -> list[tuple[bytes, bytes | None]]:
+        records = list(items.items())
+        if not self.reread:
+            return records
+        now = read_many(self.table, part, [key for key, _ in records])
+        return [(key, value if fresh is None else fresh)
+                for (key, value), fresh in zip(records, now, strict=True)]  # fmt: skip
+
     async def _flush(self) -> None:
         pending, waiters = self.pending, self.waiters
         self.pending, self.waiters, self._handle = {}, [], None
@@ -177,7 +194,7 @@ class ChangelogBuffer:
             futures: list[asyncio.Future[Any]] = []
             async with self._order:
                 for part, items in pending.items():
-                    futures += await send_changelog(self.table, part, list(items.items()))
+                    futures += await send_changelog(self.table, part, self._records(part, items))
             for result in await asyncio.gather(*futures, return_exceptions=True):
                 if isinstance(result, BaseException):
                     error = result

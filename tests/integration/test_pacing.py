@@ -118,3 +118,72 @@ def test_an_overspending_campaign_is_throttled_and_feedback_carries_the_snapshot
         requests.close()
         decisions.close()
         worker.stop()
+
+
+def test_cpc_spend_is_the_sum_of_the_bids_of_clicked_decisions_cpm_is_charged_when_decided(
+    settings: Settings, tmp_path: Path
+) -> None:
+    create_topics(settings)
+    ads = [ad("cpc-a", "bill", 0.7, 4756105, campaign_id="c-cpc", billing="cpc"),
+           ad("cpc-b", "bill", 1.3, 982926, campaign_id="c-cpc", billing="cpc"),
+           ad("cpm-a", "bill", 2.0, 4756105, campaign_id="c-cpm")]  # fmt: skip
+    publish(settings.bootstrap, settings.topic("ad-catalog"), ads)
+    extra = {"ADPULSE_PLACEMENT_POLICIES": "bill=greedy", **LENIENT}
+    worker = Worker(settings, tmp_path, extra).start()
+    requests, decisions = Requests(settings), Decisions(settings)
+    feedback = TopicReader(settings.bootstrap, settings.topic("ctr-feedback"), settings.partitions)
+
+    def spend(campaign: str) -> float:
+        return worker.metric("adpulse_pacing_spend", f'campaign="{campaign}"')
+
+    try:
+        wait_catalog(worker, len(ads))
+        # One request per ad in turn, each with that ad as its only candidate.
+        reqs = [request(f"bill-{i}", f"bill-u{i}", "bill", candidates=[ads[i % 3]["ad_id"]])
+                for i in range(36)]  # fmt: skip
+        requests.send(reqs)
+        decisions.wait([r["request_id"] for r in reqs])
+        got = [decisions.one(r["request_id"]) for r in reqs]
+        assert [d["ad_id"] for d in got] == [r["candidates"][0] for r in reqs]
+        for d in got:
+            body = {k: v for k, v in d.items() if k != "_partition"}
+            assert first_error("ad-decisions", body) is None, first_error("ad-decisions", body)
+            assert d["billing"] == ("cpm" if d["ad_id"] == "cpm-a" else "cpc")
+        cpm = [d for d in got if d["billing"] == "cpm"]
+        expected_cpm = sum(d["score"] for d in cpm)
+        worker.wait_until(lambda: spend("c-cpm") == pytest.approx(expected_cpm), 20, "cpm spend")
+        assert spend("c-cpc") == 0.0  # deciding charges a cpc campaign nothing
+
+        clicked = got[::5]  # both billings, every partition the requests went to
+        clicks = clicked + clicked[:2]  # two of them clicked twice: one label, one charge
+        requests.events([
+            {"event_id": f"click-{n}", "user_id": r["user_id"], "kind": "click", "item_id": 1,
+             "category_id": 4756105, "ts": d["ts"] + 1000, "ad_id": d["ad_id"],
+             "decision_id": d["request_id"]}
+            for n, d in enumerate(clicks)
+            for r in reqs if r["request_id"] == d["request_id"]
+        ])  # fmt: skip
+        labels: dict[str, list[dict[str, Any]]] = {}
+
+        def labelled() -> bool:
+            feedback.poll()
+            labels.clear()
+            for _, _, value in feedback.records:
+                body = json.loads(value)
+                labels.setdefault(body["decision_id"], []).append(body)
+            return all(d["request_id"] in labels for d in clicked)
+
+        worker.wait_until(labelled, 30, "labels of the clicked decisions")
+        assert all([lab["clicked"] for lab in labels[d["request_id"]]] == [1] for d in clicked)
+        paid = [d for d in clicked if d["billing"] == "cpc"]
+        assert {d["ad_id"] for d in paid} == {"cpc-a", "cpc-b"}
+        expected_cpc = sum(d["bid"] for d in paid)
+        worker.wait_until(
+            lambda: spend("c-cpc") == pytest.approx(expected_cpc), 20, "cpc spend settled"
+        )
+        assert spend("c-cpm") == pytest.approx(expected_cpm)  # clicks do not charge cpm again
+    finally:
+        feedback.close()
+        requests.close()
+        decisions.close()
+        worker.stop()
