@@ -139,17 +139,17 @@ class Settings:
     )
     max_events_per_user_s: int = _setting(
         100,
-        "user-events beyond this many per user in one second of event time are "
-        "dead-lettered (rate_limited); 0: no limit.",
+        "user-events beyond this many per user in one second of broker time (LogAppendTime, "
+        "else arrival) are dead-lettered (rate_limited); 0: no limit.",
     )
     min_click_delay_ms: int = _setting(
         150,
-        "A click sooner than this after its decision is suspect (too_fast): counted, never "
-        "labelled clicked.",
+        "A click reaching the broker sooner than this after its decision is suspect "
+        "(too_fast): counted, never labelled clicked.",
     )
     max_clicks_per_user_min: int = _setting(
         20,
-        "A user's clicks beyond this many within 60 s of event time are suspect (burst): "
+        "A user's clicks beyond this many within 60 s of broker time are suspect (burst): "
         "counted, never labelled clicked; 0: no limit.",
     )
     # -- Worker -------------------------------------------------------------------------
@@ -191,6 +191,12 @@ class Settings:
     )
     max_future_skew_ms: int = _setting(
         300_000, "Events stamped further than this into the future are dead-lettered."
+    )
+    max_event_age_days: int = _setting(
+        7305,
+        "Events stamped more than this many days before now are dead-lettered (too_old): "
+        "20 years refuses a zero, 1970 or seconds-for-milliseconds ts and admits replays of "
+        "historical logs (the 2017 Taobao sample); 0: no lower bound.",
     )
     batch_max_events: int = _setting(
         20_000, "Most events one ingest batch takes (larger: fewer table writes per event)."

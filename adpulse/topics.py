@@ -28,6 +28,7 @@ def plan(settings: Settings) -> list[TopicPlan]:
     for spec in TOPICS.values():
         configs = {"cleanup.policy": "compact" if spec.compacted else "delete"}
         configs["retention.ms"] = str(spec.retention_ms if spec.retention_ms is not None else -1)
+        configs.update(spec.configs())
         out.append(TopicPlan(settings.topic(spec.name), settings.partitions, configs))
     return out
 

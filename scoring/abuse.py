@@ -1,7 +1,13 @@
 """Abuse rules, pure: a per-user event-rate limit and the invalid-click rules.
 
+Every rule counts by *broker time*, never by the client's ``ts``: the record's
+LogAppendTime where the topic has one (``adpulse topics create`` and the worker
+create ``user-events`` so), else the time the worker fetched it
+(streams/ingest.py, ``broker_ms``). A client that spreads its timestamps over
+the past is thus still counted at the rate it really sends.
+
 Ingest (streams/interest.py) keeps at most ``limit`` events per user per second
-of event time; the rest are dead-lettered (``rate_limited``). The click join
+of broker time; the rest are dead-lettered (``rate_limited``). The click join
 (streams/join.py, scoring/joinstate.py) labels a decision clicked only for a
 click that passes every rule:
 
@@ -9,16 +15,21 @@ click that passes every rule:
     a click whose decision never arrives (it is held as an orphan for the
     attribution window, since the two topics are not ordered, then dropped);
 ``too_fast``
-    a click sooner than ``min_delay_ms`` after its decision: no person reads an
-    ad and clicks it that fast (simple visual reaction time alone is ~200 ms);
+    a click reaching the broker sooner than ``min_delay_ms`` after its decision
+    was made (both server clocks): no person reads an ad and clicks it that
+    fast (simple visual reaction time alone is ~200 ms);
 ``burst``
-    a user's click beyond ``max_per_min`` within the last 60 s of event time.
+    a user's click beyond ``max_per_min`` within the last 60 s of broker time.
 
 A suspect click never labels its decision; the decision stays open and is
 labelled 0 at the end of its window unless a later click passes the rules, so
 a bot can neither teach the learner that an ad is clicked nor hide an
-impression. Both counters live in worker memory: bounded, and reset by a
-restart or a rebalance (a defence, not an account).
+impression. Both counters live in worker memory: bounded, and empty after a
+restart or a rebalance (a defence, not an account): in the second (rate) or the
+minute (burst) around a restart a user may get up to twice the limit through,
+and records re-read from the last committed offset are counted afresh, so one
+refused (dead-lettered) before the restart may be applied after it. Records
+applied before are not applied twice: the interest state dedupes them.
 
 >>> limiter = EventRateLimiter(limit=2)
 >>> limiter.admit(["a", "a", "a", "b"], np.array([1000, 1500, 1999, 1000])).tolist()
@@ -42,11 +53,11 @@ MINUTE_MS = 60_000
 
 
 class EventRateLimiter:
-    """At most ``limit`` events per (user, second of event time), within and across batches.
+    """At most ``limit`` events per (user, second of broker time), within and across batches.
 
     Counts are kept for the newest second seen and the ``keep_s`` before it, so
     memory is bounded by the users active in that span; an event older than that
-    (a replay of old data) is limited within its batch only.
+    (a partition read far behind the others) is limited within its batch only.
     """
 
     def __init__(self, limit: int, keep_s: int = 3) -> None:
@@ -85,7 +96,7 @@ def too_fast(decision_ts: int, click_ts: int, min_delay_ms: int) -> bool:
 
 
 class ClickBurst:
-    """Per user, the event times of their clicks in the last minute; flags clicks beyond N.
+    """Per user, the broker times of their clicks in the last minute; flags clicks beyond N.
 
     Every click counts towards the window, flagged or not: a bot that keeps
     clicking stays flagged. Users whose newest click is older than a minute

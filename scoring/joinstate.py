@@ -91,6 +91,7 @@ class Pending(msgspec.Struct, array_like=True, gc=False):
     device: str = ""
     interest: bytes = b""  # the decision's interest vector as float16 (2 bytes a number)
     click_price: float = 0.0  # charged when the decision is clicked: its bid if cpc, else 0
+    click_seen: int = -1  # an ORPHAN's earliest click in broker time (-1: unknown)
 
 
 _encode = msgspec.msgpack.Encoder().encode
@@ -150,6 +151,7 @@ class Event:
     decision_id: str = ""
     item_id: int = -1
     category_id: int = -1
+    seen_ts: int = -1  # broker time of the click (too_fast counts by it); -1: use ts
 
 
 Source = Literal["decisions", "events"]
@@ -212,6 +214,7 @@ def apply_batch(
         if rec is not None and (rec.dec_off >= d.offset or rec.status != ORPHAN):
             continue  # redelivered, or a duplicate decision id
         orphan_click = rec.click_ts if rec is not None else -1
+        orphan_seen = rec.click_seen if rec is not None else -1
         rec = Pending(
             OPEN, d.user_id, d.ad_id, d.ts, d.propensity, d.policy, d.pctr, d.model_version,
             d.placement, d.campaign_id, d.category_id, d.item_id, d.arm,
@@ -221,7 +224,7 @@ def apply_batch(
         state[d.decision_id] = rec
         out.changed.add(d.decision_id)
         if orphan_click >= 0:
-            _click(d.decision_id, rec, orphan_click, p, out, ("decisions", d.offset))
+            _click(d.decision_id, rec, orphan_click, p, out, ("decisions", d.offset), orphan_seen)
     by_user: dict[str, list[str]] = {}
     for key, rec in state.items():
         if rec is not None and rec.status == CLICKED:
@@ -231,7 +234,7 @@ def apply_batch(
             rec = state.get(ev.decision_id)
             if rec is None:
                 state[ev.decision_id] = Pending(
-                    ORPHAN, ev.user_id, click_ts=ev.ts, ev_off=ev.offset
+                    ORPHAN, ev.user_id, click_ts=ev.ts, ev_off=ev.offset, click_seen=ev.seen_ts
                 )
                 out.changed.add(ev.decision_id)
                 continue
@@ -241,7 +244,10 @@ def apply_batch(
             out.changed.add(ev.decision_id)
             if rec.status == ORPHAN:
                 rec.click_ts = min(rec.click_ts, ev.ts)
-            elif _click(ev.decision_id, rec, ev.ts, p, out, ("events", ev.offset)):
+                if ev.seen_ts >= 0:
+                    seen = rec.click_seen
+                    rec.click_seen = ev.seen_ts if seen < 0 else min(seen, ev.seen_ts)
+            elif _click(ev.decision_id, rec, ev.ts, p, out, ("events", ev.offset), ev.seen_ts):
                 by_user.setdefault(rec.user_id, []).append(ev.decision_id)
         else:
             for key in by_user.get(ev.user_id, ()):
@@ -259,12 +265,22 @@ def apply_batch(
 
 
 def _click(
-    key: str, rec: Pending, ts: int, p: JoinParams, out: Step, cause: tuple[Source, int]
+    key: str,
+    rec: Pending,
+    ts: int,
+    p: JoinParams,
+    out: Step,
+    cause: tuple[Source, int],
+    seen: int = -1,
 ) -> bool:
     """A click on an open or labelled decision; True when it labels it 1 (and charges it,
-    if cpc: ``cause`` is the message that clicked it)."""
+    if cpc: ``cause`` is the message that clicked it).
+
+    ``too_fast`` compares the click's broker time ``seen`` (-1: unknown, its ``ts``)
+    with the decision's time, both server clocks: a client cannot move either.
+    """
     if rec.status == OPEN and rec.decision_ts <= ts <= window_end(rec, p):
-        if too_fast(rec.decision_ts, ts, p.min_click_delay_ms):
+        if too_fast(rec.decision_ts, ts if seen < 0 else seen, p.min_click_delay_ms):
             out.suspect.append(("too_fast", rec.user_id))  # stays open: 0 unless a real click
             return False
         rec.status, rec.click_ts = CLICKED, ts

@@ -24,6 +24,7 @@ from streams.consumer import BatchApp
 from streams.restore import BulkRecovery
 from streams.seal import SEAL_KEY
 from streams.tablewriter import PartitionLocks
+from streams.topics import TOPICS
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +140,9 @@ def create_app(settings: Settings) -> Wiring:
     wiring = Wiring(
         settings=settings,
         app=app,
-        user_events=app.topic(settings.topic("user-events"), **raw),
+        user_events=app.topic(
+            settings.topic("user-events"), config=TOPICS["user-events"].configs(), **raw
+        ),
         ad_requests=app.topic(settings.topic("ad-requests"), **raw),
         ad_decisions=app.topic(settings.topic("ad-decisions"), **raw),
         ad_catalog=app.topic(settings.topic("ad-catalog"), **raw),

@@ -26,7 +26,11 @@ class Raw:
     key: bytes | None
     partition: int
     offset: int
-    timestamp_ms: int = 0  # the record's Kafka timestamp (producer's create time)
+    timestamp_ms: int = 0  # the record's Kafka timestamp (create or log-append time)
+    # Broker time: the record's LogAppendTime where its topic has one, else when this
+    # worker fetched it; -1: not known (the reader uses its own clock). Abuse rules count
+    # by it, never by a client's ``ts`` (scoring/abuse.py).
+    broker_ms: int = -1
 
 
 @dataclass(frozen=True, slots=True)

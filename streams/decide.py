@@ -36,7 +36,7 @@ from scoring.strategy.policy import (
 )
 from streams.budget import BudgetGate, Reader, ServedCalibration
 from streams.deadletter import Loader, Raw, Rejected
-from streams.validate import ContractDecoder
+from streams.validate import ContractDecoder, split_by_key
 
 Id = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
 UNSET = msgspec.UNSET
@@ -218,10 +218,20 @@ class DecideStage:
         default_tmax_ms: int = 0,
     ) -> DecideResult:
         """The ad-requests topic's entry: decode, then :meth:`decide`."""
-        good, rejected = self.decoder.split(raws)
+        good, rejected = self.split_topic(raws)
         out = self.decide(good, tables, now_ms, default_tmax_ms)
         out.rejected = rejected
         return out
+
+    def split_topic(
+        self, raws: Sequence[Raw]
+    ) -> tuple[list[tuple[AdRequestMsg, Raw]], list[Rejected]]:
+        """Records of the ad-requests topic: decoded, and keyed by their own raw user id
+        (a request on another partition would read caps and interest that are not the
+        user's: ``key_mismatch``, streams/validate.py)."""
+        good, rejected = self.decoder.split(raws)
+        good, mis_keyed = split_by_key(good)
+        return good, rejected + mis_keyed
 
     def decide(
         self,

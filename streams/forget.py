@@ -2,8 +2,10 @@
 
 A request (schemas/forget-requests.schema.json) is keyed by the *raw* user id,
 so the default partitioner puts it on the user's partition, the one whose
-interest, freqcap and pending records this worker owns. The agent turns the id
-into its pseudonym and deletes, on that partition:
+interest, freqcap and pending records this worker owns (one under another key,
+or none, is dead-lettered ``key_mismatch``: it would delete nothing there and
+confirm anyway). The agent turns the id into its pseudonym and deletes, on that
+partition:
 
 - ``interest`` (vector, counters, dedupe memory) and ``freqcap``: one tombstone
   each, written whether or not this worker holds a value, so the changelog
@@ -29,7 +31,7 @@ import msgspec
 
 from streams.deadletter import Raw, Rejected, dead_letter
 from streams.tablewriter import ChangelogBuffer, read_many, write_local, write_many
-from streams.validate import ContractDecoder
+from streams.validate import ContractDecoder, key_problem
 
 if TYPE_CHECKING:
     from streams.app import Wiring
@@ -62,6 +64,8 @@ async def forget(
     """
     req = _decoder.decode(raw)
     now_ms = int(time.time() * 1000)
+    if not isinstance(req, Rejected) and (why := key_problem(raw.key, req.user_id)) is not None:
+        req = Rejected(raw, "key_mismatch", why)  # the user's state is not on this partition
     if isinstance(req, Rejected):
         topic = w.settings.topic("forget-requests")
         value = json.dumps(dead_letter(req, topic, now_ms, stage="forget")).encode()

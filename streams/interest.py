@@ -61,9 +61,11 @@ class InterestStage:
 
     def process(self, raws: Sequence[Raw], load: Loader, now_ms: int) -> BatchResult:
         s = self.settings
-        good, rejected = decode_events(raws, now_ms, s.max_event_bytes, s.max_future_skew_ms)
+        good, rejected = decode_events(
+            raws, now_ms, s.max_event_bytes, s.max_future_skew_ms, s.max_event_age_days
+        )
         pseudonymise(good, self.pseudonyms)  # from here on, user ids are pseudonyms
-        good, limited = rate_limit(good, self.limiter)
+        good, limited = rate_limit(good, self.limiter, now_ms)
         result = BatchResult(rejected=rejected + limited, valid=good)
         if not good:
             return result

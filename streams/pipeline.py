@@ -18,6 +18,7 @@ timers             -> model registry poll (hot-swap), catalog refresh,
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import time
@@ -38,6 +39,7 @@ from streams.consumer import Batch
 from streams.deadletter import Raw, Rejected, dead_letter
 from streams.decide import AdRequestMsg, DecideResult, DecideStage, ServingModels, StateReaders
 from streams.gauges import SAMPLE_S, sample_consumer_lag, sample_pacing, sample_table_keys
+from streams.ingest import LOG_APPEND_TIME, broker_ms
 from streams.interest import BatchResult, InterestStage
 from streams.join import JOIN_TICK_S, JoinStage
 from streams.learn import LearnStage, learn_batch
@@ -181,7 +183,7 @@ async def decide_batch(
         for tp, records in batch.items()
         for r in records
     ]
-    good, rejected = stage.decoder.split(raws)
+    good, rejected = stage.split_topic(raws)
     result = decide_requests(w, stage, good, now_ms, w.settings.topic_tmax_ms)
     futures = await emit_decisions(w, result, changelogs)
     futures += await _dead_letter(w, rejected, now_ms, "ad-requests", "decide")
@@ -298,8 +300,14 @@ async def ingest(
     oldest_ms = now_ms
     for tp, records in batch.items():
         part = tp.partition
-        raws.extend(Raw(r.value, r.key, part, r.offset, r.timestamp) for r in records)
+        raws.extend(
+            Raw(r.value, r.key, part, r.offset, r.timestamp,
+                broker_ms(r.timestamp, r.timestamp_type, now_ms))
+            for r in records
+        )  # fmt: skip
         oldest_ms = min(oldest_ms, records[0].timestamp)
+        if records[0].timestamp_type != LOG_APPEND_TIME:
+            _warn_create_time(tp.topic)
 
     def load(keys: Sequence[bytes], partitions: Sequence[int]) -> list[bytes | None]:
         return _load(w.interest, keys, partitions)
@@ -313,6 +321,15 @@ async def ingest(
         futures += await join.on_events(result.valid, now_ms, ends)
     _count(w, result, len(raws), started, oldest_ms)
     return asyncio.gather(*futures)
+
+
+@functools.cache
+def _warn_create_time(topic: str) -> None:
+    log.warning(
+        "%s has CreateTime timestamps: abuse rules count by arrival at this worker, so a "
+        "backlog read at once may be rate-limited; set message.timestamp.type=LogAppendTime "
+        "on the topic (README, Abuse rules)", topic,
+    )  # fmt: skip
 
 
 def _load(table: Any, keys: Sequence[bytes], partitions: Sequence[int]) -> list[bytes | None]:

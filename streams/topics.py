@@ -32,7 +32,9 @@ class TopicSpec:
 
     ``key_field`` names the payload field whose value is the message key (None:
     unkeyed, round-robin). ``retention_ms`` None means keep forever (Kafka
-    ``retention.ms=-1``).
+    ``retention.ms=-1``). ``broker_time``: the broker stamps each record
+    (``message.timestamp.type=LogAppendTime``), because the abuse rules count by
+    that time and a producer can set a CreateTime to anything (scoring/abuse.py).
     """
 
     name: str
@@ -42,6 +44,11 @@ class TopicSpec:
     compacted: bool
     retention_ms: int | None
     description: str
+    broker_time: bool = False
+
+    def configs(self) -> dict[str, str]:
+        """Kafka topic configs beyond partitions, retention and cleanup."""
+        return {"message.timestamp.type": "LogAppendTime"} if self.broker_time else {}
 
 
 def _spec(
@@ -52,6 +59,7 @@ def _spec(
     *,
     compacted: bool = False,
     retention_ms: int | None = WEEK_MS,
+    broker_time: bool = False,
 ) -> TopicSpec:
     return TopicSpec(
         name=name,
@@ -61,6 +69,7 @@ def _spec(
         compacted=compacted,
         retention_ms=retention_ms,
         description=description,
+        broker_time=broker_time,
     )
 
 
@@ -72,6 +81,7 @@ TOPICS: dict[str, TopicSpec] = {
             UserEvent,
             "user_id",
             "User actions (browse, click, cart, fav, purchase); input of the interest state.",
+            broker_time=True,
         ),
         _spec(
             "ad-requests",

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import msgspec
 
@@ -130,3 +130,42 @@ class ContractDecoder(Generic[T]):
             else:
                 good.append((out, raw))
         return good, bad
+
+
+class HasUser(Protocol):
+    user_id: str
+
+
+U = TypeVar("U", bound=HasUser)
+
+
+def key_problem(key: bytes | None, user_id: str) -> str | None:
+    """Why a record keyed ``key`` must not be applied to ``user_id``, else None.
+
+    ``user-events``, ``ad-requests`` and ``forget-requests`` are keyed by the raw
+    user id (the engine's own producers do so), so Kafka's partitioner puts all of
+    a user's records on one partition, the one that holds the user's state. A
+    record under another key, or none (the partitioner then spreads it anywhere),
+    would write or read that state on a partition that is not the user's: with
+    two workers the state splits and lookups see half of it. Such a record is
+    refused, not re-keyed: its producer is broken or hostile, and only it can
+    tell which of the two ids it meant.
+    """
+    if key is None:
+        return "record has no key: key it by its user_id, so a user's records share a partition"
+    if key != user_id.encode():
+        return "record key is not its user_id: key it by the user_id in its body"
+    return None
+
+
+def split_by_key(good: Sequence[tuple[U, Raw]]) -> tuple[list[tuple[U, Raw]], list[Rejected]]:
+    """Records keyed by their own raw ``user_id``, and the rest as ``key_mismatch``."""
+    kept: list[tuple[U, Raw]] = []
+    bad: list[Rejected] = []
+    for msg, raw in good:
+        why = key_problem(raw.key, msg.user_id)
+        if why is None:
+            kept.append((msg, raw))
+        else:
+            bad.append(Rejected(raw, "key_mismatch", why))
+    return kept, bad

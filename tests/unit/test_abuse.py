@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import json
 import random
 from collections import Counter
+from collections.abc import Sequence
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from adpulse.privacy import Pseudonymiser
+from adpulse.settings import Settings
 from scoring import joinstate as js
 from scoring.abuse import ClickBurst, EventRateLimiter, too_fast
-from streams.deadletter import Raw
+from scoring.features import KINDS, decode_states, reference_vectors
+from streams.deadletter import Raw, Rejected
 from streams.ingest import REASONS, decode_events, rate_limit
+from streams.interest import InterestStage
 
 
 def brute_force(events: list[tuple[str, int]], limit: int) -> list[bool]:
@@ -51,9 +59,9 @@ def test_rate_limiter_memory_keeps_only_recent_seconds() -> None:
 
 def test_rate_limited_events_become_dead_letters_naming_the_pseudonym_only() -> None:
     value = b'{"event_id":"e%d","user_id":"p-1","kind":"browse","item_id":1,"category_id":2,"ts":5}'
-    raws = [Raw(value.replace(b"%d", str(i).encode()), b"raw-id", 0, i) for i in range(5)]
+    raws = [Raw(value.replace(b"%d", str(i).encode()), b"p-1", 0, i) for i in range(5)]
     good, _ = decode_events(raws, 10, 8192, 1000)
-    kept, bad = rate_limit(good, EventRateLimiter(limit=3))
+    kept, bad = rate_limit(good, EventRateLimiter(limit=3), now_ms=10)
     assert [raw.offset for _, raw in kept] == [0, 1, 2]
     assert [(r.reason, r.raw.offset) for r in bad] == [("rate_limited", 3), ("rate_limited", 4)]
     assert "p-1" in bad[0].message and "rate_limited" in REASONS
@@ -107,3 +115,143 @@ def test_a_click_whose_decision_never_comes_is_counted_as_no_impression() -> Non
     closed = js.close_due(state, 1000 + P.window_ms + 1, P)
     assert closed.suspect == [("no_impression", "p-u")] and closed.deleted == {"ghost"}
     assert closed.labels == []
+
+
+# -- broker time, not the client's ts ---------------------------------------------------------
+T0 = 1_700_000_000_000  # broker time of the bursts below
+HOUR = 3_600_000
+
+
+def event_raw(i: int, user: str, ts: int, broker_ms: int, offset: int | None = None) -> Raw:
+    body = {"event_id": f"{user}-e{i}", "user_id": user, "kind": ("browse", "cart", "fav")[i % 3],
+            "item_id": 100 + i % 7, "category_id": 1 + i % 4, "ts": ts}  # fmt: skip
+    return Raw(json.dumps(body).encode(), user.encode(), 0, i if offset is None else offset,
+               broker_ms, broker_ms)  # fmt: skip
+
+
+def interest_stage(limit: int) -> InterestStage:
+    s = Settings(max_events_per_user_s=limit, pseudonymise=False)
+    return InterestStage(s, pseudonyms=Pseudonymiser(None))
+
+
+class Table:
+    """The interest table as a dict (key, partition) -> bytes, written as the worker does."""
+
+    def __init__(self) -> None:
+        self.data: dict[tuple[bytes, int], bytes] = {}
+
+    def load(self, keys: Sequence[bytes], parts: Sequence[int]) -> list[bytes | None]:
+        return [self.data.get((k, p)) for k, p in zip(keys, parts, strict=True)]
+
+    def run(self, stage: InterestStage, raws: Sequence[Raw], now_ms: int) -> list[Rejected]:
+        result = stage.process(raws, self.load, now_ms)
+        for key, part, value in result.writes:
+            self.data[(key, part)] = value
+        return result.rejected
+
+
+def test_an_evading_client_spreading_its_timestamps_is_limited_at_its_real_rate() -> None:
+    """50 events in one second of broker time (10x the limit of 5), their ts one hour apart:
+    by ``ts`` none would be limited; by broker time 45 are."""
+    stage, table = interest_stage(limit=5), Table()
+    raws = [event_raw(i, "bot", T0 - (i + 1) * HOUR, T0 + 10 * i) for i in range(50)]
+    rejected = table.run(stage, raws, now_ms=T0 + 1000)
+    assert [r.reason for r in rejected] == ["rate_limited"] * 45
+    assert "second 1700000000 of broker time" in rejected[0].message
+    state = decode_states([table.data[(b"bot", 0)]], stage.params)[0]
+    assert int(state["counts"].sum()) == 5  # the first five of the second
+
+
+def test_the_same_events_at_an_honest_rate_all_pass() -> None:
+    stage, table = interest_stage(limit=5), Table()
+    raws = [event_raw(i, "human", T0 - (i + 1) * HOUR, T0 + 1000 * i) for i in range(50)]
+    assert table.run(stage, raws, now_ms=T0 + 60_000) == []
+
+
+def test_without_a_broker_time_the_limiter_counts_by_arrival() -> None:
+    """A record whose topic has CreateTime carries no broker time: it counts when it
+    arrives (``now_ms``), whatever its ts says."""
+    value = b'{"event_id":"e%d","user_id":"u","kind":"browse","item_id":1,"category_id":2,"ts":%d}'
+    raws = [Raw(value % (i, T0 - i * HOUR), b"u", 0, i) for i in range(8)]
+    good, _ = decode_events(raws, T0, 8192, 1000)
+    kept, bad = rate_limit(good, EventRateLimiter(limit=3), now_ms=T0)
+    assert len(kept) == 3 and len(bad) == 5
+
+
+def test_a_click_burst_is_counted_by_broker_time_not_by_ts() -> None:
+    """The join passes each click's broker time to ClickBurst: 30 clicks in 3 s of broker
+    time are a burst (limit 20 a minute) however far apart their ts are."""
+    burst = ClickBurst(max_per_min=20)
+    flags = [burst.suspect("bot", T0 + 100 * i) for i in range(30)]
+    assert flags == [False] * 20 + [True] * 10
+
+
+def test_too_fast_counts_from_the_clicks_broker_time() -> None:
+    """A click stamped 10 s after its decision by the client, but at the broker 20 ms after
+    the decision was made, is too fast; held as an orphan first, too."""
+    for orphan in (False, True):
+        state: dict[str, js.Pending | None] = {}
+        decision = js.Decision("d1", 0, "p-u", "ad", 1000)
+        click = js.Event(5, "p-u", 9000, "d1", seen_ts=1020)
+        if orphan:
+            js.apply_batch(state, [], [click], P)
+            step = js.apply_batch(state, [decision], [], P)
+        else:
+            js.apply_batch(state, [decision], [], P)
+            step = js.apply_batch(state, [], [click], P)
+        assert step.labels == [] and step.suspect == [("too_fast", "p-u")], orphan
+
+
+# Light users never send more than LIMIT events in one second of broker time; heavy ones do.
+LIMIT = 3
+_event = st.tuples(
+    st.sampled_from(["light-a", "light-b", "light-c", "heavy-x", "heavy-y"]),
+    st.integers(0, 5),  # second of broker time
+    st.integers(0, 72 * HOUR),  # event time offset
+    st.sampled_from(["browse", "click", "cart", "fav", "purchase"]),
+    st.integers(0, 30),  # item
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    drawn=st.lists(_event, min_size=1, max_size=120),
+    seed=st.integers(0, 10**6),
+    cut=st.integers(1, 25),
+)
+def test_with_the_limiter_on_users_under_the_limit_keep_an_order_independent_state(
+    drawn: list[tuple[str, int, int, str, int]], seed: int, cut: int
+) -> None:
+    """Whatever the arrival order and batching, a user under the limit keeps every event and
+    their state equals the order-free reference; over-limit users do not disturb them."""
+    per_second: Counter[tuple[str, int]] = Counter()
+    events = []
+    for i, (user, sec, dt, kind, item) in enumerate(drawn):
+        per_second[(user, sec)] += 1
+        if user.startswith("light") and per_second[(user, sec)] > LIMIT:
+            continue  # keep light users under the limit
+        events.append(({"event_id": f"e{i}", "user_id": user, "kind": kind, "item_id": item,
+                        "category_id": item % 5, "ts": T0 - 72 * HOUR + dt},
+                       T0 + sec * 1000 + i % 1000))  # fmt: skip
+    light = [e for e, _ in events if e["user_id"].startswith("light")]
+    results = []
+    for order in range(2):
+        arrival = list(events)
+        random.Random(seed + order).shuffle(arrival)
+        stage, table = interest_stage(LIMIT), Table()
+        raws = [Raw(json.dumps(e).encode(), e["user_id"].encode(), 0, off, b, b)
+                for off, (e, b) in enumerate(arrival)]  # fmt: skip
+        limited: list[Rejected] = []
+        for i in range(0, len(raws), cut):
+            limited += table.run(stage, raws[i : i + cut], now_ms=T0 + 10_000)
+        assert all(r.raw.key.startswith(b"heavy") for r in limited if r.raw.key)
+        results.append({k[0].decode(): v for k, v in table.data.items()})
+    stage = interest_stage(LIMIT)
+    ref = reference_vectors(light, stage.table, stage.params)
+    for got in results:
+        for user, (t, v, counts) in ref.items():
+            state = decode_states([got[user]], stage.params)[0]
+            assert int(state["t_ref"]) == t
+            tol = 2e-5 * max(1.0, float(np.abs(v).max()))
+            np.testing.assert_allclose(state["vec"], v, rtol=2e-5, atol=tol)
+            assert dict(zip(KINDS, (int(c) for c in state["counts"]), strict=True)) == counts

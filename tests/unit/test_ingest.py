@@ -9,16 +9,29 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from adpulse.settings import Settings
 from schemas import examples, validator
-from streams.ingest import Raw, decode_events, to_columns
+from streams.ingest import REASONS, Raw, decode_events, to_columns
 
 NOW = 1_700_000_000_000
 VALID, INVALID = examples("user-events")
 
 
-def decode(payloads: list[bytes | None]) -> tuple[list[Any], list[Any]]:
-    raws = [Raw(p, b"k", 0, i) for i, p in enumerate(payloads)]
-    return decode_events(raws, now_ms=NOW, max_bytes=8192, max_skew_ms=300_000)
+def key_of(payload: bytes | None) -> bytes | None:
+    """The key a correct producer gives: the body's user_id (b"k" where there is none)."""
+    try:
+        user = json.loads(payload or b"").get("user_id")
+    except (ValueError, AttributeError):
+        user = None
+    return user.encode() if isinstance(user, str) else b"k"
+
+
+def decode(
+    payloads: list[bytes | None], keys: list[bytes | None] | None = None, max_age_days: int = 0
+) -> tuple[list[Any], list[Any]]:
+    keys = [key_of(p) for p in payloads] if keys is None else keys
+    raws = [Raw(p, k, 0, i) for i, (p, k) in enumerate(zip(payloads, keys, strict=True))]
+    return decode_events(raws, NOW, 8192, 300_000, max_age_days)
 
 
 @pytest.mark.parametrize("payload", VALID, ids=lambda p: p["event_id"])
@@ -133,3 +146,38 @@ def test_fast_path_accepts_exactly_what_the_schema_accepts(payload: dict[str, An
         assert schema_ok, f"decoder accepted what the schema rejects: {payload}"
     elif bad[0].reason == "schema":
         assert not schema_ok, f"decoder rejected what the schema accepts: {payload}"
+
+
+def test_an_event_keyed_by_another_user_or_by_none_is_a_key_mismatch() -> None:
+    """The key picks the partition, the body the state: both must name the same user, or
+    the user's state would be written on a partition that is not theirs."""
+    victim = json.dumps({**VALID[0], "user_id": "victim"}).encode()
+    good, bad = decode([victim, victim, victim, victim], [b"attacker", None, b"", b"victim"])
+    assert [raw.offset for _, raw in good] == [3]
+    assert [(r.reason, r.raw.offset) for r in bad] == [("key_mismatch", i) for i in range(3)]
+    assert "no key" in bad[1].message and "key_mismatch" in REASONS
+
+
+def test_the_accepted_event_time_range_ends_at_the_horizon_each_way() -> None:
+    day = 86_400_000
+    cases = {"1970": 0, "seconds-for-ms": 1_700_000_000, "past-horizon": NOW - 30 * day - 1,
+             "at-horizon": NOW - 30 * day, "now": NOW, "skew-limit": NOW + 300_000,
+             "future": NOW + 300_001}  # fmt: skip
+    payloads = [json.dumps({**VALID[0], "event_id": k, "ts": t}).encode() for k, t in cases.items()]
+    good, bad = decode(payloads, max_age_days=30)
+    assert [ev.event_id for ev, _ in good] == ["at-horizon", "now", "skew-limit"]
+    reasons = {json.loads(r.raw.value or b"")["event_id"]: r.reason for r in bad}
+    assert reasons == {"1970": "too_old", "seconds-for-ms": "too_old",
+                       "past-horizon": "too_old", "future": "future_ts"}  # fmt: skip
+    assert "30 days" in bad[0].message
+
+
+def test_the_default_horizon_refuses_1970_and_admits_the_2017_sample() -> None:
+    days = Settings().max_event_age_days
+    taobao_2017 = 1_511_539_200_000  # 2017-11-25, the sample's first day
+    for now in (NOW, 1_830_000_000_000):  # 2023 and 2027-12
+        payloads = [json.dumps({**VALID[0], "ts": ts}).encode() for ts in (0, taobao_2017)]
+        raws = [Raw(p, VALID[0]["user_id"].encode(), 0, i) for i, p in enumerate(payloads)]
+        good, bad = decode_events(raws, now, 8192, 300_000, days)
+        assert [ev.ts for ev, _ in good] == [taobao_2017]
+        assert [r.reason for r in bad] == ["too_old"]

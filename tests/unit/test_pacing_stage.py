@@ -80,7 +80,7 @@ def requests(n: int, now_ms: int, tag: str, device: str | None = None) -> list[R
                                 "placement": "home", "ts": now_ms}  # fmt: skip
         if device:
             body["context"] = {"device": device}
-        out.append(Raw(json.dumps(body).encode(), b"u", i % PARTS, i, now_ms))
+        out.append(Raw(json.dumps(body).encode(), body["user_id"].encode(), i % PARTS, i, now_ms))
     return out
 
 
