@@ -9,7 +9,8 @@ invalid UTF-8, truncation, oversize), with known-valid records mixed in.
 ``verdict(topic, key, value, now_ms)`` is the reference: the JSON Schema
 (``schemas.first_error``) over a strict reading of the bytes, plus the size and
 clock limits the engine documents (a catalog record's key is its ad id, its
-embedding has the model's dimension). It shares no code with the decoders.
+embedding has the model's dimension; a user-events or ad-requests record's key is
+its raw user id). It shares no code with the decoders.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from schemas import examples, first_error
 
 LIMITS = {"user-events": 8192, "ad-requests": 8192, "ctr-feedback": 65536, "ad-catalog": 65536}
 FUTURE_SKEW_MS = 300_000  # ADPULSE_MAX_FUTURE_SKEW_MS default (user-events only)
+MAX_AGE_DAYS = 7305  # ADPULSE_MAX_EVENT_AGE_DAYS default (user-events only)
 DIM = 64  # ADPULSE_DIM default: a catalog embedding must have it
 TOPICS = tuple(LIMITS)
 Message = tuple[bytes | None, bytes]  # key, value
@@ -261,6 +263,10 @@ def verdict(topic: str, key: bytes | None, value: bytes, now_ms: int) -> bool:
     except RecursionError:
         return False
     if topic == "user-events" and data["ts"] > now_ms + FUTURE_SKEW_MS:
+        return False
+    if topic == "user-events" and data["ts"] < now_ms - MAX_AGE_DAYS * 86_400_000:
+        return False
+    if topic in ("user-events", "ad-requests") and key != data["user_id"].encode():
         return False
     if topic == "ad-catalog":
         dim_ok = "embedding" not in data or len(data["embedding"]) == DIM

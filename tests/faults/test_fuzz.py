@@ -30,7 +30,17 @@ from streams.deadletter import MAX_KEPT_BYTES, Raw, Rejected
 from streams.decide import request_decoder
 from streams.ingest import decode_events
 from streams.learn import feedback_decoder
-from tests.faults.fuzzing import DIM, FUTURE_SKEW_MS, LIMITS, TOPICS, Message, payloads, verdict
+from streams.validate import split_by_key
+from tests.faults.fuzzing import (
+    DIM,
+    FUTURE_SKEW_MS,
+    LIMITS,
+    MAX_AGE_DAYS,
+    TOPICS,
+    Message,
+    payloads,
+    verdict,
+)
 from tests.faults.kit import CLIENT, Reader, Worker
 
 N = 10_000  # Hypothesis payloads per topic
@@ -48,10 +58,11 @@ def corpus(topic: str) -> list[tuple[bytes | None, bytes, bool]]:
 def engine_accepts(topic: str, key: bytes | None, value: bytes) -> bool:
     raw = Raw(value, key, 0, 0)
     if topic == "user-events":
-        good, _ = decode_events([raw], NOW_MS, LIMITS[topic], FUTURE_SKEW_MS)
+        good, _ = decode_events([raw], NOW_MS, LIMITS[topic], FUTURE_SKEW_MS, MAX_AGE_DAYS)
         return bool(good)
     if topic == "ad-requests":
-        return not isinstance(request_decoder(LIMITS[topic]).decode(raw), Rejected)
+        req = request_decoder(LIMITS[topic]).decode(raw)
+        return not isinstance(req, Rejected) and not split_by_key([(req, raw)])[1]
     if topic == "ctr-feedback":
         return not isinstance(feedback_decoder().decode(raw), Rejected)
     return check_catalog_record(key, value, DIM) is None
