@@ -11,7 +11,9 @@ is what keeps state exact, as it would be for a producer that retries.
 from __future__ import annotations
 
 import json
+import math
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -136,15 +138,30 @@ def produce(
     topic: str,
     on_sent: Callable[[int], None] | None = None,
 ) -> int:
-    """Send events keyed by user_id; returns how many the broker acknowledged."""
+    """Send events keyed by user_id; returns how many the broker acknowledged.
+
+    No user gets more than ``ADPULSE_MAX_EVENTS_PER_USER_S`` events into one second:
+    the worker's rate limit counts by broker time (LogAppendTime), so a replay at
+    full speed would have a busy user's history refused as a flood (the sample's
+    busiest user has 466 events). Once a user reaches the limit, what was sent is
+    flushed and the next events wait for the next whole second (about 5 s for the
+    sample at the default 100).
+    """
     from kafka import KafkaProducer  # noqa: PLC0415 - slow import, CLI --help stays fast
 
+    limit = (bootstrap if isinstance(bootstrap, Settings) else Settings()).max_events_per_user_s
     producer = KafkaProducer(
         **client_kwargs(bootstrap), linger_ms=5, acks=1, client_id="adpulse-replay"
     )
     futures = []
+    this_second: Counter[str] = Counter()
     try:
         for i, e in enumerate(events, start=1):
+            if limit > 0 and this_second[e.user_id] >= limit:
+                producer.flush()  # every record of this window is appended before ...
+                time.sleep(math.floor(time.time()) + 1.05 - time.time())  # ... the next second
+                this_second.clear()
+            this_second[e.user_id] += 1
             futures.append(producer.send(topic, key=e.user_id.encode(), value=e.to_json()))
             if on_sent is not None and i % 256 == 0:
                 on_sent(256)

@@ -25,12 +25,16 @@ from scoring.features import KINDS, InterestParams, reference_categories, refere
 
 pytestmark = pytest.mark.integration
 DAY = 24 * 3600 * 1000
+# These tests load history at full speed (hundreds of one user's events within a second of
+# broker time): a backfill, which the live rate limit would refuse as a flood. Not under
+# test here (tests/unit/test_abuse.py, tests/integration/test_partition_keys.py).
+BACKFILL = {"ADPULSE_MAX_EVENTS_PER_USER_S": "0"}
 
 
 @pytest.fixture
 def worker(settings: Settings, tmp_path: Path) -> Iterator[WorkerProcess]:
     create_topics(settings)
-    w = WorkerProcess(settings, tmp_path)
+    w = WorkerProcess(settings, tmp_path, extra_env=BACKFILL)
     yield w.start()
     w.stop()
 

@@ -138,12 +138,15 @@ def test_a_worker_with_default_settings_serves_http_on_loopback_only(
 def test_a_click_10_ms_after_its_decision_is_not_labelled_clicked_and_is_counted(
     worker: WorkerProcess, settings: Settings
 ) -> None:
+    # too_fast counts from the click's broker time (LogAppendTime), not its ts: fast-1 is
+    # made 1 s ahead, so its click reaches the broker before it (unless sending these four
+    # records takes over 1.15 s); slow-1 was made 1 s ago, so its click is a second late.
     now = int(time.time() * 1000)
-    send(settings, "ad-decisions", "carol", [decision("fast-1", "carol", now),
-                                             decision("slow-1", "carol", now)])  # fmt: skip
+    send(settings, "ad-decisions", "carol", [decision("fast-1", "carol", now + 1000),
+                                             decision("slow-1", "carol", now - 1000)])  # fmt: skip
     send(settings, "user-events", "carol", [
-        event("c1", "carol", now + 10, kind="click", ad_id="ad-1", decision_id="fast-1"),
-        event("c2", "carol", now + 800, kind="click", ad_id="ad-1", decision_id="slow-1"),
+        event("c1", "carol", now + 1010, kind="click", ad_id="ad-1", decision_id="fast-1"),
+        event("c2", "carol", now - 200, kind="click", ad_id="ad-1", decision_id="slow-1"),
     ])  # fmt: skip
     got: dict[str, dict[str, Any]] = {}
 

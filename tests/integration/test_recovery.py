@@ -12,6 +12,7 @@ from adpulse.settings import Settings
 from adpulse.topics import create_topics
 from adpulse.workerproc import WorkerProcess
 from tests.integration.test_interest import (
+    BACKFILL,
     assert_equals_reference,
     produce_events,
     synthetic,
@@ -32,7 +33,7 @@ def test_sigkill_mid_stream_then_restart_equals_reference(
     """'wiped' restores every table from the changelog alone; 'kept' reuses local RocksDB."""
     create_topics(settings)
     events = synthetic(20_000, users=300, seed=11)
-    worker = WorkerProcess(settings, tmp_path).start()
+    worker = WorkerProcess(settings, tmp_path, extra_env=BACKFILL).start()
     producer = threading.Thread(target=produce_events, args=(settings, events, 500))
     producer.start()
     worker.wait_until(lambda: applied_so_far(worker) >= 6000, 60, "6000 events consumed")
@@ -41,7 +42,7 @@ def test_sigkill_mid_stream_then_restart_equals_reference(
     if local_state == "wiped":
         shutil.rmtree(settings.data_dir)
 
-    again = WorkerProcess(settings, tmp_path, name="restarted").start()
+    again = WorkerProcess(settings, tmp_path, name="restarted", extra_env=BACKFILL).start()
     try:
         wait_applied(again, events, timeout=90)
         assert_equals_reference(again, events)
