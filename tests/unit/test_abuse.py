@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from adpulse.privacy import Pseudonymiser
 from adpulse.settings import Settings
+from adpulse.topics import plan
 from scoring import joinstate as js
 from scoring.abuse import ClickBurst, EventRateLimiter, too_fast
 from scoring.features import KINDS, decode_states, reference_vectors
@@ -255,3 +256,11 @@ def test_with_the_limiter_on_users_under_the_limit_keep_an_order_independent_sta
             tol = 2e-5 * max(1.0, float(np.abs(v).max()))
             np.testing.assert_allclose(state["vec"], v, rtol=2e-5, atol=tol)
             assert dict(zip(KINDS, (int(c) for c in state["counts"]), strict=True)) == counts
+
+
+def test_user_events_is_planned_with_broker_timestamps_and_no_other_topic_is() -> None:
+    stamped = {t.name for t in plan(Settings()) if t.configs.get("message.timestamp.type")}
+    assert stamped == {"user-events"}
+    assert next(t for t in plan(Settings()) if t.name == "user-events").configs[
+        "message.timestamp.type"
+    ] == "LogAppendTime"
