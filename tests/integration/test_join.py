@@ -114,6 +114,7 @@ def test_each_decision_gets_one_label_clicks_one_late_clicks_counted_not_emitted
     feed, fb = Feed(settings), Feedback(settings)
     now = int(time.time() * 1000)
     feed.decisions(ids, now)
+    time.sleep(0.3)  # a person's click: one at the broker sooner than 150 ms is too_fast
     feed.clicks(ids[:20], ids, now + 500, "c")
     fb.wait(ids, timeout=30)
     assert all(first_error("ctr-feedback", r[0]) is None for r in fb.by_id.values())
@@ -142,6 +143,7 @@ def test_worker_killed_during_the_window_labels_each_decision_once_after_restart
     feed, fb = Feed(settings), Feedback(settings)
     now = int(time.time() * 1000)
     feed.decisions(ids, now)
+    time.sleep(0.3)  # a person's click: one at the broker sooner than 150 ms is too_fast
     feed.clicks(ids[:30:2], ids, now + 300, "c")
     time.sleep(0.5)
     worker.kill()
