@@ -64,9 +64,11 @@ class DecisionPath:
         interest_table: dict[bytes, bytes] = {}
         caps: dict[bytes, bytes] = {}
         spend: dict[bytes, bytes] = {}
-        interest = InterestStage(s)
+        # A backfill: keyed as a producer keys them (by user_id), all "arriving" now, so
+        # the live per-user rate limit (broker time) is off for it.
+        interest = InterestStage(s.with_(max_events_per_user_s=0))
         now = int(time.time() * 1000)
-        raws = [Raw(v, None, 0, i, now) for i, v in enumerate(events)]
+        raws = [Raw(v, json.loads(v)["user_id"].encode(), 0, i, now) for i, v in enumerate(events)]
         for i in range(0, len(raws), 10_000):
             res = interest.process(
                 raws[i : i + 10_000], lambda k, _p: [interest_table.get(x) for x in k], now
