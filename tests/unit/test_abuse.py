@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from adpulse.privacy import Pseudonymiser
+from adpulse.replay import Event, within_limit
 from adpulse.settings import Settings
 from adpulse.topics import plan
 from scoring import joinstate as js
@@ -264,3 +265,24 @@ def test_user_events_is_planned_with_broker_timestamps_and_no_other_topic_is() -
     assert next(t for t in plan(Settings()) if t.name == "user-events").configs[
         "message.timestamp.type"
     ] == "LogAppendTime"
+
+
+def test_replay_sends_no_user_more_than_the_limit_between_two_waits() -> None:
+    """``within_limit`` (adpulse/replay.py): every event once, and between two waits (None)
+    at most ``limit`` of one user; a list in rounds, so the busiest user sets their number."""
+    rng = random.Random(3)
+    events = [Event(f"e{i}", f"u{rng.choice([0, 0, 0, 1, 2])}", "browse", 1, 1, i)
+              for i in range(466)]  # fmt: skip
+    for source in (events, iter(events)):
+        out = list(within_limit(source, 100))
+        assert sorted(e.event_id for e in out if e) == sorted(e.event_id for e in events)
+        window: Counter[str] = Counter()
+        for e in out:
+            if e is None:
+                window.clear()
+            else:
+                window[e.user_id] += 1
+                assert window[e.user_id] <= 100
+    busiest = max(Counter(e.user_id for e in events).values())
+    assert list(within_limit(events, 100)).count(None) == -(-busiest // 100) - 1
+    assert None not in within_limit(events, 0)
