@@ -168,11 +168,11 @@ class JoinStage:
             offsets[raw.partition] = max(offsets.get(raw.partition, 0), raw.offset + 1)
             newest[raw.partition] = max(newest.get(raw.partition, 0), ev.ts)
             if ev.kind == "click" and isinstance(ev.decision_id, str):
-                seen = now_ms if raw.broker_ms < 0 else raw.broker_ms  # abuse rules: broker time
-                if self.burst.suspect(ev.user_id, seen):  # never reaches the state machine
+                at = now_ms if raw.broker_ms < 0 else raw.broker_ms  # abuse rules: broker time
+                if self.burst.suspect(ev.user_id, at):  # never reaches the state machine
                     bursts.append(("burst", ev.user_id))
                     continue
-                e = js.Event(raw.offset, ev.user_id, ev.ts, ev.decision_id, seen_ts=seen)
+                e = js.Event(raw.offset, ev.user_id, ev.ts, ev.decision_id, seen_ts=at)
             elif ev.kind == "purchase":
                 e = js.Event(raw.offset, ev.user_id, ev.ts, "", ev.item_id, ev.category_id)
             else:
