@@ -169,6 +169,8 @@ def test_worker_down_longer_than_window_and_idle_labels_exactly_after_restart(
     lost. Now every decision is labelled exactly once, clicked=1 iff a click inside its
     window was sent."""
     monkeypatch.setenv("ADPULSE_FEEDBACK_GRACE_S", "1")
+    # 200 events of each user at once: a backfill the live rate limit would refuse.
+    monkeypatch.setenv("ADPULSE_MAX_EVENTS_PER_USER_S", "0")
     create_topics(settings)
     WorkerProcess(settings, tmp_path).start().stop()  # the group has committed: it is "down"
     ids = [f"w{i}" for i in range(60)]
@@ -181,6 +183,7 @@ def test_worker_down_longer_than_window_and_idle_labels_exactly_after_restart(
                  "item_id": n % 50, "category_id": n % 9, "ts": now - 60_000 + n}  # fmt: skip
             feed._send("user-events", e["user_id"], e)
     feed.decisions(ids, now)
+    time.sleep(0.3)  # a person's click: one at the broker sooner than 150 ms is too_fast
     feed.clicks(inside, ids, now + 500, "c")
     feed.clicks(outside, ids, now - 500, "early")
     down_ms = 2_000 + 1_000 + 1_000 + 2_000  # window + grace + idle, and a margin
