@@ -156,6 +156,7 @@ def test_cpc_spend_is_the_sum_of_the_bids_of_clicked_decisions_cpm_is_charged_wh
 
         clicked = got[::5]  # both billings, every partition the requests went to
         clicks = clicked + clicked[:2]  # two of them clicked twice: one label, one charge
+        time.sleep(0.3)  # a person's click: one at the broker sooner than 150 ms is too_fast
         requests.events([
             {"event_id": f"click-{n}", "user_id": r["user_id"], "kind": "click", "item_id": 1,
              "category_id": 4756105, "ts": d["ts"] + 1000, "ad_id": d["ad_id"],
