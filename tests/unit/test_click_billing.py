@@ -83,7 +83,7 @@ class World:
         for i, ad_id in enumerate(ads):
             body = {"request_id": f"{tag}-{i}", "user_id": f"u{i}", "placement": "home",
                     "ts": NOW, "candidates": [ad_id]}  # fmt: skip
-            raws.append(Raw(json.dumps(body).encode(), b"u", i % PARTS, i, NOW))
+            raws.append(Raw(json.dumps(body).encode(), body["user_id"].encode(), i % PARTS, i, NOW))
         tables = StateReaders(Tables().load, self.caps.load, self.spend.load)
         out = self.stage.process(raws, tables, NOW)
         assert not out.rejected
