@@ -62,6 +62,11 @@ def valid_record(topic: str, i: int, now_ms: int, tag: str = "ok") -> dict[str, 
         if i % 3 == 0:
             rec["candidates"] = [f"{tag}-ad{i % 7}"]
         return rec
+    if topic == "forget-requests":
+        rec = {"request_id": f"{tag}-f{i}", "user_id": f"{tag}-gone{i % 50}", "ts": now_ms}
+        if i % 2:
+            rec["reason"] = f"ticket {i}"
+        return rec
     if topic == "ctr-feedback":
         features = {"interest": [0.0, 0.5, -0.25, 0.125][: i % 5], "placement": "fz", "pctr": 0.02}
         return {"decision_id": f"{tag}-d{i}", "ad_id": f"{tag}-ad{i % 5}", "user_id": user,
@@ -74,7 +79,7 @@ def valid_record(topic: str, i: int, now_ms: int, tag: str = "ok") -> dict[str, 
 
 def key_for(topic: str, record: Any) -> bytes | None:
     field = {"user-events": "user_id", "ad-requests": "user_id", "ctr-feedback": "ad_id",
-             "ad-catalog": "ad_id"}[topic]  # fmt: skip
+             "ad-catalog": "ad_id", "forget-requests": "user_id"}[topic]  # fmt: skip
     value = record.get(field) if isinstance(record, dict) else None
     return value.encode("utf-8", "surrogatepass") if isinstance(value, str) else None
 
@@ -266,3 +271,17 @@ def verdict(topic: str, key: bytes | None, value: bytes, now_ms: int) -> bool:
         dim_ok = "embedding" not in data or len(data["embedding"]) == DIM
         return key == data["ad_id"].encode() and dim_ok
     return True
+
+
+def contract_verdict(topic: str, value: bytes, limit: int = 8192) -> bool:
+    """The reference for a body with no key and no clock rule (a forget request, the body
+    of ``POST /decide``): at most ``limit`` bytes, strict JSON, valid by the schema."""
+    if len(value) > limit:
+        return False
+    data, ok = _strict_json(value)
+    if not ok:
+        return False
+    try:
+        return first_error(topic, data) is None
+    except RecursionError:
+        return False
