@@ -4,8 +4,8 @@ The same 10,000 Hypothesis-drawn ad-requests payloads as the topic fuzzing
 (tests/faults/fuzzing.py), plus known-valid requests, are POSTed with the API
 token to one real worker with production settings, a few dozen at a time over
 keep-alive connections. Each answer must be a decision valid under the
-ad-decisions schema (200), a one-line contract error (400) or a shed (503, which
-must be 200 or 400 when retried later), and 200 against 400 must equal the
+ad-decisions schema (200), a one-line contract error (400) or a shed (503 with
+Retry-After, which must become 200 or 400 when retried), and 200 against 400 must equal the
 reference verdict for that body. The worker must log no traceback, count each
 answer by its outcome, and send every decision it answered to ad-decisions.
 """
@@ -31,10 +31,11 @@ from tests.faults.kit import Reader, Worker
 from tests.faults.test_fuzz import NOW_MS, corpus
 
 CONCURRENCY = 32  # requests in flight at once
+RETRIES = 10  # most times a client retries one shed request, Retry-After apart
 PREFIX = "ad-requests contract: "
 ADS = [valid_record("ad-catalog", i, NOW_MS) for i in range(7)]  # what valid requests name
 
-Answer = tuple[int, bytes]  # status, body
+Answer = tuple[int, bytes, str | None]  # status, body, Retry-After
 
 
 def bodies() -> list[tuple[bytes, bool]]:
@@ -45,7 +46,7 @@ def bodies() -> list[tuple[bytes, bool]]:
 
 async def post_all(url: str, token: str, payloads: list[bytes], concurrency: int) -> list[Answer]:
     """POST every body, ``concurrency`` at a time on one keep-alive session; answers in order."""
-    answers: list[Answer] = [(0, b"")] * len(payloads)
+    answers: list[Answer] = [(0, b"", None)] * len(payloads)
     todo = iter(range(len(payloads)))
     headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
     timeout = aiohttp.ClientTimeout(total=60)
@@ -56,10 +57,32 @@ async def post_all(url: str, token: str, payloads: list[bytes], concurrency: int
         async def client() -> None:
             for i in todo:  # shared: each index is taken by one client
                 async with s.post(url, data=payloads[i]) as resp:
-                    answers[i] = (resp.status, await resp.read())
+                    answers[i] = (resp.status, await resp.read(), resp.headers.get("Retry-After"))
 
         await asyncio.gather(*(client() for _ in range(concurrency)))
     return answers
+
+
+def retry_shed(url: str, token: str, payloads: list[bytes], answers: list[Answer]) -> int:
+    """Retry each shed request as a client would, one at a time after its Retry-After, until
+    it is answered (at most RETRIES times); the answers replace the 503s. How many rounds.
+
+    One retry is usually enough; on a machine whose cores other work keeps busy the
+    worker's event loop can run late while it is idle, which sheds a lone request too.
+    """
+    rounds = 0
+    shed = [i for i, (status, _, _) in enumerate(answers) if status == 503]
+    while shed and rounds < RETRIES:
+        for i in shed:
+            _, body, retry_after = answers[i]
+            assert retry_after == "1" and json.loads(body)["error"], answers[i]
+        time.sleep(1.0)  # bench-ok: what Retry-After says
+        again = asyncio.run(post_all(url, token, [payloads[i] for i in shed], 1))
+        for i, answer in zip(shed, again, strict=True):
+            answers[i] = answer
+        shed = [i for i in shed if answers[i][0] == 503]
+        rounds += 1
+    return rounds
 
 
 def check(body: bytes, must_decide: bool, status: int, answer: bytes) -> str | None:
@@ -111,30 +134,28 @@ def test_decide_answers_each_fuzzed_body_by_the_contract_and_never_fails(
         started = time.monotonic()
         answers = asyncio.run(post_all(worker.url + "/decide", worker.token, payloads, CONCURRENCY))
         elapsed = time.monotonic() - started
-        shed = [i for i, (status, _) in enumerate(answers) if status == 503]
-        time.sleep(1.0)  # bench-ok: Retry-After says 1 s
-        retried = asyncio.run(post_all(worker.url + "/decide", worker.token,
-                                       [payloads[i] for i in shed], 1))  # fmt: skip
-        for i, answer in zip(shed, retried, strict=True):
-            answers[i] = answer
-        statuses = Counter(status for status, _ in answers)
-        print(f"\n{len(sent)} bodies in {elapsed:.1f}s ({len(sent) / elapsed:.0f}/s): "
-              f"{dict(statuses)}, {len(shed)} shed then retried")  # fmt: skip
+        shed = sum(status == 503 for status, _, _ in answers)
+        rounds = retry_shed(worker.url + "/decide", worker.token, payloads, answers)
+        statuses = Counter(status for status, _, _ in answers)
+        print(
+            f"\n{len(sent)} bodies in {elapsed:.1f}s ({len(sent) / elapsed:.0f}/s): "
+            f"{dict(statuses)}; {shed} shed, answered after {rounds} round(s) of retries"
+        )
 
         wrong = [
             (why, body[:200])
-            for (body, ok), (status, answer) in zip(sent, answers, strict=True)
+            for (body, ok), (status, answer, _) in zip(sent, answers, strict=True)
             if (why := check(body, ok, status, answer)) is not None
         ]
         assert not wrong, f"{len(wrong)} answers break the contract, e.g. {wrong[:3]}"
         assert statuses[200] and statuses[400]
-        assert any(json.loads(a)["ad_id"] for s, a in answers if s == 200), "no ad served"
+        assert any(json.loads(a)["ad_id"] for s, a, _ in answers if s == 200), "no ad served"
         assert worker.health() == 200
         assert "Traceback" not in worker.log_path.read_text(errors="replace")
 
         # Counted by outcome, and every decision answered (the warm-up's too) is on
         # ad-decisions, once.
-        answered = Counter(json.loads(a)["request_id"] for s, a in answers if s == 200)
+        answered = Counter(json.loads(a)["request_id"] for s, a, _ in answers if s == 200)
         answered["warm"] += 1
         counted = {o: worker.metric("adpulse_decide_requests_total", f'outcome="{o}"')
                    for o in ("answered", "invalid")}  # fmt: skip
