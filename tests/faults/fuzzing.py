@@ -192,8 +192,8 @@ def _strategy(topic: str, now_ms: int) -> st.SearchStrategy[bytes]:
 
 
 def payloads(topic: str, n: int, now_ms: int, seed: int = 0) -> list[Message]:
-    """``n`` Hypothesis-drawn payloads, with a known-valid record after every 20th and the
-    schema's own examples at the end."""
+    """``n`` Hypothesis-drawn payloads, with a known-valid record after every 20th, the
+    schema's own examples at the end, and a valid record at and past the size limit."""
     drawn: list[bytes] = []
     per_example = 25
 
@@ -222,7 +222,16 @@ def payloads(topic: str, n: int, now_ms: int, seed: int = 0) -> list[Message]:
     valid, invalid = examples(topic)
     out.extend((key_for(topic, ex), json.dumps(ex).encode()) for ex in valid)
     out.extend((key_for(topic, ex), json.dumps(ex).encode()) for _, ex in invalid)
+    out.extend(_at_the_limit(topic, now_ms))
     return out
+
+
+def _at_the_limit(topic: str, now_ms: int) -> list[Message]:
+    """A valid record padded with trailing whitespace to exactly the size limit, and one
+    byte past it: no drawn payload is valid but too large, so the limit alone decides."""
+    rec = valid_record(topic, 0, now_ms, tag="big")
+    data, key = json.dumps(rec).encode(), key_for(topic, rec)
+    return [(key, data.ljust(LIMITS.get(topic, 8192) + extra)) for extra in (0, 1)]
 
 
 # -- the reference verdict --------------------------------------------------------------------

@@ -149,6 +149,7 @@ def test_decide_answers_each_fuzzed_body_by_the_contract_and_never_fails(
         ]
         assert not wrong, f"{len(wrong)} answers break the contract, e.g. {wrong[:3]}"
         assert statuses[200] and statuses[400]
+        assert any(answers[i][0] == 200 for i, (b, _) in enumerate(sent) if len(b) == 8192)
         assert any(json.loads(a)["ad_id"] for s, a, _ in answers if s == 200), "no ad served"
         assert worker.health() == 200
         assert "Traceback" not in worker.log_path.read_text(errors="replace")
