@@ -64,6 +64,11 @@ def valid_record(topic: str, i: int, now_ms: int, tag: str = "ok") -> dict[str, 
         if i % 3 == 0:
             rec["candidates"] = [f"{tag}-ad{i % 7}"]
         return rec
+    if topic == "forget-requests":
+        rec = {"request_id": f"{tag}-f{i}", "user_id": f"{tag}-gone{i % 50}", "ts": now_ms}
+        if i % 2:
+            rec["reason"] = f"ticket {i}"
+        return rec
     if topic == "ctr-feedback":
         features = {"interest": [0.0, 0.5, -0.25, 0.125][: i % 5], "placement": "fz", "pctr": 0.02}
         return {"decision_id": f"{tag}-d{i}", "ad_id": f"{tag}-ad{i % 5}", "user_id": user,
@@ -76,7 +81,7 @@ def valid_record(topic: str, i: int, now_ms: int, tag: str = "ok") -> dict[str, 
 
 def key_for(topic: str, record: Any) -> bytes | None:
     field = {"user-events": "user_id", "ad-requests": "user_id", "ctr-feedback": "ad_id",
-             "ad-catalog": "ad_id"}[topic]  # fmt: skip
+             "ad-catalog": "ad_id", "forget-requests": "user_id"}[topic]  # fmt: skip
     value = record.get(field) if isinstance(record, dict) else None
     return value.encode("utf-8", "surrogatepass") if isinstance(value, str) else None
 
@@ -189,8 +194,8 @@ def _strategy(topic: str, now_ms: int) -> st.SearchStrategy[bytes]:
 
 
 def payloads(topic: str, n: int, now_ms: int, seed: int = 0) -> list[Message]:
-    """``n`` Hypothesis-drawn payloads, with a known-valid record after every 20th and the
-    schema's own examples at the end."""
+    """``n`` Hypothesis-drawn payloads, with a known-valid record after every 20th, the
+    schema's own examples at the end, and a valid record at and past the size limit."""
     drawn: list[bytes] = []
     per_example = 25
 
@@ -219,7 +224,16 @@ def payloads(topic: str, n: int, now_ms: int, seed: int = 0) -> list[Message]:
     valid, invalid = examples(topic)
     out.extend((key_for(topic, ex), json.dumps(ex).encode()) for ex in valid)
     out.extend((key_for(topic, ex), json.dumps(ex).encode()) for _, ex in invalid)
+    out.extend(_at_the_limit(topic, now_ms))
     return out
+
+
+def _at_the_limit(topic: str, now_ms: int) -> list[Message]:
+    """A valid record padded with trailing whitespace to exactly the size limit, and one
+    byte past it: no drawn payload is valid but too large, so the limit alone decides."""
+    rec = valid_record(topic, 0, now_ms, tag="big")
+    data, key = json.dumps(rec).encode(), key_for(topic, rec)
+    return [(key, data.ljust(LIMITS.get(topic, 8192) + extra)) for extra in (0, 1)]
 
 
 # -- the reference verdict --------------------------------------------------------------------
@@ -272,3 +286,17 @@ def verdict(topic: str, key: bytes | None, value: bytes, now_ms: int) -> bool:
         dim_ok = "embedding" not in data or len(data["embedding"]) == DIM
         return key == data["ad_id"].encode() and dim_ok
     return True
+
+
+def contract_verdict(topic: str, value: bytes, limit: int = 8192) -> bool:
+    """The reference for a body with no key and no clock rule (a forget request, the body
+    of ``POST /decide``): at most ``limit`` bytes, strict JSON, valid by the schema."""
+    if len(value) > limit:
+        return False
+    data, ok = _strict_json(value)
+    if not ok:
+        return False
+    try:
+        return first_error(topic, data) is None
+    except RecursionError:
+        return False

@@ -7,6 +7,10 @@ through the real broker to one real worker: each invalid one must come back
 exactly once on dead-letters (counted by its source topic, partition and
 offset, with its bytes and a reason), each valid one must take effect, and the
 worker must stay healthy and handle a sentinel sent after everything else.
+
+The worker runs with production settings, its per-user rate limiter on: a burst
+of valid events from one user in one second, sent among the others, must come
+back as ``rate_limited`` dead letters exactly beyond the limit, never lost.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import functools
 import json
 import threading
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import pytest
@@ -44,9 +48,40 @@ from tests.faults.fuzzing import (
 from tests.faults.kit import CLIENT, Reader, Worker
 
 N = 10_000  # Hypothesis payloads per topic
+BURST = 250  # one user's events in one second: 2.5 times the default rate limit
 NOW_MS = int(time.time() * 1000)
 # Valid user-events, ctr-feedback labels and distinct catalog ads, as the worker counts them.
 APPLIED = ("adpulse_events_total", "adpulse_feedback_labels_total", "adpulse_catalog_ads")
+Position = tuple[str, int, int]  # topic, partition, offset
+
+
+def burst(n: int) -> list[tuple[bytes | None, bytes, bool]]:
+    """``n`` valid events of one user in one second: all beyond the limit are rate_limited."""
+    return [
+        (b"burst-u", json.dumps({"event_id": f"burst-e{i}", "user_id": "burst-u", "kind": "fav",
+                                 "item_id": i, "category_id": 1, "ts": NOW_MS}).encode(), True)
+        for i in range(n)
+    ]  # fmt: skip
+
+
+def rate_limited(events: dict[Position, bytes], limit: int) -> set[Position]:
+    """The reference: which valid user-events (by source position) the limiter refuses.
+
+    Per user and second of event time, the events beyond the first ``limit`` in arrival
+    order. A group over the limit must sit on one partition, where arrival order is
+    offset order. TODO(merge with issue 14 item 3, broker time): the second is then the
+    record's LogAppendTime (the produce ack's timestamp), not the body's ``ts``.
+    """
+    groups: dict[tuple[str, int], list[Position]] = defaultdict(list)
+    for where, value in events.items():
+        event = json.loads(value)
+        groups[(event["user_id"], event["ts"] // 1000)].append(where)
+    out: set[Position] = set()
+    for group in groups.values():
+        if len(group) > limit:
+            assert len({(t, p) for t, p, _ in group}) == 1, "a group over the limit is split"
+            out.update(sorted(group)[limit:])
+    return out
 
 
 @functools.cache
@@ -119,8 +154,9 @@ def test_worker_applies_valid_and_dead_letters_each_invalid_message_once(
     settings: Settings, tmp_path: Path
 ) -> None:
     create_topics(settings)
-    extra = {"ADPULSE_MAX_EVENTS_PER_USER_S": "0"}  # rate limiting is not under test here
-    worker = Worker(settings, tmp_path, extra)
+    worker = Worker(settings, tmp_path, {})  # production settings: the rate limiter on
+    limit = settings.max_events_per_user_s
+    events: dict[Position, bytes] = {}  # valid user-events by source position
     try:
         starting = threading.Thread(target=worker.start)
         starting.start()  # the worker starts while the corpus is drawn
@@ -135,17 +171,27 @@ def test_worker_applies_valid_and_dead_letters_each_invalid_message_once(
                 assert keyless and not any(ok for *_, ok in keyless)
                 assert broker_refuses(settings, topic, keyless[0][1])
                 sent[topic] = [m for m in sent[topic] if m[0] is not None]
+            if topic == "user-events":  # one user's burst, in the middle of the others
+                half = len(sent[topic]) // 2
+                sent[topic] = [*sent[topic][:half], *burst(BURST), *sent[topic][half:]]
             acks = produce(settings, topic, [(k, v) for k, v, _ in sent[topic]])
             for (part, off), (_, v, ok) in zip(acks, sent[topic], strict=True):
                 if not ok:
                     where[(settings.topic(topic), part, off)] = v
+                elif topic == "user-events":
+                    events[(settings.topic(topic), part, off)] = v
         starting.join()
+        # Stamped NOW_MS, no later than any fuzzed event: a newer second would let the limiter
+        # forget the burst's second while part of the burst waits on its partition.
         sentinel = {"event_id": "sentinel", "user_id": "sentinel", "kind": "fav", "item_id": 1,
-                    "category_id": 1, "ts": int(time.time() * 1000)}  # fmt: skip
+                    "category_id": 1, "ts": NOW_MS}  # fmt: skip
         produce(settings, "user-events", [(b"sentinel", json.dumps(sentinel).encode())])
     except BaseException:
         worker.stop()  # a failure while feeding must not leave the worker running
         raise
+    limited = rate_limited(events, limit)
+    assert len(limited) == BURST - limit, "only the burst goes over the limit"
+    where.update({at: events[at] for at in limited})  # dead letters too, as rate_limited
     dead, decisions = Reader(settings, "dead-letters"), Reader(settings, "ad-decisions")
     try:
         worker.wait_until(lambda: worker.interest("sentinel") is not None, 120, "the sentinel")
@@ -156,7 +202,8 @@ def test_worker_applies_valid_and_dead_letters_each_invalid_message_once(
 
         latest = {json.loads(v)["ad_id"]: json.loads(v) for _, v in valid["ad-catalog"]}
         want_ads = sum(bool(a.get("active", True)) for a in latest.values())  # paused: not served
-        want = (len(valid["user-events"]) + 1, len(valid["ctr-feedback"]), want_ads)
+        applied = len(valid["user-events"]) - len(limited) + 1  # the sentinel's too
+        want = (applied, len(valid["ctr-feedback"]), want_ads)
         seen: list[tuple[float, ...]] = []
 
         def settled() -> bool:
@@ -178,9 +225,10 @@ def test_worker_applies_valid_and_dead_letters_each_invalid_message_once(
         assert set(counts) == set(where), "dead letters differ from the invalid messages"
         assert set(counts.values()) == {1}, "a message was dead-lettered twice"
         for d in letters:
-            original = where[(d["topic"], d["partition"], d["offset"])]
-            assert base64.b64decode(d["payload_b64"]) == original[:MAX_KEPT_BYTES]
+            at = (d["topic"], d["partition"], d["offset"])
+            assert base64.b64decode(d["payload_b64"]) == where[at][:MAX_KEPT_BYTES]
             assert d["error"] and d["message"]
+            assert (d["error"] == "rate_limited") == (at in limited), d
         too_large = Counter(d["topic"] for d in letters if d["error"] == "too_large")
         assert set(too_large) == {settings.topic(t) for t in TOPICS}
 
@@ -188,11 +236,13 @@ def test_worker_applies_valid_and_dead_letters_each_invalid_message_once(
         wanted = Counter(json.loads(v)["request_id"] for _, v in valid["ad-requests"])
         assert by_request == wanted
         # The known-valid records (unique ids, users and ads no other message uses) took
-        # effect, each exactly once.
+        # effect, each exactly once; so did the burst's first events, up to the limit.
         oks = Counter(f"ok-u{i % 50}" for i in range(0, N, 20))
         for user, n in oks.items():
             body = worker.interest(user)
             assert body is not None and sum(body["counts"].values()) == n
+        body = worker.interest("burst-u")
+        assert body is not None and sum(body["counts"].values()) == limit
         shows = Counter(f"ok-ad{i % 5}" for i in range(0, N, 20))
         for ad_id, n in shows.items():
             assert worker.get(f"/ads/{ad_id}/strategy")[1]["shows"] == n
