@@ -216,11 +216,16 @@ def wire(w: Wiring, decide: Decide, catalog_rows: Callable[[], int]) -> DecideSe
     def owner(user_id: str) -> URL | None:
         """None when this worker owns the user's partition, else the owner's URL.
 
-        The raw id picks the partition, as on the topics (Kafka's murmur2 of the key);
-        Faust's assignment says which worker holds it. KeyError: none known yet.
+        The raw id picks the partition of ad-requests, as on the topics (Kafka's
+        murmur2 of the key); Faust's assignment says which worker holds it. Routed by
+        the source topic, not by the interest table's changelog: the changelog's
+        owners are only known once the changelog existed at assignment, and a
+        worker whose first assignment came before it answered 503 for some users
+        for its whole life (tests/faults/test_fuzz_decide.py found it; the two
+        worker tests hit it too). KeyError: none known yet.
         """
         try:
-            url = app.router.key_store(w.interest.name, user_id.encode())
+            url = app.router.external_topic_key_store(w.ad_requests, user_id.encode())
         except TypeError:  # the producer has no partition count for the topic yet
             raise KeyError(user_id) from None
         return None if _ident(url) == own else url

@@ -64,18 +64,19 @@ def burst(n: int) -> list[tuple[bytes | None, bytes, bool]]:
     ]  # fmt: skip
 
 
-def rate_limited(events: dict[Position, bytes], limit: int) -> set[Position]:
+def rate_limited(
+    events: dict[Position, bytes], stamps: dict[Position, int], limit: int
+) -> set[Position]:
     """The reference: which valid user-events (by source position) the limiter refuses.
 
-    Per user and second of event time, the events beyond the first ``limit`` in arrival
-    order. A group over the limit must sit on one partition, where arrival order is
-    offset order. TODO(merge with issue 14 item 3, broker time): the second is then the
-    record's LogAppendTime (the produce ack's timestamp), not the body's ``ts``.
+    Per user and second of broker time (the record's LogAppendTime, from the produce
+    ack), the events beyond the first ``limit`` in arrival order. A group over the
+    limit must sit on one partition, where arrival order is offset order.
     """
     groups: dict[tuple[str, int], list[Position]] = defaultdict(list)
     for where, value in events.items():
         event = json.loads(value)
-        groups[(event["user_id"], event["ts"] // 1000)].append(where)
+        groups[(event["user_id"], stamps[where] // 1000)].append(where)
     out: set[Position] = set()
     for group in groups.values():
         if len(group) > limit:
@@ -118,8 +119,10 @@ def test_decoders_agree_with_the_schema_on_every_fuzzed_payload(topic: str) -> N
     assert any(b"NaN" in v or b"Infinity" in v for v in values)
 
 
-def produce(settings: Settings, topic: str, messages: list[Message]) -> list[tuple[int, int]]:
-    """Send in order; (partition, offset) of each, from the acks."""
+def produce(
+    settings: Settings, topic: str, messages: list[Message]
+) -> list[tuple[int, int, int]]:
+    """Send in order; (partition, offset, record timestamp) of each, from the acks."""
     producer = KafkaProducer(
         bootstrap_servers=settings.bootstrap, client_id=CLIENT, linger_ms=5, acks=1,
         max_request_size=1_048_576, batch_size=256 * 1024,
@@ -132,7 +135,8 @@ def produce(settings: Settings, topic: str, messages: list[Message]) -> list[tup
         for i, (k, v) in enumerate(messages)
     ]
     producer.flush()
-    where = [(m.partition, m.offset) for m in (f.get(timeout=60) for f in futures)]  # bench-ok
+    acks = (f.get(timeout=60) for f in futures)  # bench-ok: a wait bound
+    where = [(m.partition, m.offset, m.timestamp) for m in acks]
     producer.close()
     return where
 
@@ -157,6 +161,7 @@ def test_worker_applies_valid_and_dead_letters_each_invalid_message_once(
     worker = Worker(settings, tmp_path, {})  # production settings: the rate limiter on
     limit = settings.max_events_per_user_s
     events: dict[Position, bytes] = {}  # valid user-events by source position
+    stamps: dict[Position, int] = {}  # their broker timestamps (LogAppendTime)
     try:
         starting = threading.Thread(target=worker.start)
         starting.start()  # the worker starts while the corpus is drawn
@@ -175,11 +180,12 @@ def test_worker_applies_valid_and_dead_letters_each_invalid_message_once(
                 half = len(sent[topic]) // 2
                 sent[topic] = [*sent[topic][:half], *burst(BURST), *sent[topic][half:]]
             acks = produce(settings, topic, [(k, v) for k, v, _ in sent[topic]])
-            for (part, off), (_, v, ok) in zip(acks, sent[topic], strict=True):
+            for (part, off, stamp), (_, v, ok) in zip(acks, sent[topic], strict=True):
                 if not ok:
                     where[(settings.topic(topic), part, off)] = v
                 elif topic == "user-events":
                     events[(settings.topic(topic), part, off)] = v
+                    stamps[(settings.topic(topic), part, off)] = stamp
         starting.join()
         # Stamped NOW_MS, no later than any fuzzed event: a newer second would let the limiter
         # forget the burst's second while part of the burst waits on its partition.
@@ -189,7 +195,7 @@ def test_worker_applies_valid_and_dead_letters_each_invalid_message_once(
     except BaseException:
         worker.stop()  # a failure while feeding must not leave the worker running
         raise
-    limited = rate_limited(events, limit)
+    limited = rate_limited(events, stamps, limit)
     assert len(limited) == BURST - limit, "only the burst goes over the limit"
     where.update({at: events[at] for at in limited})  # dead letters too, as rate_limited
     dead, decisions = Reader(settings, "dead-letters"), Reader(settings, "ad-decisions")

@@ -26,6 +26,7 @@ from adpulse.topics import create_topics
 from schemas import first_error
 from streams.deadletter import MAX_KEPT_BYTES, Raw, Rejected
 from streams.forget import _decoder as forget_decoder
+from streams.validate import key_problem
 from tests.faults.fuzzing import contract_verdict, payloads
 from tests.faults.kit import Reader, Worker
 from tests.faults.test_fuzz import produce
@@ -40,12 +41,19 @@ SEEDED = {f"ok-gone{i % 50}": f"ok-f{i}" for i in range(0, 100, 20)}
 
 @functools.cache
 def corpus() -> list[tuple[bytes | None, bytes, bool]]:
-    """(key, value, must be applied) per message, drawn once per session.
+    """(key, value, must be applied) per message, drawn once per session: valid by the
+    contract and keyed by its raw user id (else key_mismatch)."""
+    return [(k, v, contract_verdict(TOPIC, v) and _keyed_right(k, v))
+            for k, v in payloads(TOPIC, N, NOW_MS)]  # fmt: skip
 
-    TODO(merge with the key_mismatch rule): a request whose key is not its raw user id
-    is then dead-lettered; the reference must say so too (``key == user_id``).
-    """
-    return [(k, v, contract_verdict(TOPIC, v)) for k, v in payloads(TOPIC, N, NOW_MS)]
+
+def _keyed_right(key: bytes | None, value: bytes) -> bool:
+    return key_problem(key, str(json.loads(value)["user_id"])) is None
+
+
+def _engine_accepts(key: bytes | None, value: bytes) -> bool:
+    req = forget_decoder.decode(Raw(value, key, 0, 0))
+    return not isinstance(req, Rejected) and key_problem(key, req.user_id) is None
 
 
 def test_forget_decoder_agrees_with_the_schema_on_every_fuzzed_payload() -> None:
@@ -54,7 +62,7 @@ def test_forget_decoder_agrees_with_the_schema_on_every_fuzzed_payload() -> None
     wrong = [
         (k, v[:200], ok)
         for k, v, ok in messages
-        if isinstance(forget_decoder.decode(Raw(v, k, 0, 0)), Rejected) == ok
+        if _engine_accepts(k, v) != ok
     ]
     assert not wrong, f"{len(wrong)} verdicts differ from the schema's, e.g. {wrong[:3]}"
     assert 0 < sum(ok for *_, ok in messages) < len(messages)
@@ -97,9 +105,9 @@ def test_worker_confirms_each_valid_forget_request_and_dead_letters_each_invalid
         worker.stop()  # a failure while feeding must not leave the worker running
         raise
     placed = list(zip(acks, sent, strict=True))
-    where = {(settings.topic(TOPIC), p, o): v for (p, o), (_, v, ok) in placed if not ok}
+    where = {(settings.topic(TOPIC), p, o): v for (p, o, _), (_, v, ok) in placed if not ok}
     # What each valid message must produce: a confirmation with its request id, on its partition.
-    wanted = Counter((json.loads(v)["request_id"], p) for (p, _), (_, v, ok) in placed if ok)
+    wanted = Counter((json.loads(v)["request_id"], p) for (p, *_), (_, v, ok) in placed if ok)
     wanted[("sentinel", sentinel_at[0])] += 1
     dead, confirmed = Reader(settings, "dead-letters"), Reader(settings, "forget-confirmations")
     try:
