@@ -359,7 +359,10 @@ def test_a_label_learned_on_one_worker_moves_the_other_workers_decisions(pair: P
     figure (``adpulse bench promises``: label -> the other worker)."""
     p = pair
     ads = [ad(p.id(f"bandit-{i}"), "bandit2", 1.0, CATS[0]) for i in range(3)]
+    known = {id(w): w.metric("adpulse_catalog_ads") for w in (p.a, p.b)}
     publish(p.settings.bootstrap, p.settings.topic("ad-catalog"), ads)
+    for w in (p.a, p.b):  # in both workers' decision stage
+        w.wait_until(lambda w=w: w.metric("adpulse_catalog_ads") >= known[id(w)] + 3, 30, "ads")
     winner = ads[1]["ad_id"]
     now = int(time.time() * 1000)
     for k in range(60):
