@@ -33,9 +33,8 @@ def unique() -> str:
     return f"t{next(_counter)}-{uuid.uuid4().hex[:8]}"
 
 
-@pytest.fixture
-def settings(broker: EmbeddedBroker, unique: str, tmp_path: Path) -> Settings:
-    """Settings isolated per test: own topic prefix, app id and data dir on the session broker."""
+def isolated(broker: EmbeddedBroker, unique: str, data_dir: Path) -> Settings:
+    """Settings of their own on the session broker: topic prefix, app id and data dir."""
     return Settings.from_env(
         {},
         bootstrap=broker.bootstrap,
@@ -43,9 +42,15 @@ def settings(broker: EmbeddedBroker, unique: str, tmp_path: Path) -> Settings:
         embedded=broker.kind,
         topic_prefix=f"{unique}.",
         app_id=f"adpulse-{unique}",
-        data_dir=tmp_path / "data",
+        data_dir=data_dir,
         session_timeout_s=6.0,
     )
+
+
+@pytest.fixture
+def settings(broker: EmbeddedBroker, unique: str, tmp_path: Path) -> Settings:
+    """Settings isolated per test: own topic prefix, app id and data dir on the session broker."""
+    return isolated(broker, unique, tmp_path / "data")
 
 
 @pytest.fixture(scope="session")

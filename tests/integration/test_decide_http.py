@@ -25,6 +25,7 @@ from adpulse.settings import Settings
 from adpulse.topics import create_topics
 from adpulse.workerproc import WorkerProcess
 from schemas import first_error
+from tests.conftest import isolated
 from tests.integration.test_decisions import Decisions, ad, partition_of, request
 from tests.integration.test_join import Feedback
 
@@ -105,16 +106,7 @@ def history(user: str, n: int = 6) -> list[dict[str, Any]]:
 def pair(broker: EmbeddedBroker, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
     unique = f"http-{uuid.uuid4().hex[:8]}"
     tmp = tmp_path_factory.mktemp(unique)
-    settings = Settings.from_env(
-        {},
-        bootstrap=broker.bootstrap,
-        embedded_broker=True,
-        embedded=broker.kind,
-        topic_prefix=f"{unique}.",
-        app_id=f"adpulse-{unique}",
-        data_dir=tmp / "a",
-        session_timeout_s=6.0,
-    )
+    settings = isolated(broker, unique, tmp / "a")
     create_topics(settings)
     ads = [ad(f"h-{i}", "http", round(1.0 + 0.05 * i, 2), CATS[i % 5]) for i in range(20)]
     publish(settings.bootstrap, settings.topic("ad-catalog"), ads)

@@ -35,6 +35,7 @@ from scoring.features import InterestParams
 from scoring.featurespec import AdIndex, FeatureSpec, assemble
 from scoring.registry import MODEL, PACKAGED, ModelRegistry
 from scoring.scorer import OnnxScorer
+from tests.conftest import isolated
 from tests.modelfaults import corrupt, nan_model, publish_version
 
 pytestmark = pytest.mark.integration
@@ -228,16 +229,7 @@ def wait_catalog(worker: Worker, n: int, timeout: float = 20.0) -> None:
 def shared(broker: EmbeddedBroker, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Shared]:
     unique = f"dec-{uuid.uuid4().hex[:8]}"
     tmp = tmp_path_factory.mktemp(unique)
-    settings = Settings.from_env(
-        {},
-        bootstrap=broker.bootstrap,
-        embedded_broker=True,
-        embedded=broker.kind,
-        topic_prefix=f"{unique}.",
-        app_id=f"adpulse-{unique}",
-        data_dir=tmp / "data",
-        session_timeout_s=6.0,
-    )
+    settings = isolated(broker, unique, tmp / "data")
     create_topics(settings)
     ads = shared_catalog()
     # The rich ad outbids the poor ones 20:1 and so always wins while its campaign has

@@ -26,6 +26,7 @@ from adpulse.broker import EmbeddedBroker
 from adpulse.settings import Settings
 from adpulse.topics import create_topics
 from adpulse.workerproc import WorkerProcess
+from tests.conftest import isolated
 from tests.faults.kit import Reader
 from tests.integration.test_decisions import partition_of
 
@@ -93,16 +94,7 @@ def assigned(worker: WorkerProcess, topic: str) -> set[int]:
 def pair(broker: EmbeddedBroker, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
     unique = f"keys-{uuid.uuid4().hex[:8]}"
     tmp = tmp_path_factory.mktemp(unique)
-    settings = Settings.from_env(
-        {},
-        bootstrap=broker.bootstrap,
-        embedded_broker=True,
-        embedded=broker.kind,
-        topic_prefix=f"{unique}.",
-        app_id=f"adpulse-{unique}",
-        data_dir=tmp / "a",
-        session_timeout_s=6.0,
-    )
+    settings = isolated(broker, unique, tmp / "a")
     create_topics(settings)
     a = WorkerProcess(settings, tmp, name="a", extra_env=EXTRA).start()
     b = WorkerProcess(settings.with_(data_dir=tmp / "b"), tmp, name="b", extra_env=EXTRA).start()
