@@ -335,7 +335,7 @@ def _version() -> str:
 
 
 def documented_metrics() -> list[tuple[str, str, str, str]]:
-    """(name, type, labels, help) of every metric: the README's metric table."""
+    """(name, type, labels, help) of every metric: the metric table of docs/operations.md."""
     m = Metrics.create()
     rows = []
     for f in fields(m):

@@ -418,7 +418,7 @@ def _convert(f: dataclasses.Field[Any], raw: str) -> Any:
 
 
 def documented() -> list[tuple[str, str, str]]:
-    """(variable, default, doc) for every setting: the README's configuration table."""
+    """(variable, default, doc) for every setting: the configuration table of docs/reference.md."""
     rows = []
     for f in fields(Settings):
         default = f.default
