@@ -10,7 +10,6 @@ decisions use (``BudgetGate.settle``, streams/budget.py).
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from typing import Any
 
 import msgspec
@@ -27,6 +26,7 @@ from streams.budget import SETTLED_KEY, decode_marks, load_record
 from streams.deadletter import Raw
 from streams.decide import DecideStage, ServingModels, StateReaders
 from streams.join import DecisionMsg
+from tests.unit.test_pacing_stage import Tables as PartitionTables
 
 NOW = 20_000 * DAY_MS + 10 * HOUR_MS
 PARTS = 2
@@ -41,18 +41,8 @@ ADS = [
 ]  # fmt: skip
 
 
-class Tables:
-    """A per-partition table as a dict: (partition, key) -> value."""
-
-    def __init__(self) -> None:
-        self.data: dict[tuple[int, bytes], bytes] = {}
-
-    def load(self, keys: Sequence[bytes], parts: Sequence[int]) -> list[bytes | None]:
-        return [self.data.get((p, k)) for k, p in zip(keys, parts, strict=True)]
-
-    def write(self, writes: Sequence[tuple[bytes, int, bytes]]) -> None:
-        for key, part, value in writes:
-            self.data[(part, key)] = value
+class Tables(PartitionTables):
+    """The pacing tests' per-partition dict, plus a campaign's spend over all partitions."""
 
     def spent(self, campaign: str) -> float:
         recs = [load_record(self.data.get((p, campaign.encode())), NOW) for p in range(PARTS)]
