@@ -26,6 +26,7 @@ from time import monotonic
 from typing import Any, cast
 
 import faust
+from aiokafka.errors import IllegalStateError
 from faust.transport.consumer import CONSUMER_FETCHING
 from faust.transport.drivers import aiokafka as _drv
 from faust.types import TP
@@ -71,6 +72,21 @@ class BatchConsumer(_drv.Consumer):
             self._batch_next.pop(tp, None)
         await super().on_partitions_assigned(assigned, generation_id)
 
+    async def _seek_back(self) -> None:
+        """Seek back to the committed offsets while a rebalance has paused the flow.
+
+        aiokafka's ``seek_to_committed`` awaits the committed offset of each assigned
+        partition in turn, so a rebalance that lands in between takes a partition away
+        and the seek raises ``IllegalStateError`` (or trips its "no partitions" assert).
+        That killed the fetcher, and the worker with it, when a second worker joined
+        during the first's recovery (``bench rebalance``). The new assignment seeks its
+        own partitions, so the stale seek is dropped, as Faust's ``getmany`` does.
+        """
+        try:
+            await self.perform_seek()
+        except (IllegalStateError, AssertionError) as exc:
+            self.log.info("seek back to committed offsets superseded by a rebalance: %r", exc)
+
     # -- the fetch loop ----------------------------------------------------------------
     async def _drain_messages(self, fetcher: Any) -> None:  # replaces Faust's per-message loop
         handlers: dict[str, BatchHandler] = getattr(self.app, "batch_handlers", {})
@@ -94,7 +110,7 @@ class BatchConsumer(_drv.Consumer):
                     pending.clear()
                     n_pending, gen = 0, None
                     if records and not self.flow_active:
-                        await self.perform_seek()
+                        await self._seek_back()
                     continue
                 for tp, fetched in (records or {}).items():
                     if (
