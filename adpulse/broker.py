@@ -18,15 +18,15 @@ import contextlib
 import ctypes
 import signal
 import socket
-import struct
 import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import TracebackType
 
-from adpulse.errors import BrokerStartError, BrokerUnavailable
-from adpulse.settings import EmbeddedKind, Settings
+from adpulse.core.errors import BrokerStartError
+from adpulse.core.probe import metadata_answers
+from adpulse.core.settings import EmbeddedKind, Settings
 
 _PR_SET_PDEATHSIG = 1
 
@@ -36,70 +36,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def metadata_answers(host: str, port: int, timeout: float = 1.0) -> bool:
-    """True when a Kafka Metadata (v0, all topics) request gets a well-formed reply."""
-    correlation_id = 0x0ADB
-    client_id = b"adpulse"
-    body = struct.pack(">hhih", 3, 0, correlation_id, len(client_id)) + client_id
-    body += struct.pack(">i", 0)  # v0: empty topic array = all topics
-    try:
-        with socket.create_connection((host, port), timeout=timeout) as s:
-            s.sendall(struct.pack(">i", len(body)) + body)
-            head = _recv_exact(s, 8)
-    except OSError:
-        return False
-    if head is None:
-        return False
-    _size, got_id = struct.unpack(">ii", head)
-    return bool(got_id == correlation_id)
-
-
-def _accepts(host: str, port: int, timeout: float = 1.0) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
-def _recv_exact(s: socket.socket, n: int) -> bytes | None:
-    buf = b""
-    while len(buf) < n:
-        chunk = s.recv(n - len(buf))
-        if not chunk:
-            return None
-        buf += chunk
-    return buf
-
-
-def wait_for_broker(target: Settings | str, timeout: float = 10.0) -> None:
-    """Block until the first bootstrap server answers, else raise BrokerUnavailable.
-
-    A plaintext broker must answer a Metadata request; behind TLS or SASL, one
-    login with the configured settings (:func:`adpulse.kafkaauth.verify`) must
-    succeed, so a wrong password or an untrusted certificate is one line
-    (BrokerAuthFailed, exit 3) instead of the clients' 30 s "Unable to bootstrap".
-    """
-    plaintext = isinstance(target, str) or target.security_protocol == "PLAINTEXT"
-    bootstrap = target if isinstance(target, str) else target.bootstrap_or_default
-    host, _, port = bootstrap.split(",", maxsplit=1)[0].rpartition(":")
-    if not host or not port.isdigit():
-        msg = f"bootstrap {bootstrap!r} is not HOST:PORT"
-        raise BrokerUnavailable(msg)
-    deadline = time.monotonic() + timeout
-    while True:
-        if metadata_answers(host, int(port)) if plaintext else _accepts(host, int(port)):
-            if not isinstance(target, str):
-                from adpulse.kafkaauth import verify  # noqa: PLC0415
-
-                verify(target, host, int(port))
-            return
-        if time.monotonic() > deadline:
-            msg = f"no Kafka broker answered at {bootstrap} within {timeout:g}s"
-            raise BrokerUnavailable(msg)
-        time.sleep(0.05)
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child

@@ -13,9 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from adpulse.errors import InputError
-from adpulse.kafkaconf import client_kwargs
-from adpulse.settings import Settings
+from adpulse.core.errors import InputError
+from adpulse.core.kafkaconf import client_kwargs
+from adpulse.core.settings import Settings
 from schemas import first_error
 
 

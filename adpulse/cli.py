@@ -24,13 +24,13 @@ from adpulse.commands import (
     simulate,
     worker,
 )
-from adpulse.errors import AdpulseError, BrokerUnavailable
-from adpulse.settings import Settings
+from adpulse.core.errors import AdpulseError, BrokerUnavailable
+from adpulse.core.settings import Settings
 
 
 def _settings(args: argparse.Namespace) -> Settings:
     """The environment's settings; on a running ``adpulse broker``, marked as embedded."""
-    from adpulse.announce import recognise  # noqa: PLC0415
+    from adpulse.core.announce import recognise  # noqa: PLC0415
 
     return recognise(Settings.from_env(bootstrap=getattr(args, "bootstrap", None)))
 

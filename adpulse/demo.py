@@ -37,10 +37,10 @@ from rich.live import Live
 from adpulse import dashboard, plots, replay, simresults
 from adpulse import prometheus as prom
 from adpulse.broker import broker_for
-from adpulse.errors import InputError
+from adpulse.core.errors import InputError
+from adpulse.core.kafkaconf import client_kwargs
+from adpulse.core.settings import Settings
 from adpulse.inspect import read_topic
-from adpulse.kafkaconf import client_kwargs
-from adpulse.settings import Settings
 from adpulse.simulate import Run, SimConfig, run_loop, sim_worker
 from adpulse.workerproc import WorkerProcess
 

@@ -13,9 +13,9 @@ import time
 import uuid
 from typing import Any
 
-from adpulse.errors import AdpulseError
-from adpulse.kafkaconf import client_kwargs
-from adpulse.settings import Settings
+from adpulse.core.errors import AdpulseError
+from adpulse.core.kafkaconf import client_kwargs
+from adpulse.core.settings import Settings
 
 
 class NotConfirmed(AdpulseError):

@@ -11,8 +11,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from adpulse.kafkaconf import client_kwargs
-from adpulse.settings import Settings
+from adpulse.core.kafkaconf import client_kwargs
+from adpulse.core.settings import Settings
 
 
 @dataclass(frozen=True, slots=True)

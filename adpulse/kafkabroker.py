@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from adpulse.broker import EmbeddedBroker, free_port
-from adpulse.errors import BrokerStartError
-from adpulse.settings import EmbeddedKind, Settings
+from adpulse.core.errors import BrokerStartError
+from adpulse.core.settings import EmbeddedKind, Settings
 
 KAFKA_VERSION = "3.8.0"  # = deploy/kafka/pom.xml and the apache/kafka image in docker-compose.yml
 POM = Path(__file__).resolve().parent.parent / "deploy" / "kafka" / "pom.xml"

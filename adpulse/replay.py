@@ -18,9 +18,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from adpulse.errors import InputError
-from adpulse.kafkaconf import client_kwargs
-from adpulse.settings import Settings
+from adpulse.core.errors import InputError
+from adpulse.core.kafkaconf import client_kwargs
+from adpulse.core.settings import Settings
 
 TAOBAO_KINDS = {"pv": "browse", "cart": "cart", "fav": "fav", "buy": "purchase"}
 

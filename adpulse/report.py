@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from adpulse.errors import InputError
+from adpulse.core.errors import InputError
 from scoring.strategy.ab import compare
 
 

@@ -43,8 +43,8 @@ from typing import Any
 import numpy as np
 
 from adpulse import simresults
-from adpulse.errors import BrokerUnavailable
-from adpulse.settings import Settings
+from adpulse.core.errors import BrokerUnavailable
+from adpulse.core.settings import Settings
 from adpulse.workerproc import WorkerProcess
 from scoring.simulation import World
 
@@ -308,7 +308,7 @@ async def drive(
     """Warm-up events, then requests; decisions and labels read meanwhile; then the last labels."""
     from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition  # noqa: PLC0415
 
-    from adpulse.kafkaconf import client_kwargs  # noqa: PLC0415
+    from adpulse.core.kafkaconf import client_kwargs  # noqa: PLC0415
 
     kw = client_kwargs(s)
     producer = AIOKafkaProducer(**kw, linger_ms=5, acks=1)
@@ -390,7 +390,7 @@ def sim_worker(
     ``s`` names the broker, topics (created here), app id and data dir.
     """
     from adpulse.catalogtool import publish  # noqa: PLC0415
-    from adpulse.topics import create_topics  # noqa: PLC0415
+    from streams.topicadmin import create_topics  # noqa: PLC0415
 
     create_topics(s)
     ads = world.catalog()

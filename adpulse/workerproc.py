@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from adpulse.broker import free_port
-from adpulse.settings import Settings
+from adpulse.core.settings import Settings
 
 
 class WorkerProcess:

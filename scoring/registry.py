@@ -32,7 +32,7 @@ from typing import Any, NoReturn
 import numpy as np
 import onnxruntime as ort
 
-from adpulse.errors import ModelRefused
+from adpulse.core.errors import ModelRefused
 from scoring.featurespec import FeatureSpec
 from scoring.scorer import Device, FallbackRule, OnnxScorer, SessionOptions
 

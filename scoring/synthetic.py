@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from adpulse.errors import InputError
+from adpulse.core.errors import InputError
 from scoring.embeddings import HashedEmbeddings, event_embeddings
 from scoring.featurespec import FeatureSpec, _unit
 

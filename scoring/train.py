@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from adpulse.errors import InputError
+from adpulse.core.errors import InputError
 from scoring.featurespec import FeatureSpec, Inputs, from_feedback
 from scoring.registry import METRICS, MODEL, SPEC
 from scoring.synthetic import generate as generate_records

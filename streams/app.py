@@ -15,10 +15,10 @@ import faust
 from faust.tables.manager import TableManager
 from faust.tables.recovery import Recovery
 
-from adpulse.kafkaconf import client_kwargs, faust_credentials
-from adpulse.metrics import Metrics
-from adpulse.privacy import Pseudonymiser
-from adpulse.settings import Settings
+from adpulse.core.kafkaconf import client_kwargs, faust_credentials
+from adpulse.core.metrics import Metrics
+from adpulse.core.privacy import Pseudonymiser
+from adpulse.core.settings import Settings
 from streams.catalogmirror import TopicMirror, catalog_mirror
 from streams.consumer import BatchApp
 from streams.restore import BulkRecovery
@@ -171,7 +171,7 @@ def create_app(settings: Settings) -> Wiring:
 def __getattr__(name: str) -> Any:
     """``faust -A streams.app worker`` reads ``app``; build it on first use, not at import."""
     if name == "app":
-        from adpulse.announce import recognise  # noqa: PLC0415 - on `adpulse broker`'s?
+        from adpulse.core.announce import recognise  # noqa: PLC0415 - on `adpulse broker`'s?
 
         built = create_app(recognise(Settings.from_env())).app
         globals()["app"] = built  # cached: later lookups find the attribute directly

@@ -39,7 +39,7 @@ import msgspec
 import numpy as np
 import numpy.typing as npt
 
-from adpulse.settings import Settings
+from adpulse.core.settings import Settings
 from scoring import caps
 from scoring.catalog import Catalog
 from scoring.joinstate import Charge

@@ -13,7 +13,7 @@ import json
 import logging
 from typing import Any
 
-from adpulse.metrics import Metrics
+from adpulse.core.metrics import Metrics
 from schemas import first_error
 from scoring.catalog import Catalog
 from scoring.featurespec import FeatureSpec

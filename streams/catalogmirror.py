@@ -33,8 +33,8 @@ from collections.abc import Callable, Sequence
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from adpulse.kafkaconf import client_kwargs
-from adpulse.settings import Settings
+from adpulse.core.kafkaconf import client_kwargs
+from adpulse.core.settings import Settings
 from streams.catalog import check_catalog_record
 from streams.seal import is_seal
 

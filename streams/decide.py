@@ -19,8 +19,8 @@ import msgspec
 import numpy as np
 import numpy.typing as npt
 
-from adpulse.privacy import Pseudonymiser
-from adpulse.settings import Settings
+from adpulse.core.privacy import Pseudonymiser
+from adpulse.core.settings import Settings
 from scoring import caps
 from scoring.catalog import Catalog, Context
 from scoring.features import InterestParams, decode_states, vectors_at
@@ -273,7 +273,7 @@ class DecideStage:
     ) -> list[tuple[AdRequestMsg, Raw]]:
         """Pseudonymise; answer the requests whose budget is used up; the rest go on."""
         live: list[tuple[AdRequestMsg, Raw]] = []
-        for req, raw in requests:  # from here on, user ids are pseudonyms (adpulse/privacy.py)
+        for req, raw in requests:  # from here on, user ids are pseudonyms (adpulse/core/privacy.py)
             req.user_id = self.pseudonyms(req.user_id)
             tmax = req.tmax_ms if req.tmax_ms is not UNSET else default_tmax_ms
             if tmax and now_ms - raw.timestamp_ms >= tmax:

@@ -14,9 +14,9 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from adpulse.broker import metadata_answers
-from adpulse.metrics import Metrics
-from adpulse.settings import Settings
+from adpulse.core.metrics import Metrics
+from adpulse.core.probe import metadata_answers
+from adpulse.core.settings import Settings
 
 log = logging.getLogger(__name__)
 SAMPLE_S = 5.0  # how often the timers in streams/pipeline.py sample

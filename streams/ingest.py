@@ -105,7 +105,7 @@ def decode_events(
 
 
 def pseudonymise(good: Sequence[tuple[UserEventMsg, Raw]], pseudonym: Callable[[str], str]) -> None:
-    """Replace each event's user id by its pseudonym, in place (adpulse/privacy.py)."""
+    """Replace each event's user id by its pseudonym, in place (adpulse/core/privacy.py)."""
     for ev, _ in good:
         ev.user_id = pseudonym(ev.user_id)
 

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from adpulse.privacy import Pseudonymiser
-from adpulse.settings import Settings
+from adpulse.core.privacy import Pseudonymiser
+from adpulse.core.settings import Settings
 from scoring.abuse import EventRateLimiter
 from scoring.embeddings import EmbeddingTable, HashedEmbeddings
 from scoring.features import (

@@ -55,7 +55,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 import msgspec
 import numpy as np
 
-from adpulse.settings import Settings
+from adpulse.core.settings import Settings
 from scoring.features import fingerprint
 from scoring.featurespec import user_features
 from scoring.strategy.calibration import CalibrationParams, CalibrationState, Calibrator

@@ -93,7 +93,7 @@ async def bulk_restore(
     """Apply changelog records (persisted offset, highwater] of each tp; returns records.
 
     ``client``: aiokafka keyword arguments (bootstrap and transport security,
-    adpulse.kafkaconf.client_kwargs).
+    adpulse.core.kafkaconf.client_kwargs).
     ``offsets`` (Faust's active offsets: last applied per tp, None when nothing)
     is advanced to the last offset applied, as is each partition's persisted
     offset in RocksDB, in the same write as the records. ``stop()`` true (a new

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from adpulse.kafkaconf import client_kwargs
+from adpulse.core.kafkaconf import client_kwargs
 
 SEAL_KEY = b"\x00adpulse-seal"
 

@@ -44,8 +44,8 @@ import aiohttp.web
 import msgspec
 from yarl import URL
 
-from adpulse.privacy import API_TOKEN_HELP, bearer_ok, load_api_token
-from adpulse.settings import Settings
+from adpulse.core.privacy import API_TOKEN_HELP, bearer_ok, load_api_token
+from adpulse.core.settings import Settings
 from streams.deadletter import Raw, Rejected
 from streams.decide import AdRequestMsg, request_decoder
 

@@ -8,7 +8,7 @@ learner counts the decision stage reads for an ad.
 ``GET /users/{user_id}/interest`` takes the raw user id (the one apps key
 events by): the raw id picks the partition, so Faust's table routing forwards
 the request to the worker that owns it, which looks the user up by pseudonym
-(adpulse/privacy.py). ``GET /pseudonyms/{pseudonym}/interest`` looks up a
+(adpulse/core/privacy.py). ``GET /pseudonyms/{pseudonym}/interest`` looks up a
 pseudonym (as logs and ctr-feedback show it) in the partitions this worker
 holds: a pseudonym does not tell its partition, so ask each worker.
 """
@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from faust import web
 
-from adpulse.privacy import API_TOKEN_HELP, bearer_ok, load_api_token
+from adpulse.core.privacy import API_TOKEN_HELP, bearer_ok, load_api_token
 from schemas.openapi import dumps
 from scoring.features import InterestParams, decode_states, describe
 from scoring.strategy.state import decode_ad

@@ -7,8 +7,8 @@ import gc
 import logging
 import os
 
-from adpulse.errors import StateError
-from adpulse.settings import Settings
+from adpulse.core.errors import StateError
+from adpulse.core.settings import Settings
 
 
 def check_data_dir(settings: Settings) -> None:
@@ -29,8 +29,8 @@ def check_data_dir(settings: Settings) -> None:
 
 def check_config(settings: Settings) -> None:
     """Fail at start, in one line, on a missing pseudonym key or unusable Kafka security."""
-    from adpulse.kafkaconf import check  # noqa: PLC0415
-    from adpulse.privacy import Pseudonymiser, load_api_token  # noqa: PLC0415
+    from adpulse.core.kafkaconf import check  # noqa: PLC0415
+    from adpulse.core.privacy import Pseudonymiser, load_api_token  # noqa: PLC0415
 
     check(settings)
     Pseudonymiser.from_settings(settings)
@@ -40,8 +40,8 @@ def check_config(settings: Settings) -> None:
 def run_worker(settings: Settings, loglevel: str = "info") -> int:
     from faust.worker import Worker  # noqa: PLC0415 - heavy import, CLI --help stays fast
 
-    from adpulse.topics import create_topics  # noqa: PLC0415
     from streams.app import create_app  # noqa: PLC0415
+    from streams.topicadmin import create_topics  # noqa: PLC0415
 
     check_data_dir(settings)
     check_config(settings)

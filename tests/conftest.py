@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from adpulse.broker import EmbeddedBroker, embedded_broker, free_port
-from adpulse.settings import Settings
+from adpulse.core.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = Path(os.environ.get("ADPULSE_SHARED_DATA", ROOT.parent / "shared" / "data"))

@@ -37,9 +37,9 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from adpulse.bench import machine, machine_line, percentiles_ms
 from adpulse.broker import EmbeddedBroker, embedded_broker, free_port
-from adpulse.errors import BrokerUnavailable, ConfigError
-from adpulse.kafkaconf import client_kwargs
-from adpulse.settings import EmbeddedKind, Settings
+from adpulse.core.errors import BrokerUnavailable, ConfigError
+from adpulse.core.kafkaconf import client_kwargs
+from adpulse.core.settings import EmbeddedKind, Settings
 
 TOPIC = "bench-broker-echo"
 _SENT = struct.Struct(">d")  # the send time (time.monotonic()) leads every payload

@@ -29,9 +29,9 @@ from kafka import KafkaConsumer, TopicPartition
 from adpulse.bench import machine
 from adpulse.broker import embedded_broker, free_port
 from adpulse.catalogtool import publish, synthetic_ads
-from adpulse.settings import EmbeddedKind, Settings
-from adpulse.topics import create_topics
+from adpulse.core.settings import EmbeddedKind, Settings
 from adpulse.workerproc import WorkerProcess
+from streams.topicadmin import create_topics
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from adpulse.settings import Settings
+from adpulse.core.settings import Settings
 from scoring.catalog import Catalog
 from scoring.featurespec import FeatureSpec
 from scoring.registry import ModelRegistry

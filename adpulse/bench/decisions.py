@@ -30,11 +30,11 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from adpulse.bench import machine, machine_line, percentiles_ms, spread
 from adpulse.bench.features import _applied, _produce
 from adpulse.catalogtool import publish, synthetic_ads
-from adpulse.kafkaconf import client_kwargs
-from adpulse.settings import Settings
-from adpulse.topics import create_topics
+from adpulse.core.kafkaconf import client_kwargs
+from adpulse.core.settings import Settings
 from adpulse.workerproc import WorkerProcess
 from adpulse.workload import Workload, WorkloadModel
+from streams.topicadmin import create_topics
 
 
 @dataclass(frozen=True)

@@ -49,9 +49,9 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from adpulse.bench import machine, machine_line
 from adpulse.broker import embedded_broker, free_port
-from adpulse.errors import ConfigError
+from adpulse.core.errors import ConfigError
+from adpulse.core.settings import Settings
 from adpulse.kafkabroker import KAFKA_VERSION
-from adpulse.settings import Settings
 
 GUARANTEES = ("at_least_once", "exactly_once")
 KINDS = ("cost", "crash")  # the phases, each run once per guarantee

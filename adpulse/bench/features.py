@@ -31,12 +31,12 @@ from aiokafka.errors import TopicAlreadyExistsError
 
 from adpulse.bench import machine, machine_line, percentiles_ms, spread
 from adpulse.bench.freshness import ChangelogFreshness
-from adpulse.kafkaconf import client_kwargs
-from adpulse.privacy import Pseudonymiser
-from adpulse.settings import Settings
-from adpulse.topics import create_topics
+from adpulse.core.kafkaconf import client_kwargs
+from adpulse.core.privacy import Pseudonymiser
+from adpulse.core.settings import Settings
 from adpulse.workerproc import WorkerProcess
 from adpulse.workload import Workload, WorkloadModel, fit_taobao
+from streams.topicadmin import create_topics
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,8 @@ import time
 import numpy as np
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from adpulse.kafkaconf import client_kwargs
-from adpulse.settings import Settings
+from adpulse.core.kafkaconf import client_kwargs
+from adpulse.core.settings import Settings
 from scoring.features import InterestParams, header_dtype
 
 

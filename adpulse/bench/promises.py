@@ -38,11 +38,11 @@ from kafka import KafkaProducer
 from adpulse.bench import machine, machine_line, percentiles_ms, spread
 from adpulse.broker import embedded_broker, free_port
 from adpulse.catalogtool import publish
-from adpulse.kafkaconf import client_kwargs
+from adpulse.core.kafkaconf import client_kwargs
+from adpulse.core.settings import Settings
 from adpulse.netcut import Proxy
-from adpulse.settings import Settings
-from adpulse.topics import create_topics
 from adpulse.workerproc import WorkerProcess
+from streams.topicadmin import create_topics
 
 SPARED = "bench-promises"  # client id of this benchmark's own clients: never cut
 TIMEOUT_S = 30.0  # a promise not kept within this is reported as missed (null)

@@ -30,7 +30,7 @@ from threadpoolctl import threadpool_limits
 from adpulse.bench import machine, machine_line, spread
 from adpulse.bench.decisionpath import DecisionPath, request_bodies
 from adpulse.catalogtool import synthetic_ads
-from adpulse.settings import Settings
+from adpulse.core.settings import Settings
 from adpulse.workload import Workload, WorkloadModel
 from scoring.featurespec import Inputs
 from scoring.registry import MODEL, PACKAGED, ModelRegistry

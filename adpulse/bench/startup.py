@@ -53,12 +53,12 @@ from adpulse.bench.broker import cpu_ticks
 from adpulse.bench.features import _produce
 from adpulse.broker import EmbeddedBroker, embedded_broker, free_port
 from adpulse.catalogtool import publish, synthetic_ads
-from adpulse.errors import ConfigError
-from adpulse.kafkaconf import client_kwargs
-from adpulse.settings import EmbeddedKind, Settings
-from adpulse.topics import create_topics, plan
+from adpulse.core.errors import ConfigError
+from adpulse.core.kafkaconf import client_kwargs
+from adpulse.core.settings import EmbeddedKind, Settings
 from adpulse.workerproc import WorkerProcess
 from adpulse.workload import Workload, WorkloadModel
+from streams.topicadmin import create_topics, plan
 
 Log = Callable[[str], None]
 ADS = 42  # the catalog size test_decisions waited for

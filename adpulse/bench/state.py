@@ -30,12 +30,12 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from adpulse.bench import machine, machine_line, spread
 from adpulse.bench.features import _applied, _produce
-from adpulse.kafkaconf import client_kwargs
-from adpulse.settings import Settings
-from adpulse.topics import create_topics
+from adpulse.core.kafkaconf import client_kwargs
+from adpulse.core.settings import Settings
 from adpulse.workerproc import WorkerProcess
 from scoring.features import CATEGORY_DTYPE, InterestParams, header_dtype
 from streams.seal import is_seal
+from streams.topicadmin import create_topics
 
 
 @dataclass(frozen=True)

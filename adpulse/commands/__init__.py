@@ -11,7 +11,7 @@ import argparse
 from collections.abc import Callable
 from typing import TypeAlias
 
-from adpulse.settings import Settings
+from adpulse.core.settings import Settings
 
 Handler: TypeAlias = Callable[[argparse.Namespace, Settings], int]
 Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"

@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 
 from adpulse.commands import Handler, Subparsers, add_bootstrap, add_command, add_group
-from adpulse.errors import InputError
-from adpulse.settings import Settings
+from adpulse.core.errors import InputError
+from adpulse.core.settings import Settings
 
 # The benches load synthetic history in bulk: their busiest users get hundreds of events
 # within a second of broker time, which the live per-user rate limit would refuse as a

@@ -7,8 +7,8 @@ import tempfile
 from pathlib import Path
 
 from adpulse.commands import Subparsers, add_bootstrap, add_command, add_group
-from adpulse.errors import ConfigError, InputError
-from adpulse.settings import Settings
+from adpulse.core.errors import ConfigError, InputError
+from adpulse.core.settings import Settings
 
 
 def cmd_catalog_publish(args: argparse.Namespace, settings: Settings) -> int:
@@ -53,7 +53,7 @@ def cmd_catalog_remove(args: argparse.Namespace, settings: Settings) -> int:
 
 def _ready(settings: Settings, topic: str) -> str:
     """The full topic name, once the broker answers (else one-line BrokerUnavailable)."""
-    from adpulse.broker import wait_for_broker  # noqa: PLC0415
+    from adpulse.core.probe import wait_for_broker  # noqa: PLC0415
 
     wait_for_broker(settings, timeout=5)
     return settings.topic(topic)
@@ -89,7 +89,7 @@ def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
 
 def _dump_feedback(settings: Settings, path: Path) -> int:
     """The ctr-feedback topic, from the beginning, as JSONL (what training reads)."""
-    from adpulse.broker import wait_for_broker  # noqa: PLC0415
+    from adpulse.core.probe import wait_for_broker  # noqa: PLC0415
     from adpulse.inspect import read_topic  # noqa: PLC0415
 
     wait_for_broker(settings, timeout=5)

@@ -12,9 +12,9 @@ import uuid
 from typing import Any
 
 from adpulse.commands import Subparsers, add_command
-from adpulse.errors import InputError, WorkerUnavailable
-from adpulse.privacy import load_api_token
-from adpulse.settings import Settings
+from adpulse.core.errors import InputError, WorkerUnavailable
+from adpulse.core.privacy import load_api_token
+from adpulse.core.settings import Settings
 
 
 def request_body(args: argparse.Namespace) -> dict[str, Any]:

@@ -6,8 +6,8 @@ import argparse
 from pathlib import Path
 
 from adpulse.commands import Subparsers, add_bootstrap, add_command
-from adpulse.errors import ConfigError
-from adpulse.settings import Settings
+from adpulse.core.errors import ConfigError
+from adpulse.core.settings import Settings
 
 
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:

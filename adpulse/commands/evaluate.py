@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from adpulse.commands import Subparsers, add_command
-from adpulse.errors import InputError
-from adpulse.settings import Settings
+from adpulse.core.errors import InputError
+from adpulse.core.settings import Settings
 
 if TYPE_CHECKING:  # scoring.ope needs numpy: imported in the readers, so --help stays fast
     from scoring.ope import LoggedRound

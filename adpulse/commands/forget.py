@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from adpulse.commands import Subparsers, add_bootstrap, add_command
-from adpulse.settings import Settings
+from adpulse.core.settings import Settings
 
 
 def cmd_forget(args: argparse.Namespace, settings: Settings) -> int:

@@ -11,13 +11,13 @@ from pathlib import Path
 from types import FrameType
 
 from adpulse.commands import Subparsers, add_bootstrap, add_command, add_group
-from adpulse.errors import InputError
-from adpulse.settings import Settings
+from adpulse.core.errors import InputError
+from adpulse.core.settings import Settings
 
 
 def cmd_broker(args: argparse.Namespace, settings: Settings) -> int:
-    from adpulse.announce import announce, withdraw  # noqa: PLC0415
     from adpulse.broker import embedded_broker  # noqa: PLC0415
+    from adpulse.core.announce import announce, withdraw  # noqa: PLC0415
 
     if args.kind:
         settings = settings.with_(embedded=args.kind)
@@ -34,7 +34,7 @@ def cmd_broker(args: argparse.Namespace, settings: Settings) -> int:
         broker.start()
         assert broker.proc is not None
         pid = broker.proc.pid
-        announce(port, pid, broker.kind)  # workers on this port recognise it (adpulse.announce)
+        announce(port, pid, broker.kind)  # workers on this port recognise it (core.announce)
         try:
             print(f"embedded broker ({broker.name}) answering on {broker.bootstrap}; "
                   "Ctrl-C stops it", flush=True)  # fmt: skip
@@ -74,7 +74,7 @@ def _signals_recorded() -> Iterator[list[int]]:
 
 
 def cmd_topics_create(args: argparse.Namespace, settings: Settings) -> int:
-    from adpulse.topics import create_topics  # noqa: PLC0415
+    from streams.topicadmin import create_topics  # noqa: PLC0415
 
     if args.partitions:
         settings = settings.with_(partitions=args.partitions)
@@ -84,7 +84,7 @@ def cmd_topics_create(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_topics_plan(_args: argparse.Namespace, settings: Settings) -> int:
-    from adpulse.topics import plan  # noqa: PLC0415
+    from streams.topicadmin import plan  # noqa: PLC0415
 
     for t in plan(settings):
         conf = " ".join(f"{k}={v}" for k, v in sorted(t.configs.items()))
@@ -94,7 +94,7 @@ def cmd_topics_plan(_args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_replay_taobao(args: argparse.Namespace, settings: Settings) -> int:
     from adpulse import replay  # noqa: PLC0415
-    from adpulse.broker import wait_for_broker  # noqa: PLC0415
+    from adpulse.core.probe import wait_for_broker  # noqa: PLC0415
     from adpulse.progress import Progress  # noqa: PLC0415
 
     if args.speed < 0:

@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from adpulse.commands import Subparsers, add_bootstrap, add_command
-from adpulse.errors import InputError
-from adpulse.settings import Settings
+from adpulse.core.errors import InputError
+from adpulse.core.settings import Settings
 
 
 def cmd_report(args: argparse.Namespace, settings: Settings) -> int:

@@ -11,7 +11,7 @@ from typing import Any
 
 from kafka import KafkaConsumer, TopicPartition
 
-from adpulse.settings import Settings
+from adpulse.core.settings import Settings
 from adpulse.workerproc import WorkerProcess
 
 CLIENT = "fault-app"  # client id of the test's own Kafka clients (the broker-cut proxy spares it)

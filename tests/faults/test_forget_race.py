@@ -33,11 +33,11 @@ import numpy as np
 import pytest
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
-from adpulse.settings import Settings
-from adpulse.topics import create_topics
+from adpulse.core.settings import Settings
 from adpulse.workerproc import WorkerProcess
 from scoring.embeddings import HashedEmbeddings
 from scoring.features import KINDS, InterestParams, reference_vectors
+from streams.topicadmin import create_topics
 from tests.faults.kit import CLIENT, Worker
 from tests.integration.test_interest import assert_equals_reference, wait_applied
 

@@ -27,13 +27,13 @@ import pytest
 from kafka import KafkaProducer
 from kafka.errors import KafkaError
 
-from adpulse.settings import Settings
-from adpulse.topics import create_topics
+from adpulse.core.settings import Settings
 from streams.catalog import check_catalog_record
 from streams.deadletter import MAX_KEPT_BYTES, Raw, Rejected
 from streams.decide import request_decoder
 from streams.ingest import decode_events
 from streams.learn import feedback_decoder
+from streams.topicadmin import create_topics
 from streams.validate import split_by_key
 from tests.faults.fuzzing import (
     DIM,

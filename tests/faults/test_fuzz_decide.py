@@ -23,9 +23,9 @@ import aiohttp
 import pytest
 
 from adpulse.catalogtool import publish
-from adpulse.settings import Settings
-from adpulse.topics import create_topics
+from adpulse.core.settings import Settings
 from schemas import first_error
+from streams.topicadmin import create_topics
 from tests.faults.fuzzing import contract_verdict, valid_record
 from tests.faults.kit import Reader, Worker
 from tests.faults.test_fuzz import NOW_MS, corpus

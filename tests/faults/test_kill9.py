@@ -28,11 +28,11 @@ from typing import Any
 import pytest
 from kafka import KafkaProducer
 
+from adpulse.core.settings import Settings
 from adpulse.replay import read_taobao
 from adpulse.report import tally
-from adpulse.settings import Settings
-from adpulse.topics import create_topics
 from scoring.train import once_per_decision
+from streams.topicadmin import create_topics
 from tests.faults.kit import CLIENT, Reader, Worker
 from tests.integration.test_interest import assert_equals_reference, wait_applied
 

@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 
 from adpulse.catalogtool import publish
-from adpulse.settings import Settings
-from adpulse.topics import create_topics
+from adpulse.core.settings import Settings
 from scoring.registry import MODEL, PACKAGED
+from streams.topicadmin import create_topics
 from tests.faults.kit import Worker
 from tests.integration.test_decisions import Decisions, Requests, ad, request, wait_catalog
 from tests.modelfaults import corrupt, nan_model, publish_version, renamed_inputs, slow_model

@@ -13,9 +13,10 @@ import pytest
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewTopic
 
-from adpulse.broker import EmbeddedBroker, embedded_broker, free_port, metadata_answers
-from adpulse.errors import BrokerStartError
-from adpulse.settings import Settings
+from adpulse.broker import EmbeddedBroker, embedded_broker, free_port
+from adpulse.core.errors import BrokerStartError
+from adpulse.core.probe import metadata_answers
+from adpulse.core.settings import Settings
 
 pytestmark = pytest.mark.integration
 
@@ -73,7 +74,7 @@ def test_second_broker_on_a_taken_port_is_refused(broker: EmbeddedBroker) -> Non
 def _broker_cli(port: int, state: Path) -> tuple[subprocess.Popen[str], int]:
     """`adpulse broker --port PORT` in its own process; returns it and its broker child's pid.
 
-    ``state`` takes its announcement (adpulse.announce), not the user's state folder."""
+    ``state`` takes its announcement (adpulse.core.announce), not the user's state folder."""
     cli = Path(sys.executable).with_name("adpulse")
     env = {**os.environ, "XDG_STATE_HOME": str(state)}
     proc = subprocess.Popen([str(cli), "broker", "--port", str(port)], stdout=subprocess.PIPE,

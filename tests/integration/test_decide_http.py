@@ -21,10 +21,10 @@ from kafka import KafkaProducer
 
 from adpulse.broker import EmbeddedBroker
 from adpulse.catalogtool import publish
-from adpulse.settings import Settings
-from adpulse.topics import create_topics
+from adpulse.core.settings import Settings
 from adpulse.workerproc import WorkerProcess
 from schemas import first_error
+from streams.topicadmin import create_topics
 from tests.conftest import isolated
 from tests.integration.test_decisions import Decisions, ad, partition_of, request
 from tests.integration.test_join import Feedback

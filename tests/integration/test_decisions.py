@@ -26,15 +26,15 @@ from kafka.partitioner.default import murmur2
 
 from adpulse.broker import EmbeddedBroker
 from adpulse.catalogtool import publish, remove
-from adpulse.privacy import DEVELOPMENT_KEY, Pseudonymiser
-from adpulse.settings import Settings
-from adpulse.topics import create_topics
+from adpulse.core.privacy import DEVELOPMENT_KEY, Pseudonymiser
+from adpulse.core.settings import Settings
 from adpulse.workerproc import WorkerProcess
 from schemas import first_error
 from scoring.features import InterestParams
 from scoring.featurespec import AdIndex, FeatureSpec, assemble
 from scoring.registry import MODEL, PACKAGED, ModelRegistry
 from scoring.scorer import OnnxScorer
+from streams.topicadmin import create_topics
 from tests.conftest import isolated
 from tests.modelfaults import corrupt, nan_model, publish_version
 

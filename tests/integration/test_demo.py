@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from adpulse.settings import Settings
+from adpulse.core.settings import Settings
 
 pytestmark = pytest.mark.integration
 

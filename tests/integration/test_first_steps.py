@@ -18,8 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from adpulse.broker import EmbeddedBroker, free_port, wait_for_broker
-from adpulse.settings import Settings
+from adpulse.broker import EmbeddedBroker, free_port
+from adpulse.core.probe import wait_for_broker
+from adpulse.core.settings import Settings
 from adpulse.workerproc import WorkerProcess
 
 pytestmark = pytest.mark.integration

@@ -15,13 +15,13 @@ import numpy as np
 import pytest
 from kafka import KafkaProducer
 
+from adpulse.core.settings import Settings
 from adpulse.inspect import read_topic
 from adpulse.replay import read_taobao
-from adpulse.settings import Settings
-from adpulse.topics import create_topics
 from adpulse.workerproc import WorkerProcess
 from scoring.embeddings import HashedEmbeddings
 from scoring.features import KINDS, InterestParams, reference_categories, reference_vectors
+from streams.topicadmin import create_topics
 
 pytestmark = pytest.mark.integration
 DAY = 24 * 3600 * 1000

@@ -17,10 +17,10 @@ from typing import Any
 import pytest
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
-from adpulse.settings import Settings
-from adpulse.topics import create_topics
+from adpulse.core.settings import Settings
 from adpulse.workerproc import WorkerProcess
 from schemas import first_error
+from streams.topicadmin import create_topics
 
 pytestmark = pytest.mark.integration
 

@@ -19,9 +19,9 @@ from typing import Any
 import pytest
 
 from adpulse.catalogtool import publish
-from adpulse.settings import Settings
-from adpulse.topics import create_topics
+from adpulse.core.settings import Settings
 from schemas import first_error
+from streams.topicadmin import create_topics
 from tests.integration.test_decisions import (
     HOUR,
     LENIENT,

@@ -20,11 +20,11 @@ from kafka import KafkaProducer
 
 from adpulse.broker import EmbeddedBroker
 from adpulse.cli import main
+from adpulse.core.privacy import DEVELOPMENT_KEY, Pseudonymiser
+from adpulse.core.settings import Settings
 from adpulse.inspect import read_topic
-from adpulse.privacy import DEVELOPMENT_KEY, Pseudonymiser
-from adpulse.settings import Settings
-from adpulse.topics import create_topics
 from adpulse.workerproc import WorkerProcess
+from streams.topicadmin import create_topics
 
 pytestmark = pytest.mark.integration
 pseudonym = Pseudonymiser(DEVELOPMENT_KEY)  # a worker on the embedded broker uses it

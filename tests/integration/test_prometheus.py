@@ -21,11 +21,11 @@ from kafka import KafkaProducer
 from adpulse import prometheus as prom
 from adpulse import replay
 from adpulse.catalogtool import publish, synthetic_ads
+from adpulse.core.settings import Settings
 from adpulse.plots import dashboard_png
 from adpulse.prometheus import Prometheus, scrape_config
-from adpulse.settings import Settings
-from adpulse.topics import create_topics
 from adpulse.workerproc import WorkerProcess
+from streams.topicadmin import create_topics
 
 pytestmark = pytest.mark.integration
 

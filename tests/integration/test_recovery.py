@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from adpulse.settings import Settings
-from adpulse.topics import create_topics
+from adpulse.core.settings import Settings
 from adpulse.workerproc import WorkerProcess
+from streams.topicadmin import create_topics
 from tests.integration.test_interest import (
     BACKFILL,
     assert_equals_reference,

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from adpulse.cli import main
+from adpulse.core.settings import Settings
 from adpulse.inspect import read_topic
-from adpulse.settings import Settings
 from schemas import first_error
 from streams.topics import TOPICS
 

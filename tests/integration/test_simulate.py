@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from adpulse.core.settings import Settings
 from adpulse.report import read_feedback_topic, rows, tally
-from adpulse.settings import Settings
 from adpulse.simulate import ARMS, SimConfig, simulate
 
 pytestmark = pytest.mark.integration

@@ -9,9 +9,9 @@ import pytest
 from kafka import KafkaProducer
 
 from adpulse.cli import main
-from adpulse.settings import Settings
-from adpulse.topics import create_topics
+from adpulse.core.settings import Settings
 from scoring.synthetic import generate
+from streams.topicadmin import create_topics
 
 pytestmark = pytest.mark.integration
 

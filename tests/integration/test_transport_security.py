@@ -23,10 +23,10 @@ from cryptography.hazmat.primitives import serialization
 
 from adpulse import replay
 from adpulse.broker import free_port
+from adpulse.core.settings import Settings
 from adpulse.kafkabroker import KafkaBroker, SecureListener
-from adpulse.settings import Settings
-from adpulse.topics import create_topics
 from adpulse.workerproc import WorkerProcess
+from streams.topicadmin import create_topics
 
 pytestmark = [pytest.mark.integration, pytest.mark.long]
 USER, PASSWORD = "adpulse-app", "s3cret-scram-password"

@@ -12,16 +12,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from adpulse.privacy import Pseudonymiser
+from adpulse.core.privacy import Pseudonymiser
+from adpulse.core.settings import Settings
 from adpulse.replay import Event, within_limit
-from adpulse.settings import Settings
-from adpulse.topics import plan
 from scoring import joinstate as js
 from scoring.abuse import ClickBurst, EventRateLimiter, too_fast
 from scoring.features import KINDS, decode_states, reference_vectors
 from streams.deadletter import Raw, Rejected
 from streams.ingest import REASONS, decode_events, rate_limit
 from streams.interest import InterestStage
+from streams.topicadmin import plan
 
 
 def brute_force(events: list[tuple[str, int]], limit: int) -> list[bool]:

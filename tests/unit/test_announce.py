@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from adpulse.announce import _path, announce, folder, recognise, withdraw
-from adpulse.settings import Settings
+from adpulse.core.announce import _path, announce, folder, recognise, withdraw
+from adpulse.core.settings import Settings
 
 
 @pytest.fixture(autouse=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from adpulse.catalogtool import synthetic_ads
-from adpulse.settings import Settings
+from adpulse.core.settings import Settings
 from streams.catalogmirror import catalog_mirror
 from streams.seal import SEAL_KEY
 

@@ -16,7 +16,7 @@ import msgspec
 import numpy as np
 import pytest
 
-from adpulse.settings import Settings
+from adpulse.core.settings import Settings
 from scoring import joinstate as js
 from scoring.catalog import Catalog
 from scoring.featurespec import FeatureSpec

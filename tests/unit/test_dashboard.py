@@ -11,7 +11,7 @@ from rich.console import Console
 
 from adpulse import dashboard as d
 from adpulse import plots
-from adpulse.metrics import Metrics
+from adpulse.core.metrics import Metrics
 
 
 def test_quantile_interpolates_like_prometheus_histogram_quantile() -> None:

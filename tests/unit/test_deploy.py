@@ -2,7 +2,7 @@
 
 Nothing here needs Docker, a cluster or a network: the files are parsed, their
 metric names checked against what ``Metrics.create()`` exports, their settings
-against ``adpulse.settings.documented()``, and ``promtool`` (when installed, as
+against ``adpulse.core.settings.documented()``, and ``promtool`` (when installed, as
 ``make test`` does as root) checks the Prometheus files.
 """
 
@@ -33,8 +33,8 @@ from adpulse.cli import build_parser
 from adpulse.commands.catalog import cmd_catalog_publish, cmd_catalog_synth
 from adpulse.commands.decide import cmd_decide, request_body
 from adpulse.commands.kafka import cmd_replay_taobao
-from adpulse.metrics import Metrics
-from adpulse.settings import Settings, documented
+from adpulse.core.metrics import Metrics
+from adpulse.core.settings import Settings, documented
 from schemas import first_error
 
 ROOT = Path(__file__).resolve().parents[2]

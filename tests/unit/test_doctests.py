@@ -8,9 +8,9 @@ import importlib
 import pytest
 
 MODULES = [
-    "adpulse.settings",
-    "adpulse.privacy",
-    "adpulse.kafkaconf",
+    "adpulse.core.settings",
+    "adpulse.core.privacy",
+    "adpulse.core.kafkaconf",
     "adpulse.replay",
     "scoring.abuse",
     "scoring.watermark",

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from adpulse.settings import Settings
+from adpulse.core.settings import Settings
 from schemas import examples, validator
 from streams.ingest import REASONS, Raw, decode_events, to_columns
 

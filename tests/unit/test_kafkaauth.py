@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import trustme
 
-from adpulse.errors import BrokerAuthFailed
-from adpulse.kafkaauth import verify
-from adpulse.settings import Settings
+from adpulse.core.errors import BrokerAuthFailed
+from adpulse.core.kafkaauth import verify
+from adpulse.core.settings import Settings
 
 
 @pytest.fixture

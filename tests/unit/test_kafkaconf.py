@@ -11,9 +11,9 @@ from typing import Any
 import faust
 import pytest
 
-from adpulse.errors import ConfigError
-from adpulse.kafkaconf import client_kwargs, faust_credentials
-from adpulse.settings import Settings
+from adpulse.core.errors import ConfigError
+from adpulse.core.kafkaconf import client_kwargs, faust_credentials
+from adpulse.core.settings import Settings
 
 
 @pytest.fixture(scope="module")

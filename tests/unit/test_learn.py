@@ -10,7 +10,7 @@ import msgspec
 import numpy as np
 import pytest
 
-from adpulse.settings import Settings
+from adpulse.core.settings import Settings
 from schemas import first_error
 from scoring.strategy.calibration import CalibrationState
 from scoring.strategy.policy import (

@@ -20,7 +20,7 @@ from adpulse.commands.evaluate import (
     write_csv,
     write_jsonl,
 )
-from adpulse.errors import InputError
+from adpulse.core.errors import InputError
 from scoring import ope
 from scoring.ope import LoggedRound, MeanReward, evaluate, make_policy
 

@@ -14,7 +14,7 @@ import msgspec
 import numpy as np
 import pytest
 
-from adpulse.settings import Settings
+from adpulse.core.settings import Settings
 from scoring import caps
 from scoring.catalog import Catalog
 from scoring.featurespec import FeatureSpec

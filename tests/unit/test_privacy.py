@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from adpulse.errors import ConfigError
-from adpulse.privacy import (
+from adpulse.core.errors import ConfigError
+from adpulse.core.privacy import (
     API_TOKEN_HELP,
     DEVELOPMENT_KEY,
     PSEUDONYM_HEX,
@@ -22,7 +22,7 @@ from adpulse.privacy import (
     load_api_token,
     load_key,
 )
-from adpulse.settings import Settings
+from adpulse.core.settings import Settings
 from streams.deadletter import Raw
 from streams.ingest import decode_events, pseudonymise
 
@@ -72,7 +72,7 @@ def test_no_usable_key_off_the_embedded_broker_is_a_one_line_config_error(
 def test_embedded_broker_without_key_uses_the_development_key_with_one_warning(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    with caplog.at_level(logging.WARNING, logger="adpulse.privacy"):
+    with caplog.at_level(logging.WARNING, logger="adpulse.core.privacy"):
         p = Pseudonymiser.from_settings(Settings(embedded_broker=True), warn=True)
     assert p("u1") == Pseudonymiser(DEVELOPMENT_KEY)("u1")
     (record,) = caplog.records

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from adpulse.metrics import documented_metrics
-from adpulse.settings import documented
+from adpulse.core.metrics import documented_metrics
+from adpulse.core.settings import documented
 
 ROOT = Path(__file__).resolve().parents[2]
 REFERENCE, OPERATIONS = ROOT / "docs" / "reference.md", ROOT / "docs" / "operations.md"

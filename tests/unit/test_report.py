@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from adpulse.cli import main
-from adpulse.errors import InputError
+from adpulse.core.errors import InputError
 from adpulse.report import rows, tally
 from scoring.strategy.ab import compare, two_proportion_z, wilson
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from adpulse.errors import ModelRefused
+from adpulse.core.errors import ModelRefused
 from scoring.featurespec import FeatureSpec
 from scoring.registry import MODEL, SPEC, ModelRegistry, validate
 from scoring.scorer import SessionOptions

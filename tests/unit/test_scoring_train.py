@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from adpulse.errors import InputError
+from adpulse.core.errors import InputError
 from scoring.featurespec import FeatureSpec
 from scoring.registry import PACKAGED, ModelRegistry
 from scoring.scorer import SessionOptions

@@ -15,7 +15,7 @@ from typing import Any
 import msgspec
 import pytest
 
-from adpulse.settings import Settings
+from adpulse.core.settings import Settings
 from streams.deadletter import Raw
 from streams.decide import AdRequestMsg, StateReaders
 from streams.serve import DecideService, Reply

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from adpulse.errors import ConfigError
-from adpulse.settings import KINDS, Settings, documented
+from adpulse.core.errors import ConfigError
+from adpulse.core.settings import KINDS, Settings, documented
 
 
 def test_defaults_need_no_environment() -> None:

@@ -127,7 +127,7 @@ def test_simulate_refuses_bad_options_in_one_line(
     capsys: pytest.CaptureFixture[str], args: list[str], message: str
 ) -> None:
     from adpulse.cli import main
-    from adpulse.errors import ConfigError
+    from adpulse.core.errors import ConfigError
 
     assert main(["simulate", *args]) == ConfigError.exit_code
     err = capsys.readouterr().err.strip()

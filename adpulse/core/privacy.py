@@ -29,8 +29,8 @@ import hmac
 import logging
 from pathlib import Path
 
-from adpulse.errors import ConfigError
-from adpulse.settings import Settings
+from adpulse.core.errors import ConfigError
+from adpulse.core.settings import Settings
 
 log = logging.getLogger(__name__)
 

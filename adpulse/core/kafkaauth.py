@@ -5,7 +5,7 @@ bootstrap gives up (30 s), then say only "Unable to bootstrap from HOST:PORT". A
 worker with a wrong password or an untrusted broker certificate should instead stop
 at start with one line that names what to fix (exit 3). So before any client
 starts, :func:`verify` opens one connection with the same settings
-(:mod:`adpulse.kafkaconf`): the verifying TLS handshake, then SaslHandshake (v1) and
+(:mod:`adpulse.core.kafkaconf`): the verifying TLS handshake, then SaslHandshake (v1) and
 SaslAuthenticate (v0) of the Kafka protocol, the tokens made by kafka-python's own
 mechanism (PLAIN, SCRAM-SHA-256/512), so the probe and the clients cannot disagree
 on how a password is sent.
@@ -19,9 +19,9 @@ import ssl
 import struct
 from typing import Any
 
-from adpulse.errors import BrokerAuthFailed, BrokerUnavailable
-from adpulse.kafkaconf import SASL_PROTOCOLS, SSL_PROTOCOLS, sasl_password, ssl_context
-from adpulse.settings import Settings
+from adpulse.core.errors import BrokerAuthFailed, BrokerUnavailable
+from adpulse.core.kafkaconf import SASL_PROTOCOLS, SSL_PROTOCOLS, sasl_password, ssl_context
+from adpulse.core.settings import Settings
 
 _SASL_HANDSHAKE, _SASL_AUTHENTICATE = 17, 36
 _CLIENT_ID = b"adpulse-login-check"

@@ -6,7 +6,7 @@ aiokafka and kafka-python take the same keyword names for transport security
 :func:`faust_credentials` gives the Faust app the same settings as its
 ``broker_credentials``. A combination that cannot work (a SASL user without a
 SASL protocol, a certificate without its key, a missing file) is a one-line
-:class:`~adpulse.errors.ConfigError` at startup, not a broker error later.
+:class:`~adpulse.core.errors.ConfigError` at startup, not a broker error later.
 
 >>> client_kwargs("127.0.0.1:9092")
 {'bootstrap_servers': '127.0.0.1:9092'}
@@ -23,8 +23,8 @@ import ssl
 from pathlib import Path
 from typing import Any
 
-from adpulse.errors import ConfigError
-from adpulse.settings import Settings
+from adpulse.core.errors import ConfigError
+from adpulse.core.settings import Settings
 
 SSL_PROTOCOLS = ("SSL", "SASL_SSL")
 SASL_PROTOCOLS = ("SASL_PLAINTEXT", "SASL_SSL")

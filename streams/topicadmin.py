@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from adpulse.broker import wait_for_broker
-from adpulse.kafkaconf import client_kwargs
-from adpulse.settings import Settings
+from adpulse.core.kafkaconf import client_kwargs
+from adpulse.core.probe import wait_for_broker
+from adpulse.core.settings import Settings
 from streams.topics import TOPICS
 
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from adpulse.errors import ConfigError
+from adpulse.core.errors import ConfigError
 
 ENV_PREFIX = "ADPULSE_"
 KINDS = ("browse", "click", "cart", "fav", "purchase")

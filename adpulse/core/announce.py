@@ -28,7 +28,7 @@ import json
 import os
 from pathlib import Path
 
-from adpulse.settings import EmbeddedKind, Settings
+from adpulse.core.settings import EmbeddedKind, Settings
 
 LOOPBACK = ("127.0.0.1", "localhost")  # where the embedded broker listens
 _LISTEN = "0A"  # TCP_LISTEN in /proc/net/tcp
