@@ -147,7 +147,13 @@ def test_decide_answers_each_fuzzed_body_by_the_contract_and_never_fails(
             for (body, ok), (status, answer, _) in zip(sent, answers, strict=True)
             if (why := check(body, ok, status, answer)) is not None
         ]
-        assert not wrong, f"{len(wrong)} answers break the contract, e.g. {wrong[:3]}"
+        # Seen once in a fresh-clone CI under a load average of 7: every valid body got
+        # 503 "no worker owns this user yet" for 10 retry rounds after a first decision
+        # had come back; its cause is not known yet, so a failure carries the worker's log.
+        assert not wrong, (
+            f"{len(wrong)} answers break the contract, e.g. {wrong[:3]}\n"
+            f"worker log:\n{worker.tail(120)}"
+        )
         assert statuses[200] and statuses[400]
         assert any(answers[i][0] == 200 for i, (b, _) in enumerate(sent) if len(b) == 8192)
         assert any(json.loads(a)["ad_id"] for s, a, _ in answers if s == 200), "no ad served"
