@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from adpulse.errors import ConfigError, InputError
+from adpulse.core.errors import ConfigError, InputError
 from scoring.textencoder import (
     FP16_FILE,
     FP32_FILE,

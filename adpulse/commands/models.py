@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from adpulse.commands import Subparsers, add_command, add_group
-from adpulse.settings import Settings
+from adpulse.core.settings import Settings
 
 
 def cmd_models_text(args: argparse.Namespace, settings: Settings) -> int:
