@@ -78,10 +78,13 @@ def project(vectors: F32, dim: int, seed: int) -> F32:
     >>> p.shape, bool(np.allclose(np.linalg.norm(p, axis=1), 1.0))
     ((2, 64), True)
     """
-    v = np.asarray(vectors, dtype=np.float32).reshape(-1, TEXT_DIM)
+    v = np.asarray(vectors, dtype=np.float64).reshape(-1, TEXT_DIM)
     if dim != TEXT_DIM:
         # Row j of the matrix is the hashed unit vector of "id" j: Gaussian, then scaled.
-        v = v @ hashed_unit_vectors(np.arange(TEXT_DIM), dim, seed, PROJECTION_NAMESPACE)
+        m = hashed_unit_vectors(np.arange(TEXT_DIM), dim, seed, PROJECTION_NAMESPACE)
+        # One product per row: a batched matmul's rounding depends on the batch's size, and
+        # an ad's vector must not depend on which other ads arrived with it.
+        v = np.stack([row @ m.astype(np.float64) for row in v]) if len(v) else v[:, :dim]
     norm = np.linalg.norm(v, axis=1, keepdims=True)
     return np.asarray(v / np.maximum(norm, 1e-12), dtype=np.float32)
 
