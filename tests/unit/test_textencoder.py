@@ -65,6 +65,8 @@ def test_encoder_batches_give_the_same_vectors_as_one_by_one(text_model: Path) -
     assert together.shape == (len(texts), 384)
     np.testing.assert_allclose(np.linalg.norm(together, axis=1), 1.0, atol=1e-5)
     assert float(np.min(np.sum(together * alone, axis=1))) >= 0.9999  # padding changes nothing
+    ids = enc.tokenize(["shoe " * 400])["input_ids"]  # longer than the model reads
+    assert ids.shape == (1, MAX_TOKENS) and ids[0, -1] == 102  # truncated, still ends in [SEP]
 
 
 def test_similar_ad_copy_is_closer_than_unrelated_copy(text_model: Path) -> None:
