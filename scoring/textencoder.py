@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
+import onnxruntime as ort
 from tokenizers import Tokenizer
 
 from scoring.embeddings import hashed_unit_vectors
@@ -105,8 +106,6 @@ class TextEncoder:
         threads: int = 1,
         max_batch: int = 64,
     ) -> None:
-        import onnxruntime as ort  # noqa: PLC0415 (heavy; only where a session starts)
-
         model_dir = Path(model_dir)
         onnx_path = model_dir if model_dir.suffix == ".onnx" else model_dir / FP32_FILE
         tok_path = tokenizer_path or onnx_path.parent / TOKENIZER_FILE
