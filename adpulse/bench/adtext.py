@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from adpulse.bench import machine, machine_line, percentiles_ms
-from adpulse.settings import Settings
+from adpulse.core.settings import Settings
 
 TARGET_P99_S = 1.0
 PLACEMENT = "adtext"
@@ -77,8 +77,8 @@ def baseline(model_dir: Path, threads: int, n: int) -> dict[str, float]:
 
 def run(base: Settings, cfg: AdTextBench, model_dir: Path, log: Any = print) -> dict[str, Any]:
     from adpulse.catalogtool import publish  # noqa: PLC0415
-    from adpulse.topics import create_topics  # noqa: PLC0415
     from adpulse.workerproc import WorkerProcess  # noqa: PLC0415
+    from streams.topicadmin import create_topics  # noqa: PLC0415
 
     threads = base.scorer_threads
     log(f"  baseline: bare encoder on CPU, {cfg.baseline_texts} texts, {threads} thread(s)")
@@ -121,7 +121,7 @@ def _publish_and_watch(
     """(publish -> servable seconds of each servable ad, ads missed, achieved ads/s)."""
     from kafka import KafkaProducer  # noqa: PLC0415
 
-    from adpulse.kafkaconf import client_kwargs  # noqa: PLC0415
+    from adpulse.core.kafkaconf import client_kwargs  # noqa: PLC0415
 
     copy = texts(n, tag)
     sent: dict[str, float] = {}

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from adpulse.cli import main
-from adpulse.settings import Settings
+from adpulse.core.settings import Settings
 
 pytestmark = [pytest.mark.integration, pytest.mark.long]
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from adpulse.errors import ConfigError
-from adpulse.metrics import Metrics
-from adpulse.settings import Settings
+from adpulse.core.errors import ConfigError
+from adpulse.core.metrics import Metrics
+from adpulse.core.settings import Settings
 from streams.adtext import AdTextEmbedder
 
 pytest.importorskip("torch")  # the text_model fixture exports with it
