@@ -13,7 +13,7 @@ import asyncio
 import json
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 from adpulse.core.metrics import Metrics
 from schemas import first_error
@@ -65,6 +65,13 @@ def check_catalog_record(
 _Parsed = dict[bytes, tuple[bytes, dict[str, Any] | None]]
 
 
+class _Staged(NamedTuple):
+    version: int
+    ads: list[dict[str, Any]]
+    parsed: _Parsed  # key -> (value, ad): the next refresh re-parses only what changed
+    fresh: list[dict[str, Any]]  # ads parsed in this refresh: the ones to embed
+
+
 class CatalogCache:
     def __init__(
         self, table: Any, spec: FeatureSpec, metrics: Metrics, embed: Embed | None = None
@@ -85,9 +92,9 @@ class CatalogCache:
         staged = self._stage()
         if staged is None:
             return False
-        if staged[3] and self.embed is not None:
-            self.embed(staged[3])
-        return self._install(*staged[:3])
+        if staged.fresh and self.embed is not None:
+            self.embed(staged.fresh)
+        return self._install(staged)
 
     async def refresh_async(self) -> bool:
         """:meth:`refresh` with the text encoder off the event loop (tens of ms per batch
@@ -95,12 +102,12 @@ class CatalogCache:
         staged = self._stage()
         if staged is None:
             return False
-        if staged[3] and self.embed is not None:
-            await asyncio.to_thread(self.embed, staged[3])
-        return self._install(*staged[:3])
+        if staged.fresh and self.embed is not None:
+            await asyncio.to_thread(self.embed, staged.fresh)
+        return self._install(staged)
 
-    def _stage(self) -> tuple[int, list[dict[str, Any]], _Parsed, list[dict[str, Any]]] | None:
-        """(version, ads, parse cache, ads parsed now) if the table moved, else None."""
+    def _stage(self) -> _Staged | None:
+        """The table's ads if it moved since the last install, else None."""
         version = self.table.version
         if version == self._version:
             return None
@@ -119,10 +126,10 @@ class CatalogCache:
             parsed[key] = (value, ad)
             if ad is not None:
                 ads.append(ad)
-        return version, ads, parsed, fresh
+        return _Staged(version, ads, parsed, fresh)
 
-    def _install(self, version: int, ads: list[dict[str, Any]], parsed: _Parsed) -> bool:
-        self._parsed = parsed
+    def _install(self, staged: _Staged) -> bool:
+        version, ads, self._parsed = staged.version, staged.ads, staged.parsed
         try:
             catalog = Catalog(ads, self.spec)
         except ValueError as exc:  # e.g. an embedding of the wrong dimension

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -11,7 +12,10 @@ import pytest
 from adpulse.core.errors import ConfigError
 from adpulse.core.metrics import Metrics
 from adpulse.core.settings import Settings
+from scoring.featurespec import FeatureSpec
 from streams.adtext import AdTextEmbedder
+from streams.catalog import CatalogCache
+from streams.catalogmirror import catalog_mirror
 
 pytest.importorskip("torch")  # the text_model fixture exports with it
 
@@ -66,3 +70,34 @@ def test_a_worker_refuses_a_model_whose_files_differ_from_the_manifest(
     with pytest.raises(ConfigError, match=r"^ADPULSE_TEXT_MODEL: .*model.onnx: sha256 differs"):
         AdTextEmbedder.from_settings(s)
     assert AdTextEmbedder.from_settings(Settings(text_model="")) is None  # off by default
+
+
+def test_the_catalog_serves_the_vector_of_each_ads_current_text(
+    text_model: Path, tmp_path: Path
+) -> None:
+    """Mirror -> catalog refresh -> the scorer's ad rows, as a worker runs them (no broker)."""
+    e = embedder(text_model, tmp_path)
+    s = Settings()
+    mirror = catalog_mirror(s, s.dim, e.check)
+    cache = CatalogCache(mirror, FeatureSpec.from_settings(s), Metrics.create(), e.fill)
+
+    def put(text: str) -> None:
+        ad = {"ad_id": "a1", "campaign_id": "c", "category_id": 7, "bid": 1.0,
+              "daily_budget": 10.0, "targeting": {}, "text": text}  # fmt: skip
+        mirror.apply(b"a1", json.dumps(ad).encode())
+
+    def served() -> np.ndarray:
+        catalog = cache.get()
+        assert catalog is not None
+        return catalog.index.embedding[catalog.index.row["a1"]]
+
+    put("Cheap running shoes")
+    assert cache.refresh()
+    np.testing.assert_allclose(served(), e.embed(["Cheap running shoes"])[0], atol=1e-6)
+    put("Wireless headphones")
+    assert cache.refresh()
+    np.testing.assert_allclose(served(), e.embed(["Wireless headphones"])[0], atol=1e-6)
+    put("   ")  # refused by the mirror: the ad keeps its last valid text
+    assert not cache.refresh()
+    np.testing.assert_allclose(served(), e.embed(["Wireless headphones"])[0], atol=1e-6)
+    e.close()
