@@ -20,6 +20,7 @@ from adpulse.commands import (
     evaluate,
     forget,
     kafka,
+    models,
     report,
     simulate,
     worker,
@@ -48,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     decide.register(sub)  # decide (one decision over HTTP)
     forget.register(sub)  # forget (delete one user's state)
     catalog.register(sub)  # catalog, train
+    models.register(sub)  # models text (the ad text encoder)
     bench.register(sub)  # bench
     evaluate.register(sub)  # evaluate (off-policy evaluation)
     demo.register(sub)  # demo

@@ -19,6 +19,7 @@ from adpulse.core.kafkaconf import client_kwargs, faust_credentials
 from adpulse.core.metrics import Metrics
 from adpulse.core.privacy import Pseudonymiser
 from adpulse.core.settings import Settings
+from streams.adtext import AdTextEmbedder
 from streams.catalogmirror import TopicMirror, catalog_mirror
 from streams.consumer import BatchApp
 from streams.restore import BulkRecovery
@@ -53,6 +54,7 @@ class Wiring:
     forget_requests: Any = None  # faust topic: erase one user's state (streams/forget.py)
     # Per partition of ``interest``: an ingest batch and a forget exclude each other.
     interest_locks: PartitionLocks = field(default_factory=PartitionLocks)
+    adtext: AdTextEmbedder | None = None  # ADPULSE_TEXT_MODEL set: ad text -> embedding
 
 
 class SealingTableManager(TableManager):
@@ -135,7 +137,8 @@ def create_app(settings: Settings) -> Wiring:
 
     # Every worker reads all of ad-catalog itself (no group, so no rebalance can drop
     # records): streams/catalogmirror.py says why it is not a Faust GlobalTable.
-    catalog = catalog_mirror(settings, settings.dim)
+    adtext = AdTextEmbedder.from_settings(settings)  # a tampered model: ConfigError at start
+    catalog = catalog_mirror(settings, settings.dim, adtext.check if adtext else None)
     learn = table("learn", "ad id -> learner state (streams.learn), on the ad's partition")
     wiring = Wiring(
         settings=settings,
@@ -159,6 +162,7 @@ def create_app(settings: Settings) -> Wiring:
         pending=table("pending", "decision id -> click-join state (scoring.joinstate)"),
         pseudonyms=pseudonyms,
         forget_requests=app.topic(settings.topic("forget-requests"), **raw),
+        adtext=adtext,
     )
 
     from streams import pipeline, web  # noqa: PLC0415 - stages register themselves on the app

@@ -35,7 +35,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from adpulse.core.kafkaconf import client_kwargs
 from adpulse.core.settings import Settings
-from streams.catalog import check_catalog_record
+from streams.catalog import TextCheck, check_catalog_record
 from streams.seal import is_seal
 
 log = logging.getLogger(__name__)
@@ -45,13 +45,15 @@ POLL_MS = 500
 FETCH_WAIT_MS = 20
 
 
-def catalog_mirror(settings: Settings, dim: int | None) -> TopicMirror:
+def catalog_mirror(
+    settings: Settings, dim: int | None, text_check: TextCheck | None = None
+) -> TopicMirror:
     """ad id -> latest valid ad-catalog record (JSON bytes)."""
     return TopicMirror(
         settings,
         settings.topic("ad-catalog"),
         "catalog",
-        lambda key, value: check_catalog_record(key, value, dim) is None,
+        lambda key, value: check_catalog_record(key, value, dim, text_check) is None,
     )
 
 

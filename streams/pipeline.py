@@ -55,7 +55,11 @@ log = logging.getLogger(__name__)
 def wire(w: Wiring) -> None:
     interest = InterestStage(w.settings, pseudonyms=w.pseudonyms)
     models = load_models(w)
-    catalog = CatalogCache(w.catalog, FeatureSpec.from_settings(w.settings), w.metrics)
+    catalog = CatalogCache(w.catalog, FeatureSpec.from_settings(w.settings), w.metrics,
+                           w.adtext.fill if w.adtext else None)  # fmt: skip
+    text_check = w.adtext.check if w.adtext else None  # streams/adtext.py
+    if w.adtext is not None:
+        w.adtext.metrics = w.metrics
     strategy = StrategyReader(w.strategy.get_many)
     decide = DecideStage(w.settings, models, catalog.get, strategy, pseudonyms=w.pseudonyms,
                          calibration=w.strategy.get_many,
@@ -119,7 +123,7 @@ def wire(w: Wiring) -> None:
         async for event in stream.events():
             if event.value is None or (event.key is not None and is_seal(event.key)):
                 continue
-            refused = check_catalog_record(event.key, event.value, w.settings.dim)
+            refused = check_catalog_record(event.key, event.value, w.settings.dim, text_check)
             if refused is not None:  # the ad keeps its last valid version
                 msg, now_ms = event.message, int(time.time() * 1000)
                 ts_ms = int((msg.timestamp or 0) * 1000)
@@ -129,7 +133,7 @@ def wire(w: Wiring) -> None:
 
     @w.app.timer(CATALOG_REFRESH_S)
     async def refresh_catalog() -> None:
-        catalog.refresh()
+        await catalog.refresh_async()
 
     @w.app.timer(w.settings.model_poll_s)
     async def poll_models() -> None:

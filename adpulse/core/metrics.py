@@ -49,6 +49,7 @@ class Metrics:
     model_swaps: Counter
     catalog_ads: Gauge
     catalog_invalid: Counter
+    ad_text_embeddings: Counter
     consumer_lag: Gauge
     feedback_labels: Counter
     arm_decisions: Counter
@@ -165,6 +166,12 @@ class Metrics:
             catalog_invalid=Counter(
                 "adpulse_catalog_invalid_total",
                 "Catalog records skipped because they break the ad-catalog contract.",
+                registry=r,
+            ),
+            ad_text_embeddings=Counter(
+                "adpulse_ad_text_embeddings_total",
+                "Ad texts embedded (streams/adtext.py), by source: model (encoded) or cache.",
+                ["source"],
                 registry=r,
             ),
             feedback_labels=Counter(

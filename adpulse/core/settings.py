@@ -317,6 +317,11 @@ class Settings:
     model_dir: str = _setting(
         "", "Model registry directory (DIR/VERSION/model.onnx); empty: the shipped default."
     )
+    text_model: str = _setting(
+        "",
+        "Directory of the ad text encoder (`adpulse models text` prints it); when set, an ad "
+        "with text and no embedding is embedded by the worker. Empty: text is not embedded.",
+    )
     model_poll_s: float = _setting(10.0, "How often the worker looks for a newer model version.")
     model_latency_budget_ms: float = _setting(
         5.0, "A model whose 100-row batch takes longer than this at validation is refused."
