@@ -21,6 +21,8 @@ MODULES = [
     "scoring.simulation",
     "adpulse.report",
     "schemas",
+    "schemas.messages",
+    "scoring.joinstate",
 ]
 
 
