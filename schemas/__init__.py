@@ -5,8 +5,9 @@ so a producer in another language and our workers agree on one definition.
 Loading is cached and validators are built (and their schema checked) once,
 so call :func:`validator` at startup to fail fast on a broken schema.
 
-This package imports no framework: the Faust Records and topic specs built on
-these contracts are ``streams.records`` and ``streams.topics``, a floor up.
+Beside the files: ``schemas.messages``, one msgspec Struct per topic (how the
+workers decode and encode these contracts), and ``schemas.topics``, each topic's
+key, retention and compaction. This package imports no framework.
 
 >>> first_error("user-events", {"event_id": "e1", "user_id": "u1", "kind": "view",
 ...                             "item_id": 1, "category_id": 2, "ts": 0})

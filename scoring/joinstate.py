@@ -27,7 +27,7 @@ one it already holds when a batch is replayed (streams/budget.py).
 >>> out = apply_batch(state, [Decision("d1", 0, "u", "ad", 100)], [], p)
 >>> out.labels
 []
->>> close_due(state, 1200, p).labels[0]["clicked"]
+>>> close_due(state, 1200, p).labels[0].clicked
 0
 """
 
@@ -36,11 +36,12 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import msgspec
 import numpy as np
 
+from schemas.messages import UNSET, CtrFeedback, Device, FeatureSnapshot, Flag, UnsetType
 from scoring.abuse import too_fast
 
 # Status of a record.
@@ -171,7 +172,7 @@ class Charge:
 
 @dataclass
 class Step:
-    labels: list[dict[str, Any]] = field(default_factory=list)  # ctr-feedback records
+    labels: list[CtrFeedback] = field(default_factory=list)  # ctr-feedback records
     changed: set[str] = field(default_factory=set)  # decision ids to write
     deleted: set[str] = field(default_factory=set)  # decision ids to delete (tombstone)
     late_clicks: int = 0
@@ -315,8 +316,13 @@ def close_due(state: Mapping[str, Pending | None], watermark: int, p: JoinParams
 
 
 def label(
-    key: str, rec: Pending, clicked: int, label_ts: int, reason: str, converted: int | None = None
-) -> dict[str, Any]:
+    key: str,
+    rec: Pending,
+    clicked: Flag,
+    label_ts: int,
+    reason: str,
+    converted: Flag | UnsetType = UNSET,
+) -> CtrFeedback:
     """The ctr-feedback record (schemas/ctr-feedback.schema.json) for a labelled decision.
 
     ``features`` is the decision's snapshot: its interest vector (to float16
@@ -324,31 +330,20 @@ def label(
     model output (what calibration learns from), while the top-level ``pctr``
     is the calibrated one that was served.
     """
-    hour = datetime.fromtimestamp(rec.decision_ts / 1000, tz=UTC).hour
-    raw_pctr = rec.pctr_raw if rec.pctr_raw >= 0 else rec.pctr
-    features: dict[str, Any] = {
-        "interest": unpack_interest(rec.interest), "hour": hour, "pctr": raw_pctr,
-    }  # fmt: skip
-    if rec.device:
-        features["device"] = rec.device
-    if rec.placement:
-        features["placement"] = rec.placement
-    if rec.campaign_id:
-        features["campaign_id"] = rec.campaign_id
-    if rec.category_id >= 0:
-        features["category_id"] = rec.category_id
-    if rec.item_id >= 0:
-        features["item_id"] = rec.item_id
-    out: dict[str, Any] = {
-        "decision_id": key, "ad_id": rec.ad_id, "user_id": rec.user_id, "clicked": clicked,
-        "decision_ts": rec.decision_ts, "label_ts": label_ts, "features": features,
-        "propensity": rec.propensity, "policy": rec.policy, "pctr": rec.pctr,
-        "model_version": rec.model_version, "reason": reason,
-    }  # fmt: skip
-    if rec.arm:
-        out["arm"] = rec.arm
-    if clicked:
-        out["click_ts"] = rec.click_ts
-    if converted is not None:
-        out["converted"] = converted
-    return out
+    features = FeatureSnapshot(
+        interest=unpack_interest(rec.interest),
+        placement=rec.placement or UNSET,
+        device=cast(Device, rec.device) if rec.device else UNSET,
+        hour=datetime.fromtimestamp(rec.decision_ts / 1000, tz=UTC).hour,
+        category_id=rec.category_id if rec.category_id >= 0 else UNSET,
+        campaign_id=rec.campaign_id or UNSET,
+        item_id=rec.item_id if rec.item_id >= 0 else UNSET,
+        pctr=rec.pctr_raw if rec.pctr_raw >= 0 else rec.pctr,
+    )
+    return CtrFeedback(
+        decision_id=key, ad_id=rec.ad_id, user_id=rec.user_id, clicked=clicked,
+        decision_ts=rec.decision_ts, label_ts=label_ts, features=features,
+        propensity=rec.propensity, converted=converted, policy=rec.policy, pctr=rec.pctr,
+        model_version=rec.model_version, arm=rec.arm or UNSET,
+        click_ts=rec.click_ts if clicked else UNSET, reason=reason,
+    )  # fmt: skip

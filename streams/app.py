@@ -19,13 +19,13 @@ from adpulse.core.kafkaconf import client_kwargs, faust_credentials
 from adpulse.core.metrics import Metrics
 from adpulse.core.privacy import Pseudonymiser
 from adpulse.core.settings import Settings
+from schemas.topics import TOPICS
 from streams.adtext import AdTextEmbedder
 from streams.catalogmirror import TopicMirror, catalog_mirror
 from streams.consumer import BatchApp
 from streams.restore import BulkRecovery
 from streams.seal import SEAL_KEY
 from streams.tablewriter import PartitionLocks
-from streams.topics import TOPICS
 
 log = logging.getLogger(__name__)
 

@@ -13,14 +13,14 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, cast
 
-import msgspec
 import numpy as np
 import numpy.typing as npt
 
 from adpulse.core.privacy import Pseudonymiser
 from adpulse.core.settings import Settings
+from schemas.messages import UNSET, AdDecision, AdRequest, Billing, FeatureSnapshot
 from scoring import caps
 from scoring.catalog import Catalog, Context
 from scoring.features import InterestParams, decode_states, vectors_at
@@ -38,42 +38,14 @@ from streams.budget import BudgetGate, Reader, ServedCalibration
 from streams.deadletter import Loader, Raw, Rejected
 from streams.validate import ContractDecoder, split_by_key
 
-Id = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
-UNSET = msgspec.UNSET
 
-
-class RequestContextMsg(msgspec.Struct, forbid_unknown_fields=True, gc=False):
-    page_category: Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)] | msgspec.UnsetType = UNSET
-    device: Literal["mobile", "desktop", "tablet", "tv", "other"] | msgspec.UnsetType = UNSET
-    country: Annotated[str, msgspec.Meta(pattern=r"^[A-Z]{2}\Z")] | msgspec.UnsetType = UNSET
-    os: Annotated[str, msgspec.Meta(max_length=32)] | msgspec.UnsetType = UNSET
-
-
-class AdRequestMsg(msgspec.Struct, forbid_unknown_fields=True, gc=False):
-    """schemas/ad-requests.schema.json as a msgspec Struct (fast path)."""
-
-    request_id: Id
-    user_id: Id
-    placement: Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=r"^[a-z0-9_.-]+\Z")]
-    ts: Annotated[int, msgspec.Meta(ge=0, le=253_402_300_799_999)]
-    context: RequestContextMsg | msgspec.UnsetType = UNSET
-    tmax_ms: Annotated[int, msgspec.Meta(ge=1, le=60_000)] | msgspec.UnsetType = UNSET
-    candidates: (
-        Annotated[list[Id], msgspec.Meta(min_length=1, max_length=1000)] | msgspec.UnsetType
-    ) = UNSET
-
-
-def _unique_candidates(r: AdRequestMsg) -> bool:
-    return r.candidates is UNSET or len(set(r.candidates)) == len(r.candidates)
-
-
-def request_decoder(max_bytes: int) -> ContractDecoder[AdRequestMsg]:
-    return ContractDecoder("ad-requests", AdRequestMsg, ("ts",), _unique_candidates, max_bytes)
+def request_decoder(max_bytes: int) -> ContractDecoder[AdRequest]:
+    return ContractDecoder("ad-requests", AdRequest, max_bytes)
 
 
 def snapshot(
-    ad: Mapping[str, Any], vector: np.ndarray | None, req: AdRequestMsg, ts_ms: int, pctr: float
-) -> dict[str, Any]:
+    ad: Mapping[str, Any], vector: np.ndarray | None, req: AdRequest, ts_ms: int, pctr: float
+) -> FeatureSnapshot:
     """The decision's ``features``: what ctr-feedback and the learners need, as scored.
 
     The interest vector is the decayed one the model saw, rounded to 4 decimals
@@ -81,24 +53,13 @@ def snapshot(
     """
     # + 0.0: a weight that rounds away is 0.0, not -0.0
     interest = [] if vector is None else (np.round(vector.astype(np.float64), 4) + 0.0).tolist()
-    out: dict[str, Any] = {
-        "interest": interest, "placement": req.placement, "hour": (ts_ms // 3_600_000) % 24,
-        "category_id": int(ad["category_id"]), "campaign_id": str(ad["campaign_id"]),
-        "pctr": pctr,
-    }  # fmt: skip
-    if ad.get("item_id") is not None:
-        out["item_id"] = int(ad["item_id"])
     ctx = req.context
-    if ctx is not UNSET and ctx.device is not UNSET:
-        out["device"] = ctx.device
-    return out
-
-
-def _decision(req: AdRequestMsg, now_ms: int, candidates: int, version: str) -> dict[str, Any]:
-    return {
-        "request_id": req.request_id, "user_id": req.user_id, "placement": req.placement,
-        "ts": now_ms, "request_ts": req.ts, "candidates": candidates, "model_version": version,
-    }  # fmt: skip
+    return FeatureSnapshot(
+        interest=interest, placement=req.placement,
+        device=UNSET if ctx is UNSET else ctx.device, hour=(ts_ms // 3_600_000) % 24,
+        category_id=int(ad["category_id"]), campaign_id=str(ad["campaign_id"]),
+        item_id=UNSET if ad.get("item_id") is None else int(ad["item_id"]), pctr=pctr,
+    )  # fmt: skip
 
 
 @dataclass
@@ -130,7 +91,7 @@ class ServingModels:
 class DecideResult:
     # key (the pseudonym), the request (its partition: co-partitioned with the user's events;
     # its timestamp: when its budget started), decision (latency_ms is set when it is sent)
-    decisions: list[tuple[bytes, Raw, dict[str, Any]]] = field(default_factory=list)
+    decisions: list[tuple[bytes, Raw, AdDecision]] = field(default_factory=list)
     cap_writes: list[tuple[bytes, int, bytes]] = field(default_factory=list)
     spend_writes: list[tuple[bytes, int, bytes]] = field(default_factory=list)
     rejected: list[Rejected] = field(default_factory=list)
@@ -142,7 +103,17 @@ class DecideResult:
     rows_scored: int = 0
 
 
-Decision = tuple[bytes, Raw, dict[str, Any]]
+Decision = tuple[bytes, Raw, AdDecision]
+
+
+class _NoFill(NamedTuple):
+    """Why a request gets no ad, and what its decision says besides."""
+
+    reason: Literal["no_candidates", "deadline"]
+    policy: str
+    candidates: int
+    version: str  # the model in force ("none": none was asked)
+    arm: str | None
 
 
 class StateReaders(NamedTuple):
@@ -171,7 +142,7 @@ class _Users:
 
 @dataclass
 class _Pending:
-    req: AdRequestMsg
+    req: AdRequest
     raw: Raw
     user: int
     rows: npt.NDArray[np.int64]  # eligible catalog rows
@@ -225,7 +196,7 @@ class DecideStage:
 
     def split_topic(
         self, raws: Sequence[Raw]
-    ) -> tuple[list[tuple[AdRequestMsg, Raw]], list[Rejected]]:
+    ) -> tuple[list[tuple[AdRequest, Raw]], list[Rejected]]:
         """Records of the ad-requests topic: decoded, and keyed by their own raw user id
         (a request on another partition would read caps and interest that are not the
         user's: ``key_mismatch``, streams/validate.py)."""
@@ -235,7 +206,7 @@ class DecideStage:
 
     def decide(
         self,
-        requests: Sequence[tuple[AdRequestMsg, Raw]],
+        requests: Sequence[tuple[AdRequest, Raw]],
         tables: StateReaders,
         now_ms: int,
         default_tmax_ms: int = 0,
@@ -266,26 +237,27 @@ class DecideStage:
     # -- the steps ------------------------------------------------------------------------
     def _admit(
         self,
-        requests: Sequence[tuple[AdRequestMsg, Raw]],
+        requests: Sequence[tuple[AdRequest, Raw]],
         now_ms: int,
         default_tmax_ms: int,
         out: DecideResult,
-    ) -> list[tuple[AdRequestMsg, Raw]]:
+    ) -> list[tuple[AdRequest, Raw]]:
         """Pseudonymise; answer the requests whose budget is used up; the rest go on."""
-        live: list[tuple[AdRequestMsg, Raw]] = []
+        live: list[tuple[AdRequest, Raw]] = []
         for req, raw in requests:  # from here on, user ids are pseudonyms (adpulse/core/privacy.py)
             req.user_id = self.pseudonyms(req.user_id)
             tmax = req.tmax_ms if req.tmax_ms is not UNSET else default_tmax_ms
             if tmax and now_ms - raw.timestamp_ms >= tmax:
-                decision = _decision(req, now_ms, 0, "none")
-                out.decisions.append(self._no_fill(req, raw, decision, "deadline", out))
+                policy = self.policy_for(req.placement).name
+                no_fill = _NoFill("deadline", policy, 0, "none", None)
+                out.decisions.append(self._no_fill(req, raw, now_ms, no_fill, out))
             else:
                 live.append((req, raw))
         return live
 
     def _users(
         self,
-        live: list[tuple[AdRequestMsg, Raw]],
+        live: list[tuple[AdRequest, Raw]],
         tables: StateReaders,
         now_ms: int,
     ) -> _Users:
@@ -301,7 +273,7 @@ class DecideStage:
         return _Users(keys, parts, row, vectors, cap_recs)
 
     def _eligible(
-        self, catalog: Catalog | None, req: AdRequestMsg, raw: Raw, users: _Users, out: DecideResult
+        self, catalog: Catalog | None, req: AdRequest, raw: Raw, users: _Users, out: DecideResult
     ) -> _Pending:
         """Targeting, then the user's caps, then pacing (before the policy sees the ads, so
         propensities stay exact)."""
@@ -389,13 +361,11 @@ class DecideStage:
                                               [catalog.index.ad_ids[r] for r in p.rows.tolist()],
                                               self.s.freq_cap_per_day), dtype=bool)  # fmt: skip
             p.rows, got = p.rows[keep], None if got is None else got[keep]
-        decision = _decision(req, now_ms, len(p.rows), version)
         if arm is not None:
-            decision["arm"] = arm
             out.by_arm[arm] += 1
         if not len(p.rows) or catalog is None:
-            decision["policy"] = policy.name
-            return self._no_fill(req, p.raw, decision, "no_candidates", out)
+            no_fill = _NoFill("no_candidates", policy.name, len(p.rows), version, arm)
+            return self._no_fill(req, p.raw, now_ms, no_fill, out)
         raw_pctr, fell_back = self.models.fallback.guard(got, len(p.rows))
         pctr = raw_pctr if fell_back else self.calibration.apply(raw_pctr, now_ms)
         bids = catalog.index.bid[p.rows]
@@ -408,27 +378,33 @@ class DecideStage:
         row = int(p.rows[j])
         out.fallbacks += fell_back
         ad_id, campaign = catalog.index.ad_ids[row], catalog.campaign[row]
-        decision.update(
-            ad_id=ad_id, campaign_id=campaign, pctr=float(pctr[j]), bid=float(bids[j]),
-            billing=catalog.billing[row],
-            score=float(pctr[j] * bids[j]), propensity=choice.propensity,
+        decision = AdDecision(
+            request_id=req.request_id, user_id=req.user_id, ad_id=ad_id,
+            score=float(pctr[j] * bids[j]), pctr=float(pctr[j]), pctr_raw=float(raw_pctr[j]),
+            bid=float(bids[j]), propensity=choice.propensity,
             policy=self.models.fallback.policy if fell_back else policy.name,
-            pctr_raw=float(raw_pctr[j]),
+            model_version=version, ts=now_ms, latency_ms=0.0, placement=req.placement,
+            campaign_id=campaign, billing=cast(Billing, catalog.billing[row]),
+            arm=UNSET if arm is None else arm, request_ts=req.ts, candidates=len(p.rows),
             features=snapshot(catalog.ads[row], vector, req, now_ms, float(raw_pctr[j])),
         )  # fmt: skip
         caps.record_impression(users.caps[p.user], ad_id)
         users.touched.add(p.user)
-        if decision["billing"] == "cpm":  # cpc is charged when its click is joined
-            self.budget.spend(p.raw.partition, campaign, decision["score"], now_ms)
-        out.by_policy[(decision["policy"], req.placement)] += 1
+        if decision.billing == "cpm":  # cpc is charged when its click is joined
+            self.budget.spend(p.raw.partition, campaign, decision.score, now_ms)
+        out.by_policy[(decision.policy, req.placement)] += 1
         return req.user_id.encode(), p.raw, decision
 
     def _no_fill(
-        self, req: AdRequestMsg, raw: Raw, decision: dict[str, Any], reason: str, out: DecideResult
+        self, req: AdRequest, raw: Raw, now_ms: int, why: _NoFill, out: DecideResult
     ) -> Decision:
-        policy = decision.get("policy") or self.policy_for(req.placement).name
-        decision.update(ad_id=None, score=0.0, pctr=0.0, bid=0.0, propensity=1.0,
-                        policy=policy, no_fill_reason=reason)  # fmt: skip
-        out.no_fill[reason] += 1
-        out.by_policy[(policy, req.placement)] += 1
+        decision = AdDecision(
+            request_id=req.request_id, user_id=req.user_id, ad_id=None, score=0.0, pctr=0.0,
+            bid=0.0, propensity=1.0, policy=why.policy, model_version=why.version, ts=now_ms,
+            latency_ms=0.0, no_fill_reason=why.reason, placement=req.placement,
+            arm=UNSET if why.arm is None else why.arm, request_ts=req.ts,
+            candidates=why.candidates,
+        )  # fmt: skip
+        out.no_fill[why.reason] += 1
+        out.by_policy[(why.policy, req.placement)] += 1
         return req.user_id.encode(), raw, decision

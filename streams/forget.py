@@ -25,10 +25,11 @@ import asyncio
 import json
 import logging
 import time
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from schemas.messages import ForgetConfirmation, ForgetRequest
 from streams.deadletter import Raw, Rejected, dead_letter
 from streams.tablewriter import ChangelogBuffer, read_many, write_local, write_many
 from streams.validate import ContractDecoder, key_problem
@@ -39,19 +40,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-Id = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
-
-
-class ForgetRequestMsg(msgspec.Struct, forbid_unknown_fields=True, gc=False):
-    """schemas/forget-requests.schema.json as a msgspec Struct."""
-
-    request_id: Id
-    user_id: Id
-    ts: Annotated[int, msgspec.Meta(ge=0, le=253_402_300_799_999)]
-    reason: Annotated[str, msgspec.Meta(max_length=256)] | msgspec.UnsetType = msgspec.UNSET
-
-
-_decoder = ContractDecoder("forget-requests", ForgetRequestMsg, ("ts",))
+_decoder = ContractDecoder("forget-requests", ForgetRequest)
 
 
 async def forget(
@@ -74,7 +63,7 @@ async def forget(
         return
     user = w.pseudonyms(req.user_id)
     key, part = user.encode(), raw.partition
-    counts: dict[str, Any] = {}
+    counts: dict[str, int] = {}
     futures: list[Any] = []
     # Under the partition's lock: an ingest batch that read the user before this
     # tombstone has its changelog records sent before it (streams/tablewriter.py).
@@ -92,10 +81,13 @@ async def forget(
         more, counts["pending"] = await join.forget(part, user)
         futures += more
     await asyncio.gather(*futures)  # every tombstone is in its changelog
-    confirmation = {"request_id": req.request_id, "ts": now_ms, "partition": part, **counts}
+    confirmation = ForgetConfirmation(
+        request_id=req.request_id, ts=now_ms, partition=part, interest=counts["interest"],
+        freqcap=counts["freqcap"], pending=counts["pending"],
+    )  # fmt: skip
     topic = w.settings.topic("forget-confirmations")
     sent = await w.app.producer.send(
-        topic, req.request_id.encode(), json.dumps(confirmation).encode(), part, None, None
+        topic, req.request_id.encode(), msgspec.json.encode(confirmation), part, None, None
     )
     await sent
     w.metrics.forget_requests.inc()

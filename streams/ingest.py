@@ -1,7 +1,7 @@
 """Decode and validate ``user-events`` in batches; everything invalid becomes a dead letter.
 
-The Struct below mirrors schemas/user-events.schema.json for the fast path
-(streams/validate.py explains the fast/slow split). On top of the schema, ingest
+The user-events Struct is ``schemas.messages.UserEvent`` (streams/validate.py
+explains the fast/slow split). On top of the schema, ingest
 refuses what the schema cannot know: events stamped outside the accepted
 event-time range (too far in the future, or older than the horizon), and
 records not keyed by their own user id (streams/validate.py, ``key_problem``).
@@ -10,37 +10,15 @@ records not keyed by their own user id (streams/validate.py, ``key_problem``).
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable, Sequence
-from typing import Annotated, Literal
 
-import msgspec
 import numpy as np
 
+from schemas.messages import UserEvent
 from scoring.abuse import EventRateLimiter
 from scoring.features import KIND_INDEX, EventBatch, fingerprint
 from streams.deadletter import Raw, Rejected
 from streams.validate import ContractDecoder, split_by_key
-
-Id = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
-Int64Id = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
-EpochMs = Annotated[int, msgspec.Meta(ge=0, le=253_402_300_799_999)]
-UNSET = msgspec.UNSET
-
-
-class UserEventMsg(msgspec.Struct, forbid_unknown_fields=True, gc=False):
-    """The user-events contract (schemas/user-events.schema.json) as a msgspec Struct."""
-
-    event_id: Id
-    user_id: Id
-    kind: Literal["browse", "click", "cart", "fav", "purchase"]
-    item_id: Int64Id
-    category_id: Int64Id
-    ts: EpochMs
-    price: Annotated[float, msgspec.Meta(ge=0)] | msgspec.UnsetType = UNSET
-    ad_id: Id | msgspec.UnsetType = UNSET
-    decision_id: Id | msgspec.UnsetType = UNSET
-
 
 # Reasons a message is dead-lettered: a metric label, so a fixed, small set.
 REASONS = (
@@ -60,23 +38,14 @@ def broker_ms(timestamp: int, timestamp_type: int, now_ms: int) -> int:
     return timestamp if timestamp_type == LOG_APPEND_TIME else now_ms
 
 
-def _consistent(ev: UserEventMsg) -> bool:
-    """What msgspec cannot express: finite price, ad_id and decision_id together."""
-    if (ev.ad_id is UNSET) != (ev.decision_id is UNSET):
-        return False
-    return ev.price is UNSET or math.isfinite(ev.price)
-
-
 @functools.cache
-def event_decoder(max_bytes: int) -> ContractDecoder[UserEventMsg]:
-    return ContractDecoder(
-        "user-events", UserEventMsg, ("item_id", "category_id", "ts"), _consistent, max_bytes
-    )
+def event_decoder(max_bytes: int) -> ContractDecoder[UserEvent]:
+    return ContractDecoder("user-events", UserEvent, max_bytes)
 
 
 def decode_events(
     raws: Sequence[Raw], now_ms: int, max_bytes: int, max_skew_ms: int, max_age_days: int = 0
-) -> tuple[list[tuple[UserEventMsg, Raw]], list[Rejected]]:
+) -> tuple[list[tuple[UserEvent, Raw]], list[Rejected]]:
     """Split a batch into valid events (with their source) and rejected messages.
 
     The accepted event-time range is ``[now - max_age_days, now + max_skew_ms]``
@@ -104,15 +73,15 @@ def decode_events(
     return good, bad + mis_keyed
 
 
-def pseudonymise(good: Sequence[tuple[UserEventMsg, Raw]], pseudonym: Callable[[str], str]) -> None:
+def pseudonymise(good: Sequence[tuple[UserEvent, Raw]], pseudonym: Callable[[str], str]) -> None:
     """Replace each event's user id by its pseudonym, in place (adpulse/core/privacy.py)."""
     for ev, _ in good:
         ev.user_id = pseudonym(ev.user_id)
 
 
 def rate_limit(
-    good: list[tuple[UserEventMsg, Raw]], limiter: EventRateLimiter, now_ms: int
-) -> tuple[list[tuple[UserEventMsg, Raw]], list[Rejected]]:
+    good: list[tuple[UserEvent, Raw]], limiter: EventRateLimiter, now_ms: int
+) -> tuple[list[tuple[UserEvent, Raw]], list[Rejected]]:
     """Events within the per-user rate limit, and the rest as ``rate_limited`` rejections.
 
     Counted by broker time (``Raw.broker_ms``; ``now_ms`` where it is unknown), not
@@ -142,7 +111,7 @@ def rate_limit(
 
 
 def to_columns(
-    good: Sequence[tuple[UserEventMsg, Raw]],
+    good: Sequence[tuple[UserEvent, Raw]],
 ) -> tuple[list[str], EventBatch]:
     """Users of the batch (first-seen order) and the batch's columns, indexed into them."""
     index: dict[str, int] = {}

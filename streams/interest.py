@@ -17,6 +17,7 @@ import numpy as np
 
 from adpulse.core.privacy import Pseudonymiser
 from adpulse.core.settings import Settings
+from schemas.messages import UserEvent
 from scoring.abuse import EventRateLimiter
 from scoring.embeddings import EmbeddingTable, HashedEmbeddings
 from scoring.features import (
@@ -28,7 +29,7 @@ from scoring.features import (
     encode_states,
 )
 from streams.deadletter import Loader, Raw, Rejected
-from streams.ingest import UserEventMsg, decode_events, pseudonymise, rate_limit, to_columns
+from streams.ingest import decode_events, pseudonymise, rate_limit, to_columns
 
 # (user keys, their partitions) -> stored values (None = new user)
 
@@ -41,7 +42,7 @@ class BatchResult:
     rejected: list[Rejected] = field(default_factory=list)
     outcomes: Counter[tuple[str, str]] = field(default_factory=Counter)  # (kind, outcome)
     newest_ts: int = 0  # latest event time applied, for freshness
-    valid: list[tuple[UserEventMsg, Raw]] = field(default_factory=list)  # for the click join
+    valid: list[tuple[UserEvent, Raw]] = field(default_factory=list)  # for the click join
 
 
 class InterestStage:

@@ -34,7 +34,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import math
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -42,16 +41,17 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 from faust.types import TP
 
+from schemas.messages import UNSET, AdDecision, CtrFeedback, UserEvent
 from scoring import joinstate as js
 from scoring.abuse import ClickBurst
 from scoring.dueindex import DueIndex
 from scoring.watermark import Input, Watermarks
 from streams.deadletter import Raw, Rejected
 from streams.tablewriter import read_many, write_many
+from streams.validate import ContractDecoder
 
 if TYPE_CHECKING:
     from streams.app import Wiring
-    from streams.ingest import UserEventMsg
 
 log = logging.getLogger(__name__)
 JOIN_TICK_S = 1.0
@@ -59,40 +59,29 @@ JOIN_TICK_S = 1.0
 Settle = Callable[[int, list[js.Charge], int], list[Awaitable[Any]]]
 
 
-class SnapshotMsg(msgspec.Struct, gc=False):
-    """The parts of a decision's ``features`` the pending record keeps."""
-
-    interest: list[float] = []
-    device: str = ""
-    category_id: int = -1
-    item_id: int = -1
+DECISION_MAX_BYTES = 64 * 1024  # a decision's interest vector may have up to 1024 numbers
 
 
-class DecisionMsg(msgspec.Struct, gc=False):
-    """The fields of an ad-decisions record the join keeps (our own output: lenient)."""
+def pending_decision(d: AdDecision, ad_id: str, offset: int, ad: tuple[int, int]) -> js.Decision:
+    """What the pending record keeps of a filled decision (``ad_id``: its ad, not None).
 
-    request_id: str
-    user_id: str
-    ad_id: str | None
-    ts: int
-    pctr: float = 0.0
-    propensity: float = 1.0
-    policy: str = "unknown"
-    model_version: str = "unknown"
-    placement: str = ""
-    campaign_id: str = ""
-    arm: str = ""
-    pctr_raw: float = -1.0
-    features: SnapshotMsg | None = None
-    bid: float = 0.0
-    billing: str = "cpm"
-
-    def click_price(self) -> float:
-        """What a click on it costs: its bid if cost-per-click (a sane bid only), else 0."""
-        return self.bid if self.billing == "cpc" and 0 < self.bid < math.inf else 0.0
-
-
-_decode_decision = msgspec.json.Decoder(DecisionMsg).decode
+    The ad's category and item are the snapshot's (the ad as it was when it was
+    served), else ``ad``: the catalog's now (-1: unknown).
+    """
+    f = d.features
+    if f is not UNSET and f.category_id is not UNSET:
+        ad = f.category_id, -1 if f.item_id is UNSET else f.item_id
+    return js.Decision(
+        decision_id=d.request_id, offset=offset, user_id=d.user_id, ad_id=ad_id, ts=d.ts,
+        propensity=d.propensity, policy=d.policy, pctr=d.pctr, model_version=d.model_version,
+        placement="" if d.placement is UNSET else d.placement,
+        campaign_id="" if d.campaign_id is UNSET else d.campaign_id,
+        category_id=ad[0], item_id=ad[1], arm="" if d.arm is UNSET else d.arm,
+        pctr_raw=-1.0 if d.pctr_raw is UNSET else d.pctr_raw,
+        device="" if f is UNSET or f.device is UNSET else f.device,
+        interest=js.pack_interest([] if f is UNSET else f.interest),
+        click_price=d.click_price(),
+    )  # fmt: skip
 
 
 class JoinStage:
@@ -112,6 +101,7 @@ class JoinStage:
         self.watermark = Watermarks(int(w.settings.watermark_idle_s * 1000))
         self.gen: int | None = None
         self.burst = ClickBurst(w.settings.max_clicks_per_user_min)
+        self.decoder = ContractDecoder("ad-decisions", AdDecision, DECISION_MAX_BYTES)
 
     # -- inputs --------------------------------------------------------------------------
     async def on_decisions(
@@ -124,24 +114,17 @@ class JoinStage:
         ends: dict[int, int] = {}
         for raw in raws:
             ends[raw.partition] = max(ends.get(raw.partition, 0), raw.offset + 1)
-            try:
-                d = _decode_decision(raw.value or b"")
-            except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
-                rejected.append(Rejected(raw, "schema", str(exc)[:300]))
+            d = self.decoder.decode(raw)
+            if isinstance(d, Rejected):
+                rejected.append(d)
                 continue
             newest[raw.partition] = max(newest.get(raw.partition, 0), d.ts)
             if d.ad_id is None:
                 continue  # no fill: nothing to label
-            f = d.features or SnapshotMsg()
-            if f.category_id >= 0:  # the snapshot: the ad as it was when it was served
-                cat, item = f.category_id, f.item_id
-            else:
-                cat, item = ads.get(d.ad_id) or ads.setdefault(d.ad_id, self._ad(d.ad_id))
-            dec = js.Decision(
-                d.request_id, raw.offset, d.user_id, d.ad_id, d.ts, d.propensity, d.policy,
-                d.pctr, d.model_version, d.placement, d.campaign_id, cat, item, d.arm,
-                d.pctr_raw, f.device, js.pack_interest(f.interest), d.click_price(),
-            )  # fmt: skip
+            ad = (-1, -1)
+            if d.features is UNSET or d.features.category_id is UNSET:  # no snapshot of the ad
+                ad = ads.get(d.ad_id) or ads.setdefault(d.ad_id, self._ad(d.ad_id))
+            dec = pending_decision(d, d.ad_id, raw.offset, ad)
             by_part.setdefault(raw.partition, []).append(dec)
         futures: list[Any] = []
         for part, end in ends.items():
@@ -151,7 +134,7 @@ class JoinStage:
 
     async def on_events(
         self,
-        good: Sequence[tuple[UserEventMsg, Raw]],
+        good: Sequence[tuple[UserEvent, Raw]],
         now_ms: int,
         ends: Mapping[int, int] | None = None,
     ) -> list[Any]:
@@ -233,8 +216,8 @@ class JoinStage:
                 sends = [
                     await self.w.app.producer.send(
                         self.topic,
-                        lab["ad_id"].encode(),
-                        json.dumps(lab).encode(),
+                        lab.ad_id.encode(),
+                        msgspec.json.encode(lab),
                         None,
                         None,
                         None,
@@ -360,13 +343,12 @@ class JoinStage:
             ad = {}
         return int(ad.get("category_id", -1)), int(ad.get("item_id", -1))
 
-    def _count(self, labels: list[dict[str, Any]], late: int, expired: int, writes: int) -> None:
+    def _count(self, labels: list[CtrFeedback], late: int, expired: int, writes: int) -> None:
         m = self.w.metrics
         for lab in labels:
-            outcome = (
-                "converted" if "converted" in lab else ("clicked" if lab["clicked"] else "zero")
-            )
-            m.join_labels.labels(lab.get("policy", "unknown"), outcome).inc()
+            converted = lab.converted is not UNSET
+            outcome = "converted" if converted else ("clicked" if lab.clicked else "zero")
+            m.join_labels.labels("unknown" if lab.policy is UNSET else lab.policy, outcome).inc()
         if late:
             m.late_clicks.inc(late)
             log.info("%d late click(s) after their decision's label: counted, not emitted", late)

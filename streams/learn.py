@@ -50,12 +50,12 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Any
 
-import msgspec
 import numpy as np
 
 from adpulse.core.settings import Settings
+from schemas.messages import UNSET, CtrFeedback
 from scoring.features import fingerprint
 from scoring.featurespec import user_features
 from scoring.strategy.calibration import CalibrationParams, CalibrationState, Calibrator
@@ -78,55 +78,15 @@ from streams.validate import ContractDecoder
 if TYPE_CHECKING:
     from streams.app import Wiring
 
-UNSET = msgspec.UNSET
-Id = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
-Name = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
-Ms = Annotated[int, msgspec.Meta(ge=0, le=253_402_300_799_999)]
-Flag = Literal[0, 1]
-Prob = Annotated[float, msgspec.Meta(ge=0, le=1)]
-Placement = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=r"^[a-z0-9_.-]+\Z")]
-Big = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
 OUTCOMES = ("applied", "redelivered", "duplicate")
 FEEDBACK_MAX_BYTES = 64 * 1024  # an interest vector may have up to 1024 numbers
 
 
-class FeaturesMsg(msgspec.Struct, forbid_unknown_fields=True, gc=False):
-    interest: Annotated[list[float], msgspec.Meta(max_length=1024)]
-    placement: Placement | msgspec.UnsetType = UNSET
-    device: Literal["mobile", "desktop", "tablet", "tv", "other"] | msgspec.UnsetType = UNSET
-    hour: Annotated[int, msgspec.Meta(ge=0, le=23)] | msgspec.UnsetType = UNSET
-    category_id: Big | msgspec.UnsetType = UNSET
-    campaign_id: Id | msgspec.UnsetType = UNSET
-    item_id: Big | msgspec.UnsetType = UNSET
-    pctr: Prob | msgspec.UnsetType = UNSET
+def feedback_decoder() -> ContractDecoder[CtrFeedback]:
+    return ContractDecoder("ctr-feedback", CtrFeedback, FEEDBACK_MAX_BYTES)
 
 
-class FeedbackMsg(msgspec.Struct, forbid_unknown_fields=True, gc=False):
-    """schemas/ctr-feedback.schema.json as a msgspec Struct (fast path)."""
-
-    decision_id: Id
-    ad_id: Id
-    user_id: Id
-    clicked: Flag
-    decision_ts: Ms
-    label_ts: Ms
-    features: FeaturesMsg
-    propensity: Annotated[float, msgspec.Meta(gt=0, le=1)]
-    converted: Flag | msgspec.UnsetType = UNSET
-    policy: Name | msgspec.UnsetType = UNSET
-    pctr: Prob | msgspec.UnsetType = UNSET
-    model_version: Id | msgspec.UnsetType = UNSET
-    arm: Name | msgspec.UnsetType = UNSET
-    click_ts: Ms | msgspec.UnsetType = UNSET
-    reason: Annotated[str, msgspec.Meta(max_length=256)] | msgspec.UnsetType = UNSET
-
-
-def feedback_decoder() -> ContractDecoder[FeedbackMsg]:
-    ints = ("clicked", "decision_ts", "label_ts", "converted", "click_ts")
-    return ContractDecoder("ctr-feedback", FeedbackMsg, ints, None, FEEDBACK_MAX_BYTES)
-
-
-def _keeps_linucb(m: FeedbackMsg) -> bool:
+def _keeps_linucb(m: CtrFeedback) -> bool:
     """Whether a label feeds LinUCB state: always without an arm, else if the arm's is."""
     if m.arm is UNSET or m.policy is UNSET:
         return True
@@ -155,7 +115,7 @@ class LearnStage:
     def process(self, raws: Sequence[Raw], load: Loader) -> LearnResult:
         good, rejected = self.decoder.split(raws)
         out = LearnResult(rejected=rejected)
-        by_ad: dict[tuple[str, int], list[tuple[FeedbackMsg, Raw]]] = defaultdict(list)
+        by_ad: dict[tuple[str, int], list[tuple[CtrFeedback, Raw]]] = defaultdict(list)
         for msg, raw in good:  # keyed by state key: the ad's, or one arm's record of it
             arm = None if msg.arm is UNSET else msg.arm
             by_ad[(state_key(msg.ad_id, arm), raw.partition)].append((msg, raw))
@@ -190,11 +150,11 @@ class LearnStage:
         return out
 
     def _apply(
-        self, state: AdState, labels: list[tuple[FeedbackMsg, Raw]], outcomes: Counter[str]
-    ) -> list[tuple[FeedbackMsg, Raw]]:
+        self, state: AdState, labels: list[tuple[CtrFeedback, Raw]], outcomes: Counter[str]
+    ) -> list[tuple[CtrFeedback, Raw]]:
         """Fold one ad's labels (in offset order) into its state; returns those applied."""
         ring, seen = list(state.ring), set(state.ring)
-        applied: list[tuple[FeedbackMsg, Raw]] = []
+        applied: list[tuple[CtrFeedback, Raw]] = []
         for m, r in labels:
             fp = fingerprint(m.decision_id)
             if r.offset <= state.offset:
@@ -234,7 +194,7 @@ class LearnStage:
         return applied
 
 
-def _pctr(m: FeedbackMsg) -> float | None:
+def _pctr(m: CtrFeedback) -> float | None:
     if m.features.pctr is not UNSET:
         return float(m.features.pctr)
     return None if m.pctr is UNSET else float(m.pctr)

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from schemas.messages import AdDecision, AdRequest
 from scoring.featurespec import FeatureSpec
 from scoring.joinstate import Charge
 from scoring.registry import LoadedModel, ModelRegistry
@@ -37,7 +38,7 @@ from streams import forget, serve
 from streams.catalog import CATALOG_REFRESH_S, CatalogCache, check_catalog_record
 from streams.consumer import Batch
 from streams.deadletter import Raw, Rejected, dead_letter
-from streams.decide import AdRequestMsg, DecideResult, DecideStage, ServingModels, StateReaders
+from streams.decide import DecideResult, DecideStage, ServingModels, StateReaders
 from streams.gauges import SAMPLE_S, sample_consumer_lag, sample_pacing, sample_table_keys
 from streams.ingest import LOG_APPEND_TIME, broker_ms
 from streams.interest import BatchResult, InterestStage
@@ -74,8 +75,8 @@ def wire(w: Wiring) -> None:
     forget.wire(w, join, changelogs.caps)
 
     def decide_now(
-        requests: Sequence[tuple[AdRequestMsg, Raw]],
-    ) -> tuple[list[dict[str, Any]], serve.Log]:
+        requests: Sequence[tuple[AdRequest, Raw]],
+    ) -> tuple[list[AdDecision], serve.Log]:
         now_ms = int(time.time() * 1000)
         result = decide_requests(w, decide, requests, now_ms, w.settings.decide_tmax_ms)
         by_raw = {id(raw): d for _, raw, d in result.decisions}
@@ -197,7 +198,7 @@ async def decide_batch(
 def decide_requests(
     w: Wiring,
     stage: DecideStage,
-    requests: Sequence[tuple[AdRequestMsg, Raw]],
+    requests: Sequence[tuple[AdRequest, Raw]],
     now_ms: int,
     default_tmax_ms: int,
 ) -> DecideResult:
@@ -217,8 +218,8 @@ def decide_requests(
     m = w.metrics
     done_ms = time.time() * 1000
     for _, raw, decision in result.decisions:
-        decision["latency_ms"] = max(0.0, done_ms - raw.timestamp_ms)
-        m.decision_latency.observe(decision["latency_ms"] / 1000)
+        decision.latency_ms = max(0.0, done_ms - raw.timestamp_ms)
+        m.decision_latency.observe(decision.latency_ms / 1000)
     for (policy, placement), n in result.by_policy.items():
         m.decisions.labels(policy, placement).inc(n)
     for arm, n in result.by_arm.items():

@@ -46,8 +46,9 @@ from yarl import URL
 
 from adpulse.core.privacy import API_TOKEN_HELP, bearer_ok, load_api_token
 from adpulse.core.settings import Settings
+from schemas.messages import AdDecision, AdRequest
 from streams.deadletter import Raw, Rejected
-from streams.decide import AdRequestMsg, request_decoder
+from streams.decide import request_decoder
 
 if TYPE_CHECKING:
     from streams.app import Wiring
@@ -62,7 +63,7 @@ _TICK_S = 0.002  # how often the event loop's lateness is sampled
 # written; returns each one's decision, in order, and what sends them to ad-decisions
 # (its result: the broker's acknowledgements to come, one per decision).
 Log = Callable[[], Awaitable[list[Awaitable[Any]]]]
-Decide = Callable[[Sequence[tuple[AdRequestMsg, Raw]]], tuple[list[dict[str, Any]], Log]]
+Decide = Callable[[Sequence[tuple[AdRequest, Raw]]], tuple[list[AdDecision], Log]]
 
 
 @dataclass(frozen=True)
@@ -79,11 +80,11 @@ class Reply:
 
 @dataclass
 class _Call:
-    req: AdRequestMsg
+    req: AdRequest
     raw: Raw
     rows: int
     queued_at: float  # event-loop time
-    done: asyncio.Future[dict[str, Any]]
+    done: asyncio.Future[AdDecision]
 
 
 class DecideService:
@@ -116,7 +117,7 @@ class DecideService:
         self._flush: asyncio.Handle | asyncio.TimerHandle | None = None
         self._running: set[asyncio.Task[None]] = set()
 
-    def parse(self, body: bytes) -> AdRequestMsg | Reply:
+    def parse(self, body: bytes) -> AdRequest | Reply:
         out = self.decoder.decode(Raw(body, None, -1, -1))
         if isinstance(out, Rejected):
             return Reply.error(400, f"ad-requests contract: {out.message}")
@@ -143,7 +144,7 @@ class DecideService:
         self._due = now + _TICK_S
         loop.call_later(_TICK_S, self._tick)
 
-    async def submit(self, req: AdRequestMsg, partition: int, start_ms: int) -> dict[str, Any]:
+    async def submit(self, req: AdRequest, partition: int, start_ms: int) -> AdDecision:
         """Queue one request for the next scoring run; its decision when made."""
         loop = asyncio.get_running_loop()
         rows = len(req.candidates) if req.candidates is not msgspec.UNSET else self.catalog_rows()

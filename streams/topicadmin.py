@@ -1,4 +1,4 @@
-"""Create every adpulse topic from the contract in ``streams.topics`` and the settings.
+"""Create every adpulse topic from the contract in ``schemas.topics`` and the settings.
 
 Idempotent: a topic that exists is reported, not an error, so ``adpulse topics
 create`` can run before every deploy. Partition counts come from one setting so
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from adpulse.core.kafkaconf import client_kwargs
 from adpulse.core.probe import wait_for_broker
 from adpulse.core.settings import Settings
-from streams.topics import TOPICS
+from schemas.topics import TOPICS
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,12 @@
 """Decode a topic's messages fast, with the JSON Schema as the final word.
 
 A jsonschema check costs ~30 us a message, more than a whole event's budget, so
-each input topic has a msgspec Struct that encodes the same constraints (~1 us).
-Only a message the Struct rejects is looked at by the real schema validator,
-which names the reason, and also rescues the rare message the schema allows
-but the Struct does not (``1.0`` for an integer). Property tests hold each
-Struct to its schema: whatever the fast path accepts, the schema accepts.
+each input topic has a msgspec Struct (schemas/messages.py) that encodes the
+same constraints (~1 us). Only a message the Struct rejects is looked at by the
+real schema validator, which names the reason, and also rescues the rare
+message the schema allows but the Struct does not (``1.0`` for an integer, at
+any depth). tests/unit/test_messages.py holds each decoder to its schema: both
+accept and refuse the same messages.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any, Generic, Protocol, TypeVar
 import msgspec
 
 from schemas import first_error
+from schemas.messages import extra_check
 from streams.deadletter import Raw, Rejected
 
 T = TypeVar("T", bound=msgspec.Struct)
@@ -69,21 +71,31 @@ def parse_json(value: bytes) -> tuple[Any, str | None]:
     return data, None
 
 
+def _integral_floats_to_int(data: Any) -> Any:
+    """``data`` with every integral float within int64 (``1.0``) as an int, at any depth.
+
+    JSON Schema's ``integer`` admits ``1.0``, msgspec's ``int`` does not; a ``float``
+    field takes an int as well, so the swap is safe for every field. Only for data the
+    schema has accepted: nested a few levels at most.
+    """
+    if isinstance(data, float):
+        return int(data) if data.is_integer() and abs(data) < 2**63 else data
+    if isinstance(data, dict):
+        return {k: _integral_floats_to_int(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_integral_floats_to_int(v) for v in data]
+    return data
+
+
 class ContractDecoder(Generic[T]):
     """Bytes -> Struct for one topic, or a rejection reason (a metric label) and message."""
 
-    def __init__(
-        self,
-        topic: str,
-        struct: type[T],
-        int_fields: Sequence[str] = (),
-        extra_check: Callable[[T], bool] | None = None,
-        max_bytes: int = 8192,
-    ) -> None:
+    def __init__(self, topic: str, struct: type[T], max_bytes: int = 8192) -> None:
+        """``struct``: the topic's Struct (schemas/messages.py); what msgspec cannot check
+        about it (:func:`schemas.messages.extra_check`) is checked here too."""
         self.topic = topic
         self.struct = struct
-        self.int_fields = tuple(int_fields)
-        self.extra_check = extra_check
+        self.extra_check: Callable[[T], bool] | None = extra_check(struct)
         self.max_bytes = max_bytes
         self._decode = msgspec.json.Decoder(struct).decode
 
@@ -111,12 +123,8 @@ class ContractDecoder(Generic[T]):
             problem = "nested too deeply to validate"
         if problem is not None:
             return Rejected(raw, "schema", problem)
-        # Valid by the schema: JSON Schema's "integer" includes integral floats (1.0).
-        for name in self.int_fields:
-            if isinstance(data.get(name), float):
-                data[name] = int(data[name])
-        try:
-            return msgspec.convert(data, self.struct)
+        try:  # valid by the schema, so only its integral floats can stop msgspec
+            return msgspec.convert(_integral_floats_to_int(data), self.struct)
         except msgspec.ValidationError as exc:
             return Rejected(raw, "schema", str(exc))
 

@@ -19,11 +19,12 @@ from typing import Any
 import numpy as np
 
 from adpulse.core.settings import Settings
+from schemas.messages import AdRequest
 from scoring.catalog import Catalog
 from scoring.featurespec import FeatureSpec
 from scoring.registry import ModelRegistry
 from streams.deadletter import Raw, Rejected
-from streams.decide import AdRequestMsg, DecideStage, ServingModels, StateReaders, request_decoder
+from streams.decide import DecideStage, ServingModels, StateReaders, request_decoder
 from streams.interest import InterestStage
 
 
@@ -87,7 +88,7 @@ class DecisionPath:
         """Decode and decide ``bodies`` as one micro-batch; returns the candidate rows scored."""
         decode = self._decoder.decode
         now = int(time.time() * 1000)
-        requests: list[tuple[AdRequestMsg, Raw]] = []
+        requests: list[tuple[AdRequest, Raw]] = []
         for b in bodies:
             req = decode(Raw(b, None, 0, 0, now))
             if isinstance(req, Rejected):

@@ -143,7 +143,7 @@ def register(sub: Subparsers) -> None:
         dest="topics_command",
         metavar="ACTION",
         help="create or show adpulse's Kafka topics",
-        description="Manage the topics of the adpulse contract (streams/topics.py).",
+        description="Manage the topics of the adpulse contract (schemas/topics.py).",
     )
     p = add_command(
         topics,

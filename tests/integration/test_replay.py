@@ -12,7 +12,7 @@ from adpulse.cli import main
 from adpulse.core.settings import Settings
 from adpulse.inspect import read_topic
 from schemas import first_error
-from streams.topics import TOPICS
+from schemas.topics import TOPICS
 
 pytestmark = pytest.mark.integration
 

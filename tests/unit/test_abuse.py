@@ -91,7 +91,7 @@ def test_a_too_fast_click_leaves_the_decision_open_and_it_closes_at_zero() -> No
     step = js.apply_batch(state, [], [js.Event(5, "p-u", 1010, "d1")], P)
     assert step.labels == [] and step.suspect == [("too_fast", "p-u")]
     closed = js.close_due(state, 11_001, P)
-    assert [lab["clicked"] for lab in closed.labels] == [0]
+    assert [lab.clicked for lab in closed.labels] == [0]
 
 
 def test_a_later_human_click_still_labels_after_a_too_fast_one() -> None:
@@ -100,8 +100,8 @@ def test_a_later_human_click_still_labels_after_a_too_fast_one() -> None:
     step = js.apply_batch(
         state, [], [js.Event(5, "p-u", 1010, "d1"), js.Event(6, "p-u", 2500, "d1")], P
     )
-    assert [lab["clicked"] for lab in step.labels] == [1]
-    assert step.labels[0]["click_ts"] == 2500
+    assert [lab.clicked for lab in step.labels] == [1]
+    assert step.labels[0].click_ts == 2500
 
 
 def test_a_too_fast_click_held_before_its_decision_is_judged_when_it_comes() -> None:

@@ -17,15 +17,17 @@ import numpy as np
 import pytest
 
 from adpulse.core.settings import Settings
+from schemas.messages import AdDecision
 from scoring import joinstate as js
 from scoring.catalog import Catalog
 from scoring.featurespec import FeatureSpec
 from scoring.scorer import FallbackRule
 from scoring.strategy.pacing import DAY_MS, HOUR_MS
 from streams.budget import SETTLED_KEY, decode_marks, load_record
-from streams.deadletter import Raw
+from streams.deadletter import Raw, Rejected
 from streams.decide import DecideStage, ServingModels, StateReaders
-from streams.join import DecisionMsg
+from streams.join import DECISION_MAX_BYTES, pending_decision
+from streams.validate import ContractDecoder
 from tests.unit.test_pacing_stage import Tables as PartitionTables
 
 NOW = 20_000 * DAY_MS + 10 * HOUR_MS
@@ -39,6 +41,8 @@ ADS = [
     {"ad_id": "cpm-a", "campaign_id": "c-cpm", "category_id": 3, "bid": 2.0,
      "daily_budget": 1e6, "targeting": {}},
 ]  # fmt: skip
+
+DECISIONS = ContractDecoder("ad-decisions", AdDecision, DECISION_MAX_BYTES)  # as the join does
 
 
 class Tables(PartitionTables):
@@ -79,21 +83,17 @@ class World:
         assert not out.rejected
         self.spend.write(out.spend_writes)
         self.caps.write(out.cap_writes)
-        got = []
-        for _, raw, d in out.decisions:
-            d["latency_ms"], d["_partition"] = 1.0, raw.partition
-            got.append(d)
-        return got
+        return [{**msgspec.to_builtins(d), "latency_ms": 1.0, "_partition": raw.partition}
+                for _, raw, d in out.decisions]  # fmt: skip
 
     def join_decisions(self, decisions: list[dict[str, Any]]) -> None:
         """The decisions through the join, as it decodes them from ad-decisions."""
         for d in decisions:
             part = d["_partition"]
             body = {k: v for k, v in d.items() if k != "_partition"}
-            msg = msgspec.json.decode(msgspec.json.encode(body), type=DecisionMsg)
-            assert msg.ad_id is not None
-            dec = js.Decision(msg.request_id, self.offsets[part], msg.user_id, msg.ad_id, msg.ts,
-                              campaign_id=msg.campaign_id, click_price=msg.click_price())
+            msg = DECISIONS.decode(Raw(msgspec.json.encode(body), None, part, self.offsets[part]))
+            assert isinstance(msg, AdDecision) and msg.ad_id is not None
+            dec = pending_decision(msg, msg.ad_id, self.offsets[part], (-1, -1))
             self.offsets[part] += 1
             step = js.apply_batch(self.pending[part], [dec], [], P)
             assert step.labels == []
@@ -135,7 +135,7 @@ def test_cpc_spend_is_the_sum_of_the_bids_of_clicked_decisions_and_cpm_keeps_exp
         step = world.clicks(part, [(offset + i, did) for i, did in enumerate(batch)],
                             world.pending[part])  # fmt: skip
         offset += len(batch)
-        assert sum(lab["clicked"] for lab in step.labels) == len(batch) - 1
+        assert sum(lab.clicked for lab in step.labels) == len(batch) - 1
     paid = [d for d in clicked if d["billing"] == "cpc"]
     assert 4 <= len(paid) < 20
     assert world.spend.spent("c-cpc") == pytest.approx(sum(d["bid"] for d in paid))
@@ -159,7 +159,7 @@ def test_a_replayed_click_batch_relabels_but_charges_once_even_after_a_restart()
     # A crash after the spend was written but before the join's records: the batch is
     # replayed against the older records, labels again, and is not charged again.
     step = world.clicks(0, [(10, ids[0]), (11, ids[1])], _copy(before))
-    assert [lab["clicked"] for lab in step.labels] == [1, 1] and len(step.charges) == 2
+    assert [lab.clicked for lab in step.labels] == [1, 1] and len(step.charges) == 2
     assert world.spend.spent("c-cpc") == pytest.approx(charged)
     # Its records are written again, unchanged (a replay may follow a failed changelog send).
     assert [(k, v) for k, _, v in world.written] == [
@@ -193,7 +193,7 @@ def test_cpm_clicks_and_conversions_charge_nothing() -> None:
     step = js.apply_batch(state, ds, [js.Event(0, "u", 1200, "m"), js.Event(1, "u", 1300, "c")], p)
     assert [c.decision_id for c in step.charges] == ["c"]
     buy = js.apply_batch(state, [], [js.Event(2, "u", 1400, "", item_id=1, category_id=7)], p)
-    assert [lab.get("converted") for lab in buy.labels] == [1, 1] and buy.charges == []
+    assert [lab.converted for lab in buy.labels] == [1, 1] and buy.charges == []
 
 
 def test_an_older_pending_record_decodes_as_free_to_click() -> None:
@@ -204,12 +204,16 @@ def test_an_older_pending_record_decodes_as_free_to_click() -> None:
 
 
 def test_a_decision_without_billing_or_with_a_bad_bid_costs_nothing_on_click() -> None:
-    base = {"request_id": "r", "user_id": "u", "ad_id": "a", "ts": 1, "bid": 2.0}
-    assert msgspec.json.decode(json.dumps(base), type=DecisionMsg).click_price() == 0.0
-    cpc = {**base, "billing": "cpc"}
-    assert msgspec.json.decode(json.dumps(cpc), type=DecisionMsg).click_price() == 2.0
-    negative = {**cpc, "bid": -2.0}  # not ours (bid >= 0): never a refund
-    assert msgspec.json.decode(json.dumps(negative), type=DecisionMsg).click_price() == 0.0
+    base = AdDecision(request_id="r", user_id="u", ad_id="a", score=0.1, pctr=0.05, bid=2.0,
+                      propensity=1.0, policy="greedy", model_version="v1", ts=1,
+                      latency_ms=1.0)  # fmt: skip
+    assert base.click_price() == 0.0
+    cpc = msgspec.structs.replace(base, billing="cpc")
+    assert cpc.click_price() == 2.0
+    negative = msgspec.structs.replace(cpc, bid=-2.0)  # not ours (bid >= 0): never a refund
+    assert negative.click_price() == 0.0
+    refused = DECISIONS.decode(Raw(msgspec.json.encode(negative), b"u", 0, 0))
+    assert isinstance(refused, Rejected) and refused.reason == "schema"  # the join's verdict
 
 
 def test_a_partition_back_from_another_owner_is_read_again_before_a_charge() -> None:

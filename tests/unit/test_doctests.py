@@ -22,6 +22,8 @@ MODULES = [
     "scoring.simulation",
     "adpulse.report",
     "schemas",
+    "schemas.messages",
+    "scoring.joinstate",
 ]
 
 

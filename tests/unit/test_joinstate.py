@@ -27,8 +27,8 @@ def run(state: dict[str, js.Pending | None], ds: list[js.Decision], evs: list[js
 def test_click_inside_window_labels_one_at_once_and_schema_valid() -> None:
     state: dict[str, js.Pending | None] = {}
     out = run(state, [dec("d1", 0)], [click("d1", 0, 1500)])
-    assert [lab["clicked"] for lab in out.labels] == [1]
-    assert first_error("ctr-feedback", out.labels[0]) is None
+    assert [lab.clicked for lab in out.labels] == [1]
+    assert first_error("ctr-feedback", msgspec.to_builtins(out.labels[0])) is None
     assert js.close_due(state, 10_000, P).labels == []  # never a second label
 
 
@@ -37,8 +37,9 @@ def test_no_click_labels_zero_once_watermark_passes_window_end() -> None:
     run(state, [dec("d1", 0)], [])
     assert js.close_due(state, 2000, P).labels == []  # at window end: not yet
     zero = js.close_due(state, 2001, P).labels
-    assert [lab["clicked"] for lab in zero] == [0]
-    assert zero[0]["label_ts"] == 2000 and first_error("ctr-feedback", zero[0]) is None
+    assert [lab.clicked for lab in zero] == [0]
+    assert zero[0].label_ts == 2000
+    assert first_error("ctr-feedback", msgspec.to_builtins(zero[0])) is None
     assert js.close_due(state, 2002, P).labels == []
 
 
@@ -69,7 +70,7 @@ def test_click_before_its_decision_is_held_and_labels_one_when_decision_comes() 
     state: dict[str, js.Pending | None] = {}
     assert run(state, [], [click("d1", 0, 1200)]).labels == []
     out = run(state, [dec("d1", 0)], [])
-    assert [(lab["clicked"], lab["click_ts"]) for lab in out.labels] == [(1, 1200)]
+    assert [(lab.clicked, lab.click_ts) for lab in out.labels] == [(1, 1200)]
 
 
 def test_purchase_of_same_category_after_click_converts_once() -> None:
@@ -77,8 +78,8 @@ def test_purchase_of_same_category_after_click_converts_once() -> None:
     run(state, [dec("d1", 0, category_id=7, item_id=70)], [click("d1", 0, 1200)])
     buy = js.Event(1, "u1", 3000, "", item_id=99, category_id=7)
     out = run(state, [], [buy, js.Event(2, "u1", 3100, "", item_id=70, category_id=1)])
-    assert [(lab["clicked"], lab["converted"]) for lab in out.labels] == [(1, 1)]
-    assert first_error("ctr-feedback", out.labels[0]) is None
+    assert [(lab.clicked, lab.converted) for lab in out.labels] == [(1, 1)]
+    assert first_error("ctr-feedback", msgspec.to_builtins(out.labels[0])) is None
 
 
 def test_labelled_records_expire_after_windows_plus_grace() -> None:
@@ -108,10 +109,10 @@ def test_label_carries_the_decisions_snapshot_compactly() -> None:
     assert rec is not None and js.decode(js.encode(rec)) == rec
     assert len(js.encode(rec)) < 250  # bounded: one per decision for window + grace
     (lab,) = js.close_due(state, 5000, P).labels
-    assert first_error("ctr-feedback", lab) is None
-    assert lab["features"]["interest"] == [0.0, 0.1234, 2.5, -0.75] + [0.0] * 60
-    assert lab["features"]["device"] == "mobile"
-    assert lab["features"]["pctr"] == 0.2 and lab["pctr"] == 0.1  # raw vs served
+    assert first_error("ctr-feedback", msgspec.to_builtins(lab)) is None
+    assert lab.features.interest == [0.0, 0.1234, 2.5, -0.75] + [0.0] * 60
+    assert lab.features.device == "mobile"
+    assert lab.features.pctr == 0.2 and lab.pctr == 0.1  # raw vs served
 
 
 def test_a_record_written_before_the_snapshot_fields_still_decodes() -> None:
@@ -120,5 +121,5 @@ def test_a_record_written_before_the_snapshot_fields_still_decodes() -> None:
     older = msgspec.msgpack.encode([getattr(rec, f) for f in names[: names.index("pctr_raw")]])
     back = js.decode(older)
     assert back.interest == b"" and back.pctr_raw == -1.0
-    features = js.label("d1", back, 0, 2000, "window_expired")["features"]
-    assert features["interest"] == [] and features["pctr"] == 0.1
+    features = js.label("d1", back, 0, 2000, "window_expired").features
+    assert features.interest == [] and features.pctr == 0.1

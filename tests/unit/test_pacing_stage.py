@@ -98,7 +98,7 @@ def _day(
         out = st.process(requests(30 * step_min, now, f"m{minute}"), tables, now)
         spend.write(out.spend_writes)
         caps.write(out.cap_writes)
-        decisions += [d for _, _, d in out.decisions]
+        decisions += [msgspec.to_builtins(d) for _, _, d in out.decisions]
         if (minute + step_min) % 60 == 0:
             recs = [load_record(spend.data.get((p, b"tight")), now) for p in range(PARTS)]
             hourly.append(sum(float(r["spent"]) for r in recs))
@@ -147,7 +147,7 @@ def test_decisions_carry_the_feature_snapshot_and_raw_pctr() -> None:
     st = stage(s)
     now = DAY0 + 13 * HOUR_MS + 5
     out = st.process(requests(4, now, "f", device="tv"), _empty(), now)
-    for _, _, d in out.decisions:
+    for d in (msgspec.to_builtins(d) for _, _, d in out.decisions):
         f = d["features"]
         assert f["interest"] == []  # users with no history
         assert f["hour"] == 13 and f["device"] == "tv" and f["placement"] == "home"
@@ -187,7 +187,7 @@ class Shards:
 
 def _serve(st: DecideStage, now: int, tag: str) -> list[dict[str, Any]]:
     out = st.process(requests(20, now, tag), _empty(), now)
-    return [d for _, _, d in out.decisions]
+    return [msgspec.to_builtins(d) for _, _, d in out.decisions]
 
 
 def test_served_pctr_is_calibrated_once_buckets_have_enough_labels(

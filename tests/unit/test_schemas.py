@@ -1,7 +1,8 @@
-"""The topic contracts hold together: schemas, examples, Records and TOPICS agree.
+"""The topic contracts hold together: schemas, examples and TOPICS agree.
 
-A producer in another language reads only the JSON files, our workers mostly
-the Records; these tests are what keeps the two one contract.
+A producer in another language reads only the JSON files, our workers the
+Structs of schemas/messages.py; these tests and tests/unit/test_messages.py
+are what keeps the two one contract.
 """
 
 from __future__ import annotations
@@ -9,18 +10,16 @@ from __future__ import annotations
 import doctest
 import json
 import math
-import types
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Any
 
-import faust
 import pytest
 from jsonschema import Draft202012Validator
 
 import schemas
 from schemas import SCHEMA_DIR, examples, first_error, load_schema, topic_names, validator
-from streams.records import Ad, AdDecision
-from streams.topics import TOPICS, WEEK_MS
+from schemas.messages import MESSAGES
+from schemas.topics import TOPICS, WEEK_MS
 
 EXPECTED_TOPICS = {
     "user-events",
@@ -137,25 +136,7 @@ def test_examples_returns_the_files_sorted_by_name(topic: str) -> None:
     assert invalid == [(p.stem, _read(p)) for p in sorted((folder / "invalid").glob("*.json"))]
 
 
-# --- Records mirror schemas --------------------------------------------------
-
-_JSON_TYPE = {str: "string", int: "integer", float: "number", bool: "boolean"}
-
-
-def _python_json_types(annotation: Any) -> set[str]:
-    """JSON types a Record annotation admits: str->string, X | None -> X's + null, ..."""
-    origin = get_origin(annotation)
-    if origin in (Union, types.UnionType):
-        return set().union(*(_python_json_types(arg) for arg in get_args(annotation)))
-    if annotation is type(None):
-        return {"null"}
-    if origin is Literal:
-        return {_JSON_TYPE[type(value)] for value in get_args(annotation)}
-    if origin is list:
-        return {"array"}
-    if isinstance(annotation, type) and issubclass(annotation, faust.Record):
-        return {"object"}
-    return {_JSON_TYPE[annotation]}
+# --- helpers for TOPICS -------------------------------------------------------
 
 
 def _resolve(prop: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
@@ -175,95 +156,6 @@ def _schema_json_types(prop: dict[str, Any], defs: dict[str, Any]) -> set[str]:
     return {declared} if isinstance(declared, str) else set(declared)
 
 
-def _non_null(annotation: Any) -> Any:
-    args = [a for a in get_args(annotation) if a is not type(None)]
-    is_optional = get_origin(annotation) in (Union, types.UnionType)
-    return args[0] if is_optional and len(args) == 1 else annotation
-
-
-def _non_null_schema(prop: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
-    prop = _resolve(prop, defs)
-    branches = [p for p in prop.get("anyOf", []) if _resolve(p, defs).get("type") != "null"]
-    return _resolve(branches[0], defs) if len(branches) == 1 else prop
-
-
-def _assert_value_matches(
-    annotation: Any, prop: dict[str, Any], defs: dict[str, Any], where: str
-) -> None:
-    """Types agree, and so do enum values, list item types and nested Records."""
-    assert _python_json_types(annotation) - {"null"} == _schema_json_types(prop, defs) - {"null"}, (
-        f"{where}: {annotation} vs schema {_schema_json_types(prop, defs)}"
-    )
-    inner, prop = _non_null(annotation), _non_null_schema(prop, defs)
-    if get_origin(inner) is Literal:
-        assert set(get_args(inner)) == set(prop["enum"]), f"{where}: enum values differ"
-    elif get_origin(inner) is list:
-        (item,) = get_args(inner)
-        _assert_value_matches(item, prop["items"], defs, f"{where}[]")
-    elif isinstance(inner, type) and issubclass(inner, faust.Record):
-        _assert_record_matches(inner, prop, defs, where)
-
-
-def _assert_record_matches(
-    record: type[faust.Record], schema: dict[str, Any], defs: dict[str, Any], where: str
-) -> None:
-    fields = dict(record._options.fields)
-    properties: dict[str, Any] = schema["properties"]
-    assert set(fields) == set(properties), f"{where}: field names differ"
-    required = set(schema.get("required", []))
-    record_required = {name for name, d in record._options.descriptors.items() if d.required}
-    record_required |= getattr(record, "required_nullable", frozenset())
-    assert record_required == required, f"{where}: required fields differ"
-    for name, annotation in fields.items():
-        may_be_none = "null" in _python_json_types(annotation)
-        may_be_missing_or_null = name not in required or "null" in _schema_json_types(
-            properties[name], defs
-        )
-        assert may_be_none == may_be_missing_or_null, f"{where}.{name}: optional in only one"
-        _assert_value_matches(annotation, properties[name], defs, f"{where}.{name}")
-
-
-@pytest.mark.parametrize("topic", TOPIC_NAMES)
-def test_every_record_agrees_with_its_schema(topic: str) -> None:
-    schema = load_schema(topic)
-    _assert_record_matches(TOPICS[topic].record, schema, schema.get("$defs", {}), topic)
-
-
-@pytest.mark.parametrize(("topic", "path"), _example_params("valid"))
-def test_every_valid_example_round_trips_through_its_record(topic: str, path: Path) -> None:
-    payload = _read(path)
-    record = TOPICS[topic].record.from_data(payload)
-    assert record.to_representation() == payload
-    assert json.loads(record.dumps()) == payload
-
-
-def test_a_no_fill_decision_writes_null_ad_id_and_omits_unset_optionals() -> None:
-    decision = AdDecision(
-        request_id="r1",
-        user_id="u1",
-        ad_id=None,
-        score=0.0,
-        pctr=0.0,
-        bid=0.0,
-        propensity=1.0,
-        policy="greedy",
-        model_version="v1",
-        ts=1,
-        latency_ms=0.2,
-    )
-    wire = json.loads(decision.dumps())
-    assert wire["ad_id"] is None
-    assert "placement" not in wire
-    assert first_error("ad-decisions", wire) is None
-
-
-def test_an_ad_without_active_is_served() -> None:
-    valid, _ = examples("ad-catalog")
-    payload = next(ad for ad in valid if "active" not in ad)
-    assert Ad.from_data(payload).is_active
-    assert not Ad.from_data({**payload, "active": False}).is_active
-
-
 # --- TOPICS -------------------------------------------------------------------
 
 
@@ -272,6 +164,7 @@ def test_topics_cover_exactly_the_schema_files() -> None:
     for name, spec in TOPICS.items():
         assert spec.name == name
         assert (SCHEMA_DIR / spec.schema_file).is_file()
+        assert spec.message is MESSAGES[name]
         assert spec.description
 
 

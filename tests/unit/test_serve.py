@@ -16,8 +16,9 @@ import msgspec
 import pytest
 
 from adpulse.core.settings import Settings
+from schemas.messages import AdRequest
 from streams.deadletter import Raw
-from streams.decide import AdRequestMsg, StateReaders
+from streams.decide import StateReaders
 from streams.serve import DecideService, Reply
 from tests.unit.test_pacing_stage import DAY0, Tables, requests, settings, stage
 
@@ -37,7 +38,7 @@ class Recorder:
         self.sends: list[asyncio.Future[Any]] = []
 
     def __call__(
-        self, reqs: Sequence[tuple[AdRequestMsg, Raw]]
+        self, reqs: Sequence[tuple[AdRequest, Raw]]
     ) -> tuple[list[dict[str, Any]], Any]:
         self.runs.append([r.request_id for r, _ in reqs])
         if self.delay_s:
@@ -59,9 +60,9 @@ def service(rec: Recorder, failures: list[BaseException] | None = None, **kw: An
     return DecideService(s, rec, lambda: 10, sink.append)
 
 
-def parsed(svc: DecideService, raw: bytes) -> AdRequestMsg:
+def parsed(svc: DecideService, raw: bytes) -> AdRequest:
     req = svc.parse(raw)
-    assert isinstance(req, AdRequestMsg)
+    assert isinstance(req, AdRequest)
     return req
 
 
@@ -177,7 +178,7 @@ def test_a_request_past_its_budget_gets_a_deadline_no_fill_unscored(tmax: int | 
     default = 0 if tmax is not None else 50
     empty = StateReaders(Tables().load, Tables().load, Tables().load)
     out = st.process([*old, *fresh], empty, now, default)
-    by_id = {d["request_id"]: d for _, _, d in out.decisions}
+    by_id = {d.request_id: msgspec.to_builtins(d) for _, _, d in out.decisions}
     assert len(by_id) == 3
     for i in range(2):
         d = by_id[f"old-{i}"]
@@ -195,4 +196,4 @@ def test_no_budget_means_no_deadline() -> None:
     old = [Raw(r.value, r.key, r.partition, r.offset, 0) for r in requests(2, now, "q")]
     empty = StateReaders(Tables().load, Tables().load, Tables().load)
     out = st.process(old, empty, now)
-    assert all(d["ad_id"] is not None for _, _, d in out.decisions)
+    assert all(d.ad_id is not None for _, _, d in out.decisions)

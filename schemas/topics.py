@@ -1,4 +1,4 @@
-"""What each topic is: its schema, Record, key and retention, in one table.
+"""What each topic is: its schema, message type, key and retention, in one table.
 
 Partition counts are deliberately absent: topics joined on the same key
 (user-events, ad-requests, ad-decisions) must have the same count, so it is one
@@ -9,18 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import faust
+import msgspec
 
-from streams.records import (
-    Ad,
-    AdDecision,
-    AdRequest,
-    CtrFeedback,
-    DeadLetter,
-    ForgetConfirmation,
-    ForgetRequest,
-    UserEvent,
-)
+from schemas.messages import MESSAGES
 
 DAY_MS = 24 * 60 * 60 * 1000
 WEEK_MS = 7 * DAY_MS
@@ -39,7 +30,7 @@ class TopicSpec:
 
     name: str
     schema_file: str
-    record: type[faust.Record]
+    message: type[msgspec.Struct]  # schemas/messages.py
     key_field: str | None
     compacted: bool
     retention_ms: int | None
@@ -53,7 +44,6 @@ class TopicSpec:
 
 def _spec(
     name: str,
-    record: type[faust.Record],
     key_field: str | None,
     description: str,
     *,
@@ -64,7 +54,7 @@ def _spec(
     return TopicSpec(
         name=name,
         schema_file=f"{name}.schema.json",
-        record=record,
+        message=MESSAGES[name],
         key_field=key_field,
         compacted=compacted,
         retention_ms=retention_ms,
@@ -78,32 +68,27 @@ TOPICS: dict[str, TopicSpec] = {
     for spec in (
         _spec(
             "user-events",
-            UserEvent,
             "user_id",
             "User actions (browse, click, cart, fav, purchase); input of the interest state.",
             broker_time=True,
         ),
         _spec(
             "ad-requests",
-            AdRequest,
             "user_id",
             "Pages asking for an ad; co-partitioned with user-events so interest is local.",
         ),
         _spec(
             "ad-decisions",
-            AdDecision,
             "user_id",
             "One answer per request with pctr and propensity; joined with clicks by user.",
         ),
         _spec(
             "ctr-feedback",
-            CtrFeedback,
             "ad_id",
             "Labelled decisions with their feature snapshot; one writer per ad's learner.",
         ),
         _spec(
             "ad-catalog",
-            Ad,
             "ad_id",
             "Current state of every ad; compacted, a null value deletes the ad.",
             compacted=True,
@@ -111,19 +96,16 @@ TOPICS: dict[str, TopicSpec] = {
         ),
         _spec(
             "dead-letters",
-            DeadLetter,
             None,
             "Refused messages with origin and reason, for an operator to fix and replay.",
         ),
         _spec(
             "forget-requests",
-            ForgetRequest,
             "user_id",
             "Delete one user's state by tombstones; keyed by the raw user id (user's partition).",
         ),
         _spec(
             "forget-confirmations",
-            ForgetConfirmation,
             "request_id",
             "A forget request applied; on the request's partition number, no user id.",
         ),
