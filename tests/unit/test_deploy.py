@@ -528,7 +528,7 @@ def installed_closure(requirements: list[str]) -> set[str]:
 
 
 def test_code_the_runtime_image_runs_imports_without_the_dev_or_train_extras() -> None:
-    """Every module but the training-only model imports with the extras' packages blocked:
+    """Every module but the training-only ones (model, text export) imports with the extras' packages blocked:
     what the runtime image lacks (PyTorch, pytest, ruff, ...), serving does not need."""
     project = pyproject()["project"]
     runtime = installed_closure(project["dependencies"])
@@ -561,8 +561,12 @@ print("\\n".join(failed))
         cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
-    # scoring.model is PyTorch's half of training: only scoring.train imports it, lazily.
-    assert done.stdout.split("\n")[:-1] == ["scoring.model: torch is not in the runtime image"]
+    # scoring.model is PyTorch's half of training (only scoring.train imports it, lazily), and
+    # scoring.textmodel the PyTorch reference of the text encoder's export (adpulse models text).
+    assert done.stdout.split("\n")[:-1] == [
+        "scoring.model: torch is not in the runtime image",
+        "scoring.textmodel: torch is not in the runtime image",
+    ]
 
 
 # -- Kubernetes ------------------------------------------------------------------------------
