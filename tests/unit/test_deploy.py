@@ -528,8 +528,8 @@ def installed_closure(requirements: list[str]) -> set[str]:
 
 
 def test_code_the_runtime_image_runs_imports_without_the_dev_or_train_extras() -> None:
-    """Every module but the training-only ones (model, text export) imports with the extras' packages blocked:
-    what the runtime image lacks (PyTorch, pytest, ruff, ...), serving does not need."""
+    """Every module but the training-only ones (model, text export) imports with the extras'
+    packages blocked: what the runtime image lacks (PyTorch, pytest, ...), serving does not need."""
     project = pyproject()["project"]
     runtime = installed_closure(project["dependencies"])
     extra = project["optional-dependencies"]
