@@ -241,6 +241,28 @@ def cmd_bench_all(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_bench_table(args: argparse.Namespace, settings: Settings) -> int:
+    """The Markdown table of a ``bench all`` JSON; with --into, written into that document
+    in place of its generated table (how docs/performance.md's table is made)."""
+    from adpulse.bench.report import markdown, with_table  # noqa: PLC0415
+
+    try:
+        table = markdown(json.loads(Path(args.source).read_text()))
+    except (OSError, ValueError, KeyError) as exc:
+        msg = f"bench table: {args.source} is not a readable bench all JSON: {exc!r}"
+        raise InputError(msg) from None
+    if not args.into:
+        print(table)
+        return 0
+    try:
+        Path(args.into).write_text(with_table(Path(args.into).read_text(), table))
+    except (OSError, ValueError) as exc:
+        msg = f"bench table: {args.into}: {exc}"
+        raise InputError(msg) from None
+    print(f"wrote the table of {args.source} into {args.into}")
+    return 0
+
+
 def _write_json(path: str | None, payload: dict[str, object]) -> None:
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -531,3 +553,15 @@ def register(sub: Subparsers) -> None:
     )
     for spec in BENCHES:
         _add(bench, spec)
+    p = add_command(
+        bench,
+        "table",
+        cmd_bench_table,
+        help="the Markdown table of a bench all JSON (docs/performance.md's is made so)",
+        description="Print the table of targets, measured values and same-run baselines of a "
+        "JSON written by bench all --json; with --into, replace the generated table of that "
+        "Markdown document with it.",
+    )
+    p.add_argument("--from", dest="source", metavar="JSON", required=True,
+                   help="a JSON written by bench all --json")  # fmt: skip
+    p.add_argument("--into", metavar="DOC", help="rewrite this document's generated table")
