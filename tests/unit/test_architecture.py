@@ -1,4 +1,4 @@
-"""The floors of the house as import rules (docs/architecture.md, "Floors").
+"""The floors of the house as import rules (docs/design.md, "Floors").
 
 From the bottom: ``adpulse.core`` (settings, errors, metrics, privacy, Kafka client
 configuration), then ``schemas`` (message contracts) and ``scoring`` (pure maths and
