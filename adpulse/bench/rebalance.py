@@ -171,7 +171,7 @@ def _first_events(a: WorkerProcess, log: Any) -> int:
 
     Seen here, rarely, after a long session on one embedded broker: a worker
     reports ready, holds its partitions and then fetches nothing at all (no
-    consumer-lag series, not even the catalog). Unexplained yet (README, "The
+    consumer-lag series, not even the catalog). Unexplained yet (docs/reference.md, "The
     embedded broker"); a restart consumes normally. Counted in the report.
     """
     try:

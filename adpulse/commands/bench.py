@@ -504,7 +504,7 @@ BENCHES = (
         "--delay seconds later worker B in the same new group; report each worker's "
         "adpulse_catalog_ads once settled and the distinct ads in the catalog changelog "
         "(read to its end). Reproduces Faust's GlobalTable losing changelog records across a "
-        "rebalance (README, The embedded broker).",
+        "rebalance (docs/reference.md, The embedded broker).",
         sizes={
             "trials": (6, "trials, each on new topics and a new group (6)"),
             "ads": (3000, "ads published before worker A starts (3000)"),
