@@ -1,285 +1,30 @@
-"""``adpulse bench features|decisions|state|mixed|rebalance|scorer|broker|startup|eos|
-catalog-join|all``: benchmarks and reproductions, each with its same-run baseline."""
+"""``adpulse bench features|decisions|serve|state|mixed|promises|rebalance|scorer|broker|
+startup|eos|catalog-join|all|table``: benchmarks and reproductions, each with its
+same-run baseline, declared as rows; what each runs is in :mod:`adpulse.commands.benchrun`."""
 
 from __future__ import annotations
 
-import argparse
-import json
-import math
-import sys
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from adpulse.commands import Handler, Subparsers, add_bootstrap, add_command, add_group
-from adpulse.core.errors import InputError
-from adpulse.core.settings import Settings
-
-# The benches load synthetic history in bulk: their busiest users get hundreds of events
-# within a second of broker time, which the live per-user rate limit would refuse as a
-# flood. The limiter stays on (its cost is part of what they measure) at a limit no bench
-# user reaches; 0 (off) stays off.
-BENCH_EVENTS_PER_USER_S = 1_000_000
-
-
-def _bench(handler: Handler) -> Handler:
-    def run(args: argparse.Namespace, settings: Settings) -> int:
-        if settings.max_events_per_user_s > 0:
-            settings = settings.with_(max_events_per_user_s=BENCH_EVENTS_PER_USER_S)
-        return handler(args, settings)
-
-    return run
-
-
-def _on_broker(settings: Settings, run: Callable[[Settings], dict[str, Any]]) -> dict[str, Any]:
-    """Run a bench on the embedded broker (or the cluster ``ADPULSE_BOOTSTRAP`` names)."""
-    from adpulse.broker import broker_for  # noqa: PLC0415
-
-    with broker_for(settings) as s:
-        return run(s)
-
-
-def _log(line: str) -> None:
-    """Progress lines go to stderr: stdout holds the result lines and tables."""
-    print(line, file=sys.stderr, flush=True)
-
-
-def _show(args: argparse.Namespace, key: str, result: dict[str, Any], *shown: str) -> int:
-    """Print the bench's tables and result line, and write ``{key: result}`` to --json."""
-    for text in shown:
-        print(text)
-    _write_json(args.json, {key: result})
-    return 0
-
-
-def cmd_bench_features(args: argparse.Namespace, settings: Settings) -> int:
-    from adpulse.bench import features  # noqa: PLC0415
-
-    taobao = Path(args.data) / "taobao_userbehavior_sample.csv"
-    cfg = features.FeaturesBench.smoke(taobao) if args.smoke else features.FeaturesBench(
-        events=args.events, repeats=args.repeat, rate=args.rate,
-        duration_s=args.duration, users=args.users, taobao=taobao,
-    )  # fmt: skip
-    result = _on_broker(settings, lambda s: features.run(s, cfg))
-    return _show(args, "features", result, features.result_line(result))
-
-
-def cmd_bench_decisions(args: argparse.Namespace, settings: Settings) -> int:
-    from adpulse.bench import decisions  # noqa: PLC0415
-
-    cfg = decisions.DecisionsBench.smoke() if args.smoke else decisions.DecisionsBench(
-        rate=args.rate, duration_s=args.duration, repeats=args.repeat, users=args.users,
-        candidates=args.candidates, ads=args.ads,
-    )  # fmt: skip
-    result = _on_broker(settings, lambda s: decisions.run(s, cfg))
-    return _show(args, "decisions", result, decisions.result_line(result))
-
-
-def cmd_bench_serve(args: argparse.Namespace, settings: Settings) -> int:
-    from adpulse.bench import serve  # noqa: PLC0415
-
-    cfg = serve.ServeBench.smoke() if args.smoke else serve.ServeBench(
-        rate=args.rate, duration_s=args.duration, event_rate=args.event_rate,
-        users=args.users, candidates=args.candidates, ads=args.ads,
-    )  # fmt: skip
-    result = _on_broker(settings, lambda s: serve.run(s, cfg, log=_log))
-    return _show(args, "serve", result, serve.result_line(result))
-
-
-def cmd_bench_scorer(args: argparse.Namespace, settings: Settings) -> int:
-    from adpulse.bench import scorer  # noqa: PLC0415
-
-    model_dir = Path(settings.model_dir) if settings.model_dir else None
-    try:
-        result = scorer.run(args.device, smoke=args.smoke, settings=settings,
-                            model_dir=model_dir, log=_log)  # fmt: skip
-    except FileNotFoundError as exc:  # no model version to measure
-        raise InputError(str(exc)) from None
-    return _show(args, "scorer", result, scorer.format_table(result), scorer.summary(result))
-
-
-def cmd_bench_state(args: argparse.Namespace, settings: Settings) -> int:
-    from adpulse.bench import state  # noqa: PLC0415
-
-    cfg = state.StateBench.smoke() if args.smoke else state.StateBench(
-        users=args.users, realistic_users=args.realistic_users,
-        events_per_user=args.events_per_user, restore_repeats=args.restore_repeats,
-    )  # fmt: skip
-    result = _on_broker(settings, lambda s: state.run(s, cfg))
-    return _show(args, "state", result, state.result_line(result))
-
-
-def cmd_bench_mixed(args: argparse.Namespace, settings: Settings) -> int:
-    from adpulse.bench import mixed  # noqa: PLC0415
-
-    cfg = mixed.MixedBench.smoke() if args.smoke else mixed.MixedBench(
-        event_rate=args.event_rate, request_rate=args.request_rate,
-        duration_s=args.duration, repeats=args.repeat, users=args.users,
-        candidates=args.candidates, ctr=args.ctr,
-    )  # fmt: skip
-    result = _on_broker(settings, lambda s: mixed.run(s, cfg))
-    return _show(args, "mixed", result, mixed.result_line(result))
-
-
-def cmd_bench_promises(args: argparse.Namespace, settings: Settings) -> int:
-    from adpulse.bench import promises  # noqa: PLC0415
-
-    cfg = promises.PromisesBench.smoke() if args.smoke else promises.PromisesBench(
-        catalog_repeats=args.catalog_repeats, labels=args.labels, cuts=args.cuts,
-        cut_s=args.cut_s,
-    )  # fmt: skip
-    result = _on_broker(settings, lambda s: promises.run(s, cfg, log=_log))
-    return _show(args, "promises", result, promises.result_line(result))
-
-
-def cmd_bench_rebalance(args: argparse.Namespace, settings: Settings) -> int:
-    from adpulse.bench import rebalance  # noqa: PLC0415
-
-    cfg = rebalance.RebalanceBench.smoke() if args.smoke else rebalance.RebalanceBench(
-        rate=args.rate, users=args.users, session_timeout_s=args.session_timeout,
-        kill=not args.no_kill, repeats=args.repeats,
-    )  # fmt: skip
-    result = _on_broker(settings, lambda s: rebalance.run(s, cfg))
-    return _show(args, "rebalance", result, rebalance.result_line(result))
-
-
-def cmd_bench_broker(args: argparse.Namespace, settings: Settings) -> int:
-    from adpulse.bench import broker  # noqa: PLC0415
-
-    common = {"size": args.size, "linger_ms": args.linger_ms,
-              "brokers": broker.parse_brokers(args.brokers)}  # fmt: skip
-    cfg = broker.BrokerBench.smoke(**common) if args.smoke else broker.BrokerBench(
-        rate=args.rate, duration_s=args.duration, window_s=args.window, **common
-    )  # fmt: skip
-    result = broker.run(settings, cfg, log=_log)
-    return _show(args, "broker", result, broker.format_tables(result), broker.result_line(result))
-
-
-def cmd_bench_startup(args: argparse.Namespace, settings: Settings) -> int:
-    from adpulse.bench import broker, startup  # noqa: PLC0415
-
-    common = {"brokers": broker.parse_brokers(args.brokers), "stall_s": args.stall_s,
-              "ready_timeout_s": args.ready_timeout_s}  # fmt: skip
-    cfg = startup.StartupBench.smoke(**common) if args.smoke else startup.StartupBench(
-        fill_sets=args.fill_sets, fill_events=args.fill_events,
-        fill_workers=args.fill_workers, workers=args.workers, **common,
-    )  # fmt: skip
-    result = startup.run(settings, cfg, log=_log)
-    return _show(args, "startup", result, startup.format_tables(result),
-                 startup.result_line(result))  # fmt: skip
-
-
-def cmd_bench_catalog_join(args: argparse.Namespace, settings: Settings) -> int:
-    from adpulse.bench import catalogjoin  # noqa: PLC0415
-
-    cfg = catalogjoin.CatalogJoinBench.smoke() if args.smoke else catalogjoin.CatalogJoinBench(
-        trials=args.trials, ads=args.ads, delay_s=args.delay
-    )  # fmt: skip
-    result = catalogjoin.run(settings, cfg, log=_log)
-    return _show(args, "catalog_join", result, catalogjoin.result_line(result))
-
-
-def cmd_bench_eos(args: argparse.Namespace, settings: Settings) -> int:
-    from adpulse.bench import eos  # noqa: PLC0415
-
-    cfg = eos.EosBench.smoke() if args.smoke else eos.EosBench(events=args.events, kills=args.kills)
-    result = eos.run(settings, cfg, log=_log)
-    return _show(args, "eos", result, eos.format_table(result))
-
-
-def cmd_bench_all(args: argparse.Namespace, settings: Settings) -> int:
-    """Every benchmark at its defaults (or --smoke) on one broker; one JSON, one table."""
-    from adpulse.bench import (  # noqa: PLC0415
-        decisions,
-        features,
-        mixed,
-        promises,
-        rebalance,
-        scorer,
-        serve,
-        state,
-    )
-    from adpulse.bench.report import markdown  # noqa: PLC0415
-    from adpulse.broker import broker_for  # noqa: PLC0415
-
-    taobao = Path(args.data) / "taobao_userbehavior_sample.csv"
-    f_cfg = (
-        features.FeaturesBench.smoke(taobao)
-        if args.smoke
-        else features.FeaturesBench(taobao=taobao)
-    )
-    d_cfg = decisions.DecisionsBench.smoke() if args.smoke else decisions.DecisionsBench()
-    report: dict[str, object] = {}
-    with broker_for(settings) as s:
-        report["features"] = f = features.run(s, f_cfg)
-        print(features.result_line(f), flush=True)
-        report["decisions"] = d = decisions.run(s, d_cfg)
-        print(decisions.result_line(d), flush=True)
-        sv_cfg = serve.ServeBench.smoke() if args.smoke else serve.ServeBench()
-        report["serve"] = sv = serve.run(s, sv_cfg)
-        print(serve.result_line(sv), flush=True)
-        st_cfg = state.StateBench.smoke() if args.smoke else state.StateBench()
-        report["state"] = st = state.run(s, st_cfg)
-        print(state.result_line(st), flush=True)
-        mx_cfg = mixed.MixedBench.smoke() if args.smoke else mixed.MixedBench()
-        report["mixed"] = mx = mixed.run(s, mx_cfg)
-        print(mixed.result_line(mx), flush=True)
-        rb_cfg = rebalance.RebalanceBench.smoke() if args.smoke else rebalance.RebalanceBench()
-        report["rebalance"] = rb = rebalance.run(s, rb_cfg)
-        print(rebalance.result_line(rb), flush=True)
-        pr_cfg = promises.PromisesBench.smoke() if args.smoke else promises.PromisesBench()
-        report["promises"] = pr = promises.run(s, pr_cfg)
-        print(promises.result_line(pr), flush=True)
-    model_dir = Path(settings.model_dir) if settings.model_dir else None
-    report["scorer"] = sc = scorer.run("cpu", smoke=args.smoke, settings=settings,
-                                       model_dir=model_dir)  # fmt: skip
-    print(scorer.summary(sc))
-    print()
-    print(markdown(report))
-    _write_json(args.json, report)
-    return 0
-
-
-def cmd_bench_table(args: argparse.Namespace, settings: Settings) -> int:
-    """The Markdown table of a ``bench all`` JSON; with --into, written into that document
-    in place of its generated table (how docs/performance.md's table is made)."""
-    from adpulse.bench.report import markdown, with_table  # noqa: PLC0415
-
-    try:
-        table = markdown(json.loads(Path(args.source).read_text()))
-    except (OSError, ValueError, KeyError) as exc:
-        msg = f"bench table: {args.source} is not a readable bench all JSON: {exc!r}"
-        raise InputError(msg) from None
-    if not args.into:
-        print(table)
-        return 0
-    try:
-        Path(args.into).write_text(with_table(Path(args.into).read_text(), table))
-    except (OSError, ValueError) as exc:
-        msg = f"bench table: {args.into}: {exc}"
-        raise InputError(msg) from None
-    print(f"wrote the table of {args.source} into {args.into}")
-    return 0
-
-
-def _write_json(path: str | None, payload: dict[str, object]) -> None:
-    if path:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        text = json.dumps(_finite(payload), indent=2, sort_keys=True, allow_nan=False)
-        Path(path).write_text(text + "\n")
-        print(f"wrote {path}")
-
-
-def _finite(obj: object) -> object:
-    """NaN (a figure that could not be measured) becomes null: JSON has no NaN."""
-    if isinstance(obj, float) and math.isnan(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_finite(v) for v in obj]
-    return obj
+from adpulse.commands.benchrun import (
+    cmd_bench_all,
+    cmd_bench_broker,
+    cmd_bench_catalog_join,
+    cmd_bench_decisions,
+    cmd_bench_eos,
+    cmd_bench_features,
+    cmd_bench_mixed,
+    cmd_bench_promises,
+    cmd_bench_rebalance,
+    cmd_bench_scorer,
+    cmd_bench_serve,
+    cmd_bench_startup,
+    cmd_bench_state,
+    cmd_bench_table,
+    with_bench_limits,
+)
 
 
 @dataclass(frozen=True)
@@ -305,7 +50,7 @@ FIGURES = "also write the figures as JSON"
 BENCHES = (
     Bench(
         "features",
-        _bench(cmd_bench_features),
+        with_bench_limits(cmd_bench_features),
         help="interest-feature throughput and freshness of one worker",
         description="Produce N Taobao-shaped events, then measure a worker's events/s against "
         "a bare aiokafka consume->produce loop over the same messages, and event-to-state "
@@ -322,7 +67,7 @@ BENCHES = (
     ),
     Bench(
         "serve",
-        _bench(cmd_bench_serve),
+        with_bench_limits(cmd_bench_serve),
         help="POST /decide latency under open-loop Poisson load, alone and with ingest",
         description="Warm interest vectors for --users users, then offer POST /decide "
         "requests (Poisson arrivals at --rate/s, --candidates ads each, keep-alive pool) to "
@@ -342,7 +87,7 @@ BENCHES = (
     ),
     Bench(
         "decisions",
-        _bench(cmd_bench_decisions),
+        with_bench_limits(cmd_bench_decisions),
         help="end-to-end decision latency under Poisson-arriving ad requests",
         description="Warm interest vectors for --users users, then offer ad requests "
         "(Poisson arrivals at --rate/s, --candidates ads each) to one worker and measure "
@@ -359,7 +104,7 @@ BENCHES = (
     ),
     Bench(
         "scorer",
-        _bench(cmd_bench_scorer),
+        with_bench_limits(cmd_bench_scorer),
         help="candidate rows/s of the ONNX scorer by batch size, against numpy",
         description="Score batches of 1 to 4096 candidate rows with the newest model version "
         "in ONNX Runtime and, in the same run, with a plain numpy forward pass of the same "
@@ -374,7 +119,7 @@ BENCHES = (
     ),
     Bench(
         "state",
-        _bench(cmd_bench_state),
+        with_bench_limits(cmd_bench_state),
         help="interest state size per user on disk, worker RSS, restore time from the changelog",
         description="Grow the interest table to --users users, then report bytes per user on "
         "disk (against the raw record size), the worker's RSS, and how long a fresh worker "
@@ -389,7 +134,7 @@ BENCHES = (
     ),
     Bench(
         "mixed",
-        _bench(cmd_bench_mixed),
+        with_bench_limits(cmd_bench_mixed),
         help="user events, ad requests and clicks offered together to one worker",
         description="Warm interest vectors, then offer --event-rate user events/s and "
         "--request-rate ad requests/s (--candidates ads each) at the same time from two "
@@ -426,7 +171,7 @@ BENCHES = (
     ),
     Bench(
         "rebalance",
-        _bench(cmd_bench_rebalance),
+        with_bench_limits(cmd_bench_rebalance),
         help="two workers split the partitions; one stops; pause in decisions during takeover",
         description="Start two workers on the same topics, check both hold partitions and serve "
         "decisions, then stop one (SIGTERM, then SIGKILL in a second round) while requests keep "
@@ -442,7 +187,7 @@ BENCHES = (
     ),
     Bench(
         "broker",
-        _bench(cmd_bench_broker),
+        with_bench_limits(cmd_bench_broker),
         help="bare aiokafka produce->consume echo on each embedded broker: latency, broker CPU",
         description="Start each embedded broker of --brokers in turn (stopping one before the "
         "next), create one 4-partition topic, produce --rate msg/s of --size bytes for --duration "
@@ -462,7 +207,7 @@ BENCHES = (
     ),
     Bench(
         "startup",
-        _bench(cmd_bench_startup),
+        with_bench_limits(cmd_bench_startup),
         help="workers started in a row on a broker full of old topics: ready, then catalog?",
         description="Per embedded broker of --brokers: fill it with --fill-sets adpulse topic "
         "sets of --fill-events user-events and 42 ads each (a real worker reads the first "
@@ -483,7 +228,7 @@ BENCHES = (
     ),
     Bench(
         "eos",
-        _bench(cmd_bench_eos),
+        with_bench_limits(cmd_bench_eos),
         help="Faust exactly_once against at_least_once: events/s, and duplicates after kill -9",
         description="On an embedded Apache Kafka, run a minimal Faust app (a RocksDB table "
         "counting per key, one output record per event) over --events pre-produced events "
@@ -498,7 +243,7 @@ BENCHES = (
     ),
     Bench(
         "catalog-join",
-        _bench(cmd_bench_catalog_join),
+        with_bench_limits(cmd_bench_catalog_join),
         help="a second worker joins while the catalog loads: does every worker get every ad?",
         description="On an embedded Apache Kafka, per trial: publish --ads ads, start worker A, "
         "--delay seconds later worker B in the same new group; report each worker's "
@@ -515,7 +260,7 @@ BENCHES = (
     ),
     Bench(
         "all",
-        _bench(cmd_bench_all),
+        with_bench_limits(cmd_bench_all),
         help="every benchmark at its defaults, one JSON report and a Markdown table",
         description="Run bench features, decisions, state, mixed, rebalance and scorer at their "
         "defaults (or --smoke) on one broker, print each result line and a Markdown table of "
