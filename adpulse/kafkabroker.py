@@ -2,7 +2,7 @@
 
 Why not tansu: its fetch lists every stored batch of a partition, so a consumer
 slows down with everything written and starves within minutes at 2,000 msg/s
-(README, "Embedded broker"). Apache Kafka is what production runs
+(docs/reference.md, "The embedded broker"). Apache Kafka is what production runs
 (``docker-compose.yml`` runs the same version), and with it the tests and benches
 measure adpulse, not a broker's decay.
 
@@ -90,7 +90,7 @@ SCRAM_MECHANISMS = ("SCRAM-SHA-256", "SCRAM-SHA-512")
 class SecureListener:
     """Serve clients on SASL_SSL only: a TLS certificate and SCRAM users.
 
-    For tests of the clients' transport settings (README, "Transport security")
+    For tests of the clients' transport settings (docs/security.md, "Transport security")
     against a real broker: the certificate and its key are PEM text (the key
     unencrypted PKCS#8, which Kafka's PEM keystore needs), and every user gets
     credentials for both SCRAM mechanisms, written into the storage at format

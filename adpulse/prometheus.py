@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -23,6 +22,7 @@ from typing import Any
 import yaml
 
 from adpulse.broker import free_port
+from adpulse.polling import log_tail, poll_until
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 CONFIG = DEPLOY / "prometheus" / "prometheus.yml"
@@ -94,13 +94,7 @@ class Prometheus:
         return list(data["result"])
 
     def wait(self, check: Callable[[], bool], timeout: float, what: str) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if check():
-                return
-            time.sleep(0.5)
-        msg = f"timed out after {timeout:.0f}s waiting for {what}:\n{self.tail()}"
-        raise TimeoutError(msg)
+        poll_until(check, timeout, what, every=0.5, detail=self.tail)
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -112,7 +106,4 @@ class Prometheus:
                 self.proc.wait(10)
 
     def tail(self, n: int = 20) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return ""
+        return log_tail(self.log_path, n)

@@ -1,6 +1,6 @@
 """``adpulse report``: per-arm (or per-policy) CTR and CVR from ctr-feedback, with intervals.
 
-Counting, from the joiner's contract (README "Feedback labels"): a decision's
+Counting, from the joiner's contract (docs/design.md, "Feedback labels"): a decision's
 *label* is its record without ``converted: 1`` (clicked 0 or 1): one per
 decision, so labels are impressions and their ``clicked`` are clicks; a record
 with ``converted: 1`` is a conversion of a clicked decision. A decision id seen

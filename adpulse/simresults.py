@@ -1,6 +1,6 @@
 """Results of ``adpulse simulate``: the labels counted per arm, regret, the table, JSON and PNG.
 
-Definitions (also in the README):
+Definitions (also in docs/evaluation.md, "Definitions"):
 
 * **CTR** of an arm: clicked labels / labels, from ``ctr-feedback`` (what the
   engine learned from), with a 95% Wilson interval; over the run, before the

@@ -8,7 +8,6 @@ import secrets
 import signal
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -17,6 +16,7 @@ from typing import Any
 
 from adpulse.broker import free_port
 from adpulse.core.settings import Settings
+from adpulse.polling import log_tail, poll_until
 
 
 class WorkerProcess:
@@ -171,13 +171,7 @@ class WorkerProcess:
         return body if status == 200 else None
 
     def wait_until(self, check: Callable[[], bool], timeout: float, what: str) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if check():
-                return
-            time.sleep(0.2)
-        msg = f"timed out after {timeout:.0f}s waiting for {what}:\n{self.tail()}"
-        raise AssertionError(msg)
+        poll_until(check, timeout, what, every=0.2, detail=self.tail, error=AssertionError)
 
     def kill(self) -> None:
         """SIGKILL: no shutdown, no final commit, no flush."""
@@ -194,7 +188,4 @@ class WorkerProcess:
                 self.kill()
 
     def tail(self, n: int = 40) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return ""
+        return log_tail(self.log_path, n)

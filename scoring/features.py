@@ -12,7 +12,7 @@ overflows however old the data.
 State is one record per user (scoring/staterecord.py: its layout, encoding and
 versions): the vector, counters, dedupe memory and each category's decayed
 weight. Dedupe lives in the same record as the vector it protects, so one table
-write changes both together (the broker has no transactions; see README
+write changes both together (the broker has no transactions; see docs/guarantees.md,
 "Guarantees"). The top categories are the heaviest entries of the weight map,
 updated exactly as the vector is, so they are exact too, not a heavy-hitters
 estimate (:func:`_update_categories`).

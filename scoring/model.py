@@ -18,7 +18,7 @@ tower (1.07 vs 3.05 ms per 1,024 rows), at the same accuracy on the synthetic
 log (held-out AUC 0.7856 vs 0.7822, log loss 0.1399 vs 0.1408; 2 rank-16
 layers 0.7844, no cross 0.7853, 96-48 tower 0.7869: within seed noise). At
 batch >= 256 it scores 2.5-3x the rows/s of the old model on two cores (see
-the README's "Scoring model" table). A second cross layer bought nothing
+docs/performance.md, "The scorer"). A second cross layer bought nothing
 measurable and costs four small ops, which at batch 32 are mostly thread-pool
 hand-offs.
 

@@ -79,7 +79,7 @@ def once_per_decision(
     """One training row per decision id, and how many records were left out.
 
     A label's identity is its ``decision_id``. The joiner may send a decision's
-    label twice (its one duplicate window, README "Guarantees"), and a clicked
+    label twice (its one duplicate window, docs/guarantees.md), and a clicked
     decision that converts gets a second record (``converted: 1``, same snapshot);
     either would weigh that decision twice and count its click twice. The first
     label of each decision id is kept; a conversion stands in for its label only

@@ -103,7 +103,7 @@ def create_app(settings: Settings) -> Wiring:
         consumer_max_fetch_size=16 * 1024 * 1024,
         # The worker's one producer carries changelogs, decisions, ctr-feedback and dead
         # letters: a short linger keeps decisions fast, a large batch keeps bursts of
-        # changelog writes in few requests (README, "Producers").
+        # changelog writes in few requests (docs/guarantees.md, "Producers").
         producer_linger=settings.producer_linger_ms / 1000,
         producer_max_batch_size=settings.producer_batch_bytes,
         producer_acks=-1,

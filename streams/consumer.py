@@ -13,7 +13,7 @@ Offsets stay Faust's business: after a batch is handled, ``last + 1`` per
 partition is recorded as committable and Faust's own commit logic (interval,
 ``commit_every``, ``wait_empty`` on rebalance and stop) commits it. Records of
 every other topic still take the normal per-message path, so agents and tables
-work as usual. The Faust internals this relies on are listed in README
+work as usual. The Faust internals this relies on are listed in docs/guarantees.md
 ("Faust internals we depend on"), pinned by the faust-streaming version in
 pyproject.toml.
 """

@@ -33,7 +33,7 @@ def broker_ms(timestamp: int, timestamp_type: int, now_ms: int) -> int:
 
     A CreateTime timestamp is set by the producer, so it is the client's word, like
     the body's ``ts``; arrival at this worker is the fallback the client cannot move
-    (README, "Abuse rules").
+    (docs/security.md, "Abuse rules").
     """
     return timestamp if timestamp_type == LOG_APPEND_TIME else now_ms
 

@@ -333,7 +333,7 @@ def _warn_create_time(topic: str) -> None:
     log.warning(
         "%s has CreateTime timestamps: abuse rules count by arrival at this worker, so a "
         "backlog read at once may be rate-limited; set message.timestamp.type=LogAppendTime "
-        "on the topic (README, Abuse rules)", topic,
+        "on the topic (docs/security.md, Abuse rules)", topic,
     )  # fmt: skip
 
 

@@ -239,7 +239,8 @@ def wire(w: Wiring, decide: Decide, catalog_rows: Callable[[], int]) -> DecideSe
         sends to it, so a fresh worker, before its first user event, answered
         /decide with an error; until this completes it answers 503."""
         faust_producer: Any = app.producer
-        producer = faust_producer._producer  # the aiokafka one (README, Faust internals)
+        # the aiokafka one (docs/guarantees.md, Faust internals)
+        producer = faust_producer._producer
         for topic in (w.interest.changelog_topic.get_topic_name(), requests_topic):
             await producer.partitions_for(topic)
 

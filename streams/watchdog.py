@@ -1,7 +1,7 @@
 """The consumer watchdog: a source partition with lag that makes no progress is a stall.
 
 Why: a worker was seen to report ready, hold its partitions, and then fetch
-nothing at all (README, "Embedded broker"); nothing noticed, /health stayed 200,
+nothing at all (docs/reference.md, "The embedded broker"); nothing noticed, /health stayed 200,
 and requests went unanswered. Lag alone cannot tell a stall from load (a worker
 far behind still moves), and a lag gauge built from fetched high watermarks says
 nothing when nothing is fetched. So the watchdog asks two questions per

@@ -1,7 +1,7 @@
 """``adpulse bench broker``: a bare produce->consume echo on each embedded broker in turn.
 
 Why: tansu's fetch lists every stored batch, so its cost grows with everything
-written and a consumer starves within minutes at 2,000 msg/s (README, "Embedded
+written and a consumer starves within minutes at 2,000 msg/s (docs/reference.md, "The embedded
 broker"); Apache Kafka's should not. This bench shows that on this machine, with
 no adpulse code in the path: the same load generator and consumer run against
 each broker in the same process run, one broker at a time.

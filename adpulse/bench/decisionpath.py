@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from adpulse.bench.requests import pick, request_body
 from adpulse.core.settings import Settings
 from schemas.messages import AdRequest
 from scoring.catalog import Catalog
@@ -35,14 +36,11 @@ def request_bodies(
     ``candidates`` distinct random ads of ``ad_ids``."""
     rng = np.random.default_rng(seed)
     who = rng.integers(0, users, n)
-    out = []
-    for i in range(n):
-        cands = [ad_ids[c] for c in rng.choice(len(ad_ids), candidates, replace=False)]
-        out.append(json.dumps({
-            "request_id": f"{tag}-{i}", "user_id": f"u{who[i]}", "placement": "feed",
-            "ts": int(time.time() * 1000), "context": {"device": "mobile"}, "candidates": cands,
-        }).encode())  # fmt: skip
-    return out
+    return [
+        request_body(f"{tag}-{i}", f"u{who[i]}", pick(rng, ad_ids, candidates),
+                     int(time.time() * 1000))
+        for i in range(n)
+    ]  # fmt: skip
 
 
 @dataclass

@@ -13,28 +13,18 @@ the same worker; medians with min/max are reported.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import json
-import tempfile
 import time
-import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from adpulse.bench import machine, machine_line, percentiles_ms, spread
-from adpulse.bench.features import _applied, _produce
-from adpulse.catalogtool import publish, synthetic_ads
-from adpulse.core.kafkaconf import client_kwargs
+from adpulse.bench.requests import PoissonRequests, decision_clients
+from adpulse.bench.warm import warm_worker
 from adpulse.core.settings import Settings
-from adpulse.workerproc import WorkerProcess
-from adpulse.workload import Workload, WorkloadModel
-from streams.topicadmin import create_topics
 
 
 @dataclass(frozen=True)
@@ -50,41 +40,6 @@ class DecisionsBench:
     @classmethod
     def smoke(cls) -> DecisionsBench:
         return cls(rate=100.0, duration_s=2.0, repeats=1, users=100, ads=200, warm_events=1_000)
-
-
-@dataclass(frozen=True)
-class Warm:
-    """A worker on fresh topics, with a synthetic catalog and warm interest vectors."""
-
-    settings: Settings
-    worker: WorkerProcess
-    ads: list[dict[str, Any]]
-    warm_values: list[bytes]  # the user-events payloads that warmed it
-    workload: Workload
-
-
-@contextlib.contextmanager
-def warm_worker(base: Settings, users: int, ads: int, warm_events: int) -> Iterator[Warm]:
-    """The set-up every decision benchmark shares (``bench decisions``, ``bench serve``)."""
-    tag = uuid.uuid4().hex[:8]
-    workload = Workload(WorkloadModel(), users=users, seed=2)
-    with tempfile.TemporaryDirectory(prefix="adpulse-bench-") as tmp:
-        s = base.with_(
-            topic_prefix=f"bench-{tag}.", app_id=f"bench-{tag}",
-            data_dir=Path(tmp) / "data", session_timeout_s=6.0,
-        )  # fmt: skip
-        create_topics(s)
-        category_ids = workload.columns(50_000)["category"].tolist()
-        catalog = synthetic_ads(ads, category_ids, seed=3)
-        publish(s, s.topic("ad-catalog"), catalog)
-        keys, values = workload.payloads(warm_events, int(time.time() * 1000), prefix="warm")
-        asyncio.run(_produce(s, s.topic("user-events"), keys, values))
-        worker = WorkerProcess(s, Path(tmp)).start()
-        try:
-            worker.wait_until(lambda: _applied(worker) >= warm_events, 300, "warm interest vectors")
-            yield Warm(s, worker, catalog, values, workload)
-        finally:
-            worker.stop()
 
 
 def run(base: Settings, cfg: DecisionsBench, log: Any = print) -> dict[str, Any]:
@@ -167,36 +122,15 @@ async def _offer(
     s: Settings, cfg: DecisionsBench, ad_ids: list[str], run_no: int
 ) -> dict[str, Any]:
     rng = np.random.default_rng(100 + run_no)
-    n = int(cfg.rate * cfg.duration_s)
-    arrivals = np.cumsum(rng.exponential(1.0 / cfg.rate, n))
-    users = rng.integers(0, cfg.users, n)
-    # Requests are built before the clock starts: the load generator must not compete
-    # with the worker for the CPU while it is measured. Only "ts" is filled in at send.
-    prefix = f"r{run_no}-"
-    bodies = []
-    for i in range(n):
-        cands = [ad_ids[c] for c in rng.choice(len(ad_ids), cfg.candidates, replace=False)]
-        bodies.append(json.dumps({
-            "request_id": f"{prefix}{i}", "user_id": f"u{users[i]}", "placement": "feed",
-            "ts": 0, "context": {"device": "mobile"}, "candidates": cands,
-        }).encode().split(b'"ts": 0', 1))  # fmt: skip
-    keys = [f"u{u}".encode() for u in users.tolist()]
-    consumer = AIOKafkaConsumer(**client_kwargs(s), enable_auto_commit=False, fetch_max_wait_ms=2)
-    producer = AIOKafkaProducer(**client_kwargs(s), linger_ms=1, acks=1)
-    await consumer.start()
-    await producer.start()
-    sent: dict[str, float] = {}
+    reqs = PoissonRequests.build(rng, cfg.rate, cfg.duration_s, cfg.users, ad_ids,
+                                 cfg.candidates, prefix=f"r{run_no}-")  # fmt: skip
+    n = len(reqs)
+    sent: dict[str, tuple[float, int]] = {}
     latencies: list[float] = []
     sent_at: list[float] = []  # when each measured request was sent, from the run's start
     in_worker: list[float] = []  # the decision's own latency_ms: request record -> decision sent
     received_at: list[float] = []  # when each decision arrived, from the run's start
-    try:
-        topic = s.topic("ad-decisions")
-        tps = [TopicPartition(topic, p) for p in range(s.partitions)]
-        consumer.assign(tps)
-        await consumer.seek_to_end(*tps)
-        for tp in tps:
-            await consumer.position(tp)
+    async with decision_clients(s) as (consumer, producer):
 
         async def watch() -> None:
             while len(latencies) < n:
@@ -205,28 +139,16 @@ async def _offer(
                 for records in batch.values():
                     for rec in records:
                         decision = json.loads(rec.value)
-                        t = sent.pop(decision["request_id"], None)
-                        if t is not None:
-                            latencies.append(now - t)
-                            sent_at.append(t - start)
+                        hit = sent.pop(decision["request_id"], None)
+                        if hit is not None:
+                            latencies.append(now - hit[0])
+                            sent_at.append(hit[0] - start)
                             received_at.append(now - start)
                             in_worker.append(decision["latency_ms"] / 1000)
 
-        topic = s.topic("ad-requests")
         start = time.perf_counter()
         watcher = asyncio.create_task(watch())
-        i = 0
-        while i < n:
-            delay = start + arrivals[i] - time.perf_counter()
-            if delay > 0.0005:
-                await asyncio.sleep(delay)
-            ts = b'"ts": %d' % int(time.time() * 1000)
-            while i < n and start + arrivals[i] <= time.perf_counter():
-                head, tail = bodies[i]
-                sent[f"{prefix}{i}"] = time.perf_counter()
-                await producer.send(topic, head + ts + tail, key=keys[i])
-                i += 1
-        offered_s = time.perf_counter() - start
+        offered_s = await reqs.offer(producer, s.topic("ad-requests"), start, sent)
         try:
             await asyncio.wait_for(watcher, timeout=30)
         except TimeoutError:
@@ -241,6 +163,3 @@ async def _offer(
             # after the offer window is not throughput at the offered rate
             "achieved_per_s": sum(r <= offered_s for r in received_at) / max(offered_s, 1e-9),
         }  # fmt: skip
-    finally:
-        await consumer.stop()
-        await producer.stop()

@@ -20,7 +20,6 @@ import asyncio
 import gc
 import tempfile
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,12 +30,12 @@ from aiokafka.errors import TopicAlreadyExistsError
 
 from adpulse.bench import machine, machine_line, percentiles_ms, spread
 from adpulse.bench.freshness import ChangelogFreshness
+from adpulse.bench.warm import applied, fresh_settings, produce
 from adpulse.core.kafkaconf import client_kwargs
 from adpulse.core.privacy import Pseudonymiser
 from adpulse.core.settings import Settings
 from adpulse.workerproc import WorkerProcess
 from adpulse.workload import Workload, WorkloadModel, fit_taobao
-from streams.topicadmin import create_topics
 
 
 @dataclass(frozen=True)
@@ -58,18 +57,9 @@ def run(base: Settings, cfg: FeaturesBench, log: Any = print) -> dict[str, Any]:
     workload = Workload(model, users=cfg.users, seed=1)
     worker_rates, base_rates, ratios = [], [], []
     with tempfile.TemporaryDirectory(prefix="adpulse-bench-") as tmp:
-
-        def fresh_settings() -> Settings:
-            tag = uuid.uuid4().hex[:8]
-            s = base.with_(
-                topic_prefix=f"bench-{tag}.", app_id=f"bench-{tag}",
-                data_dir=Path(tmp) / tag, session_timeout_s=6.0,
-            )  # fmt: skip
-            create_topics(s)
-            return s
-
         # Freshness first, on its own fresh worker and topics, at the offered rate.
-        worker = WorkerProcess(fresh_settings(), Path(tmp), name="worker-freshness").start()
+        s = fresh_settings(base, Path(tmp))
+        worker = WorkerProcess(s, Path(tmp), name="worker-freshness").start()
         gc.collect()
         gc.freeze()  # the benchmark's own collector pauses must not count as worker latency
         try:
@@ -78,9 +68,9 @@ def run(base: Settings, cfg: FeaturesBench, log: Any = print) -> dict[str, Any]:
             gc.unfreeze()
             worker.stop()
         for r in range(cfg.repeats):
-            s = fresh_settings()
+            s = fresh_settings(base, Path(tmp))
             keys, values = workload.payloads(cfg.events, int(time.time() * 1000), prefix=s.app_id)
-            asyncio.run(_produce(s, s.topic("user-events"), keys, values))
+            asyncio.run(produce(s, s.topic("user-events"), keys, values))
             baseline = asyncio.run(_bare_loop(s, cfg.events))
             worker = WorkerProcess(s, Path(tmp), name=f"worker-{s.app_id}").start()
             try:
@@ -125,20 +115,6 @@ def result_line(res: dict[str, Any]) -> str:
     )
 
 
-async def _produce(
-    bootstrap: Settings | str, topic: str, keys: list[bytes], values: list[bytes]
-) -> None:
-    producer = AIOKafkaProducer(
-        **client_kwargs(bootstrap), linger_ms=5, max_batch_size=1 << 20, acks=1
-    )
-    await producer.start()
-    try:
-        futures = [await producer.send(topic, v, key=k) for k, v in zip(keys, values, strict=True)]
-        await asyncio.gather(*futures)
-    finally:
-        await producer.stop()
-
-
 async def _create_topic(s: Settings, name: str) -> None:
     admin = AIOKafkaAdminClient(**client_kwargs(s))
     await admin.start()
@@ -181,16 +157,12 @@ async def _bare_loop(s: Settings, n: int) -> float:
         await producer.stop()
 
 
-def _applied(worker: WorkerProcess) -> float:
-    return worker.metric("adpulse_events_total")
-
-
 def _worker_rate(worker: WorkerProcess, n: int, timeout: float = 300.0) -> float:
     """Events/s between the first and the last look at the worker's counters."""
     deadline = time.monotonic() + timeout
     first: tuple[float, float] | None = None
     while time.monotonic() < deadline:
-        done = _applied(worker)
+        done = applied(worker)
         now = time.perf_counter()
         if first is None and done > 0:
             first = (now, done)

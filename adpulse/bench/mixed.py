@@ -25,27 +25,24 @@ import gc
 import json
 import multiprocessing as mp
 import os
-import tempfile
 import time
-import uuid
 from dataclasses import dataclass
 from multiprocessing.synchronize import Event as MpEvent
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaProducer
 
 from adpulse.bench import machine, machine_line, percentiles_ms, spread
-from adpulse.bench.features import _applied, _produce
 from adpulse.bench.freshness import ChangelogFreshness
-from adpulse.catalogtool import publish, synthetic_ads
+from adpulse.bench.requests import PoissonRequests, decision_clients
+from adpulse.bench.warm import applied, warm_worker
 from adpulse.core.kafkaconf import client_kwargs
 from adpulse.core.privacy import Pseudonymiser
 from adpulse.core.settings import Settings
 from adpulse.workerproc import WorkerProcess
 from adpulse.workload import Workload, WorkloadModel
-from streams.topicadmin import create_topics
 
 
 @dataclass(frozen=True)
@@ -67,30 +64,12 @@ class MixedBench:
 
 
 def run(base: Settings, cfg: MixedBench, log: Any = print) -> dict[str, Any]:
-    tag = uuid.uuid4().hex[:8]
-    workload = Workload(WorkloadModel(), users=cfg.users, seed=4)
     runs: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory(prefix="adpulse-bench-") as tmp:
-        s = base.with_(
-            topic_prefix=f"bench-{tag}.", app_id=f"bench-{tag}",
-            data_dir=Path(tmp) / "data", session_timeout_s=6.0,
-        )  # fmt: skip
-        create_topics(s)
-        ads = synthetic_ads(cfg.ads, workload.columns(50_000)["category"].tolist(), seed=3)
-        publish(s, s.topic("ad-catalog"), ads)
-        keys, values = workload.payloads(cfg.warm_events, int(time.time() * 1000), prefix="warm")
-        asyncio.run(_produce(s, s.topic("user-events"), keys, values))
-        worker = WorkerProcess(s, Path(tmp)).start()
-        try:
-            worker.wait_until(
-                lambda: _applied(worker) >= cfg.warm_events, 300, "warm interest vectors"
-            )
-            ad_items = {a["ad_id"]: (a["item_id"], a["category_id"]) for a in ads}
-            for r in range(cfg.repeats):
-                runs.append(_repeat(worker, cfg, ad_items, r))
-                log(_repeat_line(r, cfg, runs[-1]))
-        finally:
-            worker.stop()
+    with warm_worker(base, cfg.users, cfg.ads, cfg.warm_events, seed=4) as warm:
+        ad_items = {a["ad_id"]: (a["item_id"], a["category_id"]) for a in warm.ads}
+        for r in range(cfg.repeats):
+            runs.append(_repeat(warm.worker, cfg, ad_items, r))
+            log(_repeat_line(r, cfg, runs[-1]))
     return _summary(cfg, runs)
 
 
@@ -119,14 +98,14 @@ def _repeat(
                 raise RuntimeError(msg)
             time.sleep(0.1)
         pid = worker.proc.pid if worker.proc else os.getpid()
-        applied0, cpu0, t0 = _applied(worker), _cpu_seconds(pid), time.perf_counter()
+        applied0, cpu0, t0 = applied(worker), _cpu_seconds(pid), time.perf_counter()
         go.set()
         rss: list[int] = []
         while time.perf_counter() - t0 < cfg.duration_s:
             time.sleep(0.5)
             rss.append(_rss_bytes(pid))
         elapsed = time.perf_counter() - t0
-        applied1, cpu1 = _applied(worker), _cpu_seconds(pid)
+        applied1, cpu1 = applied(worker), _cpu_seconds(pid)
         results: dict[str, Any] = {}
         for _ in procs:
             results.update(out.get(timeout=cfg.duration_s + 120))
@@ -278,32 +257,13 @@ async def _events(
 async def _requests(s: Settings, cfg: MixedBench, ad_items: dict[str, tuple[int, int]], r: int,
                     ready: MpEvent, go: MpEvent) -> dict[str, Any]:  # fmt: skip
     rng = np.random.default_rng(200 + r)
-    n = int(cfg.request_rate * cfg.duration_s)
-    arrivals = np.cumsum(rng.exponential(1.0 / cfg.request_rate, n))
-    users = rng.integers(0, cfg.users, n)
-    ad_ids = list(ad_items)
-    prefix = f"x{r}-"
-    bodies = []
-    for i in range(n):
-        cands = [ad_ids[c] for c in rng.choice(len(ad_ids), cfg.candidates, replace=False)]
-        bodies.append(json.dumps({
-            "request_id": f"{prefix}{i}", "user_id": f"u{users[i]}", "placement": "feed",
-            "ts": 0, "context": {"device": "mobile"}, "candidates": cands,
-        }).encode().split(b'"ts": 0', 1))  # fmt: skip
-    keys = [f"u{u}".encode() for u in users.tolist()]
-    consumer = AIOKafkaConsumer(**client_kwargs(s), enable_auto_commit=False, fetch_max_wait_ms=2)
-    producer = AIOKafkaProducer(**client_kwargs(s), linger_ms=1, acks=1)
-    await consumer.start()
-    await producer.start()
+    reqs = PoissonRequests.build(rng, cfg.request_rate, cfg.duration_s, cfg.users,
+                                 list(ad_items), cfg.candidates, prefix=f"x{r}-")  # fmt: skip
+    n = len(reqs)
     sent: dict[str, tuple[float, int]] = {}
     latencies: list[float] = []
     clicks = 0
-    try:
-        tps = [TopicPartition(s.topic("ad-decisions"), p) for p in range(s.partitions)]
-        consumer.assign(tps)
-        await consumer.seek_to_end(*tps)
-        for tp in tps:
-            await consumer.position(tp)
+    async with decision_clients(s) as (consumer, producer):
 
         async def watch() -> None:
             nonlocal clicks
@@ -321,36 +281,22 @@ async def _requests(s: Settings, cfg: MixedBench, ad_items: dict[str, tuple[int,
                         ad = d.get("ad_id")
                         if ad and click_rng.random() < cfg.ctr:
                             clicks += 1
-                            await _click(producer, s, d, ad, keys[hit[1]], ad_items[ad])
+                            await _click(producer, s, d, ad, reqs.keys[hit[1]], ad_items[ad])
 
         watcher = asyncio.create_task(watch())
         ready.set()
         await asyncio.to_thread(go.wait)
-        topic, start, i = s.topic("ad-requests"), time.perf_counter(), 0
-        while i < n:
-            delay = start + arrivals[i] - time.perf_counter()
-            if delay > 0.0005:
-                await asyncio.sleep(delay)
-            ts = b'"ts": %d' % int(time.time() * 1000)
-            while i < n and start + arrivals[i] <= time.perf_counter():
-                head, tail = bodies[i]
-                sent[f"{prefix}{i}"] = (time.perf_counter(), i)
-                await producer.send(topic, head + ts + tail, key=keys[i])
-                i += 1
-        offered_s = time.perf_counter() - start
+        offered_s = await reqs.offer(producer, s.topic("ad-requests"), time.perf_counter(), sent)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(watcher, timeout=30)
         p50, p99, p999 = percentiles_ms(latencies, [50, 99, 99.9])
-        kept_up = offered_s <= max(cfg.duration_s, float(arrivals[-1])) * 1.05
+        kept_up = offered_s <= max(cfg.duration_s, float(reqs.arrivals[-1])) * 1.05
         return {
             "requests_offered_per_s": n / offered_s, "requests": n, "lost": n - len(latencies),
             "latency_p50_ms": p50, "latency_p99_ms": p99, "latency_p999_ms": p999,
             "requests_per_s": len(latencies) / offered_s, "clicks_per_s": clicks / offered_s,
             "requests_kept_up": kept_up,
         }  # fmt: skip
-    finally:
-        await consumer.stop()
-        await producer.stop()
 
 
 async def _click(producer: AIOKafkaProducer, s: Settings, decision: dict[str, Any], ad: str,

@@ -1,8 +1,8 @@
 """``adpulse bench promises``: the engine's timing promises, each over repeats, against its target.
 
 A liveness test only shows that something happens within a generous bound; what
-the README promises about *how soon* is measured here instead, with a median and
-spread over repeats:
+the docs promise about *how soon* is measured here instead (docs/performance.md,
+"Timing promises"), with a median and spread over repeats:
 
 1. **catalog change -> decisions** (target 1 s): an ad for a placement no other ad
    targets is published to ``ad-catalog`` (acknowledged); each of two workers is

@@ -30,24 +30,22 @@ import signal
 import tempfile
 import threading
 import time
-import uuid
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer
 from aiokafka.partitioner import DefaultPartitioner
 
 from adpulse.bench import machine, machine_line, spread
-from adpulse.bench.features import _applied, _produce
+from adpulse.bench.requests import decision_clients, pick, request_body
+from adpulse.bench.warm import applied, fresh_settings, produce
 from adpulse.catalogtool import publish, synthetic_ads
-from adpulse.core.kafkaconf import client_kwargs
 from adpulse.core.settings import Settings
 from adpulse.workerproc import WorkerProcess
 from adpulse.workload import Workload, WorkloadModel
-from streams.topicadmin import create_topics
 
 WAIT_S = 120.0  # bench-ok: wait bound for joins and takeovers, not a timing claim
 STALL_S = 30.0  # bench-ok: a worker that applied nothing this long after ready is stalled
@@ -80,16 +78,7 @@ class Decisions:
 
     async def run(self) -> None:
         s, cfg = self.s, self.cfg
-        consumer = AIOKafkaConsumer(
-            **client_kwargs(s), enable_auto_commit=False, fetch_max_wait_ms=5
-        )
-        producer = AIOKafkaProducer(**client_kwargs(s), linger_ms=1, acks=1)
-        await consumer.start()
-        await producer.start()
-        try:
-            tps = [TopicPartition(s.topic("ad-decisions"), p) for p in range(s.partitions)]
-            consumer.assign(tps)
-            await consumer.seek_to_end(*tps)
+        async with decision_clients(s, fetch_max_wait_ms=5) as (consumer, producer):
             watcher = asyncio.create_task(self._watch(consumer))
             rng, parts = np.random.default_rng(7), list(range(s.partitions))
             partitioner, i, start = DefaultPartitioner(), 0, time.perf_counter()
@@ -99,17 +88,11 @@ class Decisions:
                 key = user.encode()
                 rid = f"rb-{i}"
                 self.part_of[rid] = partitioner(key, parts, parts)
-                cands = [self.ad_ids[c] for c in rng.choice(len(self.ad_ids), cfg.candidates,
-                                                            replace=False)]  # fmt: skip
-                body = {"request_id": rid, "user_id": user, "placement": "feed",
-                        "ts": int(time.time() * 1000), "context": {"device": "mobile"},
-                        "candidates": cands}  # fmt: skip
-                await producer.send(s.topic("ad-requests"), json.dumps(body).encode(), key=key)
+                body = request_body(rid, user, pick(rng, self.ad_ids, cfg.candidates),
+                                    int(time.time() * 1000))  # fmt: skip
+                await producer.send(s.topic("ad-requests"), body, key=key)
                 await asyncio.sleep(max(0.0, start + i / cfg.rate - time.perf_counter()))
             watcher.cancel()
-        finally:
-            await consumer.stop()
-            await producer.stop()
 
     async def _watch(self, consumer: AIOKafkaConsumer) -> None:
         while True:
@@ -123,18 +106,14 @@ class Decisions:
 
 
 def run(base: Settings, cfg: RebalanceBench, log: Any = print) -> dict[str, Any]:
-    tag = uuid.uuid4().hex[:8]
     workload = Workload(WorkloadModel(), users=cfg.users, seed=5)
     with tempfile.TemporaryDirectory(prefix="adpulse-bench-") as tmp:
-        s = base.with_(
-            topic_prefix=f"bench-{tag}.", app_id=f"bench-{tag}",
-            session_timeout_s=cfg.session_timeout_s,
-        )  # fmt: skip
-        create_topics(s)
+        # each worker gets its own data dir below
+        s = fresh_settings(base, Path(tmp), session_timeout_s=cfg.session_timeout_s)
         ads = synthetic_ads(cfg.ads, workload.columns(5_000)["category"].tolist(), seed=3)
         publish(s, s.topic("ad-catalog"), ads)
         keys, values = workload.payloads(cfg.warm_events, int(time.time() * 1000), prefix="warm")
-        asyncio.run(_produce(s, s.topic("user-events"), keys, values))
+        asyncio.run(produce(s, s.topic("user-events"), keys, values))
         a = WorkerProcess(s.with_(data_dir=Path(tmp) / "a"), Path(tmp), name="worker-a").start()
         b: WorkerProcess | None = None
         decisions = Decisions(s, cfg, [ad["ad_id"] for ad in ads])
@@ -142,7 +121,7 @@ def run(base: Settings, cfg: RebalanceBench, log: Any = print) -> dict[str, Any]
         offer = threading.Thread(target=loop.run_until_complete, args=(decisions.run(),))
         try:
             stall_restarts = _first_events(a, log)
-            a.wait_until(lambda: _applied(a) >= cfg.warm_events, WAIT_S, "warm interest state")
+            a.wait_until(lambda: applied(a) >= cfg.warm_events, WAIT_S, "warm interest state")
             offer.start()
             rounds = []
             signals = ("SIGTERM", "SIGKILL") if cfg.kill else ("SIGTERM",)
@@ -192,17 +171,17 @@ def _first_events(a: WorkerProcess, log: Any) -> int:
 
     Seen here, rarely, after a long session on one embedded broker: a worker
     reports ready, holds its partitions and then fetches nothing at all (no
-    consumer-lag series, not even the catalog). Unexplained yet (README, "The
+    consumer-lag series, not even the catalog). Unexplained yet (docs/reference.md, "The
     embedded broker"); a restart consumes normally. Counted in the report.
     """
     try:
-        a.wait_until(lambda: _applied(a) > 0, STALL_S, "first events applied")
+        a.wait_until(lambda: applied(a) > 0, STALL_S, "first events applied")
         return 0
     except AssertionError:
         log(f"  worker A applied nothing {STALL_S:.0f} s after ready (fetch stall): restarting it")
         a.stop()
         a.start(timeout=WAIT_S)
-        a.wait_until(lambda: _applied(a) > 0, WAIT_S, "first events applied after a restart")
+        a.wait_until(lambda: applied(a) > 0, WAIT_S, "first events applied after a restart")
         return 1
 
 

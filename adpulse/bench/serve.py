@@ -35,7 +35,8 @@ from aiokafka import AIOKafkaProducer
 
 from adpulse.bench import machine, machine_line, percentiles_ms
 from adpulse.bench.decisionpath import DecisionPath, request_bodies
-from adpulse.bench.decisions import per_minute_p99, warm_worker
+from adpulse.bench.decisions import per_minute_p99
+from adpulse.bench.warm import warm_worker
 from adpulse.core.kafkaconf import client_kwargs
 from adpulse.core.settings import Settings
 from adpulse.workerproc import WorkerProcess

@@ -50,7 +50,7 @@ from aiokafka.protocol.group import MemberAssignment
 
 from adpulse.bench import machine, machine_line
 from adpulse.bench.broker import cpu_ticks
-from adpulse.bench.features import _produce
+from adpulse.bench.warm import produce
 from adpulse.broker import EmbeddedBroker, embedded_broker, free_port
 from adpulse.catalogtool import publish, synthetic_ads
 from adpulse.core.errors import ConfigError
@@ -152,7 +152,7 @@ def _fill(s: Settings, cfg: StartupBench, work: Path, log: Log) -> dict[str, Any
         fs = _settings(s, f"fill{i}", work)
         _topic_set(fs, seed=1000 + i)
         if values:
-            asyncio.run(_produce(fs, fs.topic("user-events"), keys, values))
+            asyncio.run(produce(fs, fs.topic("user-events"), keys, values))
         if i < cfg.fill_workers:
             worker_runs.append(_fill_worker(fs, cfg.fill_events, work, i))
         if (i + 1) % 10 == 0 or i + 1 == cfg.fill_sets:

@@ -20,7 +20,6 @@ import asyncio
 import shutil
 import tempfile
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,13 +28,12 @@ import msgspec
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from adpulse.bench import machine, machine_line, spread
-from adpulse.bench.features import _applied, _produce
+from adpulse.bench.warm import fresh_settings, loaded_worker
 from adpulse.core.kafkaconf import client_kwargs
 from adpulse.core.settings import Settings
 from adpulse.workerproc import WorkerProcess
 from scoring.features import CATEGORY_DTYPE, InterestParams, header_dtype
 from streams.seal import is_seal
-from streams.topicadmin import create_topics
 
 
 @dataclass(frozen=True)
@@ -115,21 +113,11 @@ def _grow(
 ) -> tuple[int, int, Settings]:
     """A worker applies ``events`` on new topics: (bytes on disk of its interest table
     after a clean stop, its RSS with the table, the settings it ran with)."""
-    tag = uuid.uuid4().hex[:8]
-    s = base.with_(
-        topic_prefix=f"bench-{tag}.", app_id=f"bench-{tag}",
-        data_dir=root / "data", session_timeout_s=6.0,
-    )  # fmt: skip
     root.mkdir(parents=True)
-    create_topics(s)
-    asyncio.run(_produce(s, s.topic("user-events"), *events))
-    worker = WorkerProcess(s, root, name="worker-grow").start()
-    n = len(events[0])
-    try:
-        worker.wait_until(lambda: _applied(worker) >= n, 3600, "every event applied")
+    s = fresh_settings(base, root)
+    with loaded_worker(s, root, *events, timeout=3600, what="every event applied",
+                       name="worker-grow") as worker:  # fmt: skip
         rss = _rss_bytes(worker)
-    finally:
-        worker.stop()
     return _dir_bytes(s.data_dir, "interest"), rss, s
 
 

@@ -1,339 +1,304 @@
-"""``adpulse bench features|decisions|state|mixed|rebalance|scorer|broker|startup|eos|
-catalog-join|adtext|all``: benchmarks and reproductions, each with its same-run baseline."""
+"""``adpulse bench features|decisions|serve|state|mixed|promises|rebalance|scorer|broker|
+startup|eos|catalog-join|adtext|all|table``: benchmarks and reproductions, each with its
+same-run baseline, declared as rows; what each runs is in :mod:`adpulse.commands.benchrun`."""
 
 from __future__ import annotations
 
-import argparse
-import json
-import math
-import sys
-from pathlib import Path
+from dataclasses import dataclass, field
+from typing import Any
 
 from adpulse.commands import Handler, Subparsers, add_bootstrap, add_command, add_group
-from adpulse.core.errors import InputError
-from adpulse.core.settings import Settings
-
-# The benches load synthetic history in bulk: their busiest users get hundreds of events
-# within a second of broker time, which the live per-user rate limit would refuse as a
-# flood. The limiter stays on (its cost is part of what they measure) at a limit no bench
-# user reaches; 0 (off) stays off.
-BENCH_EVENTS_PER_USER_S = 1_000_000
-
-
-def _bench(handler: Handler) -> Handler:
-    def run(args: argparse.Namespace, settings: Settings) -> int:
-        if settings.max_events_per_user_s > 0:
-            settings = settings.with_(max_events_per_user_s=BENCH_EVENTS_PER_USER_S)
-        return handler(args, settings)
-
-    return run
-
-
-def cmd_bench_features(args: argparse.Namespace, settings: Settings) -> int:
-    from adpulse.bench import features  # noqa: PLC0415
-    from adpulse.broker import broker_for  # noqa: PLC0415
-
-    taobao = Path(args.data) / "taobao_userbehavior_sample.csv"
-    if args.smoke:
-        cfg = features.FeaturesBench.smoke(taobao)
-    else:
-        cfg = features.FeaturesBench(
-            events=args.events, repeats=args.repeat, rate=args.rate,
-            duration_s=args.duration, users=args.users, taobao=taobao,
-        )  # fmt: skip
-    with broker_for(settings) as s:
-        result = features.run(s, cfg)
-    print(features.result_line(result))
-    _write_json(args.json, {"features": result})
-    return 0
+from adpulse.commands.benchrun import (
+    cmd_bench_adtext,
+    cmd_bench_all,
+    cmd_bench_broker,
+    cmd_bench_catalog_join,
+    cmd_bench_decisions,
+    cmd_bench_eos,
+    cmd_bench_features,
+    cmd_bench_mixed,
+    cmd_bench_promises,
+    cmd_bench_rebalance,
+    cmd_bench_scorer,
+    cmd_bench_serve,
+    cmd_bench_startup,
+    cmd_bench_state,
+    cmd_bench_table,
+    with_bench_limits,
+)
 
 
-def cmd_bench_decisions(args: argparse.Namespace, settings: Settings) -> int:
-    from adpulse.bench import decisions  # noqa: PLC0415
-    from adpulse.broker import broker_for  # noqa: PLC0415
+@dataclass(frozen=True)
+class Bench:
+    """One ``adpulse bench NAME`` subcommand as data: its words, its sizes and its flags."""
 
-    if args.smoke:
-        cfg = decisions.DecisionsBench.smoke()
-    else:
-        cfg = decisions.DecisionsBench(
-            rate=args.rate, duration_s=args.duration, repeats=args.repeat, users=args.users,
-            candidates=args.candidates, ads=args.ads,
-        )  # fmt: skip
-    with broker_for(settings) as s:
-        result = decisions.run(s, cfg)
-    print(decisions.result_line(result))
-    _write_json(args.json, {"decisions": result})
-    return 0
+    name: str
+    handler: Handler
+    help: str
+    description: str
+    sizes: dict[str, tuple[int | float, str]] = field(default_factory=dict)
+    # ``--NAME`` per key, in order; the default's type is the flag's (3: int, 10.0: float)
+    flags: tuple[tuple[str, dict[str, Any]], ...] = ()  # more arguments: (flag, add_argument's)
+    json_help: str = ""  # default: 'also write {"NAME": figures} as JSON'
+    bootstrap: bool = True  # takes --bootstrap (it runs on the broker that names)
 
 
-def cmd_bench_serve(args: argparse.Namespace, settings: Settings) -> int:
-    from adpulse.bench import serve  # noqa: PLC0415
-    from adpulse.broker import broker_for  # noqa: PLC0415
+DATA = ("--data", {"default": "../shared/data", "help": "folder with the Taobao sample to fit"})
+BROKERS = ("--brokers",
+           {"default": "kafka,tansu", "help": "comma list of kafka, tansu (kafka,tansu)"})
+FIGURES = "also write the figures as JSON"
 
-    if args.smoke:
-        cfg = serve.ServeBench.smoke()
-    else:
-        cfg = serve.ServeBench(
-            rate=args.rate, duration_s=args.duration, event_rate=args.event_rate,
-            users=args.users, candidates=args.candidates, ads=args.ads,
-        )  # fmt: skip
-    with broker_for(settings) as s:
-        result = serve.run(s, cfg, log=lambda line: print(line, file=sys.stderr, flush=True))
-    print(serve.result_line(result))
-    _write_json(args.json, {"serve": result})
-    return 0
-
-
-def cmd_bench_scorer(args: argparse.Namespace, settings: Settings) -> int:
-    from adpulse.bench import scorer  # noqa: PLC0415
-
-    try:
-        result = scorer.run(
-            args.device,
-            smoke=args.smoke,
-            settings=settings,
-            model_dir=Path(settings.model_dir) if settings.model_dir else None,
-            log=lambda line: print(line, file=sys.stderr, flush=True),
-        )
-    except FileNotFoundError as exc:  # no model version to measure
-        raise InputError(str(exc)) from None
-    print(scorer.format_table(result))
-    print(scorer.summary(result))
-    _write_json(args.json, {"scorer": result})
-    return 0
-
-
-def cmd_bench_state(args: argparse.Namespace, settings: Settings) -> int:
-    from adpulse.bench import state  # noqa: PLC0415
-    from adpulse.broker import broker_for  # noqa: PLC0415
-
-    cfg = state.StateBench.smoke() if args.smoke else state.StateBench(
-        users=args.users, realistic_users=args.realistic_users,
-        events_per_user=args.events_per_user, restore_repeats=args.restore_repeats,
-    )  # fmt: skip
-    with broker_for(settings) as s:
-        result = state.run(s, cfg)
-    print(state.result_line(result))
-    _write_json(args.json, {"state": result})
-    return 0
-
-
-def cmd_bench_mixed(args: argparse.Namespace, settings: Settings) -> int:
-    from adpulse.bench import mixed  # noqa: PLC0415
-    from adpulse.broker import broker_for  # noqa: PLC0415
-
-    if args.smoke:
-        cfg = mixed.MixedBench.smoke()
-    else:
-        cfg = mixed.MixedBench(
-            event_rate=args.event_rate, request_rate=args.request_rate,
-            duration_s=args.duration, repeats=args.repeat, users=args.users,
-            candidates=args.candidates, ctr=args.ctr,
-        )  # fmt: skip
-    with broker_for(settings) as s:
-        result = mixed.run(s, cfg)
-    print(mixed.result_line(result))
-    _write_json(args.json, {"mixed": result})
-    return 0
-
-
-def cmd_bench_promises(args: argparse.Namespace, settings: Settings) -> int:
-    from adpulse.bench import promises  # noqa: PLC0415
-    from adpulse.broker import broker_for  # noqa: PLC0415
-
-    if args.smoke:
-        cfg = promises.PromisesBench.smoke()
-    else:
-        cfg = promises.PromisesBench(
-            catalog_repeats=args.catalog_repeats, labels=args.labels, cuts=args.cuts,
-            cut_s=args.cut_s,
-        )  # fmt: skip
-    with broker_for(settings) as s:
-        result = promises.run(s, cfg, log=lambda line: print(line, file=sys.stderr, flush=True))
-    print(promises.result_line(result))
-    _write_json(args.json, {"promises": result})
-    return 0
-
-
-def cmd_bench_rebalance(args: argparse.Namespace, settings: Settings) -> int:
-    from adpulse.bench import rebalance  # noqa: PLC0415
-    from adpulse.broker import broker_for  # noqa: PLC0415
-
-    if args.smoke:
-        cfg = rebalance.RebalanceBench.smoke()
-    else:
-        cfg = rebalance.RebalanceBench(
-            rate=args.rate, users=args.users, session_timeout_s=args.session_timeout,
-            kill=not args.no_kill, repeats=args.repeats,
-        )  # fmt: skip
-    with broker_for(settings) as s:
-        result = rebalance.run(s, cfg)
-    print(rebalance.result_line(result))
-    _write_json(args.json, {"rebalance": result})
-    return 0
-
-
-def cmd_bench_broker(args: argparse.Namespace, settings: Settings) -> int:
-    from adpulse.bench import broker  # noqa: PLC0415
-
-    kinds = broker.parse_brokers(args.brokers)
-    common = {"size": args.size, "linger_ms": args.linger_ms, "brokers": kinds}
-    if args.smoke:
-        cfg = broker.BrokerBench.smoke(**common)
-    else:
-        cfg = broker.BrokerBench(
-            rate=args.rate, duration_s=args.duration, window_s=args.window, **common
-        )
-    result = broker.run(settings, cfg, log=lambda line: print(line, file=sys.stderr, flush=True))
-    print(broker.format_tables(result))
-    print(broker.result_line(result))
-    _write_json(args.json, {"broker": result})
-    return 0
-
-
-def cmd_bench_startup(args: argparse.Namespace, settings: Settings) -> int:
-    from adpulse.bench import broker, startup  # noqa: PLC0415
-
-    kinds = broker.parse_brokers(args.brokers)
-    common = {"brokers": kinds, "stall_s": args.stall_s, "ready_timeout_s": args.ready_timeout_s}
-    if args.smoke:
-        cfg = startup.StartupBench.smoke(**common)
-    else:
-        cfg = startup.StartupBench(
-            fill_sets=args.fill_sets, fill_events=args.fill_events,
-            fill_workers=args.fill_workers, workers=args.workers, **common,
-        )  # fmt: skip
-    result = startup.run(settings, cfg, log=lambda line: print(line, file=sys.stderr, flush=True))
-    print(startup.format_tables(result))
-    print(startup.result_line(result))
-    _write_json(args.json, {"startup": result})
-    return 0
-
-
-def cmd_bench_catalog_join(args: argparse.Namespace, settings: Settings) -> int:
-    from adpulse.bench import catalogjoin  # noqa: PLC0415
-
-    if args.smoke:
-        cfg = catalogjoin.CatalogJoinBench.smoke()
-    else:
-        cfg = catalogjoin.CatalogJoinBench(trials=args.trials, ads=args.ads, delay_s=args.delay)
-    result = catalogjoin.run(settings, cfg, log=lambda line: print(line, file=sys.stderr))
-    print(catalogjoin.result_line(result))
-    _write_json(args.json, {"catalog_join": result})
-    return 0
-
-
-def cmd_bench_eos(args: argparse.Namespace, settings: Settings) -> int:
-    from adpulse.bench import eos  # noqa: PLC0415
-
-    cfg = eos.EosBench.smoke() if args.smoke else eos.EosBench(events=args.events, kills=args.kills)
-    result = eos.run(settings, cfg, log=lambda line: print(line, file=sys.stderr, flush=True))
-    print(eos.format_table(result))
-    _write_json(args.json, {"eos": result})
-    return 0
-
-
-def cmd_bench_adtext(args: argparse.Namespace, settings: Settings) -> int:
-    from adpulse import textmodels  # noqa: PLC0415
-    from adpulse.bench import adtext  # noqa: PLC0415
-    from adpulse.broker import broker_for  # noqa: PLC0415
-
-    out = Path(settings.text_model or textmodels.default_out())
-    model = textmodels.build_text_model(out, textmodels.cache_root() / "wheels").path
-    if args.smoke:
-        cfg = adtext.AdTextBench.smoke()
-    else:
-        cfg = adtext.AdTextBench(rate=args.rate, duration_s=args.duration)
-    with broker_for(settings) as s:
-        result = adtext.run(s, cfg, model, log=lambda line: print(line, file=sys.stderr))
-    print(adtext.result_line(result))
-    _write_json(args.json, {"adtext": result})
-    return 0
-
-
-def cmd_bench_all(args: argparse.Namespace, settings: Settings) -> int:
-    """Every benchmark at its defaults (or --smoke) on one broker; one JSON, one table."""
-    from adpulse.bench import (  # noqa: PLC0415
-        decisions,
-        features,
-        mixed,
-        promises,
-        rebalance,
-        scorer,
-        serve,
-        state,
-    )
-    from adpulse.bench.report import markdown  # noqa: PLC0415
-    from adpulse.broker import broker_for  # noqa: PLC0415
-
-    taobao = Path(args.data) / "taobao_userbehavior_sample.csv"
-    f_cfg = (
-        features.FeaturesBench.smoke(taobao)
-        if args.smoke
-        else features.FeaturesBench(taobao=taobao)
-    )
-    d_cfg = decisions.DecisionsBench.smoke() if args.smoke else decisions.DecisionsBench()
-    report: dict[str, object] = {}
-    with broker_for(settings) as s:
-        report["features"] = f = features.run(s, f_cfg)
-        print(features.result_line(f), flush=True)
-        report["decisions"] = d = decisions.run(s, d_cfg)
-        print(decisions.result_line(d), flush=True)
-        sv_cfg = serve.ServeBench.smoke() if args.smoke else serve.ServeBench()
-        report["serve"] = sv = serve.run(s, sv_cfg)
-        print(serve.result_line(sv), flush=True)
-        st_cfg = state.StateBench.smoke() if args.smoke else state.StateBench()
-        report["state"] = st = state.run(s, st_cfg)
-        print(state.result_line(st), flush=True)
-        mx_cfg = mixed.MixedBench.smoke() if args.smoke else mixed.MixedBench()
-        report["mixed"] = mx = mixed.run(s, mx_cfg)
-        print(mixed.result_line(mx), flush=True)
-        rb_cfg = rebalance.RebalanceBench.smoke() if args.smoke else rebalance.RebalanceBench()
-        report["rebalance"] = rb = rebalance.run(s, rb_cfg)
-        print(rebalance.result_line(rb), flush=True)
-        pr_cfg = promises.PromisesBench.smoke() if args.smoke else promises.PromisesBench()
-        report["promises"] = pr = promises.run(s, pr_cfg)
-        print(promises.result_line(pr), flush=True)
-    model_dir = Path(settings.model_dir) if settings.model_dir else None
-    report["scorer"] = sc = scorer.run("cpu", smoke=args.smoke, settings=settings,
-                                       model_dir=model_dir)  # fmt: skip
-    print(scorer.summary(sc))
-    print()
-    print(markdown(report))
-    _write_json(args.json, report)
-    return 0
-
-
-def _write_json(path: str | None, payload: dict[str, object]) -> None:
-    if path:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        text = json.dumps(_finite(payload), indent=2, sort_keys=True, allow_nan=False)
-        Path(path).write_text(text + "\n")
-        print(f"wrote {path}")
+BENCHES = (
+    Bench(
+        "features",
+        with_bench_limits(cmd_bench_features),
+        help="interest-feature throughput and freshness of one worker",
+        description="Produce N Taobao-shaped events, then measure a worker's events/s against "
+        "a bare aiokafka consume->produce loop over the same messages, and event-to-state "
+        "freshness at a fixed offered load.",
+        sizes={
+            "events": (200_000, "events per repeat (200000)"),
+            "repeat": (3, "repeats; the median is reported (3)"),
+            "rate": (5000.0, "offered events/s for freshness"),
+            "duration": (10.0, "seconds of freshness load (10)"),
+            "users": (10_000, "distinct users (10000)"),
+        },
+        flags=(DATA,),
+        json_help=FIGURES,
+    ),
+    Bench(
+        "serve",
+        with_bench_limits(cmd_bench_serve),
+        help="POST /decide latency under open-loop Poisson load, alone and with ingest",
+        description="Warm interest vectors for --users users, then offer POST /decide "
+        "requests (Poisson arrivals at --rate/s, --candidates ads each, keep-alive pool) to "
+        "one worker: latency from each request's scheduled send time, p50/p99/p99.9, errors, "
+        "sheds and no-fills; alone, then with --event-rate user-events/s of ingest and "
+        "freshness probes (event produced -> visible to /decide). Baselines from the same "
+        "run: GET /health at the same rate (the HTTP floor) and the in-process decision "
+        "cost. --duration 120 or more also reports p99 per minute.",
+        sizes={
+            "rate": (1000.0, "offered requests/s (1000)"),
+            "duration": (20.0, "seconds per phase (20)"),
+            "event_rate": (5000.0, "user-events/s of concurrent ingest in the second phase (5000)"),
+            "users": (10_000, "users with warm vectors (10000)"),
+            "candidates": (100, "candidate ads per request (100)"),
+            "ads": (2000, "ads in the catalog (2000)"),
+        },
+    ),
+    Bench(
+        "decisions",
+        with_bench_limits(cmd_bench_decisions),
+        help="end-to-end decision latency under Poisson-arriving ad requests",
+        description="Warm interest vectors for --users users, then offer ad requests "
+        "(Poisson arrivals at --rate/s, --candidates ads each) to one worker and measure "
+        "request produced -> decision consumed latency p50/p99/p99.9 and throughput.",
+        sizes={
+            "rate": (1000.0, "offered requests/s (1000)"),
+            "duration": (20.0, "seconds per repeat (20)"),
+            "repeat": (3, "repeats; medians reported (3)"),
+            "users": (10_000, "users with warm vectors (10000)"),
+            "candidates": (100, "candidate ads per request (100)"),
+            "ads": (2000, "ads in the catalog (2000)"),
+        },
+        json_help=FIGURES,
+    ),
+    Bench(
+        "scorer",
+        with_bench_limits(cmd_bench_scorer),
+        help="candidate rows/s of the ONNX scorer by batch size, against numpy",
+        description="Score batches of 1 to 4096 candidate rows with the newest model version "
+        "in ONNX Runtime and, in the same run, with a plain numpy forward pass of the same "
+        "graph; then the whole scoring path (feature assembly, micro-batching, ONNX Runtime, "
+        "ranking) at 100 candidates per request. Prints a table and a one-line summary. "
+        "--device cuda on a machine without a GPU runs on CPU and says so.",
+        flags=(("--device", {
+            "choices": ["cpu", "cuda", "auto"], "default": "cpu",
+            "help": "where ONNX Runtime runs (default cpu; auto: CUDA if present)",
+        }),),
+        bootstrap=False,
+    ),
+    Bench(
+        "state",
+        with_bench_limits(cmd_bench_state),
+        help="interest state size per user on disk, worker RSS, restore time from the changelog",
+        description="Grow the interest table to --users users, then report bytes per user on "
+        "disk (against the raw record size), the worker's RSS, and how long a fresh worker "
+        "with an empty data directory takes to restore the table from its changelog (against "
+        "a bare aiokafka read of the same changelog).",
+        sizes={
+            "users": (1_000_000, "users in the table (1000000)"),
+            "realistic_users": (50_000, "users of the realistic table (50000)"),
+            "events_per_user": (20, "events per realistic user (20)"),
+            "restore_repeats": (3, "restores timed; median with min-max (3)"),
+        },
+    ),
+    Bench(
+        "mixed",
+        with_bench_limits(cmd_bench_mixed),
+        help="user events, ad requests and clicks offered together to one worker",
+        description="Warm interest vectors, then offer --event-rate user events/s and "
+        "--request-rate ad requests/s (--candidates ads each) at the same time from two "
+        "generator processes, answering --ctr of the decisions with clicks; report decision "
+        "latency p50/p99/p99.9, event->state freshness p99, the rates offered and achieved, and "
+        "the worker's CPU and RSS.",
+        sizes={
+            "event_rate": (10_000.0, "offered user events/s (10000)"),
+            "request_rate": (1_000.0, "offered ad requests/s (1000)"),
+            "duration": (20.0, "seconds per repeat (20)"),
+            "repeat": (3, "repeats; medians reported (3)"),
+            "users": (10_000, "users with warm vectors (10000)"),
+            "candidates": (100, "candidate ads per request (100)"),
+            "ctr": (0.02, "share of filled decisions answered with a click (0.02)"),
+        },
+    ),
+    Bench(
+        "promises",
+        cmd_bench_promises,
+        help="timing promises over repeats: catalog -> decisions, label -> other worker, "
+        "broker cut -> resume",
+        description="On two workers: publish an ad for a new placement and poll /decide on "
+        "each until it is chosen (catalog change -> decisions, target 1 s); produce a "
+        "ctr-feedback label and poll both workers' learner state until it counts it (label -> "
+        "the other worker's next decision, bound 1 s). Then, on a dedicated broker behind a "
+        "cuttable TCP proxy, cut one worker's link for --cut-s while events flow and time "
+        "from the link's return to events applied again (target 5 s). Medians, spread, p99.",
+        sizes={
+            "catalog_repeats": (10, "catalog changes timed (10)"),
+            "labels": (30, "labels timed (30)"),
+            "cuts": (3, "broker cuts timed (3)"),
+            "cut_s": (3.0, "seconds each cut lasts (3.0)"),
+        },
+    ),
+    Bench(
+        "rebalance",
+        with_bench_limits(cmd_bench_rebalance),
+        help="two workers split the partitions; one stops; pause in decisions during takeover",
+        description="Start two workers on the same topics, check both hold partitions and serve "
+        "decisions, then stop one (SIGTERM, then SIGKILL in a second round) while requests keep "
+        "arriving at --rate/s; report the longest gap between decisions, what it is made of, and "
+        "whether the survivor serves the stopped worker's users with the same interest state.",
+        sizes={
+            "rate": (200.0, "offered ad requests/s during the rebalance (200)"),
+            "users": (2_000, "users with interest state (2000)"),
+            "session_timeout": (3.0, "consumer-group session timeout of both workers, s (3)"),
+            "repeats": (3, "rounds per signal; medians with min-max reported (3)"),
+        },
+        flags=(("--no-kill", {"action": "store_true", "help": "skip the SIGKILL round"}),),
+    ),
+    Bench(
+        "broker",
+        with_bench_limits(cmd_bench_broker),
+        help="bare aiokafka produce->consume echo on each embedded broker: latency, broker CPU",
+        description="Start each embedded broker of --brokers in turn (stopping one before the "
+        "next), create one 4-partition topic, produce --rate msg/s of --size bytes for --duration "
+        "seconds and consume them with one aiokafka consumer (fetch wait 10 ms). Print per "
+        "--window seconds: sent, received, broker CPU (% of one core), latency p50/p99; then per "
+        "broker the last/first window p99 ratio and whether the consumer starved. The same load "
+        "runs on each broker in one process run: only ratios within one run compare.",
+        sizes={
+            "rate": (2000.0, "offered messages/s (2000)"),
+            "duration": (180.0, "seconds of load per broker (180)"),
+            "window": (15.0, "seconds per reported window (15)"),
+            "size": (200, "payload bytes per message (200)"),
+            "linger_ms": (1, "producer linger.ms (1)"),
+        },
+        flags=(BROKERS,),
+        bootstrap=False,
+    ),
+    Bench(
+        "startup",
+        with_bench_limits(cmd_bench_startup),
+        help="workers started in a row on a broker full of old topics: ready, then catalog?",
+        description="Per embedded broker of --brokers: fill it with --fill-sets adpulse topic "
+        "sets of --fill-events user-events and 42 ads each (a real worker reads the first "
+        "--fill-workers of them), then start --workers fresh workers one after another, each "
+        "on new topics with 42 ads. Per worker: seconds to /health 200, then ready -> "
+        "adpulse_catalog_ads = 42; not loaded within --stall-s is a stall, kept with its log "
+        "tail, the group as the broker describes it and broker/worker CPU.",
+        sizes={
+            "fill_sets": (30, "topic sets left on the broker before the workers start (30)"),
+            "fill_events": (20_000, "user-events per fill set (20000)"),
+            "fill_workers": (2, "fill sets a real worker reads first (2)"),
+            "workers": (15, "workers started one after another (15)"),
+            "stall_s": (30.0, "seconds after ready without the catalog that count as a stall (30)"),
+            "ready_timeout_s": (60.0, "seconds a worker may take to /health 200 (60)"),
+        },
+        flags=(BROKERS,),
+        bootstrap=False,
+    ),
+    Bench(
+        "eos",
+        with_bench_limits(cmd_bench_eos),
+        help="Faust exactly_once against at_least_once: events/s, and duplicates after kill -9",
+        description="On an embedded Apache Kafka, run a minimal Faust app (a RocksDB table "
+        "counting per key, one output record per event) over --events pre-produced events "
+        "with processing_guarantee at_least_once and exactly_once: events/s of each and their "
+        "ratio; then kill -9 the worker --kills times per guarantee, restart it, and count "
+        "duplicate and lost output records (read_committed) and wrong table counts.",
+        sizes={
+            "events": (50_000, "pre-produced events per phase (50000)"),
+            "kills": (3, "kill -9 and restart of the worker per guarantee (3)"),
+        },
+        bootstrap=False,
+    ),
+    Bench(
+        "adtext",
+        with_bench_limits(cmd_bench_adtext),
+        help="ads with text alone: publish -> servable latency, bare encoder as baseline",
+        description="One worker with the text encoder (ADPULSE_TEXT_MODEL, else the cached "
+        "export, built first if missing) on CPU; new ads, each with its own text, are "
+        "published at --rate/s for --duration s, and each is timed from its send until "
+        "POST /decide with it as the only candidate chooses it (target p99 <= 1 s at 100/s). "
+        "Baseline in the same run: the bare encoder's texts/s, one by one and in batches.",
+        sizes={
+            "rate": (100.0, "new ads with text per second (100)"),
+            "duration": (30.0, "seconds of publishing (30)"),
+        },
+    ),
+    Bench(
+        "catalog-join",
+        with_bench_limits(cmd_bench_catalog_join),
+        help="a second worker joins while the catalog loads: does every worker get every ad?",
+        description="On an embedded Apache Kafka, per trial: publish --ads ads, start worker A, "
+        "--delay seconds later worker B in the same new group; report each worker's "
+        "adpulse_catalog_ads once settled and the distinct ads in the catalog changelog "
+        "(read to its end). Reproduces Faust's GlobalTable losing changelog records across a "
+        "rebalance (docs/reference.md, The embedded broker).",
+        sizes={
+            "trials": (6, "trials, each on new topics and a new group (6)"),
+            "ads": (3000, "ads published before worker A starts (3000)"),
+            "delay": (4.0, "seconds between worker A's and worker B's start (4.0)"),
+        },
+        json_help='also write {"catalog_join": figures} as JSON',
+        bootstrap=False,
+    ),
+    Bench(
+        "all",
+        with_bench_limits(cmd_bench_all),
+        help="every benchmark at its defaults, one JSON report and a Markdown table",
+        description="Run bench features, decisions, state, mixed, rebalance and scorer at their "
+        "defaults (or --smoke) on one broker, print each result line and a Markdown table of "
+        "every target, the measured value and its same-run baseline, and write all figures to "
+        "--json.",
+        flags=(DATA,),
+        json_help="also write every benchmark's figures as one JSON document",
+    ),
+)
 
 
-def _finite(obj: object) -> object:
-    """NaN (a figure that could not be measured) becomes null: JSON has no NaN."""
-    if isinstance(obj, float) and math.isnan(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_finite(v) for v in obj]
-    return obj
-
-
-def _add_sizes(p: argparse.ArgumentParser, **sizes: tuple[int | float, str]) -> None:
-    """``--NAME`` per keyword, in order; the default's type is the flag's (3: int, 10.0: float)."""
-    for name, (default, help_) in sizes.items():
-        flag = "--" + name.replace("_", "-")
-        p.add_argument(flag, type=type(default), default=default, help=help_)
-
-
-def _add_run_flags(p: argparse.ArgumentParser, json_help: str) -> None:
-    """``--smoke`` and ``--json``, which every benchmark has."""
+def _add(bench: Subparsers, spec: Bench) -> None:
+    p = add_command(bench, spec.name, spec.handler, help=spec.help, description=spec.description)
+    for name, (default, help_) in spec.sizes.items():
+        p.add_argument("--" + name.replace("_", "-"), type=type(default), default=default,
+                       help=help_)  # fmt: skip
+    for flag, kwargs in spec.flags:
+        p.add_argument(flag, **kwargs)
     p.add_argument("--smoke", action="store_true", help="tiny sizes: checks it runs, not speed")
+    json_help = spec.json_help or f'also write {{"{spec.name}": figures}} as JSON'
     p.add_argument("--json", metavar="PATH", help=json_help)
+    if spec.bootstrap:
+        add_bootstrap(p)
 
 
 def register(sub: Subparsers) -> None:
@@ -346,298 +311,17 @@ def register(sub: Subparsers) -> None:
         description="Benchmarks print medians with their spread and a baseline measured in "
         "the same run on the same messages (this machine is shared and noisy: compare ratios).",
     )
-
+    for spec in BENCHES:
+        _add(bench, spec)
     p = add_command(
         bench,
-        "features",
-        _bench(cmd_bench_features),
-        help="interest-feature throughput and freshness of one worker",
-        description="Produce N Taobao-shaped events, then measure a worker's events/s against "
-        "a bare aiokafka consume->produce loop over the same messages, and event-to-state "
-        "freshness at a fixed offered load.",
+        "table",
+        cmd_bench_table,
+        help="the Markdown table of a bench all JSON (docs/performance.md's is made so)",
+        description="Print the table of targets, measured values and same-run baselines of a "
+        "JSON written by bench all --json; with --into, replace the generated table of that "
+        "Markdown document with it.",
     )
-    _add_sizes(
-        p,
-        events=(200_000, "events per repeat (200000)"),
-        repeat=(3, "repeats; the median is reported (3)"),
-        rate=(5000.0, "offered events/s for freshness"),
-        duration=(10.0, "seconds of freshness load (10)"),
-        users=(10_000, "distinct users (10000)"),
-    )
-    p.add_argument("--data", default="../shared/data", help="folder with the Taobao sample to fit")
-    _add_run_flags(p, "also write the figures as JSON")
-    add_bootstrap(p)
-
-    p = add_command(
-        bench,
-        "serve",
-        _bench(cmd_bench_serve),
-        help="POST /decide latency under open-loop Poisson load, alone and with ingest",
-        description="Warm interest vectors for --users users, then offer POST /decide "
-        "requests (Poisson arrivals at --rate/s, --candidates ads each, keep-alive pool) to "
-        "one worker: latency from each request's scheduled send time, p50/p99/p99.9, errors, "
-        "sheds and no-fills; alone, then with --event-rate user-events/s of ingest and "
-        "freshness probes (event produced -> visible to /decide). Baselines from the same "
-        "run: GET /health at the same rate (the HTTP floor) and the in-process decision "
-        "cost. --duration 120 or more also reports p99 per minute.",
-    )
-    _add_sizes(
-        p,
-        rate=(1000.0, "offered requests/s (1000)"),
-        duration=(20.0, "seconds per phase (20)"),
-        event_rate=(5000.0, "user-events/s of concurrent ingest in the second phase (5000)"),
-        users=(10_000, "users with warm vectors (10000)"),
-        candidates=(100, "candidate ads per request (100)"),
-        ads=(2000, "ads in the catalog (2000)"),
-    )
-    _add_run_flags(p, 'also write {"serve": figures} as JSON')
-    add_bootstrap(p)
-
-    p = add_command(
-        bench,
-        "decisions",
-        _bench(cmd_bench_decisions),
-        help="end-to-end decision latency under Poisson-arriving ad requests",
-        description="Warm interest vectors for --users users, then offer ad requests "
-        "(Poisson arrivals at --rate/s, --candidates ads each) to one worker and measure "
-        "request produced -> decision consumed latency p50/p99/p99.9 and throughput.",
-    )
-    _add_sizes(
-        p,
-        rate=(1000.0, "offered requests/s (1000)"),
-        duration=(20.0, "seconds per repeat (20)"),
-        repeat=(3, "repeats; medians reported (3)"),
-        users=(10_000, "users with warm vectors (10000)"),
-        candidates=(100, "candidate ads per request (100)"),
-        ads=(2000, "ads in the catalog (2000)"),
-    )
-    _add_run_flags(p, "also write the figures as JSON")
-    add_bootstrap(p)
-
-    p = add_command(
-        bench,
-        "scorer",
-        _bench(cmd_bench_scorer),
-        help="candidate rows/s of the ONNX scorer by batch size, against numpy",
-        description="Score batches of 1 to 4096 candidate rows with the newest model version "
-        "in ONNX Runtime and, in the same run, with a plain numpy forward pass of the same "
-        "graph; then the whole scoring path (feature assembly, micro-batching, ONNX Runtime, "
-        "ranking) at 100 candidates per request. Prints a table and a one-line summary. "
-        "--device cuda on a machine without a GPU runs on CPU and says so.",
-    )
-    p.add_argument(
-        "--device",
-        choices=["cpu", "cuda", "auto"],
-        default="cpu",
-        help="where ONNX Runtime runs (default cpu; auto: CUDA if present)",
-    )
-    _add_run_flags(p, 'also write {"scorer": figures} as JSON')
-
-    p = add_command(
-        bench,
-        "state",
-        _bench(cmd_bench_state),
-        help="interest state size per user on disk, worker RSS, restore time from the changelog",
-        description="Grow the interest table to --users users, then report bytes per user on "
-        "disk (against the raw record size), the worker's RSS, and how long a fresh worker "
-        "with an empty data directory takes to restore the table from its changelog (against "
-        "a bare aiokafka read of the same changelog).",
-    )
-    _add_sizes(
-        p,
-        users=(1_000_000, "users in the table (1000000)"),
-        realistic_users=(50_000, "users of the realistic table (50000)"),
-        events_per_user=(20, "events per realistic user (20)"),
-        restore_repeats=(3, "restores timed; median with min-max (3)"),
-    )
-    _add_run_flags(p, 'also write {"state": figures} as JSON')
-    add_bootstrap(p)
-
-    p = add_command(
-        bench,
-        "mixed",
-        _bench(cmd_bench_mixed),
-        help="user events, ad requests and clicks offered together to one worker",
-        description="Warm interest vectors, then offer --event-rate user events/s and "
-        "--request-rate ad requests/s (--candidates ads each) at the same time from two "
-        "generator processes, answering --ctr of the decisions with clicks; report decision "
-        "latency p50/p99/p99.9, event->state freshness p99, the rates offered and achieved, and "
-        "the worker's CPU and RSS.",
-    )
-    _add_sizes(
-        p,
-        event_rate=(10_000.0, "offered user events/s (10000)"),
-        request_rate=(1_000.0, "offered ad requests/s (1000)"),
-        duration=(20.0, "seconds per repeat (20)"),
-        repeat=(3, "repeats; medians reported (3)"),
-        users=(10_000, "users with warm vectors (10000)"),
-        candidates=(100, "candidate ads per request (100)"),
-        ctr=(0.02, "share of filled decisions answered with a click (0.02)"),
-    )
-    _add_run_flags(p, 'also write {"mixed": figures} as JSON')
-    add_bootstrap(p)
-
-    p = add_command(
-        bench,
-        "promises",
-        cmd_bench_promises,
-        help="timing promises over repeats: catalog -> decisions, label -> other worker, "
-        "broker cut -> resume",
-        description="On two workers: publish an ad for a new placement and poll /decide on "
-        "each until it is chosen (catalog change -> decisions, target 1 s); produce a "
-        "ctr-feedback label and poll both workers' learner state until it counts it (label -> "
-        "the other worker's next decision, bound 1 s). Then, on a dedicated broker behind a "
-        "cuttable TCP proxy, cut one worker's link for --cut-s while events flow and time "
-        "from the link's return to events applied again (target 5 s). Medians, spread, p99.",
-    )
-    _add_sizes(
-        p,
-        catalog_repeats=(10, "catalog changes timed (10)"),
-        labels=(30, "labels timed (30)"),
-        cuts=(3, "broker cuts timed (3)"),
-        cut_s=(3.0, "seconds each cut lasts (3.0)"),
-    )
-    _add_run_flags(p, 'also write {"promises": figures} as JSON')
-    add_bootstrap(p)
-
-    p = add_command(
-        bench,
-        "adtext",
-        cmd_bench_adtext,
-        help="ads with text alone: publish -> servable latency, bare encoder as baseline",
-        description="One worker with the text encoder (ADPULSE_TEXT_MODEL, else the cached "
-        "export, built first if missing) on CPU; new ads, each with its own text, are "
-        "published at --rate/s for --duration s, and each is timed from its send until "
-        "POST /decide with it as the only candidate chooses it (target p99 <= 1 s at 100/s). "
-        "Baseline in the same run: the bare encoder's texts/s, one by one and in batches.",
-    )
-    _add_sizes(
-        p,
-        rate=(100.0, "new ads with text per second (100)"),
-        duration=(30.0, "seconds of publishing (30)"),
-    )
-    _add_run_flags(p, 'also write {"adtext": figures} as JSON')
-    add_bootstrap(p)
-
-    p = add_command(
-        bench,
-        "rebalance",
-        _bench(cmd_bench_rebalance),
-        help="two workers split the partitions; one stops; pause in decisions during takeover",
-        description="Start two workers on the same topics, check both hold partitions and serve "
-        "decisions, then stop one (SIGTERM, then SIGKILL in a second round) while requests keep "
-        "arriving at --rate/s; report the longest gap between decisions, what it is made of, and "
-        "whether the survivor serves the stopped worker's users with the same interest state.",
-    )
-    _add_sizes(
-        p,
-        rate=(200.0, "offered ad requests/s during the rebalance (200)"),
-        users=(2_000, "users with interest state (2000)"),
-        session_timeout=(3.0, "consumer-group session timeout of both workers, s (3)"),
-        repeats=(3, "rounds per signal; medians with min-max reported (3)"),
-    )
-    p.add_argument("--no-kill", action="store_true", help="skip the SIGKILL round")
-    _add_run_flags(p, 'also write {"rebalance": figures} as JSON')
-    add_bootstrap(p)
-
-    p = add_command(
-        bench,
-        "broker",
-        _bench(cmd_bench_broker),
-        help="bare aiokafka produce->consume echo on each embedded broker: latency, broker CPU",
-        description="Start each embedded broker of --brokers in turn (stopping one before the "
-        "next), create one 4-partition topic, produce --rate msg/s of --size bytes for --duration "
-        "seconds and consume them with one aiokafka consumer (fetch wait 10 ms). Print per "
-        "--window seconds: sent, received, broker CPU (% of one core), latency p50/p99; then per "
-        "broker the last/first window p99 ratio and whether the consumer starved. The same load "
-        "runs on each broker in one process run: only ratios within one run compare.",
-    )
-    _add_sizes(
-        p,
-        rate=(2000.0, "offered messages/s (2000)"),
-        duration=(180.0, "seconds of load per broker (180)"),
-        window=(15.0, "seconds per reported window (15)"),
-        size=(200, "payload bytes per message (200)"),
-        linger_ms=(1, "producer linger.ms (1)"),
-    )
-    p.add_argument(
-        "--brokers", default="kafka,tansu", help="comma list of kafka, tansu (kafka,tansu)"
-    )
-    _add_run_flags(p, 'also write {"broker": figures} as JSON')
-
-    p = add_command(
-        bench,
-        "startup",
-        _bench(cmd_bench_startup),
-        help="workers started in a row on a broker full of old topics: ready, then catalog?",
-        description="Per embedded broker of --brokers: fill it with --fill-sets adpulse topic "
-        "sets of --fill-events user-events and 42 ads each (a real worker reads the first "
-        "--fill-workers of them), then start --workers fresh workers one after another, each "
-        "on new topics with 42 ads. Per worker: seconds to /health 200, then ready -> "
-        "adpulse_catalog_ads = 42; not loaded within --stall-s is a stall, kept with its log "
-        "tail, the group as the broker describes it and broker/worker CPU.",
-    )
-    _add_sizes(
-        p,
-        fill_sets=(30, "topic sets left on the broker before the workers start (30)"),
-        fill_events=(20_000, "user-events per fill set (20000)"),
-        fill_workers=(2, "fill sets a real worker reads first (2)"),
-        workers=(15, "workers started one after another (15)"),
-        stall_s=(30.0, "seconds after ready without the catalog that count as a stall (30)"),
-        ready_timeout_s=(60.0, "seconds a worker may take to /health 200 (60)"),
-    )
-    p.add_argument(
-        "--brokers", default="kafka,tansu", help="comma list of kafka, tansu (kafka,tansu)"
-    )
-    _add_run_flags(p, 'also write {"startup": figures} as JSON')
-
-    p = add_command(
-        bench,
-        "eos",
-        _bench(cmd_bench_eos),
-        help="Faust exactly_once against at_least_once: events/s, and duplicates after kill -9",
-        description="On an embedded Apache Kafka, run a minimal Faust app (a RocksDB table "
-        "counting per key, one output record per event) over --events pre-produced events "
-        "with processing_guarantee at_least_once and exactly_once: events/s of each and their "
-        "ratio; then kill -9 the worker --kills times per guarantee, restart it, and count "
-        "duplicate and lost output records (read_committed) and wrong table counts.",
-    )
-    _add_sizes(
-        p,
-        events=(50_000, "pre-produced events per phase (50000)"),
-        kills=(3, "kill -9 and restart of the worker per guarantee (3)"),
-    )
-    _add_run_flags(p, 'also write {"eos": figures} as JSON')
-
-    p = add_command(
-        bench,
-        "catalog-join",
-        _bench(cmd_bench_catalog_join),
-        help="a second worker joins while the catalog loads: does every worker get every ad?",
-        description="On an embedded Apache Kafka, per trial: publish --ads ads, start worker A, "
-        "--delay seconds later worker B in the same new group; report each worker's "
-        "adpulse_catalog_ads once settled and the distinct ads in the catalog changelog "
-        "(read to its end). Reproduces Faust's GlobalTable losing changelog records across a "
-        "rebalance (README, The embedded broker).",
-    )
-    _add_sizes(
-        p,
-        trials=(6, "trials, each on new topics and a new group (6)"),
-        ads=(3000, "ads published before worker A starts (3000)"),
-        delay=(4.0, "seconds between worker A's and worker B's start (4.0)"),
-    )
-    _add_run_flags(p, 'also write {"catalog_join": figures} as JSON')
-
-    p = add_command(
-        bench,
-        "all",
-        _bench(cmd_bench_all),
-        help="every benchmark at its defaults, one JSON report and a Markdown table",
-        description="Run bench features, decisions, state, mixed, rebalance and scorer at their "
-        "defaults (or --smoke) on one broker, print each result line and a Markdown table of "
-        "every target, the measured value and its same-run baseline, and write all figures to "
-        "--json.",
-    )
-    p.add_argument("--data", default="../shared/data", help="folder with the Taobao sample to fit")
-    _add_run_flags(p, "also write every benchmark's figures as one JSON document")
-    add_bootstrap(p)
+    p.add_argument("--from", dest="source", metavar="JSON", required=True,
+                   help="a JSON written by bench all --json")  # fmt: skip
+    p.add_argument("--into", metavar="DOC", help="rewrite this document's generated table")

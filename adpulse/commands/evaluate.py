@@ -1,6 +1,6 @@
 """``adpulse evaluate LOG --policy NAME``: off-policy evaluation of a logged-decision file.
 
-Reads the documented log formats (README, "Off-policy evaluation") and hands the
+Reads the documented log formats (docs/evaluation.md, "Off-policy evaluation") and hands the
 rounds to :mod:`scoring.ope`. Every malformed line ends in one InputError naming
 the file and line; nothing is estimated from a partly read file.
 
@@ -303,7 +303,8 @@ def register(sub: Subparsers) -> None:
         help="estimate a policy's CTR on logged decisions (IPS, SNIPS, DR)",
         description="Off-policy evaluation: the expected reward a target policy would have had "
         "on logged decisions, by IPS, self-normalised IPS and doubly robust, with 95%% "
-        "intervals and the effective sample size. Formats: README, 'Off-policy evaluation'.",
+        "intervals and the effective sample size. Formats: docs/evaluation.md, 'Off-policy "
+        "evaluation'.",
     )
     p.add_argument("log", metavar="LOG", help="logged rounds (JSONL, CSV, or ctr-feedback JSONL)")
     p.add_argument("--policy", required=True, metavar="NAME", help=f"target: {POLICY_HELP}")

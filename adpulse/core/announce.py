@@ -1,10 +1,10 @@
 """How a worker started by hand learns that its broker is ``adpulse broker``'s embedded one.
 
-The README's first steps are ``adpulse broker`` in one terminal and ``adpulse
-worker`` in another. The embedded broker allows the published development
-pseudonym key; a real cluster must not. A worker the demo or a test starts is told
-(``ADPULSE_EMBEDDED_BROKER``), but one started by hand on that broker was not, and
-stopped with "no pseudonym key".
+The first steps by hand are ``adpulse broker`` in one terminal and ``adpulse
+worker`` in another (docs/security.md, "Privacy"). The embedded broker allows the
+published development pseudonym key; a real cluster must not. A worker the demo or a
+test starts is told (``ADPULSE_EMBEDDED_BROKER``), but one started by hand on that
+broker was not, and stopped with "no pseudonym key".
 
 So ``adpulse broker`` announces itself: while it runs, a file in the user's state
 folder (``$XDG_STATE_HOME/adpulse/embedded-brokers/``, else

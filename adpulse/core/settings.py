@@ -64,7 +64,7 @@ def _parse_weights(text: str) -> tuple[float, ...]:
 
 @dataclass(frozen=True)
 class Settings:
-    """Configuration of a worker, the CLI and the tools; see README "Configuration"."""
+    """Configuration of a worker, the CLI and the tools; see docs/configuration.md."""
 
     # -- Kafka --------------------------------------------------------------------------
     bootstrap: str = _setting(
@@ -77,7 +77,8 @@ class Settings:
         "kafka",
         "Which embedded broker the demo, tests and benches start: kafka (Apache Kafka in "
         "KRaft mode from its Maven Central jars; needs Java 17+) or tansu (fallback without "
-        "Java; its fetches slow down with everything stored, see README).",
+        "Java; its fetches slow down with everything stored, see docs/reference.md, The "
+        "embedded broker).",
     )
     kafka_libs: str = _setting(
         "",
@@ -423,7 +424,7 @@ def _convert(f: dataclasses.Field[Any], raw: str) -> Any:
 
 
 def documented() -> list[tuple[str, str, str]]:
-    """(variable, default, doc) for every setting: the configuration table of docs/reference.md."""
+    """(variable, default, doc) for every setting: the table of docs/configuration.md."""
     rows = []
     for f in fields(Settings):
         default = f.default

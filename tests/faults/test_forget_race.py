@@ -10,7 +10,7 @@ and forget now hold the partition's lock (streams/tablewriter.py
 
 Checked here, on a real broker and worker: every forget is confirmed; each
 forgotten user's state is gone or holds only a suffix of its events (those
-applied after the forget: the two topics have no order between them, README
+applied after the forget: the two topics have no order between them, docs/security.md,
 "Replays recreate state"), including every event sent after its confirmation
 came back; every other user equals the reference over all its events; and a
 worker restored from the changelogs into an empty data dir shows exactly the

@@ -1,4 +1,4 @@
-"""The README's first steps: `adpulse broker` in one terminal, `adpulse worker` in another.
+"""First steps by hand: `adpulse broker` in one terminal, `adpulse worker` in another.
 
 The worker is given the bootstrap and nothing else (no pseudonym key, no
 ADPULSE_EMBEDDED_BROKER): it must recognise the broker `adpulse broker` announced

@@ -1,4 +1,4 @@
-"""The manual must match the code: the configuration table (docs/reference.md) and the
+"""The manual must match the code: the configuration table (docs/configuration.md) and the
 metric table (docs/operations.md) list every setting and metric with its default and doc."""
 
 from __future__ import annotations
@@ -9,11 +9,11 @@ from adpulse.core.metrics import documented_metrics
 from adpulse.core.settings import documented
 
 ROOT = Path(__file__).resolve().parents[2]
-REFERENCE, OPERATIONS = ROOT / "docs" / "reference.md", ROOT / "docs" / "operations.md"
+CONFIGURATION, OPERATIONS = ROOT / "docs" / "configuration.md", ROOT / "docs" / "operations.md"
 
 
 def test_readme_configuration_table_lists_every_setting_with_its_default() -> None:
-    text = REFERENCE.read_text()
+    text = CONFIGURATION.read_text()
     for var, default, doc in documented():
         assert f"| `{var}` | `{default}` | {doc} |" in text, f"stale row: {var}"
 
