@@ -112,7 +112,7 @@ class TextEncoder:
         providers = providers_for(device)
         fp16 = onnx_path.with_name(FP16_FILE)
         if model_dir.suffix != ".onnx" and providers[0] in (CUDA, TENSORRT) and fp16.exists():
-            onnx_path = fp16  # half the memory traffic; ~1e-3 cosine from fp32 (docs/models.md)
+            onnx_path = fp16  # half the memory traffic; ~1e-3 cosine from fp32 (docs/evaluation.md)
         options = SessionOptions(intra_op_threads=threads).to_options()
         self.session = ort.InferenceSession(str(onnx_path), options, providers=providers)
         self.provider = str(self.session.get_providers()[0])

@@ -16,7 +16,7 @@ CONFIGS = {
     "mixed": ("mixed", "MixedBench"), "promises": ("promises", "PromisesBench"),
     "rebalance": ("rebalance", "RebalanceBench"), "broker": ("broker", "BrokerBench"),
     "startup": ("startup", "StartupBench"), "eos": ("eos", "EosBench"),
-    "catalog-join": ("catalogjoin", "CatalogJoinBench"),
+    "catalog-join": ("catalogjoin", "CatalogJoinBench"), "adtext": ("adtext", "AdTextBench"),
 }  # fmt: skip
 FIELD = {"repeat": "repeats", "duration": "duration_s", "window": "window_s",
          "session_timeout": "session_timeout_s", "delay": "delay_s"}  # fmt: skip
