@@ -20,10 +20,10 @@ from adpulse.core.metrics import Metrics
 from adpulse.core.privacy import Pseudonymiser
 from adpulse.core.settings import Settings
 from streams.catalogmirror import TopicMirror, catalog_mirror
-from streams.consumer import BatchApp
-from streams.restore import BulkRecovery
-from streams.seal import SEAL_KEY
-from streams.tablewriter import PartitionLocks
+from streams.runtime.consumer import BatchApp
+from streams.runtime.restore import BulkRecovery
+from streams.runtime.seal import SEAL_KEY
+from streams.runtime.tablewriter import PartitionLocks
 from streams.topics import TOPICS
 
 log = logging.getLogger(__name__)
@@ -56,8 +56,8 @@ class Wiring:
 
 
 class SealingTableManager(TableManager):
-    """Seals changelogs before each recovery on the embedded broker (see streams/seal.py);
-    its recovery reads the active changelog backlog in bulk (streams/restore.py)."""
+    """Seals changelogs before each recovery on the embedded broker (see streams/runtime/seal.py);
+    its recovery reads the active changelog backlog in bulk (streams/runtime/restore.py)."""
 
     @property
     def recovery(self) -> Recovery:
@@ -115,10 +115,10 @@ def create_app(settings: Settings) -> Wiring:
         fetch_max_wait_ms=settings.fetch_max_wait_ms,
         slice_ms=settings.batch_slice_ms,
     )
-    # Only tansu reports short end offsets (streams/seal.py); Apache Kafka needs no seal.
+    # Only tansu reports short end offsets (streams/runtime/seal.py); Apache Kafka needs no seal.
     tansu = settings.embedded_broker and settings.embedded == "tansu"
     app.seal_changelogs = tansu  # type: ignore[attr-defined]
-    # streams/restore.py: the aiokafka client that reads changelog backlogs in bulk.
+    # streams/runtime/restore.py: the aiokafka client that reads changelog backlogs in bulk.
     app.bulk_restore_client = client_kwargs(settings) if settings.bulk_restore else None  # type: ignore[attr-defined]
     raw: dict[str, Any] = {
         "key_type": bytes,

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import msgspec
 
 from streams.deadletter import Raw, Rejected, dead_letter
-from streams.tablewriter import ChangelogBuffer, read_many, write_local, write_many
+from streams.runtime.tablewriter import ChangelogBuffer, read_many, write_local, write_many
 from streams.validate import ContractDecoder, key_problem
 
 if TYPE_CHECKING:
@@ -77,7 +77,7 @@ async def forget(
     counts: dict[str, Any] = {}
     futures: list[Any] = []
     # Under the partition's lock: an ingest batch that read the user before this
-    # tombstone has its changelog records sent before it (streams/tablewriter.py).
+    # tombstone has its changelog records sent before it (streams/runtime/tablewriter.py).
     async with w.interest_locks.hold([part]):
         counts["interest"] = sum(v is not None for v in read_many(w.interest, part, [key]))
         futures += await write_many(w.interest, part, [(key, None)])

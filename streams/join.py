@@ -47,7 +47,7 @@ from scoring.abuse import ClickBurst
 from scoring.dueindex import DueIndex
 from scoring.watermark import Input, Watermarks
 from streams.deadletter import Raw, Rejected
-from streams.tablewriter import read_many, write_many
+from streams.runtime.tablewriter import read_many, write_many
 
 if TYPE_CHECKING:
     from streams.app import Wiring

@@ -72,7 +72,7 @@ from scoring.strategy.state import (
 )
 from scoring.strategy.thompson import ThompsonParams, ThompsonSampling
 from streams.deadletter import Loader, Raw, Rejected, dead_letter
-from streams.tablewriter import read_many, write_many
+from streams.runtime.tablewriter import read_many, write_many
 from streams.validate import ContractDecoder
 
 if TYPE_CHECKING:

@@ -1,7 +1,7 @@
 """The main path, top to bottom: what happens to each batch, stage by stage.
 
 user-events batch  -> validate + dedupe + decay (streams/interest.py)
-                   -> interest table (streams/tablewriter.py)
+                   -> interest table (streams/runtime/tablewriter.py)
 ad-requests batch  -> candidates, caps, budgets, one scoring run, strategy
                       (streams/decide.py) -> ad-decisions
 anything refused   -> dead-letters (streams/deadletter.py)
@@ -12,7 +12,7 @@ ctr-feedback batch -> dedupe + Thompson/LinUCB/calibration (streams/learn.py)
 forget-requests    -> the user's interest, freqcap, pending records deleted by
                       tombstones (streams/forget.py) -> forget-confirmations
 timers             -> model registry poll (hot-swap), catalog refresh,
-                      consumer lag and table sizes (streams/gauges.py)
+                      consumer lag and table sizes (streams/runtime/gauges.py)
 """
 
 from __future__ import annotations
@@ -35,16 +35,16 @@ from scoring.registry import LoadedModel, ModelRegistry
 from scoring.strategy.policy import StrategyReader
 from streams import forget, serve
 from streams.catalog import CATALOG_REFRESH_S, CatalogCache, check_catalog_record
-from streams.consumer import Batch
 from streams.deadletter import Raw, Rejected, dead_letter
 from streams.decide import AdRequestMsg, DecideResult, DecideStage, ServingModels, StateReaders
-from streams.gauges import SAMPLE_S, sample_consumer_lag, sample_pacing, sample_table_keys
 from streams.ingest import LOG_APPEND_TIME, broker_ms
 from streams.interest import BatchResult, InterestStage
 from streams.join import JOIN_TICK_S, JoinStage
 from streams.learn import LearnStage, learn_batch
-from streams.seal import is_seal
-from streams.tablewriter import ChangelogBuffer, read_many, send_changelog, write_local
+from streams.runtime.consumer import Batch
+from streams.runtime.gauges import SAMPLE_S, sample_consumer_lag, sample_pacing, sample_table_keys
+from streams.runtime.seal import is_seal
+from streams.runtime.tablewriter import ChangelogBuffer, read_many, send_changelog, write_local
 
 if TYPE_CHECKING:
     from streams.app import Wiring

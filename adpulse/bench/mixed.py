@@ -45,7 +45,7 @@ from adpulse.core.privacy import Pseudonymiser
 from adpulse.core.settings import Settings
 from adpulse.workerproc import WorkerProcess
 from adpulse.workload import Workload, WorkloadModel
-from streams.topicadmin import create_topics
+from streams.runtime.topicadmin import create_topics
 
 
 @dataclass(frozen=True)

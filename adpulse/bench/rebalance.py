@@ -47,7 +47,7 @@ from adpulse.core.kafkaconf import client_kwargs
 from adpulse.core.settings import Settings
 from adpulse.workerproc import WorkerProcess
 from adpulse.workload import Workload, WorkloadModel
-from streams.topicadmin import create_topics
+from streams.runtime.topicadmin import create_topics
 
 WAIT_S = 120.0  # bench-ok: wait bound for joins and takeovers, not a timing claim
 STALL_S = 30.0  # bench-ok: a worker that applied nothing this long after ready is stalled

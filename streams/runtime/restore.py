@@ -26,7 +26,7 @@ counts its changes), not tables with their own ``apply_changelog_batch`` or an
 partition the bulk read could not finish, takes Faust's path from where the
 bulk read stopped. The embedded broker's short end offsets are handled as
 before: the changelogs are sealed before the highwaters are built
-(streams/seal.py), so the highwater is exact.
+(streams/runtime/seal.py), so the highwater is exact.
 """
 
 from __future__ import annotations

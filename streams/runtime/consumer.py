@@ -313,7 +313,7 @@ class BatchApp(faust.App):
 
 
 class FaustConsumerView:
-    """The watchdog's view (streams/watchdog.py) of a Faust worker's consumer.
+    """The watchdog's view (streams/runtime/watchdog.py) of a Faust worker's consumer.
 
     Faust internals used: ``Consumer._read_offset`` (processed positions; the batch
     path stores the next offset, Faust's own path the last one read),

@@ -1,0 +1,1 @@
+"""Faust and Kafka plumbing (filled in the next commit)."""
