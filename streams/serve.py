@@ -48,9 +48,10 @@ from adpulse.core.privacy import API_TOKEN_HELP, bearer_ok, load_api_token
 from adpulse.core.settings import Settings
 from streams.deadletter import Raw, Rejected
 from streams.decide import AdRequestMsg, request_decoder
+from streams.runtime.tablewriter import aiokafka_producer
 
 if TYPE_CHECKING:
-    from streams.app import Wiring
+    from streams.wiring import Wiring
 
 log = logging.getLogger(__name__)
 
@@ -237,8 +238,7 @@ def wire(w: Wiring, decide: Decide, catalog_rows: Callable[[], int]) -> DecideSe
         producer. A worker only learns a topic's partition count when it first
         sends to it, so a fresh worker, before its first user event, answered
         /decide with an error; until this completes it answers 503."""
-        faust_producer: Any = app.producer
-        producer = faust_producer._producer  # the aiokafka one (README, Faust internals)
+        producer = aiokafka_producer(app)
         for topic in (w.interest.changelog_topic.get_topic_name(), requests_topic):
             await producer.partitions_for(topic)
 

@@ -40,8 +40,11 @@ from aiokafka import AIOKafkaConsumer
 from aiokafka.structs import TopicPartition
 from faust.stores.rocksdb import Store as RocksStore
 from faust.tables.base import Collection
+from faust.tables.manager import TableManager
 from faust.tables.recovery import Recovery
 from faust.types import TP
+
+from streams.runtime.seal import SEAL_KEY
 
 log = logging.getLogger(__name__)
 IDLE_GIVE_UP_S = 30.0  # no record for this long: leave the rest to Faust's recovery
@@ -170,3 +173,32 @@ def _write(store: Any, tp: TP, records: list[Any], hw: int, offsets: Any) -> int
     store._db_for_partition(tp.partition).write(batch)
     offsets[tp] = last
     return n
+
+
+class SealingTableManager(TableManager):
+    """Seals changelogs before each recovery on the embedded broker (streams/runtime/seal.py);
+    its recovery reads the active changelog backlog in bulk (:class:`BulkRecovery`)."""
+
+    @property
+    def recovery(self) -> Recovery:
+        if self._recovery is None:
+            self._recovery = BulkRecovery(self.app, self, beacon=self.beacon, loop=self.loop)
+        return self._recovery
+
+    async def on_rebalance(
+        self, assigned: Any, revoked: Any, newly_assigned: Any, generation_id: int = 0
+    ) -> None:
+        if getattr(self.app, "seal_changelogs", False):
+            await _seal(self.app, self.changelog_topics)
+        await super().on_rebalance(assigned, revoked, newly_assigned, generation_id)
+
+
+async def _seal(app: Any, topics: set[str]) -> None:
+    producer = app.producer
+    for topic in sorted(topics):
+        partitions = app.consumer.topic_partitions(topic) or 0
+        for p in range(partitions):
+            # One record, awaited alone: the broker stores it as a batch of one.
+            fut = await producer.send(topic, SEAL_KEY, None, p, None, None)
+            await fut
+    log.info("sealed %d changelog topic(s) before recovery", len(topics))
