@@ -29,7 +29,7 @@ from streams.runtime.consumer import FaustConsumerView
 from streams.runtime.gauges import PROBE_S, BrokerProbe
 
 if TYPE_CHECKING:
-    from streams.app import Wiring
+    from streams.wiring import Wiring
 
 
 def wire(w: Wiring) -> None:
