@@ -34,9 +34,7 @@ def ingested(m: Metrics, result: BatchResult, n: int, started: float, oldest_ms:
 
 
 def decided(m: Metrics, settings: Settings, result: DecideResult) -> None:
-    """Once each decision's ``latency_ms`` is set."""
-    for _, _, decision in result.decisions:
-        m.decision_latency.observe(decision["latency_ms"] / 1000)
+    """Per decision only its latency is observed, where it is set (streams/pipeline.py)."""
     for (policy, placement), n in result.by_policy.items():
         m.decisions.labels(policy, placement).inc(n)
     for arm, n in result.by_arm.items():

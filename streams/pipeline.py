@@ -213,9 +213,10 @@ def decide_requests(
     result = stage.decide(requests, tables, now_ms, default_tmax_ms)
     _write_local(w.freqcap, result.cap_writes)
     _write_local(w.spend, result.spend_writes)
-    done_ms = time.time() * 1000
+    done_ms, observe = time.time() * 1000, w.metrics.decision_latency.observe
     for _, raw, decision in result.decisions:
         decision["latency_ms"] = max(0.0, done_ms - raw.timestamp_ms)
+        observe(decision["latency_ms"] / 1000)
     counts.decided(w.metrics, w.settings, result)
     return result
 
