@@ -3,8 +3,8 @@
 user-events are keyed by the raw user id and ad-decisions by its pseudonym, but
 each decision is written to its request's partition number (streams/pipeline.py),
 so one worker sees a decision and its user's clicks. The state machine is
-scoring/joinstate.py; this module owns the I/O around it: the ``pending`` table
-(decision id -> record), an in-memory index per partition of each record's
+scoring/joinstate.py; this module holds what sits around it: the records of the
+``pending`` table (decision id -> record), an in-memory index per partition of each record's
 deadline and of the users with clicked decisions (for purchases), and the
 partition's watermark (scoring/watermark.py: the lower of the two inputs' event
 times; the wall clock stands in for an input only while it is caught up to the

@@ -68,7 +68,7 @@ class BulkRecovery(Recovery):
     async def _build_offsets(
         self, consumer: Any, tps: set[TP], destination: Any, title: str
     ) -> None:
-        client = getattr(self.app, "bulk_restore_client", None)  # set by streams/app.py
+        client = getattr(self.app, "bulk_restore_client", None)  # BatchApp's, from settings
         if title == "active" and client:
             wanted = {
                 tp: self.tp_to_table[tp]
