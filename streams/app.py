@@ -8,82 +8,23 @@ run.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 from typing import Any
 
-import faust
-from faust.tables.manager import TableManager
-from faust.tables.recovery import Recovery
+from faust.types import TableT
 
 from adpulse.core.kafkaconf import client_kwargs, faust_credentials
 from adpulse.core.metrics import Metrics
 from adpulse.core.privacy import Pseudonymiser
 from adpulse.core.settings import Settings
 from schemas.topics import TOPICS
+from streams import pipeline, web
 from streams.adtext import AdTextEmbedder
 from streams.catalogmirror import TopicMirror, catalog_mirror
-from streams.consumer import BatchApp
-from streams.restore import BulkRecovery
-from streams.seal import SEAL_KEY
-from streams.tablewriter import PartitionLocks
+from streams.runtime.consumer import BatchApp
+from streams.runtime.restore import SealingTableManager
+from streams.wiring import Wiring
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Wiring:
-    """What the stages need from the app, handed to them explicitly."""
-
-    settings: Settings
-    app: BatchApp
-    user_events: faust.TopicT
-    ad_requests: faust.TopicT
-    ad_decisions: faust.TopicT
-    ad_catalog: faust.TopicT
-    dead_letters: faust.TopicT
-    interest: Any  # faust Table, raw bytes -> raw bytes (scoring.features record)
-    freqcap: Any  # pseudonym -> scoring.caps.CapRecord (msgpack)
-    spend: Any  # campaign id -> pacing record (streams/budget.py), per partition share
-    catalog: TopicMirror  # every ad-catalog record, read by this worker itself
-    metrics: Metrics
-    ctr_feedback: faust.TopicT
-    learn: Any  # ad id -> streams.learn.AdState (msgpack), per ctr-feedback partition
-    strategy: TopicMirror  # every learn record, whoever wrote it (streams/catalogmirror.py)
-    pending: Any = None  # decision id -> scoring.joinstate.Pending (the click join)
-    pseudonyms: Pseudonymiser = field(default_factory=lambda: Pseudonymiser(None))  # raw id -> it
-    forget_requests: Any = None  # faust topic: erase one user's state (streams/forget.py)
-    # Per partition of ``interest``: an ingest batch and a forget exclude each other.
-    interest_locks: PartitionLocks = field(default_factory=PartitionLocks)
-    adtext: AdTextEmbedder | None = None  # ADPULSE_TEXT_MODEL set: ad text -> embedding
-
-
-class SealingTableManager(TableManager):
-    """Seals changelogs before each recovery on the embedded broker (see streams/seal.py);
-    its recovery reads the active changelog backlog in bulk (streams/restore.py)."""
-
-    @property
-    def recovery(self) -> Recovery:
-        if self._recovery is None:
-            self._recovery = BulkRecovery(self.app, self, beacon=self.beacon, loop=self.loop)
-        return self._recovery
-
-    async def on_rebalance(
-        self, assigned: Any, revoked: Any, newly_assigned: Any, generation_id: int = 0
-    ) -> None:
-        if getattr(self.app, "seal_changelogs", False):
-            await _seal(self.app, self.changelog_topics)
-        await super().on_rebalance(assigned, revoked, newly_assigned, generation_id)
-
-
-async def _seal(app: Any, topics: set[str]) -> None:
-    producer = app.producer
-    for topic in sorted(topics):
-        partitions = app.consumer.topic_partitions(topic) or 0
-        for p in range(partitions):
-            # One record, awaited alone: the broker stores it as a batch of one.
-            fut = await producer.send(topic, SEAL_KEY, None, p, None, None)
-            await fut
-    log.info("sealed %d changelog topic(s) before recovery", len(topics))
 
 
 def create_app(settings: Settings) -> Wiring:
@@ -116,12 +57,11 @@ def create_app(settings: Settings) -> Wiring:
         batch_within=settings.batch_max_wait_s,
         fetch_max_wait_ms=settings.fetch_max_wait_ms,
         slice_ms=settings.batch_slice_ms,
+        # Only tansu reports short end offsets (streams/runtime/seal.py); Kafka needs no seal.
+        seal_changelogs=settings.embedded_broker and settings.embedded == "tansu",
+        # streams/runtime/restore.py: the aiokafka client that reads changelog backlogs in bulk.
+        bulk_restore_client=client_kwargs(settings) if settings.bulk_restore else None,
     )
-    # Only tansu reports short end offsets (streams/seal.py); Apache Kafka needs no seal.
-    tansu = settings.embedded_broker and settings.embedded == "tansu"
-    app.seal_changelogs = tansu  # type: ignore[attr-defined]
-    # streams/restore.py: the aiokafka client that reads changelog backlogs in bulk.
-    app.bulk_restore_client = client_kwargs(settings) if settings.bulk_restore else None  # type: ignore[attr-defined]
     raw: dict[str, Any] = {
         "key_type": bytes,
         "value_type": bytes,
@@ -130,7 +70,7 @@ def create_app(settings: Settings) -> Wiring:
     }
 
     # bytes key/value types give tables raw serializers: values are packed records.
-    def table(name: str, help_: str) -> Any:
+    def table(name: str, help_: str) -> TableT[bytes, bytes]:
         return app.Table(
             name, partitions=settings.partitions, key_type=bytes, value_type=bytes, help=help_
         )
@@ -165,9 +105,7 @@ def create_app(settings: Settings) -> Wiring:
         adtext=adtext,
     )
 
-    from streams import pipeline, web  # noqa: PLC0415 - stages register themselves on the app
-
-    pipeline.wire(wiring)
+    pipeline.wire(wiring)  # the handlers register themselves on the app
     web.wire(wiring)
     return wiring
 

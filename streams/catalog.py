@@ -19,7 +19,7 @@ from adpulse.core.metrics import Metrics
 from schemas import first_error
 from scoring.catalog import Catalog
 from scoring.featurespec import FeatureSpec
-from streams.seal import is_seal
+from streams.runtime.seal import is_seal
 from streams.validate import parse_json
 
 log = logging.getLogger(__name__)

@@ -36,7 +36,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from adpulse.core.kafkaconf import client_kwargs
 from adpulse.core.settings import Settings
 from streams.catalog import TextCheck, check_catalog_record
-from streams.seal import is_seal
+from streams.runtime.seal import is_seal
 
 log = logging.getLogger(__name__)
 POLL_MS = 500

@@ -2,7 +2,7 @@
 
 One call per consumed batch: decode and validate everything at once, read each
 touched user's state once, fold the batch in with numpy (scoring/features.py),
-and hand back one write per user. The Faust adapter (streams/app.py) owns the
+and hand back one write per user. The handler (streams/pipeline.py) owns the
 I/O; this module owns the order of the steps, so it can be tested without a
 broker.
 """

@@ -3,15 +3,18 @@
 user-events are keyed by the raw user id and ad-decisions by its pseudonym, but
 each decision is written to its request's partition number (streams/pipeline.py),
 so one worker sees a decision and its user's clicks. The state machine is
-scoring/joinstate.py; this module owns the I/O around it: the ``pending`` table
-(decision id -> record), an in-memory index per partition of each record's
+scoring/joinstate.py; this module holds what sits around it: the records of the
+``pending`` table (decision id -> record), an in-memory index per partition of each record's
 deadline and of the users with clicked decisions (for purchases), and the
 partition's watermark (scoring/watermark.py: the lower of the two inputs' event
 times; the wall clock stands in for an input only while it is caught up to the
-end of its partition and quiet, never on a backlog).
+end of its partition and quiet, never on a backlog). It reads the ``pending``
+table and the consumer's positions through what it is given, and returns what
+to send and write; streams/pipeline.py does that I/O (``join_step``).
 
 Order of effects, per batch and per timer tick, under one lock: read records,
-apply, **send the labels and wait for their acks**, then write the records.
+apply (:meth:`JoinStage.step`), **send the labels and wait for their acks**,
+then write the records (:meth:`JoinStage.settled`).
 A crash before the labels are acked replays the batch from the state before
 it: nothing lost. A crash after the acks but before the state is durable
 replays it too and sends the same labels again: that is the one duplicate
@@ -34,29 +37,23 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
 
 import msgspec
-from faust.types import TP
 
+from adpulse.core.settings import Settings
 from schemas.messages import UNSET, AdDecision, CtrFeedback, UserEvent
 from scoring import joinstate as js
 from scoring.abuse import ClickBurst
 from scoring.dueindex import DueIndex
 from scoring.watermark import Input, Watermarks
-from streams.deadletter import Raw, Rejected
-from streams.tablewriter import read_many, write_many
+from streams.deadletter import Loader, Raw, Rejected
 from streams.validate import ContractDecoder
-
-if TYPE_CHECKING:
-    from streams.app import Wiring
 
 log = logging.getLogger(__name__)
 JOIN_TICK_S = 1.0
-# (partition, charges, now_ms) -> what completes when the spend they change is durable
-Settle = Callable[[int, list[js.Charge], int], list[Awaitable[Any]]]
 
 
 DECISION_MAX_BYTES = 64 * 1024  # a decision's interest vector may have up to 1024 numbers
@@ -84,29 +81,80 @@ def pending_decision(d: AdDecision, ad_id: str, offset: int, ad: tuple[int, int]
     )  # fmt: skip
 
 
+class Positions(Protocol):
+    """Where the worker's consumer stands on a partition (streams/runtime/consumer.py)."""
+
+    def highwater(self, topic: str, partition: int) -> int | None: ...
+    def position(self, topic: str, partition: int) -> int | None: ...
+
+
+@dataclass(frozen=True)
+class PendingReads:
+    """How the join reads its ``pending`` table: given by streams/pipeline.py."""
+
+    load: Loader  # keys, their partitions -> values
+    scan: Callable[[int], Iterable[tuple[bytes, bytes]]]  # every record of a partition
+
+
+@dataclass
+class JoinInput:
+    """Records for one partition of the join; ``seen``: the input they came from, their
+    newest time, the offset after them (None: a timer tick)."""
+
+    part: int
+    decisions: list[js.Decision] = field(default_factory=list)
+    events: list[js.Event] = field(default_factory=list)
+    seen: tuple[Input, int, int] | None = None
+
+
+@dataclass
+class JoinStep:
+    """One change of a partition's join state: ``labels`` to send (and ``charges`` to
+    settle) before :meth:`JoinStage.settled` gives the records to write."""
+
+    part: int
+    state: dict[str, js.Pending | None]
+    labels: list[CtrFeedback]
+    charges: list[js.Charge]
+    changed: set[str]
+    deleted: set[str]
+    late_clicks: int
+    expired: int
+    suspect: list[tuple[str, str]]  # (rule, pseudonym)
+    index: tuple[DueIndex, dict[str, set[str]]]  # the partition's, as the step read it
+
+
 class JoinStage:
-    def __init__(self, w: Wiring, settle: Settle | None = None) -> None:
-        """``settle``: charges clicks of cpc decisions (None: they are not charged)."""
-        self.w = w
-        self.settle = settle
-        self.params = js.JoinParams.from_settings(w.settings)
-        self.topic = w.settings.topic("ctr-feedback")
+    def __init__(
+        self,
+        settings: Settings,
+        pending: PendingReads,
+        positions: Positions,
+        generation: Callable[[], int | None],
+        ad: Callable[[bytes], bytes | None],
+    ) -> None:
+        """``generation``: the consumer's (a change: rebalanced); ``ad``: a catalog record."""
+        self.pending = pending
+        self.positions = positions
+        self.generation = generation
+        self.ad_record = ad
+        self.params = js.JoinParams.from_settings(settings)
         self.inputs: dict[Input, str] = {
-            "decisions": w.settings.topic("ad-decisions"),
-            "events": w.settings.topic("user-events"),
+            "decisions": settings.topic("ad-decisions"),
+            "events": settings.topic("user-events"),
         }
+        # Held by streams/pipeline.py from a step's read to its write, so each change
+        # of a partition's records sees the one before it whole.
         self.lock = asyncio.Lock()
         self.due: dict[int, DueIndex] = {}  # partition -> decision id -> deadline
         self.clicked: dict[int, dict[str, set[str]]] = {}  # partition -> user -> decision ids
-        self.watermark = Watermarks(int(w.settings.watermark_idle_s * 1000))
+        self.watermark = Watermarks(int(settings.watermark_idle_s * 1000))
         self.gen: int | None = None
-        self.burst = ClickBurst(w.settings.max_clicks_per_user_min)
+        self.burst = ClickBurst(settings.max_clicks_per_user_min)
         self.decoder = ContractDecoder("ad-decisions", AdDecision, DECISION_MAX_BYTES)
 
     # -- inputs --------------------------------------------------------------------------
-    async def on_decisions(
-        self, raws: Sequence[Raw], now_ms: int
-    ) -> tuple[list[Any], list[Rejected]]:
+    def on_decisions(self, raws: Sequence[Raw]) -> tuple[list[JoinInput], list[Rejected]]:
         by_part: dict[int, list[js.Decision]] = {}
         rejected: list[Rejected] = []
         ads: dict[str, tuple[int, int]] = {}
@@ -126,19 +174,20 @@ class JoinStage:
                 ad = ads.get(d.ad_id) or ads.setdefault(d.ad_id, self._ad(d.ad_id))
             dec = pending_decision(d, d.ad_id, raw.offset, ad)
             by_part.setdefault(raw.partition, []).append(dec)
-        futures: list[Any] = []
-        for part, end in ends.items():
-            seen: tuple[Input, int, int] = ("decisions", newest.get(part, 0), end)
-            futures += await self._apply(part, by_part.get(part, []), [], now_ms, seen)
-        return futures, rejected
+        inputs = [
+            JoinInput(part, by_part.get(part, []), [], ("decisions", newest.get(part, 0), end))
+            for part, end in ends.items()
+        ]
+        return inputs, rejected
 
-    async def on_events(
+    def on_events(
         self,
         good: Sequence[tuple[UserEvent, Raw]],
         now_ms: int,
         ends: Mapping[int, int] | None = None,
-    ) -> list[Any]:
-        """Clicks on served ads and purchases of a user-events batch (already validated).
+    ) -> tuple[list[JoinInput], list[tuple[str, str]]]:
+        """Clicks on served ads and purchases of a user-events batch (already validated),
+        and the suspect clicks (rule, pseudonym) the abuse rules held back.
 
         ``ends``: partition -> the offset after the batch's last record, valid or not
         (the watermark's read position; without it, that of the last valid one).
@@ -161,82 +210,58 @@ class JoinStage:
             else:
                 continue
             by_part.setdefault(raw.partition, []).append(e)
-        self._suspects(bursts)
-        futures: list[Any] = []
-        for part, end in offsets.items():
-            seen: tuple[Input, int, int] = ("events", newest.get(part, 0), end)
-            futures += await self._apply(part, [], by_part.get(part, []), now_ms, seen)
-        return futures
+        inputs = [
+            JoinInput(part, [], by_part.get(part, []), ("events", newest.get(part, 0), end))
+            for part, end in offsets.items()
+        ]
+        return inputs, bursts
 
-    async def tick(self) -> None:
-        """Advance idle partitions' watermarks by wall clock; label and expire what is due."""
-        app = self.w.app
-        if getattr(app, "rebalancing", False) or getattr(app, "in_recovery", False):
-            return
-        topic = self.w.ad_decisions.get_topic_name()
-        now_ms = int(time.time() * 1000)
-        for tp in app.assignor.assigned_actives():
-            if tp.topic == topic:
-                await self._apply(tp.partition, [], [], now_ms)
+    # -- the one path every change takes, under ``lock`` ---------------------------------------
+    def step(self, inp: JoinInput, now_ms: int) -> JoinStep | None:
+        """Read the records ``inp`` touches and those now due, apply; None: nothing to do.
 
-    # -- the one path every change takes -------------------------------------------------------
-    async def _apply(
-        self,
-        part: int,
-        decisions: list[js.Decision],
-        events: list[js.Event],
-        now_ms: int,
-        seen: tuple[Input, int, int] | None = None,
-    ) -> list[Any]:
-        """``seen``: the input these records came from, their newest time, the offset after."""
-        async with self.lock:  # the watermark moves with the records that move it, never before
-            due, users = self._index(part)
-            if seen is not None:
-                inp, newest_ts, end = seen
-                self.watermark.seen(part, inp, newest_ts, now_ms, end)
-            wm = self.watermark.advance(part, now_ms, lambda inp: self._caught_up(part, inp))
-            keys = {d.decision_id for d in decisions} | {e.decision_id for e in events}
-            keys.discard("")
-            for e in events:
-                if not e.decision_id:
-                    keys |= users.get(e.user_id, set())
-            keys.update(due.due(wm))
-            if not keys:
-                return []
-            ordered = sorted(keys)
-            values = read_many(self.w.pending, part, [k.encode() for k in ordered])
-            state = {k: js.decode(v) if v else None for k, v in zip(ordered, values, strict=True)}
-            step = js.apply_batch(state, decisions, events, self.params)
-            closed = js.close_due(state, wm, self.params)
-            labels = step.labels + closed.labels
-            charged: list[Awaitable[Any]] = []
-            if step.charges and self.settle is not None:  # durable with the labels, as they are
-                charged = self.settle(part, step.charges, now_ms)
-            if labels:  # acked before the state that records them is written (see above)
-                sends = [
-                    await self.w.app.producer.send(
-                        self.topic,
-                        lab.ad_id.encode(),
-                        msgspec.json.encode(lab),
-                        None,
-                        None,
-                        None,
-                    )
-                    for lab in labels
-                ]
-                await asyncio.gather(*sends, *charged)
-            writes: list[tuple[bytes, bytes | None]] = []
-            for key in sorted(step.changed | closed.changed | closed.deleted):
-                rec, gone = state[key], key in closed.deleted
-                assert rec is not None
-                self._reindex(due, users, key, rec, gone)
-                writes.append((key.encode(), None if gone else js.encode(rec)))
-            self._count(labels, step.late_clicks, closed.expired, len(writes))
-            self._suspects(step.suspect + closed.suspect)
-            return await write_many(self.w.pending, part, writes)
+        Call under :attr:`lock`, and hold it until the step's writes are sent: the
+        watermark moves with the records that move it, never before.
+        """
+        part = inp.part
+        due, users = self._index(part)
+        if inp.seen is not None:
+            kind, newest_ts, end = inp.seen
+            self.watermark.seen(part, kind, newest_ts, now_ms, end)
+        wm = self.watermark.advance(part, now_ms, lambda kind: self._caught_up(part, kind))
+        keys = {d.decision_id for d in inp.decisions} | {e.decision_id for e in inp.events}
+        keys.discard("")
+        for e in inp.events:
+            if not e.decision_id:
+                keys |= users.get(e.user_id, set())
+        keys.update(due.due(wm))
+        if not keys:
+            return None
+        ordered = sorted(keys)
+        values = self.pending.load([k.encode() for k in ordered], [part] * len(ordered))
+        state = {k: js.decode(v) if v else None for k, v in zip(ordered, values, strict=True)}
+        step = js.apply_batch(state, inp.decisions, inp.events, self.params)
+        closed = js.close_due(state, wm, self.params)
+        return JoinStep(
+            part, state, step.labels + closed.labels, step.charges,
+            step.changed | closed.changed, closed.deleted, step.late_clicks, closed.expired,
+            step.suspect + closed.suspect, (due, users),
+        )  # fmt: skip
+
+    def settled(self, step: JoinStep) -> list[tuple[bytes, bytes | None]]:
+        """Once the step's labels are acknowledged: its records to write (None deletes),
+        and the in-memory indexes moved to match."""
+        due, users = step.index
+        writes: list[tuple[bytes, bytes | None]] = []
+        for key in sorted(step.changed | step.deleted):
+            rec, gone = step.state[key], key in step.deleted
+            assert rec is not None
+            self._reindex(due, users, key, rec, gone)
+            writes.append((key.encode(), None if gone else js.encode(rec)))
+        return writes
 
     def _index(self, part: int) -> tuple[DueIndex, dict[str, set[str]]]:
-        gen = self.w.app.consumer_generation_id
+        gen = self.generation()
         if gen != self.gen:  # rebalanced: partitions may have been handled elsewhere meanwhile
             self.due.clear()
             self.clicked.clear()
@@ -245,10 +270,7 @@ class JoinStage:
         if part not in self.due:
             due = DueIndex()
             users: dict[str, set[str]] = {}
-            db = self.w.pending.data._db_for_partition(part)
-            for k, v in db.items():
-                if k.startswith(b"__faust") or not isinstance(v, bytes):
-                    continue
+            for k, v in self.pending.scan(part):
                 try:
                     self._reindex(due, users, k.decode(), js.decode(v), deleted=False)
                 except (msgspec.DecodeError, UnicodeDecodeError):
@@ -262,19 +284,15 @@ class JoinStage:
 
         The position is the offset after the last record handed to the join (not
         the consumer's read offset, which counts a fetched batch not yet handled);
-        before any, the consumer's committed start (Faust's ``_read_offset``).
+        before any, the consumer's committed start.
         """
-        consumer: Any = self.w.app.consumer
-        tp = TP(self.inputs[inp], part)
-        try:
-            end = consumer.highwater(tp)
-        except (AssertionError, KeyError):  # not (or no longer) assigned
-            return False
-        if end is None:  # not fetched yet
+        topic = self.inputs[inp]
+        end = self.positions.highwater(topic, part)
+        if end is None:  # not fetched yet, or not (or no longer) assigned
             return False
         pos = self.watermark.next_offset(part, inp)
         if pos is None:
-            pos = consumer._read_offset.get(tp) or 0
+            pos = self.positions.position(topic, part) or 0
         return bool(pos >= end)
 
     def _reindex(
@@ -296,61 +314,32 @@ class JoinStage:
             if not users[rec.user_id]:
                 del users[rec.user_id]
 
-    async def forget(self, part: int, user: str) -> tuple[list[Any], int]:
-        """Delete every record of ``user`` (a pseudonym) on ``part``: tombstone futures, count.
+    def forget(self, part: int, user: str) -> list[bytes]:
+        """The keys of every record of ``user`` (a pseudonym) on ``part``, dropped from the
+        indexes: streams/pipeline.py writes their tombstones, under :attr:`lock`.
 
         A scan of the partition's records (forget requests are rare; no per-user
-        index is kept for them), under the same lock as every other change.
+        index is kept for them).
         """
-        async with self.lock:
-            due, users = self._index(part)
-            db = self.w.pending.data._db_for_partition(part)
-            gone: list[str] = []
-            for k, v in db.items():
-                if k.startswith(b"__faust") or not isinstance(v, bytes):
-                    continue
-                try:
-                    rec = js.decode(v)
-                except msgspec.DecodeError:
-                    continue
-                if rec.user_id == user:
-                    gone.append(k.decode())
-                    self._reindex(due, users, k.decode(), rec, deleted=True)
-            users.pop(user, None)
-            self.burst.forget(user)
-            futures = await write_many(self.w.pending, part, [(k.encode(), None) for k in gone])
-            return futures, len(gone)
-
-    def _suspects(self, found: list[tuple[str, str]]) -> None:
-        """Count suspect clicks by rule; log them with the pseudonym (never a raw id)."""
-        if not found:
-            return
-        by_rule: dict[str, list[str]] = {}
-        for rule, user in found:
-            by_rule.setdefault(rule, []).append(user)
-        for rule, users in by_rule.items():
-            self.w.metrics.suspect_clicks.labels(rule).inc(len(users))
-            shown = ", ".join(sorted(set(users))[:5])
-            n = len(users)
-            log.info("%d suspect click(s), rule %s, not labelled; users %s", n, rule, shown)
+        due, users = self._index(part)
+        gone: list[bytes] = []
+        for k, v in self.pending.scan(part):
+            try:
+                rec = js.decode(v)
+            except msgspec.DecodeError:
+                continue
+            if rec.user_id == user:
+                gone.append(k)
+                self._reindex(due, users, k.decode(), rec, deleted=True)
+        users.pop(user, None)
+        self.burst.forget(user)
+        return gone
 
     def _ad(self, ad_id: str) -> tuple[int, int]:
         """(category_id, item_id) of an ad from the catalog, -1 where unknown."""
         try:
-            value = self.w.catalog.data.get(ad_id.encode())
+            value = self.ad_record(ad_id.encode())
             ad = json.loads(value) if value else {}
         except (ValueError, KeyError):
             ad = {}
         return int(ad.get("category_id", -1)), int(ad.get("item_id", -1))
-
-    def _count(self, labels: list[CtrFeedback], late: int, expired: int, writes: int) -> None:
-        m = self.w.metrics
-        for lab in labels:
-            converted = lab.converted is not UNSET
-            outcome = "converted" if converted else ("clicked" if lab.clicked else "zero")
-            m.join_labels.labels("unknown" if lab.policy is UNSET else lab.policy, outcome).inc()
-        if late:
-            m.late_clicks.inc(late)
-            log.info("%d late click(s) after their decision's label: counted, not emitted", late)
-        m.pending_expired.inc(expired)
-        m.table_writes.labels("pending").inc(writes)

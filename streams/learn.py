@@ -44,13 +44,9 @@ Calibration shards stay pooled: they measure the model, not a policy.
 
 from __future__ import annotations
 
-import asyncio
-import json
-import time
 from collections import Counter, defaultdict
-from collections.abc import Awaitable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -71,12 +67,8 @@ from scoring.strategy.state import (
     state_key,
 )
 from scoring.strategy.thompson import ThompsonParams, ThompsonSampling
-from streams.deadletter import Loader, Raw, Rejected, dead_letter
-from streams.tablewriter import read_many, write_many
+from streams.deadletter import Loader, Raw, Rejected
 from streams.validate import ContractDecoder
-
-if TYPE_CHECKING:
-    from streams.app import Wiring
 
 OUTCOMES = ("applied", "redelivered", "duplicate")
 FEEDBACK_MAX_BYTES = 64 * 1024  # an interest vector may have up to 1024 numbers
@@ -198,42 +190,3 @@ def _pctr(m: CtrFeedback) -> float | None:
     if m.features.pctr is not UNSET:
         return float(m.features.pctr)
     return None if m.pctr is UNSET else float(m.pctr)
-
-
-# -- the Faust adapter ---------------------------------------------------------------------
-async def learn_batch(w: Wiring, stage: LearnStage, batch: Any) -> Awaitable[Any]:
-    """One batch of ctr-feedback: writes to ``learn`` (its changelog feeds every worker's
-    ``strategy`` mirror)."""
-    now_ms = int(time.time() * 1000)
-    raws = [
-        Raw(r.value, r.key, tp.partition, r.offset, r.timestamp)
-        for tp, records in batch.items()
-        for r in records
-    ]
-
-    def load(keys: Sequence[bytes], parts: Sequence[int]) -> list[bytes | None]:
-        by_part: dict[int, list[int]] = defaultdict(list)
-        for i, p in enumerate(parts):
-            by_part[p].append(i)
-        got: list[bytes | None] = [None] * len(keys)
-        for p, idx in by_part.items():
-            for i, v in zip(idx, read_many(w.learn, p, [keys[i] for i in idx]), strict=True):
-                got[i] = v
-        return got
-
-    result = stage.process(raws, load)
-    by_part: dict[int, list[tuple[bytes, bytes | None]]] = defaultdict(list)
-    for key, part, value in result.writes:
-        by_part[part].append((key, value))
-    futures: list[Awaitable[Any]] = []
-    for part, items in by_part.items():
-        futures += await write_many(w.learn, part, items)
-    topic = w.settings.topic("ctr-feedback")
-    for rej in result.rejected:
-        letter = dead_letter(rej, topic, now_ms, stage="learn")
-        futures.append(await w.dead_letters.send(value=json.dumps(letter).encode()))
-        w.metrics.dead_letters.labels(topic, rej.reason).inc()
-    for outcome, n in result.outcomes.items():
-        w.metrics.feedback_labels.labels(outcome).inc(n)
-    w.metrics.table_writes.labels("learn").inc(len(result.writes))
-    return asyncio.gather(*futures)

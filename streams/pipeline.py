@@ -1,7 +1,7 @@
 """The main path, top to bottom: what happens to each batch, stage by stage.
 
 user-events batch  -> validate + dedupe + decay (streams/interest.py)
-                   -> interest table (streams/tablewriter.py)
+                   -> interest table (streams/runtime/tablewriter.py)
 ad-requests batch  -> candidates, caps, budgets, one scoring run, strategy
                       (streams/decide.py) -> ad-decisions
 anything refused   -> dead-letters (streams/deadletter.py)
@@ -11,8 +11,12 @@ ctr-feedback batch -> dedupe + Thompson/LinUCB/calibration (streams/learn.py)
                    -> learn table (its changelog mirrored by every worker: read by decide)
 forget-requests    -> the user's interest, freqcap, pending records deleted by
                       tombstones (streams/forget.py) -> forget-confirmations
-timers             -> model registry poll (hot-swap), catalog refresh,
-                      consumer lag and table sizes (streams/gauges.py)
+timers             -> click-join windows closed, model registry poll (hot-swap),
+                      catalog refresh, consumer lag and table sizes (streams/runtime/gauges.py)
+
+Every handler is here; the stages return results and these do their I/O through
+one load helper (:func:`_load`), one write helper (:func:`_write`: RocksDB, then
+the changelog) and one dead-letter helper (:func:`_dead_letter`).
 """
 
 from __future__ import annotations
@@ -23,43 +27,44 @@ import json
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import msgspec
 
 from schemas.messages import AdDecision, AdRequest
 from scoring.featurespec import FeatureSpec
 from scoring.joinstate import Charge
-from scoring.registry import LoadedModel, ModelRegistry
 from scoring.strategy.policy import StrategyReader
-from streams import forget, serve
-from streams.catalog import CATALOG_REFRESH_S, CatalogCache, check_catalog_record
-from streams.consumer import Batch
+from streams import counts, forget, serve, timers
+from streams.catalog import CatalogCache, check_catalog_record
 from streams.deadletter import Raw, Rejected, dead_letter
-from streams.decide import DecideResult, DecideStage, ServingModels, StateReaders
-from streams.gauges import SAMPLE_S, sample_consumer_lag, sample_pacing, sample_table_keys
+from streams.decide import DecideResult, DecideStage, StateReaders
 from streams.ingest import LOG_APPEND_TIME, broker_ms
-from streams.interest import BatchResult, InterestStage
-from streams.join import JOIN_TICK_S, JoinStage
-from streams.learn import LearnStage, learn_batch
-from streams.seal import is_seal
-from streams.tablewriter import ChangelogBuffer, read_many, send_changelog, write_local
-
-if TYPE_CHECKING:
-    from streams.app import Wiring
+from streams.interest import InterestStage
+from streams.join import JOIN_TICK_S, JoinInput, JoinStage, PendingReads
+from streams.learn import LearnStage
+from streams.runtime.consumer import Batch, Positions
+from streams.runtime.seal import is_seal
+from streams.runtime.tablewriter import (
+    ChangelogBuffer,
+    read_many,
+    scan,
+    send_changelog,
+    write_local,
+)
+from streams.wiring import Wiring
 
 log = logging.getLogger(__name__)
 
 
 def wire(w: Wiring) -> None:
     interest = InterestStage(w.settings, pseudonyms=w.pseudonyms)
-    models = load_models(w)
+    models = timers.load_models(w)
     catalog = CatalogCache(w.catalog, FeatureSpec.from_settings(w.settings), w.metrics,
                            w.adtext.fill if w.adtext else None)  # fmt: skip
-    text_check = w.adtext.check if w.adtext else None  # streams/adtext.py
-    if w.adtext is not None:
+    if w.adtext is not None:  # streams/adtext.py
         w.adtext.metrics = w.metrics
     strategy = StrategyReader(w.strategy.get_many)
     decide = DecideStage(w.settings, models, catalog.get, strategy, pseudonyms=w.pseudonyms,
@@ -69,10 +74,12 @@ def wire(w: Wiring) -> None:
     # spend: re-read at flush, as the join's click charges and decisions interleave
     changelogs = DecisionChangelogs(ChangelogBuffer(w.freqcap),
                                     ChangelogBuffer(w.spend, reread=True))  # fmt: skip
-    join = JoinStage(w, lambda part, charges, now_ms: settle_clicks(
-        w, decide, changelogs.spend, part, charges, now_ms))  # fmt: skip
-    # forget-requests: a user's state deleted (streams/forget.py)
-    forget.wire(w, join, changelogs.caps)
+    pending = PendingReads(functools.partial(_load, w.pending), functools.partial(scan, w.pending))
+    join = Join(
+        JoinStage(w.settings, pending, Positions(w.app),
+                  lambda: w.app.consumer_generation_id, lambda k: w.catalog.get_many([k])[0]),
+        functools.partial(settle_clicks, w, decide, changelogs.spend),
+    )  # fmt: skip
 
     def decide_now(
         requests: Sequence[tuple[AdRequest, Raw]],
@@ -103,196 +110,32 @@ def wire(w: Wiring) -> None:
 
     @w.app.timer(JOIN_TICK_S)
     async def close_join_windows() -> None:
-        await join.tick()
+        await join_tick(w, join)
 
     @w.app.batch_topic(w.ctr_feedback)
     async def on_ctr_feedback(batch: Batch) -> Awaitable[Any]:
         return await learn_batch(w, learn, batch)
 
-    @w.app.task
-    async def mirror_catalog() -> None:
-        await w.catalog.run()
-
-    @w.app.task
-    async def mirror_strategy() -> None:
-        await w.strategy.run()
+    @w.app.agent(w.forget_requests)
+    async def forget_requests(stream: Any) -> None:
+        async for event in stream.events():
+            m = event.message
+            raw = Raw(event.value, event.key, m.partition, m.offset, int(m.timestamp * 1000))
+            await forget_user(w, join, changelogs.caps, raw)
 
     @w.app.agent(w.ad_catalog)
     async def catalog_dead_letters(stream: Any) -> None:
         """Invalid ad-catalog records, dead-lettered once by their partition's owner (every
         worker's mirror skips them: streams/catalogmirror.py)."""
         async for event in stream.events():
-            if event.value is None or (event.key is not None and is_seal(event.key)):
-                continue
-            refused = check_catalog_record(event.key, event.value, w.settings.dim, text_check)
-            if refused is not None:  # the ad keeps its last valid version
-                msg, now_ms = event.message, int(time.time() * 1000)
-                ts_ms = int((msg.timestamp or 0) * 1000)
-                raw = Raw(event.value, event.key, msg.partition, msg.offset, ts_ms)
-                rejected = [Rejected(raw, *refused)]
-                await _dead_letter(w, rejected, now_ms, "ad-catalog", "catalog")
+            await check_catalog(w, event)
 
-    @w.app.timer(CATALOG_REFRESH_S)
-    async def refresh_catalog() -> None:
-        await catalog.refresh_async()
-
-    @w.app.timer(w.settings.model_poll_s)
-    async def poll_models() -> None:
-        loaded = await asyncio.to_thread(models.registry.poll)
-        if loaded is not None:
-            models.swap(loaded, w.settings.fallback_ctr)
-            _model_in_use(w, loaded)
-            w.metrics.model_swaps.labels("swapped").inc()
-
-    lag_labelled: set[tuple[str, str]] = set()
-    pacing_labelled: set[str] = set()
-
-    @w.app.timer(SAMPLE_S)
-    async def sample_gauges() -> None:
-        sample_consumer_lag(w.app, w.metrics, lag_labelled)
-        sample_table_keys((w.interest, w.freqcap, w.spend), w.metrics)
-        sample_pacing(decide.budget.gauges(int(time.time() * 1000)), w.metrics, pacing_labelled)
-        w.metrics.calibration_labels.set(decide.calibration.labels)
+    timers.wire(w, models, catalog, decide)
 
 
-def load_models(w: Wiring) -> ServingModels:
-    def refused(version: str, reason: str) -> None:
-        log.error("model %s refused, current model keeps serving: %s", version, reason)
-        w.metrics.model_swaps.labels("refused").inc()
-
-    registry = ModelRegistry.from_settings(w.settings, on_refused=refused)
-    models = ServingModels.load(registry, w.settings.fallback_ctr)
-    if models.current is None:
-        log.error("no valid model in %s: decisions use the fallback rule", registry.root)
-    else:
-        _model_in_use(w, models.current)
-    return models
-
-
-def _model_in_use(w: Wiring, loaded: LoadedModel) -> None:
-    log.info("serving model %s on %s", loaded.version, loaded.scorer.provider)
-    w.metrics.model.info({"version": loaded.version, "provider": loaded.scorer.provider})
-
-
-async def decide_batch(
-    w: Wiring, stage: DecideStage, batch: Batch, changelogs: DecisionChangelogs
-) -> Awaitable[Any]:
-    """One batch of ad-requests: decisions sent, caps and spend written.
-
-    Returns what completes when those writes are acknowledged; the consumer acks
-    the batch then, and meanwhile moves on to the next one.
-    """
-    now_ms = int(time.time() * 1000)
-    raws = [
-        Raw(r.value, r.key, tp.partition, r.offset, r.timestamp)
-        for tp, records in batch.items()
-        for r in records
-    ]
-    good, rejected = stage.split_topic(raws)
-    result = decide_requests(w, stage, good, now_ms, w.settings.topic_tmax_ms)
-    futures = await emit_decisions(w, result, changelogs)
-    futures += await _dead_letter(w, rejected, now_ms, "ad-requests", "decide")
-    return asyncio.gather(*futures)
-
-
-def decide_requests(
-    w: Wiring,
-    stage: DecideStage,
-    requests: Sequence[tuple[AdRequest, Raw]],
-    now_ms: int,
-    default_tmax_ms: int,
-) -> DecideResult:
-    """Decoded requests from either entry point (the topic, ``POST /decide``): decided in
-    one :meth:`DecideStage.decide` call, caps and spend written to RocksDB, metrics
-    counted, each decision's ``latency_ms`` set. Synchronous: the next decision, from
-    either entry point, reads these caps (:func:`emit_decisions` sends the records).
-    """
-    tables = StateReaders(
-        lambda k, p: _load(w.interest, k, p),
-        lambda k, p: _load(w.freqcap, k, p),
-        lambda k, p: _load(w.spend, k, p),
-    )
-    result = stage.decide(requests, tables, now_ms, default_tmax_ms)
-    _write_local(w.freqcap, result.cap_writes)
-    _write_local(w.spend, result.spend_writes)
-    m = w.metrics
-    done_ms = time.time() * 1000
-    for _, raw, decision in result.decisions:
-        decision.latency_ms = max(0.0, done_ms - raw.timestamp_ms)
-        m.decision_latency.observe(decision.latency_ms / 1000)
-    for (policy, placement), n in result.by_policy.items():
-        m.decisions.labels(policy, placement).inc(n)
-    for arm, n in result.by_arm.items():
-        m.arm_decisions.labels(w.settings.experiment.split(":", 1)[0], arm).inc(n)
-    for reason, n in result.no_fill.items():
-        m.no_fill.labels(reason).inc(n)
-    m.fallbacks.inc(result.fallbacks)
-    for campaign, n in result.throttled.items():
-        m.pacing_throttled.labels(campaign).inc(n)
-    if result.rows_scored:
-        m.scorer_rows.inc(result.rows_scored)
-        m.scorer_batch_rows.observe(result.rows_scored)
-    return result
-
-
-async def emit_decisions(
-    w: Wiring, result: DecideResult, changelogs: DecisionChangelogs
-) -> list[Awaitable[Any]]:
-    """Each decision to ad-decisions, then the caps' and spend's changelog records;
-    returns the send futures, the decisions' first and in the result's order."""
-    topic, encode = w.settings.topic("ad-decisions"), msgspec.json.encode
-    futures: list[Awaitable[Any]] = []
-    for key, raw, decision in result.decisions:
-        # Keyed by the pseudonym, so the partition is given: the request's, where the
-        # user's events are (the click join is partition-local).
-        value = encode(decision)
-        futures.append(await w.app.producer.send(topic, key, value, raw.partition, None, None))
-    for buffer, writes in ((changelogs.caps, result.cap_writes),
-                           (changelogs.spend, result.spend_writes)):  # fmt: skip
-        futures += [buffer.add(p, items) for p, items in _by_partition(writes).items()]
-    return futures
-
-
-@dataclass(frozen=True)
-class DecisionChangelogs:
-    """The changelog records of decisions' cap and spend writes, sent in shared batches."""
-
-    caps: ChangelogBuffer
-    spend: ChangelogBuffer
-
-
-def settle_clicks(
-    w: Wiring,
-    stage: DecideStage,
-    spend: ChangelogBuffer,
-    part: int,
-    charges: list[Charge],
-    now_ms: int,
-) -> list[Awaitable[Any]]:
-    """Clicks of cpc decisions charged to the partition's spend (the decision stage's own
-    budget copy, so the two never overwrite each other); completes when changelogged."""
-    writes = stage.budget.settle(part, charges, lambda k, p: _load(w.spend, k, p), now_ms)
-    if not writes:
-        return []
-    _write_local(w.spend, writes)
-    return [spend.add(part, [(key, value) for key, _, value in writes])]
-
-
-async def join_decisions(w: Wiring, join: JoinStage, batch: Batch) -> Awaitable[Any]:
-    """One batch of ad-decisions into the click join (labels sent before state is written)."""
-    now_ms = int(time.time() * 1000)
-    raws = [
-        Raw(r.value, r.key, tp.partition, r.offset, r.timestamp)
-        for tp, records in batch.items()
-        for r in records
-    ]
-    futures, rejected = await join.on_decisions(raws, now_ms)
-    futures += await _dead_letter(w, rejected, now_ms, "ad-decisions", "join")
-    return asyncio.gather(*futures)
-
-
+# -- user-events -----------------------------------------------------------------------------
 async def ingest(
-    w: Wiring, stage: InterestStage, batch: Batch, join: JoinStage | None = None
+    w: Wiring, stage: InterestStage, batch: Batch, join: Join | None = None
 ) -> Awaitable[Any]:
     """One batch of user-events into RocksDB; returns what completes when changelogged.
 
@@ -314,17 +157,17 @@ async def ingest(
         if records[0].timestamp_type != LOG_APPEND_TIME:
             _warn_create_time(tp.topic)
 
-    def load(keys: Sequence[bytes], partitions: Sequence[int]) -> list[bytes | None]:
-        return _load(w.interest, keys, partitions)
-
     async with w.interest_locks.hold(tp.partition for tp in batch):  # vs forget: tablewriter
-        result = stage.process(raws, load, now_ms)
-        futures: list[Awaitable[Any]] = [*await _write_by_partition(w.interest, result.writes)]
+        result = stage.process(raws, functools.partial(_load, w.interest), now_ms)
+        futures: list[Awaitable[Any]] = [*await _write(w.interest, result.writes)]
     futures += await _dead_letter(w, result.rejected, now_ms, "user-events", "ingest")
     if join is not None:
         ends = {tp.partition: records[-1].offset + 1 for tp, records in batch.items()}
-        futures += await join.on_events(result.valid, now_ms, ends)
-    _count(w, result, len(raws), started, oldest_ms)
+        inputs, suspects = join.stage.on_events(result.valid, now_ms, ends)
+        counts.suspect_clicks(w.metrics, suspects)
+        for inp in inputs:
+            futures += await join_step(w, join, inp, now_ms)
+    counts.ingested(w.metrics, result, len(raws), started, oldest_ms)
     return asyncio.gather(*futures)
 
 
@@ -337,7 +180,223 @@ def _warn_create_time(topic: str) -> None:
     )  # fmt: skip
 
 
+# -- ad-requests (and POST /decide) ----------------------------------------------------------
+async def decide_batch(
+    w: Wiring, stage: DecideStage, batch: Batch, changelogs: DecisionChangelogs
+) -> Awaitable[Any]:
+    """One batch of ad-requests: decisions sent, caps and spend written.
+
+    Returns what completes when those writes are acknowledged; the consumer acks
+    the batch then, and meanwhile moves on to the next one.
+    """
+    now_ms = int(time.time() * 1000)
+    good, rejected = stage.split_topic(_raws(batch))
+    result = decide_requests(w, stage, good, now_ms, w.settings.topic_tmax_ms)
+    futures = await emit_decisions(w, result, changelogs)
+    futures += await _dead_letter(w, rejected, now_ms, "ad-requests", "decide")
+    return asyncio.gather(*futures)
+
+
+def decide_requests(
+    w: Wiring,
+    stage: DecideStage,
+    requests: Sequence[tuple[AdRequest, Raw]],
+    now_ms: int,
+    default_tmax_ms: int,
+) -> DecideResult:
+    """Decoded requests from either entry point (the topic, ``POST /decide``): decided in
+    one :meth:`DecideStage.decide` call, caps and spend written to RocksDB, metrics
+    counted, each decision's ``latency_ms`` set. Synchronous: the next decision, from
+    either entry point, reads these caps (:func:`emit_decisions` sends the records).
+    """
+    tables = StateReaders(
+        functools.partial(_load, w.interest),
+        functools.partial(_load, w.freqcap),
+        functools.partial(_load, w.spend),
+    )
+    result = stage.decide(requests, tables, now_ms, default_tmax_ms)
+    _write_local(w.freqcap, result.cap_writes)
+    _write_local(w.spend, result.spend_writes)
+    done_ms, observe = time.time() * 1000, w.metrics.decision_latency.observe
+    for _, raw, decision in result.decisions:
+        decision.latency_ms = max(0.0, done_ms - raw.timestamp_ms)
+        observe(decision.latency_ms / 1000)
+    counts.decided(w.metrics, w.settings, result)
+    return result
+
+
+async def emit_decisions(
+    w: Wiring, result: DecideResult, changelogs: DecisionChangelogs
+) -> list[Awaitable[Any]]:
+    """Each decision to ad-decisions, then the caps' and spend's changelog records;
+    returns the send futures, the decisions' first and in the result's order."""
+    topic, encode = w.settings.topic("ad-decisions"), msgspec.json.encode
+    futures: list[Awaitable[Any]] = []
+    for key, raw, decision in result.decisions:
+        # Keyed by the pseudonym, so the partition is given: the request's, where the
+        # user's events are (the click join is partition-local).
+        value = encode(decision)
+        futures.append(await w.app.producer.send(topic, key, value, raw.partition, None, None))
+    futures += await _changelog(w.freqcap, _by_partition(result.cap_writes), changelogs.caps)
+    futures += await _changelog(w.spend, _by_partition(result.spend_writes), changelogs.spend)
+    return futures
+
+
+@dataclass(frozen=True)
+class DecisionChangelogs:
+    """The changelog records of decisions' cap and spend writes, sent in shared batches."""
+
+    caps: ChangelogBuffer
+    spend: ChangelogBuffer
+
+
+def settle_clicks(
+    w: Wiring,
+    stage: DecideStage,
+    spend: ChangelogBuffer,
+    part: int,
+    charges: list[Charge],
+    now_ms: int,
+) -> list[Awaitable[Any]]:
+    """Clicks of cpc decisions charged to the partition's spend (the decision stage's own
+    budget copy, so the two never overwrite each other); completes when changelogged."""
+    writes = stage.budget.settle(part, charges, functools.partial(_load, w.spend), now_ms)
+    if not writes:
+        return []
+    _write_local(w.spend, writes)
+    return [spend.add(part, [(key, value) for key, _, value in writes])]
+
+
+# -- the click join (ad-decisions, and the clicks of user-events) ----------------------------
+@dataclass(frozen=True)
+class Join:
+    """The click join and how it charges clicks of cpc decisions (:func:`settle_clicks`)."""
+
+    stage: JoinStage
+    settle: Callable[[int, list[Charge], int], list[Awaitable[Any]]]
+
+
+async def join_decisions(w: Wiring, join: Join, batch: Batch) -> Awaitable[Any]:
+    """One batch of ad-decisions into the click join (labels sent before state is written)."""
+    now_ms = int(time.time() * 1000)
+    inputs, rejected = join.stage.on_decisions(_raws(batch))
+    futures: list[Awaitable[Any]] = []
+    for inp in inputs:
+        futures += await join_step(w, join, inp, now_ms)
+    futures += await _dead_letter(w, rejected, now_ms, "ad-decisions", "join")
+    return asyncio.gather(*futures)
+
+
+async def join_tick(w: Wiring, join: Join) -> None:
+    """Advance idle partitions' watermarks by wall clock; label and expire what is due."""
+    app = w.app
+    if getattr(app, "rebalancing", False) or getattr(app, "in_recovery", False):
+        return
+    topic = w.ad_decisions.get_topic_name()
+    now_ms = int(time.time() * 1000)
+    for tp in app.assignor.assigned_actives():
+        if tp.topic == topic:
+            await join_step(w, join, JoinInput(tp.partition), now_ms)
+
+
+async def join_step(w: Wiring, join: Join, inp: JoinInput, now_ms: int) -> list[Awaitable[Any]]:
+    """One change of a partition's click join, in the order streams/join.py explains: the
+    labels (and the clicks' charges) sent and acknowledged, then the records written."""
+    async with join.stage.lock:
+        step = join.stage.step(inp, now_ms)
+        if step is None:
+            return []
+        charged: list[Awaitable[Any]] = []
+        if step.charges:  # durable with the labels, as they are
+            charged = join.settle(step.part, step.charges, now_ms)
+        if step.labels:  # acked before the state that records them is written
+            topic, send = w.settings.topic("ctr-feedback"), w.app.producer.send
+            sends = [await send(topic, lab.ad_id.encode(), msgspec.json.encode(lab),
+                                None, None, None) for lab in step.labels]  # fmt: skip
+            await asyncio.gather(*sends, *charged)
+        writes = join.stage.settled(step)
+        counts.joined(w.metrics, step, len(writes))
+        return await _write(w.pending, [(key, step.part, value) for key, value in writes])
+
+
+# -- ctr-feedback ----------------------------------------------------------------------------
+async def learn_batch(w: Wiring, stage: LearnStage, batch: Batch) -> Awaitable[Any]:
+    """One batch of ctr-feedback: writes to ``learn`` (its changelog feeds every worker's
+    ``strategy`` mirror)."""
+    now_ms = int(time.time() * 1000)
+    result = stage.process(_raws(batch), functools.partial(_load, w.learn))
+    futures = await _write(w.learn, result.writes)
+    futures += await _dead_letter(w, result.rejected, now_ms, "ctr-feedback", "learn")
+    counts.learned(w.metrics, result)
+    return asyncio.gather(*futures)
+
+
+# -- forget-requests -------------------------------------------------------------------------
+async def forget_user(w: Wiring, join: Join, caps: ChangelogBuffer, raw: Raw) -> None:
+    """One forget request (streams/forget.py): tombstones acked, then the confirmation sent.
+
+    The freqcap tombstone goes through ``caps``, the buffer the decisions' cap records
+    wait in, so no cap record written just before can be sent after it.
+    """
+    now_ms = int(time.time() * 1000)
+    req = forget.check(raw)
+    if isinstance(req, Rejected):
+        await _dead_letter(w, [req], now_ms, "forget-requests", "forget")
+        return
+    user = w.pseudonyms(req.user_id)
+    key, part = user.encode(), raw.partition
+    found: dict[str, int] = {}
+    futures: list[Awaitable[Any]] = []
+    # Under the partition's lock: an ingest batch that read the user before this
+    # tombstone has its changelog records sent before it (streams/runtime/tablewriter.py).
+    async with w.interest_locks.hold([part]):
+        found["interest"] = sum(v is not None for v in _load(w.interest, [key], [part]))
+        futures += await _write(w.interest, [(key, part, None)])
+    found["freqcap"] = sum(v is not None for v in _load(w.freqcap, [key], [part]))
+    futures += await _write(w.freqcap, [(key, part, None)], caps)
+    async with join.stage.lock:
+        gone = join.stage.forget(part, user)
+        futures += await _write(w.pending, [(k, part, None) for k in gone])
+    found["pending"] = len(gone)
+    await asyncio.gather(*futures)  # every tombstone is in its changelog
+    topic = w.settings.topic("forget-confirmations")
+    value = forget.confirmation(req, now_ms, part, found)
+    await (await w.app.producer.send(topic, req.request_id.encode(), value, part, None, None))
+    w.metrics.forget_requests.inc()
+    log.info(
+        "forgot user %s on partition %d: interest %d, freqcap %d, pending %d record(s)",
+        user, part, found["interest"], found["freqcap"], found["pending"],
+    )  # fmt: skip
+
+
+# -- ad-catalog -----------------------------------------------------------------------------
+async def check_catalog(w: Wiring, event: Any) -> None:
+    """One ad-catalog record: dead-lettered if invalid (the ad keeps its last valid version)."""
+    if event.value is None or (event.key is not None and is_seal(event.key)):
+        return
+    text_check = w.adtext.check if w.adtext else None  # streams/adtext.py
+    refused = check_catalog_record(event.key, event.value, w.settings.dim, text_check)
+    if refused is not None:
+        msg, now_ms = event.message, int(time.time() * 1000)
+        ts_ms = int((msg.timestamp or 0) * 1000)
+        raw = Raw(event.value, event.key, msg.partition, msg.offset, ts_ms)
+        await _dead_letter(w, [Rejected(raw, *refused)], now_ms, "ad-catalog", "catalog")
+
+
+# -- the one load, write and dead-letter helpers ---------------------------------------------
+Writes = Sequence[tuple[bytes, int, bytes | None]]  # key, partition, value (None deletes)
+
+
+def _raws(batch: Batch) -> list[Raw]:
+    return [
+        Raw(r.value, r.key, tp.partition, r.offset, r.timestamp)
+        for tp, records in batch.items()
+        for r in records
+    ]
+
+
 def _load(table: Any, keys: Sequence[bytes], partitions: Sequence[int]) -> list[bytes | None]:
+    """Values of ``keys``, each on its partition (None: absent): one multi-get a partition."""
     by_part: dict[int, list[int]] = defaultdict(list)
     for i, p in enumerate(partitions):
         by_part[p].append(i)
@@ -348,31 +407,38 @@ def _load(table: Any, keys: Sequence[bytes], partitions: Sequence[int]) -> list[
     return out
 
 
-def _write_local(table: Any, writes: Sequence[tuple[bytes, int, bytes | None]]) -> None:
-    for part, items in _by_partition(writes).items():
+async def _write(
+    table: Any, writes: Writes, buffer: ChangelogBuffer | None = None
+) -> list[Awaitable[Any]]:
+    """Every partition's RocksDB first (readers see all of it at once), then the changelog
+    records, sent now or through ``buffer``; returns what completes when they are acked."""
+    return await _changelog(table, _write_local(table, writes), buffer)
+
+
+def _write_local(table: Any, writes: Writes) -> dict[int, list[tuple[bytes, bytes | None]]]:
+    """:func:`_write`'s first half, alone where RocksDB must change before the caller yields
+    (a decision: the next one reads its caps); returns the records by partition."""
+    by_part = _by_partition(writes)
+    for part, items in by_part.items():
         write_local(table, part, items)
+    return by_part
 
 
-async def _send_by_partition(
-    table: Any, writes: Sequence[tuple[bytes, int, bytes | None]]
-) -> list[asyncio.Future[Any]]:
-    futures: list[asyncio.Future[Any]] = []
-    for part, items in _by_partition(writes).items():
+async def _changelog(
+    table: Any,
+    by_part: dict[int, list[tuple[bytes, bytes | None]]],
+    buffer: ChangelogBuffer | None = None,
+) -> list[Awaitable[Any]]:
+    """:func:`_write`'s second half: the records of :func:`_write_local` to the changelog."""
+    if buffer is not None:
+        return [buffer.add(part, items) for part, items in by_part.items()]
+    futures: list[Awaitable[Any]] = []
+    for part, items in by_part.items():
         futures += await send_changelog(table, part, items)
     return futures
 
 
-async def _write_by_partition(
-    table: Any, writes: Sequence[tuple[bytes, int, bytes | None]]
-) -> list[asyncio.Future[Any]]:
-    """Every partition's RocksDB first (readers see all of it at once), then changelogs."""
-    _write_local(table, writes)
-    return await _send_by_partition(table, writes)
-
-
-def _by_partition(
-    writes: Sequence[tuple[bytes, int, bytes | None]],
-) -> dict[int, list[tuple[bytes, bytes | None]]]:
+def _by_partition(writes: Writes) -> dict[int, list[tuple[bytes, bytes | None]]]:
     by_part: dict[int, list[tuple[bytes, bytes | None]]] = defaultdict(list)
     for key, part, value in writes:
         by_part[part].append((key, value))
@@ -389,15 +455,3 @@ async def _dead_letter(
         futures.append(await w.dead_letters.send(value=value))
         w.metrics.dead_letters.labels(topic, rej.reason).inc()
     return futures
-
-
-def _count(w: Wiring, result: BatchResult, n: int, started: float, oldest_ms: int) -> None:
-    m = w.metrics
-    for (kind, outcome), count in result.outcomes.items():
-        m.events.labels(kind, outcome).inc(count)
-    m.table_writes.labels("interest").inc(len(result.writes))
-    m.batch_events.observe(n)
-    m.batch_seconds.observe(time.perf_counter() - started)
-    m.freshness.observe(max(0.0, time.time() - oldest_ms / 1000))
-    if result.newest_ts:
-        m.newest_event_ts.set(result.newest_ts / 1000)

@@ -49,9 +49,10 @@ from adpulse.core.settings import Settings
 from schemas.messages import AdDecision, AdRequest
 from streams.deadletter import Raw, Rejected
 from streams.decide import request_decoder
+from streams.runtime.tablewriter import aiokafka_producer
 
 if TYPE_CHECKING:
-    from streams.app import Wiring
+    from streams.wiring import Wiring
 
 log = logging.getLogger(__name__)
 
@@ -238,9 +239,7 @@ def wire(w: Wiring, decide: Decide, catalog_rows: Callable[[], int]) -> DecideSe
         producer. A worker only learns a topic's partition count when it first
         sends to it, so a fresh worker, before its first user event, answered
         /decide with an error; until this completes it answers 503."""
-        faust_producer: Any = app.producer
-        # the aiokafka one (docs/guarantees.md, Faust internals)
-        producer = faust_producer._producer
+        producer = aiokafka_producer(app)
         for topic in (w.interest.changelog_topic.get_topic_name(), requests_topic):
             await producer.partitions_for(topic)
 

@@ -1,8 +1,8 @@
 """HTTP views on the worker's web server: interest lookups, learner state, health, metrics.
 
 ``/health`` is 503 while tables recover, while no bootstrap broker answers
-(streams/gauges.py ``BrokerProbe``) and while a consumer partition is stalled
-(streams/watchdog.py); ``GET /ads/{ad_id}/strategy`` shows the
+(streams/runtime/gauges.py ``BrokerProbe``) and while a consumer partition is stalled
+(streams/runtime/watchdog.py); ``GET /ads/{ad_id}/strategy`` shows the
 learner counts the decision stage reads for an ad.
 
 ``GET /users/{user_id}/interest`` takes the raw user id (the one apps key
@@ -24,12 +24,12 @@ from adpulse.core.privacy import API_TOKEN_HELP, bearer_ok, load_api_token
 from schemas.openapi import dumps
 from scoring.features import InterestParams, decode_states, describe
 from scoring.strategy.state import decode_ad
-from streams import watchdog
-from streams.consumer import FaustConsumerView
-from streams.gauges import PROBE_S, BrokerProbe
+from streams.runtime import watchdog
+from streams.runtime.consumer import FaustConsumerView
+from streams.runtime.gauges import PROBE_S, BrokerProbe
 
 if TYPE_CHECKING:
-    from streams.app import Wiring
+    from streams.wiring import Wiring
 
 
 def wire(w: Wiring) -> None:

@@ -41,7 +41,7 @@ def run_worker(settings: Settings, loglevel: str = "info") -> int:
     from faust.worker import Worker  # noqa: PLC0415 - heavy import, CLI --help stays fast
 
     from streams.app import create_app  # noqa: PLC0415
-    from streams.topicadmin import create_topics  # noqa: PLC0415
+    from streams.runtime.topicadmin import create_topics  # noqa: PLC0415
 
     check_data_dir(settings)
     check_config(settings)

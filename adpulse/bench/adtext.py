@@ -78,7 +78,7 @@ def baseline(model_dir: Path, threads: int, n: int) -> dict[str, float]:
 def run(base: Settings, cfg: AdTextBench, model_dir: Path, log: Any = print) -> dict[str, Any]:
     from adpulse.catalogtool import publish  # noqa: PLC0415
     from adpulse.workerproc import WorkerProcess  # noqa: PLC0415
-    from streams.topicadmin import create_topics  # noqa: PLC0415
+    from streams.runtime.topicadmin import create_topics  # noqa: PLC0415
 
     threads = base.scorer_threads
     log(f"  baseline: bare encoder on CPU, {cfg.baseline_texts} texts, {threads} thread(s)")

@@ -31,7 +31,7 @@ from adpulse.broker import embedded_broker, free_port
 from adpulse.catalogtool import publish, synthetic_ads
 from adpulse.core.settings import EmbeddedKind, Settings
 from adpulse.workerproc import WorkerProcess
-from streams.topicadmin import create_topics
+from streams.runtime.topicadmin import create_topics
 
 
 @dataclass(frozen=True)

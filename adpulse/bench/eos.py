@@ -5,7 +5,7 @@ offsets, proven by kill -9 tests). Kafka transactions through Faust's
 ``processing_guarantee="exactly_once"`` are the alternative the embedded Apache
 Kafka now allows, but faust-streaming has open reports of duplicates under it and
 adpulse's worker writes changelogs around Faust's transaction manager
-(streams/tablewriter.py). So this measures a minimal Faust app, not adpulse.
+(streams/runtime/tablewriter.py). So this measures a minimal Faust app, not adpulse.
 
 The app (:data:`APP_SOURCE`, run as ``python -m faust -A eosapp worker``) counts
 events per key in a RocksDB table with a changelog and sends one output record

@@ -42,7 +42,7 @@ from adpulse.core.kafkaconf import client_kwargs
 from adpulse.core.settings import Settings
 from adpulse.netcut import Proxy
 from adpulse.workerproc import WorkerProcess
-from streams.topicadmin import create_topics
+from streams.runtime.topicadmin import create_topics
 
 SPARED = "bench-promises"  # client id of this benchmark's own clients: never cut
 TIMEOUT_S = 30.0  # a promise not kept within this is reported as missed (null)

@@ -58,7 +58,7 @@ from adpulse.core.kafkaconf import client_kwargs
 from adpulse.core.settings import EmbeddedKind, Settings
 from adpulse.workerproc import WorkerProcess
 from adpulse.workload import Workload, WorkloadModel
-from streams.topicadmin import create_topics, plan
+from streams.runtime.topicadmin import create_topics, plan
 
 Log = Callable[[str], None]
 ADS = 42  # the catalog size test_decisions waited for
@@ -256,7 +256,7 @@ def _health(worker: WorkerProcess) -> str:
 async def catalog_view(s: Settings) -> dict[str, Any]:
     """The worker's ad-catalog partitions as the broker and the worker see them.
 
-    Per partition: the broker's end offset (tansu's can be short: streams/seal.py),
+    Per partition: the broker's end offset (tansu's can be short: streams/runtime/seal.py),
     how many records a bare consumer reads from the start within a few seconds,
     and the offset the worker's group committed. Plus the group's state, members
     and the ad-catalog partitions assigned to them (None: the broker did not

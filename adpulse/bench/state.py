@@ -33,7 +33,7 @@ from adpulse.core.kafkaconf import client_kwargs
 from adpulse.core.settings import Settings
 from adpulse.workerproc import WorkerProcess
 from scoring.features import CATEGORY_DTYPE, InterestParams, header_dtype
-from streams.seal import is_seal
+from streams.runtime.seal import is_seal
 
 
 @dataclass(frozen=True)

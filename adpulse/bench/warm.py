@@ -24,7 +24,7 @@ from adpulse.core.kafkaconf import client_kwargs
 from adpulse.core.settings import Settings
 from adpulse.workerproc import WorkerProcess
 from adpulse.workload import Workload, WorkloadModel
-from streams.topicadmin import create_topics
+from streams.runtime.topicadmin import create_topics
 
 
 def fresh_settings(base: Settings, root: Path, **changes: Any) -> Settings:

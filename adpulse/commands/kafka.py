@@ -74,7 +74,7 @@ def _signals_recorded() -> Iterator[list[int]]:
 
 
 def cmd_topics_create(args: argparse.Namespace, settings: Settings) -> int:
-    from streams.topicadmin import create_topics  # noqa: PLC0415
+    from streams.runtime.topicadmin import create_topics  # noqa: PLC0415
 
     if args.partitions:
         settings = settings.with_(partitions=args.partitions)
@@ -84,7 +84,7 @@ def cmd_topics_create(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_topics_plan(_args: argparse.Namespace, settings: Settings) -> int:
-    from streams.topicadmin import plan  # noqa: PLC0415
+    from streams.runtime.topicadmin import plan  # noqa: PLC0415
 
     for t in plan(settings):
         conf = " ".join(f"{k}={v}" for k, v in sorted(t.configs.items()))

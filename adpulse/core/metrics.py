@@ -283,7 +283,7 @@ class Metrics:
             consumer_stalled=Gauge(
                 "adpulse_consumer_stalled_partitions",
                 "Source partitions with records past their position and no progress for "
-                "ADPULSE_STALL_S (streams/watchdog.py); /health is 503 while above 0.",
+                "ADPULSE_STALL_S (streams/runtime/watchdog.py); /health is 503 while above 0.",
                 registry=r,
             ),
             consumer_stalls=Counter(

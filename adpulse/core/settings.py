@@ -184,7 +184,8 @@ class Settings:
     bulk_restore: bool = _setting(
         True,
         "Restore tables by reading their changelog backlog straight into RocksDB before "
-        "Faust's per-record recovery replays the rest (streams/restore.py); false: Faust's alone.",
+        "Faust's per-record recovery replays the rest (streams/runtime/restore.py); "
+        "false: Faust's alone.",
     )
     # -- Ingest -------------------------------------------------------------------------
     max_event_bytes: int = _setting(

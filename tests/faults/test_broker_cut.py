@@ -27,7 +27,7 @@ from adpulse.broker import embedded_broker, free_port
 from adpulse.catalogtool import publish
 from adpulse.core.settings import Settings
 from adpulse.netcut import Proxy
-from streams.topicadmin import create_topics
+from streams.runtime.topicadmin import create_topics
 from tests.faults.kit import CLIENT, Reader, Worker, scrape
 from tests.integration.test_decisions import ad
 from tests.integration.test_interest import assert_equals_reference, synthetic, wait_applied

@@ -5,7 +5,7 @@ records partition by partition, awaiting the producer between partitions. A
 forget handled in that gap used to put its tombstone in the changelog *before*
 the batch's older value of the same user: the worker's own table said "gone",
 but a worker restored from the changelog had the forgotten state back. Ingest
-and forget now hold the partition's lock (streams/tablewriter.py
+and forget now hold the partition's lock (streams/runtime/tablewriter.py
 ``PartitionLocks``) for their whole read-modify-write, changelog append included.
 
 Checked here, on a real broker and worker: every forget is confirmed; each
@@ -37,7 +37,7 @@ from adpulse.core.settings import Settings
 from adpulse.workerproc import WorkerProcess
 from scoring.embeddings import HashedEmbeddings
 from scoring.features import KINDS, InterestParams, reference_vectors
-from streams.topicadmin import create_topics
+from streams.runtime.topicadmin import create_topics
 from tests.faults.kit import CLIENT, Worker
 from tests.integration.test_interest import assert_equals_reference, wait_applied
 

@@ -33,7 +33,7 @@ from streams.deadletter import MAX_KEPT_BYTES, Raw, Rejected
 from streams.decide import request_decoder
 from streams.ingest import decode_events
 from streams.learn import feedback_decoder
-from streams.topicadmin import create_topics
+from streams.runtime.topicadmin import create_topics
 from streams.validate import split_by_key
 from tests.faults.fuzzing import (
     DIM,

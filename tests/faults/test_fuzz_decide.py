@@ -25,7 +25,7 @@ import pytest
 from adpulse.catalogtool import publish
 from adpulse.core.settings import Settings
 from schemas import first_error
-from streams.topicadmin import create_topics
+from streams.runtime.topicadmin import create_topics
 from tests.faults.fuzzing import contract_verdict, valid_record
 from tests.faults.kit import Reader, Worker
 from tests.faults.test_fuzz import NOW_MS, corpus

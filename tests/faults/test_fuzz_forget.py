@@ -25,7 +25,7 @@ from adpulse.core.settings import Settings
 from schemas import first_error
 from streams.deadletter import MAX_KEPT_BYTES, Raw, Rejected
 from streams.forget import _decoder as forget_decoder
-from streams.topicadmin import create_topics
+from streams.runtime.topicadmin import create_topics
 from streams.validate import key_problem
 from tests.faults.fuzzing import contract_verdict, payloads
 from tests.faults.kit import Reader, Worker

@@ -32,7 +32,7 @@ from adpulse.core.settings import Settings
 from adpulse.replay import read_taobao
 from adpulse.report import tally
 from scoring.train import once_per_decision
-from streams.topicadmin import create_topics
+from streams.runtime.topicadmin import create_topics
 from tests.faults.kit import CLIENT, Reader, Worker
 from tests.integration.test_interest import assert_equals_reference, wait_applied
 

@@ -20,7 +20,7 @@ import pytest
 from adpulse.catalogtool import publish
 from adpulse.core.settings import Settings
 from scoring.registry import MODEL, PACKAGED
-from streams.topicadmin import create_topics
+from streams.runtime.topicadmin import create_topics
 from tests.faults.kit import Worker
 from tests.integration.test_decisions import Decisions, Requests, ad, request, wait_catalog
 from tests.modelfaults import corrupt, nan_model, publish_version, renamed_inputs, slow_model

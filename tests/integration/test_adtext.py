@@ -26,7 +26,7 @@ from adpulse.catalogtool import publish
 from adpulse.core.settings import Settings
 from scoring.registry import PACKAGED
 from scoring.textencoder import TextEncoder, project
-from streams.topicadmin import create_topics
+from streams.runtime.topicadmin import create_topics
 from tests.conftest import isolated
 from tests.integration.test_decisions import (
     LENIENT,

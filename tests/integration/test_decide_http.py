@@ -24,7 +24,7 @@ from adpulse.catalogtool import publish
 from adpulse.core.settings import Settings
 from adpulse.workerproc import WorkerProcess
 from schemas import first_error
-from streams.topicadmin import create_topics
+from streams.runtime.topicadmin import create_topics
 from tests.conftest import isolated
 from tests.integration.test_decisions import Decisions, ad, partition_of, request
 from tests.integration.test_join import Feedback

@@ -34,7 +34,7 @@ from scoring.features import InterestParams
 from scoring.featurespec import AdIndex, FeatureSpec, assemble
 from scoring.registry import MODEL, PACKAGED, ModelRegistry
 from scoring.scorer import OnnxScorer
-from streams.topicadmin import create_topics
+from streams.runtime.topicadmin import create_topics
 from tests.conftest import isolated
 from tests.modelfaults import corrupt, nan_model, publish_version
 

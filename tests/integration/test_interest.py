@@ -21,7 +21,7 @@ from adpulse.replay import read_taobao
 from adpulse.workerproc import WorkerProcess
 from scoring.embeddings import HashedEmbeddings
 from scoring.features import KINDS, InterestParams, reference_categories, reference_vectors
-from streams.topicadmin import create_topics
+from streams.runtime.topicadmin import create_topics
 
 pytestmark = pytest.mark.integration
 DAY = 24 * 3600 * 1000

@@ -20,7 +20,7 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from adpulse.core.settings import Settings
 from adpulse.workerproc import WorkerProcess
 from schemas import first_error
-from streams.topicadmin import create_topics
+from streams.runtime.topicadmin import create_topics
 
 pytestmark = pytest.mark.integration
 

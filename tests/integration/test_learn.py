@@ -18,7 +18,7 @@ from kafka import KafkaProducer
 from adpulse.catalogtool import publish
 from adpulse.core.settings import Settings
 from schemas import first_error
-from streams.topicadmin import create_topics
+from streams.runtime.topicadmin import create_topics
 from tests.integration.test_decisions import LENIENT, Decisions, Requests, Worker, ad, request
 from tests.integration.test_decisions import wait_catalog as wait_ads
 

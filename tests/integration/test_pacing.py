@@ -21,7 +21,7 @@ import pytest
 from adpulse.catalogtool import publish
 from adpulse.core.settings import Settings
 from schemas import first_error
-from streams.topicadmin import create_topics
+from streams.runtime.topicadmin import create_topics
 from tests.integration.test_decisions import (
     HOUR,
     LENIENT,

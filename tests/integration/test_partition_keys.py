@@ -25,7 +25,7 @@ from kafka import KafkaProducer
 from adpulse.broker import EmbeddedBroker
 from adpulse.core.settings import Settings
 from adpulse.workerproc import WorkerProcess
-from streams.topicadmin import create_topics
+from streams.runtime.topicadmin import create_topics
 from tests.conftest import isolated
 from tests.faults.kit import Reader
 from tests.integration.test_decisions import partition_of

@@ -24,7 +24,7 @@ from adpulse.core.privacy import DEVELOPMENT_KEY, Pseudonymiser
 from adpulse.core.settings import Settings
 from adpulse.inspect import read_topic
 from adpulse.workerproc import WorkerProcess
-from streams.topicadmin import create_topics
+from streams.runtime.topicadmin import create_topics
 
 pytestmark = pytest.mark.integration
 pseudonym = Pseudonymiser(DEVELOPMENT_KEY)  # a worker on the embedded broker uses it

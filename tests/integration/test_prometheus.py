@@ -25,7 +25,7 @@ from adpulse.core.settings import Settings
 from adpulse.plots import dashboard_png
 from adpulse.prometheus import Prometheus, scrape_config
 from adpulse.workerproc import WorkerProcess
-from streams.topicadmin import create_topics
+from streams.runtime.topicadmin import create_topics
 
 pytestmark = pytest.mark.integration
 

@@ -10,7 +10,7 @@ import pytest
 
 from adpulse.core.settings import Settings
 from adpulse.workerproc import WorkerProcess
-from streams.topicadmin import create_topics
+from streams.runtime.topicadmin import create_topics
 from tests.integration.test_interest import (
     BACKFILL,
     assert_equals_reference,

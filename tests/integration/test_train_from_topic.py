@@ -11,7 +11,7 @@ from kafka import KafkaProducer
 from adpulse.cli import main
 from adpulse.core.settings import Settings
 from scoring.synthetic import generate
-from streams.topicadmin import create_topics
+from streams.runtime.topicadmin import create_topics
 
 pytestmark = pytest.mark.integration
 

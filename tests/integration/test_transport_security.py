@@ -26,7 +26,7 @@ from adpulse.broker import free_port
 from adpulse.core.settings import Settings
 from adpulse.kafkabroker import KafkaBroker, SecureListener
 from adpulse.workerproc import WorkerProcess
-from streams.topicadmin import create_topics
+from streams.runtime.topicadmin import create_topics
 
 pytestmark = [pytest.mark.integration, pytest.mark.long]
 USER, PASSWORD = "adpulse-app", "s3cret-scram-password"

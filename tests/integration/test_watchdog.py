@@ -16,7 +16,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from adpulse.broker import EmbeddedBroker
-from streams.watchdog import StallWatchdog, check
+from streams.runtime.watchdog import StallWatchdog, check
 
 pytestmark = pytest.mark.integration
 

@@ -21,7 +21,7 @@ from scoring.features import KINDS, decode_states, reference_vectors
 from streams.deadletter import Raw, Rejected
 from streams.ingest import REASONS, decode_events, rate_limit
 from streams.interest import InterestStage
-from streams.topicadmin import plan
+from streams.runtime.topicadmin import plan
 
 
 def brute_force(events: list[tuple[str, int]], limit: int) -> list[bool]:

@@ -7,7 +7,7 @@ import json
 from adpulse.catalogtool import synthetic_ads
 from adpulse.core.settings import Settings
 from streams.catalogmirror import catalog_mirror
-from streams.seal import SEAL_KEY
+from streams.runtime.seal import SEAL_KEY
 
 
 def ad_bytes(i: int) -> tuple[bytes, bytes]:

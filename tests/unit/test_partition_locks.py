@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from streams.tablewriter import PartitionLocks
+from streams.runtime.tablewriter import PartitionLocks
 
 
 def test_a_writer_in_the_middle_of_its_partitions_is_not_overtaken_on_a_later_one() -> None:

@@ -6,7 +6,7 @@ from faust.types import TP
 from hypothesis import given
 from hypothesis import strategies as st
 
-from streams.consumer import Slicer
+from streams.runtime.consumer import Slicer
 
 
 def _batch(sizes: list[int]) -> dict[TP, list[int]]:

@@ -7,8 +7,8 @@ from collections.abc import Hashable, Mapping
 
 import pytest
 
-from streams import watchdog
-from streams.watchdog import StallWatchdog, check
+from streams.runtime import watchdog
+from streams.runtime.watchdog import StallWatchdog, check
 
 
 class FrozenView:

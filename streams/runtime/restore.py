@@ -26,7 +26,7 @@ counts its changes), not tables with their own ``apply_changelog_batch`` or an
 partition the bulk read could not finish, takes Faust's path from where the
 bulk read stopped. The embedded broker's short end offsets are handled as
 before: the changelogs are sealed before the highwaters are built
-(streams/seal.py), so the highwater is exact.
+(streams/runtime/seal.py), so the highwater is exact.
 """
 
 from __future__ import annotations
@@ -40,8 +40,11 @@ from aiokafka import AIOKafkaConsumer
 from aiokafka.structs import TopicPartition
 from faust.stores.rocksdb import Store as RocksStore
 from faust.tables.base import Collection
+from faust.tables.manager import TableManager
 from faust.tables.recovery import Recovery
 from faust.types import TP
+
+from streams.runtime.seal import SEAL_KEY
 
 log = logging.getLogger(__name__)
 IDLE_GIVE_UP_S = 30.0  # no record for this long: leave the rest to Faust's recovery
@@ -65,7 +68,7 @@ class BulkRecovery(Recovery):
     async def _build_offsets(
         self, consumer: Any, tps: set[TP], destination: Any, title: str
     ) -> None:
-        client = getattr(self.app, "bulk_restore_client", None)  # set by streams/app.py
+        client = getattr(self.app, "bulk_restore_client", None)  # BatchApp's, from settings
         if title == "active" and client:
             wanted = {
                 tp: self.tp_to_table[tp]
@@ -170,3 +173,32 @@ def _write(store: Any, tp: TP, records: list[Any], hw: int, offsets: Any) -> int
     store._db_for_partition(tp.partition).write(batch)
     offsets[tp] = last
     return n
+
+
+class SealingTableManager(TableManager):
+    """Seals changelogs before each recovery on the embedded broker (streams/runtime/seal.py);
+    its recovery reads the active changelog backlog in bulk (:class:`BulkRecovery`)."""
+
+    @property
+    def recovery(self) -> Recovery:
+        if self._recovery is None:
+            self._recovery = BulkRecovery(self.app, self, beacon=self.beacon, loop=self.loop)
+        return self._recovery
+
+    async def on_rebalance(
+        self, assigned: Any, revoked: Any, newly_assigned: Any, generation_id: int = 0
+    ) -> None:
+        if getattr(self.app, "seal_changelogs", False):
+            await _seal(self.app, self.changelog_topics)
+        await super().on_rebalance(assigned, revoked, newly_assigned, generation_id)
+
+
+async def _seal(app: Any, topics: set[str]) -> None:
+    producer = app.producer
+    for topic in sorted(topics):
+        partitions = app.consumer.topic_partitions(topic) or 0
+        for p in range(partitions):
+            # One record, awaited alone: the broker stores it as a batch of one.
+            fut = await producer.send(topic, SEAL_KEY, None, p, None, None)
+            await fut
+    log.info("sealed %d changelog topic(s) before recovery", len(topics))

@@ -17,8 +17,8 @@ period, the remedy is tried again, and /health stays 503, so an orchestrator's
 liveness probe restarts the worker as the last resort.
 
 The logic here is pure (positions and end offsets in, verdicts out); the two
-views over a real consumer (Faust's in ``streams/runtime.py``-style adapters, a
-bare aiokafka consumer in the tests) implement :class:`ConsumerView`.
+views over a real consumer (Faust's, ``FaustConsumerView`` in
+streams/runtime/consumer.py; a bare aiokafka consumer in the tests) implement :class:`ConsumerView`.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from typing import Any
 
 import rocksdict
@@ -35,6 +35,22 @@ def read_many(table: Any, partition: int, keys: Sequence[bytes]) -> list[bytes |
     db = table.data._db_for_partition(partition)
     values: list[bytes | None] = db[list(keys)]
     return values
+
+
+def scan(table: Any, partition: int) -> Iterator[tuple[bytes, bytes]]:
+    """Every stored (key, value) of one partition, Faust's own bookkeeping keys left out.
+
+    A full pass over the partition's RocksDB: for rebuilding an in-memory index after a
+    rebalance, or for a rare scan (a forget request), never per record.
+    """
+    for key, value in table.data._db_for_partition(partition).items():
+        if isinstance(value, bytes) and not key.startswith(b"__faust"):
+            yield key, value
+
+
+def aiokafka_producer(app: Any) -> Any:
+    """The aiokafka producer under Faust's (``producer_threaded`` must stay off)."""
+    return app.producer._producer
 
 
 def write_local(table: Any, partition: int, items: Sequence[tuple[bytes, bytes | None]]) -> None:
@@ -67,7 +83,7 @@ async def send_changelog(
     store, app = table.data, table.app
     topic = table.changelog_topic.get_topic_name()
     changelog_tp = TP(topic, partition)
-    producer = app.producer._producer  # the aiokafka producer (producer_threaded=False)
+    producer = aiokafka_producer(app)
     futures: list[asyncio.Future[Any]] = []
 
     def on_sent(fut: asyncio.Future[Any], n: int) -> None:

@@ -13,9 +13,8 @@ Offsets stay Faust's business: after a batch is handled, ``last + 1`` per
 partition is recorded as committable and Faust's own commit logic (interval,
 ``commit_every``, ``wait_empty`` on rebalance and stop) commits it. Records of
 every other topic still take the normal per-message path, so agents and tables
-work as usual. The Faust internals this relies on are listed in docs/guarantees.md
-("Faust internals we depend on"), pinned by the faust-streaming version in
-pyproject.toml.
+work as usual. The Faust internals this relies on are listed, with why, in
+streams/runtime/__init__.py, pinned by the faust-streaming version in pyproject.toml.
 """
 
 from __future__ import annotations
@@ -288,9 +287,13 @@ class BatchApp(faust.App):
         batch_within: float = 0.005,
         fetch_max_wait_ms: int = 10,
         slice_ms: float = 0.0,
+        seal_changelogs: bool = False,
+        bulk_restore_client: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        self.seal_changelogs = seal_changelogs  # before each recovery (restore.py, seal.py)
+        self.bulk_restore_client = bulk_restore_client  # aiokafka kwargs; None: no bulk restore
         self.batch_handlers: dict[str, BatchHandler] = {}
         self.batch_max = batch_max  # hand a batch over at this many records ...
         self.batch_within = batch_within  # ... or this long after its first record
@@ -312,11 +315,41 @@ class BatchApp(faust.App):
         return register
 
 
-class FaustConsumerView:
-    """The watchdog's view (streams/watchdog.py) of a Faust worker's consumer.
+def read_position(app: Any, tp: TP) -> int | None:
+    """The next offset the worker will process on ``tp`` (None: nothing read yet).
 
-    Faust internals used: ``Consumer._read_offset`` (processed positions; the batch
-    path stores the next offset, Faust's own path the last one read),
+    Faust's ``Consumer._read_offset`` holds, for the batch path, the next offset to
+    read, and for Faust's own per-message path the last one read.
+    """
+    read = app.consumer._read_offset.get(tp)
+    if read is None:
+        return None
+    return int(read) if tp.topic in getattr(app, "batch_handlers", {}) else int(read) + 1
+
+
+class Positions:
+    """Where the worker's consumer stands on a partition: what a stage may ask of it."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    def highwater(self, topic: str, partition: int) -> int | None:
+        """The end offset the last fetch saw (None: not fetched yet, or not assigned)."""
+        try:
+            end = self.app.consumer.highwater(TP(topic, partition))
+        except (AssertionError, KeyError):  # not (or no longer) assigned
+            return None
+        return None if end is None else int(end)
+
+    def position(self, topic: str, partition: int) -> int | None:
+        """:func:`read_position` of the partition."""
+        return read_position(self.app, TP(topic, partition))
+
+
+class FaustConsumerView:
+    """The watchdog's view (streams/runtime/watchdog.py) of a Faust worker's consumer.
+
+    Faust internals used: ``Consumer._read_offset`` (:func:`read_position`),
     ``app.tables.changelog_topics`` (changelog partitions are recovery's business,
     not the watchdog's), ``Consumer.resume_partitions``, ``seek`` and ``highwaters``.
     """
@@ -338,10 +371,7 @@ class FaustConsumerView:
         return [tp for tp in self.app.consumer.assignment() if tp.topic not in changelogs]
 
     def position(self, tp: Any) -> int | None:  # Any: a Faust TP
-        read = self.app.consumer._read_offset.get(tp)
-        if read is None:
-            return None
-        return int(read) if tp.topic in getattr(self.app, "batch_handlers", {}) else int(read) + 1
+        return read_position(self.app, tp)
 
     async def end_offsets(self, tps: list[Hashable]) -> dict[Hashable, int]:
         return dict(await self.app.consumer.highwaters(*tps))

@@ -17,6 +17,7 @@ from typing import Any
 from adpulse.core.metrics import Metrics
 from adpulse.core.probe import metadata_answers
 from adpulse.core.settings import Settings
+from streams.runtime.consumer import read_position
 
 log = logging.getLogger(__name__)
 SAMPLE_S = 5.0  # how often the timers in streams/pipeline.py sample
@@ -31,15 +32,12 @@ def sample_consumer_lag(app: Any, metrics: Metrics, labelled: set[tuple[str, str
     assigned lose their series; ``labelled`` remembers which ones were set.
     """
     consumer = app.consumer
-    batch_topics = getattr(app, "batch_handlers", {})
     seen: set[tuple[str, str]] = set()
     for tp in consumer.assignment():
         highwater = consumer.highwater(tp)
-        read = consumer._read_offset.get(tp)
-        if highwater is None or read is None:
+        position = read_position(app, tp)
+        if highwater is None or position is None:
             continue
-        # The batch path stores the next offset to read; Faust's own path the last one read.
-        position = read if tp.topic in batch_topics else read + 1
         labels = (tp.topic, str(tp.partition))
         metrics.consumer_lag.labels(*labels).set(max(0, highwater - position))
         seen.add(labels)
