@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -40,6 +41,8 @@ TEXT_DIM = 384
 MAX_TOKENS = 256
 PROJECTION_NAMESPACE = 4  # beside ITEM, CATEGORY, CAMPAIGN in scoring/embeddings.py
 FP32_FILE, FP16_FILE, TOKENIZER_FILE = "model.onnx", "model.fp16.onnx", "tokenizer.json"
+INT8_FILE = "model.int8.onnx"  # CPU: int8 weights, ~2.2x fp32's texts/s (docs/evaluation.md)
+Precision = Literal["auto", "fp32"]
 
 
 def load_tokenizer(path: Path, *, truncate: bool = False) -> Tokenizer:
@@ -105,21 +108,33 @@ class TextEncoder:
         device: Device = "auto",
         threads: int = 1,
         max_batch: int = 64,
+        precision: Precision = "auto",
     ) -> None:
+        """``precision``: ``auto`` serves the directory's fp16 graph on CUDA and its int8
+        graph on CPU, where present; ``fp32`` the reference graph everywhere. A path to one
+        ``.onnx`` file serves that file."""
         model_dir = Path(model_dir)
         onnx_path = model_dir if model_dir.suffix == ".onnx" else model_dir / FP32_FILE
         tok_path = tokenizer_path or onnx_path.parent / TOKENIZER_FILE
         providers = providers_for(device)
-        fp16 = onnx_path.with_name(FP16_FILE)
-        if model_dir.suffix != ".onnx" and providers[0] in (CUDA, TENSORRT) and fp16.exists():
-            onnx_path = fp16  # half the memory traffic; ~1e-3 cosine from fp32 (docs/evaluation.md)
+        if model_dir.suffix != ".onnx" and precision == "auto":
+            on_gpu = providers[0] in (CUDA, TENSORRT)
+            # fp16: half the memory traffic, ~1e-3 cosine from fp32; int8: 0.975-0.99 to fp32 and
+            # twice the texts/s on CPU (docs/evaluation.md, "Ad text encoder")
+            variant = onnx_path.with_name(FP16_FILE if on_gpu else INT8_FILE)
+            if variant.exists():
+                onnx_path = variant
         options = SessionOptions(intra_op_threads=threads).to_options()
         self.session = ort.InferenceSession(str(onnx_path), options, providers=providers)
         self.provider = str(self.session.get_providers()[0])
         self.path = onnx_path
         self.tokenizer = load_tokenizer(tok_path)  # untruncated: check_text counts tokens
         self._batcher = load_tokenizer(tok_path, truncate=True)
-        self.max_batch = max_batch
+        # int8's activation scales are computed per run over the whole input tensor, so a
+        # text's vector would depend on the texts that shared its run (cosine 0.98 between
+        # batched and alone, measured): it runs one text at a time, still 1.8x fp32's
+        # batched texts/s on CPU.
+        self.max_batch = 1 if onnx_path.name == INT8_FILE else max_batch
         names = tuple(i.name for i in self.session.get_inputs())
         if names != INPUT_NAMES or self.session.get_outputs()[0].name != OUTPUT_NAME:
             msg = f"{onnx_path}: inputs {names}, expected {INPUT_NAMES} -> {OUTPUT_NAME}"

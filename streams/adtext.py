@@ -72,7 +72,8 @@ class AdTextEmbedder:
         if problem is not None:
             msg = f"ADPULSE_TEXT_MODEL: {problem}"
             raise ConfigError(msg)
-        encoder = TextEncoder(model_dir, device=settings.device, threads=settings.scorer_threads)
+        encoder = TextEncoder(model_dir, device=settings.device, threads=settings.scorer_threads,
+                              precision=settings.text_precision)  # fmt: skip
         outputs = json.loads((model_dir / MANIFEST).read_text())["outputs"]
         model_hash = str(outputs[encoder.path.name])
         return cls(
