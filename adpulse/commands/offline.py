@@ -40,10 +40,9 @@ def _text_model(args: argparse.Namespace, settings: Settings) -> Path:
     from adpulse import textmodels  # noqa: PLC0415
 
     out = Path(args.text_model or settings.text_model or textmodels.default_out())
-    if "c" in args.models or "d" in args.models:
-        built = textmodels.build_text_model(out, textmodels.cache_root() / "wheels")
-        if built.rebuilt:
-            print(f"text encoder exported and verified: {built.path}")
+    built = textmodels.build_text_model(out, textmodels.cache_root() / "wheels")
+    if built.rebuilt:
+        print(f"text encoder exported and verified: {built.path}")
     return out
 
 
@@ -58,6 +57,8 @@ def cmd_evaluate_offline(args: argparse.Namespace, settings: Settings) -> int:
         msg = f"--models {args.models!r}: letters from abcd (a popularity ... d sequence)"
         raise ConfigError(msg)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    import numpy as np  # noqa: PLC0415
+
     from adpulse import offline, offlinedata  # noqa: PLC0415
     from scoring.featurespec import FeatureSpec  # noqa: PLC0415
 
@@ -69,15 +70,10 @@ def cmd_evaluate_offline(args: argparse.Namespace, settings: Settings) -> int:
         raise ConfigError(msg) from None
     torch.set_num_threads(args.threads)
     spec = FeatureSpec.from_settings(settings)
-    text, has = (
-        offline.text_vectors(log_, _text_model(args, settings), spec, args.threads)
-        if set(args.models) & {"c", "d"}
-        else (None, None)
-    )
-    if text is None or has is None:
-        import numpy as np  # noqa: PLC0415
-
-        text, has = np.zeros((log_.n_items, spec.dim), np.float32), np.zeros(log_.n_items, bool)
+    text = np.zeros((log_.n_items, spec.dim), np.float32)
+    has = np.zeros(log_.n_items, dtype=bool)
+    if set(args.models) & {"c", "d"} and any(t.strip() for t in log_.titles):
+        text, has = offline.text_vectors(log_, _text_model(args, settings), spec, args.threads)
     feats = offline.build_features(
         log_,
         text,
