@@ -175,7 +175,9 @@ def evaluate(
     y, u = log_.label[test], log_.user[test]
     rows, res = _rows("time", "all", y, u, preds, n_boot, seed)
     gains: dict[str, Any] = {}
-    for name, new, old in (("auc_gain_text", "c", "b"), ("auc_gain_seq", "d", "b")):
+    pairs = (("auc_gain_text", "c", "b"), ("auc_gain_seq", "d", "b"),
+             ("auc_gain_seq_over_text", "d", "c"))  # fmt: skip
+    for name, new, old in pairs:
         if new in preds and old in preds:
             g, ci = offline.auc_gain(y, preds[new], preds[old], res)
             gains[name], gains[f"{name}_ci95"] = g, ci
@@ -230,6 +232,8 @@ def _report(
         "auc_gain_ci95": seq_ci,
         "auc_gain_text": gains.get("auc_gain_text"),
         "auc_gain_text_ci95": gains.get("auc_gain_text_ci95"),
+        "auc_gain_seq_over_text": gains.get("auc_gain_seq_over_text"),
+        "auc_gain_seq_over_text_ci95": gains.get("auc_gain_seq_over_text_ci95"),
         "cold_start_gain": cold,
         "cold_start_gain_ci95": gains.get("cold_start_gain_ci95"),
         "cold_start_split": gains["cold_start_split"],
@@ -290,6 +294,11 @@ def markdown(report: dict[str, Any]) -> str:
             f"- (d) - (b) AUC, time split: {r['auc_gain_seq']:+.4f}"
             f"{_ci(r['auc_gain_ci95'])}; target >= +0.02 with the CI above 0: "
             f"{'met' if met else 'not met'}"
+        )
+    if r.get("auc_gain_seq_over_text") is not None:
+        lines.append(
+            f"- (d) - (c) AUC, time split: {r['auc_gain_seq_over_text']:+.4f}"
+            f"{_ci(r.get('auc_gain_seq_over_text_ci95'))}"
         )
     if r.get("cold_start_gain") is not None:
         met = r["targets"]["cold_start_gain_at_least_0.05"]

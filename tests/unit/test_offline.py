@@ -187,7 +187,7 @@ def test_the_whole_comparison_runs_and_reports_every_model_and_gain() -> None:
     assert {("time", k) for k in "abcd"} <= keys
     assert body["cold_start_split"] == "item-holdout"  # a tiny log has < 500 cold rows
     assert {("item-holdout", k) for k in "abcd"} <= keys
-    for name in ("auc_gain_seq", "auc_gain_text", "cold_start_gain"):
+    for name in ("auc_gain_seq", "auc_gain_text", "auc_gain_seq_over_text", "cold_start_gain"):
         assert isinstance(body[name], float)
     assert len(body["auc_gain_ci95"]) == 2
     table = report.markdown({"offline": body})
