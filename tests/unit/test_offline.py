@@ -223,3 +223,13 @@ def test_movielens_is_extracted_from_the_cached_recbole_wheel(tmp_path: Path) ->
     log = offlinedata.read_log(tmp_path / "ml.csv")
     assert (len(log.user_ids), log.n_items) == (943, 1682)
     assert log.titles[log.item_ids.index("1")] == "Toy Story (1995)"
+
+
+def test_evaluate_offline_names_a_missing_log_or_a_bad_model_list_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["evaluate-offline", str(tmp_path / "none.csv")]) == 4
+    err = capsys.readouterr().err.strip()
+    assert "none.csv: No such file or directory" in err and "\n" not in err
+    assert main(["evaluate-offline", str(tmp_path / "none.csv"), "--models", "abx"]) == 2
+    assert "letters from abcd" in capsys.readouterr().err
