@@ -21,6 +21,7 @@ from adpulse.commands import (
     forget,
     kafka,
     models,
+    offline,
     report,
     simulate,
     worker,
@@ -52,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     models.register(sub)  # models text (the ad text encoder)
     bench.register(sub)  # bench
     evaluate.register(sub)  # evaluate (off-policy evaluation)
+    offline.register(sub)  # evaluate-offline, datasets (models compared on real logs)
     demo.register(sub)  # demo
     simulate.register(sub)  # simulate (closed loop against a known world)
     report.register(sub)  # report (per-arm CTR/CVR from ctr-feedback)

@@ -561,10 +561,12 @@ print("\\n".join(failed))
         cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
-    # scoring.model is PyTorch's half of training (only scoring.train imports it, lazily), and
-    # scoring.textmodel the PyTorch reference of the text encoder's export (adpulse models text).
+    # scoring.model is PyTorch's half of training (only scoring.train imports it, lazily),
+    # scoring.offlinenets the models of `adpulse evaluate-offline`, and scoring.textmodel
+    # the PyTorch reference of the text encoder's export (adpulse models text).
     assert done.stdout.split("\n")[:-1] == [
         "scoring.model: torch is not in the runtime image",
+        "scoring.offlinenets: torch is not in the runtime image",
         "scoring.textmodel: torch is not in the runtime image",
     ]
 

@@ -24,6 +24,7 @@ MODULES = [
     "schemas",
     "schemas.messages",
     "scoring.joinstate",
+    "scoring.offline",
 ]
 
 
