@@ -372,7 +372,7 @@ class DecideStage:
         vector = users.vectors[p.user]
         ad_ids = [catalog.index.ad_ids[r] for r in p.rows.tolist()]
         candidates = Candidates(pctr.astype(np.float64), bids, vector,
-                                lambda: self.strategy.states(ad_ids, arm))  # fmt: skip
+                                lambda: self.strategy.states(ad_ids, arm), now_ms)  # fmt: skip
         choice = policy.choose(candidates, self.rng)
         j = choice.index
         row = int(p.rows[j])

@@ -55,6 +55,7 @@ from schemas.messages import UNSET, CtrFeedback
 from scoring.features import fingerprint
 from scoring.featurespec import user_features
 from scoring.strategy.calibration import CalibrationParams, CalibrationState, Calibrator
+from scoring.strategy.forgetting import check_half_life, decay, weights
 from scoring.strategy.linucb import LinUCB, LinUCBParams
 from scoring.strategy.state import (
     AdState,
@@ -103,6 +104,7 @@ class LearnStage:
         self.thompson = ThompsonSampling(ThompsonParams())
         self.linucb = LinUCB(LinUCBParams(dim=settings.dim, ridge=settings.linucb_ridge))
         self.calibrator = Calibrator(CalibrationParams())
+        self.half_life_h = check_half_life(settings.bandit_half_life_h)
 
     def process(self, raws: Sequence[Raw], load: Loader) -> LearnResult:
         good, rejected = self.decoder.split(raws)
@@ -163,6 +165,9 @@ class LearnStage:
         state.ring = ring[-self.s.learn_dedupe_ids :]
         if not applied:
             return applied
+        if self.half_life_h > 0:
+            self._fold_decayed(state, [m for m, _ in applied])
+            return applied
         clicks = [m.clicked for m, _ in applied]
         state.shows += len(applied)
         state.clicks += sum(clicks)
@@ -184,6 +189,36 @@ class LearnStage:
             lin = self.linucb.update(lin, np.zeros(len(ctx), np.intp), np.stack(ctx), rewards)
             state.linucb = LinUCB.encode(lin)[0]
         return applied
+
+    def _fold_decayed(self, state: AdState, labels: list[CtrFeedback]) -> None:
+        """Fold labels in with forgetting: rescale the record to the latest event time, then
+        add each label weighted by its age there (scoring/strategy/forgetting.py)."""
+        h = self.half_life_h
+        ref = max(state.ts, *(m.decision_ts for m in labels))
+        f = decay(ref - state.ts, h) if state.ts else 1.0  # ts 0: nothing was scaled yet
+        w = weights([m.decision_ts for m in labels], ref, h)
+        state.ts = ref
+        state.shows = f * state.shows + float(w.sum())
+        state.clicks = f * state.clicks + float(w @ np.array([m.clicked for m in labels], float))
+        segments = {k: (f * n, f * c) for k, (n, c) in state.segments.items()}
+        ctx: list[np.ndarray] = []
+        rows: list[tuple[float, float]] = []  # (reward, weight) per context
+        for wi, m in zip(w.tolist(), labels, strict=True):
+            vec = m.features.interest
+            seg = segment_of(vec)
+            if seg is not None:
+                n, c = segments.get(seg, (0.0, 0.0))
+                segments[seg] = (n + wi, c + wi * m.clicked)
+            if len(vec) == self.s.dim and seg is not None and _keeps_linucb(m):  # a context
+                ctx.append(user_features(vec, self.s.dim)[0])
+                rows.append((float(m.clicked), wi))
+        state.segments = segments
+        if ctx or (state.linucb and f < 1.0):
+            lin = self.linucb.discount(self.linucb.decode([state.linucb or None]), f)
+            if ctx:
+                r, wts = zip(*rows, strict=True)
+                lin = self.linucb.update(lin, np.zeros(len(ctx), np.intp), np.stack(ctx), r, wts)
+            state.linucb = LinUCB.encode(lin)[0]
 
 
 def _pctr(m: CtrFeedback) -> float | None:

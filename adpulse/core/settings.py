@@ -264,6 +264,11 @@ class Settings:
     )
     linucb_alpha: float = _setting(1.0, "LinUCB confidence width (linucb:ALPHA overrides).")
     linucb_ridge: float = _setting(1.0, "LinUCB ridge: A starts at RIDGE * identity.")
+    bandit_half_life_h: float = _setting(
+        0.0,
+        "Half-life in hours of a label in Thompson's counts and LinUCB's statistics, by event "
+        "time (decision_ts), so the bandits follow drift. 0: labels never fade.",
+    )
     learn_dedupe_ids: int = _setting(
         1024, "Recent decision ids remembered per ad: a label re-emitted among them counts once."
     )

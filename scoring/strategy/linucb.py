@@ -103,23 +103,51 @@ class LinUCB:
 
     # --- learning ------------------------------------------------------------------------
     def update(
-        self, states: npt.NDArray[Any], which: npt.ArrayLike, x: npt.ArrayLike, r: npt.ArrayLike
+        self,
+        states: npt.NDArray[Any],
+        which: npt.ArrayLike,
+        x: npt.ArrayLike,
+        r: npt.ArrayLike,
+        weights: npt.ArrayLike | None = None,
     ) -> npt.NDArray[Any]:
         """New states after labels ``r`` for contexts ``x`` shown for ads ``states[which]``.
 
         Sherman-Morrison per example (sequential within an ad, so the result
-        equals the batch inverse up to rounding).
+        equals the batch inverse up to rounding). ``weights`` (forgetting) add
+        w x x^T and w r x instead: (A + w x x^T)^-1 = A^-1 - w u u^T / (1 + w x^T u).
         """
         new = states.copy()
         xs = self.contexts(x)
         rs = np.asarray(r, dtype=np.float64)
-        for k, xi, ri in zip(np.asarray(which, dtype=np.intp), xs, rs, strict=True):
+        ws = np.ones(len(rs)) if weights is None else np.asarray(weights, dtype=np.float64)
+        for k, xi, ri, wi in zip(np.asarray(which, dtype=np.intp), xs, rs, ws, strict=True):
             a_inv = new["a_inv"][k]
             u = a_inv @ xi
-            a_inv -= np.outer(u, u) / (1.0 + xi @ u)
+            if weights is None:  # today's arithmetic, bit for bit
+                a_inv -= np.outer(u, u) / (1.0 + xi @ u)
+                new["b"][k] += ri * xi
+            else:
+                a_inv -= wi * np.outer(u, u) / (1.0 + wi * (xi @ u))
+                new["b"][k] += wi * ri * xi
             new["a_inv"][k] = a_inv
-            new["b"][k] += ri * xi
             new["n"][k] += 1
+        return new
+
+    def discount(self, states: npt.NDArray[Any], factor: float) -> npt.NDArray[Any]:
+        """States whose learned part shrinks by ``factor``: A = ridge*I + f*(A - ridge*I), b = f*b.
+
+        The ridge stays whole, so A stays invertible however much is forgotten.
+        Costs one d x d inversion each way per state, which the learner pays
+        once per ad per batch; errors this leaves in A shrink with each later
+        discount, so they do not pile up.
+        """
+        if factor == 1.0:
+            return states
+        new = states.copy()
+        ridge = self.params.ridge * np.eye(self.params.width)
+        a = np.linalg.inv(new["a_inv"])
+        new["a_inv"] = np.linalg.inv(factor * a + (1.0 - factor) * ridge)
+        new["b"] *= factor
         return new
 
     def theta(self, states: npt.NDArray[Any]) -> F64:

@@ -23,6 +23,7 @@ from scoring.featurespec import user_features
 from scoring.strategy import Choice, Strategy
 from scoring.strategy.ab import Arm, Experiment
 from scoring.strategy.epsilon import EpsilonGreedy
+from scoring.strategy.forgetting import decay
 from scoring.strategy.greedy import Greedy
 from scoring.strategy.linucb import LinUCB, LinUCBParams
 from scoring.strategy.state import AdState, decode_ad, segment_of, state_key
@@ -38,6 +39,7 @@ class Candidates:
     bids: npt.NDArray[np.float64]
     vector: npt.NDArray[np.float32] | None  # the user's decayed interest; None: no history
     states: Callable[[], Sequence[AdState]]  # the ads' learner state, read on demand
+    ts: int = 0  # the decision's event time (epoch ms): Thompson's counts fade up to it
 
 
 class Policy(Protocol):
@@ -71,6 +73,7 @@ class PolicyParams:
     thompson_min_segment_shows: float = 50.0
     linucb_alpha: float = 1.0
     linucb_ridge: float = 1.0
+    half_life_h: float = 0.0  # forgetting (scoring/strategy/forgetting.py); 0: none
 
     @classmethod
     def from_settings(cls, s: Any) -> PolicyParams:
@@ -81,6 +84,7 @@ class PolicyParams:
             thompson_min_segment_shows=s.thompson_min_segment_shows,
             linucb_alpha=s.linucb_alpha,
             linucb_ridge=s.linucb_ridge,
+            half_life_h=s.bandit_half_life_h,
         )
 
 
@@ -102,21 +106,40 @@ class Bandit:
     def parse(cls, name: str, arg: str, p: PolicyParams) -> Bandit:
         if name == "thompson":
             m = float(arg) if arg else p.thompson_prior_strength
-            params = ThompsonParams(m, p.thompson_draws, 1.0, p.thompson_min_segment_shows)
+            params = ThompsonParams(m, p.thompson_draws, 1.0, p.thompson_min_segment_shows,
+                                    half_life_h=p.half_life_h)  # fmt: skip
             return cls("thompson", thompson=ThompsonSampling(params))
         alpha = float(arg) if arg else p.linucb_alpha
         return cls("linucb", linucb=LinUCB(LinUCBParams(p.dim, alpha, p.linucb_ridge)))
 
+    def thompson_counts(self, c: Candidates, states: Sequence[AdState]) -> npt.NDArray[Any]:
+        """Per candidate, the (shows, clicks) Thompson weighs: the user's segment's once they
+        are worth ``min_segment_shows``, else the ad's, faded to the decision's time."""
+        assert self.thompson is not None
+        seg = segment_of(c.vector)
+        ad = np.array([(st.shows, st.clicks) for st in states], dtype=STATS_DTYPE)
+        by_seg = np.array([st.segments.get(seg, (0.0, 0.0)) if seg is not None else (0.0, 0.0)
+                           for st in states], dtype=STATS_DTYPE)  # fmt: skip
+        h = self.thompson.params.half_life_h
+        if h > 0 and c.ts:
+            f = np.array([decay(c.ts - st.ts, h) if st.ts else 1.0 for st in states])
+            for counts in (ad, by_seg):
+                counts["shows"] *= f
+                counts["clicks"] *= f
+        return backoff(ad, by_seg, self.thompson.params.min_segment_shows)
+
     def choose(self, c: Candidates, rng: np.random.Generator) -> Choice:
         """Thompson: model pCTR as prior mean, the (ad, segment) or ad counts as evidence;
-        LinUCB: UCB over the normalised interest vector, times the bid."""
+        LinUCB: UCB over the normalised interest vector, times the bid.
+
+        Under a half-life, Thompson's counts fade from their record's event time to
+        the decision's, so an ad nobody has labelled lately drifts back to its prior
+        and gets explored again. LinUCB reads its record as of its latest label:
+        fading it here would cost a d x d inversion per ad per batch on the hot path.
+        """
         states = c.states()
         if self.thompson is not None:
-            seg = segment_of(c.vector)
-            ad = np.array([(st.shows, st.clicks) for st in states], dtype=STATS_DTYPE)
-            by_seg = np.array([st.segments.get(seg, (0.0, 0.0)) if seg is not None else (0.0, 0.0)
-                               for st in states], dtype=STATS_DTYPE)  # fmt: skip
-            stats = backoff(ad, by_seg, self.thompson.params.min_segment_shows)
+            stats = self.thompson_counts(c, states)
             return self.thompson.choose(c.pctr, c.bids, stats, rng)
         assert self.linucb is not None
         lin = self.linucb.decode([st.linucb or None for st in states])

@@ -2,7 +2,8 @@
 
 One record per ad (:class:`AdState`, msgpack): the highest ctr-feedback offset
 applied, a ring of recent decision-id fingerprints (dedupe), Thompson counts,
-counts per segment and the LinUCB state. Calibration counts are additive, so
+counts per segment, the LinUCB state and, under forgetting, the event time
+they are scaled to. Calibration counts are additive, so
 each ctr-feedback partition keeps its own :class:`CalibrationShard`. How they
 are written and broadcast is streams/learn.py's business; this module is only
 their shape and keys, so both sides agree without importing each other.
@@ -24,6 +25,11 @@ class AdState(msgspec.Struct, array_like=True, omit_defaults=True):
     clicks: float = 0.0
     segments: dict[int, tuple[float, float]] = {}  # segment -> (shows, clicks)
     linucb: bytes = b""  # LinUCB state_dtype record; empty until a label with a context
+    # Event time (epoch ms) the counts and LinUCB statistics are scaled to, under a
+    # half-life (scoring/strategy/forgetting.py); 0 without forgetting. Last, with a
+    # default, so records written before it decode, and a worker of the version before
+    # reads new records (msgspec drops trailing array elements a Struct does not name).
+    ts: int = 0
 
 
 class CalibrationShard(msgspec.Struct, array_like=True):

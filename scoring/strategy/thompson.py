@@ -43,6 +43,7 @@ import numpy as np
 import numpy.typing as npt
 
 from scoring.strategy import Choice
+from scoring.strategy.forgetting import check_half_life
 
 F64 = npt.NDArray[np.float64]
 STATS_DTYPE = np.dtype([("shows", "<f8"), ("clicks", "<f8")])
@@ -63,8 +64,10 @@ class ThompsonParams:
     draws: int = 1000  # S: Monte Carlo draws for the propensity
     discount: float = 1.0  # gamma in (0, 1]: counts shrink by gamma per update (drift)
     min_segment_shows: float = 50.0  # segment counts replace ad counts from here on
+    half_life_h: float = 0.0  # event-time forgetting (scoring/strategy/forgetting.py); 0: none
 
     def __post_init__(self) -> None:
+        check_half_life(self.half_life_h)
         if self.prior_strength <= 0 or self.draws < 1 or not 0 < self.discount <= 1:
             msg = (
                 f"bad Thompson params {self}: need prior_strength > 0, draws >= 1, "

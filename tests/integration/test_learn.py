@@ -89,3 +89,31 @@ def test_clicks_on_one_ad_shift_thompson_decisions_to_it(
         requests.close()
         decisions.close()
         worker.stop()
+
+
+def test_a_half_life_fades_older_labels_in_the_worker(settings: Settings, tmp_path: Path) -> None:
+    """ADPULSE_BANDIT_HALF_LIFE_H reaches the worker's learner: ten clicked labels an hour
+    older than ten unclicked ones count half, whichever arrives first (the newer here)."""
+    create_topics(settings)
+    worker = Worker(settings, tmp_path, {"ADPULSE_BANDIT_HALF_LIFE_H": "1", **LENIENT}).start()
+    producer = KafkaProducer(bootstrap_servers=settings.bootstrap, linger_ms=2, acks=1)
+    t1 = int(time.time() * 1000) - 600_000
+    try:
+        for i in range(20):  # the newer hour first: order must not matter
+            body = {**feedback(i, "fade-0", int(i >= 10)), "decision_id": f"fade-{i}",
+                    "decision_ts": t1 - 3_600_000 * (i >= 10), "label_ts": t1}  # fmt: skip
+            assert first_error("ctr-feedback", body) is None
+            producer.send(settings.topic("ctr-feedback"), key=b"fade-0",
+                          value=json.dumps(body).encode())  # fmt: skip
+        producer.flush()
+
+        def counts() -> tuple[float, float]:
+            status, state = worker.get("/ads/fade-0/strategy", authorized=False)
+            if status != 200:
+                return (0.0, 0.0)
+            return (round(state["shows"], 9), round(state["clicks"], 9))
+
+        worker.wait_until(lambda: counts() == (15.0, 5.0), 30, "10 + 5 shows, 5 clicks")
+    finally:
+        producer.close()
+        worker.stop()
