@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from adpulse import gendoc
 from scoring import offline
 from scoring.featurespec import FeatureSpec, Inputs
 from scoring.offline import Interactions
@@ -312,16 +313,9 @@ def markdown(report: dict[str, Any]) -> str:
 
 def table_in(doc: str) -> str:
     """The generated table of a document: the text between BEGIN and END."""
-    _, begin, rest = doc.partition(BEGIN)
-    table, end, _ = rest.partition(END)
-    if not (begin and end):
-        msg = f"no generated offline table in the document: it needs the lines {BEGIN} and {END}"
-        raise ValueError(msg)
-    return table.strip("\n")
+    return gendoc.table_in(doc, BEGIN, END)
 
 
 def with_table(doc: str, table: str) -> str:
     """``doc`` with its generated table replaced by ``table``."""
-    table_in(doc)
-    head, _, rest = doc.partition(BEGIN)
-    return f"{head}{BEGIN}\n{table}\n{END}{rest.partition(END)[2]}"
+    return gendoc.with_table(doc, table, BEGIN, END)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from adpulse import gendoc
 from adpulse.bench import machine_line
 from adpulse.bench.rebalance import by_signal
 
@@ -150,17 +151,9 @@ END = "<!-- end of the generated table -->"
 
 def table_in(doc: str) -> str:
     """The generated table of a document: the text between BEGIN and END."""
-    _, begin, rest = doc.partition(BEGIN)
-    table, end, _ = rest.partition(END)
-    if not (begin and end):
-        msg = f"no generated table in the document: it needs the lines {BEGIN} and {END}"
-        raise ValueError(msg)
-    return table.strip("\n")
+    return gendoc.table_in(doc, BEGIN, END)
 
 
 def with_table(doc: str, table: str) -> str:
     """``doc`` with its generated table replaced by ``table``."""
-    table_in(doc)  # raises when the document has no place for it
-    head, _, rest = doc.partition(BEGIN)
-    tail = rest.partition(END)[2]
-    return f"{head}{BEGIN}\n{table}\n{END}{tail}"
+    return gendoc.with_table(doc, table, BEGIN, END)
