@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import json
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from kafka import KafkaProducer
 from adpulse.broker import EmbeddedBroker
 from adpulse.catalogtool import publish
 from adpulse.core.settings import Settings
+from adpulse.polling import poll_until
 from scoring.registry import PACKAGED
 from scoring.textencoder import TextEncoder, project
 from streams.runtime.topicadmin import create_topics
@@ -79,17 +79,18 @@ class Env:
         return float(oracle.pctr(None, [a["ad_id"]], d, None)[0])
 
     def wait_served_as(self, a: dict[str, Any], placement: str, timeout: float = 30.0) -> None:
-        """Until a decision on ``placement`` serves ``a`` with the pCTR of its current text."""
-        deadline = time.monotonic() + timeout
-        while True:
-            d = self.decide(placement)
-            if d["ad_id"] == a["ad_id"] and d["pctr"] == pytest.approx(
-                self.expected_pctr(a, d), rel=1e-5
-            ):
-                return
-            late = time.monotonic() > deadline  # bench-ok: a wait bound
-            why = f"{a['ad_id']} not served from its text; last {d}"
-            assert not late, f"{why}\n{self.worker.tail()}"
+        """Until a decision on ``placement`` serves ``a`` with the pCTR of its current text
+        (a liveness wait: how soon is ``adpulse bench adtext``'s figure)."""
+        last: dict[str, Any] = {}
+
+        def served() -> bool:
+            last.update(self.decide(placement))
+            return bool(last["ad_id"] == a["ad_id"] and last["pctr"] == pytest.approx(
+                self.expected_pctr(a, last), rel=1e-5))  # fmt: skip
+
+        poll_until(served, timeout, f"{a['ad_id']} served from its text", every=0.05,
+                   detail=lambda: f"last {last}\n{self.worker.tail()}",
+                   error=AssertionError)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -161,16 +162,19 @@ def test_a_text_that_cannot_be_embedded_is_dead_lettered_with_its_reason(env: En
     want = {env.id("kept"): "text_empty", env.id("long"): "text_too_long",
             env.id("latin1"): "invalid_json"}  # fmt: skip
     got: dict[str, tuple[str, str]] = {}
-    deadline = time.monotonic() + 30
+
+    def all_dead_lettered() -> bool:
+        letters.poll()
+        for _, _, value in letters.records:
+            body = json.loads(value)
+            key = base64.b64decode(body["key_b64"] or "").decode()
+            if body["topic"] == s.topic("ad-catalog") and key in want:
+                got[key] = (body["error"], body["message"])
+        return set(got) == set(want)
+
     try:
-        while set(got) != set(want):
-            assert time.monotonic() < deadline, f"dead letters so far: {got}"  # bench-ok: bound
-            letters.poll()
-            for _, _, value in letters.records:
-                body = json.loads(value)
-                key = base64.b64decode(body["key_b64"] or "").decode()
-                if body["topic"] == s.topic("ad-catalog") and key in want:
-                    got[key] = (body["error"], body["message"])
+        poll_until(all_dead_lettered, 60, "the three refused ads on dead-letters", every=0.05,
+                   detail=lambda: f"so far: {got}", error=AssertionError)  # fmt: skip
     finally:
         letters.close()
     assert {k: v[0] for k, v in got.items()} == want
