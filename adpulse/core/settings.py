@@ -269,6 +269,16 @@ class Settings:
         "Half-life in hours of a label in Thompson's counts and LinUCB's statistics, by event "
         "time (decision_ts), so the bandits follow drift. 0: labels never fade.",
     )
+    thompson_half_life_h: float = _setting(
+        -1.0,
+        "Thompson's own half-life in hours (its counts), overriding ADPULSE_BANDIT_HALF_LIFE_H; "
+        "-1: that setting's value. 0: no forgetting.",
+    )
+    linucb_half_life_h: float = _setting(
+        -1.0,
+        "LinUCB's own half-life in hours (its statistics), overriding "
+        "ADPULSE_BANDIT_HALF_LIFE_H; -1: that setting's value. 0: no forgetting.",
+    )
     learn_dedupe_ids: int = _setting(
         1024, "Recent decision ids remembered per ad: a label re-emitted among them counts once."
     )
