@@ -287,8 +287,10 @@ def run(settings: Settings, stop: threading.Event | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     topic, dlq = settings.topic("ctr-feedback"), settings.topic("dead-letters")
+    # earliest: a saved offset that retention has deleted resumes at the oldest label kept
     consumer = KafkaConsumer(**client_kwargs(settings), enable_auto_commit=False,
-                             fetch_max_wait_ms=200, client_id="adpulse-trainer")  # fmt: skip
+                             auto_offset_reset="earliest", fetch_max_wait_ms=200,
+                             client_id="adpulse-trainer")  # fmt: skip
     producer = KafkaProducer(**client_kwargs(settings), acks="all", linger_ms=5)
     try:
         tps = _assign(consumer, topic, trainer.offsets, TopicPartition)

@@ -222,6 +222,8 @@ def test_bad_labels_are_dead_lettered_and_counted_never_learned(
     ckpt = t.checkpoint()
     assert ckpt is not None
     assert ckpt["checksum"] == _checksum([r["decision_id"] for r in good])
+    t.stop()  # SIGTERM: a last checkpoint, exit 0
+    assert t.proc is not None and t.proc.returncode == 0, t.tail()
 
 
 @pytest.mark.long
