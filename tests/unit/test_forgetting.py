@@ -148,7 +148,8 @@ def test_forgetting_equals_a_batch_recompute_in_any_order_with_duplicates(
 
 @settings(max_examples=40, deadline=None)
 @given(labels=st.lists(label_st, min_size=1, max_size=25),
-       hs=st.sampled_from([(0.0, 3.0), (3.0, 0.0), (0.5, 24.0)]), seed=st.integers(0, 2**16))  # fmt: skip
+       hs=st.sampled_from([(0.0, 3.0), (3.0, 0.0), (0.5, 24.0)]),
+       seed=st.integers(0, 2**16))  # fmt: skip
 def test_each_learner_forgets_by_its_own_half_life(
     labels: list[tuple[str, int, int, list[float]]], hs: tuple[float, float], seed: int
 ) -> None:

@@ -48,7 +48,7 @@ def test_diff_ci_matches_the_wald_formula_and_is_nan_without_labels() -> None:
 
 
 def test_finite_turns_nan_and_numpy_scalars_into_json() -> None:
-    import numpy as np  # noqa: PLC0415
+    import numpy as np
 
     assert finite({"a": [float("nan"), np.float32(0.5), (1, float("inf"))], "b": np.int64(3)}) == {
         "a": [None, 0.5, [1, None]], "b": 3}  # fmt: skip
