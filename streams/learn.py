@@ -110,6 +110,7 @@ class LearnStage:
 
     def process(self, raws: Sequence[Raw], load: Loader) -> LearnResult:
         good, rejected = self.decoder.split(raws)
+        good = self._not_ahead(good, rejected)
         out = LearnResult(rejected=rejected)
         by_ad: dict[tuple[str, int], list[tuple[CtrFeedback, Raw]]] = defaultdict(list)
         for msg, raw in good:  # keyed by state key: the ad's, or one arm's record of it
@@ -144,6 +145,25 @@ class LearnStage:
             shard.offset = max(shard.offset, new_offset)
             out.writes.append((calibration_key(p), p, encode(shard)))
         return out
+
+    def _not_ahead(
+        self, good: list[tuple[CtrFeedback, Raw]], rejected: list[Rejected]
+    ) -> list[tuple[CtrFeedback, Raw]]:
+        """Drop (into ``rejected``) labels whose ``decision_ts`` is further ahead of their
+        record's Kafka timestamp than ``ADPULSE_MAX_FUTURE_SKEW_MS``: with forgetting on, one
+        such label would move an ad's reference time years ahead and fade everything it had
+        learned to nothing. The record's timestamp, not the clock, so a replay decides alike."""
+        skew = self.s.max_future_skew_ms
+        kept = []
+        for m, raw in good:
+            ahead = m.decision_ts - raw.timestamp_ms
+            if raw.timestamp_ms > 0 and ahead > skew:
+                why = (f"decision_ts {m.decision_ts} is {ahead} ms after its record's timestamp "
+                       f"(limit {skew} ms)")  # fmt: skip
+                rejected.append(Rejected(raw, "future_ts", why))
+            else:
+                kept.append((m, raw))
+        return kept
 
     def _apply(
         self, state: AdState, labels: list[tuple[CtrFeedback, Raw]], outcomes: Counter[str]

@@ -237,3 +237,21 @@ def test_a_bad_half_life_is_refused_with_the_fix() -> None:
 def test_docstring_examples_hold() -> None:
     result = doctest.testmod(forgetting)
     assert result.failed == 0 and result.attempted > 0
+
+
+def test_a_label_stamped_far_ahead_of_its_record_is_dead_lettered_not_learned() -> None:
+    """With forgetting on, one label a year ahead would fade all the ad had learned: it goes
+    to dead letters (reason future_ts) and the ad's record stays as it was."""
+    store, stage = Store(), LearnStage(Settings(dim=DIM, bandit_half_life_h=1.0))
+    ok = [Raw(body(i, "a", i % 2, T0 + i, [1.0, 0.2, 0.0]), b"a", 0, i, T0 + 5) for i in range(4)]
+    store.run(stage, ok)
+    before = store.ad("a")
+    ahead = T0 + 365 * 24 * HOUR
+    bad = Raw(body(9, "a", 1, ahead, [1.0, 0.2, 0.0]), b"a", 0, 4, T0 + 10)
+    result = stage.process([bad], store.load)
+    assert [(r.reason, r.raw.offset) for r in result.rejected] == [("future_ts", 4)]
+    assert "after its record's timestamp" in result.rejected[0].message
+    assert not result.writes
+    assert store.ad("a").shows == before.shows and store.ad("a").ts == before.ts
+    near = Raw(body(10, "a", 1, T0 + 20, [1.0, 0.2, 0.0]), b"a", 0, 5, T0 + 10)  # 10 ms ahead
+    assert not stage.process([near], store.load).rejected
