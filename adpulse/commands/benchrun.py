@@ -6,6 +6,7 @@ write its figures to --json. The subcommands themselves are declared in
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import Callable
@@ -86,6 +87,7 @@ def cmd_bench_serve(args: argparse.Namespace, settings: Settings) -> int:
         rate=args.rate, duration_s=args.duration, event_rate=args.event_rate,
         users=args.users, candidates=args.candidates, ads=args.ads,
     )  # fmt: skip
+    cfg = dataclasses.replace(cfg, swap=args.swap)
     result = _on_broker(settings, lambda s: serve.run(s, cfg, log=_log))
     return _show(args, "serve", result, serve.result_line(result))
 
