@@ -166,8 +166,10 @@ class OnnxScorer:
         return self.score_heads(inputs)[0]
 
     def score_heads(self, inputs: Mapping[str, npt.NDArray[Any]]) -> Heads:
-        outs = self._score_bound(inputs) if self._gpu else self.session.run(
-            self._outputs, dict(inputs)
+        outs = (
+            self._score_bound(inputs)
+            if self._gpu
+            else self.session.run(self._outputs, dict(inputs))
         )
         flat = [np.asarray(o, dtype=np.float32).reshape(-1) for o in outs]
         return flat[0], flat[1] if len(flat) > 1 else None

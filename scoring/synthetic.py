@@ -236,9 +236,7 @@ def _conversions(
     rng = np.random.default_rng(seed + 2)
     camp = np.array([int(a["campaign_id"].rsplit("-", 1)[1]) for a in world.ads])
     camp_q = rng.normal(0.0, 0.5, int(camp.max()) + 1)[camp]
-    logit = (
-        CVR_BIAS + CVR_ALPHA * cos + np.vectorize(CVR_DEVICES.__getitem__)(device) + camp_q[ad]
-    )
+    logit = CVR_BIAS + CVR_ALPHA * cos + np.vectorize(CVR_DEVICES.__getitem__)(device) + camp_q[ad]
     out: npt.NDArray[np.bool_] = rng.random(len(ad)) < 1.0 / (1.0 + np.exp(-logit))
     return out
 

@@ -374,6 +374,10 @@ class Settings:
     fallback_ctr: float = _setting(
         0.02, "pCTR of every candidate when no model can score (unless the model's metrics say)."
     )
+    fallback_cvr: float = _setting(
+        0.05,
+        "pCVR of a cpa ad when the model has no CVR head or cannot score (unless its metrics say).",
+    )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

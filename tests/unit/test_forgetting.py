@@ -150,7 +150,7 @@ def test_half_life_zero_keeps_todays_exact_counts_and_record_layout(
         state = store.ad(ad)
         assert (state.shows, state.clicks, state.ts) == (len(mine), sum(lb[1] for lb in mine), 0)
         raw = store.data[(ad.encode(), 0)]
-        assert msgspec.msgpack.decode(raw)[6:] == [0]  # one more element, always 0
+        assert msgspec.msgpack.decode(raw)[6:] == [0, 0.0]  # ts and conversions, no more
         before = msgspec.msgpack.decode(raw, type=AdStateBefore)  # the version before reads it
         assert (before.shows, before.clicks, before.linucb) == (state.shows, state.clicks,
                                                                 state.linucb)  # fmt: skip
