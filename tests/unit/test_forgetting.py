@@ -162,7 +162,7 @@ def test_a_record_written_before_forgetting_still_decodes() -> None:
     state = decode_ad(old)
     assert (state.offset, state.ring, state.shows, state.clicks) == (7, [11, 12], 5.0, 2.0)
     assert state.segments == {1: (3.0, 1.0)} and state.linucb == lin and state.ts == 0
-    assert msgspec.msgpack.decode(encode(state)) == [*msgspec.msgpack.decode(old), 0]
+    assert msgspec.msgpack.decode(encode(state)) == [*msgspec.msgpack.decode(old), 0, 0.0]
 
 
 def test_linucb_discount_forgets_the_data_but_keeps_the_ridge() -> None:
