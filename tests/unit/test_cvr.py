@@ -193,3 +193,36 @@ def test_two_conversions_of_one_purchase_are_both_charged_and_a_replay_charges_n
     assert world.spend.spent("c-cpc") == pytest.approx(8.0)
     world.spend.write(world.stage.budget.settle(0, charges, world.spend.load, DAY_NOW))
     assert world.spend.spent("c-cpc") == pytest.approx(8.0)
+
+
+def test_thompson_rewards_a_cpa_ad_by_its_conversions_not_its_clicks() -> None:
+    from scoring.strategy.policy import parse_policy
+    from scoring.strategy.state import AdState
+
+    # Same model numbers and bids; "a" converted 100 of 1,000 shows, "b" clicked on all
+    # 1,000 and converted none: for a cpa ad only conversions are its reward.
+    states = [AdState(shows=1000.0, clicks=100.0, conversions=100.0),
+              AdState(shows=1000.0, clicks=1000.0, conversions=0.0)]  # fmt: skip
+    c = Candidates(np.array([0.05, 0.05]), np.array([1.0, 1.0]) * 0.1, None, lambda: states,
+                   pcvr=np.array([0.1, 0.1]), cpa=np.array([True, True]))  # fmt: skip
+    policy = parse_policy("thompson:20")
+    picks = [policy.choose(c, np.random.default_rng(i)).index for i in range(20)]
+    assert picks == [0] * 20
+    # The same ads billed per click: the clicks decide.
+    c = Candidates(c.pctr, np.array([1.0, 1.0]), None, lambda: states)
+    assert [policy.choose(c, np.random.default_rng(i)).index for i in range(20)] == [1] * 20
+
+
+def test_report_shows_cvr_per_arm() -> None:
+    from adpulse.report import format_table, rows, tally
+
+    recs = [{"decision_id": f"{arm}{i}", "clicked": int(i < 10), "arm": arm, "policy": "greedy"}
+            for arm in ("control", "cpa") for i in range(100)]  # fmt: skip
+    recs += [{"decision_id": f"cpa{i}", "clicked": 1, "converted": 1, "arm": "cpa"}
+             for i in range(4)]  # fmt: skip
+    table = rows(tally(recs))
+    assert [(r["arm"], r["conversions"], r["cvr"]) for r in table] == [
+        ("control", 0, 0.0), ("cpa", 4, 0.4)
+    ]  # fmt: skip
+    text = format_table(table, "arm")
+    assert "CVR" in text.splitlines()[0] and "40.00%" in text.splitlines()[2]
