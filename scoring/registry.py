@@ -1,9 +1,13 @@
 """Model versions on disk, validated at load, newest valid one served.
 
-Layout: ``<dir>/<version>/{model.onnx, spec.json, metrics.json}``; versions
+Layout: ``<dir>/<version>/{model.onnx, spec.json, metrics.json, model.pt}``; versions
 order by name (``v0001`` < ``v0002``, or UTC timestamps ``20240601T120000``).
 Publish a version by writing it under a temporary name and renaming the
-directory into place, so a poll never sees half a model.
+directory into place, so a poll never sees half a model. ``model.pt`` (the
+PyTorch weights, written by ``adpulse train`` and the online trainer) is never
+served: it is what ``adpulse trainer`` warm-starts from. Candidates the online
+trainer exports wait in ``<dir>/candidates/<version>/``, which is not a version:
+nothing there is served until it is moved up into ``<dir>``.
 
 Nothing is served before :func:`validate` passes: the file loads in ONNX
 Runtime; its inputs and output have the spec's names, dtypes and widths with a
@@ -40,6 +44,8 @@ from scoring.scorer import Device, FallbackRule, OnnxScorer, SessionOptions
 log = logging.getLogger(__name__)
 
 MODEL, SPEC, METRICS = "model.onnx", "spec.json", "metrics.json"
+CHECKPOINT = "model.pt"  # PyTorch weights beside the ONNX file: the online trainer's warm start
+CANDIDATES = "candidates"  # <dir>/candidates/<version>/: exported by the trainer, not served
 PACKAGED = Path(__file__).resolve().parent / "models"
 GOLDEN_ROWS = 100
 _ORT_DTYPES = {"float32": "tensor(float)", "int64": "tensor(int64)"}
@@ -55,6 +61,12 @@ class LoadedModel:
     spec: FeatureSpec
     metrics: dict[str, Any]
     latency_ms: float  # median of a 100-row batch at validation
+
+    @property
+    def checkpoint(self) -> Path | None:
+        """This version's PyTorch weights (``model.pt``), None when it was published without."""
+        p = self.path / CHECKPOINT
+        return p if p.is_file() else None
 
     def fallback(self, default_ctr: float) -> FallbackRule:
         """The prior for this model: its training click rate when metrics.json has it."""
@@ -206,7 +218,11 @@ class ModelRegistry:
         root = Path(self.root)
         if not root.is_dir():
             return []
-        return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        return sorted(
+            p.name
+            for p in root.iterdir()
+            if p.is_dir() and not p.name.startswith(".") and p.name != CANDIDATES
+        )
 
     def _signature(self, version: str) -> tuple[Any, ...]:
         d = Path(self.root) / version

@@ -4,7 +4,8 @@ The split is by time (first 80% of decision_ts to train, last 20% held out), as
 a served model only ever predicts the future. Held-out metrics: AUC, log loss
 (with the constant-prior log loss beside it for scale) and calibration by
 decile of predicted CTR. The version is exported to ONNX, verified against
-PyTorch, and written to ``<out>/<version>/`` atomically (temp dir + rename).
+PyTorch, and written to ``<out>/<version>/`` atomically (temp dir + rename),
+with the PyTorch weights beside it (``model.pt``) for ``adpulse trainer``.
 
 With at least ``MIN_CONVERSIONS`` conversions (``converted: 1`` records of the
 joiner) among the training decisions, the model also gets its pCVR head
@@ -36,7 +37,7 @@ import numpy.typing as npt
 
 from adpulse.core.errors import InputError
 from scoring.featurespec import FeatureSpec, Inputs, from_feedback
-from scoring.registry import METRICS, MODEL, SPEC
+from scoring.registry import CHECKPOINT, METRICS, MODEL, SPEC
 from scoring.synthetic import generate as generate_records
 from scoring.synthetic import read_jsonl
 
@@ -190,6 +191,7 @@ def train(
     import torch  # noqa: PLC0415 (training-only dependency)
 
     from scoring.model import CtrNet, export_onnx  # noqa: PLC0415
+    from scoring.online import save_weights  # noqa: PLC0415
 
     spec = spec or FeatureSpec()
     everything = load_records(records) if isinstance(records, Path | str) else list(records)
@@ -260,6 +262,7 @@ def train(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     diff = export_onnx(model, tmp / MODEL, spec)
+    save_weights(model, tmp / CHECKPOINT)  # the online trainer's warm start (adpulse trainer)
     metrics: dict[str, Any] = {
         "version": version,
         "auc": round(auc(yte, p), 6),

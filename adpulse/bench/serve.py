@@ -26,14 +26,15 @@ import json
 import multiprocessing
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from math import nan
 from typing import Any
 
 import aiohttp
 import numpy as np
 from aiokafka import AIOKafkaProducer
 
-from adpulse.bench import machine, machine_line, percentiles_ms
+from adpulse.bench import cpu, machine, machine_line, percentiles_ms
 from adpulse.bench.decisionpath import DecisionPath, request_bodies
 from adpulse.bench.decisions import per_minute_p99
 from adpulse.bench.warm import warm_worker
@@ -77,6 +78,7 @@ class Phase:
     answered_in_window: int = 0  # answered before the window closed
     in_worker: tuple[float, float] = (float("nan"), float("nan"))  # p50, p99 ms (bucket bound)
     loop_lag: tuple[float, float] = (float("nan"), float("nan"))  # the worker's, likewise
+    cpu: dict[str, float] = field(default_factory=dict)  # adpulse/bench/cpu.py usage()
 
     def summary(self) -> dict[str, Any]:
         p50, p99, p999 = percentiles_ms(self.latency_s, [50, 99, 99.9])
@@ -87,6 +89,7 @@ class Phase:
             "shed": self.shed, "errors": self.errors, "no_fill": self.no_fill,
             "in_worker_p50_ms": self.in_worker[0], "in_worker_p99_ms": self.in_worker[1],
             "loop_lag_p50_ms": self.loop_lag[0], "loop_lag_p99_ms": self.loop_lag[1],
+            **self.cpu,
         }  # fmt: skip
 
 
@@ -99,7 +102,9 @@ def run(base: Settings, cfg: ServeBench, log: Any = print) -> dict[str, Any]:
         log(f"  alone: POST /decide at {cfg.rate:g}/s x {cfg.candidates} candidates")
         before = worker.buckets("adpulse_decide_seconds")
         lag = worker.buckets("adpulse_event_loop_lag_seconds")
+        t0 = cpu.sample(worker.pid)
         alone = _measured(lambda: _offer(worker, cfg, ad_ids, "alone"))
+        alone.cpu = cpu.usage(t0, cpu.sample(worker.pid), len(alone.latency_s))
         alone.in_worker = _quantiles(before, worker.buckets("adpulse_decide_seconds"))
         alone.loop_lag = _quantiles(lag, worker.buckets("adpulse_event_loop_lag_seconds"))
         log(f"  alone: {_phase_line(alone)}")
@@ -109,12 +114,16 @@ def run(base: Settings, cfg: ServeBench, log: Any = print) -> dict[str, Any]:
         batches = worker.buckets("adpulse_ingest_batch_seconds")
         lag = worker.buckets("adpulse_event_loop_lag_seconds")
         try:
+            t0 = cpu.sample(worker.pid)
             busy, fresh = _measured(lambda: _offer_with_probe(s, worker, cfg, ad_ids))
+            busy.cpu = cpu.usage(t0, cpu.sample(worker.pid), len(busy.latency_s))
             busy.in_worker = _quantiles(before, worker.buckets("adpulse_decide_seconds"))
             busy.loop_lag = _quantiles(lag, worker.buckets("adpulse_event_loop_lag_seconds"))
             ingest_batch = _quantiles(batches, worker.buckets("adpulse_ingest_batch_seconds"))
-            log(f"  with ingest: {_phase_line(busy)}; ingest batches p50 <= "
-                f"{ingest_batch[0]:g} ms, p99 <= {ingest_batch[1]:g} ms")
+            log(
+                f"  with ingest: {_phase_line(busy)}; ingest batches p50 <= "
+                f"{ingest_batch[0]:g} ms, p99 <= {ingest_batch[1]:g} ms"
+            )
         finally:
             ingest.join(cfg.duration_s + 60)
             if ingest.is_alive():
@@ -176,7 +185,9 @@ def _phase_line(ph: Phase) -> str:
         f"{x['latency_p99_ms']:.2f} ms p99.9 {x['latency_p999_ms']:.2f} ms (in the worker: "
         f"p50 <= {x['in_worker_p50_ms']:g} ms, p99 <= {x['in_worker_p99_ms']:g} ms; event loop "
         f"late p50 <= {x['loop_lag_p50_ms']:g} ms, p99 <= {x['loop_lag_p99_ms']:g} ms); "
-        f"{x['shed']} shed, {x['errors']} errors"
+        f"{x['shed']} shed, {x['errors']} errors; CPU: worker {x.get('worker_cpu_pct', nan):.0f}% "
+        f"of a core ({x.get('worker_cpu_ms_per_answer', nan):.2f} ms per answer), generator "
+        f"{x.get('generator_cpu_pct', nan):.0f}%, box {x.get('box_busy_pct', nan):.0f}% busy"
     )
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any
 from adpulse.commands import Handler
 from adpulse.core.errors import InputError
 from adpulse.core.settings import Settings
+from adpulse.jsonout import finite
 
 # The benches load synthetic history in bulk: their busiest users get hundreds of events
 # within a second of broker time, which the live per-user rate limit would refuse as a
@@ -282,17 +282,7 @@ def cmd_bench_table(args: argparse.Namespace, settings: Settings) -> int:
 def _write_json(path: str | None, payload: dict[str, object]) -> None:
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        text = json.dumps(_finite(payload), indent=2, sort_keys=True, allow_nan=False)
+        text = json.dumps(finite(payload), indent=2, sort_keys=True, allow_nan=False)
         Path(path).write_text(text + "\n")
         print(f"wrote {path}")
 
-
-def _finite(obj: object) -> object:
-    """NaN (a figure that could not be measured) becomes null: JSON has no NaN."""
-    if isinstance(obj, float) and math.isnan(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_finite(v) for v in obj]
-    return obj

@@ -32,7 +32,7 @@ from scoring.featurespec import user_features
 from scoring.strategy import Choice, Strategy
 from scoring.strategy.ab import Arm, Experiment
 from scoring.strategy.epsilon import EpsilonGreedy
-from scoring.strategy.forgetting import decay
+from scoring.strategy.forgetting import decay, half_lives
 from scoring.strategy.greedy import Greedy
 from scoring.strategy.linucb import LinUCB, LinUCBParams
 from scoring.strategy.state import AdState, decode_ad, segment_of, state_key
@@ -84,7 +84,7 @@ class PolicyParams:
     thompson_min_segment_shows: float = 50.0
     linucb_alpha: float = 1.0
     linucb_ridge: float = 1.0
-    half_life_h: float = 0.0  # forgetting (scoring/strategy/forgetting.py); 0: none
+    thompson_half_life_h: float = 0.0  # forgetting (scoring/strategy/forgetting.py); 0: none
 
     @classmethod
     def from_settings(cls, s: Any) -> PolicyParams:
@@ -95,7 +95,9 @@ class PolicyParams:
             thompson_min_segment_shows=s.thompson_min_segment_shows,
             linucb_alpha=s.linucb_alpha,
             linucb_ridge=s.linucb_ridge,
-            half_life_h=s.bandit_half_life_h,
+            thompson_half_life_h=half_lives(
+                s.bandit_half_life_h, s.thompson_half_life_h, s.linucb_half_life_h
+            )[0],
         )
 
 
@@ -118,7 +120,7 @@ class Bandit:
         if name == "thompson":
             m = float(arg) if arg else p.thompson_prior_strength
             params = ThompsonParams(m, p.thompson_draws, 1.0, p.thompson_min_segment_shows,
-                                    half_life_h=p.half_life_h)  # fmt: skip
+                                    half_life_h=p.thompson_half_life_h)  # fmt: skip
             return cls("thompson", thompson=ThompsonSampling(params))
         alpha = float(arg) if arg else p.linucb_alpha
         return cls("linucb", linucb=LinUCB(LinUCBParams(p.dim, alpha, p.linucb_ridge)))

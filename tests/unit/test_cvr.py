@@ -226,3 +226,19 @@ def test_report_shows_cvr_per_arm() -> None:
     ]  # fmt: skip
     text = format_table(table, "arm")
     assert "CVR" in text.splitlines()[0] and "40.00%" in text.splitlines()[2]
+
+
+def test_the_online_trainer_warm_starts_from_a_two_head_version_and_keeps_its_cvr_head(
+    tmp_path: Path,
+) -> None:
+    from scoring.online import load_weights, save_weights
+
+    torch.manual_seed(1)
+    model = CtrNet(FS, cvr_head=True)
+    save_weights(model, tmp_path / "model.pt")
+    back = load_weights(tmp_path / "model.pt", FS)
+    assert back.cvr is not None
+    x = FS.golden_inputs(5, seed=2)
+    want_ctr, want_cvr = _torch_heads(model, x)
+    got_ctr, got_cvr = _torch_heads(back, x)
+    assert np.array_equal(want_ctr, got_ctr) and np.array_equal(want_cvr, got_cvr)
