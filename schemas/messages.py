@@ -60,7 +60,7 @@ Propensity = Annotated[float, Meta(gt=0, le=1)]  # IPS divides by it: never 0
 Flag = Literal[0, 1]
 Device = Literal["mobile", "desktop", "tablet", "tv", "other"]
 EventKind = Literal["browse", "click", "cart", "fav", "purchase"]
-Billing = Literal["cpm", "cpc"]
+Billing = Literal["cpm", "cpc", "cpa"]
 Base64 = Annotated[
     str, Meta(pattern=r"^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?\Z")
 ]
@@ -121,6 +121,7 @@ class FeatureSnapshot(_Message, kw_only=True):
     campaign_id: Id | UnsetType = UNSET
     item_id: Int64Id | UnsetType = UNSET
     pctr: Probability | UnsetType = UNSET
+    pcvr: Probability | UnsetType = UNSET
 
 
 class AdDecision(_Message, kw_only=True):
@@ -135,6 +136,7 @@ class AdDecision(_Message, kw_only=True):
     score: float
     pctr: Probability
     pctr_raw: Probability | UnsetType = UNSET
+    pcvr: Probability | UnsetType = UNSET
     bid: Annotated[float, Meta(ge=0)]
     propensity: Propensity
     policy: Name
@@ -153,6 +155,10 @@ class AdDecision(_Message, kw_only=True):
     def click_price(self) -> float:
         """What a click on it costs: its bid if cost-per-click (a sane bid only), else 0."""
         return self.bid if self.billing == "cpc" and 0 < self.bid < math.inf else 0.0
+
+    def conversion_price(self) -> float:
+        """What its conversion costs: its bid if cost-per-conversion (a sane bid only), else 0."""
+        return self.bid if self.billing == "cpa" and 0 < self.bid < math.inf else 0.0
 
 
 class CtrFeedback(_Message, kw_only=True):

@@ -59,6 +59,7 @@ def arch_of(model: CtrNet) -> dict[str, Any]:
         "hidden": [int(m.out_features) for m in linears[:-1]],
         "cross_rank": int(v.out_features),
         "cross_layers": len(model.cross),
+        "cvr_head": model.cvr is not None,  # kept as trained: the online learner fits pCTR
     }
 
 
@@ -68,6 +69,7 @@ def build(spec: FeatureSpec, arch: Mapping[str, Any]) -> CtrNet:
         hidden=tuple(int(h) for h in arch["hidden"]),
         cross_rank=int(arch["cross_rank"]),
         cross_layers=int(arch["cross_layers"]),
+        cvr_head=bool(arch.get("cvr_head", False)),
     )
 
 

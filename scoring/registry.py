@@ -12,7 +12,8 @@ nothing there is served until it is moved up into ``<dir>``.
 Nothing is served before :func:`validate` passes: the file loads in ONNX
 Runtime; its inputs and output have the spec's names, dtypes and widths with a
 dynamic batch axis; its spec equals the serving spec (dimension, embedding seed,
-buckets); golden inputs give finite outputs in [0, 1]; and a 100-row batch
+buckets); golden inputs give finite outputs in [0, 1] (both pCTR and, for a
+two-head model, pCVR: outputs ``pctr`` or ``pctr, pcvr``); and a 100-row batch
 runs within the latency budget. A refused version is remembered with its reason
 (retried only if its files change), and the current one keeps serving.
 
@@ -37,7 +38,7 @@ import numpy as np
 import onnxruntime as ort
 
 from adpulse.core.errors import ModelRefused
-from scoring.featurespec import FeatureSpec
+from scoring.featurespec import CVR_OUTPUT, FeatureSpec
 from scoring.scorer import Device, FallbackRule, OnnxScorer, SessionOptions
 
 log = logging.getLogger(__name__)
@@ -91,15 +92,16 @@ def _check_io(sess: ort.InferenceSession, spec: FeatureSpec) -> None:
             msg = f"input {name} has shape {g.shape}, spec says [batch, {w.width}] (batch dynamic)"
             raise ValueError(msg)
     outs = sess.get_outputs()
-    if [o.name for o in outs] != [spec.output]:
-        msg = f"outputs {[o.name for o in outs]} != spec [{spec.output!r}]"
+    names = [o.name for o in outs]
+    if names not in ([spec.output], [spec.output, CVR_OUTPUT]):
+        msg = f"outputs {names} != spec [{spec.output!r}] or [{spec.output!r}, {CVR_OUTPUT!r}]"
         raise ValueError(msg)
-    o = outs[0]
-    if o.type != "tensor(float)" or not (
-        len(o.shape) in (1, 2) and not isinstance(o.shape[0], int) and o.shape[1:] in ([], [1])
-    ):
-        msg = f"output {o.name} is {o.type} {o.shape}, spec says float [batch, 1]"
-        raise ValueError(msg)
+    for o in outs:
+        if o.type != "tensor(float)" or not (
+            len(o.shape) in (1, 2) and not isinstance(o.shape[0], int) and o.shape[1:] in ([], [1])
+        ):
+            msg = f"output {o.name} is {o.type} {o.shape}, spec says float [batch, 1]"
+            raise ValueError(msg)
 
 
 def validate(
@@ -144,14 +146,19 @@ def validate(
         refuse(str(exc))
     golden = spec.golden_inputs(GOLDEN_ROWS)
     try:
-        out = scorer.score(golden)
+        heads = scorer.score_heads(golden)
     except Exception as exc:
         refuse(f"fails on golden inputs: {str(exc)[:300]}")
-    if out.shape != (GOLDEN_ROWS,):
-        refuse(f"gives {out.shape[0]} outputs for {GOLDEN_ROWS} golden rows")
-    bad = int(np.sum(~(np.isfinite(out) & (out >= 0.0) & (out <= 1.0))))
-    if bad:
-        refuse(f"{bad} of {GOLDEN_ROWS} golden outputs are NaN, infinite or outside [0, 1]")
+    for name, out in zip((spec.output, CVR_OUTPUT), heads, strict=True):
+        if out is None:
+            continue
+        if out.shape != (GOLDEN_ROWS,):
+            refuse(f"gives {out.shape[0]} {name} outputs for {GOLDEN_ROWS} golden rows")
+        bad = int(np.sum(~(np.isfinite(out) & (out >= 0.0) & (out <= 1.0))))
+        if bad:
+            refuse(
+                f"{bad} of {GOLDEN_ROWS} golden {name} outputs are NaN, infinite or outside [0, 1]"
+            )
     latency_ms = _latency_ms(scorer, golden)
     if latency_ms > latency_budget_ms:
         refuse(

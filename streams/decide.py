@@ -6,6 +6,11 @@ bounded by the same wait (``ADPULSE_BATCH_MAX_WAIT_S``) as ingest. A request's
 user vector comes straight from the interest table (ad-requests is
 co-partitioned with user-events, so this worker owns it). Frequency caps and
 budget spend live in RocksDB tables and are written once per key per batch.
+
+Value by billing: a candidate's bid is priced per click for cpm and cpc ads; a
+cpa ad's bid is per conversion, so the policy sees it as pCVR x bid per click
+and ranks pCTR x pCVR x bid (``value_per_click``). pCVR is the model's second
+head, else the prior (its metrics' training CVR, else ``ADPULSE_FALLBACK_CVR``).
 """
 
 from __future__ import annotations
@@ -44,7 +49,12 @@ def request_decoder(max_bytes: int) -> ContractDecoder[AdRequest]:
 
 
 def snapshot(
-    ad: Mapping[str, Any], vector: np.ndarray | None, req: AdRequest, ts_ms: int, pctr: float
+    ad: Mapping[str, Any],
+    vector: np.ndarray | None,
+    req: AdRequest,
+    ts_ms: int,
+    pctr: float,
+    pcvr: float | None = None,
 ) -> FeatureSnapshot:
     """The decision's ``features``: what ctr-feedback and the learners need, as scored.
 
@@ -59,7 +69,31 @@ def snapshot(
         device=UNSET if ctx is UNSET else ctx.device, hour=(ts_ms // 3_600_000) % 24,
         category_id=int(ad["category_id"]), campaign_id=str(ad["campaign_id"]),
         item_id=UNSET if ad.get("item_id") is None else int(ad["item_id"]), pctr=pctr,
+        pcvr=UNSET if pcvr is None else pcvr,
     )  # fmt: skip
+
+
+def value_per_click(
+    bids: npt.NDArray[np.float64], cpa: npt.NDArray[np.bool_], pcvr: npt.NDArray[np.float64]
+) -> npt.NDArray[np.float64]:
+    """What a click on each candidate is worth: its bid, or pCVR x bid for a cpa ad.
+
+    >>> value_per_click(np.array([2.0, 10.0]), np.array([False, True]), np.array([0.5, 0.1]))
+    array([2., 1.])
+    """
+    out: npt.NDArray[np.float64] = np.where(cpa, bids * pcvr, bids)
+    return out
+
+
+def prior_cvr(model: LoadedModel | None, default: float) -> float:
+    """pCVR for a cpa ad the model cannot give one: its training CVR, else ``default``."""
+    cvr = (model.metrics.get("cvr") or {}) if model is not None else {}
+    got = cvr.get("train_cvr") if isinstance(cvr, dict) else None
+    return float(got) if isinstance(got, int | float) and 0.0 < got < 1.0 else default
+
+
+def _usable(x: npt.NDArray[np.float32] | None, n: int) -> bool:
+    return x is not None and len(x) == n and bool(np.all(np.isfinite(x) & (x >= 0) & (x <= 1)))
 
 
 @dataclass
@@ -227,9 +261,12 @@ class DecideStage:
         users = self._users(live, tables, now_ms)
         self.budget.begin(catalog, users.parts, tables.spend, now_ms)
         pending = [self._eligible(catalog, req, raw, users, out) for req, raw in live]
-        scores, version = self._score(catalog, pending, users, now_ms, out)
+        scores, cvr, version = self._score(catalog, pending, users, now_ms, out)
+        prior = prior_cvr(self.models.current, self.s.fallback_cvr)
         for p in pending:
-            out.decisions.append(self._choose(catalog, p, users, scores, version, now_ms, out))
+            out.decisions.append(
+                self._choose(catalog, p, users, scores, version, now_ms, out, (cvr, prior))
+            )
         out.cap_writes = users.cap_writes()
         out.spend_writes = self.budget.writes()
         return out
@@ -307,8 +344,9 @@ class DecideStage:
         users: _Users,
         now_ms: int,
         out: DecideResult,
-    ) -> tuple[npt.NDArray[np.float32] | None, str]:
-        """One model run over every request's candidates (split at the row limit)."""
+    ) -> tuple[npt.NDArray[np.float32] | None, npt.NDArray[np.float32] | None, str]:
+        """One model run over every request's candidates (split at the row limit):
+        (pCTR, pCVR or None when the model has no CVR head, version)."""
         wanted: list[RequestFeatures] = []
         n_rows = 0
         for p in pending:
@@ -322,21 +360,23 @@ class DecideStage:
         out.rows_scored = n_rows
         model = self.models.current
         if model is None:
-            return None, "none"
+            return None, None, "none"
         if not wanted or catalog is None:
-            return np.zeros(0, dtype=np.float32), model.version
+            return np.zeros(0, dtype=np.float32), None, model.version
         batch = assemble_many(wanted, catalog.index, now_ms, self.spec)
         step = self.s.scorer_max_batch_rows
         try:
             if n_rows <= step:
-                return model.scorer.score(batch), model.version
+                return (*model.scorer.score_heads(batch), model.version)
             parts = [
-                model.scorer.score({k: v[i : i + step] for k, v in batch.items()})
+                model.scorer.score_heads({k: v[i : i + step] for k, v in batch.items()})
                 for i in range(0, n_rows, step)
             ]
-            return np.concatenate(parts), model.version
+            cvrs = [c for _, c in parts if c is not None]
+            cvr = np.concatenate(cvrs) if len(cvrs) == len(parts) else None
+            return np.concatenate([c for c, _ in parts]), cvr, model.version
         except Exception:  # a runtime failure in the model must not stop decisions
-            return None, model.version
+            return None, None, model.version
 
     def _choose(
         self,
@@ -347,20 +387,25 @@ class DecideStage:
         version: str,
         now_ms: int,
         out: DecideResult,
+        cvr: tuple[npt.NDArray[np.float32] | None, float] = (None, 0.05),
     ) -> Decision:
-        """Calibration, the policy's pick and its bookkeeping (caps, spend, counts)."""
+        """Calibration, the policy's pick and its bookkeeping (caps, spend, counts).
+
+        ``cvr``: the batch's pCVR (None: no CVR head) and the prior that stands in for it."""
         req, policy, arm = p.req, self.policy_for(p.req.placement), None
         if self.experiment is not None:
             exp, arm_policies = self.experiment
             i_arm = exp.arm_of(req.user_id)
             arm, policy = exp.arms[i_arm].name, arm_policies[i_arm]
         got = None if scores is None else scores[p.start : p.start + len(p.rows)]
+        got_cvr = None if cvr[0] is None else cvr[0][p.start : p.start + len(p.rows)]
         if p.user in users.touched and catalog is not None:
             # An earlier request of this user in this batch may have used up a cap.
             keep = np.asarray(caps.under_caps(users.caps[p.user],
                                               [catalog.index.ad_ids[r] for r in p.rows.tolist()],
                                               self.s.freq_cap_per_day), dtype=bool)  # fmt: skip
             p.rows, got = p.rows[keep], None if got is None else got[keep]
+            got_cvr = None if got_cvr is None else got_cvr[keep]
         if arm is not None:
             out.by_arm[arm] += 1
         if not len(p.rows) or catalog is None:
@@ -369,24 +414,32 @@ class DecideStage:
         raw_pctr, fell_back = self.models.fallback.guard(got, len(p.rows))
         pctr = raw_pctr if fell_back else self.calibration.apply(raw_pctr, now_ms)
         bids = catalog.index.bid[p.rows]
+        has_cvr = not fell_back and got_cvr is not None and _usable(got_cvr, len(p.rows))
+        pcvr = (got_cvr.astype(np.float64) if has_cvr and got_cvr is not None
+                else np.full(len(p.rows), cvr[1]))  # fmt: skip
+        cpa = catalog.cpa[p.rows]
         vector = users.vectors[p.user]
         ad_ids = [catalog.index.ad_ids[r] for r in p.rows.tolist()]
-        candidates = Candidates(pctr.astype(np.float64), bids, vector,
-                                lambda: self.strategy.states(ad_ids, arm), now_ms)  # fmt: skip
+        candidates = Candidates(pctr.astype(np.float64), value_per_click(bids, cpa, pcvr), vector,
+                                lambda: self.strategy.states(ad_ids, arm), now_ms,
+                                pcvr=pcvr, cpa=cpa)  # fmt: skip
         choice = policy.choose(candidates, self.rng)
         j = choice.index
         row = int(p.rows[j])
         out.fallbacks += fell_back
         ad_id, campaign = catalog.index.ad_ids[row], catalog.campaign[row]
+        model_cvr = float(pcvr[j]) if has_cvr else None
         decision = AdDecision(
             request_id=req.request_id, user_id=req.user_id, ad_id=ad_id,
-            score=float(pctr[j] * bids[j]), pctr=float(pctr[j]), pctr_raw=float(raw_pctr[j]),
+            score=float(pctr[j] * candidates.bids[j]), pctr=float(pctr[j]),
+            pctr_raw=float(raw_pctr[j]), pcvr=UNSET if model_cvr is None else model_cvr,
             bid=float(bids[j]), propensity=choice.propensity,
             policy=self.models.fallback.policy if fell_back else policy.name,
             model_version=version, ts=now_ms, latency_ms=0.0, placement=req.placement,
             campaign_id=campaign, billing=cast(Billing, catalog.billing[row]),
             arm=UNSET if arm is None else arm, request_ts=req.ts, candidates=len(p.rows),
-            features=snapshot(catalog.ads[row], vector, req, now_ms, float(raw_pctr[j])),
+            features=snapshot(catalog.ads[row], vector, req, now_ms, float(raw_pctr[j]),
+                              model_cvr),
         )  # fmt: skip
         caps.record_impression(users.caps[p.user], ad_id)
         users.touched.add(p.user)

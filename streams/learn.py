@@ -40,6 +40,12 @@ traffic train the treatment). Without an arm the key is the ad id, as before.
 An arm's record keeps the LinUCB part only when the arm's policy is LinUCB
 (the label names its policy): no other policy reads it, and it is ~34 KB.
 Calibration shards stay pooled: they measure the model, not a policy.
+
+Conversions. A ``converted: 1`` record adds one to its ad's ``conversions`` (on
+the scale of ``shows``, faded alike under a half-life): the reward Thompson
+weighs for a cost-per-conversion ad (scoring/strategy/policy.py). Its identity
+is its decision id marked as a conversion, in the same ring, so a repeat of it
+counts once and it never counts as a second impression.
 """
 
 from __future__ import annotations
@@ -72,6 +78,7 @@ from streams.deadletter import Loader, Raw, Rejected
 from streams.validate import ContractDecoder
 
 OUTCOMES = ("applied", "redelivered", "duplicate")
+CONVERSION_MARK = "\x1fconverted|"  # a conversion's ring identity: its decision id, marked
 FEEDBACK_MAX_BYTES = 64 * 1024  # an interest vector may have up to 1024 numbers
 
 
@@ -171,13 +178,24 @@ class LearnStage:
         """Fold one ad's labels (in offset order) into its state; returns those applied."""
         ring, seen = list(state.ring), set(state.ring)
         applied: list[tuple[CtrFeedback, Raw]] = []
+        conversions: list[CtrFeedback] = []
         for m, r in labels:
             fp = fingerprint(m.decision_id)
             if r.offset <= state.offset:
                 outcomes["redelivered"] += 1
                 continue
             state.offset = r.offset
-            if fp in seen or m.converted == 1:  # a repeat, or the decision's conversion record
+            if m.converted == 1:  # the decision's conversion record: a reward, not a show
+                fp = fingerprint(CONVERSION_MARK + m.decision_id)
+                if fp in seen:
+                    outcomes["duplicate"] += 1
+                    continue
+                ring.append(fp)
+                seen.add(fp)
+                conversions.append(m)
+                outcomes["applied"] += 1
+                continue
+            if fp in seen:  # a repeat
                 outcomes["duplicate"] += 1
                 continue
             ring.append(fp)
@@ -185,6 +203,23 @@ class LearnStage:
             applied.append((m, r))
             outcomes["applied"] += 1
         state.ring = ring[-self.s.learn_dedupe_ids :]
+        out = self._fold(state, applied)
+        if conversions:  # after the labels: their event time is the record's scale
+            self._fold_conversions(state, conversions)
+        return out
+
+    def _fold_conversions(self, state: AdState, conversions: list[CtrFeedback]) -> None:
+        """Conversions on the record's scale: under a half-life, each weighs what its
+        decision's impression weighs now (its label came first, on the same partition)."""
+        if self.thompson_h > 0 and state.ts:  # Thompson's evidence: Thompson's half-life
+            ages = [max(0, state.ts - m.decision_ts) for m in conversions]
+            state.conversions += sum(decay(a, self.thompson_h) for a in ages)
+        else:
+            state.conversions += len(conversions)
+
+    def _fold(
+        self, state: AdState, applied: list[tuple[CtrFeedback, Raw]]
+    ) -> list[tuple[CtrFeedback, Raw]]:
         if not applied:
             return applied
         if self.thompson_h > 0 or self.linucb_h > 0:
@@ -225,6 +260,7 @@ class LearnStage:
         state.ts = ref
         state.shows = f * state.shows + float(w.sum())
         state.clicks = f * state.clicks + float(w @ np.array([m.clicked for m in labels], float))
+        state.conversions *= f
         segments = {k: (f * n, f * c) for k, (n, c) in state.segments.items()}
         ctx: list[np.ndarray] = []
         rows: list[tuple[float, float]] = []  # (reward, weight) per context

@@ -242,8 +242,8 @@ class Metrics:
             pacing_spend=Gauge(
                 "adpulse_pacing_spend",
                 "Budget spent today (UTC) by a campaign on this worker's partitions "
-                "(cpm: served pCTR x bid per decision; cpc: bid per clicked decision); sum over "
-                "workers.",
+                "(cpm: served pCTR x bid per decision; cpc: bid per clicked decision; cpa: bid "
+                "per converted decision); sum over workers.",
                 ["campaign"],
                 registry=r,
             ),

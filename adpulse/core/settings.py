@@ -384,6 +384,10 @@ class Settings:
     fallback_ctr: float = _setting(
         0.02, "pCTR of every candidate when no model can score (unless the model's metrics say)."
     )
+    fallback_cvr: float = _setting(
+        0.05,
+        "pCVR of a cpa ad when the model has no CVR head or cannot score (unless its metrics say).",
+    )
     # -- Online trainer (adpulse trainer, docs/training.md) ------------------------------
     train_interval_s: float = _setting(
         300.0,

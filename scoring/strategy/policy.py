@@ -5,7 +5,16 @@ bids, the user's interest vector, and a way to read the ads' learner state,
 which only the bandits call (one read per ad per batch, through
 :class:`StrategyReader`). ``greedy``, ``epsilon-greedy`` and ``random`` rank
 pCTR x bid (:class:`ByValue`); ``thompson`` and ``linucb`` also weigh the
-learned counts (:class:`Bandit`). Policies are named in settings as text
+learned counts (:class:`Bandit`).
+
+Billing cpa. ``bids`` is the value of a click: the bid, or pCVR x bid for a
+cost-per-conversion ad (streams/decide.py), so every policy ranks pCTR x pCVR x
+bid for those. Thompson's reward for a cpa ad is the conversion, not the click:
+its posterior is on pCTR x pCVR (the prior) with the ad's impressions and
+conversions as evidence (``AdState.conversions``), the draw times the bid. LinUCB
+keeps learning clicks (its per-ad state is a d x d matrix; a second one for
+conversions, ~100 times rarer, would double it and learn slowly) and values a
+cpa ad's click at pCVR x bid. Policies are named in settings as text
 (:func:`parse_policy`), per placement (:func:`placement_policies`) and per
 experiment arm (:func:`parse_experiment`).
 """
@@ -40,6 +49,8 @@ class Candidates:
     vector: npt.NDArray[np.float32] | None  # the user's decayed interest; None: no history
     states: Callable[[], Sequence[AdState]]  # the ads' learner state, read on demand
     ts: int = 0  # the decision's event time (epoch ms): Thompson's counts fade up to it
+    pcvr: npt.NDArray[np.float64] | None = None  # pCVR per candidate (model's, else prior)
+    cpa: npt.NDArray[np.bool_] | None = None  # cost-per-conversion candidates
 
 
 class Policy(Protocol):
@@ -130,6 +141,23 @@ class Bandit:
                 counts["clicks"] *= f
         return backoff(ad, by_seg, self.thompson.params.min_segment_shows)
 
+    def on_conversions(
+        self, c: Candidates, states: Sequence[AdState], stats: npt.NDArray[Any]
+    ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64], npt.NDArray[Any]]:
+        """Thompson's (prior mean, bid, evidence) with cpa candidates' rewards as conversions:
+        prior pCTR x pCVR, the bid per conversion, the ad's (shows, conversions) faded
+        like its clicks."""
+        assert self.thompson is not None and c.cpa is not None and c.pcvr is not None
+        conv = np.array([(st.shows, st.conversions) for st in states], dtype=STATS_DTYPE)
+        h = self.thompson.params.half_life_h
+        if h > 0 and c.ts:
+            f = np.array([decay(c.ts - st.ts, h) if st.ts else 1.0 for st in states])
+            conv["shows"] *= f
+            conv["clicks"] *= f
+        prior = np.where(c.cpa, c.pctr * c.pcvr, c.pctr)
+        bids = np.where(c.cpa, c.bids / np.maximum(c.pcvr, 1e-12), c.bids)
+        return prior, bids, np.where(c.cpa, conv, stats)
+
     def choose(self, c: Candidates, rng: np.random.Generator) -> Choice:
         """Thompson: model pCTR as prior mean, the (ad, segment) or ad counts as evidence;
         LinUCB: UCB over the normalised interest vector, times the bid.
@@ -142,7 +170,9 @@ class Bandit:
         states = c.states()
         if self.thompson is not None:
             stats = self.thompson_counts(c, states)
-            return self.thompson.choose(c.pctr, c.bids, stats, rng)
+            if c.cpa is None or c.pcvr is None or not c.cpa.any():
+                return self.thompson.choose(c.pctr, c.bids, stats, rng)
+            return self.thompson.choose(*self.on_conversions(c, states, stats), rng)
         assert self.linucb is not None
         lin = self.linucb.decode([st.linucb or None for st in states])
         x = user_features(c.vector, self.linucb.params.dim)[0]

@@ -179,7 +179,7 @@ def test_half_life_zero_keeps_todays_exact_counts_and_record_layout(
         state = store.ad(ad)
         assert (state.shows, state.clicks, state.ts) == (len(mine), sum(lb[1] for lb in mine), 0)
         raw = store.data[(ad.encode(), 0)]
-        assert msgspec.msgpack.decode(raw)[6:] == [0]  # one more element, always 0
+        assert msgspec.msgpack.decode(raw)[6:] == [0, 0.0]  # ts and conversions, no more
         before = msgspec.msgpack.decode(raw, type=AdStateBefore)  # the version before reads it
         assert (before.shows, before.clicks, before.linucb) == (state.shows, state.clicks,
                                                                 state.linucb)  # fmt: skip
@@ -191,7 +191,7 @@ def test_a_record_written_before_forgetting_still_decodes() -> None:
     state = decode_ad(old)
     assert (state.offset, state.ring, state.shows, state.clicks) == (7, [11, 12], 5.0, 2.0)
     assert state.segments == {1: (3.0, 1.0)} and state.linucb == lin and state.ts == 0
-    assert msgspec.msgpack.decode(encode(state)) == [*msgspec.msgpack.decode(old), 0]
+    assert msgspec.msgpack.decode(encode(state)) == [*msgspec.msgpack.decode(old), 0, 0.0]
 
 
 def test_linucb_discount_forgets_the_data_but_keeps_the_ridge() -> None:
