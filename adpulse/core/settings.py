@@ -242,6 +242,12 @@ class Settings:
         "are exact while a user has at most this many (one decayed below 2^-20 of an event's "
         "weight is dropped).",
     )
+    item_limit: int = _setting(
+        64,
+        "Items whose decayed weights a user's state keeps (20 bytes each) when ADPULSE_TEXT_MODEL "
+        "is set, so each item counts by its item-catalog title's vector; a lighter item beyond "
+        "this counts by its category vector.",
+    )
     # -- Decisions ----------------------------------------------------------------------
     policy: str = _setting(
         "epsilon-greedy:0.05",
