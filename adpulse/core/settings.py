@@ -335,7 +335,8 @@ class Settings:
     text_model: str = _setting(
         "",
         "Directory of the ad text encoder (`adpulse models text` prints it); when set, an ad "
-        "with text and no embedding is embedded by the worker. Empty: text is not embedded.",
+        "with text and no embedding, and every item-catalog title, is embedded by the worker. "
+        "Empty: text is not embedded.",
     )
     text_precision: TextPrecision = _setting(
         "auto",
