@@ -244,16 +244,18 @@ def decode_all(
             msg = f"stored interest state has an unknown version {set(head['version'].tolist())}"
             raise ValueError(msg)
         c = CATEGORY_DTYPE.itemsize
-        for j, (v, n) in enumerate(zip(raws, head["ncat"].astype(np.int64).tolist(), strict=True)):
-            cat_end = h + c * n
-            cat_tails.append(v[h:cat_end])
-            k = 0
-            if head["version"][j] == ITEMS_VERSION:
-                k = int.from_bytes(v[cat_end : cat_end + 4], "little")
-                item_tails.append(v[cat_end + 4 :])
-                cat_end += 4 + ITEM_DTYPE.itemsize * k
-            if len(v) != cat_end:
+        cat_len = h + c * head["ncat"].astype(np.int64)
+        lengths = np.fromiter((len(v) for v in raws), np.int64, len(raws))
+        with_items = head["version"] == ITEMS_VERSION
+        if (lengths[~with_items] != cat_len[~with_items]).any():
+            raise _wrong_size(p)
+        cat_tails = [v[h:end] for v, end in zip(raws, cat_len.tolist(), strict=True)]
+        for j in np.flatnonzero(with_items).tolist():  # version 3: the item map follows
+            v, end = raws[j], int(cat_len[j])
+            k = int.from_bytes(v[end : end + 4], "little")
+            if len(v) != end + 4 + ITEM_DTYPE.itemsize * k:
                 raise _wrong_size(p)
+            item_tails.append(v[end + 4 :])
             nitem[present[j]] = k
         out.view(np.uint8).reshape(len(values), -1)[present, :h] = np.frombuffer(
             heads, np.uint8
