@@ -15,6 +15,7 @@ import base64
 import json
 import random
 import shutil
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ import pytest
 from kafka import KafkaProducer
 
 from adpulse.broker import EmbeddedBroker
+from adpulse.catalogtool import publish
 from adpulse.core.settings import Settings
 from adpulse.polling import poll_until
 from adpulse.workerproc import WorkerProcess
@@ -34,7 +36,7 @@ from scoring.features import InterestParams, reference_vectors
 from scoring.textencoder import TextEncoder, project
 from streams.runtime.topicadmin import create_topics
 from tests.conftest import isolated
-from tests.integration.test_decisions import TopicReader
+from tests.integration.test_decisions import Decisions, Requests, TopicReader, ad, request
 from tests.integration.test_interest import BACKFILL, DAY, produce_events, wait_applied
 
 pytestmark = pytest.mark.integration
@@ -95,7 +97,7 @@ def env(
 
 def events(n: int, users: int, seed: int) -> list[dict[str, Any]]:
     rng = random.Random(seed)
-    base = 1_700_000_000_000 + seed * DAY
+    base = int(time.time() * 1000) - DAY  # recent: decisions see the vector barely decayed
     out = []
     for i in range(n):
         it = rng.randrange(ITEMS)
@@ -104,7 +106,7 @@ def events(n: int, users: int, seed: int) -> list[dict[str, Any]]:
             "kind": rng.choice(["browse", "click", "cart", "fav", "purchase"]), "item_id": it,
             # the item's own category mostly; now and then filed under another one
             "category_id": it % 5 if rng.random() < 0.9 else 50 + it % 2,
-            "ts": base + rng.randrange(9 * DAY),
+            "ts": base + rng.randrange(DAY // 2),
         })  # fmt: skip
     return out
 
@@ -135,6 +137,27 @@ def test_item_embeddings_feed_interest_vectors_equal_to_reference_under_shuffled
     plain = reference_vectors(evs, HashedEmbeddings(s.dim, s.embedding_seed), params)
     user = next(iter(ref))
     assert not np.allclose(plain[user][1], ref[user][1], rtol=1e-2)
+    # Decisions read the same vector: the snapshot holds it decayed to the decision's time.
+    publish(s.bootstrap, s.topic("ad-catalog"), [ad("items-ad", "items-p", 1.0, 3)])
+    requests, decisions = Requests(s), Decisions(s)
+    try:
+        last: dict[str, Any] = {}
+
+        def served() -> bool:
+            r = request(f"items-r-{uuid.uuid4().hex[:8]}", user, "items-p")
+            requests.send([r])
+            decisions.wait([r["request_id"]], timeout=20)
+            last.update(decisions.one(r["request_id"]))
+            return last["ad_id"] == "items-ad"
+
+        poll_until(served, 30, "the ad served", every=0.2, error=AssertionError,
+                   detail=lambda: f"last {last}\n{env.worker.tail()}")  # fmt: skip
+    finally:
+        requests.close()
+        decisions.close()
+    t, v, _ = ref[user]
+    expect = v * np.exp(-(last["ts"] - t) / params.tau_ms)
+    np.testing.assert_allclose(last["features"]["interest"], expect, rtol=1e-4, atol=1e-4)
 
 
 def wait_reference(
