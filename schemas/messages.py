@@ -43,7 +43,7 @@ from msgspec import UNSET, Meta, UnsetType
 
 __all__ = [
     "MESSAGES", "UNSET", "Ad", "AdDecision", "AdRequest", "CtrFeedback", "DeadLetter",
-    "FeatureSnapshot", "ForgetConfirmation", "ForgetRequest", "RequestContext", "Targeting",
+    "FeatureSnapshot", "ForgetConfirmation", "ForgetRequest", "Item", "RequestContext", "Targeting",
     "UnsetType", "UserEvent", "extra_check",
 ]  # fmt: skip
 
@@ -213,6 +213,17 @@ class Ad(_Message, kw_only=True):
         return self.active is not False
 
 
+# -- item-catalog ---------------------------------------------------------------------------------
+class Item(_Message, kw_only=True):
+    """``item-catalog``: the latest metadata of one item (a null value deletes it); keyed by
+    ``item_id``, user-events' integer id in canonical decimal."""
+
+    item_id: Annotated[str, Meta(pattern=r"^(0|[1-9][0-9]{0,18})\Z")]
+    title: Annotated[str, Meta(max_length=2000)]
+    category_id: Int64Id
+    price: Annotated[float, Meta(ge=0)] | UnsetType = UNSET
+
+
 # -- dead-letters and the forget topics -----------------------------------------------------------
 class DeadLetter(_Message, kw_only=True):
     """``dead-letters``: a refused message, its origin and the reason."""
@@ -254,6 +265,7 @@ MESSAGES: dict[str, type[msgspec.Struct]] = {
     "ad-decisions": AdDecision,
     "ctr-feedback": CtrFeedback,
     "ad-catalog": Ad,
+    "item-catalog": Item,
     "dead-letters": DeadLetter,
     "forget-requests": ForgetRequest,
     "forget-confirmations": ForgetConfirmation,
@@ -272,6 +284,10 @@ def _event_ok(ev: UserEvent) -> bool:
     return ev.price is UNSET or math.isfinite(ev.price)
 
 
+def _item_ok(item: Item) -> bool:
+    return item.price is UNSET or math.isfinite(item.price)
+
+
 def _request_ok(req: AdRequest) -> bool:
     return _unique(req.candidates)
 
@@ -285,6 +301,7 @@ _CHECKS: dict[type[msgspec.Struct], Callable[[Any], bool]] = {
     UserEvent: _event_ok,
     AdRequest: _request_ok,
     Ad: _ad_ok,
+    Item: _item_ok,
 }
 
 

@@ -28,7 +28,7 @@ from adpulse.core.settings import Settings
 from schemas.messages import UNSET, AdDecision, AdRequest, Billing, FeatureSnapshot
 from scoring import caps
 from scoring.catalog import Catalog, Context
-from scoring.features import InterestParams, decode_states, vectors_at
+from scoring.features import InterestParams, ItemVectors, read_vectors
 from scoring.featurespec import FeatureSpec, RequestFeatures, assemble_many
 from scoring.registry import LoadedModel, ModelRegistry
 from scoring.scorer import FallbackRule
@@ -197,9 +197,12 @@ class DecideStage:
         pseudonyms: Pseudonymiser | None = None,
         calibration: Reader | None = None,
         generation: Callable[[], Any] = lambda: None,
+        items: Callable[[], ItemVectors | None] = lambda: None,
     ) -> None:
         """``generation`` names the consumer's current partition assignment: the budget
-        records of this worker's partitions are kept while it does not change."""
+        records of this worker's partitions are kept while it does not change. ``items``:
+        the item vectors in force (streams/items.py), read into each user's interest."""
+        self.items = items
         self.s = settings
         self.pseudonyms = pseudonyms or Pseudonymiser.from_settings(settings)
         self.models = models
@@ -301,8 +304,8 @@ class DecideStage:
         pairs = list(dict.fromkeys((r.user_id, raw.partition) for r, raw in live))
         keys = [u.encode() for u, _ in pairs]
         parts = [p for _, p in pairs]
-        states = decode_states(tables.interest(keys, parts), self.params)
-        vecs, known = vectors_at(states, now_ms, self.params)
+        _, vecs, known = read_vectors(tables.interest(keys, parts), now_ms, self.params,
+                                      self.items())  # fmt: skip
         vectors = [vecs[i] if known[i] else None for i in range(len(pairs))]
         day = caps.day_of(now_ms)
         cap_recs = [caps.load_cap(v, day) for v in tables.caps(keys, parts)]

@@ -176,7 +176,8 @@ class Metrics:
             ),
             ad_text_embeddings=Counter(
                 "adpulse_ad_text_embeddings_total",
-                "Ad texts embedded (streams/adtext.py), by source: model (encoded) or cache.",
+                "Ad texts and item titles embedded (streams/adtext.py), by source: model (encoded) "
+                "or cache.",
                 ["source"],
                 registry=r,
             ),

@@ -242,6 +242,12 @@ class Settings:
         "are exact while a user has at most this many (one decayed below 2^-20 of an event's "
         "weight is dropped).",
     )
+    item_limit: int = _setting(
+        64,
+        "Items whose decayed weights a user's state keeps (20 bytes each) when ADPULSE_TEXT_MODEL "
+        "is set, so each item counts by its item-catalog title's vector; a lighter item beyond "
+        "this counts by its category vector.",
+    )
     # -- Decisions ----------------------------------------------------------------------
     policy: str = _setting(
         "epsilon-greedy:0.05",
@@ -339,7 +345,8 @@ class Settings:
     text_model: str = _setting(
         "",
         "Directory of the ad text encoder (`adpulse models text` prints it); when set, an ad "
-        "with text and no embedding is embedded by the worker. Empty: text is not embedded.",
+        "with text and no embedding, and every item-catalog title, is embedded by the worker. "
+        "Empty: text is not embedded.",
     )
     text_precision: TextPrecision = _setting(
         "auto",
