@@ -30,6 +30,7 @@ EXPECTED_TOPICS = {
     "dead-letters",
     "forget-requests",
     "forget-confirmations",
+    "model-events",
 }
 TOPIC_NAMES = topic_names()
 
@@ -49,7 +50,7 @@ def _read(path: Path) -> Any:
 # --- schemas -----------------------------------------------------------------
 
 
-def test_the_eight_topics_have_schema_files() -> None:
+def test_the_nine_topics_have_schema_files() -> None:
     assert set(TOPIC_NAMES) == EXPECTED_TOPICS
 
 
