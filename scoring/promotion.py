@@ -145,7 +145,9 @@ class Tally:
 
     def drift_z(self) -> float:
         """How many standard deviations the clicks are from the predicted clicks."""
-        return (self.clicks - self.expected) / math.sqrt(self.variance) if self.variance > 0 else 0.0
+        if self.variance <= 0:
+            return 0.0
+        return (self.clicks - self.expected) / math.sqrt(self.variance)
 
 
 @dataclass(frozen=True)
@@ -176,7 +178,8 @@ def drifted(t: Tally, rules: CanaryRules) -> str | None:
         return None
     return (
         f"live calibration drift: observed/expected {cal:.3f} over {t.labels} labels "
-        f"(z {z:+.1f}; limit +-{rules.max_calibration_drift:g}, ADPULSE_CANARY_MAX_CALIBRATION_DRIFT)"
+        f"(z {z:+.1f}; limit +-{rules.max_calibration_drift:g}, "
+        "ADPULSE_CANARY_MAX_CALIBRATION_DRIFT)"
     )
 
 
