@@ -24,7 +24,7 @@ promoter and read by every worker's registry poll.
 >>> control = Tally(labels=1000, clicks=50, expected=50.0, variance=47.5)
 >>> canary_verdict(control, Tally(100, 5, 5.0, 4.75), rules).action
 'promote'
->>> canary_verdict(control, Tally(40, 20, 2.0, 1.9), rules).action  # far more clicks than predicted
+>>> canary_verdict(control, Tally(400, 60, 20.0, 19.0), rules).action  # 3x the predicted clicks
 'rollback'
 """
 
@@ -40,6 +40,9 @@ from typing import Any, Literal
 from scoring.strategy.ab import two_proportion_z, unit_hash
 
 STATE_FILE = "promotion.json"
+# the drift test's normal approximation needs enough predicted clicks (np >= 10, a rule of
+# thumb): 2 clicks where 0.5 were predicted is z 2.2 but, by Poisson, p = 0.09
+MIN_EXPECTED_CLICKS = 10.0
 Action = Literal["wait", "promote", "rollback"]
 
 
@@ -169,8 +172,13 @@ class Verdict:
 
 
 def drifted(t: Tally, rules: CanaryRules) -> str | None:
-    """A calibration drift beyond the margin *and* significant at the confidence; None if not."""
+    """A calibration drift beyond the margin *and* significant at the confidence; None if not.
+
+    Judged once the version predicted :data:`MIN_EXPECTED_CLICKS` clicks.
+    """
     cal = t.calibration
+    if t.expected < MIN_EXPECTED_CLICKS:
+        return None
     if not math.isfinite(cal) or abs(cal - 1.0) <= rules.max_calibration_drift:
         return None
     z = t.drift_z()
