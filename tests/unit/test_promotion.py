@@ -155,3 +155,33 @@ def test_the_state_pins_the_serving_version_and_names_the_canary(
     swapped = registry.poll()
     assert swapped is not None and swapped.version == "v1"
     assert registry.poll() is None  # nothing changed since
+
+
+def test_a_worker_scores_the_canary_share_of_users_with_the_canary_and_says_so(
+    registry: ModelRegistry,
+) -> None:
+    """The decision stage as the worker runs it: each decision's model_version is the
+    canary exactly for the users the keyed hash puts in the canary share."""
+    import msgspec
+
+    from streams.decide import ServingModels
+    from tests.unit.test_pacing_stage import DAY0, _empty, requests, settings, stage
+
+    write_state(Path(registry.root), PromotionState(serving="v1", canary="c3", last_good="v1"))
+    models = ServingModels.load(registry, 0.02)
+    models.canary_share, models.canary_key = 0.3, b"canary-key"
+    st = stage(settings(), models)
+    out = st.process(requests(200, DAY0, "k"), _empty(), DAY0)
+    got = {d.user_id: d.model_version for _, _, d in out.decisions}
+    assert len(got) == 200
+    want = {u: "c3" if in_canary(u, b"canary-key", 0.3) else "v1" for u in got}
+    assert got == want
+    assert 40 < sum(v == "c3" for v in got.values()) < 80
+    assert out.rows_scored == 400  # both ads of every request, over the two runs
+    assert all(msgspec.to_builtins(d)["features"]["pctr"] > 0 for _, _, d in out.decisions)
+    # the canary rolled back: everyone on the serving version at the next poll
+    write_state(Path(registry.root), PromotionState(serving="v1", last_good="v1"))
+    registry.poll()
+    models.canary = registry.canary
+    out = st.process(requests(50, DAY0 + 1000, "k2"), _empty(), DAY0 + 1000)
+    assert {d.model_version for _, _, d in out.decisions} == {"v1"}
