@@ -11,7 +11,7 @@ The life of a candidate (``MODEL_DIR/candidates/<version>/``, exported by
    experiment arms, :func:`in_canary`) while the rest keep the serving version.
 3. **Live verdict** (:func:`canary_verdict`) from the ctr-feedback labels of each
    version since the canary began: roll back at once on a significant calibration
-   drift; after a minimum number of canary labels, promote when its CTR is not
+   drift; after a minimum number of labels in each arm, promote when its CTR is not
    significantly below the control's (the pooled two-proportion z-test of
    ``adpulse report``) and its calibration is not worse than the control's by more
    than the drift margin; else roll back.
@@ -196,8 +196,9 @@ def canary_verdict(control: Tally, canary: Tally, rules: CanaryRules) -> Verdict
     why = drifted(canary, rules)
     if why is not None:
         return Verdict("rollback", why)
-    if canary.labels < rules.min_labels:
-        return Verdict("wait", f"{canary.labels} of {rules.min_labels} canary labels")
+    if canary.labels < rules.min_labels or control.labels < rules.min_labels:
+        return Verdict("wait", f"{canary.labels} canary and {control.labels} control labels "
+                               f"of {rules.min_labels} each")  # fmt: skip
     z, p = two_proportion_z(control.clicks, control.labels, canary.clicks, canary.labels)
     if math.isfinite(z) and z < -rules.z:
         return Verdict("rollback", f"live CTR {canary.ctr:.4f} below control {control.ctr:.4f} "

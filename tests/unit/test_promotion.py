@@ -80,6 +80,7 @@ def test_a_candidate_is_refused_when_its_held_back_auc_drops_beyond_the_margin()
 def test_the_canary_waits_for_its_minimum_then_is_promoted_when_not_worse() -> None:
     control = _tally(20000, 1000, 0.05)
     assert canary_verdict(control, _tally(999, 50, 0.05), RULES).action == "wait"
+    assert canary_verdict(_tally(999, 50, 0.05), _tally(1000, 50, 0.05), RULES).action == "wait"
     assert canary_verdict(control, _tally(1000, 50, 0.05), RULES).action == "promote"
     # a little lower but not significantly: promoted
     assert canary_verdict(control, _tally(1000, 45, 0.05), RULES).action == "promote"
