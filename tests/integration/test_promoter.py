@@ -241,3 +241,63 @@ def test_a_good_candidate_is_promoted_and_a_live_calibration_drift_rolls_back_at
     assert promoted["canary_labels"] == MIN_LABELS and promoted["control_labels"] == 3000
     for ev in (drift4, drift5):
         assert "drift" in ev["reason"] and ev["canary_labels"] < MIN_LABELS
+
+
+def test_a_worker_serves_the_canary_to_its_share_of_users_and_drops_it_on_rollback(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """A real worker follows promotion.json at its registry poll: the canary scores exactly
+    the users the keyed hash puts in its share (each decision says which model), and after
+    a rollback every decision is the serving version's again."""
+    from adpulse.catalogtool import publish
+    from scoring.promotion import in_canary, write_state
+    from scoring.registry import PACKAGED
+    from tests.faults.kit import Worker
+    from tests.integration.test_decisions import Decisions, Requests, ad, request, wait_catalog
+
+    shipped = sorted(p for p in PACKAGED.iterdir() if (p / MODEL).is_file())[-1]
+    registry = tmp_path / "models"
+    shutil.copytree(shipped, registry / shipped.name)
+    shutil.copytree(shipped, registry / CANDIDATES / "canary1")
+    write_state(registry, PromotionState(serving=shipped.name, canary="canary1",
+                                         last_good=shipped.name))  # fmt: skip
+    create_topics(settings)
+    ads = [ad(f"cn-{i}", "cn", 1.0 + 0.1 * i, 4756105) for i in range(4)]
+    publish(settings.bootstrap, settings.topic("ad-catalog"), ads)
+    key, share = "canary-test-key", 0.3
+    extra = {"ADPULSE_MODEL_DIR": str(registry), "ADPULSE_MODEL_POLL_S": "0.2",
+             "ADPULSE_MODEL_LATENCY_BUDGET_MS": "1000", "ADPULSE_CANARY_SHARE": str(share),
+             "ADPULSE_CANARY_KEY": key}  # fmt: skip
+    worker = Worker(settings, tmp_path, extra).start()
+    requests, decisions = Requests(settings), Decisions(settings)
+    try:
+        wait_catalog(worker, len(ads))
+        first = [f"a{i}" for i in range(80)]
+        requests.send([request(rid, f"user{i}", "cn") for i, rid in enumerate(first)])
+        decisions.wait(first, timeout=60, settle=0.5)
+        got = [decisions.one(rid) for rid in first]
+        # user ids in decisions are the pseudonyms the worker hashed
+        want = ["canary1" if in_canary(d["user_id"], key.encode(), share) else shipped.name
+                for d in got]  # fmt: skip
+        assert [d["model_version"] for d in got] == want
+        assert 10 < want.count("canary1") < 40
+        assert all(d["ad_id"] is not None for d in got)
+
+        write_state(registry, PromotionState(serving=shipped.name, last_good=shipped.name,
+                                             decided=["canary1"]))  # fmt: skip
+        n = 0
+
+        def all_serving() -> bool:
+            nonlocal n
+            batch = [f"b{n}-{i}" for i in range(20)]
+            n += 1
+            requests.send([request(rid, f"user{i}", "cn") for i, rid in enumerate(batch)])
+            decisions.wait(batch, timeout=60, settle=0.0)
+            return {decisions.one(rid)["model_version"] for rid in batch} == {shipped.name}
+
+        poll_until(all_serving, 60.0, "the rolled-back canary leaves the worker", every=0.2,
+                   detail=worker.tail, error=AssertionError)  # fmt: skip
+    finally:
+        requests.close()
+        decisions.close()
+        worker.stop()
