@@ -43,6 +43,38 @@ def base_version(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out / BASE
 
 
+@pytest.fixture(scope="module")
+def shuffled(
+    tmp_path_factory: pytest.TempPathFactory, base_version: Path
+) -> tuple[Path, dict[str, Any]]:
+    """A version trained on the base's rows with their click labels shuffled, and its
+    held-back validation as the trainer writes it: both models scored on the same 1,000
+    labels of the same world, which neither learned."""
+    import random
+
+    import numpy as np
+
+    from scoring.featurespec import FeatureSpec, from_feedback
+    from scoring.scorer import OnnxScorer
+    from scoring.synthetic import make_world
+    from scoring.train import auc, train
+
+    rows = generate(2000, seed=5)
+    clicks = [r["clicked"] for r in rows]
+    random.Random(1).shuffle(clicks)
+    out = tmp_path_factory.mktemp("shuffled")
+    train([{**r, "clicked": c} for r, c in zip(rows, clicks, strict=True)], out, epochs=1,
+          version="shuffled", threads=1)  # fmt: skip
+    held = generate(1000, seed=77, world=make_world(5))
+    x, y = from_feedback(held, FeatureSpec()), np.array([r["clicked"] for r in held])
+
+    def window(path: Path) -> dict[str, Any]:
+        p = OnnxScorer(path / MODEL, version=path.name).score(x)
+        return {"labels": len(y), "clicks": int(y.sum()), "auc": round(auc(y, p), 6)}
+
+    return out / "shuffled", {"online": window(out / "shuffled"), "serving": window(base_version)}
+
+
 @pytest.fixture
 def model_dir(tmp_path: Path, base_version: Path) -> Path:
     out = tmp_path / "models"
@@ -117,14 +149,16 @@ def promoter(settings: Settings, model_dir: Path, tmp_path: Path) -> Iterator[Pr
 
 
 def _candidate(model_dir: Path, base: Path, name: str, online_auc: float = 0.70,
-               broken: bool = False) -> None:  # fmt: skip
-    """A candidate as the trainer exports it: the base weights, held-back metrics, renamed
-    into place whole."""
+               broken: bool = False, validation: dict[str, Any] | None = None) -> None:  # fmt: skip
+    """A candidate as the trainer exports it: weights, held-back metrics (by default as
+    good as the serving version's), renamed into place whole."""
     tmp = model_dir / CANDIDATES / f".{name}.tmp"
     shutil.copytree(base, tmp)
     metrics = json.loads((tmp / METRICS).read_text())
-    metrics["validation"] = {"online": {"labels": 1000, "clicks": 50, "auc": online_auc},
-                             "serving": {"labels": 1000, "clicks": 50, "auc": 0.70}}  # fmt: skip
+    metrics["validation"] = validation or {
+        "online": {"labels": 1000, "clicks": 50, "auc": online_auc},
+        "serving": {"labels": 1000, "clicks": 50, "auc": 0.70},
+    }
     metrics["serving_version"] = BASE
     (tmp / METRICS).write_text(json.dumps(metrics))
     if broken:
@@ -174,11 +208,17 @@ def _serving(settings: Settings, model_dir: Path) -> str:
 
 
 def test_a_broken_or_worse_candidate_is_refused_or_rolled_back_and_serving_continues(
-    settings: Settings, model_dir: Path, base_version: Path, promoter: Promoter
+    settings: Settings,
+    model_dir: Path,
+    base_version: Path,
+    shuffled: tuple[Path, dict[str, Any]],
+    promoter: Promoter,
 ) -> None:
     _candidate(model_dir, base_version, "c1", broken=True)
     promoter.wait_for(lambda st: "c1" in st.decided, "the broken candidate is judged")
-    _candidate(model_dir, base_version, "c2", online_auc=0.60)  # 0.10 below serving
+    path, validation = shuffled  # trained on shuffled labels: AUC about 0.44 against 0.61
+    assert validation["serving"]["auc"] - validation["online"]["auc"] > 0.05
+    _candidate(model_dir, path, "c2", validation=validation)
     promoter.wait_for(lambda st: "c2" in st.decided, "the worse candidate is judged")
     st = read_state(model_dir)
     assert st is not None and (st.serving, st.canary) == (BASE, "")
@@ -199,7 +239,7 @@ def test_a_broken_or_worse_candidate_is_refused_or_rolled_back_and_serving_conti
                               "c3": [("candidate", BASE), ("canary", BASE),
                                      ("rolled_back", BASE)]}  # fmt: skip
     assert "ONNX Runtime cannot load" in events["c1"][1]["reason"]
-    assert "held-back AUC 0.6000" in events["c2"][1]["reason"]
+    assert f"held-back AUC {validation['online']['auc']:.4f}" in events["c2"][1]["reason"]
     back = events["c3"][2]
     assert back["event"] == "rolled_back" and "below control" in back["reason"]
     assert (back["canary_labels"], back["canary_clicks"]) == (MIN_LABELS, 3)
