@@ -52,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     forget.register(sub)  # forget (delete one user's state)
     catalog.register(sub)  # catalog, train
     trainer.register(sub)  # trainer (online learning from ctr-feedback)
+    trainer.register_promoter(sub)  # promoter (canary arm, promote or roll back)
     models.register(sub)  # models text (the ad text encoder)
     bench.register(sub)  # bench
     evaluate.register(sub)  # evaluate (off-policy evaluation)

@@ -43,7 +43,8 @@ from msgspec import UNSET, Meta, UnsetType
 
 __all__ = [
     "MESSAGES", "UNSET", "Ad", "AdDecision", "AdRequest", "CtrFeedback", "DeadLetter",
-    "FeatureSnapshot", "ForgetConfirmation", "ForgetRequest", "Item", "RequestContext", "Targeting",
+    "FeatureSnapshot", "ForgetConfirmation", "ForgetRequest", "Item", "ModelEvent",
+    "RequestContext", "Targeting",
     "UnsetType", "UserEvent", "extra_check",
 ]  # fmt: skip
 
@@ -259,6 +260,22 @@ class ForgetConfirmation(_Message, kw_only=True):
     pending: Count
 
 
+class ModelEvent(_Message, kw_only=True):
+    """``model-events``: one transition of a model version through guarded promotion."""
+
+    event: Literal["candidate", "refused", "canary", "promoted", "rolled_back"]
+    version: Id
+    serving: Id
+    reason: Annotated[str, Meta(min_length=1, max_length=1024)]
+    ts: EpochMs
+    canary_labels: Count | UnsetType = UNSET
+    canary_clicks: Count | UnsetType = UNSET
+    control_labels: Count | UnsetType = UNSET
+    control_clicks: Count | UnsetType = UNSET
+    canary_calibration: Annotated[float, Meta(ge=0)] | UnsetType = UNSET
+    control_calibration: Annotated[float, Meta(ge=0)] | UnsetType = UNSET
+
+
 MESSAGES: dict[str, type[msgspec.Struct]] = {
     "user-events": UserEvent,
     "ad-requests": AdRequest,
@@ -269,6 +286,7 @@ MESSAGES: dict[str, type[msgspec.Struct]] = {
     "dead-letters": DeadLetter,
     "forget-requests": ForgetRequest,
     "forget-confirmations": ForgetConfirmation,
+    "model-events": ModelEvent,
 }
 
 

@@ -116,5 +116,11 @@ TOPICS: dict[str, TopicSpec] = {
             "request_id",
             "A forget request applied; on the request's partition number, no user id.",
         ),
+        _spec(
+            "model-events",
+            "version",
+            "Model versions through guarded promotion: candidate, refused, canary, promoted, "
+            "rolled back.",
+        ),
     )
 }

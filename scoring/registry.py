@@ -9,6 +9,11 @@ served: it is what ``adpulse trainer`` warm-starts from. Candidates the online
 trainer exports wait in ``<dir>/candidates/<version>/``, which is not a version:
 nothing there is served until it is moved up into ``<dir>``.
 
+Guarded promotion (scoring/promotion.py): when ``<dir>/promotion.json`` exists, it
+decides instead of "newest": its ``serving`` version is current (a rollback swaps
+back to an older one), and its ``canary``, a candidate, is validated the same way
+and kept in :attr:`ModelRegistry.canary` for the workers' canary arm.
+
 Nothing is served before :func:`validate` passes: the file loads in ONNX
 Runtime; its inputs and output have the spec's names, dtypes and widths with a
 dynamic batch axis; its spec equals the serving spec (dimension, embedding seed,
@@ -39,6 +44,7 @@ import onnxruntime as ort
 
 from adpulse.core.errors import ModelRefused
 from scoring.featurespec import CVR_OUTPUT, FeatureSpec
+from scoring.promotion import PromotionState, read_state
 from scoring.scorer import Device, FallbackRule, OnnxScorer, SessionOptions
 
 log = logging.getLogger(__name__)
@@ -194,6 +200,7 @@ class ModelRegistry:
     options: SessionOptions | None = None
     on_refused: Callable[[str, str], None] | None = None
     current: LoadedModel | None = None
+    canary: LoadedModel | None = None  # promotion.json's canary, when it passed validation
     refused: dict[str, str] = field(default_factory=dict)
     _seen: dict[str, tuple[Any, ...]] = field(default_factory=dict, repr=False)
 
@@ -276,7 +283,14 @@ class ModelRegistry:
         return self.current.version if self.current else "no model (fallback:prior)"
 
     def latest_valid(self) -> LoadedModel | None:
-        """Validate from the newest version down; make the first that passes current."""
+        """The promotion state's serving version if valid, else validate from the newest
+        version down; make the first that passes current."""
+        state = read_state(Path(self.root))
+        if state is not None:
+            pinned = self._pinned(state)
+            if pinned is not None:
+                self._swap(pinned)
+                return pinned
         for version in reversed(self.versions()):
             loaded = self._try(version)
             if loaded is not None:
@@ -285,7 +299,15 @@ class ModelRegistry:
         return None
 
     def poll(self) -> LoadedModel | None:
-        """A newer valid version than the current one, now current; None if there is none."""
+        """A newer valid version than the current one (or, under a promotion state, the
+        version it says serves), now current; None if there is none."""
+        state = read_state(Path(self.root))
+        if state is not None:
+            pinned = self._pinned(state)
+            if pinned is not None:
+                self._swap(pinned)
+            return pinned
+        self.canary = None
         floor = self.current.version if self.current else ""
         for version in reversed(self.versions()):
             if version <= floor:
@@ -295,6 +317,27 @@ class ModelRegistry:
                 self._swap(loaded)
                 return loaded
         return None
+
+    def _pinned(self, state: PromotionState) -> LoadedModel | None:
+        """Follow the state's canary; its serving version when it is not current yet and valid."""
+        self._follow_canary(state.canary)
+        if self.current is not None and self.current.version == state.serving:
+            return None
+        if not state.serving or not (Path(self.root) / state.serving).is_dir():
+            return None
+        return self._try(state.serving)
+
+    def _follow_canary(self, canary: str) -> None:
+        if not canary:
+            self.canary = None
+            return
+        if self.canary is not None and self.canary.version == canary:
+            return
+        rel = f"{CANDIDATES}/{canary}"
+        loaded = self._try(rel) if (Path(self.root) / rel).is_dir() else None
+        if loaded is not None:
+            log.info("canary model %s on %s", canary, loaded.scorer.provider)
+        self.canary = loaded
 
     def _swap(self, loaded: LoadedModel) -> None:
         old = self.serving

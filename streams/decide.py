@@ -30,6 +30,7 @@ from scoring import caps
 from scoring.catalog import Catalog, Context
 from scoring.features import InterestParams, ItemVectors, read_vectors
 from scoring.featurespec import FeatureSpec, RequestFeatures, assemble_many
+from scoring.promotion import in_canary
 from scoring.registry import LoadedModel, ModelRegistry
 from scoring.scorer import FallbackRule
 from scoring.strategy.policy import (
@@ -107,14 +108,23 @@ class ServingModels:
     current: LoadedModel | None
     fallback: FallbackRule
     registry: ModelRegistry
+    canary: LoadedModel | None = None  # guarded promotion: scores the canary share of users
+    canary_share: float = 0.0
+    canary_key: bytes = b""
 
     @classmethod
     def load(cls, registry: ModelRegistry, default_ctr: float) -> ServingModels:
         """The registry's newest valid model, else the fallback rule alone."""
         loaded = registry.latest_valid()
         if loaded is None:
-            return cls(None, FallbackRule(prior_ctr=default_ctr), registry)
-        return cls(loaded, loaded.fallback(default_ctr), registry)
+            return cls(None, FallbackRule(prior_ctr=default_ctr), registry, registry.canary)
+        return cls(loaded, loaded.fallback(default_ctr), registry, registry.canary)
+
+    def model_for(self, user_id: str) -> LoadedModel | None:
+        """The canary for a user in its share (while there is one), else the current model."""
+        if self.canary is not None and in_canary(user_id, self.canary_key, self.canary_share):
+            return self.canary
+        return self.current
 
     def swap(self, loaded: LoadedModel, default_ctr: float) -> None:
         self.current = loaded
@@ -181,6 +191,7 @@ class _Pending:
     user: int
     rows: npt.NDArray[np.int64]  # eligible catalog rows
     start: int = 0  # first row of this request in the batch's scores
+    version: str = ""  # the model that scored it, when not the batch's (the canary)
 
 
 class DecideStage:
@@ -348,12 +359,42 @@ class DecideStage:
         now_ms: int,
         out: DecideResult,
     ) -> tuple[npt.NDArray[np.float32] | None, npt.NDArray[np.float32] | None, str]:
-        """One model run over every request's candidates (split at the row limit):
-        (pCTR, pCVR or None when the model has no CVR head, version)."""
+        """One model run over every request's candidates (split at the row limit): (pCTR,
+        pCVR or None when a model has no CVR head, version); with a canary, one run for the
+        control's requests and one for the canary's."""
+        model = self.models.current
+        canary = self.models.canary
+        if canary is not None and model is not None:
+            mine = [p for p in pending if self.models.model_for(p.req.user_id) is canary]
+            if mine:
+                rest = [p for p in pending if self.models.model_for(p.req.user_id) is not canary]
+                got, cvr, version = self._run(catalog, rest, users, now_ms, out, model, 0)
+                n0 = out.rows_scored
+                theirs, their_cvr, cv = self._run(catalog, mine, users, now_ms, out, canary, n0)
+                out.rows_scored += n0
+                for p in mine:
+                    p.version = cv
+                if got is None or theirs is None:  # one model failed: the fallback for all
+                    return None, None, version
+                both = None if cvr is None or their_cvr is None else [cvr, their_cvr]
+                return (np.concatenate([got, theirs]),
+                        None if both is None else np.concatenate(both), version)  # fmt: skip
+        return self._run(catalog, pending, users, now_ms, out, model, 0)
+
+    def _run(
+        self,
+        catalog: Catalog | None,
+        pending: list[_Pending],
+        users: _Users,
+        now_ms: int,
+        out: DecideResult,
+        model: LoadedModel | None,
+        offset: int,
+    ) -> tuple[npt.NDArray[np.float32] | None, npt.NDArray[np.float32] | None, str]:
         wanted: list[RequestFeatures] = []
         n_rows = 0
         for p in pending:
-            p.start = n_rows
+            p.start = offset + n_rows
             if len(p.rows):
                 ctx = p.req.context if p.req.context is not UNSET else None
                 device = ctx.device if ctx is not None and ctx.device is not UNSET else None
@@ -361,7 +402,6 @@ class DecideStage:
                                               device))  # fmt: skip
                 n_rows += len(p.rows)
         out.rows_scored = n_rows
-        model = self.models.current
         if model is None:
             return None, None, "none"
         if not wanted or catalog is None:
@@ -396,6 +436,7 @@ class DecideStage:
 
         ``cvr``: the batch's pCVR (None: no CVR head) and the prior that stands in for it."""
         req, policy, arm = p.req, self.policy_for(p.req.placement), None
+        version = p.version or version
         if self.experiment is not None:
             exp, arm_policies = self.experiment
             i_arm = exp.arm_of(req.user_id)

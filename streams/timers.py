@@ -51,6 +51,7 @@ def wire(w: Wiring, models: ServingModels, catalog: CatalogCache, decide: Decide
     @w.app.timer(w.settings.model_poll_s)
     async def poll_models() -> None:
         loaded = await asyncio.to_thread(models.registry.poll)
+        models.canary = models.registry.canary
         if loaded is not None:
             models.swap(loaded, w.settings.fallback_ctr)
             _model_in_use(w, loaded)
@@ -74,6 +75,7 @@ def load_models(w: Wiring) -> ServingModels:
 
     registry = ModelRegistry.from_settings(w.settings, on_refused=refused)
     models = ServingModels.load(registry, w.settings.fallback_ctr)
+    models.canary_share, models.canary_key = w.settings.canary_share, w.settings.canary_key.encode()
     if models.current is None:
         log.error("no valid model in %s: decisions use the fallback rule", registry.root)
     else:

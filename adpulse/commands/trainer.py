@@ -47,3 +47,37 @@ def register(sub: Subparsers) -> None:
         choices=["debug", "info", "warning", "error"],
         help="log level (default: info)",
     )
+
+
+def cmd_promoter(args: argparse.Namespace, settings: Settings) -> int:
+    from adpulse.promoter import run  # noqa: PLC0415
+
+    changes = {"model_dir": args.model_dir, "promoter_port": args.port}
+    settings = settings.with_(**{k: v for k, v in changes.items() if v is not None})
+    logging.basicConfig(level=getattr(logging, args.loglevel.upper()),
+                        format="%(asctime)s %(levelname)s %(message)s")  # fmt: skip
+    return run(settings)
+
+
+def register_promoter(sub: Subparsers) -> None:
+    p = add_command(
+        sub,
+        "promoter",
+        cmd_promoter,
+        help="guarded promotion: candidates -> canary arm -> promoted or rolled back",
+        description="Run the promoter (one per deployment): validates the newest candidate in "
+        "MODEL_DIR/candidates/ (registry checks, ONNX against PyTorch, held-back AUC against "
+        "the serving version), serves it to ADPULSE_CANARY_SHARE of users through "
+        "MODEL_DIR/promotion.json, then promotes or rolls it back on the live CTR and "
+        "calibration of each version's ctr-feedback labels. Every transition is a model-events "
+        "record. Stops on SIGTERM/Ctrl-C.",
+    )
+    add_bootstrap(p)
+    p.add_argument("--model-dir", help="model registry directory ($ADPULSE_MODEL_DIR; required)")
+    p.add_argument("--port", type=int, help="metrics port ($ADPULSE_PROMOTER_PORT, default 6068)")
+    p.add_argument(
+        "--loglevel",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="log level (default: info)",
+    )

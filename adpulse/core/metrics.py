@@ -80,6 +80,8 @@ class Metrics:
     trainer_calibration: Gauge
     trainer_candidates: Counter
     trainer_checkpoint_ts: Gauge
+    model_events: Counter
+    canary_labels: Gauge
 
     @classmethod
     def create(cls, registry: CollectorRegistry | None = None) -> Metrics:
@@ -370,6 +372,19 @@ class Metrics:
             trainer_checkpoint_ts=Gauge(
                 "adpulse_trainer_checkpoint_timestamp_seconds",
                 "When adpulse trainer last wrote its checkpoint (weights with consumed offsets).",
+                registry=r,
+            ),
+            model_events=Counter(
+                "adpulse_model_events_total",
+                "Guarded-promotion transitions made by adpulse promoter, by event: candidate, "
+                "refused, canary, promoted, rolled_back (each also a model-events record).",
+                ["event"],
+                registry=r,
+            ),
+            canary_labels=Gauge(
+                "adpulse_canary_labels",
+                "Labels counted for the current canary's verdict, by arm (canary, control).",
+                ["arm"],
                 registry=r,
             ),
         )

@@ -432,6 +432,36 @@ class Settings:
         "the held-back window whose metrics a candidate carries.",
     )
     trainer_threads: int = _setting(1, "PyTorch threads of adpulse trainer (0: PyTorch's choice).")
+    # -- Guarded promotion (adpulse promoter, docs/training.md) ---------------------------
+    canary_share: float = _setting(
+        0.05, "Share of users whose decisions the canary model scores while there is one."
+    )
+    canary_key: str = _setting(
+        "canary",
+        "HMAC key of the canary arm's user assignment (the experiment arms' keyed hash).",
+    )
+    canary_min_labels: int = _setting(
+        2000, "Canary labels adpulse promoter waits for before it promotes or rolls back on CTR."
+    )
+    canary_confidence: float = _setting(
+        0.95,
+        "Confidence of the promoter's tests: a canary CTR below the control's, or a calibration "
+        "drift, counts only when significant at this one-sided level.",
+    )
+    canary_max_auc_drop: float = _setting(
+        0.01,
+        "A candidate whose held-back AUC is more than this below the serving version's on "
+        "the same labels is refused, never served.",
+    )
+    canary_max_calibration_drift: float = _setting(
+        0.3,
+        "Live observed/expected clicks further than this from 1 (and significant) rolls the "
+        "canary, or a promoted version, back at once.",
+    )
+    promoter_poll_s: float = _setting(
+        5.0, "How often adpulse promoter looks for candidates and judges the canary."
+    )
+    promoter_port: int = _setting(6068, "Port of adpulse promoter's Prometheus /metrics.")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

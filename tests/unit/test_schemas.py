@@ -31,6 +31,7 @@ EXPECTED_TOPICS = {
     "dead-letters",
     "forget-requests",
     "forget-confirmations",
+    "model-events",
 }
 TOPIC_NAMES = topic_names()
 
