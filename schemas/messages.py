@@ -121,6 +121,7 @@ class FeatureSnapshot(_Message, kw_only=True):
     campaign_id: Id | UnsetType = UNSET
     item_id: Int64Id | UnsetType = UNSET
     pctr: Probability | UnsetType = UNSET
+    sequence: Annotated[list[tuple[Int64Id, Int64Id]], Meta(max_length=1000)] | UnsetType = UNSET
 
 
 class AdDecision(_Message, kw_only=True):

@@ -31,7 +31,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from scoring.embeddings import EmbeddingTable
 from scoring.features import KIND_INDEX, KINDS, EventBatch, fingerprint
+from scoring.featurespec import FeatureSpec, item_vectors
 
 SEQUENCE_VERSION = 1
 ENTRY_DTYPE = np.dtype(
@@ -168,3 +170,23 @@ def describe(entries: npt.NDArray[Any]) -> list[dict[str, Any]]:
         {"ts": t, "item_id": i, "category_id": c, "kind": KINDS[k]}
         for t, i, c, k in as_tuples(entries)
     ]
+
+
+def sequence_vectors(
+    seqs: Sequences, table: EmbeddingTable, spec: FeatureSpec
+) -> list[npt.NDArray[np.float32] | None]:
+    """Each user's behaviours as the model's ``seq`` rows ([L, D], newest first; None for
+    a user with none), at most ``spec.sequence`` of them, one embedding call for all.
+
+    The vectors are the items' as ads get them (:func:`scoring.featurespec.item_vectors`);
+    a table of item text embeddings plugs in as ``table``.
+    """
+    lengths = np.minimum(seqs.lengths(), spec.sequence)
+    take = np.concatenate(
+        [np.arange(a, a + n) for a, n in zip(seqs.start[:-1].tolist(), lengths.tolist(), strict=True)]
+        or [np.zeros(0, np.int64)]
+    )
+    ent = seqs.entries[take]
+    vecs = item_vectors(table, ent["item"], ent["category"], spec)
+    at = np.r_[0, np.cumsum(lengths)].tolist()
+    return [vecs[at[i] : at[i + 1]] if lengths[i] else None for i in range(len(seqs))]

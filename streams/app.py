@@ -103,6 +103,9 @@ def create_app(settings: Settings) -> Wiring:
         pseudonyms=pseudonyms,
         forget_requests=app.topic(settings.topic("forget-requests"), **raw),
         adtext=adtext,
+        sequence=table("sequence", "pseudonym -> last behaviours (scoring.sequence)")
+        if settings.sequence_length > 0
+        else None,
     )
 
     pipeline.wire(wiring)  # the handlers register themselves on the app

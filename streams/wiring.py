@@ -49,3 +49,5 @@ class Wiring:
     # Per partition of ``interest``: an ingest batch and a forget exclude each other.
     interest_locks: PartitionLocks = field(default_factory=PartitionLocks)
     adtext: AdTextEmbedder | None = None  # ADPULSE_TEXT_MODEL set: ad text -> embedding
+    # pseudonym -> last N behaviours (scoring.sequence); None: ADPULSE_SEQUENCE_LENGTH=0
+    sequence: TableT[bytes, bytes] | None = None

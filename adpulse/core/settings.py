@@ -242,6 +242,11 @@ class Settings:
         "are exact while a user has at most this many (one decayed below 2^-20 of an event's "
         "weight is dropped).",
     )
+    sequence_length: int = _setting(
+        50,
+        "Behaviours (item, category, kind, time) kept per user, newest by event time, for "
+        "the sequence model's attention (33 bytes each); 0: no sequence table.",
+    )
     # -- Decisions ----------------------------------------------------------------------
     policy: str = _setting(
         "epsilon-greedy:0.05",
