@@ -22,6 +22,11 @@ docs/performance.md, "The scorer"). A second cross layer bought nothing
 measurable and costs four small ops, which at batch 32 are mostly thread-pool
 hand-offs.
 
+With ``FeatureSpec.sequence`` > 0 the net gains DIN's target attention
+(scoring/attention.py): the ad attends over the user's behaviours and the
+pooled vector joins the cross layer's input beside the dense features. Without
+it the net, its parameters and its graph are what they were.
+
 Serving never imports this module: it runs the exported ONNX file.
 """
 
@@ -35,7 +40,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from scoring.featurespec import BATCH_AXIS, FeatureSpec
+from scoring.attention import TargetAttention
+from scoring.featurespec import BATCH_AXIS, SEQ_AXIS, FeatureSpec
 
 ID_EMBED = 8
 CROSS_RANK = 16
@@ -89,7 +95,8 @@ class CtrNet(nn.Module):
         self.register_buffer(
             "offsets", torch.tensor(spec.id_offsets, dtype=torch.int64), persistent=False
         )
-        width = 3 * spec.dim + len(spec.id_buckets) * ID_EMBED + len(spec.dense)
+        seq_width = spec.dim if spec.sequence else 0
+        width = 3 * spec.dim + len(spec.id_buckets) * ID_EMBED + len(spec.dense) + seq_width
         self.width = width
         self.cross = nn.ModuleList(
             LowRankCross(width, cross_rank, first=i == 0) for i in range(cross_layers)
@@ -99,6 +106,8 @@ class CtrNet(nn.Module):
             layers += [nn.Linear(a, b), nn.ReLU()]
         self.mlp = nn.Sequential(*layers, nn.Linear((width, *hidden)[-1], 1))
         nn.init.normal_(self.ids.weight, std=0.05)
+        # Made last, so a net without the block draws its weights as it always did.
+        self.attention = TargetAttention(spec.dim) if spec.sequence else None
 
     def start_at(self, ctr: float) -> None:
         """Set the output bias so the untrained net predicts ``ctr`` (faster, stabler start)."""
@@ -108,10 +117,21 @@ class CtrNet(nn.Module):
             head.bias.fill_(math.log(ctr / (1.0 - ctr)))
 
     def logits(
-        self, user: torch.Tensor, ad: torch.Tensor, ids: torch.Tensor, dense: torch.Tensor
+        self,
+        user: torch.Tensor,
+        ad: torch.Tensor,
+        ids: torch.Tensor,
+        dense: torch.Tensor,
+        seq: torch.Tensor | None = None,
     ) -> torch.Tensor:
         e = self.ids(ids + self.offsets).flatten(1)
-        x0 = torch.cat([user, ad, user * ad, e, dense], dim=1)
+        parts = [user, ad, user * ad, e, dense]
+        if self.attention is not None:
+            if seq is None:
+                msg = "this net attends over behaviours: give it the seq input"
+                raise ValueError(msg)
+            parts.append(self.attention(ad, seq))
+        x0 = torch.cat(parts, dim=1)
         x = x0
         for layer in self.cross:
             x = layer(x0, x)
@@ -119,29 +139,46 @@ class CtrNet(nn.Module):
         return out
 
     def forward(
-        self, user: torch.Tensor, ad: torch.Tensor, ids: torch.Tensor, dense: torch.Tensor
+        self,
+        user: torch.Tensor,
+        ad: torch.Tensor,
+        ids: torch.Tensor,
+        dense: torch.Tensor,
+        seq: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return torch.sigmoid(self.logits(user, ad, ids, dense))
+        return torch.sigmoid(self.logits(user, ad, ids, dense, seq))
 
 
-def _tensors(inputs: dict[str, np.ndarray[Any, Any]]) -> tuple[torch.Tensor, ...]:
-    return tuple(
-        torch.from_numpy(np.ascontiguousarray(inputs[k])) for k in ("user", "ad", "ids", "dense")
-    )
+def _tensors(inputs: dict[str, np.ndarray[Any, Any]], spec: FeatureSpec) -> tuple[torch.Tensor, ...]:
+    return tuple(torch.from_numpy(np.ascontiguousarray(inputs[k])) for k in spec.input_names)
+
+
+def _golden(spec: FeatureSpec, n: int, length: int, seed: int) -> dict[str, np.ndarray[Any, Any]]:
+    """Golden inputs with the sequence cut to ``length`` (the export is checked at two)."""
+    x = spec.golden_inputs(n, seed=seed)
+    if "seq" in x:
+        x["seq"] = np.ascontiguousarray(x["seq"][:, :length])
+    return x
 
 
 def export_onnx(model: CtrNet, path: Path, spec: FeatureSpec, *, atol: float = 1e-5) -> float:
     """Write ``model`` as ONNX with a dynamic batch axis, then verify it.
 
     Verification runs ONNX Runtime and PyTorch on the same random inputs at
-    batch 1 and 257 and raises ``AssertionError``-free ``ValueError`` if any
-    output differs by more than ``atol``. Returns the largest difference seen.
+    batch 1 and 257 (a sequence model: sequences of 1 and ``spec.sequence``, so
+    both axes are proven dynamic) and raises ``AssertionError``-free
+    ``ValueError`` if any output differs by more than ``atol``. Returns the
+    largest difference seen.
     """
     import onnxruntime as ort  # noqa: PLC0415 (serving dependency, imported where needed)
 
     model.eval()
-    example = _tensors(spec.golden_inputs(4, seed=1))
-    axes = {name: {0: BATCH_AXIS} for name in (*spec.input_names, spec.output)}
+    example = _tensors(spec.golden_inputs(4, seed=1), spec)
+    axes: dict[str, dict[int, str]] = {
+        name: {0: BATCH_AXIS} for name in (*spec.input_names, spec.output)
+    }
+    if spec.sequence:
+        axes["seq"] = {0: BATCH_AXIS, 1: SEQ_AXIS}
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.onnx.export(
         model,
@@ -156,10 +193,10 @@ def export_onnx(model: CtrNet, path: Path, spec: FeatureSpec, *, atol: float = 1
     )
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     worst = 0.0
-    for n, seed in ((1, 11), (257, 12)):
-        x = spec.golden_inputs(n, seed=seed)
+    for n, length, seed in ((1, 1, 11), (257, max(1, spec.sequence), 12)):
+        x = _golden(spec, n, length, seed)
         with torch.no_grad():
-            want = model(*_tensors(x)).numpy()
+            want = model(*_tensors(x, spec)).numpy()
         got = sess.run([spec.output], x)[0]
         if got.shape != want.shape:
             msg = f"ONNX output shape {got.shape} != PyTorch {want.shape} at batch {n}"

@@ -20,6 +20,7 @@ import shutil
 import sys
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,10 @@ from scoring.synthetic import generate as generate_records
 from scoring.synthetic import read_jsonl
 
 log = logging.getLogger(__name__)
+SEQUENCE_HELP = (
+    "give the model target attention over the last N behaviours of each record "
+    "(features.sequence; 0, the default: no attention block)"
+)
 F64 = npt.NDArray[np.float64]
 
 
@@ -164,13 +169,20 @@ def train(
     lr: float = 2e-3,
     threads: int | None = None,
     version: str | None = None,
+    sequence: int = 0,
 ) -> dict[str, Any]:
-    """Train, evaluate on the held-out time split, export and publish; returns the metrics."""
+    """Train, evaluate on the held-out time split, export and publish; returns the metrics.
+
+    ``sequence`` > 0 gives the net the target-attention block over the records' last
+    ``sequence`` behaviours (``features.sequence``; scoring/attention.py).
+    """
     import torch  # noqa: PLC0415 (training-only dependency)
 
     from scoring.model import CtrNet, export_onnx  # noqa: PLC0415
 
     spec = spec or FeatureSpec()
+    if sequence:
+        spec = replace(spec, sequence=sequence)
     recs, dropped = once_per_decision(
         load_records(records) if isinstance(records, Path | str) else list(records)
     )
@@ -210,10 +222,7 @@ def train(
         for start in range(0, len(perm), batch_size):
             b = perm[start : start + batch_size]
             opt.zero_grad()
-            loss = loss_fn(
-                model.logits(tens["user"][b], tens["ad"][b], tens["ids"][b], tens["dense"][b]),
-                yt[b],
-            )
+            loss = loss_fn(model.logits(*(tens[k][b] for k in spec.input_names)), yt[b])
             loss.backward()
             opt.step()
             total += float(loss.detach()) * len(b)
@@ -221,7 +230,7 @@ def train(
 
     model.eval()
     with torch.no_grad():
-        p = model(*(torch.from_numpy(xte[k]) for k in ("user", "ad", "ids", "dense"))).numpy()
+        p = model(*(torch.from_numpy(xte[k]) for k in spec.input_names)).numpy()
     p = p.reshape(-1).astype(np.float64)
     version = version or datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     out = Path(out_dir)
@@ -241,6 +250,7 @@ def train(
         "test_ctr": round(float(yte.mean()), 6),
         "epochs": epochs,
         "seed": seed,
+        "sequence": spec.sequence,
         "onnx_max_abs_diff": diff,
         "train_seconds": round(time.perf_counter() - t0, 2),
         "trained_at": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -265,15 +275,21 @@ def run_train(
     *,
     threads: int | None = None,
     version: str | None = None,
+    sequence: int = 0,
 ) -> dict[str, Any]:
     """``adpulse train``: from a file, or from ``generate`` synthetic records when no file."""
     if input_path is None and not generate:
         msg = "give an input file of ctr-feedback records, or --generate N for synthetic ones"
         raise InputError(msg)
     records: Sequence[Mapping[str, Any]] | Path | str = (
-        input_path if input_path is not None else generate_records(int(generate or 0), seed)
+        input_path
+        if input_path is not None
+        else generate_records(int(generate or 0), seed, sequence=sequence)
     )
-    return train(records, out_dir, epochs=epochs, seed=seed, threads=threads, version=version)
+    return train(
+        records, out_dir, epochs=epochs, seed=seed, threads=threads, version=version,
+        sequence=sequence,
+    )  # fmt: skip
 
 
 def summary(m: Mapping[str, Any]) -> str:
@@ -294,12 +310,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     ap.add_argument("--version", help="version name (default: UTC timestamp)")
+    ap.add_argument("--sequence", type=int, default=0, help=SEQUENCE_HELP)
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         m = run_train(
-            a.input, a.generate, a.out, a.seed, a.epochs, threads=a.threads, version=a.version
-        )
+            a.input, a.generate, a.out, a.seed, a.epochs, threads=a.threads, version=a.version,
+            sequence=a.sequence,
+        )  # fmt: skip
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
