@@ -150,7 +150,7 @@ class FeatureSpec:
             ],
             axis=1,
         ).astype(np.float32)
-        out = {"user": user, "ad": ad, "ids": ids, "dense": dense}
+        out: Inputs = {"user": user, "ad": ad, "ids": ids, "dense": dense}
         if self.sequence:
             seq = _unit(rng.standard_normal((n, self.sequence, self.dim)).astype(np.float32))
             length = rng.integers(0, self.sequence + 1, n)  # some users with none
@@ -428,7 +428,7 @@ def from_feedback(records: Sequence[Mapping[str, Any]], spec: FeatureSpec) -> In
     has_item = item >= 0
     if has_item.any():
         ad[has_item] = event_embeddings(table, item[has_item], cat[has_item], spec.category_mix)
-    out = {"user": user, "ad": _unit(ad), "ids": ids, "dense": dense}
+    out: Inputs = {"user": user, "ad": _unit(ad), "ids": ids, "dense": dense}
     if spec.sequence:  # features.sequence: [[item_id, category_id], ...], newest first
         pairs = [np.asarray(r["features"].get("sequence") or np.zeros((0, 2)), np.int64)
                  for r in records]  # fmt: skip

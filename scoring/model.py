@@ -149,7 +149,9 @@ class CtrNet(nn.Module):
         return torch.sigmoid(self.logits(user, ad, ids, dense, seq))
 
 
-def _tensors(inputs: dict[str, np.ndarray[Any, Any]], spec: FeatureSpec) -> tuple[torch.Tensor, ...]:
+def _tensors(
+    inputs: dict[str, np.ndarray[Any, Any]], spec: FeatureSpec
+) -> tuple[torch.Tensor, ...]:
     return tuple(torch.from_numpy(np.ascontiguousarray(inputs[k])) for k in spec.input_names)
 
 

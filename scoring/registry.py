@@ -9,9 +9,10 @@ Nothing is served before :func:`validate` passes: the file loads in ONNX
 Runtime; its inputs and output have the spec's names, dtypes and widths with a
 dynamic batch axis (and a dynamic sequence axis for ``seq``, in a model with the
 attention block); its spec equals the serving spec (dimension, embedding seed,
-buckets; the sequence length is the model's own, and serving follows it); golden inputs give finite outputs in [0, 1]; and a 100-row batch
-runs within the latency budget. A refused version is remembered with its reason
-(retried only if its files change), and the current one keeps serving.
+buckets; the sequence length is the model's own, and serving follows it); golden
+inputs give finite outputs in [0, 1]; and a 100-row batch runs within the latency
+budget. A refused version is remembered with its reason (retried only if its
+files change), and the current one keeps serving.
 
 >>> import tempfile
 >>> reg = ModelRegistry(tempfile.mkdtemp(), FeatureSpec(dim=8))

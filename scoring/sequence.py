@@ -159,9 +159,7 @@ def reference_sequences(
 
 def as_tuples(entries: npt.NDArray[Any]) -> list[tuple[int, int, int, int]]:
     """A stored sequence in :func:`reference_sequences`' shape, for tests and tools."""
-    return [
-        (int(e["ts"]), int(e["item"]), int(e["category"]), int(e["kind"])) for e in entries
-    ]
+    return [(int(e["ts"]), int(e["item"]), int(e["category"]), int(e["kind"])) for e in entries]
 
 
 def describe(entries: npt.NDArray[Any]) -> list[dict[str, Any]]:
@@ -182,9 +180,9 @@ def sequence_vectors(
     a table of item text embeddings plugs in as ``table``.
     """
     lengths = np.minimum(seqs.lengths(), spec.sequence)
-    take = np.concatenate(
-        [np.arange(a, a + n) for a, n in zip(seqs.start[:-1].tolist(), lengths.tolist(), strict=True)]
-        or [np.zeros(0, np.int64)]
+    starts = seqs.start[:-1]
+    take = np.repeat(starts, lengths) + (
+        np.arange(int(lengths.sum())) - np.repeat(np.r_[0, np.cumsum(lengths)[:-1]], lengths)
     )
     ent = seqs.entries[take]
     vecs = item_vectors(table, ent["item"], ent["category"], spec)

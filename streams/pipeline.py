@@ -47,7 +47,6 @@ from streams.join import JOIN_TICK_S, JoinInput, JoinStage, PendingReads
 from streams.learn import LearnStage
 from streams.runtime.consumer import Batch, Positions
 from streams.runtime.seal import is_seal
-from streams.sequence import SequenceStage
 from streams.runtime.tablewriter import (
     ChangelogBuffer,
     read_many,
@@ -55,6 +54,7 @@ from streams.runtime.tablewriter import (
     send_changelog,
     write_local,
 )
+from streams.sequence import SequenceStage
 from streams.wiring import Wiring
 
 log = logging.getLogger(__name__)
