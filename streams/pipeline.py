@@ -165,10 +165,15 @@ async def ingest(
 
     async with w.interest_locks.hold(tp.partition for tp in batch):  # vs forget: tablewriter
         result = stage.process(raws, functools.partial(_load, w.interest), now_ms)
-        futures: list[Awaitable[Any]] = [*await _write(w.interest, result.writes)]
+        # Both tables change before anything yields, so a reader sees both or neither.
+        interest_writes = _write_local(w.interest, result.writes)
+        sequence_writes = {}
         if sequences is not None and w.sequence is not None:  # the same events' last N
             seq = sequences.process(result.valid, functools.partial(_load, w.sequence))
-            futures += await _write(w.sequence, seq.writes)
+            sequence_writes = _write_local(w.sequence, seq.writes)
+        futures: list[Awaitable[Any]] = [*await _changelog(w.interest, interest_writes)]
+        if sequence_writes:
+            futures += await _changelog(w.sequence, sequence_writes)
     futures += await _dead_letter(w, result.rejected, now_ms, "user-events", "ingest")
     if join is not None:
         ends = {tp.partition: records[-1].offset + 1 for tp, records in batch.items()}

@@ -5,7 +5,8 @@
 (streams/runtime/watchdog.py); ``GET /ads/{ad_id}/strategy`` shows the
 learner counts the decision stage reads for an ad.
 
-``GET /users/{user_id}/interest`` takes the raw user id (the one apps key
+``GET /users/{user_id}/interest`` (with the user's behaviour sequence, newest first,
+when the sequence table is on) takes the raw user id (the one apps key
 events by): the raw id picks the partition, so Faust's table routing forwards
 the request to the worker that owns it, which looks the user up by pseudonym
 (adpulse/core/privacy.py). ``GET /pseudonyms/{pseudonym}/interest`` looks up a
@@ -22,6 +23,7 @@ from faust import web
 
 from adpulse.core.privacy import API_TOKEN_HELP, bearer_ok, load_api_token
 from schemas.openapi import dumps
+from scoring import sequence
 from scoring.features import InterestParams, decode_states, describe
 from scoring.strategy.state import decode_ad
 from streams.runtime import watchdog
@@ -73,7 +75,11 @@ def wire(w: Wiring) -> None:
         if raw is None:
             return {**body, "error": "unknown user"}, 404
         state = decode_states([raw], params)[0]
-        return {**body, **describe(state, _now_ms(), params)}, 200
+        body = {**body, **describe(state, _now_ms(), params)}
+        if w.sequence is not None:
+            seq = sequence.decode_sequences([w.sequence.data.get(pseudonym.encode())])
+            body["sequence"] = sequence.describe(seq.of(0))
+        return body, 200
 
     @app.page("/health")
     async def health(self: web.View, request: web.Request) -> web.Response:
