@@ -11,8 +11,8 @@ W_k k + W_q q + W_p (k * q), the same function with half the multiply-adds.
 
 Used by the served model (scoring/model.py, ``FeatureSpec.sequence`` > 0) and by
 the offline evaluation's (d) (scoring/offlinenets.py): one home for the rule.
-Padding is a zero vector (a behaviour's vector is a unit vector), so the mask is
-computed in the graph and the exported model has one input for the sequence.
+Padding is a zero vector (a behaviour's vector is a unit vector), which adds
+nothing to the weighted sum, so the exported model needs no mask input.
 """
 
 from __future__ import annotations
@@ -36,11 +36,18 @@ class TargetAttention(nn.Module):
     def forward(
         self, ad: torch.Tensor, seq: torch.Tensor, mask: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """``mask`` [B, L, 1] (1: a real behaviour); default: the non-zero rows of ``seq``."""
-        if mask is None:
-            mask = (seq.abs().sum(dim=-1, keepdim=True) > 0).to(seq.dtype)
-        q = ad.unsqueeze(1)
-        h = torch.relu(self.k(seq) + self.q(q) + self.p(seq * q))
-        a = self.out(h) * mask  # [B, L, 1]
-        pooled: torch.Tensor = (a * seq).sum(dim=1)
+        """``mask`` [B, L, 1] (1: a real behaviour) is needed only where padding rows are not
+        zero: a zero row adds a_j * 0 to the sum whatever its weight.
+
+        Computed as W_k k + W_p (k * q) = k (W_k^T + q W_p^T): one batched product with a
+        per-candidate [d, hidden] matrix instead of two products and a broadcast multiply
+        over [B, L, d] (ONNX Runtime's slowest op here; 3x fewer operations at L = 50),
+        and the weighted sum as a product too.
+        """
+        m = self.k.weight.t() + ad.unsqueeze(2) * self.p.weight.t()  # [B, d, hidden]
+        h = torch.relu(seq @ m + (self.q(ad) + self.k.bias).unsqueeze(1))  # [B, L, hidden]
+        a = self.out(h)  # [B, L, 1]
+        if mask is not None:
+            a = a * mask
+        pooled: torch.Tensor = (a.transpose(1, 2) @ seq).squeeze(1)
         return pooled
