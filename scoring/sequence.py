@@ -7,7 +7,7 @@ newest first.
 
 Why no dedupe ring is needed here, unlike the interest record: the entries are
 ordered by the total key (ts, fingerprint of event_id), newest first, and an
-arriving event whose fingerprint is among the stored ones is a duplicate. A
+arriving event with the key of a stored one is a duplicate. A
 duplicate of an event that is no longer stored cannot get back in: it left
 because N events ranked above it, the stored events only ever rank higher
 since (the N-th key never decreases), and the duplicate has the key it had.
@@ -73,14 +73,14 @@ def decode_sequences(values: list[bytes | None]) -> Sequences:
     for i, v in enumerate(values):
         if v is None:
             continue
-        head = np.frombuffer(v[:h], dtype=HEADER_DTYPE) if len(v) >= h else None
-        if head is None or len(v) != h + e * int(head["count"][0]):
+        count = int.from_bytes(v[2:4], "little")  # HEADER_DTYPE's count
+        if len(v) < h or len(v) != h + e * count:
             msg = f"stored behaviour sequence has a wrong size ({len(v)} bytes): corrupt record"
             raise ValueError(msg)
-        if int(head["version"][0]) != SEQUENCE_VERSION:
-            msg = f"stored behaviour sequence has an unknown version {int(head['version'][0])}"
+        if v[0] != SEQUENCE_VERSION:
+            msg = f"stored behaviour sequence has an unknown version {v[0]}"
             raise ValueError(msg)
-        counts[i] = int(head["count"][0])
+        counts[i] = count
         parts.append(v[h:])
     entries = np.frombuffer(b"".join(parts), dtype=ENTRY_DTYPE).copy()
     return Sequences(np.r_[0, np.cumsum(counts)].astype(np.int64), entries)
@@ -90,11 +90,11 @@ def encode_sequences(seqs: Sequences) -> list[bytes]:
     """One stored value per user: header, then the entries newest first."""
     raw = seqs.entries.tobytes()
     at = (seqs.start * ENTRY_DTYPE.itemsize).tolist()
-    out = []
-    for i, n in enumerate(seqs.lengths().tolist()):
-        head = np.array([(SEQUENCE_VERSION, 0, n)], dtype=HEADER_DTYPE).tobytes()
-        out.append(head + raw[at[i] : at[i + 1]])
-    return out
+    version = bytes((SEQUENCE_VERSION, 0))  # HEADER_DTYPE: version, flags, count
+    return [
+        version + n.to_bytes(2, "little") + raw[at[i] : at[i + 1]]
+        for i, n in enumerate(seqs.lengths().tolist())
+    ]
 
 
 def apply_sequences(
@@ -116,16 +116,15 @@ def apply_sequences(
     src = np.r_[np.full(len(owner), -1, np.int64), np.arange(n)]  # -1: stored before
     outcome = np.full(n, KEPT, dtype=np.uint8)
 
-    # Copies: same user and fingerprint; the stored one (src -1) or the first arrival wins.
-    o = np.lexsort((src, ent["fp"], user))
-    dup = np.zeros(len(ent), dtype=bool)
-    dup[o[1:]] = (user[o[1:]] == user[o[:-1]]) & (ent["fp"][o[1:]] == ent["fp"][o[:-1]])
+    # One sort: per user, newest first (ts descending, then fingerprint descending: a total
+    # order), copies of an event (same ts and fingerprint) adjacent, the stored one (src
+    # -1) or else the first arrival first; the copies after it are dropped.
+    fp, ts = ent["fp"], ent["ts"]
+    o = np.lexsort((src, ~fp, -ts, user))
+    user, ent, src, fp, ts = user[o], ent[o], src[o], fp[o], ts[o]
+    dup = np.r_[False, (user[1:] == user[:-1]) & (fp[1:] == fp[:-1]) & (ts[1:] == ts[:-1])]
     outcome[src[dup & (src >= 0)]] = DUPLICATE
     user, ent, src = user[~dup], ent[~dup], src[~dup]
-
-    # Newest first per user: ts descending, then fingerprint descending (a total order).
-    o = np.lexsort((~ent["fp"], -ent["ts"], user))
-    user, ent, src = user[o], ent[o], src[o]
     first = np.flatnonzero(np.r_[True, user[1:] != user[:-1]]) if len(user) else np.zeros(0, int)
     rank = np.arange(len(user)) - np.repeat(first, np.diff(np.r_[first, len(user)]))
     cut = rank >= length

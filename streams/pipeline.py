@@ -169,7 +169,8 @@ async def ingest(
         interest_writes = _write_local(w.interest, result.writes)
         sequence_writes = {}
         if sequences is not None and w.sequence is not None:  # the same events' last N
-            seq = sequences.process(result.valid, functools.partial(_load, w.sequence))
+            load = functools.partial(_load, w.sequence)
+            seq = sequences.process(result.valid, load, result.columns)
             sequence_writes = _write_local(w.sequence, seq.writes)
         futures: list[Awaitable[Any]] = [*await _changelog(w.interest, interest_writes)]
         if sequence_writes:

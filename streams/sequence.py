@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from schemas.messages import UserEvent
+from scoring.features import EventBatch
 from scoring.sequence import OUTCOMES, apply_sequences, decode_sequences, encode_sequences
 from streams.deadletter import Loader, Raw
 from streams.ingest import to_columns
@@ -34,11 +35,17 @@ class SequenceStage:
     def __init__(self, length: int) -> None:
         self.length = length
 
-    def process(self, good: Sequence[tuple[UserEvent, Raw]], load: Loader) -> SequenceResult:
+    def process(
+        self,
+        good: Sequence[tuple[UserEvent, Raw]],
+        load: Loader,
+        columns: tuple[list[str], EventBatch] | None = None,
+    ) -> SequenceResult:
+        """``columns``: ``to_columns(good)`` when the caller has them (the interest stage's)."""
         result = SequenceResult()
         if not good:
             return result
-        users, batch = to_columns(good)
+        users, batch = columns or to_columns(good)
         keys = [u.encode() for u in users]
         first = np.unique(batch.user, return_index=True)[1]
         partitions = [good[i][1].partition for i in first]

@@ -78,7 +78,9 @@ class DecisionPath:
             )
             interest_table.update({k: v for k, _p, v in res.writes if v is not None})
             if sequences is not None:
-                seq = sequences.process(res.valid, lambda k, _p: [sequence_table.get(x) for x in k])
+                seq = sequences.process(
+                    res.valid, lambda k, _p: [sequence_table.get(x) for x in k], res.columns
+                )
                 sequence_table.update({k: v for k, _p, v in seq.writes})
         catalog = Catalog(ads, FeatureSpec.from_settings(s))
         models = ServingModels.load(ModelRegistry.from_settings(s), s.fallback_ctr)
