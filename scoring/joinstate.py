@@ -93,6 +93,7 @@ class Pending(msgspec.Struct, array_like=True, gc=False):
     interest: bytes = b""  # the decision's interest vector as float16 (2 bytes a number)
     click_price: float = 0.0  # charged when the decision is clicked: its bid if cpc, else 0
     click_seen: int = -1  # an ORPHAN's earliest click in broker time (-1: unknown)
+    sequence: bytes = b""  # behaviours a sequence model attended over (:func:`pack_sequence`)
 
 
 _encode = msgspec.msgpack.Encoder().encode
@@ -127,6 +128,7 @@ class Decision:
     device: str = ""
     interest: bytes = b""  # float16 bytes (:func:`pack_interest`)
     click_price: float = 0.0  # the bid of a cpc decision, 0 for cpm
+    sequence: bytes = b""  # (:func:`pack_sequence`)
 
 
 def pack_interest(vector: Sequence[float]) -> bytes:
@@ -140,6 +142,17 @@ def pack_interest(vector: Sequence[float]) -> bytes:
 
 def unpack_interest(raw: bytes) -> list[float]:
     return [round(x, 4) for x in np.frombuffer(raw, dtype="<f2").astype(np.float64).tolist()]
+
+
+def pack_sequence(pairs: Sequence[Sequence[int]]) -> bytes:
+    """A snapshot's behaviours ([item_id, category_id], newest first) as little-endian int64
+    pairs: 16 bytes a behaviour, so what ``adpulse train --sequence`` reads from
+    ctr-feedback is what the model attended over."""
+    return np.asarray(pairs, dtype="<i8").reshape(-1, 2).tobytes() if len(pairs) else b""
+
+
+def unpack_sequence(raw: bytes) -> list[tuple[int, int]]:
+    return [(a, b) for a, b in np.frombuffer(raw, dtype="<i8").reshape(-1, 2).tolist()]
 
 
 @dataclass(frozen=True)
@@ -221,6 +234,7 @@ def apply_batch(
             d.placement, d.campaign_id, d.category_id, d.item_id, d.arm,
             dec_off=d.offset, ev_off=rec.ev_off if rec is not None else -1,
             pctr_raw=d.pctr_raw, device=d.device, interest=d.interest, click_price=d.click_price,
+            sequence=d.sequence,
         )  # fmt: skip
         state[d.decision_id] = rec
         out.changed.add(d.decision_id)
@@ -339,6 +353,7 @@ def label(
         campaign_id=rec.campaign_id or UNSET,
         item_id=rec.item_id if rec.item_id >= 0 else UNSET,
         pctr=rec.pctr_raw if rec.pctr_raw >= 0 else rec.pctr,
+        sequence=unpack_sequence(rec.sequence) if rec.sequence else UNSET,
     )
     return CtrFeedback(
         decision_id=key, ad_id=rec.ad_id, user_id=rec.user_id, clicked=clicked,

@@ -78,6 +78,7 @@ def pending_decision(d: AdDecision, ad_id: str, offset: int, ad: tuple[int, int]
         device="" if f is UNSET or f.device is UNSET else f.device,
         interest=js.pack_interest([] if f is UNSET else f.interest),
         click_price=d.click_price(),
+        sequence=b"" if f is UNSET or f.sequence is UNSET else js.pack_sequence(f.sequence),
     )  # fmt: skip
 
 

@@ -3,6 +3,7 @@ block, and the decision carries the score that model gives with them."""
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -24,6 +25,7 @@ from tests.integration.test_decisions import (
     Decisions,
     Oracle,
     Requests,
+    TopicReader,
     Worker,
     ad,
     pseudonym,
@@ -59,7 +61,12 @@ def test_a_worker_serves_the_sequence_model_with_the_users_behaviours(
     create_topics(settings)
     ads = [ad(f"sq-{i}", "seq", 1.0 + 0.1 * i, CATS[i % 3], item_id=500 + i) for i in range(6)]
     publish(settings.bootstrap, settings.topic("ad-catalog"), ads)
-    extra = {"ADPULSE_MODEL_DIR": str(registry), **LENIENT}
+    extra = {
+        "ADPULSE_MODEL_DIR": str(registry),
+        "ADPULSE_ATTRIBUTION_WINDOW_S": "1",  # its label comes within seconds
+        "ADPULSE_WATERMARK_IDLE_S": "1",
+        **LENIENT,
+    }
     worker = Worker(settings, tmp_path, extra).start()
     requests, decisions = Requests(settings), Decisions(settings)
     now = int(time.time() * 1000)
@@ -113,6 +120,21 @@ def test_a_worker_serves_the_sequence_model_with_the_users_behaviours(
 
         assert d["pctr_raw"] == pytest.approx(score(seq), rel=1e-5, abs=1e-7)
         assert abs(score(seq) - score(None)) > 1e-4
+
+        # The click join carries the behaviours into ctr-feedback: what training reads.
+        labels = TopicReader(
+            settings.bootstrap, settings.topic("ctr-feedback"), settings.partitions
+        )
+        try:
+
+            def labelled() -> list[Any]:
+                labels.poll()
+                return [json.loads(v) for _, _, v in labels.records if b"sq-r1" in v]
+
+            worker.wait_until(lambda: bool(labelled()), 60, "the decision's label")
+            assert labelled()[0]["features"]["sequence"] == d["features"]["sequence"]
+        finally:
+            labels.close()
     finally:
         requests.close()
         decisions.close()
