@@ -24,6 +24,7 @@ from adpulse.commands import (
     offline,
     report,
     simulate,
+    trainer,
     worker,
 )
 from adpulse.core.errors import AdpulseError, BrokerUnavailable
@@ -50,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     decide.register(sub)  # decide (one decision over HTTP)
     forget.register(sub)  # forget (delete one user's state)
     catalog.register(sub)  # catalog, train
+    trainer.register(sub)  # trainer (online learning from ctr-feedback)
     models.register(sub)  # models text (the ad text encoder)
     bench.register(sub)  # bench
     evaluate.register(sub)  # evaluate (off-policy evaluation)

@@ -18,7 +18,6 @@ Definitions (also in docs/evaluation.md, "Definitions"):
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
+from adpulse.jsonout import finite
 from scoring.simulation import TaobaoFit, World, WorldParams, fit_taobao, make_world
 from scoring.strategy.ab import compare, wilson
 
@@ -235,7 +235,7 @@ def format_table(summary: dict[str, Any]) -> str:
 
 def write(summary: dict[str, Any], run: Run, cfg: SimConfig, out: Path, log: Any) -> None:
     path = out / "summary.json"
-    path.write_text(json.dumps(_finite(summary), indent=1, default=str))
+    path.write_text(json.dumps(finite(summary), indent=1, default=str))
     png = out / "simulate.png"
     plot(summary, png)
     lab = summary["labels"]
@@ -253,18 +253,6 @@ def write(summary: dict[str, Any], run: Run, cfg: SimConfig, out: Path, log: Any
         f"greedy (two-proportion z-test). Drift after request {run.drift_index:,}."
     )
     log(f"wrote {path} and {png}")
-
-
-def _finite(x: Any) -> Any:
-    if isinstance(x, float):
-        return None if math.isnan(x) or math.isinf(x) else x
-    if isinstance(x, dict):
-        return {k: _finite(v) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [_finite(v) for v in x]
-    if isinstance(x, np.generic):
-        return _finite(x.item())
-    return x
 
 
 def plot(summary: dict[str, Any], path: Path) -> None:

@@ -43,6 +43,12 @@ class WorkerProcess:
         self.token = token_file.read_text().strip()
 
     @property
+    def pid(self) -> int:
+        """The worker's process id (started: benches read its CPU time from /proc)."""
+        assert self.proc is not None, "worker not started"
+        return self.proc.pid
+
+    @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.settings.web_port}"
 

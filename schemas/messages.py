@@ -43,7 +43,7 @@ from msgspec import UNSET, Meta, UnsetType
 
 __all__ = [
     "MESSAGES", "UNSET", "Ad", "AdDecision", "AdRequest", "CtrFeedback", "DeadLetter",
-    "FeatureSnapshot", "ForgetConfirmation", "ForgetRequest", "RequestContext", "Targeting",
+    "FeatureSnapshot", "ForgetConfirmation", "ForgetRequest", "Item", "RequestContext", "Targeting",
     "UnsetType", "UserEvent", "extra_check",
 ]  # fmt: skip
 
@@ -60,7 +60,7 @@ Propensity = Annotated[float, Meta(gt=0, le=1)]  # IPS divides by it: never 0
 Flag = Literal[0, 1]
 Device = Literal["mobile", "desktop", "tablet", "tv", "other"]
 EventKind = Literal["browse", "click", "cart", "fav", "purchase"]
-Billing = Literal["cpm", "cpc"]
+Billing = Literal["cpm", "cpc", "cpa"]
 Base64 = Annotated[
     str, Meta(pattern=r"^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?\Z")
 ]
@@ -121,6 +121,7 @@ class FeatureSnapshot(_Message, kw_only=True):
     campaign_id: Id | UnsetType = UNSET
     item_id: Int64Id | UnsetType = UNSET
     pctr: Probability | UnsetType = UNSET
+    pcvr: Probability | UnsetType = UNSET
     sequence: Annotated[list[tuple[Int64Id, Int64Id]], Meta(max_length=1000)] | UnsetType = UNSET
 
 
@@ -136,6 +137,7 @@ class AdDecision(_Message, kw_only=True):
     score: float
     pctr: Probability
     pctr_raw: Probability | UnsetType = UNSET
+    pcvr: Probability | UnsetType = UNSET
     bid: Annotated[float, Meta(ge=0)]
     propensity: Propensity
     policy: Name
@@ -154,6 +156,10 @@ class AdDecision(_Message, kw_only=True):
     def click_price(self) -> float:
         """What a click on it costs: its bid if cost-per-click (a sane bid only), else 0."""
         return self.bid if self.billing == "cpc" and 0 < self.bid < math.inf else 0.0
+
+    def conversion_price(self) -> float:
+        """What its conversion costs: its bid if cost-per-conversion (a sane bid only), else 0."""
+        return self.bid if self.billing == "cpa" and 0 < self.bid < math.inf else 0.0
 
 
 class CtrFeedback(_Message, kw_only=True):
@@ -208,6 +214,17 @@ class Ad(_Message, kw_only=True):
         return self.active is not False
 
 
+# -- item-catalog ---------------------------------------------------------------------------------
+class Item(_Message, kw_only=True):
+    """``item-catalog``: the latest metadata of one item (a null value deletes it); keyed by
+    ``item_id``, user-events' integer id in canonical decimal."""
+
+    item_id: Annotated[str, Meta(pattern=r"^(0|[1-9][0-9]{0,18})\Z")]
+    title: Annotated[str, Meta(max_length=2000)]
+    category_id: Int64Id
+    price: Annotated[float, Meta(ge=0)] | UnsetType = UNSET
+
+
 # -- dead-letters and the forget topics -----------------------------------------------------------
 class DeadLetter(_Message, kw_only=True):
     """``dead-letters``: a refused message, its origin and the reason."""
@@ -249,6 +266,7 @@ MESSAGES: dict[str, type[msgspec.Struct]] = {
     "ad-decisions": AdDecision,
     "ctr-feedback": CtrFeedback,
     "ad-catalog": Ad,
+    "item-catalog": Item,
     "dead-letters": DeadLetter,
     "forget-requests": ForgetRequest,
     "forget-confirmations": ForgetConfirmation,
@@ -267,6 +285,10 @@ def _event_ok(ev: UserEvent) -> bool:
     return ev.price is UNSET or math.isfinite(ev.price)
 
 
+def _item_ok(item: Item) -> bool:
+    return item.price is UNSET or math.isfinite(item.price)
+
+
 def _request_ok(req: AdRequest) -> bool:
     return _unique(req.candidates)
 
@@ -280,6 +302,7 @@ _CHECKS: dict[type[msgspec.Struct], Callable[[Any], bool]] = {
     UserEvent: _event_ok,
     AdRequest: _request_ok,
     Ad: _ad_ok,
+    Item: _item_ok,
 }
 
 

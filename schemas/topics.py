@@ -95,6 +95,13 @@ TOPICS: dict[str, TopicSpec] = {
             retention_ms=None,
         ),
         _spec(
+            "item-catalog",
+            "item_id",
+            "Current title, category and price of every item; compacted, a null value deletes.",
+            compacted=True,
+            retention_ms=None,
+        ),
+        _spec(
             "dead-letters",
             None,
             "Refused messages with origin and reason, for an operator to fix and replay.",

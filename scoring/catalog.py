@@ -31,6 +31,8 @@ class Catalog:
         self.campaign = [str(a["campaign_id"]) for a in active]
         # cpm: charged pCTR x bid when decided; cpc: bid when a click is joined (streams/join.py)
         self.billing = [str(a.get("billing", "cpm")) for a in active]
+        # cpa: bid per conversion, ranked on pCTR x pCVR x bid, charged at conversion
+        self.cpa = np.array([b == "cpa" for b in self.billing], dtype=np.bool_)
         self.daily_budget: dict[str, float] = {}
         for a in active:  # a campaign's budget: the largest its ads state (they should agree)
             c = str(a["campaign_id"])

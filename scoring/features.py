@@ -19,6 +19,11 @@ estimate (:func:`_update_categories`).
 
 Everything here is pure numpy: no Kafka, no Faust. ``reference_vectors`` is the
 one-batch recompute the streaming update is tested against.
+
+With item text (``ADPULSE_TEXT_MODEL``), the state also keeps each item's decayed
+weight, and the vector read is the stored one with each item's text vector in
+place of its fallback, looked up at read time so an item's text counts whenever
+it arrives (scoring/itemspace.py; :func:`apply_events`, :func:`read_vectors`).
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import numpy as np
 import numpy.typing as npt
 
 from scoring.embeddings import EmbeddingTable, event_embeddings
+from scoring.itemspace import ItemVectors, corrections, update_items
 from scoring.staterecord import (
     CATEGORY_DTYPE,
     KIND_INDEX,
@@ -41,7 +47,9 @@ from scoring.staterecord import (
     STATE_VERSION,
     Categories,
     InterestParams,
+    Items,
     _fill_top,
+    decode_all,
     decode_records,
     decode_states,
     empty_states,
@@ -49,13 +57,14 @@ from scoring.staterecord import (
     header_dtype,
     state_dtype,
 )
+from scoring.weightmap import merge_weights
 
 __all__ = [  # the state record's names too (scoring/staterecord.py), for existing importers
     "APPLIED", "CATEGORY_DTYPE", "DUPLICATE", "KINDS", "KIND_INDEX", "NO_TIME", "OUTCOMES",
-    "REDELIVERED", "STATE_VERSION", "Categories", "EventBatch", "InterestParams",
-    "apply_batch", "decode_records", "decode_states", "describe", "empty_states",
-    "encode_states", "fingerprint", "header_dtype", "reference_categories",
-    "reference_vectors", "state_dtype", "vector_at", "vectors_at",
+    "REDELIVERED", "STATE_VERSION", "Categories", "EventBatch", "InterestParams", "ItemVectors",
+    "Items", "apply_batch", "apply_events", "decode_all", "decode_records", "decode_states",
+    "describe", "empty_states", "encode_states", "fingerprint", "header_dtype", "read_vectors",
+    "reference_categories", "reference_vectors", "state_dtype", "vector_at", "vectors_at",
 ]  # fmt: skip
 
 # Outcomes of one event in apply_batch.
@@ -87,7 +96,23 @@ def apply_batch(
     p: InterestParams,
     now_ms: int = 0,
 ) -> tuple[npt.NDArray[Any], Categories, npt.NDArray[np.uint8]]:
-    """New states and category maps for the users of one batch, and each event's outcome.
+    """:func:`apply_events` for states without item maps (no text model)."""
+    new, cats, _, outcome = apply_events(
+        states, cats, Items.empty(len(states)), batch, table, p, now_ms
+    )
+    return new, cats, outcome
+
+
+def apply_events(
+    states: npt.NDArray[Any],
+    cats: Categories,
+    items: Items,
+    batch: EventBatch,
+    table: EmbeddingTable,
+    p: InterestParams,
+    now_ms: int = 0,
+) -> tuple[npt.NDArray[Any], Categories, Items, npt.NDArray[np.uint8]]:
+    """New states, category and item maps for the users of one batch, and each event's outcome.
 
     One pass of numpy over the whole batch: events are grouped by user (stable,
     so arrival order within a user is kept for dedupe), redeliveries (offset at
@@ -103,7 +128,7 @@ def apply_batch(
     outcome = np.full(n, APPLIED, dtype=np.uint8)
     new = states.copy()
     if n == 0:
-        return new, cats, outcome
+        return new, cats, items, outcome
     order = np.argsort(batch.user, kind="stable")
     user, fp, ts, off = (
         batch.user[order],
@@ -135,7 +160,7 @@ def apply_batch(
     applied_offsets = np.where(off >= 0, off, -1)
     np.maximum.at(new["offset"], user, applied_offsets)
     if not acc.any():
-        return new, cats, outcome
+        return new, cats, items, outcome
 
     a_user, a_ts, a_fp = user[acc], ts[acc], fp[acc]
     a_kind = batch.kind[order][acc]
@@ -170,9 +195,10 @@ def apply_batch(
 
     group = np.repeat(np.arange(len(ua)), counts_per_u)
     cats = _update_categories(new, cats, ua, keep_old, group, a_cat, contrib, p)
+    items = update_items(items, ua, keep_old, group, a_item, a_cat, contrib, p)
     _fill_top(new, cats, p)
     _update_ring(new, ua, counts_per_u, a_fp, p)
-    return new, cats, outcome
+    return new, cats, items, outcome
 
 
 def _update_categories(
@@ -200,39 +226,18 @@ def _update_categories(
     * past ``category_limit`` categories the lightest go (ties: larger id first).
       Only then does order matter: an evicted category that returns restarts from
       zero (the Space-Saving trade, Metwally et al., ICDT 2005).
+
+    The rule itself is scoring/weightmap.py's, shared with the item map.
     """
-    n = len(new)
-    owner = np.repeat(np.arange(n), np.diff(cats.start))  # user row of each old entry
-    slot = np.full(n, -1, dtype=np.int64)
-    slot[ua] = np.arange(len(ua))
-    touched = slot[owner] >= 0
-    old_g = slot[owner[touched]]
-    g = np.concatenate([old_g, group])
-    ids = np.concatenate([cats.ids[touched], cat])
-    w = np.concatenate([cats.w[touched].astype(np.float64) * keep_old[old_g], contrib])
-    o = np.lexsort((ids, g))
-    g, ids, w = g[o], ids[o], w[o]
-    starts = np.flatnonzero(np.r_[True, (g[1:] != g[:-1]) | (ids[1:] != ids[:-1])])
-    g, ids, w = g[starts], ids[starts], np.add.reduceat(w, starts)
-    o = np.lexsort((ids, -w, g))
-    g, ids, w = g[o], ids[o], w[o]
-    group_start = np.flatnonzero(np.r_[True, g[1:] != g[:-1]])
-    rank = np.arange(len(g)) - np.repeat(group_start, np.diff(np.r_[group_start, len(g)]))
-    drop = (w < p.category_floor) | (rank >= p.category_limit)
-    lost = np.bincount(g[drop], weights=np.abs(w[drop]), minlength=len(ua))
+    start, (ids,), w, lost = merge_weights(
+        cats.start, [cats.ids], cats.w, ua, keep_old, group, [cat], contrib,
+        p.category_floor, p.category_limit,
+    )  # fmt: skip
     new["dropped"][ua] = (new["dropped"][ua].astype(np.float64) * keep_old + lost).astype(
         np.float32
     )
-    g, ids, w = g[~drop], ids[~drop], w[~drop]
-    # Untouched users keep their entries; ua is ascending, so a stable sort by user
-    # keeps each user's entries heaviest first.
-    user = np.concatenate([owner[~touched], ua[g]])
-    o = np.argsort(user, kind="stable")
-    start = np.r_[0, np.cumsum(np.bincount(user, minlength=n))].astype(np.int64)
-    out_ids = np.concatenate([cats.ids[~touched], ids])[o]
-    out_w = np.concatenate([cats.w[~touched], w.astype(np.float32)])[o]
     new["ncat"] = np.diff(start)
-    return Categories(start, out_ids, out_w)
+    return Categories(start, ids, w)
 
 
 def _update_ring(new: npt.NDArray[Any], ua: I64, n_new: I64, fps: U64, p: InterestParams) -> None:
@@ -259,14 +264,34 @@ def fingerprint(event_id: str) -> int:
 
 
 def vectors_at(
-    states: npt.NDArray[Any], t_ms: int, p: InterestParams
+    states: npt.NDArray[Any],
+    t_ms: int,
+    p: InterestParams,
+    extra: npt.NDArray[np.float64] | None = None,
 ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.bool_]]:
     """The states' interest vectors decayed to time ``t_ms`` (no growth for t before
-    t_ref), and which states have any history (the others' vectors are zeros)."""
+    t_ref), and which states have any history (the others' vectors are zeros).
+    ``extra``: what the item vectors add at t_ref (scoring/itemspace.py, ``corrections``)."""
     known = states["t_ref"] != NO_TIME
     age = np.where(known, np.maximum(0, t_ms - np.where(known, states["t_ref"], t_ms)), 0)
-    scale = np.where(known, np.exp(-age / p.tau_ms), 0.0).astype(np.float32)
-    return (states["vec"] * scale[:, None]).astype(np.float32), known
+    if extra is None:
+        scale = np.where(known, np.exp(-age / p.tau_ms), 0.0).astype(np.float32)
+        return (states["vec"] * scale[:, None]).astype(np.float32), known
+    scale64 = np.where(known, np.exp(-age / p.tau_ms), 0.0)
+    vec = states["vec"].astype(np.float64) + extra
+    return (vec * scale64[:, None]).astype(np.float32), known
+
+
+def read_vectors(
+    values: list[bytes | None], t_ms: int, p: InterestParams, items: ItemVectors | None
+) -> tuple[npt.NDArray[Any], npt.NDArray[np.float32], npt.NDArray[np.bool_]]:
+    """Stored records -> states, their vectors at ``t_ms`` with the item vectors in force
+    now, and which states have history: what decisions and the lookup read."""
+    if items is None:
+        states = decode_records(values, p)[0]
+        return (states, *vectors_at(states, t_ms, p))
+    states, _, item_maps = decode_all(values, p)
+    return (states, *vectors_at(states, t_ms, p, corrections(item_maps, items, p.dim)))
 
 
 def vector_at(state: npt.NDArray[Any], t_ms: int, p: InterestParams) -> npt.NDArray[np.float32]:
@@ -276,9 +301,19 @@ def vector_at(state: npt.NDArray[Any], t_ms: int, p: InterestParams) -> npt.NDAr
     return one
 
 
-def describe(state: npt.NDArray[Any], now_ms: int, p: InterestParams) -> dict[str, Any]:
-    """A user's state as JSON-ready data for operators (HTTP endpoint)."""
+def describe(
+    state: npt.NDArray[Any],
+    now_ms: int,
+    p: InterestParams,
+    extra: npt.NDArray[np.float64] | None = None,
+) -> dict[str, Any]:
+    """A user's state as JSON-ready data for operators (HTTP endpoint); ``extra``: what its
+    item vectors add at t_ref (the vectors shown are then the ones decisions read)."""
     t_ref = int(state["t_ref"])
+    one = np.asarray(state).reshape(1)
+    ex = None if extra is None else np.asarray(extra, dtype=np.float64).reshape(1, -1)
+    at_ref = one["vec"][0] if ex is None else (one["vec"][0].astype(np.float64) + ex[0])
+    now = vectors_at(one, now_ms, p, ex)[0][0]
     top = [
         {"category_id": int(c), "weight": float(w)}
         for c, w in zip(state["top_ids"], state["top_w"], strict=True)
@@ -287,8 +322,8 @@ def describe(state: npt.NDArray[Any], now_ms: int, p: InterestParams) -> dict[st
     return {
         "last_seen_ts": None if t_ref == NO_TIME else t_ref,
         "reference_ts": None if t_ref == NO_TIME else t_ref,
-        "vector_at_reference": [float(x) for x in state["vec"]],
-        "vector_now": [float(x) for x in vector_at(state, now_ms, p)],
+        "vector_at_reference": [float(x) for x in at_ref],
+        "vector_now": [float(x) for x in now],
         "counts": {k: int(c) for k, c in zip(KINDS, state["counts"], strict=True)},
         "top_categories": top,
         # How far any listed weight may be below the exact decayed sum (0.0: exact).
@@ -298,13 +333,17 @@ def describe(state: npt.NDArray[Any], now_ms: int, p: InterestParams) -> dict[st
 
 
 def reference_vectors(
-    events: Iterable[Mapping[str, Any]], table: EmbeddingTable, p: InterestParams
+    events: Iterable[Mapping[str, Any]],
+    table: EmbeddingTable,
+    p: InterestParams,
+    items: Mapping[int, npt.ArrayLike] | None = None,
 ) -> dict[str, tuple[int, npt.NDArray[np.float64], dict[str, int]]]:
     """The oracle: user -> (latest ts, v(latest ts), counts), recomputed from scratch.
 
     Duplicates (same user and event_id) count once; order is irrelevant by
     construction. Float64 throughout, so it is the yardstick for the float32
-    streaming state.
+    streaming state. ``items``: item id -> its text vector (``dim``-d), which replaces
+    the item's fallback in every event of it (scoring/itemspace.py).
     """
     seen: set[tuple[str, str]] = set()
     by_user: dict[str, list[Mapping[str, Any]]] = {}
@@ -323,6 +362,9 @@ def reference_vectors(
             np.array([x["category_id"] for x in evs]),
             p.category_mix,
         ).astype(np.float64)
+        for row, x in enumerate(evs):
+            if items is not None and int(x["item_id"]) in items:
+                e[row] = np.asarray(items[int(x["item_id"])], dtype=np.float64)
         w = np.array([p.kind_weights[KIND_INDEX[x["kind"]]] for x in evs])
         dt = np.array([t - int(x["ts"]) for x in evs], dtype=np.float64)
         v = (w * np.exp(-dt / p.tau_ms)) @ e

@@ -60,6 +60,7 @@ SPEC_VERSION = 1
 ID_FIELDS = ("category_id", "campaign_id", "placement", "device")
 DENSE_FEATURES = ("log1p_interest_norm", "hour_sin", "hour_cos", "known_user")
 OUTPUT = "pctr"
+CVR_OUTPUT = "pcvr"  # the optional second output: pCVR after a click (scoring/model.py)
 BATCH_AXIS = "batch"
 SEQ_AXIS = "seq"
 _DAY_MS = 24 * 3600 * 1000

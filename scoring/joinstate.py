@@ -20,7 +20,10 @@ nothing and labels nothing.
 A decision of a cost-per-click ad carries its price (``click_price``, its bid);
 the label that marks it clicked also lists a :class:`Charge` for it, named by
 the offset of the message that clicked it, so whoever applies charges can skip
-one it already holds when a batch is replayed (streams/budget.py).
+one it already holds when a batch is replayed (streams/budget.py). A decision
+of a cost-per-conversion ad (billing cpa) carries ``conversion_price`` instead,
+charged the same way by its ``converted: 1`` label, named by the purchase's offset
+(one purchase may convert several decisions: their charges share that offset).
 
 >>> p = JoinParams(window_ms=1000, conversion_ms=0, grace_ms=0)
 >>> state = {}
@@ -93,6 +96,10 @@ class Pending(msgspec.Struct, array_like=True, gc=False):
     interest: bytes = b""  # the decision's interest vector as float16 (2 bytes a number)
     click_price: float = 0.0  # charged when the decision is clicked: its bid if cpc, else 0
     click_seen: int = -1  # an ORPHAN's earliest click in broker time (-1: unknown)
+    # Charged when the decision converts: its bid if cpa, else 0. Last, with a default, so
+    # records written before it decode as before (msgspec array_like).
+    conversion_price: float = 0.0
+    pcvr: float = -1.0  # the model's pCVR of the served ad (-1: its model had no CVR head)
     sequence: bytes = b""  # behaviours a sequence model attended over (:func:`pack_sequence`)
 
 
@@ -128,6 +135,8 @@ class Decision:
     device: str = ""
     interest: bytes = b""  # float16 bytes (:func:`pack_interest`)
     click_price: float = 0.0  # the bid of a cpc decision, 0 for cpm
+    conversion_price: float = 0.0  # the bid of a cpa decision, 0 otherwise
+    pcvr: float = -1.0
     sequence: bytes = b""  # (:func:`pack_sequence`)
 
 
@@ -173,7 +182,7 @@ Source = Literal["decisions", "events"]
 
 @dataclass(frozen=True)
 class Charge:
-    """A click to charge: ``amount`` to ``campaign_id``, caused by the message at
+    """A click (or conversion) to charge: ``amount`` to ``campaign_id``, caused by the message at
     ``offset`` of ``source`` (both topics have the record's partition number)."""
 
     decision_id: str
@@ -191,7 +200,8 @@ class Step:
     late_clicks: int = 0
     expired: int = 0
     suspect: list[tuple[str, str]] = field(default_factory=list)  # (rule, user): never labelled
-    charges: list[Charge] = field(default_factory=list)  # one per clicked=1 label of a cpc ad
+    # one per clicked=1 label of a cpc ad, and per converted=1 label of a cpa ad
+    charges: list[Charge] = field(default_factory=list)
 
 
 def window_end(rec: Pending, p: JoinParams) -> int:
@@ -234,6 +244,7 @@ def apply_batch(
             d.placement, d.campaign_id, d.category_id, d.item_id, d.arm,
             dec_off=d.offset, ev_off=rec.ev_off if rec is not None else -1,
             pctr_raw=d.pctr_raw, device=d.device, interest=d.interest, click_price=d.click_price,
+            conversion_price=d.conversion_price, pcvr=d.pcvr,
             sequence=d.sequence,
         )  # fmt: skip
         state[d.decision_id] = rec
@@ -276,6 +287,10 @@ def apply_batch(
                 if same and rec.click_ts <= ev.ts <= rec.click_ts + p.conversion_ms:
                     rec.status = CONVERTED
                     out.labels.append(label(key, rec, 1, rec.click_ts, "conversion", converted=1))
+                    if rec.conversion_price > 0:
+                        out.charges.append(
+                            Charge(key, rec.campaign_id, rec.conversion_price, "events", ev.offset)
+                        )
     return out
 
 
@@ -353,6 +368,7 @@ def label(
         campaign_id=rec.campaign_id or UNSET,
         item_id=rec.item_id if rec.item_id >= 0 else UNSET,
         pctr=rec.pctr_raw if rec.pctr_raw >= 0 else rec.pctr,
+        pcvr=rec.pcvr if rec.pcvr >= 0 else UNSET,
         sequence=unpack_sequence(rec.sequence) if rec.sequence else UNSET,
     )
     return CtrFeedback(

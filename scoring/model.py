@@ -22,6 +22,16 @@ docs/performance.md, "The scorer"). A second cross layer bought nothing
 measurable and costs four small ops, which at batch 32 are mostly thread-pool
 hand-offs.
 
+Why a second head, pCVR (purchase after a click): an ad that pays per
+conversion (billing ``cpa``) is worth pCTR x pCVR x bid, so serving needs both.
+The CVR head shares the bottom (ids, cross, tower) and adds a 16-unit layer; it
+is trained ESMM-style (Ma et al., "Entire Space Multi-Task Model", SIGIR 2018):
+its loss is on pCTR x pCVR against "converted" over *every* impression, not on
+the clicked ones alone, so it is not fitted on a selected sample and the few
+conversions also shape the shared layers. A model trained without conversions
+has no CVR head and exports one output, as before; with it, the graph has two
+outputs, ``pctr`` and ``pcvr`` (docs/cvr.md).
+
 With ``FeatureSpec.sequence`` > 0 the net gains DIN's target attention
 (scoring/attention.py): the ad attends over the user's behaviours and the
 pooled vector joins the cross layer's input beside the dense features. Without
@@ -41,12 +51,13 @@ import torch
 from torch import nn
 
 from scoring.attention import TargetAttention
-from scoring.featurespec import BATCH_AXIS, SEQ_AXIS, FeatureSpec
+from scoring.featurespec import BATCH_AXIS, CVR_OUTPUT, SEQ_AXIS, FeatureSpec
 
 ID_EMBED = 8
 CROSS_RANK = 16
 CROSS_LAYERS = 1
 HIDDEN = (64, 32)
+CVR_HIDDEN = 16
 
 
 class LowRankCross(nn.Module):
@@ -77,6 +88,8 @@ class CtrNet(nn.Module):
 
     ``hidden``, ``cross_rank`` and ``cross_layers`` default to the shipped
     architecture; other values are for experiments (the trade-off above).
+    ``cvr_head`` adds the pCVR head (module docstring); ``forward`` stays pCTR
+    alone, :meth:`heads` gives both.
     """
 
     offsets: torch.Tensor
@@ -88,6 +101,7 @@ class CtrNet(nn.Module):
         hidden: tuple[int, ...] = HIDDEN,
         cross_rank: int = CROSS_RANK,
         cross_layers: int = CROSS_LAYERS,
+        cvr_head: bool = False,
     ) -> None:
         super().__init__()
         self.spec = spec
@@ -106,6 +120,11 @@ class CtrNet(nn.Module):
             layers += [nn.Linear(a, b), nn.ReLU()]
         self.mlp = nn.Sequential(*layers, nn.Linear((width, *hidden)[-1], 1))
         nn.init.normal_(self.ids.weight, std=0.05)
+        self.cvr: nn.Sequential | None = (
+            nn.Sequential(nn.Linear(hidden[-1], CVR_HIDDEN), nn.ReLU(), nn.Linear(CVR_HIDDEN, 1))
+            if cvr_head
+            else None
+        )
         # Made last, so a net without the block draws its weights as it always did.
         self.attention = TargetAttention(spec.dim) if spec.sequence else None
 
@@ -116,7 +135,15 @@ class CtrNet(nn.Module):
         with torch.no_grad():
             head.bias.fill_(math.log(ctr / (1.0 - ctr)))
 
-    def logits(
+    def start_cvr_at(self, cvr: float) -> None:
+        """Set the CVR head's bias so the untrained head predicts ``cvr`` (after a click)."""
+        assert self.cvr is not None
+        head = self.cvr[-1]
+        assert isinstance(head, nn.Linear)
+        with torch.no_grad():
+            head.bias.fill_(math.log(cvr / (1.0 - cvr)))
+
+    def tower(
         self,
         user: torch.Tensor,
         ad: torch.Tensor,
@@ -124,6 +151,8 @@ class CtrNet(nn.Module):
         dense: torch.Tensor,
         seq: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """The shared bottom: id embeddings (and the attention over behaviours in a sequence
+        model), cross, MLP up to its last hidden layer."""
         e = self.ids(ids + self.offsets).flatten(1)
         parts = [user, ad, user * ad, e, dense]
         if self.attention is not None:
@@ -135,18 +164,46 @@ class CtrNet(nn.Module):
         x = x0
         for layer in self.cross:
             x = layer(x0, x)
-        out: torch.Tensor = self.mlp(x)
+        out: torch.Tensor = self.mlp[:-1](x)
         return out
 
-    def forward(
-        self,
-        user: torch.Tensor,
-        ad: torch.Tensor,
-        ids: torch.Tensor,
-        dense: torch.Tensor,
-        seq: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        return torch.sigmoid(self.logits(user, ad, ids, dense, seq))
+    def logits(self, *inputs: torch.Tensor) -> torch.Tensor:
+        """pCTR logit of (user, ad, ids, dense[, seq])."""
+        out: torch.Tensor = self.mlp[-1](self.tower(*inputs))
+        return out
+
+    def head_logits(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(pCTR logit, pCVR logit) from one pass through the shared bottom."""
+        assert self.cvr is not None, "this CtrNet has no CVR head (cvr_head=False)"
+        h = self.tower(*inputs)
+        return self.mlp[-1](h), self.cvr(h)
+
+    def heads(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(pCTR, pCVR): what the two-output ONNX graph returns."""
+        ctr, cvr = self.head_logits(*inputs)
+        return torch.sigmoid(ctr), torch.sigmoid(cvr)
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.logits(*inputs))
+
+
+class _BothHeads(nn.Module):
+    """The export's view of a two-head CtrNet: its forward returns (pCTR, pCVR)."""
+
+    def __init__(self, net: CtrNet) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.net.heads(*inputs)
+
+
+def _run(model: CtrNet, x: dict[str, np.ndarray[Any, Any]]) -> list[np.ndarray[Any, Any]]:
+    """PyTorch's outputs, in the ONNX graph's order (pctr, then pcvr when it has it)."""
+    with torch.no_grad():
+        if model.cvr is None:
+            return [model(*_tensors(x, model.spec)).numpy()]
+        return [t.numpy() for t in model.heads(*_tensors(x, model.spec))]
 
 
 def _tensors(
@@ -171,23 +228,26 @@ def export_onnx(model: CtrNet, path: Path, spec: FeatureSpec, *, atol: float = 1
     both axes are proven dynamic) and raises ``AssertionError``-free
     ``ValueError`` if any output differs by more than ``atol``. Returns the
     largest difference seen.
+    A model with a CVR head is exported with two outputs, ``pctr`` then
+    ``pcvr``, and both are verified.
     """
     import onnxruntime as ort  # noqa: PLC0415 (serving dependency, imported where needed)
 
     model.eval()
     example = _tensors(spec.golden_inputs(4, seed=1), spec)
+    outputs = [spec.output] if model.cvr is None else [spec.output, CVR_OUTPUT]
     axes: dict[str, dict[int, str]] = {
-        name: {0: BATCH_AXIS} for name in (*spec.input_names, spec.output)
+        name: {0: BATCH_AXIS} for name in (*spec.input_names, *outputs)
     }
     if spec.sequence:
         axes["seq"] = {0: BATCH_AXIS, 1: SEQ_AXIS}
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.onnx.export(
-        model,
+        model if model.cvr is None else _BothHeads(model),
         example,
         str(path),
         input_names=list(spec.input_names),
-        output_names=[spec.output],
+        output_names=outputs,
         dynamic_axes=axes,
         opset_version=17,
         do_constant_folding=True,
@@ -197,13 +257,11 @@ def export_onnx(model: CtrNet, path: Path, spec: FeatureSpec, *, atol: float = 1
     worst = 0.0
     for n, length, seed in ((1, 1, 11), (257, max(1, spec.sequence), 12)):
         x = _golden(spec, n, length, seed)
-        with torch.no_grad():
-            want = model(*_tensors(x, spec)).numpy()
-        got = sess.run([spec.output], x)[0]
-        if got.shape != want.shape:
-            msg = f"ONNX output shape {got.shape} != PyTorch {want.shape} at batch {n}"
-            raise ValueError(msg)
-        worst = max(worst, float(np.max(np.abs(got - want))))
+        for name, got, want in zip(outputs, sess.run(outputs, x), _run(model, x), strict=True):
+            if got.shape != want.shape:
+                msg = f"ONNX output {name} shape {got.shape} != PyTorch {want.shape} at batch {n}"
+                raise ValueError(msg)
+            worst = max(worst, float(np.max(np.abs(got - want))))
     if not worst <= atol:
         msg = f"ONNX export of {path} differs from PyTorch by {worst:.3g} > {atol:g}"
         raise ValueError(msg)

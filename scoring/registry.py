@@ -1,16 +1,21 @@
 """Model versions on disk, validated at load, newest valid one served.
 
-Layout: ``<dir>/<version>/{model.onnx, spec.json, metrics.json}``; versions
+Layout: ``<dir>/<version>/{model.onnx, spec.json, metrics.json, model.pt}``; versions
 order by name (``v0001`` < ``v0002``, or UTC timestamps ``20240601T120000``).
 Publish a version by writing it under a temporary name and renaming the
-directory into place, so a poll never sees half a model.
+directory into place, so a poll never sees half a model. ``model.pt`` (the
+PyTorch weights, written by ``adpulse train`` and the online trainer) is never
+served: it is what ``adpulse trainer`` warm-starts from. Candidates the online
+trainer exports wait in ``<dir>/candidates/<version>/``, which is not a version:
+nothing there is served until it is moved up into ``<dir>``.
 
 Nothing is served before :func:`validate` passes: the file loads in ONNX
 Runtime; its inputs and output have the spec's names, dtypes and widths with a
 dynamic batch axis (and a dynamic sequence axis for ``seq``, in a model with the
 attention block); its spec equals the serving spec (dimension, embedding seed,
 buckets; the sequence length is the model's own, and serving follows it); golden
-inputs give finite outputs in [0, 1]; and a 100-row batch runs within the latency
+inputs give finite outputs in [0, 1] (both pCTR and, for a two-head model, pCVR:
+outputs ``pctr`` or ``pctr, pcvr``); and a 100-row batch runs within the latency
 budget. A refused version is remembered with its reason (retried only if its
 files change), and the current one keeps serving.
 
@@ -35,12 +40,14 @@ import numpy as np
 import onnxruntime as ort
 
 from adpulse.core.errors import ModelRefused
-from scoring.featurespec import FeatureSpec
+from scoring.featurespec import CVR_OUTPUT, FeatureSpec
 from scoring.scorer import Device, FallbackRule, OnnxScorer, SessionOptions
 
 log = logging.getLogger(__name__)
 
 MODEL, SPEC, METRICS = "model.onnx", "spec.json", "metrics.json"
+CHECKPOINT = "model.pt"  # PyTorch weights beside the ONNX file: the online trainer's warm start
+CANDIDATES = "candidates"  # <dir>/candidates/<version>/: exported by the trainer, not served
 PACKAGED = Path(__file__).resolve().parent / "models"
 GOLDEN_ROWS = 100
 _ORT_DTYPES = {"float32": "tensor(float)", "int64": "tensor(int64)"}
@@ -56,6 +63,12 @@ class LoadedModel:
     spec: FeatureSpec
     metrics: dict[str, Any]
     latency_ms: float  # median of a 100-row batch at validation
+
+    @property
+    def checkpoint(self) -> Path | None:
+        """This version's PyTorch weights (``model.pt``), None when it was published without."""
+        p = self.path / CHECKPOINT
+        return p if p.is_file() else None
 
     def fallback(self, default_ctr: float) -> FallbackRule:
         """The prior for this model: its training click rate when metrics.json has it."""
@@ -87,15 +100,16 @@ def _check_io(sess: ort.InferenceSession, spec: FeatureSpec) -> None:
             msg = f"input {name} has shape {g.shape}, spec says {want_shape} (batch dynamic)"
             raise ValueError(msg)
     outs = sess.get_outputs()
-    if [o.name for o in outs] != [spec.output]:
-        msg = f"outputs {[o.name for o in outs]} != spec [{spec.output!r}]"
+    names = [o.name for o in outs]
+    if names not in ([spec.output], [spec.output, CVR_OUTPUT]):
+        msg = f"outputs {names} != spec [{spec.output!r}] or [{spec.output!r}, {CVR_OUTPUT!r}]"
         raise ValueError(msg)
-    o = outs[0]
-    if o.type != "tensor(float)" or not (
-        len(o.shape) in (1, 2) and not isinstance(o.shape[0], int) and o.shape[1:] in ([], [1])
-    ):
-        msg = f"output {o.name} is {o.type} {o.shape}, spec says float [batch, 1]"
-        raise ValueError(msg)
+    for o in outs:
+        if o.type != "tensor(float)" or not (
+            len(o.shape) in (1, 2) and not isinstance(o.shape[0], int) and o.shape[1:] in ([], [1])
+        ):
+            msg = f"output {o.name} is {o.type} {o.shape}, spec says float [batch, 1]"
+            raise ValueError(msg)
 
 
 def validate(
@@ -141,14 +155,19 @@ def validate(
         refuse(str(exc))
     golden = spec.golden_inputs(GOLDEN_ROWS)
     try:
-        out = scorer.score(golden)
+        heads = scorer.score_heads(golden)
     except Exception as exc:
         refuse(f"fails on golden inputs: {str(exc)[:300]}")
-    if out.shape != (GOLDEN_ROWS,):
-        refuse(f"gives {out.shape[0]} outputs for {GOLDEN_ROWS} golden rows")
-    bad = int(np.sum(~(np.isfinite(out) & (out >= 0.0) & (out <= 1.0))))
-    if bad:
-        refuse(f"{bad} of {GOLDEN_ROWS} golden outputs are NaN, infinite or outside [0, 1]")
+    for name, out in zip((spec.output, CVR_OUTPUT), heads, strict=True):
+        if out is None:
+            continue
+        if out.shape != (GOLDEN_ROWS,):
+            refuse(f"gives {out.shape[0]} {name} outputs for {GOLDEN_ROWS} golden rows")
+        bad = int(np.sum(~(np.isfinite(out) & (out >= 0.0) & (out <= 1.0))))
+        if bad:
+            refuse(
+                f"{bad} of {GOLDEN_ROWS} golden {name} outputs are NaN, infinite or outside [0, 1]"
+            )
     latency_ms = _latency_ms(scorer, golden)
     if latency_ms > latency_budget_ms:
         refuse(
@@ -208,7 +227,11 @@ class ModelRegistry:
         root = Path(self.root)
         if not root.is_dir():
             return []
-        return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        return sorted(
+            p.name
+            for p in root.iterdir()
+            if p.is_dir() and not p.name.startswith(".") and p.name != CANDIDATES
+        )
 
     def _signature(self, version: str) -> tuple[Any, ...]:
         d = Path(self.root) / version

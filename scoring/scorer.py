@@ -1,5 +1,9 @@
 """Scorers: inputs (see ``scoring.featurespec``) in, one pCTR per row out.
 
+A model with a CVR head (scoring/model.py) has a second output, ``pcvr``:
+``score_heads`` returns (pCTR, pCVR), pCVR None for a one-head model, and
+``score`` stays pCTR alone, so callers that need one number are unchanged.
+
 ``Scorer`` is the protocol the decision stage codes against. ``OnnxScorer`` is
 the real one (one ONNX Runtime session; providers chosen from
 ``ADPULSE_DEVICE``; I/O binding on CUDA); ``NumpyScorer`` runs the same
@@ -23,11 +27,12 @@ import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
 
-from scoring.featurespec import OUTPUT
+from scoring.featurespec import CVR_OUTPUT, OUTPUT
 
 log = logging.getLogger(__name__)
 
 F32 = npt.NDArray[np.float32]
+Heads = tuple[F32, F32 | None]  # (pCTR, pCVR or None: the model has no CVR head)
 Device = Literal["auto", "cuda", "cpu"]
 CPU, CUDA, TENSORRT = "CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"
 # Measured on the 2-core dev machine at batch 1,024, 6 interleaved rounds of 0.7 s:
@@ -136,6 +141,8 @@ class OnnxScorer:
         )
         self._version = version
         self._output = output
+        names = [o.name for o in self.session.get_outputs()]
+        self._outputs = [output, *([CVR_OUTPUT] if CVR_OUTPUT in names else [])]
         self._provider: str = str(self.session.get_providers()[0])
         if device == "cuda" and self._provider not in (CUDA, TENSORRT):
             log.warning("CUDA session could not start: scoring on %s", self._provider)
@@ -150,21 +157,33 @@ class OnnxScorer:
     def provider(self) -> str:
         return self._provider
 
-    def score(self, inputs: Mapping[str, npt.NDArray[Any]]) -> F32:
-        if self._gpu:
-            return self._score_bound(inputs)
-        out = self.session.run([self._output], dict(inputs))[0]
-        return np.asarray(out, dtype=np.float32).reshape(-1)
+    @property
+    def heads(self) -> int:
+        """1: pCTR; 2: pCTR and pCVR."""
+        return len(self._outputs)
 
-    def _score_bound(self, inputs: Mapping[str, npt.NDArray[Any]]) -> F32:
-        """CUDA: bind host inputs and let ORT allocate the output on the device once."""
+    def score(self, inputs: Mapping[str, npt.NDArray[Any]]) -> F32:
+        return self.score_heads(inputs)[0]
+
+    def score_heads(self, inputs: Mapping[str, npt.NDArray[Any]]) -> Heads:
+        outs = (
+            self._score_bound(inputs)
+            if self._gpu
+            else self.session.run(self._outputs, dict(inputs))
+        )
+        flat = [np.asarray(o, dtype=np.float32).reshape(-1) for o in outs]
+        return flat[0], flat[1] if len(flat) > 1 else None
+
+    def _score_bound(self, inputs: Mapping[str, npt.NDArray[Any]]) -> list[Any]:
+        """CUDA: bind host inputs and let ORT allocate the outputs on the device once."""
         io = self.session.io_binding()
         for name, arr in inputs.items():
             io.bind_cpu_input(name, np.ascontiguousarray(arr))
-        io.bind_output(self._output, "cuda")
+        for name in self._outputs:
+            io.bind_output(name, "cuda")
         self.session.run_with_iobinding(io)
-        out = io.copy_outputs_to_cpu()[0]
-        return np.asarray(out, dtype=np.float32).reshape(-1)
+        out: list[Any] = io.copy_outputs_to_cpu()
+        return out
 
 
 class NumpyScorer:
@@ -205,6 +224,8 @@ class NumpyScorer:
                 self._consts[ins[1]] = np.ascontiguousarray(w.T)
                 attrs["transB"] = 0
         self._output = g.output[0].name
+        names = [o.name for o in g.output]
+        self._cvr = CVR_OUTPUT if CVR_OUTPUT in names else None
 
     @property
     def version(self) -> str:
@@ -215,11 +236,18 @@ class NumpyScorer:
         return "numpy"
 
     def score(self, inputs: Mapping[str, npt.NDArray[Any]]) -> F32:
+        return self.score_heads(inputs)[0]
+
+    def score_heads(self, inputs: Mapping[str, npt.NDArray[Any]]) -> Heads:
+        """(pCTR, pCVR), as :meth:`OnnxScorer.score_heads`."""
         v: dict[str, npt.NDArray[Any]] = {**self._consts, **inputs}
         for op, ins, out, a in self._nodes:
             x = [v[i] for i in ins if i]
             v[out] = _OPS[op](x, a)
-        return np.asarray(v[self._output], dtype=np.float32).reshape(-1)
+        ctr = np.asarray(v[self._output], dtype=np.float32).reshape(-1)
+        if self._cvr is None:
+            return ctr, None
+        return ctr, np.asarray(v[self._cvr], dtype=np.float32).reshape(-1)
 
 
 def _gemm(x: list[npt.NDArray[Any]], a: dict[str, Any]) -> npt.NDArray[Any]:

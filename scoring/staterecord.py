@@ -9,7 +9,11 @@ read off the map, so readers (the lookup, decisions) need only the array.
 
 Version 1 records (a fixed 412-byte record whose top-k was a heavy-hitters
 estimate) are still read: their top-k becomes the map, and the next write of
-the user stores version 2. The maths that updates a state is scoring/features.py.
+the user stores version 2. Version 3 is a version 2 record followed by the
+user's item map (:data:`ITEM_DTYPE`, a 4-byte count first): kept only when item
+text is embedded (``ADPULSE_TEXT_MODEL``; scoring/itemspace.py), so a user with no
+item entries, and every user of a worker without a text model, is still stored
+as version 2, byte for byte. The maths that updates a state is scoring/features.py.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import numpy.typing as npt
 KINDS = ("browse", "click", "cart", "fav", "purchase")
 KIND_INDEX = {k: i for i, k in enumerate(KINDS)}
 STATE_VERSION = 2  # 1: fixed 412-byte record with an approximate top-k (read, upgraded)
+ITEMS_VERSION = 3  # a version 2 record followed by the user's item map
 NO_TIME = np.iinfo(np.int64).min  # t_ref of a user with no event yet
 
 I64 = npt.NDArray[np.int64]
@@ -41,8 +46,12 @@ class InterestParams:
     ring: int = 8
     dedupe_ttl_ms: int = 24 * 3600 * 1000
     category_limit: int = 128
+    item_limit: int = 0  # 0: no item map (no text model): scoring/itemspace.py
 
     def __post_init__(self) -> None:
+        if not 0 <= self.item_limit <= 65_535:
+            msg = f"item limit {self.item_limit} must be in 0..65535: set ADPULSE_ITEM_LIMIT"
+            raise ValueError(msg)
         if not self.top_k <= self.category_limit <= 65_535:
             msg = (
                 f"category limit {self.category_limit} must be between the top categories "
@@ -72,11 +81,15 @@ class InterestParams:
             ring=s.dedupe_ids,
             dedupe_ttl_ms=s.dedupe_ttl_h * 3600 * 1000,
             category_limit=s.category_limit,
+            # Item entries are worth their bytes only where item texts become vectors.
+            item_limit=s.item_limit if s.text_model else 0,
         )
 
 
 DROP_BELOW = 2.0**-20  # x the lightest kind weight: see InterestParams.category_floor
 CATEGORY_DTYPE = np.dtype([("id", "<i8"), ("w", "<f4")])  # one stored category, 12 bytes
+# one stored item entry, 20 bytes: the (item, the event's category) pair and its decayed weight
+ITEM_DTYPE = np.dtype([("item", "<i8"), ("cat", "<i8"), ("w", "<f4")])
 
 
 def _header_fields(p: InterestParams) -> list[tuple[Any, ...]]:
@@ -149,6 +162,28 @@ class Categories:
         return dict(zip(self.ids[a:b].tolist(), self.w[a:b].tolist(), strict=True))
 
 
+@dataclass(frozen=True)
+class Items:
+    """Every user's (item, category) -> decayed weight at its t_ref, ragged as
+    :class:`Categories` is; heaviest first, ties by smaller item then category."""
+
+    start: I64  # [n + 1]
+    item: I64
+    cat: I64
+    w: npt.NDArray[np.float32]
+
+    @classmethod
+    def empty(cls, n: int) -> Items:
+        z = np.zeros(0, np.int64)
+        return cls(np.zeros(n + 1, np.int64), z, z.copy(), np.zeros(0, np.float32))
+
+    def of(self, i: int) -> dict[tuple[int, int], float]:
+        """User ``i``'s map, for tests and tools."""
+        a, b = int(self.start[i]), int(self.start[i + 1])
+        keys = zip(self.item[a:b].tolist(), self.cat[a:b].tolist(), strict=True)
+        return dict(zip(keys, self.w[a:b].tolist(), strict=True))
+
+
 def empty_states(n: int, p: InterestParams) -> npt.NDArray[Any]:
     s = np.zeros(n, dtype=state_dtype(p))
     s["version"] = STATE_VERSION
@@ -183,38 +218,64 @@ def decode_records(
     values: list[bytes | None], p: InterestParams
 ) -> tuple[npt.NDArray[Any], Categories]:
     """States and category maps for stored values, an empty state where a value is None."""
+    states, cats, _ = decode_all(values, p)
+    return states, cats
+
+
+def decode_all(
+    values: list[bytes | None], p: InterestParams
+) -> tuple[npt.NDArray[Any], Categories, Items]:
+    """States, category maps and item maps for stored values (empty where a value is None)."""
     values = [_upgrade_v1(v, p) if v is not None and v[:1] == b"\x01" else v for v in values]
     hd = header_dtype(p)
     h = hd.itemsize
     out = empty_states(len(values), p)
     present = [i for i, v in enumerate(values) if v is not None]
     ncat = np.zeros(len(values), dtype=np.int64)
-    tails = b""
+    nitem = np.zeros(len(values), dtype=np.int64)
+    cat_tails, item_tails = [], []
     if present:
         raws: list[bytes] = [values[i] for i in present]  # type: ignore[misc]
         heads = b"".join(v[:h] for v in raws)
         if len(heads) != h * len(present):
             raise _wrong_size(p)
         head = np.frombuffer(heads, dtype=hd)
-        lengths = np.fromiter((len(v) for v in raws), np.int64, len(raws))
-        if (lengths != h + CATEGORY_DTYPE.itemsize * head["ncat"].astype(np.int64)).any():
-            raise _wrong_size(p)
-        if (head["version"] != STATE_VERSION).any():
+        if not np.isin(head["version"], (STATE_VERSION, ITEMS_VERSION)).all():
             msg = f"stored interest state has an unknown version {set(head['version'].tolist())}"
             raise ValueError(msg)
+        c = CATEGORY_DTYPE.itemsize
+        cat_len = h + c * head["ncat"].astype(np.int64)
+        lengths = np.fromiter((len(v) for v in raws), np.int64, len(raws))
+        with_items = head["version"] == ITEMS_VERSION
+        if (lengths[~with_items] != cat_len[~with_items]).any():
+            raise _wrong_size(p)
+        cat_tails = [v[h:end] for v, end in zip(raws, cat_len.tolist(), strict=True)]
+        for j in np.flatnonzero(with_items).tolist():  # version 3: the item map follows
+            v, end = raws[j], int(cat_len[j])
+            k = int.from_bytes(v[end : end + 4], "little")
+            if len(v) != end + 4 + ITEM_DTYPE.itemsize * k:
+                raise _wrong_size(p)
+            item_tails.append(v[end + 4 :])
+            nitem[present[j]] = k
         out.view(np.uint8).reshape(len(values), -1)[present, :h] = np.frombuffer(
             heads, np.uint8
         ).reshape(len(present), h)
         ncat[present] = head["ncat"]
-        tails = b"".join(v[h:] for v in raws)
-    entries = np.frombuffer(tails, dtype=CATEGORY_DTYPE)
+    entries = np.frombuffer(b"".join(cat_tails), dtype=CATEGORY_DTYPE)
     cats = Categories(
         np.r_[0, np.cumsum(ncat)].astype(np.int64),
         entries["id"].astype(np.int64),
         entries["w"].astype(np.float32),
     )
+    it = np.frombuffer(b"".join(item_tails), dtype=ITEM_DTYPE)
+    items = Items(
+        np.r_[0, np.cumsum(nitem)].astype(np.int64),
+        it["item"].astype(np.int64),
+        it["cat"].astype(np.int64),
+        it["w"].astype(np.float32),
+    )
     _fill_top(out, cats, p)
-    return out, cats
+    return out, cats, items
 
 
 def decode_states(values: list[bytes | None], p: InterestParams) -> npt.NDArray[Any]:
@@ -222,21 +283,34 @@ def decode_states(values: list[bytes | None], p: InterestParams) -> npt.NDArray[
     return decode_records(values, p)[0]
 
 
-def encode_states(states: npt.NDArray[Any], cats: Categories) -> list[bytes]:
-    """Stored records: each state's header, then its category map."""
+def encode_states(
+    states: npt.NDArray[Any], cats: Categories, items: Items | None = None
+) -> list[bytes]:
+    """Stored records: each state's header, then its category map, then (version 3, only
+    for a user with item entries) the count and entries of its item map."""
     fields = states.dtype.fields
     assert fields is not None
     h = int(fields["top_ids"][1])  # the in-memory top fields come after the header
     heads = states.copy()
     count = np.diff(cats.start)
     heads["ncat"] = count
+    nitem = np.zeros(len(states), np.int64) if items is None else np.diff(items.start)
+    heads["version"] = np.where(nitem > 0, ITEMS_VERSION, STATE_VERSION)
     raw = heads.tobytes()
     m = states.dtype.itemsize
     entries = np.empty(len(cats.ids), dtype=CATEGORY_DTYPE)
     entries["id"], entries["w"] = cats.ids, cats.w
     tail = entries.tobytes()
     at = (cats.start * CATEGORY_DTYPE.itemsize).tolist()
-    return [raw[i * m : i * m + h] + tail[at[i] : at[i + 1]] for i in range(len(states))]
+    out = [raw[i * m : i * m + h] + tail[at[i] : at[i + 1]] for i in range(len(states))]
+    if items is None or not nitem.any():
+        return out
+    it = np.empty(len(items.item), dtype=ITEM_DTYPE)
+    it["item"], it["cat"], it["w"] = items.item, items.cat, items.w
+    itail, iat = it.tobytes(), (items.start * ITEM_DTYPE.itemsize).tolist()
+    for i in np.flatnonzero(nitem).tolist():
+        out[i] += int(nitem[i]).to_bytes(4, "little") + itail[iat[i] : iat[i + 1]]
+    return out
 
 
 def _fill_top(states: npt.NDArray[Any], cats: Categories, p: InterestParams) -> None:

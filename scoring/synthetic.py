@@ -14,7 +14,12 @@ trained on a world we can regenerate exactly and whose answer we know:
 * a logging policy shows a random ad (65%) or one from a liked category (35%),
   and records the exact propensity of its choice;
 * P(click) = sigmoid(bias + alpha * cos(true interest, ad) + placement + device
-  + hour-of-day + campaign effects), about 3% overall.
+  + hour-of-day + campaign effects), about 3% overall;
+* with ``conversions=True``, a click converts (a purchase after it) with
+  P = sigmoid(-3 + 2.5 * cos + device + campaign effects of their own), about
+  20% of clicks, and the joiner's second record (``converted: 1``) follows its
+  label; drawn from a generator of its own, so the click records are the same
+  with or without it.
 
 Decision times increase through one simulated week, so the training time split
 is meaningful. ``generate(n, seed)`` gives the same records on every machine.
@@ -48,6 +53,8 @@ PLACEMENTS = {"home_banner": 0.3, "search.top": 0.6, "feed": 0.0, "sidebar": -0.
 DEVICES = {"mobile": 0.2, "desktop": 0.0, "tablet": 0.1, "tv": -0.6, "other": -0.3}
 KIND_WEIGHTS = (1.0, 2.0, 4.0, 3.0, 6.0)  # browse, click, cart, fav, purchase
 BIAS, ALPHA, EXPLORE = -5.0, 3.0, 0.65
+CVR_BIAS, CVR_ALPHA = -3.0, 2.5
+CVR_DEVICES = {"mobile": -0.3, "desktop": 0.5, "tablet": 0.0, "tv": -1.0, "other": -0.5}
 
 
 @dataclass(frozen=True)
@@ -147,9 +154,15 @@ def _pick_slot(rng: np.random.Generator, w: npt.NDArray[np.float64]) -> npt.NDAr
 
 
 def generate(
-    n: int, seed: int, world: World | None = None, *, sequence: int = 0
+    n: int,
+    seed: int,
+    world: World | None = None,
+    *,
+    conversions: bool = False,
+    sequence: int = 0,
 ) -> list[dict[str, Any]]:
-    """``n`` ctr-feedback records of ``world`` (default: ``make_world(seed)``), in time order;
+    """``n`` ctr-feedback labels of ``world`` (default: ``make_world(seed)``), in time order;
+    ``conversions`` adds a ``converted: 1`` record after each converting click's label;
     with ``sequence`` > 0 each carries the user's last ``sequence`` behaviours, as a
     sequence model's decisions log them (``features.sequence``)."""
     world = world or make_world(seed)
@@ -190,6 +203,7 @@ def generate(
     )
     clicked = rng.random(n) < 1.0 / (1.0 + np.exp(-logit))
     delay = rng.integers(1_000, WINDOW_MS, n)
+    converts = _conversions(world, seed, ad, cos, device) & clicked if conversions else None
 
     out = []
     for i in range(n):
@@ -221,6 +235,25 @@ def generate(
         if clicked[i]:
             rec["click_ts"] = int(ts[i] + delay[i])
         out.append(rec)
+        if converts is not None and converts[i]:
+            out.append({**rec, "converted": 1, "label_ts": rec["click_ts"] + 60_000,
+                        "reason": "conversion"})  # fmt: skip
+    return out
+
+
+def _conversions(
+    world: World,
+    seed: int,
+    ad: npt.NDArray[np.int64],
+    cos: npt.NDArray[np.float64],
+    device: npt.NDArray[np.str_],
+) -> npt.NDArray[np.bool_]:
+    """Whether each impression would convert if clicked (its own generator: see above)."""
+    rng = np.random.default_rng(seed + 2)
+    camp = np.array([int(a["campaign_id"].rsplit("-", 1)[1]) for a in world.ads])
+    camp_q = rng.normal(0.0, 0.5, int(camp.max()) + 1)[camp]
+    logit = CVR_BIAS + CVR_ALPHA * cos + np.vectorize(CVR_DEVICES.__getitem__)(device) + camp_q[ad]
+    out: npt.NDArray[np.bool_] = rng.random(len(ad)) < 1.0 / (1.0 + np.exp(-logit))
     return out
 
 

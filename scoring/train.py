@@ -4,7 +4,15 @@ The split is by time (first 80% of decision_ts to train, last 20% held out), as
 a served model only ever predicts the future. Held-out metrics: AUC, log loss
 (with the constant-prior log loss beside it for scale) and calibration by
 decile of predicted CTR. The version is exported to ONNX, verified against
-PyTorch, and written to ``<out>/<version>/`` atomically (temp dir + rename).
+PyTorch, and written to ``<out>/<version>/`` atomically (temp dir + rename),
+with the PyTorch weights beside it (``model.pt``) for ``adpulse trainer``.
+
+With at least ``MIN_CONVERSIONS`` conversions (``converted: 1`` records of the
+joiner) among the training decisions, the model also gets its pCVR head
+(scoring/model.py, ESMM loss) and the metrics a ``cvr`` part: AUC, log loss and
+calibration of pCVR on the held-out *clicked* decisions (what pCVR predicts),
+and the AUC of pCTR x pCVR for a conversion over all held-out decisions.
+Without them the model has one head, as before, and ``cvr`` is null.
 
 Regenerate the shipped default model (CPU, about a minute)::
 
@@ -30,7 +38,7 @@ import numpy.typing as npt
 
 from adpulse.core.errors import InputError
 from scoring.featurespec import FeatureSpec, Inputs, from_feedback
-from scoring.registry import METRICS, MODEL, SPEC
+from scoring.registry import CHECKPOINT, METRICS, MODEL, SPEC
 from scoring.synthetic import generate as generate_records
 from scoring.synthetic import read_jsonl
 
@@ -40,6 +48,7 @@ SEQUENCE_HELP = (
     "(features.sequence; 0, the default: no attention block)"
 )
 F64 = npt.NDArray[np.float64]
+MIN_CONVERSIONS = 20  # fewer in the training split: no CVR head (its AUC would be noise)
 
 
 def load_records(path: Path | str) -> list[dict[str, Any]]:
@@ -116,6 +125,15 @@ def once_per_decision(
     return out, len(records) - len(out)
 
 
+def converted_ids(records: Sequence[Mapping[str, Any]]) -> set[str]:
+    """Decision ids with a conversion record (``converted: 1``): the pCVR head's positives."""
+    return {
+        did
+        for r in records
+        if r.get("converted") == 1 and isinstance(did := r.get("decision_id"), str)
+    }
+
+
 def auc(y: npt.ArrayLike, p: npt.ArrayLike) -> float:
     """ROC AUC by the rank-sum (Mann-Whitney) formula, ties averaged."""
     yv, pv = np.asarray(y, dtype=np.float64), np.asarray(p, dtype=np.float64)
@@ -169,23 +187,26 @@ def train(
     lr: float = 2e-3,
     threads: int | None = None,
     version: str | None = None,
+    cvr: bool | None = None,
     sequence: int = 0,
 ) -> dict[str, Any]:
     """Train, evaluate on the held-out time split, export and publish; returns the metrics.
 
+    ``cvr``: train the pCVR head (None: when the training split has ``MIN_CONVERSIONS``).
     ``sequence`` > 0 gives the net the target-attention block over the records' last
     ``sequence`` behaviours (``features.sequence``; scoring/attention.py).
     """
     import torch  # noqa: PLC0415 (training-only dependency)
 
     from scoring.model import CtrNet, export_onnx  # noqa: PLC0415
+    from scoring.online import save_weights  # noqa: PLC0415
 
     spec = spec or FeatureSpec()
     if sequence:
         spec = replace(spec, sequence=sequence)
-    recs, dropped = once_per_decision(
-        load_records(records) if isinstance(records, Path | str) else list(records)
-    )
+    everything = load_records(records) if isinstance(records, Path | str) else list(records)
+    conv_ids = converted_ids(everything)
+    recs, dropped = once_per_decision(everything)
     if dropped:
         log.info("%d repeated or conversion records left out: one row per decision id", dropped)
     if len(recs) < 100:
@@ -198,6 +219,7 @@ def train(
     ts = np.array([int(r["decision_ts"]) for r in recs], dtype=np.int64)
     order = np.argsort(ts, kind="stable")
     y_all = np.array([int(r["clicked"]) for r in recs], dtype=np.float32)
+    c_all = np.array([r.get("decision_id") in conv_ids for r in recs], dtype=np.float32) * y_all
     try:
         x_all = from_feedback(recs, spec)
     except (KeyError, ValueError, TypeError) as exc:
@@ -206,14 +228,20 @@ def train(
     cut = int(len(recs) * 0.8)
     tr, te = order[:cut], order[cut:]
     xtr, ytr, xte, yte = _take(x_all, tr), y_all[tr], _take(x_all, te), y_all[te]
+    ctr_, cte = c_all[tr], c_all[te]
+    with_cvr = bool(ctr_.sum() >= MIN_CONVERSIONS) if cvr is None else cvr
 
-    model = CtrNet(spec)
+    model = CtrNet(spec, cvr_head=with_cvr)
     base = float(np.clip(ytr.mean(), 1e-4, 1 - 1e-4))
     model.start_at(base)
+    base_cvr = float(np.clip(ctr_.sum() / max(ytr.sum(), 1.0), 1e-4, 1 - 1e-4))
+    if with_cvr:
+        model.start_cvr_at(base_cvr)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     loss_fn = torch.nn.BCEWithLogitsLoss()
     tens = {k: torch.from_numpy(v) for k, v in xtr.items()}
     yt = torch.from_numpy(ytr).reshape(-1, 1)
+    ct = torch.from_numpy(ctr_).reshape(-1, 1)
     gen = torch.Generator().manual_seed(seed)
     for epoch in range(epochs):
         model.train()
@@ -222,22 +250,29 @@ def train(
         for start in range(0, len(perm), batch_size):
             b = perm[start : start + batch_size]
             opt.zero_grad()
-            loss = loss_fn(model.logits(*(tens[k][b] for k in spec.input_names)), yt[b])
+            xb = tuple(tens[k][b] for k in spec.input_names)
+            if with_cvr:
+                ctr_logit, cvr_logit = model.head_logits(*xb)
+                loss = loss_fn(ctr_logit, yt[b]) + esmm_loss(ctr_logit, cvr_logit, ct[b])
+            else:
+                loss = loss_fn(model.logits(*xb), yt[b])
             loss.backward()
             opt.step()
             total += float(loss.detach()) * len(b)
         log.info("epoch %d/%d: train log loss %.4f", epoch + 1, epochs, total / len(perm))
 
     model.eval()
+    xt = [torch.from_numpy(xte[k]) for k in spec.input_names]
     with torch.no_grad():
-        p = model(*(torch.from_numpy(xte[k]) for k in spec.input_names)).numpy()
-    p = p.reshape(-1).astype(np.float64)
+        p = model(*xt).numpy().reshape(-1).astype(np.float64)
+        q = model.heads(*xt)[1].numpy().reshape(-1).astype(np.float64) if with_cvr else None
     version = version or datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     out = Path(out_dir)
     tmp = out / f".{version}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     diff = export_onnx(model, tmp / MODEL, spec)
+    save_weights(model, tmp / CHECKPOINT)  # the online trainer's warm start (adpulse trainer)
     metrics: dict[str, Any] = {
         "version": version,
         "auc": round(auc(yte, p), 6),
@@ -250,6 +285,8 @@ def train(
         "test_ctr": round(float(yte.mean()), 6),
         "epochs": epochs,
         "seed": seed,
+        "heads": 2 if with_cvr else 1,
+        "cvr": None if q is None else cvr_metrics(yte, cte, p, q, base_cvr),
         "sequence": spec.sequence,
         "onnx_max_abs_diff": diff,
         "train_seconds": round(time.perf_counter() - t0, 2),
@@ -264,6 +301,37 @@ def train(
     tmp.rename(final)
     metrics["path"] = str(final)
     return metrics
+
+
+def esmm_loss(ctr_logit: Any, cvr_logit: Any, converted: Any) -> Any:
+    """Log loss of pCTR x pCVR against "converted" over every impression (ESMM, Ma et al.
+    SIGIR 2018), in log space: log p = logsigmoid(a) + logsigmoid(b)."""
+    import torch  # noqa: PLC0415
+
+    log_p = torch.nn.functional.logsigmoid(ctr_logit) + torch.nn.functional.logsigmoid(cvr_logit)
+    log_q = torch.log1p(-torch.exp(log_p).clamp(max=1.0 - 1e-6))
+    return -(converted * log_p + (1.0 - converted) * log_q).mean()
+
+
+def cvr_metrics(
+    clicked: npt.ArrayLike, converted: npt.ArrayLike, pctr: F64, pcvr: F64, train_cvr: float
+) -> dict[str, Any]:
+    """The pCVR head on held-out rows: on clicked ones (pCVR's question: does a click
+    convert?) AUC, log loss (prior beside it) and calibration; over all rows, the AUC
+    of pCTR x pCVR for a conversion (the value a cpa ad is ranked on)."""
+    y, c = np.asarray(clicked, dtype=np.float64), np.asarray(converted, dtype=np.float64)
+    k = y == 1
+    return {
+        "auc": round(auc(c[k], pcvr[k]), 6),
+        "logloss": round(logloss(c[k], pcvr[k]), 6),
+        "logloss_prior": round(logloss(c[k], np.full(int(k.sum()), train_cvr)), 6),
+        "calibration": calibration(c[k], pcvr[k]),
+        "ctcvr_auc": round(auc(c, pctr * pcvr), 6),
+        "n_test_clicks": int(k.sum()),
+        "n_test_conversions": int(c.sum()),
+        "train_cvr": round(train_cvr, 6),
+        "test_cvr": round(float(c[k].mean()), 6) if k.any() else None,
+    }
 
 
 def run_train(
@@ -284,7 +352,7 @@ def run_train(
     records: Sequence[Mapping[str, Any]] | Path | str = (
         input_path
         if input_path is not None
-        else generate_records(int(generate or 0), seed, sequence=sequence)
+        else generate_records(int(generate or 0), seed, conversions=True, sequence=sequence)
     )
     return train(
         records, out_dir, epochs=epochs, seed=seed, threads=threads, version=version,
@@ -293,11 +361,19 @@ def run_train(
 
 
 def summary(m: Mapping[str, Any]) -> str:
-    """One line for a terminal."""
-    return (
+    """One line for a terminal (two with the pCVR head)."""
+    line = (
         f"model {m['version']}: held-out AUC {m['auc']:.3f}, log loss {m['logloss']:.4f} "
         f"(prior {m['logloss_prior']:.4f}), {m['n_train']} train / {m['n_test']} test rows, "
         f"written to {m.get('path', '?')}"
+    )
+    c = m.get("cvr")
+    if not c:
+        return line
+    return line + (
+        f"\npCVR head: AUC {c['auc']:.3f} on {c['n_test_clicks']} held-out clicks, log loss "
+        f"{c['logloss']:.4f} (prior {c['logloss_prior']:.4f}); pCTR x pCVR AUC "
+        f"{c['ctcvr_auc']:.3f} ({c['n_test_conversions']} conversions)"
     )
 
 

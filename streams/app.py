@@ -20,6 +20,7 @@ from schemas.topics import TOPICS
 from streams import pipeline, web
 from streams.adtext import AdTextEmbedder
 from streams.catalogmirror import TopicMirror, catalog_mirror
+from streams.items import ItemCache, item_mirror
 from streams.runtime.consumer import BatchApp
 from streams.runtime.restore import SealingTableManager
 from streams.wiring import Wiring
@@ -79,6 +80,9 @@ def create_app(settings: Settings) -> Wiring:
     # records): streams/catalogmirror.py says why it is not a Faust GlobalTable.
     adtext = AdTextEmbedder.from_settings(settings)  # a tampered model: ConfigError at start
     catalog = catalog_mirror(settings, settings.dim, adtext.check if adtext else None)
+    # Items in the ads' space (streams/items.py): only where titles can become vectors.
+    items = None if adtext is None else ItemCache(item_mirror(settings, adtext.check), adtext,
+                                                  settings)  # fmt: skip
     learn = table("learn", "ad id -> learner state (streams.learn), on the ad's partition")
     wiring = Wiring(
         settings=settings,
@@ -103,6 +107,8 @@ def create_app(settings: Settings) -> Wiring:
         pseudonyms=pseudonyms,
         forget_requests=app.topic(settings.topic("forget-requests"), **raw),
         adtext=adtext,
+        item_catalog=None if items is None else app.topic(settings.topic("item-catalog"), **raw),
+        items=items,
         sequence=table("sequence", "pseudonym -> last behaviours (scoring.sequence)")
         if settings.sequence_length > 0
         else None,

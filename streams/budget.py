@@ -15,8 +15,9 @@ Spend model, by the ad's ``billing`` (ad-catalog). cpm: a decision costs its
 expected cost, served pCTR x bid (the catalog's bid is a price per click), when
 it is made; calibration makes that unbiased once enough labels exist. cpc: a
 decision costs nothing when made, and its bid when the click join labels it
-clicked (:meth:`BudgetGate.settle`, called by streams/join.py on the worker that
-owns the partition, so the single-writer rule holds). A settled charge is
+clicked; cpa, likewise, when it labels it converted (:meth:`BudgetGate.settle`,
+called by streams/join.py on the worker that owns the partition, so the
+single-writer rule holds). A settled charge is
 applied once: the partition's ``SETTLED_KEY`` record, written in the same
 RocksDB batch and changelog append as the charged records, holds the offset of
 the last click charged per input, and a replayed click at or below it is skipped
@@ -222,7 +223,7 @@ class BudgetGate:
                 raw = load([ch.campaign_id.encode()], [part])[0]
                 self.records[key], self.stored[key] = load_record(raw, now_ms), raw
             source = 0 if ch.source == "events" else 1
-            if ch.offset <= marks[source]:
+            if ch.offset <= before[source]:  # not marks: one purchase converts several (cpa)
                 replayed.add(key)
                 continue
             self.spend(part, ch.campaign_id, ch.amount, now_ms)

@@ -31,6 +31,29 @@ TextCheck = Callable[[str], "tuple[str, str] | None"]  # streams/adtext.py: AdTe
 Embed = Callable[[list[dict[str, Any]]], None]  # fills "embedding" from "text", in place
 
 
+def check_compacted(
+    topic: str, id_field: str, key: bytes | None, value: bytes, max_bytes: int
+) -> tuple[dict[str, Any] | None, tuple[str, str] | None]:
+    """A record of a compacted catalog topic (ad-catalog, item-catalog) and why it is
+    refused, if it is: too large, not JSON, against the schema, or keyed by another id
+    than its ``id_field`` (compaction would keep the wrong copy)."""
+    if len(value) > max_bytes:
+        return None, ("too_large", f"{len(value)} bytes > limit {max_bytes}")
+    record, why = parse_json(value)
+    if why is not None:
+        return None, ("invalid_json", why)
+    try:
+        problem = first_error(topic, record)
+    except RecursionError:
+        problem = "nested too deeply to validate"
+    if problem is not None:
+        return None, ("schema", problem)
+    if key != record[id_field].encode():
+        return None, ("key_mismatch", f"key {key!r:.80} differs from {id_field} "
+                                      f"{record[id_field]!r:.80}")  # fmt: skip
+    return record, None
+
+
 def check_catalog_record(
     key: bytes | None, value: bytes, dim: int | None = None, text_check: TextCheck | None = None
 ) -> tuple[str, str] | None:
@@ -41,19 +64,9 @@ def check_catalog_record(
     dimension would otherwise stop every catalog rebuild. With ``text_check`` (the worker
     embeds ad text), an ad to be embedded from its text must have a text it can embed.
     """
-    if len(value) > CATALOG_MAX_BYTES:
-        return "too_large", f"{len(value)} bytes > limit {CATALOG_MAX_BYTES}"
-    ad, why = parse_json(value)
-    if why is not None:
-        return "invalid_json", why
-    try:
-        problem = first_error("ad-catalog", ad)
-    except RecursionError:
-        problem = "nested too deeply to validate"
-    if problem is not None:
-        return "schema", problem
-    if key != ad["ad_id"].encode():
-        return "key_mismatch", f"key {key!r:.80} differs from ad_id {ad['ad_id']!r:.80}"
+    ad, refused = check_compacted("ad-catalog", "ad_id", key, value, CATALOG_MAX_BYTES)
+    if ad is None:
+        return refused
     if dim is not None and "embedding" in ad and len(ad["embedding"]) != dim:
         n = len(ad["embedding"])
         return "embedding_dim", f"embedding has {n} values, the model expects dim={dim}"
@@ -70,6 +83,36 @@ class _Staged(NamedTuple):
     ads: list[dict[str, Any]]
     parsed: _Parsed  # key -> (value, ad): the next refresh re-parses only what changed
     fresh: list[dict[str, Any]]  # ads parsed in this refresh: the ones to embed
+
+
+def stage_changes(
+    table: Any,
+    seen_version: int,
+    before: _Parsed,
+    parse: Callable[[bytes, bytes], dict[str, Any] | None],
+) -> _Staged | None:
+    """A mirror's records if it moved since ``seen_version``, else None; only records whose
+    bytes changed since ``before`` are parsed again, and they are the ``fresh`` ones (to
+    embed). Shared by the ad catalog and the item catalog (streams/items.py)."""
+    version = table.version
+    if version == seen_version:
+        return None
+    records, fresh = [], []
+    parsed: _Parsed = {}
+    for key, value in table.data.items():
+        if is_seal(key) or value is None:
+            continue
+        seen = before.get(key)  # validate only what changed since the last refresh
+        if seen is not None and seen[0] == value:
+            record = seen[1]
+        else:
+            record = parse(key, value)
+            if record is not None:
+                fresh.append(record)
+        parsed[key] = (value, record)
+        if record is not None:
+            records.append(record)
+    return _Staged(version, records, parsed, fresh)
 
 
 class CatalogCache:
@@ -108,25 +151,7 @@ class CatalogCache:
 
     def _stage(self) -> _Staged | None:
         """The table's ads if it moved since the last install, else None."""
-        version = self.table.version
-        if version == self._version:
-            return None
-        ads, fresh = [], []
-        parsed: _Parsed = {}
-        for key, value in self.table.data.items():
-            if is_seal(key) or value is None:
-                continue
-            seen = self._parsed.get(key)  # validate only what changed since the last refresh
-            if seen is not None and seen[0] == value:
-                ad = seen[1]
-            else:
-                ad = self._parse(key, value)
-                if ad is not None:
-                    fresh.append(ad)
-            parsed[key] = (value, ad)
-            if ad is not None:
-                ads.append(ad)
-        return _Staged(version, ads, parsed, fresh)
+        return stage_changes(self.table, self._version, self._parsed, self._parse)
 
     def _install(self, staged: _Staged) -> bool:
         version, ads, self._parsed = staged.version, staged.ads, staged.parsed

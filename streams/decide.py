@@ -6,6 +6,11 @@ bounded by the same wait (``ADPULSE_BATCH_MAX_WAIT_S``) as ingest. A request's
 user vector comes straight from the interest table (ad-requests is
 co-partitioned with user-events, so this worker owns it). Frequency caps and
 budget spend live in RocksDB tables and are written once per key per batch.
+
+Value by billing: a candidate's bid is priced per click for cpm and cpc ads; a
+cpa ad's bid is per conversion, so the policy sees it as pCVR x bid per click
+and ranks pCTR x pCVR x bid (``value_per_click``). pCVR is the model's second
+head, else the prior (its metrics' training CVR, else ``ADPULSE_FALLBACK_CVR``).
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from schemas.messages import UNSET, AdDecision, AdRequest, Billing, FeatureSnaps
 from scoring import caps
 from scoring.catalog import Catalog, Context
 from scoring.embeddings import HashedEmbeddings
-from scoring.features import InterestParams, decode_states, vectors_at
+from scoring.features import InterestParams, ItemVectors, read_vectors
 from scoring.featurespec import FeatureSpec, RequestFeatures, assemble_many
 from scoring.registry import LoadedModel, ModelRegistry
 from scoring.scorer import FallbackRule
@@ -51,6 +56,7 @@ def snapshot(
     req: AdRequest,
     ts_ms: int,
     pctr: float,
+    pcvr: float | None = None,
     sequence: list[tuple[int, int]] | None = None,
 ) -> FeatureSnapshot:
     """The decision's ``features``: what ctr-feedback and the learners need, as scored.
@@ -67,8 +73,32 @@ def snapshot(
         device=UNSET if ctx is UNSET else ctx.device, hour=(ts_ms // 3_600_000) % 24,
         category_id=int(ad["category_id"]), campaign_id=str(ad["campaign_id"]),
         item_id=UNSET if ad.get("item_id") is None else int(ad["item_id"]), pctr=pctr,
+        pcvr=UNSET if pcvr is None else pcvr,
         sequence=UNSET if sequence is None else sequence,
     )  # fmt: skip
+
+
+def value_per_click(
+    bids: npt.NDArray[np.float64], cpa: npt.NDArray[np.bool_], pcvr: npt.NDArray[np.float64]
+) -> npt.NDArray[np.float64]:
+    """What a click on each candidate is worth: its bid, or pCVR x bid for a cpa ad.
+
+    >>> value_per_click(np.array([2.0, 10.0]), np.array([False, True]), np.array([0.5, 0.1]))
+    array([2., 1.])
+    """
+    out: npt.NDArray[np.float64] = np.where(cpa, bids * pcvr, bids)
+    return out
+
+
+def prior_cvr(model: LoadedModel | None, default: float) -> float:
+    """pCVR for a cpa ad the model cannot give one: its training CVR, else ``default``."""
+    cvr = (model.metrics.get("cvr") or {}) if model is not None else {}
+    got = cvr.get("train_cvr") if isinstance(cvr, dict) else None
+    return float(got) if isinstance(got, int | float) and 0.0 < got < 1.0 else default
+
+
+def _usable(x: npt.NDArray[np.float32] | None, n: int) -> bool:
+    return x is not None and len(x) == n and bool(np.all(np.isfinite(x) & (x >= 0) & (x <= 1)))
 
 
 @dataclass
@@ -177,16 +207,20 @@ class DecideStage:
         pseudonyms: Pseudonymiser | None = None,
         calibration: Reader | None = None,
         generation: Callable[[], Any] = lambda: None,
+        items: Callable[[], ItemVectors | None] = lambda: None,
     ) -> None:
         """``generation`` names the consumer's current partition assignment: the budget
-        records of this worker's partitions are kept while it does not change."""
+        records of this worker's partitions are kept while it does not change. ``items``:
+        the item vectors in force (streams/items.py), read into each user's interest."""
+        self.items = items
         self.s = settings
         self.pseudonyms = pseudonyms or Pseudonymiser.from_settings(settings)
         self.models = models
         self.catalog = catalog
         self.params = InterestParams.from_settings(settings)
         self.spec = FeatureSpec.from_settings(settings)
-        self.items = HashedEmbeddings(settings.dim, settings.embedding_seed)  # behaviours' vectors
+        # behaviours' vectors for a sequence model (item text vectors can replace them later)
+        self.behaviour_table = HashedEmbeddings(settings.dim, settings.embedding_seed)
         policy = PolicyParams.from_settings(settings)
         self.policy_for = placement_policies(settings.policy, settings.placement_policies, policy)
         self.experiment = parse_experiment(settings.experiment, policy)
@@ -242,9 +276,12 @@ class DecideStage:
         users = self._users(live, tables, now_ms)
         self.budget.begin(catalog, users.parts, tables.spend, now_ms)
         pending = [self._eligible(catalog, req, raw, users, out) for req, raw in live]
-        scores, version = self._score(catalog, pending, users, now_ms, out)
+        scores, cvr, version = self._score(catalog, pending, users, now_ms, out)
+        prior = prior_cvr(self.models.current, self.s.fallback_cvr)
         for p in pending:
-            out.decisions.append(self._choose(catalog, p, users, scores, version, now_ms, out))
+            out.decisions.append(
+                self._choose(catalog, p, users, scores, version, now_ms, out, (cvr, prior))
+            )
         out.cap_writes = users.cap_writes()
         out.spend_writes = self.budget.writes()
         return out
@@ -279,8 +316,8 @@ class DecideStage:
         pairs = list(dict.fromkeys((r.user_id, raw.partition) for r, raw in live))
         keys = [u.encode() for u, _ in pairs]
         parts = [p for _, p in pairs]
-        states = decode_states(tables.interest(keys, parts), self.params)
-        vecs, known = vectors_at(states, now_ms, self.params)
+        _, vecs, known = read_vectors(tables.interest(keys, parts), now_ms, self.params,
+                                      self.items())  # fmt: skip
         vectors = [vecs[i] if known[i] else None for i in range(len(pairs))]
         day = caps.day_of(now_ms)
         cap_recs = [caps.load_cap(v, day) for v in tables.caps(keys, parts)]
@@ -289,7 +326,7 @@ class DecideStage:
         model = self.models.current
         if model is not None and model.spec.sequence and tables.sequence is not None:
             seqs = decode_sequences(tables.sequence(keys, parts))
-            users.sequences = sequence_vectors(seqs, self.items, model.spec)
+            users.sequences = sequence_vectors(seqs, self.behaviour_table, model.spec)
             users.behaviours = [
                 list(zip(e["item"].tolist(), e["category"].tolist(), strict=True))
                 for e in (seqs.of(i)[: model.spec.sequence] for i in range(len(seqs)))
@@ -331,8 +368,9 @@ class DecideStage:
         users: _Users,
         now_ms: int,
         out: DecideResult,
-    ) -> tuple[npt.NDArray[np.float32] | None, str]:
-        """One model run over every request's candidates (split at the row limit)."""
+    ) -> tuple[npt.NDArray[np.float32] | None, npt.NDArray[np.float32] | None, str]:
+        """One model run over every request's candidates (split at the row limit):
+        (pCTR, pCVR or None when the model has no CVR head, version)."""
         wanted: list[RequestFeatures] = []
         n_rows = 0
         for p in pending:
@@ -347,21 +385,23 @@ class DecideStage:
         out.rows_scored = n_rows
         model = self.models.current
         if model is None:
-            return None, "none"
+            return None, None, "none"
         if not wanted or catalog is None:
-            return np.zeros(0, dtype=np.float32), model.version
+            return np.zeros(0, dtype=np.float32), None, model.version
         batch = assemble_many(wanted, catalog.index, now_ms, model.spec)  # spec: the model's
         step = self.s.scorer_max_batch_rows
         try:
             if n_rows <= step:
-                return model.scorer.score(batch), model.version
+                return (*model.scorer.score_heads(batch), model.version)
             parts = [
-                model.scorer.score({k: v[i : i + step] for k, v in batch.items()})
+                model.scorer.score_heads({k: v[i : i + step] for k, v in batch.items()})
                 for i in range(0, n_rows, step)
             ]
-            return np.concatenate(parts), model.version
+            cvrs = [c for _, c in parts if c is not None]
+            cvr = np.concatenate(cvrs) if len(cvrs) == len(parts) else None
+            return np.concatenate([c for c, _ in parts]), cvr, model.version
         except Exception:  # a runtime failure in the model must not stop decisions
-            return None, model.version
+            return None, None, model.version
 
     def _choose(
         self,
@@ -372,20 +412,25 @@ class DecideStage:
         version: str,
         now_ms: int,
         out: DecideResult,
+        cvr: tuple[npt.NDArray[np.float32] | None, float] = (None, 0.05),
     ) -> Decision:
-        """Calibration, the policy's pick and its bookkeeping (caps, spend, counts)."""
+        """Calibration, the policy's pick and its bookkeeping (caps, spend, counts).
+
+        ``cvr``: the batch's pCVR (None: no CVR head) and the prior that stands in for it."""
         req, policy, arm = p.req, self.policy_for(p.req.placement), None
         if self.experiment is not None:
             exp, arm_policies = self.experiment
             i_arm = exp.arm_of(req.user_id)
             arm, policy = exp.arms[i_arm].name, arm_policies[i_arm]
         got = None if scores is None else scores[p.start : p.start + len(p.rows)]
+        got_cvr = None if cvr[0] is None else cvr[0][p.start : p.start + len(p.rows)]
         if p.user in users.touched and catalog is not None:
             # An earlier request of this user in this batch may have used up a cap.
             keep = np.asarray(caps.under_caps(users.caps[p.user],
                                               [catalog.index.ad_ids[r] for r in p.rows.tolist()],
                                               self.s.freq_cap_per_day), dtype=bool)  # fmt: skip
             p.rows, got = p.rows[keep], None if got is None else got[keep]
+            got_cvr = None if got_cvr is None else got_cvr[keep]
         if arm is not None:
             out.by_arm[arm] += 1
         if not len(p.rows) or catalog is None:
@@ -394,24 +439,32 @@ class DecideStage:
         raw_pctr, fell_back = self.models.fallback.guard(got, len(p.rows))
         pctr = raw_pctr if fell_back else self.calibration.apply(raw_pctr, now_ms)
         bids = catalog.index.bid[p.rows]
+        has_cvr = not fell_back and got_cvr is not None and _usable(got_cvr, len(p.rows))
+        pcvr = (got_cvr.astype(np.float64) if has_cvr and got_cvr is not None
+                else np.full(len(p.rows), cvr[1]))  # fmt: skip
+        cpa = catalog.cpa[p.rows]
         vector = users.vectors[p.user]
         ad_ids = [catalog.index.ad_ids[r] for r in p.rows.tolist()]
-        candidates = Candidates(pctr.astype(np.float64), bids, vector,
-                                lambda: self.strategy.states(ad_ids, arm), now_ms)  # fmt: skip
+        candidates = Candidates(pctr.astype(np.float64), value_per_click(bids, cpa, pcvr), vector,
+                                lambda: self.strategy.states(ad_ids, arm), now_ms,
+                                pcvr=pcvr, cpa=cpa)  # fmt: skip
         choice = policy.choose(candidates, self.rng)
         j = choice.index
         row = int(p.rows[j])
         out.fallbacks += fell_back
         ad_id, campaign = catalog.index.ad_ids[row], catalog.campaign[row]
+        model_cvr = float(pcvr[j]) if has_cvr else None
         decision = AdDecision(
             request_id=req.request_id, user_id=req.user_id, ad_id=ad_id,
-            score=float(pctr[j] * bids[j]), pctr=float(pctr[j]), pctr_raw=float(raw_pctr[j]),
+            score=float(pctr[j] * candidates.bids[j]), pctr=float(pctr[j]),
+            pctr_raw=float(raw_pctr[j]), pcvr=UNSET if model_cvr is None else model_cvr,
             bid=float(bids[j]), propensity=choice.propensity,
             policy=self.models.fallback.policy if fell_back else policy.name,
             model_version=version, ts=now_ms, latency_ms=0.0, placement=req.placement,
             campaign_id=campaign, billing=cast(Billing, catalog.billing[row]),
             arm=UNSET if arm is None else arm, request_ts=req.ts, candidates=len(p.rows),
             features=snapshot(catalog.ads[row], vector, req, now_ms, float(raw_pctr[j]),
+                              model_cvr,
                               users.behaviours[p.user] if users.behaviours else None),
         )  # fmt: skip
         caps.record_impression(users.caps[p.user], ad_id)

@@ -25,8 +25,8 @@ from scoring.features import (
     OUTCOMES,
     EventBatch,
     InterestParams,
-    apply_batch,
-    decode_records,
+    apply_events,
+    decode_all,
     encode_states,
 )
 from streams.deadletter import Loader, Raw, Rejected
@@ -78,11 +78,14 @@ class InterestStage:
         keys = [u.encode() for u in users]
         first = np.unique(batch.user, return_index=True)[1]
         partitions = [good[i][1].partition for i in first]
-        states, cats = decode_records(load(keys, partitions), self.params)
-        new, cats, outcome = apply_batch(states, cats, batch, self.table, self.params, now_ms)
+        states, cats, items = decode_all(load(keys, partitions), self.params)
+        new, cats, items, outcome = apply_events(
+            states, cats, items, batch, self.table, self.params, now_ms
+        )
         # Every user of the batch is written, duplicates-only ones too: their
         # applied offset moved, and that is what makes a redelivery harmless.
-        result.writes = list(zip(keys, partitions, encode_states(new, cats), strict=True))
+        records = encode_states(new, cats, items)
+        result.writes = list(zip(keys, partitions, records, strict=True))
         pairs = np.bincount(
             batch.kind.astype(np.int64) * len(OUTCOMES) + outcome,
             minlength=len(KINDS) * len(OUTCOMES),

@@ -40,6 +40,12 @@ traffic train the treatment). Without an arm the key is the ad id, as before.
 An arm's record keeps the LinUCB part only when the arm's policy is LinUCB
 (the label names its policy): no other policy reads it, and it is ~34 KB.
 Calibration shards stay pooled: they measure the model, not a policy.
+
+Conversions. A ``converted: 1`` record adds one to its ad's ``conversions`` (on
+the scale of ``shows``, faded alike under a half-life): the reward Thompson
+weighs for a cost-per-conversion ad (scoring/strategy/policy.py). Its identity
+is its decision id marked as a conversion, in the same ring, so a repeat of it
+counts once and it never counts as a second impression.
 """
 
 from __future__ import annotations
@@ -55,7 +61,7 @@ from schemas.messages import UNSET, CtrFeedback
 from scoring.features import fingerprint
 from scoring.featurespec import user_features
 from scoring.strategy.calibration import CalibrationParams, CalibrationState, Calibrator
-from scoring.strategy.forgetting import check_half_life, decay, weights
+from scoring.strategy.forgetting import decay, half_lives, weights
 from scoring.strategy.linucb import LinUCB, LinUCBParams
 from scoring.strategy.state import (
     AdState,
@@ -72,6 +78,7 @@ from streams.deadletter import Loader, Raw, Rejected
 from streams.validate import ContractDecoder
 
 OUTCOMES = ("applied", "redelivered", "duplicate")
+CONVERSION_MARK = "\x1fconverted|"  # a conversion's ring identity: its decision id, marked
 FEEDBACK_MAX_BYTES = 64 * 1024  # an interest vector may have up to 1024 numbers
 
 
@@ -104,10 +111,13 @@ class LearnStage:
         self.thompson = ThompsonSampling(ThompsonParams())
         self.linucb = LinUCB(LinUCBParams(dim=settings.dim, ridge=settings.linucb_ridge))
         self.calibrator = Calibrator(CalibrationParams())
-        self.half_life_h = check_half_life(settings.bandit_half_life_h)
+        self.thompson_h, self.linucb_h = half_lives(
+            settings.bandit_half_life_h, settings.thompson_half_life_h, settings.linucb_half_life_h
+        )
 
     def process(self, raws: Sequence[Raw], load: Loader) -> LearnResult:
         good, rejected = self.decoder.split(raws)
+        good = self._not_ahead(good, rejected)
         out = LearnResult(rejected=rejected)
         by_ad: dict[tuple[str, int], list[tuple[CtrFeedback, Raw]]] = defaultdict(list)
         for msg, raw in good:  # keyed by state key: the ad's, or one arm's record of it
@@ -143,19 +153,49 @@ class LearnStage:
             out.writes.append((calibration_key(p), p, encode(shard)))
         return out
 
+    def _not_ahead(
+        self, good: list[tuple[CtrFeedback, Raw]], rejected: list[Rejected]
+    ) -> list[tuple[CtrFeedback, Raw]]:
+        """Drop (into ``rejected``) labels whose ``decision_ts`` is further ahead of their
+        record's Kafka timestamp than ``ADPULSE_MAX_FUTURE_SKEW_MS``: with forgetting on, one
+        such label would move an ad's reference time years ahead and fade everything it had
+        learned to nothing. The record's timestamp, not the clock, so a replay decides alike."""
+        skew = self.s.max_future_skew_ms
+        kept = []
+        for m, raw in good:
+            ahead = m.decision_ts - raw.timestamp_ms
+            if raw.timestamp_ms > 0 and ahead > skew:
+                why = (f"decision_ts {m.decision_ts} is {ahead} ms after its record's timestamp "
+                       f"(limit {skew} ms)")  # fmt: skip
+                rejected.append(Rejected(raw, "future_ts", why))
+            else:
+                kept.append((m, raw))
+        return kept
+
     def _apply(
         self, state: AdState, labels: list[tuple[CtrFeedback, Raw]], outcomes: Counter[str]
     ) -> list[tuple[CtrFeedback, Raw]]:
         """Fold one ad's labels (in offset order) into its state; returns those applied."""
         ring, seen = list(state.ring), set(state.ring)
         applied: list[tuple[CtrFeedback, Raw]] = []
+        conversions: list[CtrFeedback] = []
         for m, r in labels:
             fp = fingerprint(m.decision_id)
             if r.offset <= state.offset:
                 outcomes["redelivered"] += 1
                 continue
             state.offset = r.offset
-            if fp in seen or m.converted == 1:  # a repeat, or the decision's conversion record
+            if m.converted == 1:  # the decision's conversion record: a reward, not a show
+                fp = fingerprint(CONVERSION_MARK + m.decision_id)
+                if fp in seen:
+                    outcomes["duplicate"] += 1
+                    continue
+                ring.append(fp)
+                seen.add(fp)
+                conversions.append(m)
+                outcomes["applied"] += 1
+                continue
+            if fp in seen:  # a repeat
                 outcomes["duplicate"] += 1
                 continue
             ring.append(fp)
@@ -163,9 +203,26 @@ class LearnStage:
             applied.append((m, r))
             outcomes["applied"] += 1
         state.ring = ring[-self.s.learn_dedupe_ids :]
+        out = self._fold(state, applied)
+        if conversions:  # after the labels: their event time is the record's scale
+            self._fold_conversions(state, conversions)
+        return out
+
+    def _fold_conversions(self, state: AdState, conversions: list[CtrFeedback]) -> None:
+        """Conversions on the record's scale: under a half-life, each weighs what its
+        decision's impression weighs now (its label came first, on the same partition)."""
+        if self.thompson_h > 0 and state.ts:  # Thompson's evidence: Thompson's half-life
+            ages = [max(0, state.ts - m.decision_ts) for m in conversions]
+            state.conversions += sum(decay(a, self.thompson_h) for a in ages)
+        else:
+            state.conversions += len(conversions)
+
+    def _fold(
+        self, state: AdState, applied: list[tuple[CtrFeedback, Raw]]
+    ) -> list[tuple[CtrFeedback, Raw]]:
         if not applied:
             return applied
-        if self.half_life_h > 0:
+        if self.thompson_h > 0 or self.linucb_h > 0:
             self._fold_decayed(state, [m for m, _ in applied])
             return applied
         clicks = [m.clicked for m, _ in applied]
@@ -193,17 +250,21 @@ class LearnStage:
     def _fold_decayed(self, state: AdState, labels: list[CtrFeedback]) -> None:
         """Fold labels in with forgetting: rescale the record to the latest event time, then
         add each label weighted by its age there (scoring/strategy/forgetting.py)."""
-        h = self.half_life_h
         ref = max(state.ts, *(m.decision_ts for m in labels))
-        f = decay(ref - state.ts, h) if state.ts else 1.0  # ts 0: nothing was scaled yet
-        w = weights([m.decision_ts for m in labels], ref, h)
+        ts = [m.decision_ts for m in labels]
+        # ts 0: nothing was scaled yet. Each learner fades by its own half-life (0: not at all).
+        f = decay(ref - state.ts, self.thompson_h) if state.ts else 1.0
+        w = weights(ts, ref, self.thompson_h)
+        f_lin = decay(ref - state.ts, self.linucb_h) if state.ts else 1.0
+        w_lin = weights(ts, ref, self.linucb_h)
         state.ts = ref
         state.shows = f * state.shows + float(w.sum())
         state.clicks = f * state.clicks + float(w @ np.array([m.clicked for m in labels], float))
+        state.conversions *= f
         segments = {k: (f * n, f * c) for k, (n, c) in state.segments.items()}
         ctx: list[np.ndarray] = []
         rows: list[tuple[float, float]] = []  # (reward, weight) per context
-        for wi, m in zip(w.tolist(), labels, strict=True):
+        for wi, wl, m in zip(w.tolist(), w_lin.tolist(), labels, strict=True):
             vec = m.features.interest
             seg = segment_of(vec)
             if seg is not None:
@@ -211,10 +272,10 @@ class LearnStage:
                 segments[seg] = (n + wi, c + wi * m.clicked)
             if len(vec) == self.s.dim and seg is not None and _keeps_linucb(m):  # a context
                 ctx.append(user_features(vec, self.s.dim)[0])
-                rows.append((float(m.clicked), wi))
+                rows.append((float(m.clicked), wl))
         state.segments = segments
-        if ctx or (state.linucb and f < 1.0):
-            lin = self.linucb.discount(self.linucb.decode([state.linucb or None]), f)
+        if ctx or (state.linucb and f_lin < 1.0):
+            lin = self.linucb.discount(self.linucb.decode([state.linucb or None]), f_lin)
             if ctx:
                 r, wts = zip(*rows, strict=True)
                 lin = self.linucb.update(lin, np.zeros(len(ctx), np.intp), np.stack(ctx), r, wts)

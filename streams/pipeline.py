@@ -43,6 +43,7 @@ from streams.deadletter import Raw, Rejected, dead_letter
 from streams.decide import DecideResult, DecideStage, StateReaders
 from streams.ingest import LOG_APPEND_TIME, broker_ms
 from streams.interest import InterestStage
+from streams.items import check_item_record
 from streams.join import JOIN_TICK_S, JoinInput, JoinStage, PendingReads
 from streams.learn import LearnStage
 from streams.runtime.consumer import Batch, Positions
@@ -71,7 +72,8 @@ def wire(w: Wiring) -> None:
     strategy = StrategyReader(w.strategy.get_many)
     decide = DecideStage(w.settings, models, catalog.get, strategy, pseudonyms=w.pseudonyms,
                          calibration=w.strategy.get_many,
-                         generation=lambda: w.app.consumer_generation_id)  # fmt: skip
+                         generation=lambda: w.app.consumer_generation_id,
+                         items=w.items.get if w.items else lambda: None)  # fmt: skip
     learn = LearnStage(w.settings)
     # spend: re-read at flush, as the join's click charges and decisions interleave
     changelogs = DecisionChangelogs(ChangelogBuffer(w.freqcap),
@@ -131,6 +133,14 @@ def wire(w: Wiring) -> None:
         worker's mirror skips them: streams/catalogmirror.py)."""
         async for event in stream.events():
             await check_catalog(w, event)
+
+    if w.item_catalog is not None:  # streams/items.py
+
+        @w.app.agent(w.item_catalog)
+        async def item_dead_letters(stream: Any) -> None:
+            """Invalid item-catalog records, dead-lettered once, as ad-catalog's are."""
+            async for event in stream.events():
+                await check_catalog(w, event, "item-catalog")
 
     timers.wire(w, models, catalog, decide)
 
@@ -388,17 +398,22 @@ async def forget_user(w: Wiring, join: Join, caps: ChangelogBuffer, raw: Raw) ->
 
 
 # -- ad-catalog -----------------------------------------------------------------------------
-async def check_catalog(w: Wiring, event: Any) -> None:
-    """One ad-catalog record: dead-lettered if invalid (the ad keeps its last valid version)."""
+async def check_catalog(w: Wiring, event: Any, source: str = "ad-catalog") -> None:
+    """One ad-catalog (or item-catalog) record: dead-lettered if invalid (the ad or item
+    keeps its last valid version)."""
     if event.value is None or (event.key is not None and is_seal(event.key)):
         return
     text_check = w.adtext.check if w.adtext else None  # streams/adtext.py
-    refused = check_catalog_record(event.key, event.value, w.settings.dim, text_check)
+    if source == "item-catalog":
+        refused = check_item_record(event.key, event.value, text_check)
+    else:
+        refused = check_catalog_record(event.key, event.value, w.settings.dim, text_check)
     if refused is not None:
         msg, now_ms = event.message, int(time.time() * 1000)
         ts_ms = int((msg.timestamp or 0) * 1000)
         raw = Raw(event.value, event.key, msg.partition, msg.offset, ts_ms)
-        await _dead_letter(w, [Rejected(raw, *refused)], now_ms, "ad-catalog", "catalog")
+        stage = "items" if source == "item-catalog" else "catalog"
+        await _dead_letter(w, [Rejected(raw, *refused)], now_ms, source, stage)
 
 
 # -- the one load, write and dead-letter helpers ---------------------------------------------

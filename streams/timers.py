@@ -1,9 +1,9 @@
 """The worker's timers and background tasks: what runs on a clock, not on a batch.
 
 Model hot-swap (the registry polled every ``ADPULSE_MODEL_POLL_S``), the catalog's
-decision arrays rebuilt, the two topic mirrors followed, and the gauges sampled
-(streams/runtime/gauges.py). The click join's window timer sits with its handlers in
-streams/pipeline.py.
+decision arrays rebuilt, the topic mirrors followed (item-catalog's too, with a text
+model), and the gauges sampled (streams/runtime/gauges.py). The click join's window
+timer sits with its handlers in streams/pipeline.py.
 """
 
 from __future__ import annotations
@@ -36,6 +36,17 @@ def wire(w: Wiring, models: ServingModels, catalog: CatalogCache, decide: Decide
     @w.app.timer(CATALOG_REFRESH_S)
     async def refresh_catalog() -> None:
         await catalog.refresh_async()
+
+    if w.items is not None:  # ADPULSE_TEXT_MODEL set: item-catalog (streams/items.py)
+        items = w.items
+
+        @w.app.task
+        async def mirror_items() -> None:
+            await items.mirror.run()
+
+        @w.app.timer(CATALOG_REFRESH_S)
+        async def refresh_items() -> None:
+            await items.refresh_async()
 
     @w.app.timer(w.settings.model_poll_s)
     async def poll_models() -> None:

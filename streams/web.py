@@ -24,7 +24,8 @@ from faust import web
 from adpulse.core.privacy import API_TOKEN_HELP, bearer_ok, load_api_token
 from schemas.openapi import dumps
 from scoring import sequence
-from scoring.features import InterestParams, decode_states, describe
+from scoring.features import InterestParams, decode_all, describe
+from scoring.itemspace import corrections
 from scoring.strategy.state import decode_ad
 from streams.runtime import watchdog
 from streams.runtime.consumer import FaustConsumerView
@@ -74,8 +75,16 @@ def wire(w: Wiring) -> None:
         raw = table.data.get(pseudonym.encode())
         if raw is None:
             return {**body, "error": "unknown user"}, 404
-        state = decode_states([raw], params)[0]
-        body = {**body, **describe(state, _now_ms(), params)}
+        states, _, items = decode_all([raw], params)
+        if w.items is None:
+            body = {**body, **describe(states[0], _now_ms(), params)}
+        else:  # with item text, the vectors shown are the ones decisions read (itemspace.py)
+            vectors = w.items.get()
+            extra = corrections(items, vectors, params.dim)[0]
+            got = 0 if vectors is None else vectors.vectors(items.item, items.cat)[0].sum()
+            embedded = int(got)
+            body = {**body, **describe(states[0], _now_ms(), params, extra),
+                    "items": len(items.item), "items_embedded": embedded}  # fmt: skip
         if w.sequence is not None:
             seq = sequence.decode_sequences([w.sequence.data.get(pseudonym.encode())])
             body["sequence"] = sequence.describe(seq.of(0))
@@ -90,6 +99,8 @@ def wire(w: Wiring) -> None:
             return self.json({"status": "loading catalog"}, status=503)
         if not w.strategy.ready:
             return self.json({"status": "loading learner state"}, status=503)
+        if w.items is not None and not w.items.mirror.ready:
+            return self.json({"status": "loading item catalog"}, status=503)
         if stall.stalled:
             return self.json({"status": "consumer stalled", "partitions": len(stall.stalled)},
                              status=503)  # fmt: skip

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from adpulse.core.settings import Settings
     from streams.adtext import AdTextEmbedder
     from streams.catalogmirror import TopicMirror
+    from streams.items import ItemCache
     from streams.runtime.consumer import BatchApp
 
 
@@ -49,5 +50,8 @@ class Wiring:
     # Per partition of ``interest``: an ingest batch and a forget exclude each other.
     interest_locks: PartitionLocks = field(default_factory=PartitionLocks)
     adtext: AdTextEmbedder | None = None  # ADPULSE_TEXT_MODEL set: ad text -> embedding
+    # ADPULSE_TEXT_MODEL set: item-catalog and its items' title vectors (streams/items.py)
+    item_catalog: TopicT | None = None
+    items: ItemCache | None = None
     # pseudonym -> last N behaviours (scoring.sequence); None: ADPULSE_SEQUENCE_LENGTH=0
     sequence: TableT[bytes, bytes] | None = None

@@ -11,6 +11,12 @@ requests/s with Poisson arrivals over a keep-alive connection pool:
    every 100 ms and polls the interest lookup (the table ``/decide`` reads) every
    2 ms until it shows the event: produced to visible.
 
+With ``swap``, a copy of the serving model is published as a newer version halfway
+through phase 2 (the worker polls its registry every second): the requests sent from
+then until 3 s later are reported apart from the rest (``swap``), with the worker's
+swap counter, so a hot swap that drops or delays decisions shows (issue 17's promotion
+is this swap).
+
 Latency is measured from each request's *scheduled* send time, not from when
 the generator got round to it, so a stall shows in full (no coordinated
 omission). Finally the in-process cost of one decision without HTTP (the
@@ -21,19 +27,25 @@ in this process. Only ratios within one run compare.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import json
 import multiprocessing
+import shutil
+import tempfile
+import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from math import nan
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import numpy as np
 from aiokafka import AIOKafkaProducer
 
-from adpulse.bench import machine, machine_line, percentiles_ms
+from adpulse.bench import cpu, machine, machine_line, percentiles_ms
 from adpulse.bench.decisionpath import DecisionPath, request_bodies
 from adpulse.bench.decisions import per_minute_p99
 from adpulse.bench.warm import warm_worker
@@ -41,6 +53,7 @@ from adpulse.core.kafkaconf import client_kwargs
 from adpulse.core.settings import Settings
 from adpulse.workerproc import WorkerProcess
 from adpulse.workload import Workload, WorkloadModel
+from scoring.registry import MODEL, PACKAGED
 
 POOL = 128  # keep-alive connections the generator may hold open
 PROBE_EVERY_S = 0.1
@@ -56,6 +69,7 @@ class ServeBench:
     candidates: int = 100
     ads: int = 2_000
     warm_events: int = 100_000
+    swap: bool = False  # publish a new model version halfway through phase 2
 
     @classmethod
     def smoke(cls) -> ServeBench:
@@ -77,6 +91,8 @@ class Phase:
     answered_in_window: int = 0  # answered before the window closed
     in_worker: tuple[float, float] = (float("nan"), float("nan"))  # p50, p99 ms (bucket bound)
     loop_lag: tuple[float, float] = (float("nan"), float("nan"))  # the worker's, likewise
+    cpu: dict[str, float] = field(default_factory=dict)  # adpulse/bench/cpu.py usage()
+    started: float = 0.0  # time.perf_counter() when the schedule began
 
     def summary(self) -> dict[str, Any]:
         p50, p99, p999 = percentiles_ms(self.latency_s, [50, 99, 99.9])
@@ -87,10 +103,49 @@ class Phase:
             "shed": self.shed, "errors": self.errors, "no_fill": self.no_fill,
             "in_worker_p50_ms": self.in_worker[0], "in_worker_p99_ms": self.in_worker[1],
             "loop_lag_p50_ms": self.loop_lag[0], "loop_lag_p99_ms": self.loop_lag[1],
+            **self.cpu,
         }  # fmt: skip
 
 
+SWAP_WINDOW_S = 3.0  # requests sent this long after the new version is published
+
+
 def run(base: Settings, cfg: ServeBench, log: Any = print) -> dict[str, Any]:
+    with contextlib.ExitStack() as stack:
+        registry = None
+        if cfg.swap:
+            registry = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="reg-")))
+            _copy_version(_packaged_version(), registry / "v0001")
+            base = base.with_(model_dir=str(registry), model_poll_s=1.0)
+        return _run(base, cfg, registry, log)
+
+
+def _packaged_version() -> Path:
+    return sorted(p for p in PACKAGED.iterdir() if (p / MODEL).is_file())[-1]
+
+
+def _copy_version(src: Path, dest: Path) -> None:
+    """Publish ``src`` as version ``dest``: copied under a temporary name, then renamed into
+    place, as scoring/registry.py asks, so the worker's poll never sees half a version."""
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    shutil.copytree(src, tmp)
+    tmp.rename(dest)
+
+
+def _swap_later(registry: Path, after_s: float) -> tuple[threading.Timer, list[float]]:
+    """Publish v0002 ``after_s`` from now; the list gets the perf_counter time it was done."""
+    at: list[float] = []
+
+    def publish() -> None:
+        _copy_version(registry / "v0001", registry / "v0002")
+        at.append(time.perf_counter())
+
+    timer = threading.Timer(after_s, publish)
+    timer.start()
+    return timer, at
+
+
+def _run(base: Settings, cfg: ServeBench, registry: Path | None, log: Any) -> dict[str, Any]:
     with warm_worker(base, cfg.users, cfg.ads, cfg.warm_events) as warm:
         s, worker, ads = warm.settings, warm.worker, warm.ads
         ad_ids = [a["ad_id"] for a in ads]
@@ -99,7 +154,18 @@ def run(base: Settings, cfg: ServeBench, log: Any = print) -> dict[str, Any]:
         log(f"  alone: POST /decide at {cfg.rate:g}/s x {cfg.candidates} candidates")
         before = worker.buckets("adpulse_decide_seconds")
         lag = worker.buckets("adpulse_event_loop_lag_seconds")
+        t0 = cpu.sample(worker.pid)
+        swaps = worker.metric("adpulse_model_swaps_total", 'outcome="swapped"')
+        timer, published = (None, []) if registry is None else _swap_later(
+            registry, cfg.duration_s / 2)  # fmt: skip
         alone = _measured(lambda: _offer(worker, cfg, ad_ids, "alone"))
+        alone.cpu = cpu.usage(t0, cpu.sample(worker.pid), len(alone.latency_s))
+        swap = None
+        if timer is not None:
+            timer.join()
+            swapped = worker.metric("adpulse_model_swaps_total", 'outcome="swapped"') - swaps
+            swap = _around_swap(alone, published[0] - alone.started, swapped)
+            log(f"  swap: {_swap_line(swap)}")
         alone.in_worker = _quantiles(before, worker.buckets("adpulse_decide_seconds"))
         alone.loop_lag = _quantiles(lag, worker.buckets("adpulse_event_loop_lag_seconds"))
         log(f"  alone: {_phase_line(alone)}")
@@ -109,12 +175,16 @@ def run(base: Settings, cfg: ServeBench, log: Any = print) -> dict[str, Any]:
         batches = worker.buckets("adpulse_ingest_batch_seconds")
         lag = worker.buckets("adpulse_event_loop_lag_seconds")
         try:
+            t0 = cpu.sample(worker.pid)
             busy, fresh = _measured(lambda: _offer_with_probe(s, worker, cfg, ad_ids))
+            busy.cpu = cpu.usage(t0, cpu.sample(worker.pid), len(busy.latency_s))
             busy.in_worker = _quantiles(before, worker.buckets("adpulse_decide_seconds"))
             busy.loop_lag = _quantiles(lag, worker.buckets("adpulse_event_loop_lag_seconds"))
             ingest_batch = _quantiles(batches, worker.buckets("adpulse_ingest_batch_seconds"))
-            log(f"  with ingest: {_phase_line(busy)}; ingest batches p50 <= "
-                f"{ingest_batch[0]:g} ms, p99 <= {ingest_batch[1]:g} ms")
+            log(
+                f"  with ingest: {_phase_line(busy)}; ingest batches p50 <= "
+                f"{ingest_batch[0]:g} ms, p99 <= {ingest_batch[1]:g} ms"
+            )
         finally:
             ingest.join(cfg.duration_s + 60)
             if ingest.is_alive():
@@ -145,6 +215,8 @@ def run(base: Settings, cfg: ServeBench, log: Any = print) -> dict[str, Any]:
         "duration_s": cfg.duration_s, "users": cfg.users, "ads": cfg.ads,
         "machine": machine(),
     }  # fmt: skip
+    if swap is not None:
+        out["swap"] = swap
     if cfg.duration_s >= 120:
         out["p99_per_minute_ms"] = per_minute_p99(alone.sent_at, alone.latency_s, cfg.duration_s)
     return out
@@ -176,7 +248,33 @@ def _phase_line(ph: Phase) -> str:
         f"{x['latency_p99_ms']:.2f} ms p99.9 {x['latency_p999_ms']:.2f} ms (in the worker: "
         f"p50 <= {x['in_worker_p50_ms']:g} ms, p99 <= {x['in_worker_p99_ms']:g} ms; event loop "
         f"late p50 <= {x['loop_lag_p50_ms']:g} ms, p99 <= {x['loop_lag_p99_ms']:g} ms); "
-        f"{x['shed']} shed, {x['errors']} errors"
+        f"{x['shed']} shed, {x['errors']} errors; CPU: worker {x.get('worker_cpu_pct', nan):.0f}% "
+        f"of a core ({x.get('worker_cpu_ms_per_answer', nan):.2f} ms per answer), generator "
+        f"{x.get('generator_cpu_pct', nan):.0f}%, box {x.get('box_busy_pct', nan):.0f}% busy"
+    )
+
+
+def _around_swap(ph: Phase, at_s: float, swapped: float) -> dict[str, Any]:
+    """The requests scheduled in the SWAP_WINDOW_S after the new version was published,
+    against the rest of the phase (latency from the schedule, as everywhere here)."""
+    sent = np.asarray(ph.sent_at)
+    lat = np.asarray(ph.latency_s)
+    near = (sent >= at_s) & (sent < at_s + SWAP_WINDOW_S)
+    scheduled = np.asarray(ph.scheduled)
+    offered = int(((scheduled >= at_s) & (scheduled < at_s + SWAP_WINDOW_S)).sum())
+    (p99_near,) = percentiles_ms(lat[near].tolist(), [99]) if near.any() else (float("nan"),)
+    (p99_rest,) = percentiles_ms(lat[~near].tolist(), [99]) if (~near).any() else (float("nan"),)
+    return {"published_at_s": at_s, "swapped": swapped, "window_s": SWAP_WINDOW_S,
+            "offered": offered, "answered": int(near.sum()), "p99_ms": p99_near,
+            "p99_rest_ms": p99_rest}  # fmt: skip
+
+
+def _swap_line(x: dict[str, Any]) -> str:
+    return (
+        f"new version published {x['published_at_s']:.1f} s in, worker swapped "
+        f"{x['swapped']:g} time(s); in the next {x['window_s']:g} s {x['answered']} of "
+        f"{x['offered']} requests answered, p99 {x['p99_ms']:.2f} ms (rest of the phase "
+        f"{x['p99_rest_ms']:.2f} ms)"
     )
 
 
@@ -250,7 +348,7 @@ async def _offer(worker: WorkerProcess, cfg: ServeBench, ad_ids: list[str], phas
         # 300,000 finished tasks alive for this process's garbage collector to walk, and
         # a generator pause counts as latency here (it is measured from the schedule).
         tasks: set[asyncio.Task[None]] = set()
-        start = time.perf_counter()
+        start = out.started = time.perf_counter()
         for i, at in enumerate(arrivals):
             due = start + at
             delay = due - time.perf_counter()

@@ -48,6 +48,9 @@ DATA = ("--data", {"default": "../shared/data", "help": "folder with the Taobao 
 BROKERS = ("--brokers",
            {"default": "kafka,tansu", "help": "comma list of kafka, tansu (kafka,tansu)"})
 FIGURES = "also write the figures as JSON"
+SWAP = ("--swap", {"action": "store_true",
+                   "help": "publish a new model version halfway through the first /decide phase "
+                   "and report the latency of the requests around the hot swap"})
 
 BENCHES = (
     Bench(
@@ -86,6 +89,7 @@ BENCHES = (
             "candidates": (100, "candidate ads per request (100)"),
             "ads": (2000, "ads in the catalog (2000)"),
         },
+        flags=(SWAP,),
     ),
     Bench(
         "decisions",

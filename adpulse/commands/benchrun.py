@@ -6,8 +6,8 @@ write its figures to --json. The subcommands themselves are declared in
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
-import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -16,6 +16,7 @@ from typing import Any
 from adpulse.commands import Handler
 from adpulse.core.errors import InputError
 from adpulse.core.settings import Settings
+from adpulse.jsonout import finite
 
 # The benches load synthetic history in bulk: their busiest users get hundreds of events
 # within a second of broker time, which the live per-user rate limit would refuse as a
@@ -86,6 +87,7 @@ def cmd_bench_serve(args: argparse.Namespace, settings: Settings) -> int:
         rate=args.rate, duration_s=args.duration, event_rate=args.event_rate,
         users=args.users, candidates=args.candidates, ads=args.ads,
     )  # fmt: skip
+    cfg = dataclasses.replace(cfg, swap=args.swap)
     result = _on_broker(settings, lambda s: serve.run(s, cfg, log=_log))
     return _show(args, "serve", result, serve.result_line(result))
 
@@ -301,17 +303,7 @@ def cmd_bench_table(args: argparse.Namespace, settings: Settings) -> int:
 def _write_json(path: str | None, payload: dict[str, object]) -> None:
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        text = json.dumps(_finite(payload), indent=2, sort_keys=True, allow_nan=False)
+        text = json.dumps(finite(payload), indent=2, sort_keys=True, allow_nan=False)
         Path(path).write_text(text + "\n")
         print(f"wrote {path}")
 
-
-def _finite(obj: object) -> object:
-    """NaN (a figure that could not be measured) becomes null: JSON has no NaN."""
-    if isinstance(obj, float) and math.isnan(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_finite(v) for v in obj]
-    return obj

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
-from typing import Any
 
 from adpulse.commands import Subparsers, add_bootstrap, add_command
 from adpulse.core.errors import InputError
 from adpulse.core.settings import Settings
+from adpulse.jsonout import finite
 
 
 def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
@@ -37,7 +36,7 @@ def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
                     "source": source,
                     "by": t.by,
                     "duplicates": t.duplicates,
-                    "groups": [_finite(r) for r in table],
+                    "groups": [finite(r) for r in table],
                 },
                 indent=2,
             )
@@ -54,11 +53,6 @@ def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
             "no correction for several arms or for peeking)."
         )
     return 0
-
-
-def _finite(row: dict[str, Any]) -> dict[str, Any]:
-    """NaN is not JSON: null instead."""
-    return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()}
 
 
 def register(sub: Subparsers) -> None:

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from adpulse.commands import Subparsers, add_bootstrap, add_command
 from adpulse.core.errors import ConfigError
 from adpulse.core.settings import Settings
+
+if TYPE_CHECKING:
+    from adpulse.simulate import SimConfig
 
 
 def cmd_simulate(args: argparse.Namespace, settings: Settings) -> int:
@@ -29,8 +33,43 @@ def cmd_simulate(args: argparse.Namespace, settings: Settings) -> int:
         rate=args.rate,
         sample=Path(args.data) / "taobao_userbehavior_sample.csv",
     )
-    summary = simulate(settings, cfg, Path(args.out))
-    return 130 if summary["interrupted"] else 0
+    if not args.seeds:
+        summary = simulate(settings, cfg, Path(args.out))
+        return 130 if summary["interrupted"] else 0
+    return _simulate_seeds(args, settings, cfg)
+
+
+def _simulate_seeds(args: argparse.Namespace, settings: Settings, cfg: SimConfig) -> int:
+    """One run per seed into OUT/seed-S, then the per-seed and pooled table (adpulse/simpool.py)."""
+    import dataclasses  # noqa: PLC0415
+    import json  # noqa: PLC0415
+
+    from adpulse.jsonout import finite  # noqa: PLC0415
+    from adpulse.simpool import format_pool, pool  # noqa: PLC0415
+    from adpulse.simulate import simulate  # noqa: PLC0415
+
+    try:
+        seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
+    except ValueError:
+        msg = f"--seeds {args.seeds!r}: a comma-separated list of integers, e.g. 1,2,3,4,5"
+        raise ConfigError(msg) from None
+    if len(seeds) < 2 or len(set(seeds)) != len(seeds):
+        msg = f"--seeds {args.seeds!r}: at least two different seeds"
+        raise ConfigError(msg)
+    out = Path(args.out)
+    summaries = []
+    for seed in seeds:
+        print(f"== seed {seed}")
+        summary = simulate(settings, dataclasses.replace(cfg, seed=seed), out / f"seed-{seed}")
+        if summary["interrupted"]:
+            return 130
+        summaries.append(summary)
+    result = pool(summaries, seeds)
+    path = out / "seeds.json"
+    path.write_text(json.dumps(finite(result), indent=1))
+    print(format_pool(result))
+    print(f"CTR % [95% Wilson CI] (difference from greedy in points [95% Wald CI]); wrote {path}")
+    return 0
 
 
 def register(sub: Subparsers) -> None:
@@ -54,6 +93,12 @@ def register(sub: Subparsers) -> None:
         help="fraction of the run after which user interests rotate (default 0.5)",
     )
     p.add_argument("--seed", type=int, default=7, help="world and traffic seed (default 7)")
+    p.add_argument(
+        "--seeds",
+        default="",
+        help="run once per seed (comma-separated, e.g. 1,2,3,4,5) into OUT/seed-S, then print "
+        "each arm against greedy per seed and pooled, and write OUT/seeds.json",
+    )
     p.add_argument(
         "--rate",
         type=float,

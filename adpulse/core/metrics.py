@@ -74,6 +74,12 @@ class Metrics:
     decide_forward_seconds: Histogram
     decision_log_failures: Counter
     loop_lag: Histogram
+    trainer_labels: Counter
+    trainer_auc: Gauge
+    trainer_logloss: Gauge
+    trainer_calibration: Gauge
+    trainer_candidates: Counter
+    trainer_checkpoint_ts: Gauge
 
     @classmethod
     def create(cls, registry: CollectorRegistry | None = None) -> Metrics:
@@ -170,7 +176,8 @@ class Metrics:
             ),
             ad_text_embeddings=Counter(
                 "adpulse_ad_text_embeddings_total",
-                "Ad texts embedded (streams/adtext.py), by source: model (encoded) or cache.",
+                "Ad texts and item titles embedded (streams/adtext.py), by source: model (encoded) "
+                "or cache.",
                 ["source"],
                 registry=r,
             ),
@@ -236,8 +243,8 @@ class Metrics:
             pacing_spend=Gauge(
                 "adpulse_pacing_spend",
                 "Budget spent today (UTC) by a campaign on this worker's partitions "
-                "(cpm: served pCTR x bid per decision; cpc: bid per clicked decision); sum over "
-                "workers.",
+                "(cpm: served pCTR x bid per decision; cpc: bid per clicked decision; cpa: bid "
+                "per converted decision); sum over workers.",
                 ["campaign"],
                 registry=r,
             ),
@@ -324,6 +331,45 @@ class Metrics:
                 "use): the wait a request has before its handler runs. /decide sheds above "
                 "ADPULSE_DECIDE_MAX_QUEUE_MS.",
                 buckets=LATENCY_BUCKETS,
+                registry=r,
+            ),
+            trainer_labels=Counter(
+                "adpulse_trainer_labels_total",
+                "ctr-feedback records seen by adpulse trainer, by outcome: learned, conversion "
+                "(a converted decision's second record, skipped), dead_lettered (invalid or a "
+                "duplicate decision id).",
+                ["outcome"],
+                registry=r,
+            ),
+            trainer_auc=Gauge(
+                "adpulse_trainer_auc",
+                "Progressive-validation AUC (each label scored before it is learned) over the "
+                "last WINDOW labels, by version: online (the model being trained) or the "
+                "serving version's name.",
+                ["version", "window"],
+                registry=r,
+            ),
+            trainer_logloss=Gauge(
+                "adpulse_trainer_logloss",
+                "Progressive-validation log loss over the last WINDOW labels, by version.",
+                ["version", "window"],
+                registry=r,
+            ),
+            trainer_calibration=Gauge(
+                "adpulse_trainer_calibration",
+                "Observed / expected CTR (clicks over summed pCTR) over the last WINDOW labels, "
+                "by version: 1 is calibrated, below 1 the model over-predicts.",
+                ["version", "window"],
+                registry=r,
+            ),
+            trainer_candidates=Counter(
+                "adpulse_trainer_candidates_total",
+                "Candidate versions adpulse trainer exported to MODEL_DIR/candidates.",
+                registry=r,
+            ),
+            trainer_checkpoint_ts=Gauge(
+                "adpulse_trainer_checkpoint_timestamp_seconds",
+                "When adpulse trainer last wrote its checkpoint (weights with consumed offsets).",
                 registry=r,
             ),
         )

@@ -242,6 +242,12 @@ class Settings:
         "are exact while a user has at most this many (one decayed below 2^-20 of an event's "
         "weight is dropped).",
     )
+    item_limit: int = _setting(
+        64,
+        "Items whose decayed weights a user's state keeps (20 bytes each) when ADPULSE_TEXT_MODEL "
+        "is set, so each item counts by its item-catalog title's vector; a lighter item beyond "
+        "this counts by its category vector.",
+    )
     sequence_length: int = _setting(
         50,
         "Behaviours (item, category, kind, time) kept per user, newest by event time, for "
@@ -273,6 +279,16 @@ class Settings:
         0.0,
         "Half-life in hours of a label in Thompson's counts and LinUCB's statistics, by event "
         "time (decision_ts), so the bandits follow drift. 0: labels never fade.",
+    )
+    thompson_half_life_h: float = _setting(
+        -1.0,
+        "Thompson's own half-life in hours (its counts), overriding ADPULSE_BANDIT_HALF_LIFE_H; "
+        "-1: that setting's value. 0: no forgetting.",
+    )
+    linucb_half_life_h: float = _setting(
+        -1.0,
+        "LinUCB's own half-life in hours (its statistics), overriding "
+        "ADPULSE_BANDIT_HALF_LIFE_H; -1: that setting's value. 0: no forgetting.",
     )
     learn_dedupe_ids: int = _setting(
         1024, "Recent decision ids remembered per ad: a label re-emitted among them counts once."
@@ -334,7 +350,8 @@ class Settings:
     text_model: str = _setting(
         "",
         "Directory of the ad text encoder (`adpulse models text` prints it); when set, an ad "
-        "with text and no embedding is embedded by the worker. Empty: text is not embedded.",
+        "with text and no embedding, and every item-catalog title, is embedded by the worker. "
+        "Empty: text is not embedded.",
     )
     text_precision: TextPrecision = _setting(
         "auto",
@@ -379,6 +396,47 @@ class Settings:
     fallback_ctr: float = _setting(
         0.02, "pCTR of every candidate when no model can score (unless the model's metrics say)."
     )
+    fallback_cvr: float = _setting(
+        0.05,
+        "pCVR of a cpa ad when the model has no CVR head or cannot score (unless its metrics say).",
+    )
+    # -- Online trainer (adpulse trainer, docs/training.md) ------------------------------
+    train_interval_s: float = _setting(
+        300.0,
+        "adpulse trainer exports a candidate version (MODEL_DIR/candidates/VERSION, not "
+        "served) this often, when it learned new labels since the last one.",
+    )
+    trainer_dir: str = _setting(
+        "",
+        "Where adpulse trainer keeps its checkpoint (weights, optimiser, replay ring, consumed "
+        "offsets, in one file); empty: DATA_DIR/trainer.",
+    )
+    trainer_checkpoint_s: float = _setting(
+        30.0,
+        "How often adpulse trainer writes its checkpoint with the offsets it consumed; after a "
+        "crash it re-learns at most this much, from the checkpoint, so each label once.",
+    )
+    trainer_port: int = _setting(6067, "Port of adpulse trainer's Prometheus /metrics.")
+    trainer_lr: float = _setting(
+        5e-4, "Adam learning rate of adpulse trainer: one step per batch of new labels."
+    )
+    trainer_batch: int = _setting(512, "Most new labels adpulse trainer learns in one step.")
+    trainer_replay: int = _setting(
+        20000,
+        "Labelled rows in adpulse trainer's replay ring (about 0.6 KB each at DIM 64); each "
+        "step adds as many of them, drawn at random, to the new labels.",
+    )
+    trainer_dedupe_ids: int = _setting(
+        200000,
+        "Decision ids adpulse trainer remembers: a label whose id it learned among the last "
+        "this many is dead-lettered (duplicate), never learned twice.",
+    )
+    trainer_windows: str = _setting(
+        "1000,10000",
+        "Sliding windows (labels) of the trainer's progressive validation; the smallest is "
+        "the held-back window whose metrics a candidate carries.",
+    )
+    trainer_threads: int = _setting(1, "PyTorch threads of adpulse trainer (0: PyTorch's choice).")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

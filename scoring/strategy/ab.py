@@ -122,6 +122,16 @@ def two_proportion_z(k1: float, n1: float, k2: float, n2: float) -> tuple[float,
     return z, math.erfc(abs(z) / math.sqrt(2))
 
 
+def diff_ci(k0: float, n0: float, k1: float, n1: float, z: float = Z95) -> tuple[float, float]:
+    """Wald interval of p1 - p0 (unpooled variances): for arms with hundreds of clicks each,
+    as pooled simulation runs have; NaN where an arm has no labels."""
+    if n0 <= 0 or n1 <= 0:
+        return math.nan, math.nan
+    p0, p1 = k0 / n0, k1 / n1
+    half = z * math.sqrt(p0 * (1 - p0) / n0 + p1 * (1 - p1) / n1)
+    return p1 - p0 - half, p1 - p0 + half
+
+
 def report(exp: Experiment, counts: npt.NDArray[np.int64]) -> list[dict[str, Any]]:
     """Per arm: counts, CTR and CVR with 95% intervals, and z/p against the control."""
     return compare([a.name for a in exp.arms], counts, [a.policy for a in exp.arms])

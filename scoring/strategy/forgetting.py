@@ -48,6 +48,17 @@ def check_half_life(half_life_h: float) -> float:
     return float(half_life_h)
 
 
+def half_lives(shared_h: float, thompson_h: float, linucb_h: float) -> tuple[float, float]:
+    """(Thompson's, LinUCB's) half-lives: each learner's own, or the shared one where it is -1.
+
+    Two knobs, because the learners react differently: Thompson's faded counts weigh
+    little against its model prior, so forgetting pulls it towards greedy, while LinUCB,
+    with no prior, needs it to follow a drift (docs/evaluation.md, "Forgetting").
+    """
+    own = [shared_h if h == -1 else h for h in (thompson_h, linucb_h)]
+    return check_half_life(own[0]), check_half_life(own[1])
+
+
 def decay(dt_ms: float, half_life_h: float) -> float:
     """The factor a statistic shrinks by over ``dt_ms`` of event time (1 when ``dt_ms`` <= 0)."""
     if half_life_h <= 0 or dt_ms <= 0:

@@ -5,7 +5,16 @@ bids, the user's interest vector, and a way to read the ads' learner state,
 which only the bandits call (one read per ad per batch, through
 :class:`StrategyReader`). ``greedy``, ``epsilon-greedy`` and ``random`` rank
 pCTR x bid (:class:`ByValue`); ``thompson`` and ``linucb`` also weigh the
-learned counts (:class:`Bandit`). Policies are named in settings as text
+learned counts (:class:`Bandit`).
+
+Billing cpa. ``bids`` is the value of a click: the bid, or pCVR x bid for a
+cost-per-conversion ad (streams/decide.py), so every policy ranks pCTR x pCVR x
+bid for those. Thompson's reward for a cpa ad is the conversion, not the click:
+its posterior is on pCTR x pCVR (the prior) with the ad's impressions and
+conversions as evidence (``AdState.conversions``), the draw times the bid. LinUCB
+keeps learning clicks (its per-ad state is a d x d matrix; a second one for
+conversions, ~100 times rarer, would double it and learn slowly) and values a
+cpa ad's click at pCVR x bid. Policies are named in settings as text
 (:func:`parse_policy`), per placement (:func:`placement_policies`) and per
 experiment arm (:func:`parse_experiment`).
 """
@@ -23,7 +32,7 @@ from scoring.featurespec import user_features
 from scoring.strategy import Choice, Strategy
 from scoring.strategy.ab import Arm, Experiment
 from scoring.strategy.epsilon import EpsilonGreedy
-from scoring.strategy.forgetting import decay
+from scoring.strategy.forgetting import decay, half_lives
 from scoring.strategy.greedy import Greedy
 from scoring.strategy.linucb import LinUCB, LinUCBParams
 from scoring.strategy.state import AdState, decode_ad, segment_of, state_key
@@ -40,6 +49,8 @@ class Candidates:
     vector: npt.NDArray[np.float32] | None  # the user's decayed interest; None: no history
     states: Callable[[], Sequence[AdState]]  # the ads' learner state, read on demand
     ts: int = 0  # the decision's event time (epoch ms): Thompson's counts fade up to it
+    pcvr: npt.NDArray[np.float64] | None = None  # pCVR per candidate (model's, else prior)
+    cpa: npt.NDArray[np.bool_] | None = None  # cost-per-conversion candidates
 
 
 class Policy(Protocol):
@@ -73,7 +84,7 @@ class PolicyParams:
     thompson_min_segment_shows: float = 50.0
     linucb_alpha: float = 1.0
     linucb_ridge: float = 1.0
-    half_life_h: float = 0.0  # forgetting (scoring/strategy/forgetting.py); 0: none
+    thompson_half_life_h: float = 0.0  # forgetting (scoring/strategy/forgetting.py); 0: none
 
     @classmethod
     def from_settings(cls, s: Any) -> PolicyParams:
@@ -84,7 +95,9 @@ class PolicyParams:
             thompson_min_segment_shows=s.thompson_min_segment_shows,
             linucb_alpha=s.linucb_alpha,
             linucb_ridge=s.linucb_ridge,
-            half_life_h=s.bandit_half_life_h,
+            thompson_half_life_h=half_lives(
+                s.bandit_half_life_h, s.thompson_half_life_h, s.linucb_half_life_h
+            )[0],
         )
 
 
@@ -107,7 +120,7 @@ class Bandit:
         if name == "thompson":
             m = float(arg) if arg else p.thompson_prior_strength
             params = ThompsonParams(m, p.thompson_draws, 1.0, p.thompson_min_segment_shows,
-                                    half_life_h=p.half_life_h)  # fmt: skip
+                                    half_life_h=p.thompson_half_life_h)  # fmt: skip
             return cls("thompson", thompson=ThompsonSampling(params))
         alpha = float(arg) if arg else p.linucb_alpha
         return cls("linucb", linucb=LinUCB(LinUCBParams(p.dim, alpha, p.linucb_ridge)))
@@ -128,6 +141,23 @@ class Bandit:
                 counts["clicks"] *= f
         return backoff(ad, by_seg, self.thompson.params.min_segment_shows)
 
+    def on_conversions(
+        self, c: Candidates, states: Sequence[AdState], stats: npt.NDArray[Any]
+    ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64], npt.NDArray[Any]]:
+        """Thompson's (prior mean, bid, evidence) with cpa candidates' rewards as conversions:
+        prior pCTR x pCVR, the bid per conversion, the ad's (shows, conversions) faded
+        like its clicks."""
+        assert self.thompson is not None and c.cpa is not None and c.pcvr is not None
+        conv = np.array([(st.shows, st.conversions) for st in states], dtype=STATS_DTYPE)
+        h = self.thompson.params.half_life_h
+        if h > 0 and c.ts:
+            f = np.array([decay(c.ts - st.ts, h) if st.ts else 1.0 for st in states])
+            conv["shows"] *= f
+            conv["clicks"] *= f
+        prior = np.where(c.cpa, c.pctr * c.pcvr, c.pctr)
+        bids = np.where(c.cpa, c.bids / np.maximum(c.pcvr, 1e-12), c.bids)
+        return prior, bids, np.where(c.cpa, conv, stats)
+
     def choose(self, c: Candidates, rng: np.random.Generator) -> Choice:
         """Thompson: model pCTR as prior mean, the (ad, segment) or ad counts as evidence;
         LinUCB: UCB over the normalised interest vector, times the bid.
@@ -140,7 +170,9 @@ class Bandit:
         states = c.states()
         if self.thompson is not None:
             stats = self.thompson_counts(c, states)
-            return self.thompson.choose(c.pctr, c.bids, stats, rng)
+            if c.cpa is None or c.pcvr is None or not c.cpa.any():
+                return self.thompson.choose(c.pctr, c.bids, stats, rng)
+            return self.thompson.choose(*self.on_conversions(c, states, stats), rng)
         assert self.linucb is not None
         lin = self.linucb.decode([st.linucb or None for st in states])
         x = user_features(c.vector, self.linucb.params.dim)[0]

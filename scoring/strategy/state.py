@@ -30,6 +30,10 @@ class AdState(msgspec.Struct, array_like=True, omit_defaults=True):
     # default, so records written before it decode, and a worker of the version before
     # reads new records (msgspec drops trailing array elements a Struct does not name).
     ts: int = 0
+    # Conversions (``converted: 1`` records) on the same scale as ``shows``: the evidence a
+    # cpa ad's Thompson posterior weighs (scoring/strategy/policy.py). Last, for the same
+    # reason as ``ts``.
+    conversions: float = 0.0
 
 
 class CalibrationShard(msgspec.Struct, array_like=True):

@@ -25,6 +25,7 @@ MODULES = [
     "schemas.messages",
     "scoring.joinstate",
     "scoring.offline",
+    "scoring.progressive",
 ]
 
 

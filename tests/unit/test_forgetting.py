@@ -72,7 +72,9 @@ label_st = st.tuples(
 )
 
 
-def deliver(labels: list[tuple[str, int, int, list[float]]], h: float, seed: int) -> Store:
+def deliver(
+    labels: list[tuple[str, int, int, list[float]]], h: float, seed: int, **own: float
+) -> Store:
     """Labels in a shuffled order, in random batches, some re-emitted at a new offset and
     some batches redelivered at their old offsets, through the real learn stage."""
     rnd = random.Random(seed)
@@ -81,7 +83,7 @@ def deliver(labels: list[tuple[str, int, int, list[float]]], h: float, seed: int
     order += rnd.sample(order, k=len(order) // 3)  # re-emissions (new offsets): count once
     raws = [Raw(body(i, *labels[i][:2], T0 + labels[i][2], labels[i][3]),
                 labels[i][0].encode(), 0, off, 0) for off, i in enumerate(order)]  # fmt: skip
-    store, stage = Store(), LearnStage(Settings(dim=DIM, bandit_half_life_h=h))
+    store, stage = Store(), LearnStage(Settings(dim=DIM, bandit_half_life_h=h, **own))
     while raws:
         n = rnd.randint(1, 6)
         batch, raws = raws[:n], raws[n:]
@@ -91,25 +93,30 @@ def deliver(labels: list[tuple[str, int, int, list[float]]], h: float, seed: int
     return store
 
 
-def oracle(labels: list[tuple[str, int, int, list[float]]], ad: str, h: float) -> dict[str, Any]:
-    """Batch recompute with numpy: every label once, weighted by its age at the latest one."""
+def oracle(
+    labels: list[tuple[str, int, int, list[float]]], ad: str, h: float, h_lin: float | None = None
+) -> dict[str, Any]:
+    """Batch recompute with numpy: every label once, weighted by its age at the latest one
+    (the counts by half-life ``h``, LinUCB's statistics by ``h_lin``, default ``h``; 0: 1)."""
     mine = [lb for lb in labels if lb[0] == ad]
     t = np.array([T0 + lb[2] for lb in mine], dtype=np.float64)
     ref = t.max()
-    w = np.exp2(-(ref - t) / (h * HOUR))
+    w = np.exp2(-(ref - t) / (h * HOUR)) if h > 0 else np.ones_like(t)
+    hl = h if h_lin is None else h_lin
+    w_lin = np.exp2(-(ref - t) / (hl * HOUR)) if hl > 0 else np.ones_like(t)
     y = np.array([lb[1] for lb in mine], dtype=np.float64)
     segs: dict[int, list[float]] = {}
     a = np.eye(DIM + 1)  # ridge 1, undecayed
     b = np.zeros(DIM + 1)
-    for wi, yi, lb in zip(w, y, mine, strict=True):
+    for wi, wl, yi, lb in zip(w, w_lin, y, mine, strict=True):
         seg = segment_of(lb[3])
         if seg is None:
             continue
         n, c = segs.get(seg, [0.0, 0.0])
         segs[seg] = [n + wi, c + wi * yi]
         x = np.append(user_features(lb[3], DIM)[0], 1.0)
-        a += wi * np.outer(x, x)
-        b += wi * yi * x
+        a += wl * np.outer(x, x)
+        b += wl * yi * x
     return {"ts": int(ref), "shows": w.sum(), "clicks": w @ y, "segments": segs, "a": a, "b": b}
 
 
@@ -139,6 +146,28 @@ def test_forgetting_equals_a_batch_recompute_in_any_order_with_duplicates(
         assert_matches(store.ad(ad), oracle(labels, ad, h))
 
 
+@settings(max_examples=40, deadline=None)
+@given(labels=st.lists(label_st, min_size=1, max_size=25),
+       hs=st.sampled_from([(0.0, 3.0), (3.0, 0.0), (0.5, 24.0)]),
+       seed=st.integers(0, 2**16))  # fmt: skip
+def test_each_learner_forgets_by_its_own_half_life(
+    labels: list[tuple[str, int, int, list[float]]], hs: tuple[float, float], seed: int
+) -> None:
+    """ADPULSE_THOMPSON_HALF_LIFE_H and ADPULSE_LINUCB_HALF_LIFE_H override the shared one
+    (set here to a value neither uses): the counts fade by the first, LinUCB by the second."""
+    store = deliver(labels, 99.0, seed, thompson_half_life_h=hs[0], linucb_half_life_h=hs[1])
+    for ad in {lb[0] for lb in labels}:
+        assert_matches(store.ad(ad), oracle(labels, ad, hs[0], hs[1]))
+
+
+def test_a_learner_without_its_own_half_life_takes_the_shared_one() -> None:
+    assert forgetting.half_lives(2.0, -1.0, -1.0) == (2.0, 2.0)
+    assert forgetting.half_lives(2.0, 0.0, -1.0) == (0.0, 2.0)
+    assert PolicyParams.from_settings(Settings(bandit_half_life_h=2.0)).thompson_half_life_h == 2.0
+    own = Settings(bandit_half_life_h=2.0, thompson_half_life_h=0.0)
+    assert PolicyParams.from_settings(own).thompson_half_life_h == 0.0
+
+
 @settings(max_examples=30, deadline=None)
 @given(labels=st.lists(label_st, min_size=1, max_size=25), seed=st.integers(0, 2**16))
 def test_half_life_zero_keeps_todays_exact_counts_and_record_layout(
@@ -150,7 +179,7 @@ def test_half_life_zero_keeps_todays_exact_counts_and_record_layout(
         state = store.ad(ad)
         assert (state.shows, state.clicks, state.ts) == (len(mine), sum(lb[1] for lb in mine), 0)
         raw = store.data[(ad.encode(), 0)]
-        assert msgspec.msgpack.decode(raw)[6:] == [0]  # one more element, always 0
+        assert msgspec.msgpack.decode(raw)[6:] == [0, 0.0]  # ts and conversions, no more
         before = msgspec.msgpack.decode(raw, type=AdStateBefore)  # the version before reads it
         assert (before.shows, before.clicks, before.linucb) == (state.shows, state.clicks,
                                                                 state.linucb)  # fmt: skip
@@ -162,7 +191,7 @@ def test_a_record_written_before_forgetting_still_decodes() -> None:
     state = decode_ad(old)
     assert (state.offset, state.ring, state.shows, state.clicks) == (7, [11, 12], 5.0, 2.0)
     assert state.segments == {1: (3.0, 1.0)} and state.linucb == lin and state.ts == 0
-    assert msgspec.msgpack.decode(encode(state)) == [*msgspec.msgpack.decode(old), 0]
+    assert msgspec.msgpack.decode(encode(state)) == [*msgspec.msgpack.decode(old), 0, 0.0]
 
 
 def test_linucb_discount_forgets_the_data_but_keeps_the_ridge() -> None:
@@ -186,7 +215,7 @@ def test_thompson_counts_fade_to_the_decision_time() -> None:
     late = t - HOUR  # a reader behind the record: no boost
     for now, want in ((t, 1.0), (t + 4 * HOUR, 0.25), (t + 8 * HOUR, 1 / 16), (late, 1.0)):
         c = Candidates(np.array([0.05]), np.array([1.0]), vec, lambda: [stored], now)
-        bandit = Bandit.parse("thompson", "", PolicyParams(dim=DIM, half_life_h=h))
+        bandit = Bandit.parse("thompson", "", PolicyParams(dim=DIM, thompson_half_life_h=h))
         counts = bandit.thompson_counts(c, [stored])
         seg_ok = 600.0 * want >= 50.0  # the segment's counts take over once worth 50 shows
         assert counts[0].tolist() == pytest.approx([600.0 * want, want] if seg_ok
@@ -200,9 +229,29 @@ def test_a_bad_half_life_is_refused_with_the_fix() -> None:
     with pytest.raises(ValueError, match="need a finite number >= 0"):
         LearnStage(Settings(dim=DIM, bandit_half_life_h=-1.0))
     with pytest.raises(ValueError, match="need a finite number >= 0"):
-        Bandit.parse("thompson", "", PolicyParams(half_life_h=float("nan")))
+        Bandit.parse("thompson", "", PolicyParams(thompson_half_life_h=float("nan")))
+    with pytest.raises(ValueError, match="need a finite number >= 0"):
+        LearnStage(Settings(dim=DIM, linucb_half_life_h=-2.0))
 
 
 def test_docstring_examples_hold() -> None:
     result = doctest.testmod(forgetting)
     assert result.failed == 0 and result.attempted > 0
+
+
+def test_a_label_stamped_far_ahead_of_its_record_is_dead_lettered_not_learned() -> None:
+    """With forgetting on, one label a year ahead would fade all the ad had learned: it goes
+    to dead letters (reason future_ts) and the ad's record stays as it was."""
+    store, stage = Store(), LearnStage(Settings(dim=DIM, bandit_half_life_h=1.0))
+    ok = [Raw(body(i, "a", i % 2, T0 + i, [1.0, 0.2, 0.0]), b"a", 0, i, T0 + 5) for i in range(4)]
+    store.run(stage, ok)
+    before = store.ad("a")
+    ahead = T0 + 365 * 24 * HOUR
+    bad = Raw(body(9, "a", 1, ahead, [1.0, 0.2, 0.0]), b"a", 0, 4, T0 + 10)
+    result = stage.process([bad], store.load)
+    assert [(r.reason, r.raw.offset) for r in result.rejected] == [("future_ts", 4)]
+    assert "after its record's timestamp" in result.rejected[0].message
+    assert not result.writes
+    assert store.ad("a").shows == before.shows and store.ad("a").ts == before.ts
+    near = Raw(body(10, "a", 1, T0 + 20, [1.0, 0.2, 0.0]), b"a", 0, 5, T0 + 10)  # 10 ms ahead
+    assert not stage.process([near], store.load).rejected

@@ -118,9 +118,20 @@ def test_a_conversion_after_its_label_left_the_ring_is_not_a_second_label() -> N
     store.run(stage, raws([label("d1", "a", 1, v), label("d2", "a", 0, v), label("d3", "a", 0, v)]))
     conversion = {**label("d1", "a", 1, v), "converted": 1}  # a purchase a day later
     result = store.run(stage, raws([conversion], first_offset=3))
-    assert result.outcomes == {"duplicate": 1}
+    assert result.outcomes == {"applied": 1}  # as a conversion (a cpa ad's reward), not a label
     a = store.ad("a")
-    assert (a.shows, a.clicks, a.offset) == (3.0, 1.0, 3)
+    assert (a.shows, a.clicks, a.conversions, a.offset) == (3.0, 1.0, 1.0, 3)
+
+
+def test_a_conversion_re_emitted_at_a_new_offset_counts_once() -> None:
+    store, stage = Store(), LearnStage(SETTINGS)
+    v = [1.0, 0, 0, 0]
+    conversion = {**label("d1", "a", 1, v), "converted": 1}
+    store.run(stage, raws([label("d1", "a", 1, v), conversion]))
+    again = store.run(stage, raws([conversion], first_offset=2))  # the joiner's duplicate window
+    assert again.outcomes == {"duplicate": 1}
+    a = store.ad("a")
+    assert (a.shows, a.clicks, a.conversions) == (1.0, 1.0, 1.0)
 
 
 def test_the_dedupe_ring_is_bounded() -> None:

@@ -27,6 +27,7 @@ EXPECTED_TOPICS = {
     "ad-decisions",
     "ctr-feedback",
     "ad-catalog",
+    "item-catalog",
     "dead-letters",
     "forget-requests",
     "forget-confirmations",
@@ -49,7 +50,7 @@ def _read(path: Path) -> Any:
 # --- schemas -----------------------------------------------------------------
 
 
-def test_the_eight_topics_have_schema_files() -> None:
+def test_the_nine_topics_have_schema_files() -> None:
     assert set(TOPIC_NAMES) == EXPECTED_TOPICS
 
 
@@ -178,11 +179,12 @@ def test_every_key_field_is_a_required_string(topic: str) -> None:
     assert _schema_json_types(schema["properties"][spec.key_field], schema["$defs"]) == {"string"}
 
 
-def test_the_catalog_is_compacted_and_kept_forever_the_rest_a_week() -> None:
-    assert TOPICS["ad-catalog"].compacted
-    assert TOPICS["ad-catalog"].retention_ms is None  # bench-ok: a config
+def test_the_catalogs_are_compacted_and_kept_forever_the_rest_a_week() -> None:
+    for name in ("ad-catalog", "item-catalog"):
+        assert TOPICS[name].compacted
+        assert TOPICS[name].retention_ms is None  # bench-ok: a config
     for name, spec in TOPICS.items():
-        if name != "ad-catalog":
+        if name not in ("ad-catalog", "item-catalog"):
             assert not spec.compacted
             assert spec.retention_ms == WEEK_MS == 7 * 24 * 3600 * 1000  # bench-ok: a config
 

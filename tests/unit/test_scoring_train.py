@@ -24,7 +24,7 @@ def test_training_on_20k_synthetic_rows_beats_chance_on_the_held_out_split(tmp_p
     assert m["logloss"] < m["logloss_prior"]
     assert (m["n_train"], m["n_test"]) == (16_000, 4_000)
     files = sorted(p.name for p in (tmp_path / "v0001").iterdir())
-    assert files == ["metrics.json", "model.onnx", "spec.json"]
+    assert files == ["metrics.json", "model.onnx", "model.pt", "spec.json"]
     assert json.loads((tmp_path / "v0001" / "metrics.json").read_text())["seed"] == 3
     reg = ModelRegistry(tmp_path, FeatureSpec(), options=SessionOptions(intra_op_threads=1))
     assert reg.latest_valid() is not None
