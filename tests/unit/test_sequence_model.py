@@ -140,3 +140,13 @@ def test_a_plain_net_has_no_block_and_no_seq_input(registry_dir: tuple[Path, Ctr
     assert not any(k.startswith("attention") for k in CtrNet(PLAIN).state_dict())
     scorer = OnnxScorer(root / "v1" / MODEL, device="cpu", options=ONE_THREAD)
     assert [i.name for i in scorer.session.get_inputs()] == ["user", "ad", "ids", "dense"]
+
+
+def test_a_sequence_model_with_the_cvr_head_exports_and_validates(tmp_path: Path) -> None:
+    torch.manual_seed(2)
+    d = tmp_path / "v1"
+    export_onnx(CtrNet(SEQ, cvr_head=True), d / MODEL, SEQ)  # both outputs checked at 1 and 12
+    (d / SPEC).write_text(SEQ.to_json())
+    loaded = validate(d, PLAIN, options=ONE_THREAD, latency_budget_ms=1e4)
+    outputs = [o.name for o in loaded.scorer.session.get_outputs()]  # type: ignore[attr-defined]
+    assert loaded.spec.sequence == 12 and outputs == ["pctr", "pcvr"]
