@@ -123,6 +123,7 @@ class FeatureSnapshot(_Message, kw_only=True):
     item_id: Int64Id | UnsetType = UNSET
     pctr: Probability | UnsetType = UNSET
     pcvr: Probability | UnsetType = UNSET
+    sequence: Annotated[list[tuple[Int64Id, Int64Id]], Meta(max_length=1000)] | UnsetType = UNSET
 
 
 class AdDecision(_Message, kw_only=True):

@@ -19,6 +19,12 @@ Inputs (batch axis dynamic, named ``batch``):
 * ``dense`` float32 [B, 4]: log1p(raw interest norm), sin and cos of the hour of
   day, 1 if the user has history.
 
+Only in a sequence model (``sequence`` > 0, scoring/attention.py):
+
+* ``seq``   float32 [B, L, D]: the vectors of the user's last L behaviours, newest
+  first, in the ad's space (:func:`item_vectors`), zero rows after the last one.
+  L is dynamic (axis ``seq``): a batch is padded to its longest sequence.
+
 Output ``pctr`` float32 [B, 1].
 
 Serving gathers rows: :class:`AdIndex` precomputes every ad's embedding and id
@@ -56,6 +62,7 @@ DENSE_FEATURES = ("log1p_interest_norm", "hour_sin", "hour_cos", "known_user")
 OUTPUT = "pctr"
 CVR_OUTPUT = "pcvr"  # the optional second output: pCVR after a click (scoring/model.py)
 BATCH_AXIS = "batch"
+SEQ_AXIS = "seq"
 _DAY_MS = 24 * 3600 * 1000
 _HOUR_MS = 3600 * 1000
 
@@ -64,7 +71,8 @@ _HOUR_MS = 3600 * 1000
 class InputSpec:
     name: str
     dtype: str  # numpy dtype name
-    width: int  # the non-batch dimension
+    width: int  # the last dimension
+    seq: bool = False  # [batch, seq, width] rather than [batch, width]
 
 
 @dataclass(frozen=True)
@@ -79,6 +87,7 @@ class FeatureSpec:
     dense: tuple[str, ...] = DENSE_FEATURES
     output: str = OUTPUT
     version: int = SPEC_VERSION
+    sequence: int = 0  # behaviours the attention block was trained on; 0: no block
     extra: Mapping[str, Any] = field(default_factory=dict, compare=False)
 
     @classmethod
@@ -92,6 +101,7 @@ class FeatureSpec:
             InputSpec("ad", "float32", self.dim),
             InputSpec("ids", "int64", len(self.id_fields)),
             InputSpec("dense", "float32", len(self.dense)),
+            *((InputSpec("seq", "float32", self.dim, seq=True),) if self.sequence else ()),
         )
 
     @property
@@ -141,12 +151,37 @@ class FeatureSpec:
             ],
             axis=1,
         ).astype(np.float32)
-        return {"user": user, "ad": ad, "ids": ids, "dense": dense}
+        out: Inputs = {"user": user, "ad": ad, "ids": ids, "dense": dense}
+        if self.sequence:
+            seq = _unit(rng.standard_normal((n, self.sequence, self.dim)).astype(np.float32))
+            length = rng.integers(0, self.sequence + 1, n)  # some users with none
+            seq[np.arange(self.sequence)[None, :] >= length[:, None]] = 0
+            out["seq"] = seq
+        return out
 
 
 def _unit(x: F32) -> F32:
     n = np.linalg.norm(x, axis=-1, keepdims=True)
     out: F32 = np.divide(x, n, out=np.zeros_like(x), where=n > 0).astype(np.float32)
+    return out
+
+
+def item_vectors(
+    table: Any, items: npt.ArrayLike, categories: npt.ArrayLike, spec: FeatureSpec
+) -> F32:
+    """Unit vectors of items (their category's mixed in), as an ad promoting the item gets:
+    the rule behind both an ad's embedding and each behaviour of a sequence."""
+    return _unit(event_embeddings(table, items, categories, spec.category_mix))
+
+
+def pad_sequences(seqs: Sequence[F32 | None], spec: FeatureSpec) -> F32:
+    """[R, L, D]: each request's behaviour vectors ([L_r, D], newest first) padded with zero
+    rows to the longest (at most ``spec.sequence``, at least 1 so no axis is empty)."""
+    lengths = [0 if s is None else min(len(s), spec.sequence) for s in seqs]
+    out = np.zeros((len(seqs), max([1, *lengths]), spec.dim), dtype=np.float32)
+    for i, (s, n) in enumerate(zip(seqs, lengths, strict=True)):
+        if n:
+            out[i, :n] = s[:n]  # type: ignore[index]
     return out
 
 
@@ -308,6 +343,7 @@ class RequestFeatures:
     rows: I64
     placement: str
     device: str | None
+    sequence: F32 | None = None  # [L, D] behaviour vectors, newest first (sequence models)
 
 
 def assemble_many(
@@ -335,12 +371,15 @@ def assemble_many(
     ids = np.empty((len(rows), 4), dtype=np.int64)
     ids[:, :2] = ads.id_buckets[rows]
     ids[:, 2:] = np.repeat(per_req, counts, axis=0)
-    return {
+    out = {
         "user": np.repeat(users, counts, axis=0),
         "ad": ads.embedding[rows],
         "ids": ids,
         "dense": np.repeat(dense, counts, axis=0),
     }
+    if spec.sequence:
+        out["seq"] = np.repeat(pad_sequences([r.sequence for r in requests], spec), counts, axis=0)
+    return out
 
 
 def from_feedback(records: Sequence[Mapping[str, Any]], spec: FeatureSpec) -> Inputs:
@@ -390,7 +429,14 @@ def from_feedback(records: Sequence[Mapping[str, Any]], spec: FeatureSpec) -> In
     has_item = item >= 0
     if has_item.any():
         ad[has_item] = event_embeddings(table, item[has_item], cat[has_item], spec.category_mix)
-    return {"user": user, "ad": _unit(ad), "ids": ids, "dense": dense}
+    out: Inputs = {"user": user, "ad": _unit(ad), "ids": ids, "dense": dense}
+    if spec.sequence:  # features.sequence: [[item_id, category_id], ...], newest first
+        pairs = [np.asarray(r["features"].get("sequence") or np.zeros((0, 2)), np.int64)
+                 for r in records]  # fmt: skip
+        out["seq"] = pad_sequences(
+            [item_vectors(table, p[:, 0], p[:, 1], spec) if len(p) else None for p in pairs], spec
+        )
+    return out
 
 
 def concat(parts: Sequence[Inputs]) -> Inputs:

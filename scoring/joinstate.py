@@ -100,6 +100,7 @@ class Pending(msgspec.Struct, array_like=True, gc=False):
     # records written before it decode as before (msgspec array_like).
     conversion_price: float = 0.0
     pcvr: float = -1.0  # the model's pCVR of the served ad (-1: its model had no CVR head)
+    sequence: bytes = b""  # behaviours a sequence model attended over (:func:`pack_sequence`)
 
 
 _encode = msgspec.msgpack.Encoder().encode
@@ -136,6 +137,7 @@ class Decision:
     click_price: float = 0.0  # the bid of a cpc decision, 0 for cpm
     conversion_price: float = 0.0  # the bid of a cpa decision, 0 otherwise
     pcvr: float = -1.0
+    sequence: bytes = b""  # (:func:`pack_sequence`)
 
 
 def pack_interest(vector: Sequence[float]) -> bytes:
@@ -149,6 +151,17 @@ def pack_interest(vector: Sequence[float]) -> bytes:
 
 def unpack_interest(raw: bytes) -> list[float]:
     return [round(x, 4) for x in np.frombuffer(raw, dtype="<f2").astype(np.float64).tolist()]
+
+
+def pack_sequence(pairs: Sequence[Sequence[int]]) -> bytes:
+    """A snapshot's behaviours ([item_id, category_id], newest first) as little-endian int64
+    pairs: 16 bytes a behaviour, so what ``adpulse train --sequence`` reads from
+    ctr-feedback is what the model attended over."""
+    return np.asarray(pairs, dtype="<i8").reshape(-1, 2).tobytes() if len(pairs) else b""
+
+
+def unpack_sequence(raw: bytes) -> list[tuple[int, int]]:
+    return [(a, b) for a, b in np.frombuffer(raw, dtype="<i8").reshape(-1, 2).tolist()]
 
 
 @dataclass(frozen=True)
@@ -232,6 +245,7 @@ def apply_batch(
             dec_off=d.offset, ev_off=rec.ev_off if rec is not None else -1,
             pctr_raw=d.pctr_raw, device=d.device, interest=d.interest, click_price=d.click_price,
             conversion_price=d.conversion_price, pcvr=d.pcvr,
+            sequence=d.sequence,
         )  # fmt: skip
         state[d.decision_id] = rec
         out.changed.add(d.decision_id)
@@ -355,6 +369,7 @@ def label(
         item_id=rec.item_id if rec.item_id >= 0 else UNSET,
         pctr=rec.pctr_raw if rec.pctr_raw >= 0 else rec.pctr,
         pcvr=rec.pcvr if rec.pcvr >= 0 else UNSET,
+        sequence=unpack_sequence(rec.sequence) if rec.sequence else UNSET,
     )
     return CtrFeedback(
         decision_id=key, ad_id=rec.ad_id, user_id=rec.user_id, clicked=clicked,

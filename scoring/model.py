@@ -32,6 +32,11 @@ conversions also shape the shared layers. A model trained without conversions
 has no CVR head and exports one output, as before; with it, the graph has two
 outputs, ``pctr`` and ``pcvr`` (docs/cvr.md).
 
+With ``FeatureSpec.sequence`` > 0 the net gains DIN's target attention
+(scoring/attention.py): the ad attends over the user's behaviours and the
+pooled vector joins the cross layer's input beside the dense features. Without
+it the net, its parameters and its graph are what they were.
+
 Serving never imports this module: it runs the exported ONNX file.
 """
 
@@ -45,7 +50,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from scoring.featurespec import BATCH_AXIS, CVR_OUTPUT, FeatureSpec
+from scoring.attention import TargetAttention
+from scoring.featurespec import BATCH_AXIS, CVR_OUTPUT, SEQ_AXIS, FeatureSpec
 
 ID_EMBED = 8
 CROSS_RANK = 16
@@ -103,7 +109,8 @@ class CtrNet(nn.Module):
         self.register_buffer(
             "offsets", torch.tensor(spec.id_offsets, dtype=torch.int64), persistent=False
         )
-        width = 3 * spec.dim + len(spec.id_buckets) * ID_EMBED + len(spec.dense)
+        seq_width = spec.dim if spec.sequence else 0
+        width = 3 * spec.dim + len(spec.id_buckets) * ID_EMBED + len(spec.dense) + seq_width
         self.width = width
         self.cross = nn.ModuleList(
             LowRankCross(width, cross_rank, first=i == 0) for i in range(cross_layers)
@@ -118,6 +125,8 @@ class CtrNet(nn.Module):
             if cvr_head
             else None
         )
+        # Made last, so a net without the block draws its weights as it always did.
+        self.attention = TargetAttention(spec.dim) if spec.sequence else None
 
     def start_at(self, ctr: float) -> None:
         """Set the output bias so the untrained net predicts ``ctr`` (faster, stabler start)."""
@@ -135,21 +144,32 @@ class CtrNet(nn.Module):
             head.bias.fill_(math.log(cvr / (1.0 - cvr)))
 
     def tower(
-        self, user: torch.Tensor, ad: torch.Tensor, ids: torch.Tensor, dense: torch.Tensor
+        self,
+        user: torch.Tensor,
+        ad: torch.Tensor,
+        ids: torch.Tensor,
+        dense: torch.Tensor,
+        seq: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The shared bottom: id embeddings, cross, MLP up to its last hidden layer."""
+        """The shared bottom: id embeddings (and the attention over behaviours in a sequence
+        model), cross, MLP up to its last hidden layer."""
         e = self.ids(ids + self.offsets).flatten(1)
-        x0 = torch.cat([user, ad, user * ad, e, dense], dim=1)
+        parts = [user, ad, user * ad, e, dense]
+        if self.attention is not None:
+            if seq is None:
+                msg = "this net attends over behaviours: give it the seq input"
+                raise ValueError(msg)
+            parts.append(self.attention(ad, seq))
+        x0 = torch.cat(parts, dim=1)
         x = x0
         for layer in self.cross:
             x = layer(x0, x)
         out: torch.Tensor = self.mlp[:-1](x)
         return out
 
-    def logits(
-        self, user: torch.Tensor, ad: torch.Tensor, ids: torch.Tensor, dense: torch.Tensor
-    ) -> torch.Tensor:
-        out: torch.Tensor = self.mlp[-1](self.tower(user, ad, ids, dense))
+    def logits(self, *inputs: torch.Tensor) -> torch.Tensor:
+        """pCTR logit of (user, ad, ids, dense[, seq])."""
+        out: torch.Tensor = self.mlp[-1](self.tower(*inputs))
         return out
 
     def head_logits(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -163,10 +183,8 @@ class CtrNet(nn.Module):
         ctr, cvr = self.head_logits(*inputs)
         return torch.sigmoid(ctr), torch.sigmoid(cvr)
 
-    def forward(
-        self, user: torch.Tensor, ad: torch.Tensor, ids: torch.Tensor, dense: torch.Tensor
-    ) -> torch.Tensor:
-        return torch.sigmoid(self.logits(user, ad, ids, dense))
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.logits(*inputs))
 
 
 class _BothHeads(nn.Module):
@@ -184,31 +202,45 @@ def _run(model: CtrNet, x: dict[str, np.ndarray[Any, Any]]) -> list[np.ndarray[A
     """PyTorch's outputs, in the ONNX graph's order (pctr, then pcvr when it has it)."""
     with torch.no_grad():
         if model.cvr is None:
-            return [model(*_tensors(x)).numpy()]
-        return [t.numpy() for t in model.heads(*_tensors(x))]
+            return [model(*_tensors(x, model.spec)).numpy()]
+        return [t.numpy() for t in model.heads(*_tensors(x, model.spec))]
 
 
-def _tensors(inputs: dict[str, np.ndarray[Any, Any]]) -> tuple[torch.Tensor, ...]:
-    return tuple(
-        torch.from_numpy(np.ascontiguousarray(inputs[k])) for k in ("user", "ad", "ids", "dense")
-    )
+def _tensors(
+    inputs: dict[str, np.ndarray[Any, Any]], spec: FeatureSpec
+) -> tuple[torch.Tensor, ...]:
+    return tuple(torch.from_numpy(np.ascontiguousarray(inputs[k])) for k in spec.input_names)
+
+
+def _golden(spec: FeatureSpec, n: int, length: int, seed: int) -> dict[str, np.ndarray[Any, Any]]:
+    """Golden inputs with the sequence cut to ``length`` (the export is checked at two)."""
+    x = spec.golden_inputs(n, seed=seed)
+    if "seq" in x:
+        x["seq"] = np.ascontiguousarray(x["seq"][:, :length])
+    return x
 
 
 def export_onnx(model: CtrNet, path: Path, spec: FeatureSpec, *, atol: float = 1e-5) -> float:
     """Write ``model`` as ONNX with a dynamic batch axis, then verify it.
 
     Verification runs ONNX Runtime and PyTorch on the same random inputs at
-    batch 1 and 257 and raises ``AssertionError``-free ``ValueError`` if any
-    output differs by more than ``atol``. Returns the largest difference seen.
+    batch 1 and 257 (a sequence model: sequences of 1 and ``spec.sequence``, so
+    both axes are proven dynamic) and raises ``AssertionError``-free
+    ``ValueError`` if any output differs by more than ``atol``. Returns the
+    largest difference seen.
     A model with a CVR head is exported with two outputs, ``pctr`` then
     ``pcvr``, and both are verified.
     """
     import onnxruntime as ort  # noqa: PLC0415 (serving dependency, imported where needed)
 
     model.eval()
-    example = _tensors(spec.golden_inputs(4, seed=1))
+    example = _tensors(spec.golden_inputs(4, seed=1), spec)
     outputs = [spec.output] if model.cvr is None else [spec.output, CVR_OUTPUT]
-    axes = {name: {0: BATCH_AXIS} for name in (*spec.input_names, *outputs)}
+    axes: dict[str, dict[int, str]] = {
+        name: {0: BATCH_AXIS} for name in (*spec.input_names, *outputs)
+    }
+    if spec.sequence:
+        axes["seq"] = {0: BATCH_AXIS, 1: SEQ_AXIS}
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.onnx.export(
         model if model.cvr is None else _BothHeads(model),
@@ -223,8 +255,8 @@ def export_onnx(model: CtrNet, path: Path, spec: FeatureSpec, *, atol: float = 1
     )
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     worst = 0.0
-    for n, seed in ((1, 11), (257, 12)):
-        x = spec.golden_inputs(n, seed=seed)
+    for n, length, seed in ((1, 1, 11), (257, max(1, spec.sequence), 12)):
+        x = _golden(spec, n, length, seed)
         for name, got, want in zip(outputs, sess.run(outputs, x), _run(model, x), strict=True):
             if got.shape != want.shape:
                 msg = f"ONNX output {name} shape {got.shape} != PyTorch {want.shape} at batch {n}"

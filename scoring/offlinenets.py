@@ -5,17 +5,14 @@
 * (c) + title embeddings: the same ``CtrNet`` over twice the width, the user and
   ad vectors being [hashed | text] (a ``FeatureSpec`` with ``dim`` doubled), so
   the net's user*ad product holds both cosines.
-* (d) + target attention: :class:`DinCtr`, the attention block of DIN (Zhou et
-  al., "Deep Interest Network for Click-Through Rate Prediction", KDD 2018,
-  section 4.3): the candidate item's vector q attends over the vectors k_j of the
-  user's last N behaviours with weights a(k_j, q) = MLP([k_j, q, k_j - q, k_j * q]),
-  not softmax-normalised (the paper keeps the intensity of interest), and the
-  weighted sum joins (c)'s inputs as extra dense features. The MLP's first layer
-  over [k, q, k - q, k * q] is folded into W_k k + W_q q + W_p (k * q), the same
-  function with half the multiply-adds.
+* (d) + target attention: :class:`DinCtr`, the attention block of DIN
+  (scoring/attention.py, shared with the served model): the candidate item's
+  vector attends over the user's last N behaviours, and the weighted sum joins
+  (c)'s inputs as extra dense features.
 
-The sequence model here is for measurement; the served model with the block
-(ONNX export, registry) is issue 16 item 4.
+The sequence model here indexes behaviours into a table of item vectors (c)'s
+wider space; the served one (scoring/model.py with ``FeatureSpec.sequence``)
+takes the behaviours' vectors as an input, so it exports to ONNX.
 """
 
 from __future__ import annotations
@@ -27,10 +24,9 @@ import numpy.typing as npt
 import torch
 from torch import nn
 
+from scoring.attention import TargetAttention
 from scoring.featurespec import FeatureSpec, Inputs
 from scoring.model import CtrNet
-
-ATTENTION_HIDDEN = 32
 
 
 class DinCtr(nn.Module):
@@ -42,10 +38,7 @@ class DinCtr(nn.Module):
         super().__init__()
         d = item_vectors.shape[1]
         self.register_buffer("items", torch.from_numpy(item_vectors), persistent=False)
-        self.k = nn.Linear(d, ATTENTION_HIDDEN)
-        self.q = nn.Linear(d, ATTENTION_HIDDEN, bias=False)
-        self.p = nn.Linear(d, ATTENTION_HIDDEN, bias=False)
-        self.out = nn.Linear(ATTENTION_HIDDEN, 1)
+        self.attention = TargetAttention(d)
         extra = tuple(f"din_{i}" for i in range(d))
         self.ctr = CtrNet(FeatureSpec(dim=spec.dim, dense=(*spec.dense, *extra)))
 
@@ -55,11 +48,7 @@ class DinCtr(nn.Module):
     def pooled(self, ad: torch.Tensor, seq: torch.Tensor) -> torch.Tensor:
         """[B, d]: sum_j a(k_j, q) k_j over the real (non-padding) behaviours."""
         mask = (seq >= 0).unsqueeze(-1).to(ad.dtype)
-        k = self.items[seq.clamp(min=0)]  # [B, N, d]
-        q = ad.unsqueeze(1)
-        h = torch.relu(self.k(k) + self.q(q) + self.p(k * q))
-        a = self.out(h) * mask  # [B, N, 1]
-        pooled: torch.Tensor = (a * k).sum(dim=1)
+        pooled: torch.Tensor = self.attention(ad, self.items[seq.clamp(min=0)], mask)
         return pooled
 
     def logits(

@@ -16,11 +16,13 @@ and kept in :attr:`ModelRegistry.canary` for the workers' canary arm.
 
 Nothing is served before :func:`validate` passes: the file loads in ONNX
 Runtime; its inputs and output have the spec's names, dtypes and widths with a
-dynamic batch axis; its spec equals the serving spec (dimension, embedding seed,
-buckets); golden inputs give finite outputs in [0, 1] (both pCTR and, for a
-two-head model, pCVR: outputs ``pctr`` or ``pctr, pcvr``); and a 100-row batch
-runs within the latency budget. A refused version is remembered with its reason
-(retried only if its files change), and the current one keeps serving.
+dynamic batch axis (and a dynamic sequence axis for ``seq``, in a model with the
+attention block); its spec equals the serving spec (dimension, embedding seed,
+buckets; the sequence length is the model's own, and serving follows it); golden
+inputs give finite outputs in [0, 1] (both pCTR and, for a two-head model, pCVR:
+outputs ``pctr`` or ``pctr, pcvr``); and a 100-row batch runs within the latency
+budget. A refused version is remembered with its reason (retried only if its
+files change), and the current one keeps serving.
 
 >>> import tempfile
 >>> reg = ModelRegistry(tempfile.mkdtemp(), FeatureSpec(dim=8))
@@ -35,7 +37,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -94,8 +96,14 @@ def _check_io(sess: ort.InferenceSession, spec: FeatureSpec) -> None:
         if g.type != _ORT_DTYPES[w.dtype]:
             msg = f"input {name} has type {g.type}, spec says {_ORT_DTYPES[w.dtype]}"
             raise ValueError(msg)
-        if len(g.shape) != 2 or isinstance(g.shape[0], int) or g.shape[1] != w.width:
-            msg = f"input {name} has shape {g.shape}, spec says [batch, {w.width}] (batch dynamic)"
+        dynamic = 2 if w.seq else 1  # leading axes that must be dynamic: batch (and seq)
+        if (
+            len(g.shape) != dynamic + 1
+            or any(isinstance(a, int) for a in g.shape[:dynamic])
+            or g.shape[-1] != w.width
+        ):
+            want_shape = f"[batch, {'seq, ' if w.seq else ''}{w.width}]"
+            msg = f"input {name} has shape {g.shape}, spec says {want_shape} (batch dynamic)"
             raise ValueError(msg)
     outs = sess.get_outputs()
     names = [o.name for o in outs]
@@ -132,6 +140,7 @@ def validate(
         theirs = FeatureSpec.from_json((d / SPEC).read_text(encoding="utf-8"))
     except (ValueError, TypeError) as exc:
         refuse(f"{d / SPEC} is not a feature spec: {exc}")
+    spec = replace(spec, sequence=theirs.sequence)  # the model's inputs; serving follows them
     diff = spec.differences(theirs)
     if diff:
         refuse(f"trained for another feature spec ({'; '.join(diff)})")
@@ -264,12 +273,16 @@ class ModelRegistry:
         return loaded
 
     def _check_slowdown(self, new: LoadedModel) -> None:
-        """Refuse a candidate much slower than the serving model, timed side by side now."""
-        if self.current is None:
+        """Refuse a candidate much slower than the serving model, timed side by side now.
+
+        Only between models of one kind: the attention block costs about 10x a
+        plain net per row by design (docs/performance.md), so a swap to or from a
+        sequence model is held to the absolute latency budget alone.
+        """
+        if self.current is None or bool(self.current.spec.sequence) != bool(new.spec.sequence):
             return
-        golden = self.spec.golden_inputs(GOLDEN_ROWS)
-        ours = _latency_ms(self.current.scorer, golden)
-        theirs = _latency_ms(new.scorer, golden)
+        ours = _latency_ms(self.current.scorer, self.current.spec.golden_inputs(GOLDEN_ROWS))
+        theirs = _latency_ms(new.scorer, new.spec.golden_inputs(GOLDEN_ROWS))
         if theirs > self.max_slowdown * ours:
             msg = (
                 f"{theirs / ours:.1f}x slower than serving {self.current.version} "

@@ -70,6 +70,8 @@ class World:
     ad_vec: npt.NDArray[np.float32]  # [A, D] unit, as AdIndex builds it
     ad_cat: npt.NDArray[np.int64]
     campaign_effect: npt.NDArray[np.float64]  # per ad
+    # Each user's events as [item_id, category_id], newest first (the behaviour sequence).
+    user_seq: list[list[list[int]]] | None = None
 
 
 def make_world(
@@ -108,6 +110,10 @@ def make_world(
     vec = np.zeros((n_users, spec.dim), dtype=np.float64)
     np.add.at(vec, owner, e)
     interest = [vec[u].round(6).tolist() if n_ev[u] else [] for u in range(n_users)]
+    newest = np.lexsort((age_h, owner))  # by user, then youngest first
+    pairs = np.stack([ev_item, ev_cat], axis=1)[newest].tolist()
+    at = np.r_[0, np.cumsum(n_ev)].tolist()
+    user_seq = [pairs[at[u] : at[u + 1]] for u in range(n_users)]
 
     ad_cat = rng.choice(categories, n_ads)
     has_item = rng.random(n_ads) < 0.7
@@ -133,8 +139,9 @@ def make_world(
         table, ad_item[has_item], ad_cat[has_item], spec.category_mix
     )
     return World(
-        spec, user_cats, user_w, user_true, interest, ads, _unit(ad_vec), ad_cat, camp_q[campaign]
-    )
+        spec, user_cats, user_w, user_true, interest, ads, _unit(ad_vec), ad_cat,
+        camp_q[campaign], user_seq,
+    )  # fmt: skip
 
 
 def _pick_slot(rng: np.random.Generator, w: npt.NDArray[np.float64]) -> npt.NDArray[np.int64]:
@@ -147,10 +154,17 @@ def _pick_slot(rng: np.random.Generator, w: npt.NDArray[np.float64]) -> npt.NDAr
 
 
 def generate(
-    n: int, seed: int, world: World | None = None, *, conversions: bool = False
+    n: int,
+    seed: int,
+    world: World | None = None,
+    *,
+    conversions: bool = False,
+    sequence: int = 0,
 ) -> list[dict[str, Any]]:
     """``n`` ctr-feedback labels of ``world`` (default: ``make_world(seed)``), in time order;
-    ``conversions`` adds a ``converted: 1`` record after each converting click's label."""
+    ``conversions`` adds a ``converted: 1`` record after each converting click's label;
+    with ``sequence`` > 0 each carries the user's last ``sequence`` behaviours, as a
+    sequence model's decisions log them (``features.sequence``)."""
     world = world or make_world(seed)
     rng = np.random.default_rng(seed + 1)
     n_users, n_ads = len(world.user_interest), len(world.ads)
@@ -204,6 +218,8 @@ def generate(
         }
         if "item_id" in a:
             f["item_id"] = a["item_id"]
+        if sequence and world.user_seq is not None:
+            f["sequence"] = world.user_seq[user[i]][:sequence]
         rec: dict[str, Any] = {
             "decision_id": f"syn{seed}-{i}",
             "ad_id": a["ad_id"],

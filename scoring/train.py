@@ -28,6 +28,7 @@ import shutil
 import sys
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,10 @@ from scoring.synthetic import generate as generate_records
 from scoring.synthetic import read_jsonl
 
 log = logging.getLogger(__name__)
+SEQUENCE_HELP = (
+    "give the model target attention over the last N behaviours of each record "
+    "(features.sequence; 0, the default: no attention block)"
+)
 F64 = npt.NDArray[np.float64]
 MIN_CONVERSIONS = 20  # fewer in the training split: no CVR head (its AUC would be noise)
 
@@ -183,10 +188,13 @@ def train(
     threads: int | None = None,
     version: str | None = None,
     cvr: bool | None = None,
+    sequence: int = 0,
 ) -> dict[str, Any]:
     """Train, evaluate on the held-out time split, export and publish; returns the metrics.
 
     ``cvr``: train the pCVR head (None: when the training split has ``MIN_CONVERSIONS``).
+    ``sequence`` > 0 gives the net the target-attention block over the records' last
+    ``sequence`` behaviours (``features.sequence``; scoring/attention.py).
     """
     import torch  # noqa: PLC0415 (training-only dependency)
 
@@ -194,6 +202,8 @@ def train(
     from scoring.online import save_weights  # noqa: PLC0415
 
     spec = spec or FeatureSpec()
+    if sequence:
+        spec = replace(spec, sequence=sequence)
     everything = load_records(records) if isinstance(records, Path | str) else list(records)
     conv_ids = converted_ids(everything)
     recs, dropped = once_per_decision(everything)
@@ -240,7 +250,7 @@ def train(
         for start in range(0, len(perm), batch_size):
             b = perm[start : start + batch_size]
             opt.zero_grad()
-            xb = (tens["user"][b], tens["ad"][b], tens["ids"][b], tens["dense"][b])
+            xb = tuple(tens[k][b] for k in spec.input_names)
             if with_cvr:
                 ctr_logit, cvr_logit = model.head_logits(*xb)
                 loss = loss_fn(ctr_logit, yt[b]) + esmm_loss(ctr_logit, cvr_logit, ct[b])
@@ -252,7 +262,7 @@ def train(
         log.info("epoch %d/%d: train log loss %.4f", epoch + 1, epochs, total / len(perm))
 
     model.eval()
-    xt = [torch.from_numpy(xte[k]) for k in ("user", "ad", "ids", "dense")]
+    xt = [torch.from_numpy(xte[k]) for k in spec.input_names]
     with torch.no_grad():
         p = model(*xt).numpy().reshape(-1).astype(np.float64)
         q = model.heads(*xt)[1].numpy().reshape(-1).astype(np.float64) if with_cvr else None
@@ -277,6 +287,7 @@ def train(
         "seed": seed,
         "heads": 2 if with_cvr else 1,
         "cvr": None if q is None else cvr_metrics(yte, cte, p, q, base_cvr),
+        "sequence": spec.sequence,
         "onnx_max_abs_diff": diff,
         "train_seconds": round(time.perf_counter() - t0, 2),
         "trained_at": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -332,6 +343,7 @@ def run_train(
     *,
     threads: int | None = None,
     version: str | None = None,
+    sequence: int = 0,
 ) -> dict[str, Any]:
     """``adpulse train``: from a file, or from ``generate`` synthetic records when no file."""
     if input_path is None and not generate:
@@ -340,9 +352,12 @@ def run_train(
     records: Sequence[Mapping[str, Any]] | Path | str = (
         input_path
         if input_path is not None
-        else generate_records(int(generate or 0), seed, conversions=True)
+        else generate_records(int(generate or 0), seed, conversions=True, sequence=sequence)
     )
-    return train(records, out_dir, epochs=epochs, seed=seed, threads=threads, version=version)
+    return train(
+        records, out_dir, epochs=epochs, seed=seed, threads=threads, version=version,
+        sequence=sequence,
+    )  # fmt: skip
 
 
 def summary(m: Mapping[str, Any]) -> str:
@@ -371,12 +386,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     ap.add_argument("--version", help="version name (default: UTC timestamp)")
+    ap.add_argument("--sequence", type=int, default=0, help=SEQUENCE_HELP)
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         m = run_train(
-            a.input, a.generate, a.out, a.seed, a.epochs, threads=a.threads, version=a.version
-        )
+            a.input, a.generate, a.out, a.seed, a.epochs, threads=a.threads, version=a.version,
+            sequence=a.sequence,
+        )  # fmt: skip
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -109,6 +109,9 @@ def create_app(settings: Settings) -> Wiring:
         adtext=adtext,
         item_catalog=None if items is None else app.topic(settings.topic("item-catalog"), **raw),
         items=items,
+        sequence=table("sequence", "pseudonym -> last behaviours (scoring.sequence)")
+        if settings.sequence_length > 0
+        else None,
     )
 
     pipeline.wire(wiring)  # the handlers register themselves on the app

@@ -28,11 +28,13 @@ from adpulse.core.settings import Settings
 from schemas.messages import UNSET, AdDecision, AdRequest, Billing, FeatureSnapshot
 from scoring import caps
 from scoring.catalog import Catalog, Context
+from scoring.embeddings import HashedEmbeddings
 from scoring.features import InterestParams, ItemVectors, read_vectors
 from scoring.featurespec import FeatureSpec, RequestFeatures, assemble_many
 from scoring.promotion import in_canary
 from scoring.registry import LoadedModel, ModelRegistry
 from scoring.scorer import FallbackRule
+from scoring.sequence import decode_sequences, sequence_vectors
 from scoring.strategy.policy import (
     Candidates,
     PolicyParams,
@@ -56,11 +58,13 @@ def snapshot(
     ts_ms: int,
     pctr: float,
     pcvr: float | None = None,
+    sequence: list[tuple[int, int]] | None = None,
 ) -> FeatureSnapshot:
     """The decision's ``features``: what ctr-feedback and the learners need, as scored.
 
     The interest vector is the decayed one the model saw, rounded to 4 decimals
-    (empty for a user with no history); ``pctr`` is the raw model output.
+    (empty for a user with no history); ``pctr`` is the raw model output;
+    ``sequence`` the (item, category) behaviours a sequence model attended over.
     """
     # + 0.0: a weight that rounds away is 0.0, not -0.0
     interest = [] if vector is None else (np.round(vector.astype(np.float64), 4) + 0.0).tolist()
@@ -71,6 +75,7 @@ def snapshot(
         category_id=int(ad["category_id"]), campaign_id=str(ad["campaign_id"]),
         item_id=UNSET if ad.get("item_id") is None else int(ad["item_id"]), pctr=pctr,
         pcvr=UNSET if pcvr is None else pcvr,
+        sequence=UNSET if sequence is None else sequence,
     )  # fmt: skip
 
 
@@ -161,12 +166,14 @@ class _NoFill(NamedTuple):
 
 
 class StateReaders(NamedTuple):
-    """The three tables a decision reads: the user's interest, the user's caps, and
-    campaigns' spend (pacing), each read on the request's partition."""
+    """The tables a decision reads: the user's interest, the user's caps, and
+    campaigns' spend (pacing), each read on the request's partition; and the user's
+    behaviour sequence when the model in force attends over it."""
 
     interest: Loader
     caps: Loader
     spend: Loader
+    sequence: Loader | None = None
 
 
 @dataclass
@@ -179,6 +186,9 @@ class _Users:
     vectors: list[npt.NDArray[np.float32] | None]
     caps: list[caps.CapRecord]
     touched: set[int] = field(default_factory=set)  # users whose caps this batch changed
+    # Read only when the model in force attends over behaviours (else empty lists).
+    sequences: list[npt.NDArray[np.float32] | None] = field(default_factory=list)
+    behaviours: list[list[tuple[int, int]]] = field(default_factory=list)  # (item, category)
 
     def cap_writes(self) -> list[tuple[bytes, int, bytes]]:
         return [(self.keys[u], self.parts[u], caps.encode(self.caps[u])) for u in self.touched]
@@ -220,6 +230,8 @@ class DecideStage:
         self.catalog = catalog
         self.params = InterestParams.from_settings(settings)
         self.spec = FeatureSpec.from_settings(settings)
+        # behaviours' vectors for a sequence model (item text vectors can replace them later)
+        self.behaviour_table = HashedEmbeddings(settings.dim, settings.embedding_seed)
         policy = PolicyParams.from_settings(settings)
         self.policy_for = placement_policies(settings.policy, settings.placement_policies, policy)
         self.experiment = parse_experiment(settings.experiment, policy)
@@ -321,7 +333,16 @@ class DecideStage:
         day = caps.day_of(now_ms)
         cap_recs = [caps.load_cap(v, day) for v in tables.caps(keys, parts)]
         row = {u: i for i, (u, _) in enumerate(pairs)}
-        return _Users(keys, parts, row, vectors, cap_recs)
+        users = _Users(keys, parts, row, vectors, cap_recs)
+        model = self.models.current
+        if model is not None and model.spec.sequence and tables.sequence is not None:
+            seqs = decode_sequences(tables.sequence(keys, parts))
+            users.sequences = sequence_vectors(seqs, self.behaviour_table, model.spec)
+            users.behaviours = [
+                list(zip(e["item"].tolist(), e["category"].tolist(), strict=True))
+                for e in (seqs.of(i)[: model.spec.sequence] for i in range(len(seqs)))
+            ]
+        return users
 
     def _eligible(
         self, catalog: Catalog | None, req: AdRequest, raw: Raw, users: _Users, out: DecideResult
@@ -398,15 +419,16 @@ class DecideStage:
             if len(p.rows):
                 ctx = p.req.context if p.req.context is not UNSET else None
                 device = ctx.device if ctx is not None and ctx.device is not UNSET else None
+                seq = users.sequences[p.user] if users.sequences else None
                 wanted.append(RequestFeatures(users.vectors[p.user], p.rows, p.req.placement,
-                                              device))  # fmt: skip
+                                              device, seq))  # fmt: skip
                 n_rows += len(p.rows)
         out.rows_scored = n_rows
         if model is None:
             return None, None, "none"
         if not wanted or catalog is None:
             return np.zeros(0, dtype=np.float32), None, model.version
-        batch = assemble_many(wanted, catalog.index, now_ms, self.spec)
+        batch = assemble_many(wanted, catalog.index, now_ms, model.spec)  # spec: the model's
         step = self.s.scorer_max_batch_rows
         try:
             if n_rows <= step:
@@ -483,7 +505,8 @@ class DecideStage:
             campaign_id=campaign, billing=cast(Billing, catalog.billing[row]),
             arm=UNSET if arm is None else arm, request_ts=req.ts, candidates=len(p.rows),
             features=snapshot(catalog.ads[row], vector, req, now_ms, float(raw_pctr[j]),
-                              model_cvr),
+                              model_cvr,
+                              users.behaviours[p.user] if users.behaviours else None),
         )  # fmt: skip
         caps.record_impression(users.caps[p.user], ad_id)
         users.touched.add(p.user)

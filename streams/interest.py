@@ -23,6 +23,7 @@ from scoring.embeddings import EmbeddingTable, HashedEmbeddings
 from scoring.features import (
     KINDS,
     OUTCOMES,
+    EventBatch,
     InterestParams,
     apply_events,
     decode_all,
@@ -43,6 +44,8 @@ class BatchResult:
     outcomes: Counter[tuple[str, str]] = field(default_factory=Counter)  # (kind, outcome)
     newest_ts: int = 0  # latest event time applied, for freshness
     valid: list[tuple[UserEvent, Raw]] = field(default_factory=list)  # for the click join
+    # The valid events as columns (users, batch), for the sequence stage (streams/sequence.py)
+    columns: tuple[list[str], EventBatch] | None = None
 
 
 class InterestStage:
@@ -71,6 +74,7 @@ class InterestStage:
         if not good:
             return result
         users, batch = to_columns(good)
+        result.columns = (users, batch)
         keys = [u.encode() for u in users]
         first = np.unique(batch.user, return_index=True)[1]
         partitions = [good[i][1].partition for i in first]

@@ -79,6 +79,7 @@ def pending_decision(d: AdDecision, ad_id: str, offset: int, ad: tuple[int, int]
         interest=js.pack_interest([] if f is UNSET else f.interest),
         click_price=d.click_price(), conversion_price=d.conversion_price(),
         pcvr=-1.0 if d.pcvr is UNSET else d.pcvr,
+        sequence=b"" if f is UNSET or f.sequence is UNSET else js.pack_sequence(f.sequence),
     )  # fmt: skip
 
 

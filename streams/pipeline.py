@@ -55,6 +55,7 @@ from streams.runtime.tablewriter import (
     send_changelog,
     write_local,
 )
+from streams.sequence import SequenceStage
 from streams.wiring import Wiring
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,7 @@ log = logging.getLogger(__name__)
 
 def wire(w: Wiring) -> None:
     interest = InterestStage(w.settings, pseudonyms=w.pseudonyms)
+    sequences = SequenceStage(w.settings.sequence_length) if w.sequence is not None else None
     models = timers.load_models(w)
     catalog = CatalogCache(w.catalog, FeatureSpec.from_settings(w.settings), w.metrics,
                            w.adtext.fill if w.adtext else None)  # fmt: skip
@@ -100,7 +102,7 @@ def wire(w: Wiring) -> None:
 
     @w.app.batch_topic(w.user_events)
     async def on_user_events(batch: Batch) -> Awaitable[Any]:
-        return await ingest(w, interest, batch, join)
+        return await ingest(w, interest, batch, join, sequences)
 
     @w.app.batch_topic(w.ad_requests)
     async def on_ad_requests(batch: Batch) -> Awaitable[Any]:
@@ -145,7 +147,11 @@ def wire(w: Wiring) -> None:
 
 # -- user-events -----------------------------------------------------------------------------
 async def ingest(
-    w: Wiring, stage: InterestStage, batch: Batch, join: Join | None = None
+    w: Wiring,
+    stage: InterestStage,
+    batch: Batch,
+    join: Join | None = None,
+    sequences: SequenceStage | None = None,
 ) -> Awaitable[Any]:
     """One batch of user-events into RocksDB; returns what completes when changelogged.
 
@@ -169,7 +175,16 @@ async def ingest(
 
     async with w.interest_locks.hold(tp.partition for tp in batch):  # vs forget: tablewriter
         result = stage.process(raws, functools.partial(_load, w.interest), now_ms)
-        futures: list[Awaitable[Any]] = [*await _write(w.interest, result.writes)]
+        # Both tables change before anything yields, so a reader sees both or neither.
+        interest_writes = _write_local(w.interest, result.writes)
+        sequence_writes = {}
+        if sequences is not None and w.sequence is not None:  # the same events' last N
+            load = functools.partial(_load, w.sequence)
+            seq = sequences.process(result.valid, load, result.columns)
+            sequence_writes = _write_local(w.sequence, seq.writes)
+        futures: list[Awaitable[Any]] = [*await _changelog(w.interest, interest_writes)]
+        if sequence_writes:
+            futures += await _changelog(w.sequence, sequence_writes)
     futures += await _dead_letter(w, result.rejected, now_ms, "user-events", "ingest")
     if join is not None:
         ends = {tp.partition: records[-1].offset + 1 for tp, records in batch.items()}
@@ -223,6 +238,7 @@ def decide_requests(
         functools.partial(_load, w.interest),
         functools.partial(_load, w.freqcap),
         functools.partial(_load, w.spend),
+        None if w.sequence is None else functools.partial(_load, w.sequence),
     )
     result = stage.decide(requests, tables, now_ms, default_tmax_ms)
     _write_local(w.freqcap, result.cap_writes)
@@ -362,6 +378,8 @@ async def forget_user(w: Wiring, join: Join, caps: ChangelogBuffer, raw: Raw) ->
     async with w.interest_locks.hold([part]):
         found["interest"] = sum(v is not None for v in _load(w.interest, [key], [part]))
         futures += await _write(w.interest, [(key, part, None)])
+        if w.sequence is not None:  # the user's behaviours go with their interest
+            futures += await _write(w.sequence, [(key, part, None)])
     found["freqcap"] = sum(v is not None for v in _load(w.freqcap, [key], [part]))
     futures += await _write(w.freqcap, [(key, part, None)], caps)
     async with join.stage.lock:

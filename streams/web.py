@@ -5,7 +5,8 @@
 (streams/runtime/watchdog.py); ``GET /ads/{ad_id}/strategy`` shows the
 learner counts the decision stage reads for an ad.
 
-``GET /users/{user_id}/interest`` takes the raw user id (the one apps key
+``GET /users/{user_id}/interest`` (with the user's behaviour sequence, newest first,
+when the sequence table is on) takes the raw user id (the one apps key
 events by): the raw id picks the partition, so Faust's table routing forwards
 the request to the worker that owns it, which looks the user up by pseudonym
 (adpulse/core/privacy.py). ``GET /pseudonyms/{pseudonym}/interest`` looks up a
@@ -22,6 +23,7 @@ from faust import web
 
 from adpulse.core.privacy import API_TOKEN_HELP, bearer_ok, load_api_token
 from schemas.openapi import dumps
+from scoring import sequence
 from scoring.features import InterestParams, decode_all, describe
 from scoring.itemspace import corrections
 from scoring.strategy.state import decode_ad
@@ -75,13 +77,18 @@ def wire(w: Wiring) -> None:
             return {**body, "error": "unknown user"}, 404
         states, _, items = decode_all([raw], params)
         if w.items is None:
-            return {**body, **describe(states[0], _now_ms(), params)}, 200
-        # With item text, the vectors shown are the ones decisions read (scoring/itemspace.py).
-        vectors = w.items.get()
-        extra = corrections(items, vectors, params.dim)[0]
-        embedded = 0 if vectors is None else int(vectors.vectors(items.item, items.cat)[0].sum())
-        return {**body, **describe(states[0], _now_ms(), params, extra),
-                "items": len(items.item), "items_embedded": embedded}, 200  # fmt: skip
+            body = {**body, **describe(states[0], _now_ms(), params)}
+        else:  # with item text, the vectors shown are the ones decisions read (itemspace.py)
+            vectors = w.items.get()
+            extra = corrections(items, vectors, params.dim)[0]
+            got = 0 if vectors is None else vectors.vectors(items.item, items.cat)[0].sum()
+            embedded = int(got)
+            body = {**body, **describe(states[0], _now_ms(), params, extra),
+                    "items": len(items.item), "items_embedded": embedded}  # fmt: skip
+        if w.sequence is not None:
+            seq = sequence.decode_sequences([w.sequence.data.get(pseudonym.encode())])
+            body["sequence"] = sequence.describe(seq.of(0))
+        return body, 200
 
     @app.page("/health")
     async def health(self: web.View, request: web.Request) -> web.Response:

@@ -53,3 +53,5 @@ class Wiring:
     # ADPULSE_TEXT_MODEL set: item-catalog and its items' title vectors (streams/items.py)
     item_catalog: TopicT | None = None
     items: ItemCache | None = None
+    # pseudonym -> last N behaviours (scoring.sequence); None: ADPULSE_SEQUENCE_LENGTH=0
+    sequence: TableT[bytes, bytes] | None = None

@@ -27,6 +27,7 @@ from scoring.registry import ModelRegistry
 from streams.deadletter import Raw, Rejected
 from streams.decide import DecideStage, ServingModels, StateReaders, request_decoder
 from streams.interest import InterestStage
+from streams.sequence import SequenceStage
 
 
 def request_bodies(
@@ -57,10 +58,13 @@ class DecisionPath:
     def build(
         cls, ads: list[dict[str, Any]], events: Sequence[bytes], settings: Settings | None = None
     ) -> DecisionPath:
-        """The decision stage over ``ads`` and the interest state ``events`` (user-events
-        payloads) leave; caps and spend start empty, as in a fresh worker."""
+        """The decision stage over ``ads`` and the interest state and behaviour sequences
+        ``events`` (user-events payloads) leave; caps and spend start empty, as in a fresh
+        worker."""
         s = settings or Settings(pseudonymise=False, policy="greedy", partitions=1)
         interest_table: dict[bytes, bytes] = {}
+        sequence_table: dict[bytes, bytes] = {}
+        sequences = SequenceStage(s.sequence_length) if s.sequence_length > 0 else None
         caps: dict[bytes, bytes] = {}
         spend: dict[bytes, bytes] = {}
         # A backfill: keyed as a producer keys them (by user_id), all "arriving" now, so
@@ -73,12 +77,18 @@ class DecisionPath:
                 raws[i : i + 10_000], lambda k, _p: [interest_table.get(x) for x in k], now
             )
             interest_table.update({k: v for k, _p, v in res.writes if v is not None})
+            if sequences is not None:
+                seq = sequences.process(
+                    res.valid, lambda k, _p: [sequence_table.get(x) for x in k], res.columns
+                )
+                sequence_table.update({k: v for k, _p, v in seq.writes})
         catalog = Catalog(ads, FeatureSpec.from_settings(s))
         models = ServingModels.load(ModelRegistry.from_settings(s), s.fallback_ctr)
         tables = StateReaders(
             lambda k, _p: [interest_table.get(x) for x in k],
             lambda k, _p: [caps.get(x) for x in k],
             lambda k, _p: [spend.get(x) for x in k],
+            lambda k, _p: [sequence_table.get(x) for x in k],
         )
         return cls(DecideStage(s, models, lambda: catalog), tables, s)
 

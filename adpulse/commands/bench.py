@@ -20,6 +20,7 @@ from adpulse.commands.benchrun import (
     cmd_bench_promises,
     cmd_bench_rebalance,
     cmd_bench_scorer,
+    cmd_bench_seq_scorer,
     cmd_bench_serve,
     cmd_bench_startup,
     cmd_bench_state,
@@ -116,6 +117,25 @@ BENCHES = (
         "graph; then the whole scoring path (feature assembly, micro-batching, ONNX Runtime, "
         "ranking) at 100 candidates per request. Prints a table and a one-line summary. "
         "--device cuda on a machine without a GPU runs on CPU and says so.",
+        flags=(("--device", {
+            "choices": ["cpu", "cuda", "auto"], "default": "cpu",
+            "help": "where ONNX Runtime runs (default cpu; auto: CUDA if present)",
+        }),),
+        bootstrap=False,
+    ),
+    Bench(
+        "seq-scorer",
+        with_bench_limits(cmd_bench_seq_scorer),
+        help="rows/s of the scorer with and without target attention over the sequence",
+        description="Export two CTR nets, without and with the attention block over --length "
+        "behaviours (needs PyTorch), and measure both in one run, interleaved: the ONNX "
+        "Runtime session's rows/s at batch 100 and 8192 with every row's sequence full, and "
+        "the worker's decision call on 100-candidate requests, 1 and 8 a call.",
+        sizes={
+            "length": (50, "behaviours per user the block attends over (50)"),
+            "seconds": (1.0, "seconds per measured point (1.0)"),
+            "repeats": (3, "interleaved repeats; medians are reported (3)"),
+        },
         flags=(("--device", {
             "choices": ["cpu", "cuda", "auto"], "default": "cpu",
             "help": "where ONNX Runtime runs (default cpu; auto: CUDA if present)",

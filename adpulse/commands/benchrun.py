@@ -92,6 +92,25 @@ def cmd_bench_serve(args: argparse.Namespace, settings: Settings) -> int:
     return _show(args, "serve", result, serve.result_line(result))
 
 
+def cmd_bench_seq_scorer(args: argparse.Namespace, settings: Settings) -> int:
+    import tempfile  # noqa: PLC0415
+
+    from adpulse.bench import seqscorer  # noqa: PLC0415
+    from scoring.featurespec import FeatureSpec  # noqa: PLC0415
+
+    with tempfile.TemporaryDirectory(prefix="adpulse-seqbench-") as tmp:
+        try:
+            models = seqscorer.export_models(Path(tmp), FeatureSpec.from_settings(settings),
+                                             args.length)  # fmt: skip
+        except ImportError:
+            msg = "bench seq-scorer exports its two models with PyTorch: pip install torch"
+            raise InputError(msg) from None
+        seconds, repeats = (0.05, 1) if args.smoke else (args.seconds, args.repeats)
+        result = seqscorer.run(models, settings, device=args.device, seconds=seconds,
+                               repeats=repeats, log=_log)  # fmt: skip
+    return _show(args, "seq_scorer", result, seqscorer.format_table(result))
+
+
 def cmd_bench_scorer(args: argparse.Namespace, settings: Settings) -> int:
     from adpulse.bench import scorer  # noqa: PLC0415
 

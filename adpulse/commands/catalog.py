@@ -81,7 +81,8 @@ def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
             source = str(Path(tmp) / "ctr-feedback.jsonl")
             n = _dump_feedback(settings, Path(source))
             print(f"read {n} ctr-feedback records from {settings.topic('ctr-feedback')}")
-        m = train.run_train(source, args.generate, out, seed=args.seed, epochs=args.epochs)
+        m = train.run_train(source, args.generate, out, seed=args.seed, epochs=args.epochs,
+                            sequence=args.sequence)  # fmt: skip
     print(train.summary(m))
     print(f"version directory: {m['path']}")
     return 0
@@ -183,6 +184,14 @@ def register(sub: Subparsers) -> None:
     )
     p.add_argument("--seed", type=int, default=7, help="random seed (default 7)")
     p.add_argument("--epochs", type=int, default=3, help="passes over the data (default 3)")
+    p.add_argument(
+        "--sequence",
+        type=int,
+        default=0,
+        metavar="N",
+        help="give the model target attention over each record's last N behaviours "
+        "(features.sequence; with --generate, synthetic ones); 0, the default: none",
+    )
     p.add_argument(
         "--out", metavar="DIR", help="model registry folder ($ADPULSE_MODEL_DIR, else var/models)"
     )

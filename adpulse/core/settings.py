@@ -248,6 +248,11 @@ class Settings:
         "is set, so each item counts by its item-catalog title's vector; a lighter item beyond "
         "this counts by its category vector.",
     )
+    sequence_length: int = _setting(
+        50,
+        "Behaviours (item, category, kind, time) kept per user, newest by event time, for "
+        "the sequence model's attention (33 bytes each); 0: no sequence table.",
+    )
     # -- Decisions ----------------------------------------------------------------------
     policy: str = _setting(
         "epsilon-greedy:0.05",

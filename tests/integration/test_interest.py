@@ -21,6 +21,7 @@ from adpulse.replay import read_taobao
 from adpulse.workerproc import WorkerProcess
 from scoring.embeddings import HashedEmbeddings
 from scoring.features import KINDS, InterestParams, reference_categories, reference_vectors
+from scoring.sequence import reference_sequences
 from streams.runtime.topicadmin import create_topics
 
 pytestmark = pytest.mark.integration
@@ -95,6 +96,7 @@ def assert_equals_reference(worker: WorkerProcess, events: list[dict[str, Any]])
     params = InterestParams.from_settings(s)
     ref = reference_vectors(events, HashedEmbeddings(s.dim, s.embedding_seed), params)
     ref_cats = reference_categories(events, params)
+    seq_ref = reference_sequences(events, s.sequence_length)
     for user, (t, v, counts) in ref.items():
         body = worker.interest(user)
         assert body is not None, f"no state for {user}"
@@ -102,6 +104,10 @@ def assert_equals_reference(worker: WorkerProcess, events: list[dict[str, Any]])
         got = np.array(body["vector_at_reference"])
         np.testing.assert_allclose(got, v, rtol=1e-4, atol=1e-4 * max(1.0, float(np.abs(v).max())))
         assert body["counts"] == counts, f"{user}: counted {body['counts']} expected {counts}"
+        # The behaviour sequence: the last N, exactly, newest first.
+        want = [{"ts": t, "item_id": i, "category_id": c, "kind": KINDS[k]}
+                for t, i, c, k in seq_ref.get(user, [])]  # fmt: skip
+        assert body.get("sequence") == want, f"{user}: sequence differs from the reference"
         # Top categories: the heaviest exact weights (nothing is dropped in these runs).
         assert body["top_categories_error"] < 1e-18
         exact = sorted(ref_cats[user].items(), key=lambda c: (-c[1], c[0]))[: params.top_k]

@@ -199,6 +199,11 @@ def test_forget_deletes_a_users_state_and_a_restored_worker_does_not_bring_it_ba
     last = {r.key: r.value for r in interest_log + pending_log}
     assert last[pseudonym("alice").encode()] is None and last[b"alice-d1"] is None
     assert last[pseudonym("bob").encode()] is not None
+    # The behaviour sequence goes with the interest.
+    sequence_log = read_topic(settings.bootstrap, f"{prefix}-sequence-changelog", idle_s=0.5)
+    last_seq = {r.key: r.value for r in sequence_log}
+    assert last_seq[pseudonym("alice").encode()] is None
+    assert last_seq[pseudonym("bob").encode()] is not None
 
     # A fresh worker restored from the changelogs into an empty data dir: alice stays gone.
     worker.stop()

@@ -123,3 +123,18 @@ def test_a_record_written_before_the_snapshot_fields_still_decodes() -> None:
     assert back.interest == b"" and back.pctr_raw == -1.0
     features = js.label("d1", back, 0, 2000, "window_expired").features
     assert features.interest == [] and features.pctr == 0.1
+
+
+def test_a_sequence_models_behaviours_reach_the_label() -> None:
+    pairs = [(13, 1), (12, 2), (11, 1)]
+    state: dict[str, js.Pending | None] = {}
+    run(state, [dec("d1", 0, sequence=js.pack_sequence(pairs))], [])
+    rec = state["d1"]
+    assert rec is not None and js.decode(js.encode(rec)) == rec
+    (lab,) = js.close_due(state, 5000, P).labels
+    assert first_error("ctr-feedback", msgspec.json.decode(msgspec.json.encode(lab))) is None
+    assert lab.features.sequence == pairs
+    # Without one (a plain model's decision, or a record written before): no field at all.
+    run(state, [dec("d2", 1)], [])
+    (plain,) = js.close_due(state, 9000, P).labels
+    assert plain.features.sequence is msgspec.UNSET

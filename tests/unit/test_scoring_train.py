@@ -85,3 +85,17 @@ def test_a_conversion_stands_in_for_its_missing_label_and_ids_keep_their_first_r
         ]
     )
     assert [r["n"] for r in rows] == [2, 4, 4, 1] and dropped == 1
+
+
+def test_train_with_sequence_gives_a_sequence_model_the_registry_serves(tmp_path: Path) -> None:
+    path = tmp_path / "labels.jsonl"
+    write_jsonl(generate(2_000, seed=5, world=make_world(5, n_users=300), sequence=20), path)
+    assert any(json.loads(line)["features"].get("sequence") for line in path.open())
+    m = train(path, tmp_path / "models", epochs=1, threads=1, version="v1", sequence=20)
+    assert m["sequence"] == 20 and m["onnx_max_abs_diff"] <= 1e-5
+    reg = ModelRegistry(
+        tmp_path / "models", FeatureSpec(), options=SessionOptions(intra_op_threads=1)
+    )
+    loaded = reg.latest_valid()
+    assert loaded is not None and loaded.spec.sequence == 20
+    assert "seq" in loaded.spec.input_names

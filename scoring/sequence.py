@@ -1,0 +1,189 @@
+"""A user's behaviour sequence: the last N events by event time, exact, as stored.
+
+The target-attention block of the CTR model (scoring/attention.py) reads what
+a user did, not a summary of it, so each user keeps their last N behaviours
+(``ADPULSE_SEQUENCE_LENGTH``, default 50): item, category, kind and event time,
+newest first.
+
+Why no dedupe ring is needed here, unlike the interest record: the entries are
+ordered by the total key (ts, fingerprint of event_id), newest first, and an
+arriving event with the key of a stored one is a duplicate. A
+duplicate of an event that is no longer stored cannot get back in: it left
+because N events ranked above it, the stored events only ever rank higher
+since (the N-th key never decreases), and the duplicate has the key it had.
+So the stored N are exactly the N highest keys of the deduplicated events,
+whatever the arrival order, redeliveries and duplicates included
+(:func:`reference_sequences` is that statement as code, and the tests hold
+the streaming update to it). The one assumption: an event id names one event,
+so its copies carry the same ts, as they do when a producer retries.
+
+Record: a 4-byte header (version, flags, count) then ``count`` entries of
+:data:`ENTRY_DTYPE` (33 bytes), newest first: 1,654 bytes for 50 behaviours.
+Pure numpy; the Faust stage that owns the table is streams/sequence.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from scoring.embeddings import EmbeddingTable
+from scoring.features import KIND_INDEX, KINDS, EventBatch, fingerprint
+from scoring.featurespec import FeatureSpec, item_vectors
+
+SEQUENCE_VERSION = 1
+ENTRY_DTYPE = np.dtype(
+    [("ts", "<i8"), ("item", "<i8"), ("category", "<i8"), ("fp", "<u8"), ("kind", "u1")]
+)
+HEADER_DTYPE = np.dtype([("version", "u1"), ("flags", "u1"), ("count", "<u2")])
+# Outcomes of one event in apply_sequences.
+KEPT, DUPLICATE, OLDER = 0, 1, 2  # OLDER: older than the user's last N; nothing to keep
+OUTCOMES = ("kept", "duplicate", "older")
+
+I64 = npt.NDArray[np.int64]
+
+
+@dataclass(frozen=True)
+class Sequences:
+    """Many users' sequences, ragged: user i's entries are ``entries[start[i]:start[i+1]]``,
+    newest first (ts descending, then fingerprint descending)."""
+
+    start: I64  # [n + 1]
+    entries: npt.NDArray[Any]  # ENTRY_DTYPE
+
+    def __len__(self) -> int:
+        return len(self.start) - 1
+
+    def of(self, i: int) -> npt.NDArray[Any]:
+        return self.entries[int(self.start[i]) : int(self.start[i + 1])]
+
+    def lengths(self) -> I64:
+        return np.diff(self.start)
+
+
+def decode_sequences(values: list[bytes | None]) -> Sequences:
+    """Stored values to sequences; an absent value (None) is an empty sequence."""
+    counts = np.zeros(len(values), dtype=np.int64)
+    parts: list[bytes] = []
+    h, e = HEADER_DTYPE.itemsize, ENTRY_DTYPE.itemsize
+    for i, v in enumerate(values):
+        if v is None:
+            continue
+        count = int.from_bytes(v[2:4], "little")  # HEADER_DTYPE's count
+        if len(v) < h or len(v) != h + e * count:
+            msg = f"stored behaviour sequence has a wrong size ({len(v)} bytes): corrupt record"
+            raise ValueError(msg)
+        if v[0] != SEQUENCE_VERSION:
+            msg = f"stored behaviour sequence has an unknown version {v[0]}"
+            raise ValueError(msg)
+        counts[i] = count
+        parts.append(v[h:])
+    entries = np.frombuffer(b"".join(parts), dtype=ENTRY_DTYPE).copy()
+    return Sequences(np.r_[0, np.cumsum(counts)].astype(np.int64), entries)
+
+
+def encode_sequences(seqs: Sequences) -> list[bytes]:
+    """One stored value per user: header, then the entries newest first."""
+    raw = seqs.entries.tobytes()
+    at = (seqs.start * ENTRY_DTYPE.itemsize).tolist()
+    version = bytes((SEQUENCE_VERSION, 0))  # HEADER_DTYPE: version, flags, count
+    return [
+        version + n.to_bytes(2, "little") + raw[at[i] : at[i + 1]]
+        for i, n in enumerate(seqs.lengths().tolist())
+    ]
+
+
+def apply_sequences(
+    old: Sequences, batch: EventBatch, length: int
+) -> tuple[Sequences, npt.NDArray[np.uint8]]:
+    """Every user's sequence with the batch folded in, and each event's outcome.
+
+    ``batch.user`` indexes ``old``. One numpy pass: old entries and new events
+    are grouped by user, copies of a fingerprint dropped (a stored one wins, then
+    the earliest arrival), the rest ordered newest first and cut at ``length``.
+    """
+    n = len(batch.user)
+    new = np.zeros(n, dtype=ENTRY_DTYPE)
+    new["ts"], new["item"], new["category"] = batch.ts, batch.item, batch.category
+    new["fp"], new["kind"] = batch.fingerprint, batch.kind
+    owner = np.repeat(np.arange(len(old)), old.lengths())
+    user = np.concatenate([owner, batch.user])
+    ent = np.concatenate([old.entries, new])
+    src = np.r_[np.full(len(owner), -1, np.int64), np.arange(n)]  # -1: stored before
+    outcome = np.full(n, KEPT, dtype=np.uint8)
+
+    # One sort: per user, newest first (ts descending, then fingerprint descending: a total
+    # order), copies of an event (same ts and fingerprint) adjacent, the stored one (src
+    # -1) or else the first arrival first; the copies after it are dropped.
+    fp, ts = ent["fp"], ent["ts"]
+    o = np.lexsort((src, ~fp, -ts, user))
+    user, ent, src, fp, ts = user[o], ent[o], src[o], fp[o], ts[o]
+    dup = np.r_[False, (user[1:] == user[:-1]) & (fp[1:] == fp[:-1]) & (ts[1:] == ts[:-1])]
+    outcome[src[dup & (src >= 0)]] = DUPLICATE
+    user, ent, src = user[~dup], ent[~dup], src[~dup]
+    first = np.flatnonzero(np.r_[True, user[1:] != user[:-1]]) if len(user) else np.zeros(0, int)
+    rank = np.arange(len(user)) - np.repeat(first, np.diff(np.r_[first, len(user)]))
+    cut = rank >= length
+    outcome[src[cut & (src >= 0)]] = OLDER
+    user, ent = user[~cut], ent[~cut]
+    start = np.r_[0, np.cumsum(np.bincount(user, minlength=len(old)))].astype(np.int64)
+    return Sequences(start, ent), outcome
+
+
+def reference_sequences(
+    events: Iterable[Mapping[str, Any]], length: int
+) -> dict[str, list[tuple[int, int, int, int]]]:
+    """The oracle: user -> last ``length`` (ts, item_id, category_id, kind index), newest first,
+    recomputed from scratch; copies of an event id count once, order is irrelevant."""
+    by_user: dict[str, dict[str, Mapping[str, Any]]] = {}
+    for ev in events:
+        by_user.setdefault(ev["user_id"], {}).setdefault(ev["event_id"], ev)
+    out = {}
+    for user, evs in by_user.items():
+        keyed = sorted(
+            ((int(e["ts"]), fingerprint(eid), e) for eid, e in evs.items()),
+            key=lambda t: (t[0], t[1]),
+            reverse=True,
+        )[:length]
+        out[user] = [
+            (t, int(e["item_id"]), int(e["category_id"]), KIND_INDEX[e["kind"]])
+            for t, _, e in keyed
+        ]
+    return out
+
+
+def as_tuples(entries: npt.NDArray[Any]) -> list[tuple[int, int, int, int]]:
+    """A stored sequence in :func:`reference_sequences`' shape, for tests and tools."""
+    return [(int(e["ts"]), int(e["item"]), int(e["category"]), int(e["kind"])) for e in entries]
+
+
+def describe(entries: npt.NDArray[Any]) -> list[dict[str, Any]]:
+    """A user's sequence as JSON-ready data, newest first (operators' lookup)."""
+    return [
+        {"ts": t, "item_id": i, "category_id": c, "kind": KINDS[k]}
+        for t, i, c, k in as_tuples(entries)
+    ]
+
+
+def sequence_vectors(
+    seqs: Sequences, table: EmbeddingTable, spec: FeatureSpec
+) -> list[npt.NDArray[np.float32] | None]:
+    """Each user's behaviours as the model's ``seq`` rows ([L, D], newest first; None for
+    a user with none), at most ``spec.sequence`` of them, one embedding call for all.
+
+    The vectors are the items' as ads get them (:func:`scoring.featurespec.item_vectors`);
+    a table of item text embeddings plugs in as ``table``.
+    """
+    lengths = np.minimum(seqs.lengths(), spec.sequence)
+    starts = seqs.start[:-1]
+    take = np.repeat(starts, lengths) + (
+        np.arange(int(lengths.sum())) - np.repeat(np.r_[0, np.cumsum(lengths)[:-1]], lengths)
+    )
+    ent = seqs.entries[take]
+    vecs = item_vectors(table, ent["item"], ent["category"], spec)
+    at = np.r_[0, np.cumsum(lengths)].tolist()
+    return [vecs[at[i] : at[i + 1]] if lengths[i] else None for i in range(len(seqs))]

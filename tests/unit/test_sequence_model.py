@@ -1,0 +1,152 @@
+"""The CTR net with target attention: ONNX scores are PyTorch's at any batch and sequence
+length, the registry validates and serves it, and serving feeds it the right rows."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from scoring.embeddings import HashedEmbeddings
+from scoring.features import EventBatch
+from scoring.featurespec import (
+    AdIndex,
+    FeatureSpec,
+    RequestFeatures,
+    assemble_many,
+    from_feedback,
+    item_vectors,
+)
+from scoring.registry import MODEL, SPEC, ModelRegistry, validate
+from scoring.scorer import OnnxScorer, SessionOptions
+from scoring.sequence import apply_sequences, decode_sequences, sequence_vectors
+
+torch = pytest.importorskip("torch")
+from scoring.model import CtrNet, export_onnx  # noqa: E402
+
+PLAIN = FeatureSpec(dim=16)
+SEQ = replace(PLAIN, sequence=12)
+ONE_THREAD = SessionOptions(intra_op_threads=1)
+
+
+def _publish(root: Path, name: str, spec: FeatureSpec, seed: int = 0) -> CtrNet:
+    torch.set_num_threads(1)
+    torch.manual_seed(seed)
+    model = CtrNet(spec)
+    with torch.no_grad():  # an untrained block's weights are near zero: make it matter
+        for p in model.parameters():
+            p.mul_(4.0)
+    export_onnx(model, root / name / MODEL, spec)
+    (root / name / SPEC).write_text(spec.to_json())
+    return model
+
+
+def _torch(model: CtrNet, x: dict[str, np.ndarray], spec: FeatureSpec) -> np.ndarray:
+    with torch.no_grad():
+        return model(*(torch.from_numpy(x[k]) for k in spec.input_names)).numpy().reshape(-1)
+
+
+@pytest.fixture(scope="module")
+def registry_dir(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, CtrNet]:
+    root = tmp_path_factory.mktemp("models")
+    _publish(root, "v1", PLAIN)
+    return root, _publish(root, "v2", SEQ, seed=1)
+
+
+@pytest.mark.parametrize(("n", "length"), [(1, 1), (37, 5), (300, 12), (64, 30)])
+def test_onnx_scores_equal_pytorch_for_the_sequence_model(
+    registry_dir: tuple[Path, CtrNet], n: int, length: int
+) -> None:
+    root, model = registry_dir
+    x = replace(SEQ, sequence=length).golden_inputs(n, seed=n)
+    got = OnnxScorer(root / "v2" / MODEL, device="cpu", options=ONE_THREAD).score(x)
+    assert np.max(np.abs(got - _torch(model, x, SEQ))) <= 1e-5
+
+
+def test_padding_rows_change_no_score(registry_dir: tuple[Path, CtrNet]) -> None:
+    root, _ = registry_dir
+    scorer = OnnxScorer(root / "v2" / MODEL, device="cpu", options=ONE_THREAD)
+    x = SEQ.golden_inputs(50, seed=3)
+    longer = {**x, "seq": np.concatenate([x["seq"], np.zeros((50, 7, 16), np.float32)], axis=1)}
+    assert np.allclose(scorer.score(x), scorer.score(longer), atol=1e-6)
+
+
+def test_the_behaviours_move_the_score(registry_dir: tuple[Path, CtrNet]) -> None:
+    root, _ = registry_dir
+    scorer = OnnxScorer(root / "v2" / MODEL, device="cpu", options=ONE_THREAD)
+    x = SEQ.golden_inputs(50, seed=4)
+    none = {**x, "seq": np.zeros_like(x["seq"])}
+    assert np.max(np.abs(scorer.score(x) - scorer.score(none))) > 1e-4
+
+
+def test_registry_validates_and_serves_the_sequence_model_after_a_plain_one(
+    registry_dir: tuple[Path, CtrNet],
+) -> None:
+    root, _ = registry_dir
+    reg = ModelRegistry(root / "missing", PLAIN, options=ONE_THREAD, latency_budget_ms=1e4)
+    reg.root = root
+    first = validate(root / "v1", PLAIN, options=ONE_THREAD, latency_budget_ms=1e4)
+    reg.current = first
+    swapped = reg.poll()  # the hot-swap: v2 is newer, attends over behaviours
+    assert swapped is not None and swapped.version == "v2"
+    assert swapped.spec.sequence == 12 and first.spec.sequence == 0
+    assert swapped.spec.input_names == (*PLAIN.input_names, "seq")
+
+
+def test_a_model_whose_seq_axis_is_not_dynamic_is_refused(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = CtrNet(SEQ)
+    x = SEQ.golden_inputs(4)
+    d = tmp_path / "fixed"
+    d.mkdir()
+    torch.onnx.export(
+        model, tuple(torch.from_numpy(x[k]) for k in SEQ.input_names), str(d / MODEL),
+        input_names=list(SEQ.input_names), output_names=["pctr"],
+        dynamic_axes={k: {0: "batch"} for k in [*SEQ.input_names, "pctr"]},
+        opset_version=17, dynamo=False,
+    )  # fmt: skip
+    (d / SPEC).write_text(SEQ.to_json())
+    with pytest.raises(Exception, match="seq, 16"):
+        validate(d, PLAIN, options=ONE_THREAD, latency_budget_ms=1e4)
+
+
+def test_serving_rows_equal_training_rows_for_the_same_behaviours() -> None:
+    table = HashedEmbeddings(SEQ.dim, SEQ.embedding_seed)
+    ads = AdIndex.build([{"ad_id": "a", "campaign_id": "c", "category_id": 3, "bid": 1.0}], SEQ)
+    n = 3  # one user's three behaviours, arriving oldest first
+    batch = EventBatch(np.zeros(n, np.int64), np.zeros(n, np.uint8), np.array([11, 12, 13]),
+                       np.array([1, 2, 1]), np.array([100, 200, 300]), np.array([7, 8, 9],
+                       np.uint64), np.full(n, -1, np.int64))  # fmt: skip
+    seqs, _ = apply_sequences(decode_sequences([None]), batch, SEQ.sequence)
+    vecs = sequence_vectors(seqs, table, SEQ)
+    served = assemble_many([RequestFeatures(None, ads.rows(["a", "a"]), "p", None, vecs[0]),
+                            RequestFeatures(None, ads.rows(["a"]), "p", None, None)],
+                           ads, 0, SEQ)  # fmt: skip
+    assert served["seq"].shape == (3, 3, 16)
+    assert np.allclose(served["seq"][0], item_vectors(table, [13, 12, 11], [1, 2, 1], SEQ))
+    assert not served["seq"][2].any()
+    logged = from_feedback(
+        [{"decision_ts": 0, "features": {"interest": [], "category_id": 3, "campaign_id": "c",
+                                         "sequence": [[13, 1], [12, 2], [11, 1]]}}], SEQ
+    )  # fmt: skip
+    assert np.allclose(logged["seq"][0], served["seq"][0])
+
+
+def test_a_plain_net_has_no_block_and_no_seq_input(registry_dir: tuple[Path, CtrNet]) -> None:
+    root, _ = registry_dir
+    assert CtrNet(PLAIN).attention is None
+    assert not any(k.startswith("attention") for k in CtrNet(PLAIN).state_dict())
+    scorer = OnnxScorer(root / "v1" / MODEL, device="cpu", options=ONE_THREAD)
+    assert [i.name for i in scorer.session.get_inputs()] == ["user", "ad", "ids", "dense"]
+
+
+def test_a_sequence_model_with_the_cvr_head_exports_and_validates(tmp_path: Path) -> None:
+    torch.manual_seed(2)
+    d = tmp_path / "v1"
+    export_onnx(CtrNet(SEQ, cvr_head=True), d / MODEL, SEQ)  # both outputs checked at 1 and 12
+    (d / SPEC).write_text(SEQ.to_json())
+    loaded = validate(d, PLAIN, options=ONE_THREAD, latency_budget_ms=1e4)
+    outputs = [o.name for o in loaded.scorer.session.get_outputs()]  # type: ignore[attr-defined]
+    assert loaded.spec.sequence == 12 and outputs == ["pctr", "pcvr"]
