@@ -104,7 +104,7 @@ def _matches_pytorch(
     x = spec.golden_inputs(257, seed=13)
     model.eval()
     with torch.no_grad():
-        want = model(*_tensors(x)).numpy().ravel()
+        want = model(*_tensors(x, spec)).numpy().ravel()
     got = np.asarray(score(x)).ravel()
     worst = float(np.max(np.abs(got - want))) if got.shape == want.shape else math.inf
     if not worst <= ONNX_TOLERANCE:

@@ -564,9 +564,11 @@ print("\\n".join(failed))
     # scoring.model is PyTorch's half of training (only scoring.train imports it, lazily),
     # scoring.offlinenets the models of `adpulse evaluate-offline`, and scoring.textmodel
     # the PyTorch reference of the text encoder's export (adpulse models text), and
-    # scoring.online and adpulse.trainer: `adpulse trainer`, which runs where the train extra is.
+    # scoring.attention the DIN block of both, and scoring.online and adpulse.trainer
+    # `adpulse trainer`, which runs where the train extra is.
     assert sorted(done.stdout.split("\n")[:-1]) == [
         "adpulse.trainer: torch is not in the runtime image",
+        "scoring.attention: torch is not in the runtime image",
         "scoring.model: torch is not in the runtime image",
         "scoring.offlinenets: torch is not in the runtime image",
         "scoring.online: torch is not in the runtime image",
