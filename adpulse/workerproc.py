@@ -66,7 +66,10 @@ class WorkerProcess:
             ADPULSE_SESSION_TIMEOUT_S=str(s.session_timeout_s),
             ADPULSE_PARTITIONS=str(s.partitions),
             ADPULSE_API_TOKEN_FILE=str(self.token_file),
+            ADPULSE_MODEL_POLL_S=str(s.model_poll_s),
         )
+        if s.model_dir:  # a registry of its own (bench serve --swap publishes into it)
+            env["ADPULSE_MODEL_DIR"] = s.model_dir
         # The settings' rate limit (the benches raise it), unless the environment sets one.
         env.setdefault("ADPULSE_MAX_EVENTS_PER_USER_S", str(s.max_events_per_user_s))
         env.update(self.extra_env)
