@@ -18,11 +18,15 @@ def cmd_trainer(args: argparse.Namespace, settings: Settings) -> int:
         raise ConfigError(msg) from None
     from adpulse.trainer import run  # noqa: PLC0415
 
-    changes = {"model_dir": args.model_dir, "trainer_port": args.port}
-    settings = settings.with_(**{k: v for k, v in changes.items() if v is not None})
+    return run(_configured(args, settings, "trainer_port"))
+
+
+def _configured(args: argparse.Namespace, settings: Settings, port_setting: str) -> Settings:
+    """The long-running process's settings with its flags applied, and its logging set up."""
+    changes = {"model_dir": args.model_dir, port_setting: args.port}
     logging.basicConfig(level=getattr(logging, args.loglevel.upper()),
                         format="%(asctime)s %(levelname)s %(message)s")  # fmt: skip
-    return run(settings)
+    return settings.with_(**{k: v for k, v in changes.items() if v is not None})
 
 
 def register(sub: Subparsers) -> None:
@@ -52,11 +56,7 @@ def register(sub: Subparsers) -> None:
 def cmd_promoter(args: argparse.Namespace, settings: Settings) -> int:
     from adpulse.promoter import run  # noqa: PLC0415
 
-    changes = {"model_dir": args.model_dir, "promoter_port": args.port}
-    settings = settings.with_(**{k: v for k, v in changes.items() if v is not None})
-    logging.basicConfig(level=getattr(logging, args.loglevel.upper()),
-                        format="%(asctime)s %(levelname)s %(message)s")  # fmt: skip
-    return run(settings)
+    return run(_configured(args, settings, "promoter_port"))
 
 
 def register_promoter(sub: Subparsers) -> None:
