@@ -16,6 +16,7 @@ from adpulse.core.settings import Settings
 pytestmark = pytest.mark.integration
 
 
+@pytest.mark.long  # ~38 s: make test stays under 10 minutes
 def test_demo_runs_to_its_summary_and_writes_its_plots(
     settings: Settings, taobao: Path, tmp_path: Path
 ) -> None:

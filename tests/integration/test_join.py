@@ -134,6 +134,7 @@ def test_each_decision_gets_one_label_clicks_one_late_clicks_counted_not_emitted
     assert {i: len(fb.by_id[i]) for i in ids} == dict.fromkeys(ids, 1)
 
 
+@pytest.mark.long  # ~17 s, a kill
 def test_worker_killed_during_the_window_labels_each_decision_once_after_restart(
     settings: Settings, tmp_path: Path
 ) -> None:
@@ -157,6 +158,7 @@ def test_worker_killed_during_the_window_labels_each_decision_once_after_restart
     assert {i: fb.by_id[i][0]["clicked"] for i in ids} == {i: int(i in ids[:30:2]) for i in ids}
 
 
+@pytest.mark.long  # ~19 s, a restart
 def test_worker_down_longer_than_window_and_idle_labels_exactly_after_restart(
     settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

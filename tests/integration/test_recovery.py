@@ -26,6 +26,7 @@ def applied_so_far(worker: WorkerProcess) -> float:
     return worker.metric("adpulse_events_total")
 
 
+@pytest.mark.long  # ~15 s each, kill -9
 @pytest.mark.parametrize("local_state", ["kept", "wiped"])
 def test_sigkill_mid_stream_then_restart_equals_reference(
     settings: Settings, tmp_path: Path, local_state: str

@@ -17,6 +17,7 @@ from schemas.topics import TOPICS
 pytestmark = pytest.mark.integration
 
 
+@pytest.mark.long  # ~25 s: make test stays under 10 minutes
 def test_replay_lands_every_taobao_row_exactly_once(
     settings: Settings, taobao: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

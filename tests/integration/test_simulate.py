@@ -21,6 +21,7 @@ from adpulse.simulate import ARMS, SimConfig, simulate
 pytestmark = pytest.mark.integration
 
 
+@pytest.mark.long  # ~20 s: make test stays under 10 minutes
 def test_a_small_simulation_closes_the_loop(
     settings: Settings, tmp_path: Path, taobao: Path
 ) -> None:
