@@ -5,6 +5,7 @@ drift rolled back at once; every transition a model-events record under its cont
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -96,7 +97,7 @@ class Promoter:
             "ADPULSE_MODEL_DIR": str(model_dir),
             "ADPULSE_PROMOTER_PORT": str(free_port()),
             "ADPULSE_DEVICE": "cpu",
-            "ADPULSE_MODEL_LATENCY_BUDGET_MS": "1000",  # a loaded CI box must not refuse it
+            "ADPULSE_MODEL_LATENCY_BUDGET_MS": "inf",  # speed is a bench figure, not a test's
             "ADPULSE_SCORER_THREADS": "1",
             "ADPULSE_PROMOTER_POLL_S": "0.3",
             "ADPULSE_CANARY_MIN_LABELS": str(MIN_LABELS),
@@ -202,7 +203,7 @@ def _story(events: dict[str, list[dict[str, Any]]]) -> dict[str, list[tuple[str,
 def _serving(settings: Settings, model_dir: Path) -> str:
     """What a worker starting now would serve."""
     reg = ModelRegistry.from_settings(settings.with_(model_dir=str(model_dir),
-                                                     model_latency_budget_ms=1000.0))  # fmt: skip
+                                                     model_latency_budget_ms=math.inf))  # fmt: skip
     assert reg.latest_valid() is not None
     return reg.serving
 
@@ -306,7 +307,7 @@ def test_a_worker_serves_the_canary_to_its_share_of_users_and_drops_it_on_rollba
     publish(settings.bootstrap, settings.topic("ad-catalog"), ads)
     key, share = "canary-test-key", 0.3
     extra = {"ADPULSE_MODEL_DIR": str(registry), "ADPULSE_MODEL_POLL_S": "0.2",
-             "ADPULSE_MODEL_LATENCY_BUDGET_MS": "1000", "ADPULSE_CANARY_SHARE": str(share),
+             "ADPULSE_MODEL_LATENCY_BUDGET_MS": "inf", "ADPULSE_CANARY_SHARE": str(share),
              "ADPULSE_CANARY_KEY": key}  # fmt: skip
     worker = Worker(settings, tmp_path, extra).start()
     requests, decisions = Requests(settings), Decisions(settings)

@@ -9,6 +9,7 @@ both numbers in its decision and its feature snapshot.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -82,9 +83,9 @@ def test_the_registry_serves_one_head_and_two_head_models(
     two_heads: tuple[CtrNet, Path], tmp_path: Path
 ) -> None:
     _, one = _version(tmp_path, "v0001", cvr_head=False)
-    old = validate(one, FS, latency_budget_ms=1e3, options=ONE_THREAD)
+    old = validate(one, FS, latency_budget_ms=math.inf, options=ONE_THREAD)
     assert old.scorer.heads == 1 and old.scorer.score_heads(FS.golden_inputs(3))[1] is None
-    new = validate(two_heads[1], FS, latency_budget_ms=1e3, options=ONE_THREAD)
+    new = validate(two_heads[1], FS, latency_budget_ms=math.inf, options=ONE_THREAD)
     assert new.scorer.heads == 2
     cvr = new.scorer.score_heads(FS.golden_inputs(3))[1]
     assert cvr is not None and cvr.shape == (3,)
@@ -98,14 +99,14 @@ def test_training_with_conversions_reports_auc_and_calibration_for_both_heads(
     c = m["cvr"]
     assert c["auc"] > 0.6 and c["ctcvr_auc"] > 0.7 and c["logloss"] < c["logloss_prior"]
     assert len(c["calibration"]) == 10 and c["n_test_conversions"] > 20
-    loaded = validate(tmp_path / "v1", FS, latency_budget_ms=1e3, options=ONE_THREAD)
+    loaded = validate(tmp_path / "v1", FS, latency_budget_ms=math.inf, options=ONE_THREAD)
     assert loaded.scorer.heads == 2
 
 
 def test_training_without_conversions_keeps_one_head(tmp_path: Path) -> None:
     m = train(generate(2_000, seed=4), tmp_path, epochs=1, threads=1, version="v1")
     assert m["heads"] == 1 and m["cvr"] is None
-    loaded = validate(tmp_path / "v1", FS, latency_budget_ms=1e3, options=ONE_THREAD)
+    loaded = validate(tmp_path / "v1", FS, latency_budget_ms=math.inf, options=ONE_THREAD)
     assert loaded.scorer.heads == 1
 
 
@@ -123,7 +124,7 @@ class Stage:
 
     def __init__(self, model_dir: Path, ads: list[dict[str, Any]]) -> None:
         s = Settings(pseudonymise=False, policy="greedy", freq_cap_per_day=10**6, pacing="off")
-        loaded = validate(model_dir, FS, latency_budget_ms=1e3, options=ONE_THREAD)
+        loaded = validate(model_dir, FS, latency_budget_ms=math.inf, options=ONE_THREAD)
         models = ServingModels(loaded, loaded.fallback(0.02), None)  # type: ignore[arg-type]
         self.catalog = Catalog(ads, FS)
         self.stage = DecideStage(s, models, lambda: self.catalog)

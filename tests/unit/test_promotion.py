@@ -127,7 +127,7 @@ def registry(tmp_path: Path) -> ModelRegistry:
     for name in ("v1", "v2"):
         shutil.copytree(packaged, tmp_path / name)
     shutil.copytree(packaged, tmp_path / CANDIDATES / "c3")
-    s = Settings(model_dir=str(tmp_path), model_latency_budget_ms=1000.0, scorer_threads=1)
+    s = Settings(model_dir=str(tmp_path), model_latency_budget_ms=math.inf, scorer_threads=1)
     return ModelRegistry.from_settings(s)
 
 
