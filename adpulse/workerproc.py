@@ -19,7 +19,37 @@ from adpulse.core.settings import Settings
 from adpulse.polling import log_tail, poll_until
 
 
-class WorkerProcess:
+class ChildProcess:
+    """An adpulse process the tools and tests start (a worker, the trainer): its log, and
+    how to wait on it, stop it gracefully or kill it."""
+
+    proc: subprocess.Popen[bytes] | None
+    log_path: Path
+
+    def wait_until(
+        self, check: Callable[[], bool], timeout: float, what: str, every: float = 0.2
+    ) -> None:
+        poll_until(check, timeout, what, every=every, detail=self.tail, error=AssertionError)
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown, no final commit, no flush."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def tail(self, n: int = 40) -> str:
+        return log_tail(self.log_path, n)
+
+
+class WorkerProcess(ChildProcess):
     def __init__(
         self,
         settings: Settings,
@@ -179,22 +209,3 @@ class WorkerProcess:
         status, body = self.get(f"/users/{user}/interest")
         return body if status == 200 else None
 
-    def wait_until(self, check: Callable[[], bool], timeout: float, what: str) -> None:
-        poll_until(check, timeout, what, every=0.2, detail=self.tail, error=AssertionError)
-
-    def kill(self) -> None:
-        """SIGKILL: no shutdown, no final commit, no flush."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-    def tail(self, n: int = 40) -> str:
-        return log_tail(self.log_path, n)

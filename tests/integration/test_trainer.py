@@ -7,7 +7,6 @@ import json
 import math
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -22,7 +21,7 @@ from kafka import KafkaProducer
 from adpulse.broker import free_port
 from adpulse.core.settings import Settings
 from adpulse.inspect import read_topic
-from adpulse.polling import log_tail, poll_until
+from adpulse.workerproc import ChildProcess
 from scoring.features import fingerprint
 from scoring.featurespec import FeatureSpec
 from scoring.registry import CANDIDATES, ModelRegistry, validate
@@ -44,7 +43,7 @@ def base_version(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out / BASE
 
 
-class Trainer:
+class Trainer(ChildProcess):
     """A real `adpulse trainer` subprocess: its metrics over HTTP, its checkpoint on disk."""
 
     def __init__(self, settings: Settings, model_dir: Path, log_path: Path, **env: str) -> None:
@@ -99,23 +98,7 @@ class Trainer:
         return out
 
     def wait(self, check: Any, what: str, timeout: float = 180.0) -> None:
-        poll_until(check, timeout, what, every=0.1, detail=self.tail, error=AssertionError)
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-    def tail(self) -> str:
-        return log_tail(self.log_path, 40)
+        self.wait_until(check, timeout, what, every=0.1)
 
 
 @pytest.fixture
