@@ -93,6 +93,21 @@ def _keeps_linucb(m: CtrFeedback) -> bool:
     return m.policy.startswith("linucb") or m.policy.startswith("fallback")
 
 
+def _linucb_row(m: CtrFeedback, dim: int, offset: bool) -> tuple[np.ndarray, float] | None:
+    """A label's (context, base) for LinUCB, or None when it feeds no LinUCB state: no
+    interest vector of the configured size, another arm's policy, or (with the offset)
+    no pCTR. The base is the decision's pCTR, the one its score was added to; a label
+    without it (written before the joiner copied it) falls back to the raw model pCTR
+    of its feature snapshot."""
+    vec = m.features.interest
+    if len(vec) != dim or segment_of(vec) is None or not _keeps_linucb(m):
+        return None
+    if not offset:
+        return user_features(vec, dim)[0], 0.0
+    base = m.pctr if m.pctr is not UNSET else m.features.pctr
+    if base is UNSET:
+        return None
+    return user_features(vec, dim)[0], float(base)
 
 
 @dataclass
@@ -109,7 +124,8 @@ class LearnStage:
         self.s = settings
         self.decoder = feedback_decoder()
         self.thompson = ThompsonSampling(ThompsonParams())
-        self.linucb = LinUCB(LinUCBParams(dim=settings.dim, ridge=settings.linucb_ridge))
+        self.linucb = LinUCB(LinUCBParams(dim=settings.dim, ridge=settings.linucb_ridge,
+                                          offset=settings.linucb_offset == "model"))  # fmt: skip
         self.calibrator = Calibrator(CalibrationParams())
         self.thompson_h, self.linucb_h = half_lives(
             settings.bandit_half_life_h, settings.thompson_half_life_h, settings.linucb_half_life_h
@@ -231,19 +247,22 @@ class LearnStage:
         segments = dict(state.segments)
         ctx: list[np.ndarray] = []
         rewards: list[float] = []
+        base: list[float] = []
         for m, _ in applied:
-            vec = m.features.interest
-            seg = segment_of(vec)
+            seg = segment_of(m.features.interest)
             if seg is not None:
                 n, c = segments.get(seg, (0.0, 0.0))
                 segments[seg] = (n + 1.0, c + m.clicked)
-            if len(vec) == self.s.dim and seg is not None and _keeps_linucb(m):  # a context
-                ctx.append(user_features(vec, self.s.dim)[0])
+            row = _linucb_row(m, self.s.dim, self.linucb.params.offset)
+            if row is not None:
+                ctx.append(row[0])
+                base.append(row[1])
                 rewards.append(float(m.clicked))
         state.segments = segments
         if ctx:
             lin = self.linucb.decode([state.linucb or None])
-            lin = self.linucb.update(lin, np.zeros(len(ctx), np.intp), np.stack(ctx), rewards)
+            idx = np.zeros(len(ctx), np.intp)
+            lin = self.linucb.update(lin, idx, np.stack(ctx), rewards, base=base)
             state.linucb = LinUCB.encode(lin)[0]
         return applied
 
@@ -263,22 +282,23 @@ class LearnStage:
         state.conversions *= f
         segments = {k: (f * n, f * c) for k, (n, c) in state.segments.items()}
         ctx: list[np.ndarray] = []
-        rows: list[tuple[float, float]] = []  # (reward, weight) per context
+        rows: list[tuple[float, float, float]] = []  # (reward, weight, base) per context
         for wi, wl, m in zip(w.tolist(), w_lin.tolist(), labels, strict=True):
-            vec = m.features.interest
-            seg = segment_of(vec)
+            seg = segment_of(m.features.interest)
             if seg is not None:
                 n, c = segments.get(seg, (0.0, 0.0))
                 segments[seg] = (n + wi, c + wi * m.clicked)
-            if len(vec) == self.s.dim and seg is not None and _keeps_linucb(m):  # a context
-                ctx.append(user_features(vec, self.s.dim)[0])
-                rows.append((float(m.clicked), wl))
+            row = _linucb_row(m, self.s.dim, self.linucb.params.offset)
+            if row is not None:
+                ctx.append(row[0])
+                rows.append((float(m.clicked), wl, row[1]))
         state.segments = segments
         if ctx or (state.linucb and f_lin < 1.0):
             lin = self.linucb.discount(self.linucb.decode([state.linucb or None]), f_lin)
             if ctx:
-                r, wts = zip(*rows, strict=True)
-                lin = self.linucb.update(lin, np.zeros(len(ctx), np.intp), np.stack(ctx), r, wts)
+                r, wts, base = zip(*rows, strict=True)
+                idx = np.zeros(len(ctx), np.intp)
+                lin = self.linucb.update(lin, idx, np.stack(ctx), r, wts, base)
             state.linucb = LinUCB.encode(lin)[0]
 
 

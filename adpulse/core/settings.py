@@ -30,8 +30,10 @@ TextPrecision = Literal["auto", "fp32"]
 SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
 SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
 EmbeddedKind = Literal["kafka", "tansu"]
+LinUCBOffset = Literal["model", "none"]
 _LITERALS: dict[str, Any] = {
     "EmbeddedKind": EmbeddedKind,
+    "LinUCBOffset": LinUCBOffset,
     "Device": Device,
     "TextPrecision": TextPrecision,
     "SecurityProtocol": SecurityProtocol,
@@ -273,8 +275,18 @@ class Settings:
     thompson_min_segment_shows: float = _setting(
         50.0, "Labels an (ad, segment) needs before Thompson uses them instead of the ad's."
     )
-    linucb_alpha: float = _setting(1.0, "LinUCB confidence width (linucb:ALPHA overrides).")
+    linucb_alpha: float = _setting(
+        0.05,
+        "LinUCB confidence width in CTR units (linucb:ALPHA overrides): an ad's bonus is "
+        "ALPHA for a context it was never shown in and shrinks as 1/sqrt(labels) there.",
+    )
     linucb_ridge: float = _setting(1.0, "LinUCB ridge: A starts at RIDGE * identity.")
+    linucb_offset: LinUCBOffset = _setting(
+        "model",
+        "What LinUCB's linear part is added to: model (the served pCTR; theta learns the "
+        "residual click - pCTR, so an unlabelled ad ranks as greedy ranks it, plus its bonus) "
+        "or none (Li et al.'s original: theta alone). Changing it needs fresh bandit state.",
+    )
     bandit_half_life_h: float = _setting(
         0.0,
         "Half-life in hours of a label in Thompson's counts and LinUCB's statistics, by event "

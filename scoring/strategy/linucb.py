@@ -9,6 +9,14 @@ bids are given. We store A^-1 rather than A and keep it current with the
 Sherman-Morrison identity, (A + x x^T)^-1 = A^-1 - (A^-1 x)(A^-1 x)^T / (1 + x^T A^-1 x),
 so an update is O(d^2) and scoring needs no solve.
 
+With ``offset`` (the default in adpulse, ``ADPULSE_LINUCB_OFFSET=model``) the linear
+part is added to a base, the served model's pCTR: the score is
+pctr + theta^T x + alpha * sqrt(x^T A^-1 x) and theta learns the residual, b = sum
+(r - pctr) x. This is the offset form of a generalised linear model: with theta = 0
+an ad ranks as greedy ranks it, plus its bonus, instead of by the bonus alone, which
+on CTR-sized rewards (a few percent) drowns every difference between ads for the
+first thousands of labels. Thompson gets the same information as its prior mean.
+
 The choice is deterministic up to exact ties, which are split evenly, so the
 propensity is exact (1/|ties|); ``epsilon`` > 0 mixes in uniform exploration with
 exact propensities epsilon/K + (1-epsilon)[a in ties]/|ties| (as EpsilonGreedy).
@@ -45,6 +53,7 @@ class LinUCBParams:
     ridge: float = 1.0  # lambda: A starts at lambda * I
     bias: bool = True  # append a constant 1 to every context
     epsilon: float = 0.0  # uniform exploration mixed in (exact propensities)
+    offset: bool = False  # theta learns r - base (the model's pCTR), scores add the base
 
     def __post_init__(self) -> None:
         if self.dim < 1 or self.ridge <= 0 or self.alpha < 0 or not 0 <= self.epsilon <= 1:
@@ -68,7 +77,8 @@ class LinUCB:
         self.params = params or LinUCBParams()
         self.dtype = state_dtype(self.params)
         self._explore = EpsilonGreedy(self.params.epsilon)
-        self.name = f"linucb(alpha={self.params.alpha:g},eps={self.params.epsilon:g})"
+        off = ",offset=model" if self.params.offset else ""
+        self.name = f"linucb(alpha={self.params.alpha:g},eps={self.params.epsilon:g}{off})"
 
     # --- state ---------------------------------------------------------------------------
     def empty(self, n: int) -> npt.NDArray[Any]:
@@ -109,8 +119,12 @@ class LinUCB:
         x: npt.ArrayLike,
         r: npt.ArrayLike,
         weights: npt.ArrayLike | None = None,
+        base: npt.ArrayLike | None = None,
     ) -> npt.NDArray[Any]:
         """New states after labels ``r`` for contexts ``x`` shown for ads ``states[which]``.
+
+        With ``offset``, ``base`` is each label's pCTR at its decision and theta learns
+        ``r - base``.
 
         Sherman-Morrison per example (sequential within an ad, so the result
         equals the batch inverse up to rounding). ``weights`` (forgetting) add
@@ -118,7 +132,7 @@ class LinUCB:
         """
         new = states.copy()
         xs = self.contexts(x)
-        rs = np.asarray(r, dtype=np.float64)
+        rs = np.asarray(r, dtype=np.float64) - self._base(base, len(np.atleast_1d(r)))
         ws = np.ones(len(rs)) if weights is None else np.asarray(weights, dtype=np.float64)
         for k, xi, ri, wi in zip(np.asarray(which, dtype=np.intp), xs, rs, ws, strict=True):
             a_inv = new["a_inv"][k]
@@ -150,25 +164,49 @@ class LinUCB:
         new["b"] *= factor
         return new
 
+    def _base(self, base: npt.ArrayLike | None, n: int) -> F64 | float:
+        """The offset each reward or score is taken from: 0 without ``offset``."""
+        if not self.params.offset:
+            return 0.0
+        if base is None:
+            msg = "LinUCB with offset needs the model's pCTR (base) for every label and candidate"
+            raise ValueError(msg)
+        b = np.asarray(base, dtype=np.float64).reshape(-1)
+        if len(b) != n:
+            msg = f"LinUCB base has {len(b)} values for {n} rows"
+            raise ValueError(msg)
+        return b
+
     def theta(self, states: npt.NDArray[Any]) -> F64:
         return np.asarray(np.einsum("kij,kj->ki", states["a_inv"], states["b"]), dtype=np.float64)
 
     # --- deciding ------------------------------------------------------------------------
-    def scores(self, x: npt.ArrayLike, states: npt.NDArray[Any], bids: F64 | None = None) -> F64:
-        """UCB per candidate; ``x`` is one shared context (d,) or one per candidate (K, d)."""
+    def scores(
+        self,
+        x: npt.ArrayLike,
+        states: npt.NDArray[Any],
+        bids: F64 | None = None,
+        base: npt.ArrayLike | None = None,
+    ) -> F64:
+        """UCB per candidate; ``x`` is one shared context (d,) or one per candidate (K, d);
+        ``base`` the candidates' pCTRs (needed with ``offset``)."""
         xs = self.contexts(x)
         if len(xs) == 1:
             xs = np.broadcast_to(xs, (len(states), xs.shape[1]))
         a_inv = states["a_inv"]
-        mean = np.einsum("ki,ki->k", self.theta(states), xs)
+        mean = self._base(base, len(states)) + np.einsum("ki,ki->k", self.theta(states), xs)
         var = np.einsum("ki,kij,kj->k", xs, a_inv, xs)
         ucb = mean + self.params.alpha * np.sqrt(np.maximum(var, 0.0))
         return np.asarray(ucb if bids is None else ucb * bids, dtype=np.float64)
 
     def probabilities(
-        self, x: npt.ArrayLike, states: npt.NDArray[Any], bids: F64 | None = None
+        self,
+        x: npt.ArrayLike,
+        states: npt.NDArray[Any],
+        bids: F64 | None = None,
+        base: npt.ArrayLike | None = None,
     ) -> F64:
-        return self._explore.probabilities(self.scores(x, states, bids))
+        return self._explore.probabilities(self.scores(x, states, bids, base))
 
     def choose(
         self,
@@ -176,8 +214,9 @@ class LinUCB:
         states: npt.NDArray[Any],
         rng: np.random.Generator,
         bids: F64 | None = None,
+        base: npt.ArrayLike | None = None,
     ) -> Choice:
         """Highest UCB (x bid), ties split evenly, epsilon-mixed; exact propensity."""
-        values = self.scores(x, states, bids)
+        values = self.scores(x, states, bids, base)
         c = self._explore.choose(values, rng)
         return Choice(c.index, c.propensity, self._explore.probabilities(values))

@@ -84,6 +84,7 @@ class PolicyParams:
     thompson_min_segment_shows: float = 50.0
     linucb_alpha: float = 1.0
     linucb_ridge: float = 1.0
+    linucb_offset: bool = True  # scoring/strategy/linucb.py: theta learns click - pCTR
     thompson_half_life_h: float = 0.0  # forgetting (scoring/strategy/forgetting.py); 0: none
 
     @classmethod
@@ -95,6 +96,7 @@ class PolicyParams:
             thompson_min_segment_shows=s.thompson_min_segment_shows,
             linucb_alpha=s.linucb_alpha,
             linucb_ridge=s.linucb_ridge,
+            linucb_offset=s.linucb_offset == "model",
             thompson_half_life_h=half_lives(
                 s.bandit_half_life_h, s.thompson_half_life_h, s.linucb_half_life_h
             )[0],
@@ -123,7 +125,8 @@ class Bandit:
                                     half_life_h=p.thompson_half_life_h)  # fmt: skip
             return cls("thompson", thompson=ThompsonSampling(params))
         alpha = float(arg) if arg else p.linucb_alpha
-        return cls("linucb", linucb=LinUCB(LinUCBParams(p.dim, alpha, p.linucb_ridge)))
+        lin = LinUCBParams(p.dim, alpha, p.linucb_ridge, offset=p.linucb_offset)
+        return cls("linucb", linucb=LinUCB(lin))
 
     def thompson_counts(self, c: Candidates, states: Sequence[AdState]) -> npt.NDArray[Any]:
         """Per candidate, the (shows, clicks) Thompson weighs: the user's segment's once they
@@ -160,7 +163,8 @@ class Bandit:
 
     def choose(self, c: Candidates, rng: np.random.Generator) -> Choice:
         """Thompson: model pCTR as prior mean, the (ad, segment) or ad counts as evidence;
-        LinUCB: UCB over the normalised interest vector, times the bid.
+        LinUCB: UCB over the normalised interest vector (added to the model's pCTR under
+        ``ADPULSE_LINUCB_OFFSET=model``), times the bid.
 
         Under a half-life, Thompson's counts fade from their record's event time to
         the decision's, so an ad nobody has labelled lately drifts back to its prior
@@ -176,7 +180,7 @@ class Bandit:
         assert self.linucb is not None
         lin = self.linucb.decode([st.linucb or None for st in states])
         x = user_features(c.vector, self.linucb.params.dim)[0]
-        return self.linucb.choose(x, lin, rng, c.bids)
+        return self.linucb.choose(x, lin, rng, c.bids, c.pctr)
 
 
 class StrategyReader:

@@ -200,3 +200,27 @@ def test_linucb_learns_which_ad_suits_which_interest() -> None:
 def test_linucb_context_of_the_wrong_size_is_refused() -> None:
     with pytest.raises(ValueError, match="dim=64"):
         LinUCB().scores(np.zeros(10), LinUCB().empty(1))
+
+
+def test_linucb_with_offset_starts_from_the_model_and_learns_only_the_residual() -> None:
+    """ADPULSE_LINUCB_OFFSET=model: fresh ads rank by pCTR (x bid) plus one equal bonus, a
+    label exactly at its pCTR teaches nothing, and scores are pCTR + theta^T x + bonus."""
+    d = 3
+    lin = LinUCB(LinUCBParams(dim=d, alpha=0.0, offset=True))
+    states, x, rng = lin.empty(3), np.array([1.0, 0.0, 0.0]), np.random.default_rng(1)
+    pctr = np.array([0.01, 0.04, 0.02])
+    assert lin.choose(x, states, rng, base=pctr).index == 1
+    bids = np.array([5.0, 1.0, 1.0])
+    assert lin.choose(x, states, rng, bids=bids, base=pctr).index == 0  # 0.05 > 0.04
+    # a label at its pCTR: theta stays 0, A grows
+    learnt = lin.update(states, [1], x[None, :], [0.04], base=[0.04])
+    np.testing.assert_allclose(lin.theta(learnt), 0.0, atol=1e-15)
+    assert learnt["n"][1] == 1
+    # clicks above the model on ad 2 move it up by the residual's least-squares fit
+    for _ in range(20):
+        states = lin.update(states, [2], x[None, :], [1.0], base=[0.02])
+    theta = lin.theta(states)[2]
+    assert lin.scores(x, states, base=pctr)[2] == pytest.approx(0.02 + theta @ np.append(x, 1))
+    assert lin.choose(x, states, rng, base=pctr).index == 2
+    with pytest.raises(ValueError, match="needs the model's pCTR"):
+        lin.scores(x, states)

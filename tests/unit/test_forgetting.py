@@ -56,11 +56,16 @@ class Store:
         return decode_ad(self.data.get((ad_id.encode(), 0)))
 
 
+def pctr_at(ts: int) -> float:
+    """The decision's pCTR a label carries: LinUCB's offset (ADPULSE_LINUCB_OFFSET=model)."""
+    return ((ts // 1000) % 97 + 1) / 1000
+
+
 def body(i: int, ad: str, clicked: int, ts: int, interest: list[float]) -> bytes:
     return json.dumps({
         "decision_id": f"d{i}", "ad_id": ad, "user_id": "u", "clicked": clicked,
         "decision_ts": ts, "label_ts": ts + 1000, "features": {"interest": interest},
-        "propensity": 0.5,
+        "propensity": 0.5, "pctr": pctr_at(ts),
     }).encode()  # fmt: skip
 
 
@@ -116,7 +121,7 @@ def oracle(
         segs[seg] = [n + wi, c + wi * yi]
         x = np.append(user_features(lb[3], DIM)[0], 1.0)
         a += wl * np.outer(x, x)
-        b += wl * yi * x
+        b += wl * (yi - pctr_at(int(T0 + lb[2]))) * x  # the residual over the model
     return {"ts": int(ref), "shows": w.sum(), "clicks": w @ y, "segments": segs, "a": a, "b": b}
 
 
