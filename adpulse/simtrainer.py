@@ -38,7 +38,8 @@ from adpulse.broker import free_port
 from adpulse.core.errors import ConfigError
 from adpulse.core.settings import Settings
 from adpulse.workerproc import ChildProcess
-from scoring.recovery import Recovery, Window, recovery
+from scoring.recovery import Recovery, Window, paired_auc_diff, recovery
+from scoring.train import auc
 
 if TYPE_CHECKING:
     from adpulse.simulate import Run, SimConfig
@@ -177,7 +178,7 @@ def frozen_scores(
 
 def online_auc(
     run: Run, cfg: SimConfig, settings: Settings, start: Path | None,
-    extra: Mapping[str, Any] | None = None,
+    extra: Mapping[str, Any] | None = None, out: Path | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """The served model's curve per window and its recovery, and the start version's (when
     ``start`` is given) on the same labels, as written into summary.json."""
@@ -194,11 +195,25 @@ def online_auc(
         return recovery(index, y, p, edges, run.drift_index, reference=cfg.recover_reference,
                         tolerance=cfg.recover_tolerance, hold=cfg.recover_hold)  # fmt: skip
 
-    curves = {"served": curve(served)}
-    if start is not None:
-        curves["frozen"] = curve(frozen_scores(start, settings, recs))
     versions = [str(r.get("model_version", "")) for r in recs]
     start_version = start.name if start is not None else None
+    by_start = np.array([v == start_version for v in versions], dtype=bool)
+    curves = {"served": curve(served)}
+    check: dict[str, Any] = {}
+    if start is not None:
+        frozen = frozen_scores(start, settings, recs)
+        curves["frozen"] = curve(frozen)
+        # where the start version served, both curves score a label alike: a self-check
+        gap = np.abs(frozen - served)[by_start]
+        check["start_labels_max_abs_diff"] = float(gap.max()) if len(gap) else None
+        check["served_minus_frozen"] = {
+            name: _paired(y[m], served[m], frozen[m])
+            for name, m in (("before_drift", index < run.drift_index),
+                            ("after_drift", index >= run.drift_index))
+        }  # fmt: skip
+        if out is not None:  # every label's scores, to recompute any figure here
+            np.savez_compressed(out / "online_auc.npz", index=index, clicked=y, served=served,
+                                frozen=frozen, version=np.array(versions))  # fmt: skip
     return {
         "definition": "AUC per window of the labels read from ctr-feedback: 'served' scores "
         "each with the pCTR of the model that served it (features.pctr, before any model "
@@ -212,13 +227,22 @@ def online_auc(
         "hold": cfg.recover_hold,
         "start_version": start_version,
         "served_versions": len(set(versions)),
-        "labels_served_by_start": int(sum(v == start_version for v in versions)),
+        "labels_served_by_start": int(by_start.sum()),
+        **check,
         **dict(extra or {}),
         "models": {
             name: {"windows": [_window(w) for w in ws], **rec.as_json()}
             for name, (ws, rec) in curves.items()
         },
     }
+
+
+def _paired(y: npt.NDArray[np.float64], a: npt.NDArray[np.float64],
+            b: npt.NDArray[np.float64]) -> dict[str, Any]:  # fmt: skip
+    """AUC of each and the paired difference with its bootstrap 95% interval."""
+    d, lo, hi = paired_auc_diff(y, a, b)
+    r = [None if np.isnan(v) else round(float(v), 4) for v in (auc(y, a), auc(y, b), d, lo, hi)]
+    return {"labels": len(y), "served": r[0], "frozen": r[1], "diff": r[2], "ci": r[3:]}
 
 
 def _window(w: Window) -> dict[str, Any]:
@@ -236,5 +260,11 @@ def format_recovery(block: Mapping[str, Any]) -> str:
         back = "never (within the run)" if w is None else f"after {w} window(s)"
         lines.append(f"  {name:<7} AUC before drift {level}, lowest after {floor}, "
                      f"recovered {back}")  # fmt: skip
+    for period, d in (block.get("served_minus_frozen") or {}).items():
+        if d["diff"] is not None:
+            lines.append(f"  {period.replace('_', ' ')}: served {d['served']:.3f}, frozen "
+                         f"{d['frozen']:.3f} over {d['labels']:,} labels; difference "
+                         f"{d['diff']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}] (paired "
+                         "bootstrap 95%)")  # fmt: skip
     return (f"online AUC per window (tolerance {block['tolerance']:g}, {block['hold']} windows "
             "in a row):\n" + "\n".join(lines))  # fmt: skip

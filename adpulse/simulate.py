@@ -80,6 +80,7 @@ class SimConfig:
     # --trainer (adpulse/simtrainer.py): online training beside the worker, and recovery
     trainer: bool = False
     promotion: str = "direct"  # direct | promoter
+    start_rows: int = 20_000  # synthetic labels the start version is trained on
     recover_reference: int = 3  # windows before the drift whose pooled AUC is the level
     recover_tolerance: float = 0.02  # AUC below the level still counted as recovered
     recover_hold: int = 2  # windows in a row at the level
@@ -492,7 +493,7 @@ def simulate(settings: Settings, cfg: SimConfig, out: Path, log: Any = print) ->
         if cfg.trainer:
             root = Path(tmp) / "models"
             log(f"training the start version into {root} (synthetic labels) ...")
-            start = simtrainer.seed_registry(s, root)
+            start = simtrainer.seed_registry(s, root, cfg.start_rows)
             s = s.with_(model_dir=str(root), model_poll_s=1.0)
         with sim_worker(s, cfg, world, out, log) as (worker, scrape), contextlib.ExitStack() as st:
             if cfg.trainer:
@@ -502,6 +503,7 @@ def simulate(settings: Settings, cfg: SimConfig, out: Path, log: Any = print) ->
                 ))  # fmt: skip
             extra = run_loop(s, cfg, world, run, worker, scrape, log)
         summary = simresults.summarise(run, cfg, world, extra)
-        summary["online_auc"] = simtrainer.online_auc(run, cfg, s, start, training or None)
+        summary["online_auc"] = simtrainer.online_auc(run, cfg, s, start, training or None,
+                                                     out)
     simresults.write(summary, run, cfg, out, log)
     return summary

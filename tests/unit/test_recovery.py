@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
 
-from scoring.recovery import recovery, split_at_drift, window_auc, windows_to_recover
+from scoring.recovery import (
+    paired_auc_diff,
+    recovery,
+    split_at_drift,
+    window_auc,
+    windows_to_recover,
+)
 from scoring.train import auc
 
 
@@ -17,7 +24,7 @@ def test_each_window_is_the_auc_of_its_own_labels() -> None:
     p = rng.random(5000) + 0.3 * y
     edges = [0, 250, 500, 750, 1000]
     got = window_auc(index, y, p, edges)
-    for w, (lo, hi) in zip(got, zip(edges, edges[1:], strict=False), strict=True):
+    for w, (lo, hi) in zip(got, itertools.pairwise(edges), strict=True):
         m = (index >= lo) & (index < hi)
         assert (w.start, w.end, w.labels, w.clicks) == (lo, hi, int(m.sum()), int(y[m].sum()))
         assert w.auc == auc(y[m], p[m])
@@ -65,3 +72,14 @@ def test_recovery_of_a_model_that_forgets_and_one_that_relearns() -> None:
     assert fro.windows_to_recover is None and fro.floor < 0.5
     assert lea.windows_to_recover == 2  # windows 500-600 and 600-700 lost
     assert lea.as_json()["windows_to_recover"] == 2
+
+
+def test_the_paired_difference_is_zero_for_one_model_and_positive_for_a_better_one() -> None:
+    rng = np.random.default_rng(5)
+    x = rng.random(4000)
+    y = (rng.random(4000) < 0.05 + 0.2 * x).astype(float)
+    assert paired_auc_diff(y, x, x) == (0.0, 0.0, 0.0)
+    noisy = x + rng.normal(0, 0.5, 4000)
+    d, lo, hi = paired_auc_diff(y, x, noisy, draws=100)
+    assert d == auc(y, x) - auc(y, noisy) and 0 < lo < d < hi
+    assert all(math.isnan(v) for v in paired_auc_diff([0.0, 0.0], [0.1, 0.2], [0.2, 0.1]))
