@@ -219,7 +219,7 @@ def online_auc(
         "each with the pCTR of the model that served it (features.pctr, before any model "
         "learned it), 'frozen' with the start version; windows_to_recover: windows after the "
         "drift before the first of `hold` in a row with AUC >= level - tolerance, level the "
-        "pooled AUC of the last `reference` windows before the drift (scoring/recovery.py)",
+        "mean AUC of the last `reference` windows before the drift (scoring/recovery.py)",
         "bin_edges": edges,
         "drift_index": run.drift_index,
         "reference": cfg.recover_reference,

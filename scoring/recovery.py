@@ -9,9 +9,11 @@ Definitions (docs/training.md, "Drift"):
 
 * **windows**: the run's request index cut into equal bins (the CTR plot's bins);
   a label belongs to the window of its decision's request.
-* **pre-drift level** of a model: its AUC over the pooled labels of the last
-  ``reference`` windows that end at or before the drift (pooled, not averaged: a
-  window of a few dozen clicks has an AUC standard error of about 0.04).
+* **pre-drift level** of a model: the mean of its window AUCs over the last
+  ``reference`` windows that end at or before the drift (a window of a few dozen
+  clicks has an AUC standard error of about 0.04, so one window is not enough; the
+  labels are not pooled across windows, because the served curve changes model from
+  window to window and AUC over rows scored by different models understates each).
 * **time to recover**, in windows: the number of windows after the drift that pass
   before the first one from which the model's AUC is at least ``level - tolerance``
   for ``hold`` windows in a row (fewer when the run ends first). 0: it never fell
@@ -72,15 +74,6 @@ def split_at_drift(edges: Sequence[int], drift_index: int) -> tuple[list[int], l
     return before, after
 
 
-def reference_level(
-    index: npt.ArrayLike, y: npt.ArrayLike, p: npt.ArrayLike, lo: int, hi: int
-) -> float:
-    """AUC over the pooled labels of requests lo..hi-1."""
-    idx = np.asarray(index, dtype=np.int64)
-    m = (idx >= lo) & (idx < hi)
-    return auc(np.asarray(y, dtype=np.float64)[m], np.asarray(p, dtype=np.float64)[m])
-
-
 def windows_to_recover(
     after: Sequence[float], level: float, tolerance: float, hold: int = 2
 ) -> int | None:
@@ -98,7 +91,7 @@ def windows_to_recover(
 
 @dataclass(frozen=True)
 class Recovery:
-    level: float  # pre-drift AUC (pooled reference windows)
+    level: float  # pre-drift AUC (mean over the reference windows)
     floor: float  # lowest window AUC after the drift
     windows_to_recover: int | None
 
@@ -121,8 +114,8 @@ def recovery(
     """One model's windows and its recovery (module docstring for the definitions)."""
     windows = window_auc(index, y, p, edges)
     before, after = split_at_drift(edges, drift_index)
-    ref = before[-reference:]
-    level = reference_level(index, y, p, edges[ref[0]], edges[ref[-1] + 1]) if ref else math.nan
+    ref = [windows[k].auc for k in before[-reference:] if not math.isnan(windows[k].auc)]
+    level = float(np.mean(ref)) if ref else math.nan
     post = [windows[k].auc for k in after]
     finite = [a for a in post if not math.isnan(a)]
     return windows, Recovery(
