@@ -62,8 +62,20 @@ def pool(summaries: Sequence[dict[str, Any]], seeds: Sequence[int]) -> dict[str,
         for a in names:
             k, n = totals[(a, p)]
             pooled.setdefault(a, {})[p] = _versus(k, n, k0, n0)
-    return {"seeds": list(seeds), "per_seed": per_seed, "pooled": pooled,
-            "below_control": below}  # fmt: skip
+    out = {"seeds": list(seeds), "per_seed": per_seed, "pooled": pooled,
+           "below_control": below}  # fmt: skip
+    recovery = [_recovery(seed, s) for seed, s in zip(seeds, summaries, strict=True)
+                if (s.get("online_auc") or {}).get("models")]  # fmt: skip
+    if recovery:
+        out["recovery"] = recovery
+    return out
+
+
+def _recovery(seed: int, summary: dict[str, Any]) -> dict[str, Any]:
+    """A seed's online-AUC recovery per model (simulate --trainer; adpulse/simtrainer.py)."""
+    models = summary["online_auc"]["models"]
+    return {"seed": seed, **{name: {k: m[k] for k in ("level", "floor", "windows_to_recover")}
+                             for name, m in models.items()}}  # fmt: skip
 
 
 def _cell(v: dict[str, Any], control: bool) -> str:
@@ -89,4 +101,13 @@ def format_pool(result: dict[str, Any]) -> str:
     lines.append("")
     lines.append("below greedy (difference CI wholly under 0): "
                  + (", ".join(f"seed {s} {a} {p}" for s, a, p in below) or "none"))  # fmt: skip
+    for r in result.get("recovery", []):
+        parts = [f"{name} {_windows(m['windows_to_recover'])}"
+                 for name, m in r.items() if name != "seed"]  # fmt: skip
+        lines.append(f"seed {r['seed']}: online AUC back at its pre-drift level after "
+                     + ", ".join(parts))  # fmt: skip
     return "\n".join(lines)
+
+
+def _windows(k: int | None) -> str:
+    return "never (within the run)" if k is None else f"{k} window(s)"

@@ -252,6 +252,10 @@ def write(summary: dict[str, Any], run: Run, cfg: SimConfig, out: Path, log: Any
         "expected clicks lost to the oracle (best eligible ad, true CTR); p: CTR against "
         f"greedy (two-proportion z-test). Drift after request {run.drift_index:,}."
     )
+    if summary.get("online_auc"):
+        from adpulse.simtrainer import format_recovery  # noqa: PLC0415
+
+        log(format_recovery(summary["online_auc"]))
     log(f"wrote {path} and {png}")
 
 
@@ -264,7 +268,10 @@ def plot(summary: dict[str, Any], path: Path) -> None:
     series = summary["series"]
     edges = np.asarray(series["bin_edges"], dtype=np.float64)
     mid = (edges[:-1] + edges[1:]) / 2
-    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(10, 8), sharex=True)
+    auc = summary.get("online_auc") or {}
+    panels = 3 if auc.get("models") else 2
+    fig, axes = plt.subplots(panels, 1, figsize=(10, 4 * panels), sharex=True)
+    ax1, ax2 = axes[0], axes[1]
     for a, rows in series["ctr"].items():
         colour = COLOURS.get(a)
         ok = np.array([r["labels"] > 0 for r in rows])
@@ -275,7 +282,9 @@ def plot(summary: dict[str, Any], path: Path) -> None:
         ax1.fill_between(mid[ok], lo[ok], hi[ok], alpha=0.2, color=colour)
         reg = series["regret"][a]
         ax2.plot(reg["index"], reg["cumulative"], label=a, color=colour)
-    for ax in (ax1, ax2):
+    if panels == 3:
+        _plot_auc(axes[2], auc)
+    for ax in axes:
         ax.axvline(summary["drift_index"], color="red", ls="--", lw=1)
         ax.grid(alpha=0.3)
     ax1.text(
@@ -290,7 +299,32 @@ def plot(summary: dict[str, Any], path: Path) -> None:
     ax1.legend(loc="upper left", ncol=4)
     ax1.set_title(f"adpulse simulate: {summary['filled']:,} decisions, 4 arms x 25% of users")
     ax2.set_ylabel("cumulative regret vs oracle (expected clicks)")
-    ax2.set_xlabel("request index (time)")
+    axes[-1].set_xlabel("request index (time)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+AUC_STYLE = {"served": ("tab:purple", "served model (trainer on)"),
+             "frozen": ("tab:brown", "frozen start model")}  # fmt: skip
+
+
+def _plot_auc(ax: Any, auc: dict[str, Any]) -> None:
+    """Online AUC per window of each model on the same labels, its pre-drift level and the
+    window it recovered in (adpulse/simtrainer.py)."""
+    edges = np.asarray(auc["bin_edges"], dtype=np.float64)
+    centres = (edges[:-1] + edges[1:]) / 2
+    after = [k for k in range(len(edges) - 1) if edges[k] >= auc["drift_index"]]
+    for name, m in auc["models"].items():
+        colour, label = AUC_STYLE.get(name, (None, name))
+        ys = np.array([np.nan if w["auc"] is None else w["auc"] for w in m["windows"]])
+        k = m["windows_to_recover"]
+        text = "not recovered" if k is None else f"recovered after {k} window(s)"
+        ax.plot(centres, ys, marker="o", ms=3, color=colour, label=f"{label}: {text}")
+        if m["level"] is not None:
+            ax.axhline(m["level"] - auc["tolerance"], color=colour, ls=":", lw=1)
+        if k is not None and k < len(after):
+            ax.plot([centres[after[k]]], [ys[after[k]]], marker="*", ms=12, color=colour)
+    ax.set_ylabel("online AUC per window (same labels)")
+    ax.legend(loc="lower left", fontsize=8)
+    ax.grid(alpha=0.3)

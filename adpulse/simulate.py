@@ -31,6 +31,7 @@ import asyncio
 import contextlib
 import heapq
 import json
+import os
 import secrets
 import tempfile
 import threading
@@ -76,6 +77,13 @@ class SimConfig:
     sample: Path = Path("../shared/data/taobao_userbehavior_sample.csv")  # the world's fit
     decide_url: str | None = None  # a worker's base URL: requests go to POST /decide there
     decide_token: str = ""  # the bearer token that worker requires (ADPULSE_API_TOKEN_FILE)
+    # --trainer (adpulse/simtrainer.py): online training beside the worker, and recovery
+    trainer: bool = False
+    promotion: str = "direct"  # direct | promoter
+    start_rows: int = 20_000  # synthetic labels the start version is trained on
+    recover_reference: int = 3  # windows before the drift whose pooled AUC is the level
+    recover_tolerance: float = 0.02  # AUC below the level still counted as recovered
+    recover_hold: int = 2  # windows in a row at the level
 
     def arms(self) -> list[tuple[str, str]]:
         """(arm, policy spec), the control first."""
@@ -97,7 +105,15 @@ class SimConfig:
             # machine must not refuse the model (the greedy arm would be the prior).
             "ADPULSE_MODEL_LATENCY_BUDGET_MS": "200",
             "ADPULSE_MODEL_MAX_SLOWDOWN": "100",
+            **(self.promoter_env() if self.trainer and self.promotion == "promoter" else {}),
         }
+
+    def promoter_env(self) -> dict[str, str]:
+        """The canary share the workers must share with the promoter (the simulation's scale)."""
+        from adpulse.simtrainer import PROMOTER_ENV  # noqa: PLC0415
+
+        key = "ADPULSE_CANARY_SHARE"
+        return {key: os.environ.get(key, PROMOTER_ENV[key])}
 
 
 @dataclass
@@ -123,6 +139,7 @@ class Run:
     labels: dict[str, list[int]] = field(default_factory=dict)  # decision id -> clicked values
     conversions: dict[str, int] = field(default_factory=dict)
     clicked_ids: set[str] = field(default_factory=set)  # decisions we sent a click for
+    feedback: dict[str, dict[str, Any]] = field(default_factory=dict)  # id -> its first label
     started: float = field(default_factory=time.monotonic)
     interrupted: bool = False
 
@@ -300,6 +317,7 @@ class Loop:
             self.run.conversions[did] = self.run.conversions.get(did, 0) + 1
         else:
             self.run.labels.setdefault(did, []).append(int(rec.get("clicked", 0)))
+            self.run.feedback.setdefault(did, rec)  # its features: the online AUC's input
 
 
 async def drive(
@@ -457,20 +475,35 @@ def run_loop(
 
 def simulate(settings: Settings, cfg: SimConfig, out: Path, log: Any = print) -> dict[str, Any]:
     """Run the closed loop; returns the summary (also written with the plot under ``out``)."""
+    from adpulse import simtrainer  # noqa: PLC0415
     from adpulse.broker import broker_for  # noqa: PLC0415
 
     world = simresults.load_world(cfg.seed, cfg.sample, cfg.users)
     out.mkdir(parents=True, exist_ok=True)
     run = Run(cfg.decisions, int(cfg.drift_at * cfg.decisions))
     tag = secrets.token_hex(4)
+    training: dict[str, Any] = {}
+    start: Path | None = None
     with broker_for(settings, log) as b, tempfile.TemporaryDirectory(prefix="adpulse-sim-") as tmp:
         s = b.with_(
             topic_prefix=f"{settings.topic_prefix}sim-{tag}.",
             app_id=f"adpulse-sim-{tag}",
             data_dir=Path(tmp) / "data",
         )
-        with sim_worker(s, cfg, world, out, log) as (worker, scrape):
+        if cfg.trainer:
+            root = Path(tmp) / "models"
+            log(f"training the start version into {root} (synthetic labels) ...")
+            start = simtrainer.seed_registry(s, root, cfg.start_rows)
+            s = s.with_(model_dir=str(root), model_poll_s=1.0)
+        with sim_worker(s, cfg, world, out, log) as (worker, scrape), contextlib.ExitStack() as st:
+            if cfg.trainer:
+                training = st.enter_context(simtrainer.online_training(
+                    worker.env(), Path(s.model_dir), Path(tmp), out,
+                    "promoter" if cfg.promotion == "promoter" else "direct", log,
+                ))  # fmt: skip
             extra = run_loop(s, cfg, world, run, worker, scrape, log)
-    summary = simresults.summarise(run, cfg, world, extra)
+        summary = simresults.summarise(run, cfg, world, extra)
+        summary["online_auc"] = simtrainer.online_auc(run, cfg, s, start, training or None,
+                                                     out)
     simresults.write(summary, run, cfg, out, log)
     return summary

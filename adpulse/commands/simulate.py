@@ -26,12 +26,18 @@ def cmd_simulate(args: argparse.Namespace, settings: Settings) -> int:
     if args.rate <= 0:
         msg = f"--rate {args.rate}: requests per second, more than 0"
         raise ConfigError(msg)
+    if args.windows < 4:
+        msg = f"--windows {args.windows}: at least 4 (the CTR and AUC curves' points)"
+        raise ConfigError(msg)
     cfg = SimConfig(
         decisions=args.decisions,
         drift_at=args.drift_at,
         seed=args.seed,
         rate=args.rate,
         sample=Path(args.data) / "taobao_userbehavior_sample.csv",
+        bins=args.windows,
+        trainer=args.trainer is not None,
+        promotion=args.trainer or "direct",
     )
     if not args.seeds:
         summary = simulate(settings, cfg, Path(args.out))
@@ -104,6 +110,22 @@ def register(sub: Subparsers) -> None:
         type=float,
         default=300.0,
         help="requests per second offered at most (default 300)",
+    )
+    p.add_argument(
+        "--windows",
+        type=int,
+        default=20,
+        help="windows the run is cut into for the CTR and online-AUC curves (default 20)",
+    )
+    p.add_argument(
+        "--trainer",
+        nargs="?",
+        const="direct",
+        choices=["direct", "promoter"],
+        help="run adpulse trainer beside the worker, from a start version trained here, and "
+        "compare the served model's online AUC per window with that start version frozen; "
+        "'direct' (the default) serves each candidate as it is exported, 'promoter' runs "
+        "adpulse promoter (canary 50%%, 300 labels). Needs PyTorch (docs/training.md, Drift)",
     )
     p.add_argument("--out", default="var/simulate", help="output folder (default var/simulate)")
     p.add_argument("--data", default="../shared/data", help="folder with the Taobao sample")

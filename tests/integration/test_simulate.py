@@ -53,3 +53,35 @@ def test_a_small_simulation_closes_the_loop(
         a["arm"]: a["impressions"] for a in summary["arms"]
     }
     assert sum(r["clicks"] for r in table) == labels["clicked_labels"]
+
+
+@pytest.mark.long  # ~90 s: a start model, the trainer and a worker on a small run
+def test_a_simulation_with_the_trainer_draws_the_served_and_the_frozen_curve(
+    settings: Settings, tmp_path: Path, taobao: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """simulate --trainer: candidates exported and published during the run; both models'
+    online AUC per window on the same labels; where the start version served, its
+    frozen scores equal the pCTR served with the label (the two curves are comparable)."""
+    pytest.importorskip("torch")
+    monkeypatch.setenv("ADPULSE_TRAIN_INTERVAL_S", "2")  # candidates within a short run
+    cfg = SimConfig(decisions=2000, users=300, window_s=3.0, rate=300.0, bins=5,
+                    label_wait_s=20.0, sample=taobao, trainer=True, start_rows=3000)  # fmt: skip
+    summary = simulate(settings, cfg, tmp_path, log=lambda _: None)
+    auc = summary["online_auc"]
+    assert summary["labels"]["exactly_one"] == summary["filled"] > 0
+    assert auc["trainer_exit_code"] is None  # it ran until the end
+    # candidates exported from the labels and moved up into the registry (whether a worker
+    # served one before the run ended depends on the box's speed: not asserted)
+    assert auc["promoted"] and 1 <= auc["served_versions"] <= 1 + len(auc["promoted"])
+    served, frozen = auc["models"]["served"], auc["models"]["frozen"]
+    assert len(served["windows"]) == len(frozen["windows"]) == 5
+    for s, f in zip(served["windows"], frozen["windows"], strict=True):
+        assert (s["labels"], s["clicks"]) == (f["labels"], f["clicks"])  # the same labels
+    assert sum(w["labels"] for w in served["windows"]) == summary["filled"]
+    assert 0 < auc["labels_served_by_start"] <= summary["filled"]
+    assert auc["start_labels_max_abs_diff"] < 1e-4
+    for m in (served, frozen):
+        assert set(m) == {"windows", "level", "floor", "windows_to_recover"}
+    written = json.loads((tmp_path / "summary.json").read_text())
+    assert written["online_auc"]["models"]["frozen"]["windows"] == frozen["windows"]
+    assert (tmp_path / "simulate.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

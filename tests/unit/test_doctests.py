@@ -26,6 +26,7 @@ MODULES = [
     "scoring.joinstate",
     "scoring.offline",
     "scoring.progressive",
+    "scoring.recovery",
 ]
 
 

@@ -61,3 +61,31 @@ def test_bad_seeds_get_one_line(seeds: str) -> None:
     assert r.returncode != 0
     assert "--seeds" in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_each_seeds_recovery_after_the_drift_is_reported_per_model() -> None:
+    def with_auc(served: int | None, frozen: int | None) -> dict[str, Any]:
+        s = summary(arm("greedy", (100, 4000), (40, 2000)))
+        s["online_auc"] = {"models": {
+            "served": {"level": 0.7, "floor": 0.5, "windows_to_recover": served, "windows": []},
+            "frozen": {"level": 0.7, "floor": 0.4, "windows_to_recover": frozen, "windows": []},
+        }}  # fmt: skip
+        return s
+
+    r = pool([with_auc(2, None), with_auc(1, 3)], [4, 9])
+    assert r["recovery"] == [
+        {"seed": 4, "served": {"level": 0.7, "floor": 0.5, "windows_to_recover": 2},
+         "frozen": {"level": 0.7, "floor": 0.4, "windows_to_recover": None}},
+        {"seed": 9, "served": {"level": 0.7, "floor": 0.5, "windows_to_recover": 1},
+         "frozen": {"level": 0.7, "floor": 0.4, "windows_to_recover": 3}},
+    ]  # fmt: skip
+    table = format_pool(r)
+    assert "seed 4: online AUC back at its pre-drift level after served 2 window(s), " \
+        "frozen never (within the run)" in table
+    assert "recovery" not in pool([summary(arm("greedy", (1, 10), (1, 5)))], [1])
+
+
+def test_an_unknown_trainer_promotion_gets_one_line() -> None:
+    r = subprocess.run([sys.executable, "-m", "adpulse.cli", "simulate", "--trainer", "nope"],
+                       capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+    assert r.returncode != 0 and "Traceback" not in r.stderr and "--trainer" in r.stderr
