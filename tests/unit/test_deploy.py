@@ -887,3 +887,21 @@ def test_k8s_trainer_keeps_its_checkpoint_and_writes_a_first_version_before_it_s
     assert train.generate and train.out == s.model_dir
     assert f"{s.model_dir}/*/model.pt" in script, "only when no version with model.pt is there"
     assert any(m["mountPath"] == s.model_dir for m in init["volumeMounts"])
+
+
+def test_the_test_prometheus_config_scrapes_only_the_jobs_given_targets(tmp_path: Path) -> None:
+    """adpulse.prometheus.scrape_config (tests, demo): a shipped job with no process to
+    scrape here is left out, since its compose host would not resolve and its up of 0
+    would fire AdpulseTrainingProcessDown."""
+    from adpulse.prometheus import scrape_config
+
+    only = load_yaml(scrape_config(["http://127.0.0.1:1"], tmp_path / "a.yml"))
+    assert [(j["job_name"], j["static_configs"]) for j in only["scrape_configs"]] == [
+        ("adpulse", [{"targets": ["127.0.0.1:1"]}])
+    ]
+    both = load_yaml(scrape_config(["http://127.0.0.1:1"], tmp_path / "b.yml",
+                                   others={"adpulse-trainer": ["http://127.0.0.1:2"]}))  # fmt: skip
+    assert {j["job_name"]: j["static_configs"][0]["targets"] for j in both["scrape_configs"]} == {
+        "adpulse": ["127.0.0.1:1"], "adpulse-trainer": ["127.0.0.1:2"]}  # fmt: skip
+    with pytest.raises(ValueError, match="no scrape job"):
+        scrape_config([], tmp_path / "c.yml", others={"trainer": []})
