@@ -15,7 +15,7 @@ import subprocess
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,19 +26,38 @@ from adpulse.polling import log_tail, poll_until
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 CONFIG = DEPLOY / "prometheus" / "prometheus.yml"
+JOB = "adpulse"  # the workers' scrape job; the alerts and dashboard select by job
 
 
 def binary() -> str | None:
     return shutil.which("prometheus")
 
 
-def scrape_config(targets: Sequence[str], out: Path, interval: str = "1s") -> Path:
-    """The shipped prometheus.yml, pointed at these workers (URLs), scraping every ``interval``."""
+def scrape_config(
+    targets: Sequence[str],
+    out: Path,
+    interval: str = "1s",
+    others: Mapping[str, Sequence[str]] | None = None,
+) -> Path:
+    """The shipped prometheus.yml, pointed at these workers (URLs), scraping every ``interval``.
+
+    ``others`` points the shipped config's other jobs (``adpulse-trainer``,
+    ``adpulse-promoter``) at URLs too; a job not named there is left out, since its
+    compose host name would not resolve here and its ``up`` of 0 would fire alerts."""
+    others = others or {}
     config = yaml.safe_load(CONFIG.read_text())
     config["global"].update(scrape_interval=interval, evaluation_interval=interval)
     config["rule_files"] = [str(CONFIG.parent / f) for f in config["rule_files"]]
-    (job,) = config["scrape_configs"]
-    job["static_configs"] = [{"targets": [t.removeprefix("http://") for t in targets]}]
+    urls = {JOB: targets, **others}
+    unknown = set(urls) - {job["job_name"] for job in config["scrape_configs"]}
+    if unknown:
+        msg = f"no scrape job {sorted(unknown)} in {CONFIG}"
+        raise ValueError(msg)
+    config["scrape_configs"] = [job for job in config["scrape_configs"] if job["job_name"] in urls]
+    for job in config["scrape_configs"]:
+        job["static_configs"] = [
+            {"targets": [t.removeprefix("http://") for t in urls[job["job_name"]]]}
+        ]
     out.write_text(yaml.safe_dump(config))
     return out
 

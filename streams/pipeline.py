@@ -15,18 +15,16 @@ timers             -> click-join windows closed, model registry poll (hot-swap),
                       catalog refresh, consumer lag and table sizes (streams/runtime/gauges.py)
 
 Every handler is here; the stages return results and these do their I/O through
-one load helper (:func:`_load`), one write helper (:func:`_write`: RocksDB, then
-the changelog) and one dead-letter helper (:func:`_dead_letter`).
+one load helper, one write helper (RocksDB, then the changelog) and one dead-letter
+helper, in streams/tableio.py (imported here under their old private names).
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
-import json
 import logging
 import time
-from collections import defaultdict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -39,7 +37,7 @@ from scoring.joinstate import Charge
 from scoring.strategy.policy import StrategyReader
 from streams import counts, forget, serve, timers
 from streams.catalog import CatalogCache, check_catalog_record
-from streams.deadletter import Raw, Rejected, dead_letter
+from streams.deadletter import Raw, Rejected
 from streams.decide import DecideResult, DecideStage, StateReaders
 from streams.ingest import LOG_APPEND_TIME, broker_ms
 from streams.interest import InterestStage
@@ -50,12 +48,16 @@ from streams.runtime.consumer import Batch, Positions
 from streams.runtime.seal import is_seal
 from streams.runtime.tablewriter import (
     ChangelogBuffer,
-    read_many,
     scan,
-    send_changelog,
-    write_local,
 )
 from streams.sequence import SequenceStage
+from streams.tableio import by_partition as _by_partition
+from streams.tableio import changelog as _changelog
+from streams.tableio import dead_letter_all as _dead_letter
+from streams.tableio import load as _load
+from streams.tableio import raws as _raws
+from streams.tableio import write as _write
+from streams.tableio import write_local_all as _write_local
 from streams.wiring import Wiring
 
 log = logging.getLogger(__name__)
@@ -414,77 +416,3 @@ async def check_catalog(w: Wiring, event: Any, source: str = "ad-catalog") -> No
         raw = Raw(event.value, event.key, msg.partition, msg.offset, ts_ms)
         stage = "items" if source == "item-catalog" else "catalog"
         await _dead_letter(w, [Rejected(raw, *refused)], now_ms, source, stage)
-
-
-# -- the one load, write and dead-letter helpers ---------------------------------------------
-Writes = Sequence[tuple[bytes, int, bytes | None]]  # key, partition, value (None deletes)
-
-
-def _raws(batch: Batch) -> list[Raw]:
-    return [
-        Raw(r.value, r.key, tp.partition, r.offset, r.timestamp)
-        for tp, records in batch.items()
-        for r in records
-    ]
-
-
-def _load(table: Any, keys: Sequence[bytes], partitions: Sequence[int]) -> list[bytes | None]:
-    """Values of ``keys``, each on its partition (None: absent): one multi-get a partition."""
-    by_part: dict[int, list[int]] = defaultdict(list)
-    for i, p in enumerate(partitions):
-        by_part[p].append(i)
-    out: list[bytes | None] = [None] * len(keys)
-    for p, idx in by_part.items():
-        for i, value in zip(idx, read_many(table, p, [keys[i] for i in idx]), strict=True):
-            out[i] = value
-    return out
-
-
-async def _write(
-    table: Any, writes: Writes, buffer: ChangelogBuffer | None = None
-) -> list[Awaitable[Any]]:
-    """Every partition's RocksDB first (readers see all of it at once), then the changelog
-    records, sent now or through ``buffer``; returns what completes when they are acked."""
-    return await _changelog(table, _write_local(table, writes), buffer)
-
-
-def _write_local(table: Any, writes: Writes) -> dict[int, list[tuple[bytes, bytes | None]]]:
-    """:func:`_write`'s first half, alone where RocksDB must change before the caller yields
-    (a decision: the next one reads its caps); returns the records by partition."""
-    by_part = _by_partition(writes)
-    for part, items in by_part.items():
-        write_local(table, part, items)
-    return by_part
-
-
-async def _changelog(
-    table: Any,
-    by_part: dict[int, list[tuple[bytes, bytes | None]]],
-    buffer: ChangelogBuffer | None = None,
-) -> list[Awaitable[Any]]:
-    """:func:`_write`'s second half: the records of :func:`_write_local` to the changelog."""
-    if buffer is not None:
-        return [buffer.add(part, items) for part, items in by_part.items()]
-    futures: list[Awaitable[Any]] = []
-    for part, items in by_part.items():
-        futures += await send_changelog(table, part, items)
-    return futures
-
-
-def _by_partition(writes: Writes) -> dict[int, list[tuple[bytes, bytes | None]]]:
-    by_part: dict[int, list[tuple[bytes, bytes | None]]] = defaultdict(list)
-    for key, part, value in writes:
-        by_part[part].append((key, value))
-    return by_part
-
-
-async def _dead_letter(
-    w: Wiring, rejected: list[Rejected], now_ms: int, source: str, stage: str
-) -> list[Awaitable[Any]]:
-    topic = w.settings.topic(source)
-    futures: list[Awaitable[Any]] = []
-    for rej in rejected:
-        value = json.dumps(dead_letter(rej, topic, now_ms, stage=stage)).encode()
-        futures.append(await w.dead_letters.send(value=value))
-        w.metrics.dead_letters.labels(topic, rej.reason).inc()
-    return futures

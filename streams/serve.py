@@ -84,7 +84,7 @@ class _Call:
     req: AdRequest
     raw: Raw
     rows: int
-    queued_at: float  # event-loop time
+    queued_at: float  # DecideService.clock time
     done: asyncio.Future[AdDecision]
 
 
@@ -92,7 +92,9 @@ class DecideService:
     """The queue in front of :data:`Decide`: micro-batches, deadlines, shedding.
 
     Framework-free, so its rules are unit-tested without a worker; ``wire``
-    puts it behind the Faust web server.
+    puts it behind the Faust web server. ``clock`` (seconds, monotonic) times the
+    queue and the event loop's lateness, so a test can move time itself instead of
+    sleeping and depending on how busy the machine is.
     """
 
     def __init__(
@@ -102,7 +104,9 @@ class DecideService:
         catalog_rows: Callable[[], int],
         on_log_failure: Callable[[BaseException], None],
         on_lag: Callable[[float], None] = lambda _s: None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        self.clock = clock
         self.decoder = request_decoder(settings.max_event_bytes)
         self.decide = decide
         self.catalog_rows = catalog_rows
@@ -129,7 +133,7 @@ class DecideService:
         event loop running late (requests wait unseen in sockets and handlers while it
         is busy) and the oldest queued request's age."""
         loop = asyncio.get_running_loop()
-        now = loop.time()
+        now = self.clock()
         if self._due is None:
             self._due = now + _TICK_S
             loop.call_later(_TICK_S, self._tick)
@@ -139,7 +143,7 @@ class DecideService:
 
     def _tick(self) -> None:
         loop = asyncio.get_running_loop()
-        now = loop.time()
+        now = self.clock()
         self.lag_s = max(0.0, now - (self._due or now))
         self.on_lag(self.lag_s)
         self._due = now + _TICK_S
@@ -150,7 +154,7 @@ class DecideService:
         loop = asyncio.get_running_loop()
         rows = len(req.candidates) if req.candidates is not msgspec.UNSET else self.catalog_rows()
         raw = Raw(None, req.user_id.encode(), partition, -1, start_ms)
-        call = _Call(req, raw, max(1, rows), loop.time(), loop.create_future())
+        call = _Call(req, raw, max(1, rows), self.clock(), loop.create_future())
         self.queue.append(call)
         self.queued_rows += call.rows
         if self.queued_rows >= self.max_rows:  # full: this run goes now, a new one starts

@@ -9,8 +9,9 @@ invalid UTF-8, truncation, oversize), with known-valid records mixed in.
 ``verdict(topic, key, value, now_ms)`` is the reference: the JSON Schema
 (``schemas.first_error``) over a strict reading of the bytes, plus the size and
 clock limits the engine documents (a catalog record's key is its ad id, its
-embedding has the model's dimension; a user-events or ad-requests record's key is
-its raw user id). It shares no code with the decoders.
+embedding has the model's dimension; an item-catalog record's key is its item id,
+which fits an int64; a user-events or ad-requests record's key is its raw user id).
+It shares no code with the decoders.
 """
 
 from __future__ import annotations
@@ -25,11 +26,15 @@ from hypothesis import strategies as st
 
 from schemas import examples, first_error
 
-LIMITS = {"user-events": 8192, "ad-requests": 8192, "ctr-feedback": 65536, "ad-catalog": 65536}
+LIMITS = {"user-events": 8192, "ad-requests": 8192, "ctr-feedback": 65536, "ad-catalog": 65536,
+          "item-catalog": 16384}  # fmt: skip
 FUTURE_SKEW_MS = 300_000  # ADPULSE_MAX_FUTURE_SKEW_MS default (user-events only)
 MAX_AGE_DAYS = 7305  # ADPULSE_MAX_EVENT_AGE_DAYS default (user-events only)
 DIM = 64  # ADPULSE_DIM default: a catalog embedding must have it
-TOPICS = tuple(LIMITS)
+# The topics tests/faults/test_fuzz.py sends to one worker; item-catalog is read only by a
+# worker with a text encoder, so tests/faults/test_fuzz_items.py covers it with one.
+TOPICS = ("user-events", "ad-requests", "ctr-feedback", "ad-catalog")
+INT64_MAX = 2**63 - 1
 Message = tuple[bytes | None, bytes]  # key, value
 
 EDGE_STRINGS = [
@@ -74,14 +79,26 @@ def valid_record(topic: str, i: int, now_ms: int, tag: str = "ok") -> dict[str, 
         return {"decision_id": f"{tag}-d{i}", "ad_id": f"{tag}-ad{i % 5}", "user_id": user,
                 "clicked": i % 2, "decision_ts": now_ms - 5000, "label_ts": now_ms,
                 "features": features, "propensity": 0.5, "policy": "greedy"}  # fmt: skip
+    if topic == "item-catalog":  # ids by tag: ok 1,000,000 + i, mut 2,000,000 + i, ...
+        rec = {"item_id": str(item_id(tag, i)), "title": f"{tag} item {i}: trail running shoes",
+               "category_id": 1 + i % 7}  # fmt: skip
+        if i % 3 == 0:
+            rec["price"] = 10.0 + i
+        return rec
     return {"ad_id": f"{tag}-ad{i}", "campaign_id": f"{tag}-c{i % 3}", "category_id": 1 + i % 7,
             "bid": 1.0 + i % 4, "daily_budget": 100.0,
             "targeting": {"placements": ["fz"]}}  # fmt: skip
 
 
+def item_id(tag: str, i: int) -> int:
+    """The item id of ``valid_record("item-catalog", i, tag=tag)``: disjoint per tag."""
+    return {"ok": 1, "mut": 2, "big": 3}.get(tag, 9) * 1_000_000 + i
+
+
 def key_for(topic: str, record: Any) -> bytes | None:
     field = {"user-events": "user_id", "ad-requests": "user_id", "ctr-feedback": "ad_id",
-             "ad-catalog": "ad_id", "forget-requests": "user_id"}[topic]  # fmt: skip
+             "ad-catalog": "ad_id", "forget-requests": "user_id",
+             "item-catalog": "item_id"}[topic]  # fmt: skip
     value = record.get(field) if isinstance(record, dict) else None
     return value.encode("utf-8", "surrogatepass") if isinstance(value, str) else None
 
@@ -285,6 +302,8 @@ def verdict(topic: str, key: bytes | None, value: bytes, now_ms: int) -> bool:
     if topic == "ad-catalog":
         dim_ok = "embedding" not in data or len(data["embedding"]) == DIM
         return key == data["ad_id"].encode() and dim_ok
+    if topic == "item-catalog":  # the id must also fit user-events' int64 item_id
+        return key == data["item_id"].encode() and int(data["item_id"]) <= INT64_MAX
     return True
 
 

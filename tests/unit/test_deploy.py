@@ -140,13 +140,73 @@ def test_every_alert_has_a_rule_test_that_fires_it_and_one_where_it_stays_quiet(
     assert not names - quiet, f"no healthy case for {sorted(names - quiet)}"
 
 
-def test_prometheus_scrapes_worker_metrics_and_loads_the_rules() -> None:
+def scrape_jobs() -> dict[str, dict[str, Any]]:
+    config = load_yaml(PROMETHEUS / "prometheus.yml")
+    return {job["job_name"]: job for job in config["scrape_configs"]}
+
+
+def test_prometheus_scrapes_worker_trainer_and_promoter_metrics_and_loads_the_rules() -> None:
     config = load_yaml(PROMETHEUS / "prometheus.yml")
     assert config["rule_files"] == ["alerts.yml"]
-    (job,) = config["scrape_configs"]
-    assert job["metrics_path"] == "/metrics"
-    port = Settings().web_port
-    assert all(t.endswith(f":{port}") for t in job["static_configs"][0]["targets"])
+    jobs = scrape_jobs()
+    assert len(jobs) == len(config["scrape_configs"]), "job names are unique"
+    s = Settings()
+    ports = {"adpulse": s.web_port, "adpulse-trainer": s.trainer_port,
+             "adpulse-promoter": s.promoter_port}  # fmt: skip
+    assert set(jobs) == set(ports)
+    for name, job in jobs.items():
+        assert job["metrics_path"] == "/metrics"
+        (static,) = job["static_configs"]
+        assert static["targets"], name
+        assert all(t.endswith(f":{ports[name]}") for t in static["targets"]), name
+
+
+def jobs_selected(expr: str) -> set[str]:
+    """The scrape jobs a query selects by a ``job="x"`` or ``job=~"x|y"`` matcher."""
+    jobs: set[str] = set()
+    for op, value in re.findall(r'\bjob\s*(=~|=)\s*"([^"]*)"', expr):
+        jobs |= set(value.split("|")) if op == "=~" else {value}
+    return jobs
+
+
+def test_every_job_the_alerts_and_panels_select_is_scraped_and_every_scraped_job_alerted() -> None:
+    """A job name typed differently in prometheus.yml and a rule is an alert that never
+    fires: every job a rule or panel selects is a scrape job, and every scrape job has a
+    rule that selects it (at least its process being down)."""
+    jobs = set(scrape_jobs())
+    alerted: set[str] = set()
+    for rule in alert_rules():
+        selected = jobs_selected(rule["expr"])
+        assert selected <= jobs, f"{rule['alert']}: no scrape job {sorted(selected - jobs)}"
+        alerted |= selected
+    for expr in dashboard_exprs():
+        assert jobs_selected(expr) <= jobs, expr
+    assert alerted == jobs, f"no alert selects job {sorted(jobs - alerted)}"
+    # The process-down alerts select each job by its ``up`` series.
+    down = {job for rule in alert_rules() if rule["expr"].startswith("up{")
+            for job in jobs_selected(rule["expr"])}  # fmt: skip
+    assert down == jobs
+
+
+def test_progressive_validation_alerts_follow_the_trainer_and_promoter_settings() -> None:
+    """The trainer's gauges are alerted on over its largest default window (the smaller
+    one is too noisy), and the calibration band is the promoter's own drift threshold."""
+    s = Settings()
+    largest = max(int(w) for w in s.trainer_windows.split(","))
+    rules = {r["alert"]: r for r in alert_rules()}
+    for name in ("AdpulseModelMiscalibrated", "AdpulseModelAucBelowChance"):
+        assert set(re.findall(r'window="(\d+)"', rules[name]["expr"])) == {str(largest)}, name
+    expr = rules["AdpulseModelMiscalibrated"]["expr"]
+    drift = s.canary_max_calibration_drift
+    assert re.findall(r"< ([0-9.]+)", expr) == [str(round(1 - drift, 6))], expr
+    assert re.findall(r"> ([0-9.]+)", expr) == [str(round(1 + drift, 6))], expr
+
+
+def test_every_alert_has_a_row_in_the_operations_alert_table() -> None:
+    text = (ROOT / "docs" / "operations.md").read_text()
+    rows = set(re.findall(r"^\| `(Adpulse\w+)` \|", text, re.M))
+    names = {r["alert"] for r in alert_rules()}
+    assert names == rows, f"missing {sorted(names - rows)}, stale {sorted(rows - names)}"
 
 
 def test_every_alert_has_severity_summary_description_and_runbook() -> None:
@@ -163,6 +223,12 @@ def test_every_alert_has_severity_summary_description_and_runbook() -> None:
         "AdpulseModelSwapRefused",
         "AdpulseJoinerStalled",
         "AdpulseBudgetExhaustedEarly",
+        "AdpulseModelRolledBack",
+        "AdpulseTrainingProcessDown",
+        "AdpulseTrainerNotLearning",
+        "AdpulseTrainerNoCandidate",
+        "AdpulseModelMiscalibrated",
+        "AdpulseModelAucBelowChance",
     } <= names
     for rule in rules:
         assert rule["labels"]["severity"] in {"page", "ticket"}, rule["alert"]
@@ -201,7 +267,11 @@ def test_dashboard_queries_only_use_series_the_app_exports() -> None:
         assert refs <= exported, f"{expr}: unknown {sorted(refs - exported)}"
         covered |= refs
     for must in ("adpulse_events_total", "adpulse_decision_latency_seconds_bucket",
-                 "adpulse_consumer_lag_messages", "adpulse_model_info"):  # fmt: skip
+                 "adpulse_consumer_lag_messages", "adpulse_model_info",
+                 # the trainer's progressive validation and progress, the promoter's events
+                 "adpulse_trainer_auc", "adpulse_trainer_calibration", "adpulse_trainer_logloss",
+                 "adpulse_trainer_labels_total", "adpulse_trainer_candidates_total",
+                 "adpulse_model_events_total"):  # fmt: skip
         assert must in covered
 
 
@@ -277,16 +347,25 @@ def parsed(argv: list[str]) -> argparse.Namespace:
         pytest.fail(f"adpulse {shlex.join(argv)}: {err.getvalue().strip()}")
 
 
+# Subcommands that import PyTorch: their services build the Dockerfile's train stage
+# (the promoter checks a candidate's ONNX against its PyTorch weights with it).
+TRAIN_COMMANDS = {"train", "trainer", "promoter"}
+
+
 def test_compose_services_run_real_adpulse_subcommands() -> None:
     services = adpulse_services()
-    assert {"topics", "catalog", "replay", "requests", "worker-1", "worker-2"} <= set(services)
+    assert {"topics", "catalog", "replay", "requests", "worker-1", "worker-2", "model",
+            "trainer", "promoter"} <= set(services)  # fmt: skip
+    stages = {s.name for s in dockerfile_stages()}
     for name, svc in services.items():
         commands = adpulse_commands(svc)
         assert commands, f"{name} runs no adpulse command"
         for argv in commands:
             parsed(argv)
-        # The lean image (deploy/Dockerfile's runtime stage), not the training one.
-        assert svc["build"]["target"] == "runtime", name
+        # The lean image (deploy/Dockerfile's runtime stage) unless it trains.
+        trains = any(argv[0] in TRAIN_COMMANDS for argv in commands)
+        assert svc["build"]["target"] == ("train" if trains else "runtime"), name
+        assert svc["build"]["target"] in stages, name
         for key in svc.get("environment", {}):
             assert not key.startswith("ADPULSE_") or key in SETTINGS, f"{name}: {key}"
 
@@ -397,10 +476,53 @@ def test_compose_workers_share_one_pseudonym_key_written_once_by_keygen() -> Non
     assert len(files) == 1, "every worker reads the same key"
 
 
-def prometheus_targets() -> list[str]:
-    config = load_yaml(PROMETHEUS / "prometheus.yml")
-    targets: list[str] = config["scrape_configs"][0]["static_configs"][0]["targets"]
+def prometheus_targets(job: str = "adpulse") -> list[str]:
+    targets: list[str] = scrape_jobs()[job]["static_configs"][0]["targets"]
     return targets
+
+
+def service_running(command: str) -> tuple[str, dict[str, Any]]:
+    """The one compose service that runs ``adpulse COMMAND``."""
+    (found,) = [(name, svc) for name, svc in adpulse_services().items()
+                if any(argv[:1] == [command] for argv in adpulse_commands(svc))]  # fmt: skip
+    return found
+
+
+def test_compose_runs_one_trainer_and_one_promoter_on_the_workers_model_registry() -> None:
+    """The registry is one named volume at ADPULSE_MODEL_DIR in the workers (read-only),
+    the trainer and promoter (read-write) and the `model` service, which writes the first
+    version (with model.pt, what the trainer warm-starts from) before any of them starts."""
+    services = compose()["services"]
+    declared = set(compose()["volumes"])
+    workers = {n: svc for n, svc in services.items() if n.startswith("worker-")}
+    trainer_name, trainer = service_running("trainer")
+    promoter_name, promoter = service_running("promoter")
+    model_name, model = service_running("train")
+    (train,) = handlers(model_name)
+    assert train.generate or train.input, "the first version is trained on something"
+    registry: set[str] = set()
+    for name, svc in {**workers, trainer_name: trainer, promoter_name: promoter,
+                      model_name: model}.items():  # fmt: skip
+        s = Settings.from_env(svc["environment"])
+        assert s.model_dir, f"{name}: no ADPULSE_MODEL_DIR"
+        (mount,) = [v for v in svc["volumes"] if v.split(":")[1] == s.model_dir]
+        volume, _, *mode = mount.split(":")
+        registry.add(volume)
+        assert mode == (["ro"] if name in workers else []), f"{name}: {mount}"
+        if name != model_name:
+            assert svc["depends_on"][model_name]["condition"] == "service_completed_successfully"
+    assert len(registry) == 1 and registry <= declared, registry
+    assert train.out == Settings.from_env(model["environment"]).model_dir
+    # The trainer's checkpoint survives a restart: DATA_DIR in a volume of its own.
+    t = Settings.from_env(trainer["environment"])
+    (ckpt,) = [v.split(":")[0] for v in trainer["volumes"] if v.split(":")[1] == str(t.data_dir)]
+    assert ckpt in declared
+    assert all(not v.startswith(f"{ckpt}:") for w in workers.values() for v in w["volumes"])
+    # Prometheus scrapes each at its port, in the job the alerts and panels select.
+    p = Settings.from_env(promoter["environment"])
+    assert prometheus_targets("adpulse-trainer") == [f"{trainer['hostname']}:{t.trainer_port}"]
+    assert prometheus_targets("adpulse-promoter") == [f"{promoter['hostname']}:{p.promoter_port}"]
+    assert {trainer_name, promoter_name} <= set(services["prometheus"]["depends_on"])
 
 
 def test_compose_mounts_the_prometheus_and_grafana_provisioning() -> None:
@@ -577,16 +699,30 @@ print("\\n".join(failed))
 
 
 # -- Kubernetes ------------------------------------------------------------------------------
-def manifests() -> dict[str, dict[str, Any]]:
-    docs = {}
+def all_manifests() -> list[dict[str, Any]]:
+    docs = []
     for path in sorted(K8S.glob("*.yaml")):
         if path.name == "kustomization.yaml":
             continue
         for doc in yaml.safe_load_all(path.read_text()):
             assert {"apiVersion", "kind", "metadata"} <= set(doc), path.name
             assert doc["metadata"]["name"], path.name
-            docs[doc["kind"]] = doc
+            docs.append(doc)
+    keys = [(d["kind"], d["metadata"]["name"]) for d in docs]
+    assert len(keys) == len(set(keys)), "a kind and name twice"
     return docs
+
+
+def manifests() -> dict[str, dict[str, Any]]:
+    """The manifests of the kinds there is one of (ConfigMap, Service, StatefulSet)."""
+    docs = all_manifests()
+    kinds = [d["kind"] for d in docs]
+    return {d["kind"]: d for d in docs if kinds.count(d["kind"]) == 1}
+
+
+def manifest(kind: str, name: str) -> dict[str, Any]:
+    (doc,) = [d for d in all_manifests() if (d["kind"], d["metadata"]["name"]) == (kind, name)]
+    return doc
 
 
 def test_kustomization_lists_every_manifest() -> None:
@@ -669,3 +805,103 @@ def test_embedded_kafka_is_the_version_compose_runs() -> None:
     pom = re.search(r"<kafka.version>([^<]+)</kafka.version>", POM.read_text())
     assert pom is not None
     assert image == f"apache/kafka:{KAFKA_VERSION}" and pom.group(1) == KAFKA_VERSION
+
+
+def test_kustomize_renders_every_manifest() -> None:
+    """kubectl's built-in kustomize (offline, no cluster): the kustomization builds, and
+    into the same resources as the files list."""
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl not on PATH")
+    done = subprocess.run([kubectl, "kustomize", str(K8S)], capture_output=True, text=True,
+                          timeout=60)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    rendered = {(d["kind"], d["metadata"]["name"]) for d in yaml.safe_load_all(done.stdout)}
+    assert rendered == {(d["kind"], d["metadata"]["name"]) for d in all_manifests()}
+
+
+@pytest.mark.parametrize(("name", "command", "port_setting"), [
+    ("adpulse-trainer", "trainer", "trainer_port"),
+    ("adpulse-promoter", "promoter", "promoter_port"),
+])  # fmt: skip
+def test_k8s_trainer_and_promoter_are_one_replica_each_on_the_workers_model_registry(
+    name: str, command: str, port_setting: str
+) -> None:
+    """One of each per deployment, never two at once (Recreate): two trainers would learn
+    the same labels, two promoters race on promotion.json. Both mount the claim the
+    workers serve from, read-write, at the ConfigMap's ADPULSE_MODEL_DIR, run the train
+    image's subcommand and are scraped at their metrics port."""
+    config = manifests()["ConfigMap"]
+    s = Settings.from_env(config["data"])
+    assert s.model_dir
+    dep = manifest("Deployment", name)
+    assert dep["apiVersion"] == "apps/v1"
+    assert dep["spec"]["replicas"] == 1
+    assert dep["spec"]["strategy"] == {"type": "Recreate"}
+    pod = dep["spec"]["template"]
+    assert pod["metadata"]["labels"] == dep["spec"]["selector"]["matchLabels"]
+    (container,) = pod["spec"]["containers"]
+    assert container["args"][0] == command
+    parsed(container["args"])
+    assert "train" in container["image"], "the train stage's image (PyTorch)"
+    env = {e["name"]: e["value"] for e in container.get("env", [])}
+    assert set(env) <= SETTINGS
+    port = getattr(Settings.from_env({**config["data"], **env}), port_setting)
+    (cport,) = container["ports"]
+    assert cport["containerPort"] == port
+    notes = pod["metadata"]["annotations"]
+    assert (notes["prometheus.io/scrape"], notes["prometheus.io/port"]) == ("true", str(port))
+    assert {"configMapRef": {"name": config["metadata"]["name"]}} in container["envFrom"]
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == s.model_dir]
+    assert not mount.get("readOnly")
+    claim = volumes[mount["name"]]["persistentVolumeClaim"]["claimName"]
+    pvc = manifest("PersistentVolumeClaim", claim)
+    assert "ReadWriteMany" in pvc["spec"]["accessModes"], "mounted by pods on any node"
+    # The workers serve from the same claim, read-only, at the same path.
+    sts = manifests()["StatefulSet"]["spec"]["template"]["spec"]
+    (worker,) = sts["containers"]
+    (wmount,) = [m for m in worker["volumeMounts"] if m["mountPath"] == s.model_dir]
+    assert wmount["readOnly"]
+    (wvolume,) = [v for v in sts["volumes"] if v["name"] == wmount["name"]]
+    assert wvolume["persistentVolumeClaim"]["claimName"] == claim
+
+
+def test_k8s_trainer_keeps_its_checkpoint_and_writes_a_first_version_before_it_starts() -> None:
+    """The checkpoint (with the consumed offsets) under DATA_DIR survives a new pod; an
+    init container trains the first version (with model.pt) when the registry has none."""
+    s = Settings.from_env(manifests()["ConfigMap"]["data"])
+    pod = manifest("Deployment", "adpulse-trainer")["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    (ckpt,) = [m for m in container["volumeMounts"] if m["mountPath"] == str(s.data_dir)]
+    claim = manifest("PersistentVolumeClaim",
+                     volumes[ckpt["name"]]["persistentVolumeClaim"]["claimName"])  # fmt: skip
+    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+    (init,) = pod["initContainers"]
+    assert init["image"] == container["image"]
+    assert init["command"] == ["sh", "-c"]
+    (script,) = init["args"]
+    (line,) = [ln.strip() for ln in script.splitlines() if ln.strip().startswith("adpulse ")]
+    train = parsed(shlex.split(line)[1:])
+    assert train.generate and train.out == s.model_dir
+    assert f"{s.model_dir}/*/model.pt" in script, "only when no version with model.pt is there"
+    assert any(m["mountPath"] == s.model_dir for m in init["volumeMounts"])
+
+
+def test_the_test_prometheus_config_scrapes_only_the_jobs_given_targets(tmp_path: Path) -> None:
+    """adpulse.prometheus.scrape_config (tests, demo): a shipped job with no process to
+    scrape here is left out, since its compose host would not resolve and its up of 0
+    would fire AdpulseTrainingProcessDown."""
+    from adpulse.prometheus import scrape_config
+
+    only = load_yaml(scrape_config(["http://127.0.0.1:1"], tmp_path / "a.yml"))
+    assert [(j["job_name"], j["static_configs"]) for j in only["scrape_configs"]] == [
+        ("adpulse", [{"targets": ["127.0.0.1:1"]}])
+    ]
+    both = load_yaml(scrape_config(["http://127.0.0.1:1"], tmp_path / "b.yml",
+                                   others={"adpulse-trainer": ["http://127.0.0.1:2"]}))  # fmt: skip
+    assert {j["job_name"]: j["static_configs"][0]["targets"] for j in both["scrape_configs"]} == {
+        "adpulse": ["127.0.0.1:1"], "adpulse-trainer": ["127.0.0.1:2"]}  # fmt: skip
+    with pytest.raises(ValueError, match="no scrape job"):
+        scrape_config([], tmp_path / "c.yml", others={"trainer": []})

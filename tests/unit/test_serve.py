@@ -19,7 +19,7 @@ from adpulse.core.settings import Settings
 from schemas.messages import AdRequest
 from streams.deadletter import Raw
 from streams.decide import StateReaders
-from streams.serve import DecideService, Reply
+from streams.serve import _TICK_S, DecideService, Reply
 from tests.unit.test_pacing_stage import DAY0, Tables, requests, settings, stage
 
 
@@ -54,10 +54,49 @@ class Recorder:
         return [{"request_id": r.request_id, "start": raw.timestamp_ms} for r, raw in reqs], send
 
 
-def service(rec: Recorder, failures: list[BaseException] | None = None, **kw: Any) -> DecideService:
+def service(
+    rec: Recorder,
+    failures: list[BaseException] | None = None,
+    clock: Clock | None = None,
+    **kw: Any,
+) -> DecideService:
     s = Settings(**kw)
     sink = failures if failures is not None else []
-    return DecideService(s, rec, lambda: 10, sink.append)
+    if clock is None:
+        return DecideService(s, rec, lambda: 10, sink.append)
+    return DecideService(s, rec, lambda: 10, sink.append, clock.ticked, clock)
+
+
+class Clock:
+    """The service's clock, moved by the test: time passes only when it says so.
+
+    The lateness sampler's ticks are still scheduled on the event loop; each one
+    reads this clock and is recorded, so the test can let exactly one run."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.lags: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def ticked(self, lag_s: float) -> None:
+        self.lags.append(lag_s)
+
+    async def next_tick(self) -> float:
+        """Let the event loop run until the sampler ticks once; the lateness it measured."""
+        seen = len(self.lags)
+        deadline = time.monotonic() + 30.0  # generous: a loaded box only makes it slower
+        while len(self.lags) == seen:
+            assert time.monotonic() < deadline, "the lateness sampler never ticked"
+            await asyncio.sleep(0.001)
+        return self.lags[-1]
+
+    async def elapse(self, seconds: float) -> None:
+        """``seconds`` pass with the event loop free: the sampler ticks on time."""
+        for _ in range(round(seconds / _TICK_S)):
+            self.now += _TICK_S
+            assert await self.next_tick() == 0.0
 
 
 def parsed(svc: DecideService, raw: bytes) -> AdRequest:
@@ -96,35 +135,60 @@ def test_a_run_that_reaches_the_row_limit_goes_at_once() -> None:
 
 
 def test_a_request_is_shed_while_the_event_loop_runs_late() -> None:
-    async def main() -> tuple[bool, bool, bool]:
-        svc = service(Recorder(), decide_max_queue_ms=20.0)
-        idle = svc.overloaded()  # starts the lateness sampling
-        await asyncio.sleep(0.01)
-        time.sleep(0.05)  # the loop is blocked 50 ms (an ingest batch, a GC pause)
-        busy = svc.overloaded()
-        await asyncio.sleep(0.01)  # the loop catches up
-        return idle, busy, svc.overloaded()
+    clock = Clock()
 
-    idle, busy, after = asyncio.run(main())
+    async def main() -> tuple[bool, bool, float, bool]:
+        svc = service(Recorder(), clock=clock, decide_max_queue_ms=20.0)
+        idle = svc.overloaded()  # starts the lateness sampling
+        await clock.elapse(0.01)
+        clock.now += 0.05  # the loop is blocked 50 ms (an ingest batch, a GC pause)
+        busy = svc.overloaded()
+        measured = await clock.next_tick()  # the first tick after the block sees it
+        await clock.elapse(0.01)  # the loop catches up
+        return idle, busy, measured, svc.overloaded()
+
+    idle, busy, measured, after = asyncio.run(main())
     assert not idle
     assert busy
+    assert measured == pytest.approx(0.05 - _TICK_S)  # late by the block, less its tick
     assert not after
 
 
-def test_a_request_is_shed_while_the_oldest_queued_one_is_older_than_the_limit() -> None:
-    async def main() -> tuple[bool, bool]:
-        svc = service(Recorder(), decide_max_queue_ms=20.0, scorer_max_wait_ms=60.0)
-        waiting = asyncio.ensure_future(svc.submit(parsed(svc, body(0)), 0, 0))
-        await asyncio.sleep(0.005)
-        young = svc.overloaded()
-        await asyncio.sleep(0.03)  # held by the 60 ms micro-batch wait
-        old = svc.overloaded()
-        await waiting
-        return young, old
+def test_a_loop_late_by_less_than_the_limit_sheds_nothing() -> None:
+    clock = Clock()
 
-    young, old = asyncio.run(main())
+    async def main() -> bool:
+        svc = service(Recorder(), clock=clock, decide_max_queue_ms=20.0)
+        svc.overloaded()
+        await clock.elapse(0.01)
+        clock.now += 0.015  # blocked 15 ms: late, but within the 20 ms limit
+        return svc.overloaded()
+
+    assert not asyncio.run(main())
+
+
+def test_a_request_is_shed_while_the_oldest_queued_one_is_older_than_the_limit() -> None:
+    clock = Clock()
+
+    async def main() -> tuple[bool, bool, bool]:
+        # Held by the micro-batch wait (an hour, so it cannot flush during the test).
+        rec = Recorder()
+        svc = service(rec, clock=clock, decide_max_queue_ms=20.0, scorer_max_wait_ms=3.6e6)
+        waiting = asyncio.ensure_future(svc.submit(parsed(svc, body(0)), 0, 0))
+        await asyncio.sleep(0)  # queued
+        svc.overloaded()  # the lateness sampler starts at the first question
+        await clock.elapse(0.01)
+        young = svc.overloaded()  # queued 10 ms
+        await clock.elapse(0.02)  # the loop is free all along: only the queue is old
+        old = svc.overloaded()  # queued 30 ms
+        queued = bool(svc.queue) and not rec.runs
+        waiting.cancel()
+        return young, old, queued
+
+    young, old, queued = asyncio.run(main())
     assert not young
     assert old
+    assert queued
 
 
 def test_a_malformed_body_is_a_400_with_the_contract_error_in_one_line() -> None:
