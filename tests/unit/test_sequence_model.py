@@ -171,3 +171,16 @@ def test_one_request_passes_its_sequence_once_and_scores_bit_for_bit_as_repeated
     assert np.allclose(scorer.score(one), _torch(model, repeated, SEQ), atol=1e-5)
     two = assemble_many([req, req], ads, 0, SEQ)  # two requests: one row per candidate
     assert two["seq"].shape == (100, 9, SEQ.dim)
+
+
+def test_the_numpy_scorer_runs_the_sequence_model_as_onnx_runtime(
+    registry_dir: tuple[Path, CtrNet],
+) -> None:
+    """`adpulse bench scorer`'s baseline runs the shipped sequence model: same scores."""
+    from scoring.scorer import NumpyScorer
+
+    root, _ = registry_dir
+    x = SEQ.golden_inputs(57, seed=5)
+    got = NumpyScorer(root / "v2" / MODEL).score(x)
+    want = OnnxScorer(root / "v2" / MODEL, device="cpu", options=ONE_THREAD).score(x)
+    assert np.allclose(got, want, atol=1e-6)
