@@ -77,6 +77,10 @@ def run_demo(settings: Settings, data: Path, out: Path, seconds: float = 120.0) 
         started = time.time()
         summary = _replay_taobao(s, sample, worker, cfg.half_life_s)
         console.print(format_summary(summary))
+        unproven = _unproven(summary["model"])
+        if unproven:
+            console.print(f"[bold red]error:[/bold red] {unproven}")
+            return 1
         run = Run(cfg.decisions, int(cfg.drift_at * cfg.decisions))
         board = dashboard.Dashboard(worker.url + "/metrics")
         stop = threading.Event()
@@ -155,8 +159,33 @@ def _replay_taobao(
     users = sorted({e.user_id for e in events})
     worker.wait_until(lambda: _all_applied(worker, events), 60, "the sample applied")
     summary["interest"] = _interest_summary(worker, users)
-    summary["decisions"] = _ask_for_ads(s, users)
+    decisions = _ask_for_ads(s, users)
+    summary["model"] = served_model(s, decisions.pop("all"))
+    summary["decisions"] = decisions
     return summary
+
+
+def served_model(s: Settings, decisions: list[dict[str, Any]]) -> dict[str, Any]:
+    """The version the decisions name, its sequence length and heads (its spec.json and
+    metrics.json in the worker's registry), and how many filled decisions were scored with
+    the user's behaviours (``features.sequence`` in the snapshot, logged only when the
+    model attends over them)."""
+    from scoring.registry import METRICS, PACKAGED, SPEC  # noqa: PLC0415
+
+    filled = [d for d in decisions if d.get("ad_id")]
+    versions = Counter(str(d.get("model_version")) for d in filled)
+    version = versions.most_common(1)[0][0] if versions else None
+    folder = (Path(s.model_dir) if s.model_dir else PACKAGED) / str(version)
+    spec = json.loads((folder / SPEC).read_text()) if (folder / SPEC).is_file() else {}
+    metrics = json.loads((folder / METRICS).read_text()) if (folder / METRICS).is_file() else {}
+    return {
+        "version": version,
+        "sequence": int(spec.get("sequence", 0)),
+        "heads": int(metrics.get("heads", 1)),
+        "filled": len(filled),
+        "with_pcvr": sum("pcvr" in d for d in filled),
+        "with_sequence": sum(bool(d.get("features", {}).get("sequence")) for d in filled),
+    }
 
 
 def _plots(
@@ -258,6 +287,7 @@ def _ask_for_ads(s: Settings, users: list[str], per_user: int = 5) -> dict[str, 
         "latency_p50_ms": round(latency[len(latency) // 2], 2) if latency else None,
         "latency_max_ms": round(latency[-1], 2) if latency else None,
         "example": filled[0] if filled else None,
+        "all": decisions,
     }
 
 
@@ -276,6 +306,18 @@ def summarise(records: list) -> dict[str, object]:  # type: ignore[type-arg]
         "by_kind": dict(sorted(kinds.items())),
         "by_partition": {str(p): n for p, n in sorted(partitions.items())},
     }
+
+
+def _unproven(model: dict[str, Any]) -> str | None:
+    """Why the decisions do not show the served model at work, or None when they do."""
+    if model["filled"] == 0:
+        return "no decision was filled: nothing shows which model served"
+    if model["sequence"] and model["with_sequence"] == 0:
+        return (f"model {model['version']} attends over {model['sequence']} behaviours, but no "
+                "decision was scored with the user's sequence (features.sequence)")  # fmt: skip
+    if model["heads"] == 2 and model["with_pcvr"] == 0:
+        return f"model {model['version']} has a pCVR head, but no decision carries pcvr"
+    return None
 
 
 def format_summary(summary: dict[str, object]) -> str:
@@ -308,5 +350,15 @@ def format_summary(summary: dict[str, object]) -> str:
             f"  latency request->decision p50 {decisions['latency_p50_ms']} ms, "
             f"max {decisions['latency_max_ms']} ms",
             f"  example {json.dumps(decisions['example'])}",
+        ]
+    model = summary.get("model")
+    if isinstance(model, dict):
+        seq = (f"attention over the last {model['sequence']} behaviours"
+               if model["sequence"] else "no sequence block")  # fmt: skip
+        heads = "pCTR and pCVR" if model["heads"] == 2 else "pCTR"
+        lines += [
+            f"served model {model['version']}: {seq}, heads {heads}",
+            f"  {model['with_sequence']} of {model['filled']} filled decisions scored with the "
+            f"user's behaviour sequence, {model['with_pcvr']} with pCVR",
         ]
     return "\n".join(lines)

@@ -37,7 +37,7 @@ import numpy as np
 from adpulse.core.errors import ConfigError
 from adpulse.core.metrics import Metrics
 from adpulse.core.settings import Settings
-from scoring.featurespec import FeatureSpec, from_feedback
+from scoring.featurespec import FeatureSpec, Inputs, from_feedback
 from scoring.online import OnlineLearner, atomic_save, build, export_version, load_saved
 from scoring.progressive import ProgressiveValidation, WindowSummary, parse_sizes
 from scoring.registry import CANDIDATES, LoadedModel, ModelRegistry
@@ -53,7 +53,7 @@ ONLINE = "online"  # the version label of the model being trained
 @dataclass
 class StepResult:
     learned: int = 0
-    conversions: int = 0
+    conversions: int = 0  # conversion records: learned by a two-head model, else skipped
     rejected: list[Rejected] = field(default_factory=list)
 
 
@@ -85,6 +85,7 @@ class Trainer:
         self.learned_at_export = 0
         saved = load_saved(self.dir / CHECKPOINT_FILE)
         self.learner = self._restore(saved) if saved is not None else self._warm_start()
+        self.spec = self.learner.spec  # the sequence length the weights were trained on
 
     def _warm_start(self) -> OnlineLearner:
         from scoring.online import load_weights  # noqa: PLC0415
@@ -100,11 +101,13 @@ class Trainer:
                    "model.onnx")  # fmt: skip
             raise ConfigError(msg)
         try:
-            model = load_weights(self.serving.checkpoint, self.spec)
+            model = load_weights(self.serving.checkpoint, self.serving.spec)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
         self.base_version = self.serving.version
-        log.info("trainer: warm start from %s (no checkpoint in %s)", self.base_version, self.dir)
+        log.info("trainer: warm start from %s (%d head(s), sequence %d; no checkpoint in %s)",
+                 self.base_version, 1 if model.cvr is None else 2, model.spec.sequence,
+                 self.dir)  # fmt: skip
         return self._learner(model)
 
     def _learner(self, model: Any) -> OnlineLearner:
@@ -129,43 +132,72 @@ class Trainer:
         """Refuse the bad, score the rest before learning them, learn; advance the offsets."""
         out = StepResult()
         keep: list[dict[str, Any]] = []
+        conv: list[dict[str, Any]] = []
         batch_ids: set[str] = set()
+        conv_ids: set[str] = set()
         for raw in raws:
             self.offsets[raw.partition] = max(self.offsets.get(raw.partition, 0), raw.offset + 1)
-            why = self._refusal(raw, batch_ids)
+            why = self._refusal(raw, batch_ids, conv_ids)
             if isinstance(why, Rejected):
                 out.rejected.append(why)
-            elif why is None:
+            elif why is None or why.get("converted") == 1:
                 out.conversions += 1
+                if why is not None:
+                    conv.append(why)
             else:
                 keep.append(why)
-        if keep:
-            x = from_feedback(keep, self.spec)
+        if keep or conv:
+            x = self._inputs(keep, self.spec)
             y = np.array([int(r["clicked"]) for r in keep], dtype=np.float32)
-            self.pv.add(ONLINE, y, self.learner.score(x))
-            if self.serving is not None:
-                self.pv.add(self.serving.version, y, self.serving.scorer.score(x))
-            self.learner.learn(x, y, [str(r["decision_id"]) for r in keep])
+            if keep:
+                self.pv.add(ONLINE, y, self.learner.score(x))
+                if self.serving is not None:
+                    spec = self.serving.spec
+                    sx = x if spec == self.spec else from_feedback(keep, spec)
+                    sx = {k: sx[k] for k in spec.input_names}  # not the ids the replay keeps
+                    self.pv.add(self.serving.version, y, self.serving.scorer.score(sx))
+            cx = None
+            if conv:
+                cx = (self._inputs(conv, self.spec), [str(r["decision_id"]) for r in conv])
+            self.learner.learn(x, y, [str(r["decision_id"]) for r in keep], cx)
             out.learned = len(keep)
         self._count(out)
         return out
 
-    def _refusal(self, raw: Raw, batch_ids: set[str]) -> Rejected | dict[str, Any] | None:
-        """The record to learn, a rejection, or None for a conversion record (skipped)."""
+    @staticmethod
+    def _inputs(recs: list[dict[str, Any]], spec: FeatureSpec) -> Inputs:
+        """The model inputs of records, with a sequence model's behaviours as ids as well
+        (what the learner's replay ring keeps)."""
+        from scoring.sequence import behaviour_ids  # noqa: PLC0415
+
+        x = from_feedback(recs, spec)
+        if spec.sequence:
+            x["behaviours"], x["seq_len"] = behaviour_ids(recs, spec)
+        return x
+
+    def _refusal(
+        self, raw: Raw, batch_ids: set[str], conv_ids: set[str]
+    ) -> Rejected | dict[str, Any] | None:
+        """The record to learn (a label, or a conversion a two-head model learns), a
+        rejection, or None for a conversion a one-head model skips."""
         msg = self.decoder.decode(raw)
         if isinstance(msg, Rejected):
             return msg
-        if msg.converted == 1:
+        conversion = msg.converted == 1
+        if conversion and self.learner.heads == 1:
             return None  # the decision's label came (or comes) on its own record
         n = len(msg.features.interest)
         if n not in (0, self.spec.dim):
             return Rejected(raw, "features", f"interest has {n} values, the model's dim is "
                             f"{self.spec.dim} (ADPULSE_DIM)")  # fmt: skip
         did = msg.decision_id
-        if did in batch_ids or self.learner.is_duplicate(did):
-            return Rejected(raw, "duplicate", f"decision {did} was learned already: a label "
-                            "is learned once")  # fmt: skip
-        batch_ids.add(did)
+        seen, repeat = (conv_ids, self.learner.is_duplicate_conversion) if conversion else (
+            batch_ids, self.learner.is_duplicate)  # fmt: skip
+        if did in seen or repeat(did):
+            what = "conversion" if conversion else "label"
+            return Rejected(raw, "duplicate", f"decision {did}'s {what} was learned already: "
+                            f"a {what} is learned once")  # fmt: skip
+        seen.add(did)
         rec: dict[str, Any] = msgspec.to_builtins(msg)
         return rec
 
@@ -222,8 +254,11 @@ class Trainer:
                 "online": None if recent is None else recent.as_json(),
                 "serving": None if serving is None else serving.as_json(),
             },
-            "train_ctr": round(learner.clicks / learner.learned, 6),
+            "train_ctr": round(learner.clicks / max(learner.learned, 1), 6),
             "labels_learned": learner.learned,
+            "conversions_learned": learner.conversions,
+            "heads": learner.heads,
+            "sequence": self.spec.sequence,
             "offsets": {str(p): o for p, o in sorted(self.offsets.items())},
             "optimizer": f"Adam lr={self.s.trainer_lr:g}, replay {self.s.trainer_replay}",
             "trained_at": datetime.now(UTC).isoformat(timespec="seconds"),

@@ -24,6 +24,9 @@ Only in a sequence model (``sequence`` > 0, scoring/attention.py):
 * ``seq``   float32 [B, L, D]: the vectors of the user's last L behaviours, newest
   first, in the ad's space (:func:`item_vectors`), zero rows after the last one.
   L is dynamic (axis ``seq``): a batch is padded to its longest sequence.
+  The batch axis may also be 1 where every row has the same user: the graph
+  broadcasts it (same scores, bit for bit), and :func:`assemble_many` so passes
+  a single request's sequence once instead of once per candidate.
 
 Output ``pctr`` float32 [B, 1].
 
@@ -377,8 +380,9 @@ def assemble_many(
         "ids": ids,
         "dense": np.repeat(dense, counts, axis=0),
     }
-    if spec.sequence:
-        out["seq"] = np.repeat(pad_sequences([r.sequence for r in requests], spec), counts, axis=0)
+    if spec.sequence:  # one request: one [1, L, D] row the graph broadcasts (module doc)
+        seq = pad_sequences([r.sequence for r in requests], spec)
+        out["seq"] = seq if len(requests) == 1 else np.repeat(seq, counts, axis=0)
     return out
 
 

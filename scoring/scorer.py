@@ -195,7 +195,7 @@ class NumpyScorer:
 
     OPS = frozenset(
         {"Constant", "Add", "Mul", "Gather", "Flatten", "Concat", "MatMul", "Gemm", "Relu",
-         "Sigmoid", "Identity", "Reshape"}
+         "Sigmoid", "Identity", "Reshape", "Unsqueeze", "Squeeze", "Transpose"}
     )  # fmt: skip
 
     def __init__(self, path: Path | str, *, version: str = "") -> None:
@@ -284,6 +284,10 @@ _OPS: dict[str, Callable[[list[npt.NDArray[Any]], dict[str, Any]], npt.NDArray[A
     "Sigmoid": _sigmoid,
     "Identity": lambda x, a: x[0],
     "Reshape": lambda x, a: x[0].reshape(x[1]),
+    # the attention block's (opset 13+: axes are an input)
+    "Unsqueeze": lambda x, a: np.expand_dims(x[0], tuple(int(i) for i in x[1])),
+    "Squeeze": lambda x, a: np.squeeze(x[0], tuple(int(i) for i in x[1])),
+    "Transpose": lambda x, a: np.transpose(x[0], a.get("perm")),
 }
 
 

@@ -16,7 +16,7 @@ Without them the model has one head, as before, and ``cvr`` is null.
 
 Regenerate the shipped default model (CPU, about a minute)::
 
-    python -m scoring.train --generate 200000 --seed 7 --epochs 3 --out scoring/models
+    python -m scoring.train --generate 200000 --seed 7 --epochs 3 --sequence 50 --out scoring/models
 """
 
 from __future__ import annotations

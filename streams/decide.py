@@ -434,7 +434,9 @@ class DecideStage:
             if n_rows <= step:
                 return (*model.scorer.score_heads(batch), model.version)
             parts = [
-                model.scorer.score_heads({k: v[i : i + step] for k, v in batch.items()})
+                model.scorer.score_heads(
+                    {k: v[i : i + step] if len(v) == n_rows else v for k, v in batch.items()}
+                )  # seq: maybe 1 row
                 for i in range(0, n_rows, step)
             ]
             cvrs = [c for _, c in parts if c is not None]

@@ -32,7 +32,7 @@ def nan_model(src: Path, dst: Path) -> None:
     shutil.copytree(src, dst)
     model = onnx.load(str(src / MODEL))
     for init in model.graph.initializer:
-        if init.name == "mlp.4.bias":
+        if init.name in ("mlp.4.bias", "net.mlp.4.bias"):  # net.: a two-head export's names
             init.CopyFrom(numpy_helper.from_array(np.full(1, np.nan, np.float32), init.name))
             break
     else:

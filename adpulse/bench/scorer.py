@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +33,8 @@ from adpulse.bench.decisionpath import DecisionPath, request_bodies
 from adpulse.catalogtool import synthetic_ads
 from adpulse.core.settings import Settings
 from adpulse.workload import Workload, WorkloadModel
-from scoring.featurespec import Inputs
-from scoring.registry import MODEL, PACKAGED, ModelRegistry
+from scoring.featurespec import FeatureSpec, Inputs
+from scoring.registry import MODEL, PACKAGED, SPEC, ModelRegistry
 from scoring.scorer import CUDA, TENSORRT, Device, NumpyScorer, OnnxScorer
 from scoring.scorer import SessionOptions as OrtOptions
 
@@ -85,7 +86,9 @@ def run(
     if smoke:
         batch_sizes, seconds_per_point, repeats = tuple(b for b in batch_sizes if b <= 256), 0.05, 1
     version_dir = _model_dir(model_dir)
-    spec = ModelRegistry.from_settings(s).spec
+    # the version's own inputs (a sequence model adds ``seq``), as the registry serves it
+    spec = replace(ModelRegistry.from_settings(s).spec,
+                   sequence=FeatureSpec.from_json((version_dir / SPEC).read_text()).sequence)
     base = NumpyScorer(version_dir / MODEL, version=version_dir.name)
     threads = sorted({1, os.cpu_count() or 1})
     by_threads: dict[str, dict[str, Any]] = {}

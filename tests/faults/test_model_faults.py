@@ -26,7 +26,7 @@ from tests.integration.test_decisions import Decisions, Requests, ad, request, w
 from tests.modelfaults import corrupt, nan_model, publish_version, renamed_inputs, slow_model
 
 pytestmark = pytest.mark.integration
-BUDGET_MS = 3.0  # the shipped model takes ~0.08 ms per 100 rows here; the slow one ~40 ms
+BUDGET_MS = 15.0  # the shipped sequence model takes ~1 ms per 100 rows here; the slow one ~40 ms
 CASES = [
     ("truncated", corrupt, "ONNX Runtime cannot load"),
     ("renamed-inputs", renamed_inputs, "inputs ["),

@@ -30,8 +30,9 @@ from adpulse.core.privacy import DEVELOPMENT_KEY, Pseudonymiser
 from adpulse.core.settings import Settings
 from adpulse.workerproc import WorkerProcess
 from schemas import first_error
+from scoring.embeddings import HashedEmbeddings
 from scoring.features import InterestParams
-from scoring.featurespec import AdIndex, FeatureSpec, assemble
+from scoring.featurespec import AdIndex, assemble, item_vectors, pad_sequences
 from scoring.registry import MODEL, PACKAGED, ModelRegistry
 from scoring.scorer import OnnxScorer
 from streams.runtime.topicadmin import create_topics
@@ -171,15 +172,23 @@ class Oracle:
         assert loaded is not None, "the shipped model does not validate"
         self.version = loaded.version
         self.scorer: OnnxScorer = loaded.scorer
-        self.spec = FeatureSpec.from_settings(s)
+        self.spec = loaded.spec  # a sequence model's spec has its sequence length
         self.index = AdIndex.build(ads, self.spec)
         self.params = InterestParams.from_settings(s)
+        self.table = HashedEmbeddings(self.spec.dim, self.spec.embedding_seed)
 
     def pctr(
         self, vector: np.ndarray | None, ad_ids: list[str], d: dict[str, Any], device: str | None
     ) -> np.ndarray:
+        """A sequence model also reads the behaviours the decision logged as it scored
+        (``features.sequence``; none when ``d`` has no snapshot)."""
         rows = self.index.rows(ad_ids)
         x = assemble(vector, rows, self.index, d["placement"], device, d["ts"], self.spec)
+        if self.spec.sequence:
+            pairs = np.asarray((d.get("features") or {}).get("sequence") or [], np.int64)
+            seq = item_vectors(self.table, pairs[:, 0], pairs[:, 1], self.spec) if len(
+                pairs) else None  # fmt: skip
+            x["seq"] = pad_sequences([seq], self.spec)
         return self.scorer.score(x).astype(np.float64)
 
     def vector(self, interest: dict[str, Any], ts: int) -> np.ndarray:

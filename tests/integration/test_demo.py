@@ -39,6 +39,12 @@ def test_demo_runs_to_its_summary_and_writes_its_plots(
     example = summary["decisions"]["example"]
     assert example is not None and any(x != 0 for x in example["features"]["interest"])
     assert not re.search(r"-0\.0(?!\d)", done.stdout)  # rounded to 0.0, never signed zeros
+    # It serves the shipped sequence model, and its decisions were scored with the sequence.
+    model = summary["model"]
+    assert (model["sequence"], model["heads"]) == (50, 2)
+    assert model["version"] == example["model_version"]
+    assert model["with_sequence"] > 0 and model["with_pcvr"] > 0
+    assert f"served model {model['version']}: attention over the last 50 behaviours" in done.stdout
     live = summary["live"]
     assert live["decisions"] > 0
     assert live["events"] >= 4321

@@ -23,7 +23,7 @@ from adpulse.core.settings import Settings
 from adpulse.inspect import read_topic
 from adpulse.workerproc import ChildProcess
 from scoring.features import fingerprint
-from scoring.featurespec import FeatureSpec
+from scoring.featurespec import FeatureSpec, from_feedback
 from scoring.registry import CANDIDATES, ModelRegistry, validate
 from scoring.synthetic import World, generate, make_world
 from streams.runtime.topicadmin import create_topics
@@ -260,3 +260,52 @@ def test_a_trainer_killed_mid_batch_resumes_without_learning_a_label_twice(
     assert ckpt["checksum"] == _checksum(sent)  # each decision id learned, and only once
     assert second.learned() == total - lost["learned"]  # resumed exactly at the saved offsets
     assert second.metric("adpulse_trainer_labels_total", 'outcome="dead_lettered"') == 0
+
+
+def test_a_sequence_model_with_two_heads_keeps_learning_both_heads_and_its_attention(
+    settings: Settings, tmp_path: Path, trainers: list[Trainer], world: World
+) -> None:
+    """Warm start from a sequence model with pCVR (as shipped): the labels' logged behaviours
+    rebuild the attention's input, conversions teach pCVR, and the candidate keeps the spec."""
+    from scoring.online import load_weights
+    from scoring.train import train
+
+    create_topics(settings)
+    model_dir = tmp_path / "models"
+    train(generate(3000, seed=5, conversions=True, sequence=8), model_dir, epochs=1,
+          version=BASE, threads=1, sequence=8, cvr=True)  # fmt: skip
+    recs = generate(2000, seed=41, world=world, conversions=True, sequence=8)
+    labels = [r for r in recs if r.get("converted") != 1]
+    conversions = len(recs) - len(labels)
+    assert conversions > 0 and all(r["features"].get("sequence") is not None for r in recs)
+    _send(settings, _encode(recs), [r["ad_id"].encode() for r in recs])
+    t = Trainer(settings, model_dir, tmp_path / "trainer.log").start()
+    trainers.append(t)
+
+    def done() -> dict[str, Any] | None:
+        for p in sorted((model_dir / CANDIDATES).glob("*/metrics.json")):
+            m = json.loads(p.read_text())
+            if m["labels_learned"] == len(labels) and m["conversions_learned"] == conversions:
+                return m
+        return None
+
+    t.wait(lambda: done() is not None, "a candidate that learned every label and conversion")
+    m = done()
+    assert m is not None and (m["heads"], m["sequence"]) == (2, 8)
+    assert t.metric("adpulse_trainer_labels_total", 'outcome="conversion"') == conversions
+    cand = model_dir / CANDIDATES / m["version"]
+    loaded = validate(cand, FeatureSpec(), latency_budget_ms=math.inf)  # as a worker would
+    assert loaded.spec.sequence == 8 and loaded.scorer.heads == 2
+    online = load_weights(cand / "model.pt", FeatureSpec())
+    base = load_weights(model_dir / BASE / "model.pt", FeatureSpec())
+    x = from_feedback(labels[:300], loaded.spec)
+    args = [torch.from_numpy(x[k]) for k in loaded.spec.input_names]
+    with torch.no_grad():
+        want = [h.numpy().reshape(-1) for h in online.heads(*args)]
+        before = [h.numpy().reshape(-1) for h in base.heads(*args)]
+    got = loaded.scorer.score_heads(x)
+    for g, w, b in zip(got, want, before, strict=True):
+        assert float(abs(g - w).max()) < 1e-5  # the served ONNX scores as PyTorch
+        assert float(abs(w - b).max()) > 1e-4  # and both heads moved from the warm start
+    moved = (online.attention.k.weight - base.attention.k.weight).abs().max()
+    assert float(moved) > 0  # the attention block learned too

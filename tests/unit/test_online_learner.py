@@ -12,9 +12,7 @@ torch = pytest.importorskip("torch")
 from scoring.featurespec import FeatureSpec, from_feedback  # noqa: E402
 from scoring.model import CtrNet  # noqa: E402
 from scoring.online import (  # noqa: E402
-    DedupeRing,
     OnlineLearner,
-    ReplayBuffer,
     atomic_save,
     build,
     load_saved,
@@ -22,6 +20,7 @@ from scoring.online import (  # noqa: E402
     save_weights,
 )
 from scoring.registry import ModelRegistry  # noqa: E402
+from scoring.replay import DedupeRing, ReplayBuffer  # noqa: E402
 from scoring.synthetic import generate  # noqa: E402
 
 SPEC = FeatureSpec()
@@ -130,3 +129,108 @@ def test_the_candidates_folder_is_not_a_version_the_registry_serves(tmp_path: Pa
     (tmp_path / "candidates" / "20990101T000000Z").mkdir(parents=True)
     (tmp_path / "20240101T000000Z").mkdir()
     assert ModelRegistry(tmp_path, SPEC).versions() == ["20240101T000000Z"]
+
+
+SEQ_SPEC = FeatureSpec(sequence=8)
+
+
+def _seq_batches(n_batches: int, size: int = 64) -> list[tuple[dict, np.ndarray, list[str], tuple]]:
+    """Label batches of a sequence model's log, each with the conversions that followed."""
+    from scoring.sequence import behaviour_ids
+
+    recs = generate(n_batches * size * 2, seed=5, conversions=True, sequence=8)
+
+    def inputs(part: list[dict]) -> dict:
+        x = from_feedback(part, SEQ_SPEC)
+        x["behaviours"], x["seq_len"] = behaviour_ids(part, SEQ_SPEC)
+        return x
+
+    labels = [r for r in recs if r.get("converted") != 1]
+    convs = {r["decision_id"]: r for r in recs if r.get("converted") == 1}
+    out = []
+    for i in range(n_batches):
+        part = labels[i * size : (i + 1) * size]
+        conv = [convs[r["decision_id"]] for r in part if r["decision_id"] in convs]
+        y = np.array([r["clicked"] for r in part], dtype=np.float32)
+        cx = (inputs(conv), [r["decision_id"] for r in conv]) if conv else None
+        out.append((inputs(part), y, [r["decision_id"] for r in part], cx))
+    return out
+
+
+def _seq_learner(seed: int = 1) -> OnlineLearner:
+    torch.manual_seed(seed)
+    return OnlineLearner(CtrNet(SEQ_SPEC, cvr_head=True), SPEC, lr=1e-3, replay=100,
+                         dedupe_ids=1000)  # fmt: skip
+
+
+def test_the_behaviour_ids_the_replay_keeps_rebuild_the_sequence_input_serving_sees() -> None:
+    from scoring.embeddings import HashedEmbeddings
+    from scoring.sequence import behaviour_ids, behaviour_inputs
+
+    recs = generate(300, seed=3, sequence=8)
+    recs[0]["features"]["sequence"] = []  # a user with no behaviours
+    ids, lengths = behaviour_ids(recs, SEQ_SPEC)
+    table = HashedEmbeddings(SEQ_SPEC.dim, SEQ_SPEC.embedding_seed)
+    got = behaviour_inputs(ids, lengths, SEQ_SPEC, table)
+    assert np.array_equal(got, from_feedback(recs, SEQ_SPEC)["seq"])
+    assert lengths[0] == 0 and lengths.max() == 8
+
+
+def test_a_sequence_model_with_two_heads_learns_both_and_resumes_exactly(
+    tmp_path: Path,
+) -> None:
+    batches = _seq_batches(4)
+    assert sum(len(b[3][1]) for b in batches if b[3]) > 0  # conversions among them
+    straight = _seq_learner()
+    assert (straight.spec.sequence, straight.heads) == (8, 2)  # the weights' spec wins
+    cvr_before = [p.detach().clone() for p in straight.model.cvr.parameters()]
+    for x, y, ids, conv in batches:
+        straight.learn(x, y, ids, conv)
+    assert straight.conversions == sum(len(b[3][1]) for b in batches if b[3])
+    assert straight.is_duplicate_conversion(next(b[3][1][0] for b in batches if b[3]))
+    moved = [not torch.equal(a, b) for a, b in zip(cvr_before, straight.model.cvr.parameters(),
+                                                   strict=True)]  # fmt: skip
+    assert all(moved)  # the pCVR head learns too
+    attention = straight.model.attention
+    assert attention is not None and attention.k.weight.grad is not None  # and attention
+
+    first = _seq_learner()
+    for x, y, ids, conv in batches[:2]:
+        first.learn(x, y, ids, conv)
+    atomic_save(first.state(), tmp_path / "ckpt.pt")
+    saved = load_saved(tmp_path / "ckpt.pt")
+    assert saved is not None and saved["arch"]["sequence"] == 8
+    torch.manual_seed(99)
+    resumed = OnlineLearner(build(SPEC, saved["arch"]), SPEC, lr=1e-3, replay=100,
+                            dedupe_ids=1000)  # fmt: skip
+    resumed.load(saved)
+    for x, y, ids, conv in batches[2:]:
+        resumed.learn(x, y, ids, conv)
+    for (name, a), (_, b) in zip(straight.model.state_dict().items(),
+                                 resumed.model.state_dict().items(), strict=True):  # fmt: skip
+        assert torch.equal(a, b), name
+    assert (resumed.learned, resumed.conversions, resumed.checksum) == (
+        straight.learned, straight.conversions, straight.checksum)  # fmt: skip
+
+
+def test_a_learned_sequence_model_exports_a_version_the_registry_serves_as_pytorch_scores(
+    tmp_path: Path,
+) -> None:
+    import math
+
+    from scoring.online import export_version
+    from scoring.registry import validate
+
+    learner = _seq_learner()
+    for x, y, ids, conv in _seq_batches(2):
+        learner.learn(x, y, ids, conv)
+    path = export_version(learner.model, learner.spec, tmp_path, "20990101T000000Z", {})
+    loaded = validate(path, FeatureSpec(), latency_budget_ms=math.inf)  # the serving spec
+    assert loaded.spec.sequence == 8 and loaded.scorer.heads == 2
+    x = _seq_batches(1)[0][0]
+    want = learner.score(x)
+    onnx_in = {k: x[k] for k in SEQ_SPEC.input_names}
+    got = loaded.scorer.score_heads(onnx_in)
+    assert np.max(np.abs(got[0] - want)) < 1e-5
+    back = load_weights(path / "model.pt", FeatureSpec())
+    assert back.spec.sequence == 8 and back.cvr is not None

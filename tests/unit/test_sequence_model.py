@@ -150,3 +150,37 @@ def test_a_sequence_model_with_the_cvr_head_exports_and_validates(tmp_path: Path
     loaded = validate(d, PLAIN, options=ONE_THREAD, latency_budget_ms=1e4)
     outputs = [o.name for o in loaded.scorer.session.get_outputs()]  # type: ignore[attr-defined]
     assert loaded.spec.sequence == 12 and outputs == ["pctr", "pcvr"]
+
+
+def test_one_request_passes_its_sequence_once_and_scores_bit_for_bit_as_repeated(
+    registry_dir: tuple[Path, CtrNet],
+) -> None:
+    """All candidates of a request share the user's sequence: sent once ([1, L, D]), the graph
+    broadcasts it, and each score is the one the repeated rows give."""
+    root, model = registry_dir
+    table = HashedEmbeddings(SEQ.dim, SEQ.embedding_seed)
+    ads = AdIndex.build([{"ad_id": f"a{i}", "campaign_id": "c", "category_id": i, "bid": 1.0}
+                         for i in range(50)], SEQ)  # fmt: skip
+    vecs = item_vectors(table, np.arange(100, 109), np.arange(9) % 4, SEQ)
+    req = RequestFeatures(None, ads.rows([f"a{i}" for i in range(50)]), "p", None, vecs)
+    one = assemble_many([req], ads, 0, SEQ)
+    assert one["seq"].shape == (1, 9, SEQ.dim) and one["ad"].shape[0] == 50
+    repeated = {**one, "seq": np.repeat(one["seq"], 50, axis=0)}
+    scorer = OnnxScorer(root / "v2" / MODEL, device="cpu", options=ONE_THREAD)
+    assert np.array_equal(scorer.score(one), scorer.score(repeated))
+    assert np.allclose(scorer.score(one), _torch(model, repeated, SEQ), atol=1e-5)
+    two = assemble_many([req, req], ads, 0, SEQ)  # two requests: one row per candidate
+    assert two["seq"].shape == (100, 9, SEQ.dim)
+
+
+def test_the_numpy_scorer_runs_the_sequence_model_as_onnx_runtime(
+    registry_dir: tuple[Path, CtrNet],
+) -> None:
+    """`adpulse bench scorer`'s baseline runs the shipped sequence model: same scores."""
+    from scoring.scorer import NumpyScorer
+
+    root, _ = registry_dir
+    x = SEQ.golden_inputs(57, seed=5)
+    got = NumpyScorer(root / "v2" / MODEL).score(x)
+    want = OnnxScorer(root / "v2" / MODEL, device="cpu", options=ONE_THREAD).score(x)
+    assert np.allclose(got, want, atol=1e-6)
