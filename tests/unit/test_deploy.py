@@ -687,13 +687,15 @@ print("\\n".join(failed))
     # scoring.offlinenets the models of `adpulse evaluate-offline`, and scoring.textmodel
     # the PyTorch reference of the text encoder's export (adpulse models text), and
     # scoring.attention the DIN block of both, and scoring.online and adpulse.trainer
-    # `adpulse trainer`, which runs where the train extra is.
+    # `adpulse trainer` (scoring.replay its checkpointed rings), which runs where the
+    # train extra is.
     assert sorted(done.stdout.split("\n")[:-1]) == [
         "adpulse.trainer: torch is not in the runtime image",
         "scoring.attention: torch is not in the runtime image",
         "scoring.model: torch is not in the runtime image",
         "scoring.offlinenets: torch is not in the runtime image",
         "scoring.online: torch is not in the runtime image",
+        "scoring.replay: torch is not in the runtime image",
         "scoring.textmodel: torch is not in the runtime image",
     ], done.stdout
 
