@@ -24,7 +24,7 @@ drifted when it is further from calibrated than the reference (in ratio:
 |log o/e| larger) and its o/e divided by the reference's is more than the margin
 from 1, significantly. Judged absolutely, a canary as far off as the control (a
 serving model trained on another world, as in ``adpulse simulate --trainer
-promoter``, observed/expected 0.2-0.5) would be rolled back for a fault it shares
+promoter``, observed/expected 0.5-1.9 per window there) would be rolled back for a fault it shares
 with the version that keeps serving, and a promoted version would be rolled back
 to one no better calibrated: the guard is there to stop a version that makes
 calibration worse, and rolling back fixes only that. With a calibrated reference
