@@ -11,7 +11,8 @@ Every ``ADPULSE_PROMOTER_POLL_S`` (:meth:`Promoter.tick`):
   (:func:`scoring.promotion.canary_verdict`): promote (its directory moves up into
   ``MODEL_DIR`` and the state names it serving) or roll back (the state drops it);
 - with neither, a promoted version whose live calibration drifts is rolled back to
-  the version it replaced.
+  the version it replaced (drift against that version's own calibration, measured
+  as the control when the promoted one was the canary).
 
 Every transition is a ``model-events`` record, sent and acknowledged before the
 state file that makes it take effect is written (so a crash between the two sends
@@ -51,6 +52,7 @@ from scoring.promotion import (
     drifted,
     held_back_verdict,
     read_state,
+    reference_of,
     write_state,
 )
 from scoring.registry import CANDIDATES, CHECKPOINT, METRICS, MODEL, ModelRegistry, validate
@@ -70,7 +72,7 @@ def check_candidate(
                           device=registry.device, options=registry.options)  # fmt: skip
     except ModelRefused as exc:
         return exc.reason
-    why = _matches_pytorch(path, loaded.scorer.score, registry.spec, loaded.metrics)
+    why = _matches_pytorch(path, loaded.scorer.score, loaded.spec, loaded.metrics)
     if why is not None:
         return why
     if loaded.metrics.get("serving_version") not in (None, serving_version):
@@ -195,17 +197,19 @@ class Promoter:
         st = self.state
         self._transition("promoted", st.canary, st.canary, reason, serving=st.canary,
                          canary="", last_good=st.serving, serving_since_ms=_now_ms(),
+                         reference_calibration=reference_of(self.control),
                          decided=_decided(st, st.canary))  # fmt: skip
 
     def _watch_serving(self) -> None:
-        """A promoted version whose live calibration drifts goes back to the one it replaced."""
+        """A promoted version whose live calibration drifts goes back to the one it replaced:
+        drifts against that one's, as measured when it was replaced (scoring/promotion.py)."""
         st = self.state
         if not st.last_good or st.last_good == st.serving:
             return
-        why = drifted(self.control, self.rules)
+        why = drifted(self.control, self.rules, st.reference_calibration)
         if why is not None and (self.root / st.last_good).is_dir():
             self._transition("rolled_back", st.serving, st.last_good, why, serving=st.last_good,
-                             serving_since_ms=_now_ms())  # fmt: skip
+                             serving_since_ms=_now_ms(), reference_calibration=1.0)  # fmt: skip
 
     def _next_candidate(self) -> None:
         st = self.state

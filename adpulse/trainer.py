@@ -2,15 +2,17 @@
 
 One pass of the loop (:func:`run`): poll a batch of labels -> :meth:`Trainer.step`
 (decode, refuse bad and repeated labels, score the batch with the online model and
-the serving version *before* learning it, then one update) -> dead letters sent ->
+the serving version *before* learning it, then take it in: one update per full
+``ADPULSE_TRAINER_STEP_ROWS`` of pending rows) -> dead letters sent ->
 every ``ADPULSE_TRAINER_CHECKPOINT_S`` a checkpoint -> every
 ``ADPULSE_TRAIN_INTERVAL_S`` a candidate version in ``MODEL_DIR/candidates/``.
 
 Exactly once across restarts. The consumer is in no group: it is assigned every
 partition of ctr-feedback and commits nothing to Kafka. The offsets it consumed
-are stored *inside* the checkpoint file with the weights, optimiser, replay and
-dedupe rings, written atomically (temp file, fsync, rename): the file holds the
-model that learned exactly the labels before those offsets. On start the trainer
+are stored *inside* the checkpoint file with the weights, optimiser, the rows
+pending for the next step, the replay and dedupe rings, written atomically (temp
+file, fsync, rename): the file holds the model that took in exactly the labels
+before those offsets, each in its weights or pending. On start the trainer
 loads it and seeks to them. A kill -9 between checkpoints loses the batches
 learned since the last one, and the restart learns them again from the same
 state: each label is in the model once. Dead letters are flushed before each
@@ -112,8 +114,12 @@ class Trainer:
 
     def _learner(self, model: Any) -> OnlineLearner:
         s = self.s
+        if s.trainer_step_rows < 1:
+            msg = f"ADPULSE_TRAINER_STEP_ROWS={s.trainer_step_rows}: must be at least 1"
+            raise ConfigError(msg)
         return OnlineLearner(model, self.spec, lr=s.trainer_lr, replay=s.trainer_replay,
-                             dedupe_ids=s.trainer_dedupe_ids)  # fmt: skip
+                             dedupe_ids=s.trainer_dedupe_ids,
+                             step_rows=s.trainer_step_rows)  # fmt: skip
 
     def _restore(self, saved: dict[str, Any]) -> OnlineLearner:
         learner = self._learner(build(self.spec, saved["arch"]))
@@ -255,12 +261,14 @@ class Trainer:
                 "serving": None if serving is None else serving.as_json(),
             },
             "train_ctr": round(learner.clicks / max(learner.learned, 1), 6),
-            "labels_learned": learner.learned,
+            "labels_learned": learner.learned,  # taken in: in the weights, or pending
+            "rows_pending": learner.pending_rows,  # not in these weights yet (next step's)
             "conversions_learned": learner.conversions,
             "heads": learner.heads,
             "sequence": self.spec.sequence,
             "offsets": {str(p): o for p, o in sorted(self.offsets.items())},
-            "optimizer": f"Adam lr={self.s.trainer_lr:g}, replay {self.s.trainer_replay}",
+            "optimizer": f"Adam lr={self.s.trainer_lr:g}, {learner.step_rows} new rows a step "
+            f"(and as many replayed), replay {self.s.trainer_replay}",
             "trained_at": datetime.now(UTC).isoformat(timespec="seconds"),
         }
         path = export_version(learner.model, self.spec, out, version, metrics)

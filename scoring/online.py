@@ -6,10 +6,29 @@ Why these choices:
   (``model.pt``, kept beside ``model.onnx`` by ``adpulse train``), so it refines
   what serves instead of relearning it from a few minutes of labels.
 * **Adam at a small learning rate** (``ADPULSE_TRAINER_LR``, default 5e-4, a quarter
-  of the offline trainer's 2e-3): one step per batch of new labels. Adam's
+  of the offline trainer's 2e-3), one step per ``ADPULSE_TRAINER_STEP_ROWS`` new
+  rows (below). Adam's
   per-parameter step sizes suit the sparse id embeddings, whose rows see a label
   only now and then (McMahan et al., KDD 2013, argue the same for per-coordinate
   rates); a small rate keeps one unlucky batch from moving the served model far.
+* **Steps of a fixed number of rows.** New rows wait in a pending buffer until it
+  holds ``step_rows`` of them; each step learns exactly that many (oldest first),
+  and the rest wait for the next poll. Steps were once taken per polled batch,
+  whatever its size, and that biased pCTR upwards: the joiner sends a click's label
+  at once and a non-click's only when its attribution window closes, so polls bring
+  small click-rich batches and larger click-free ones; each got one step of the
+  same size (Adam normalises the gradient's scale away), so a handful of clicks
+  pushed pCTR up as far as hundreds of non-clicks pulled it down. With equal steps
+  every row weighs the same, however the rows were grouped when they arrived, and
+  in a steady stream the mix of a step (the clicks of now, the non-clicks of one
+  window ago) is the true one. The alternative, holding each click back until its
+  window closes so that both outcomes of a period arrive together, would delay the
+  freshest signal by the window and make the trainer know the joiner's window; it
+  is not needed once rows weigh the same
+  (tests/unit/test_online_learner.py::test_clicks_early_and_non_clicks_late_leave_the_learner_calibrated).
+  The pending rows are part of :meth:`OnlineLearner.state`, saved atomically with
+  the offsets that consumed them, so a kill -9 neither learns them twice nor skips
+  them.
 * **A replay buffer** of the last ``ADPULSE_TRAINER_REPLAY`` labelled rows (a ring:
   bounded memory, about 0.6 KB a row at dim 64). Each step learns the new batch
   together with as many rows drawn uniformly from the buffer: the gradient of a
@@ -38,9 +57,10 @@ Why these choices:
   row teaches pCVR only, its click having been learned from its label.
 
 Everything a restart needs is in :meth:`OnlineLearner.state`: weights, Adam's
-moments, the replay ring, the dedupe ring, the sampling generator, and a ledger
-(labels learned and the sum of their decision-id fingerprints mod 2**64, so a
-test can prove each label was learned exactly once).
+moments, the pending rows, the replay ring, the dedupe ring, the sampling
+generator, and a ledger (labels taken in, in the weights or pending, and the sum
+of their decision-id fingerprints mod 2**64, so a test can prove each label was
+learned exactly once).
 """
 
 from __future__ import annotations
@@ -66,6 +86,9 @@ from scoring.sequence import behaviour_inputs
 
 CHECKPOINT_FORMAT = 1
 _MASK64 = (1 << 64) - 1
+# rows as the replay ring keeps them: inputs, then y (clicked), c (converted), m (a label)
+_Rows = tuple[dict[str, npt.NDArray[Any]], npt.NDArray[np.float32], npt.NDArray[np.float32],
+              npt.NDArray[np.float32]]  # fmt: skip
 
 
 def arch_of(model: CtrNet) -> dict[str, Any]:
@@ -160,11 +183,20 @@ class OnlineLearner:
         replay: int = 20_000,
         dedupe_ids: int = 200_000,
         seed: int = 7,
+        step_rows: int = 128,
     ) -> None:
+        if step_rows < 1:
+            msg = f"step_rows={step_rows}: a step learns at least one row"
+            raise ValueError(msg)
         spec = model.spec  # the weights' own sequence length wins
-        self.model, self.spec, self.lr = model, spec, lr
+        self.model, self.spec, self.lr, self.step_rows = model, spec, lr, step_rows
         self.opt = torch.optim.Adam(model.parameters(), lr=lr)
         self.replay = ReplayBuffer(replay, spec)
+        # rows taken in but not yet stepped on: inputs (the replay's keys) and y, c, m
+        none = np.zeros(0, np.float32)
+        self.pending: _Rows = ({k: v[:0].copy() for k, v in self.replay.x.items()},
+                               none, none.copy(), none.copy())  # fmt: skip
+        self.steps = 0  # optimiser steps since the warm start
         self.seen = DedupeRing(dedupe_ids)
         self.seen_conversions = DedupeRing(dedupe_ids)
         self.gen = torch.Generator().manual_seed(seed)
@@ -198,6 +230,11 @@ class OnlineLearner:
         scores: npt.NDArray[np.float64] = out.numpy().reshape(-1).astype(np.float64)
         return scores
 
+    @property
+    def pending_rows(self) -> int:
+        """Rows taken in and waiting for a full step (labels and conversions)."""
+        return len(self.pending[1])
+
     def learn(
         self,
         x: Inputs,
@@ -205,12 +242,14 @@ class OnlineLearner:
         decision_ids: Sequence[str],
         conversions: tuple[Inputs, Sequence[str]] | None = None,
     ) -> float:
-        """One Adam step on the batch plus as many replayed rows; returns the batch's loss.
+        """Take the batch in; one Adam step per full ``step_rows`` of pending rows, each
+        with as many replayed rows. Returns the last step's loss (NaN: no step).
 
-        ``conversions``: the inputs and decision ids of conversion records, learned by a
-        two-head model's pCVR (module docstring; ignored by a one-head model). The caller
-        has dropped duplicates (:meth:`is_duplicate`, :meth:`is_duplicate_conversion`)
-        and scored the batch first.
+        The rows are the learner's from here on (ledger, dedupe ring, :meth:`state`),
+        whether stepped on now or pending. ``conversions``: the inputs and decision ids
+        of conversion records, learned by a two-head model's pCVR (module docstring;
+        ignored by a one-head model). The caller has dropped duplicates
+        (:meth:`is_duplicate`, :meth:`is_duplicate_conversion`) and scored the batch first.
         """
         keys = list(self.replay.x)
         xs = {k: x[k] for k in keys}
@@ -221,20 +260,20 @@ class OnlineLearner:
             xs = {k: np.concatenate([xs[k], cx[k]]) for k in keys}
         else:
             conv_ids = ()
-        n = len(y) + n_conv
-        if n == 0:
-            return float("nan")
         ys = np.concatenate([y, np.ones(n_conv, np.float32)]).astype(np.float32)
         cs = np.r_[np.zeros(len(y)), np.ones(n_conv)].astype(np.float32)
         ms = np.r_[np.ones(len(y)), np.zeros(n_conv)].astype(np.float32)
-        new = (xs, ys, cs, ms)
-        k = min(len(self.replay), n)
-        if k:
-            rx, (ry, rc, rm) = self.replay.sample_rows(k, self.gen)
-            xs = {name: np.concatenate([xs[name], rx[name]]) for name in keys}
-            ys, cs, ms = np.r_[ys, ry], np.r_[cs, rc], np.r_[ms, rm]
-        loss = self._step(xs, ys, cs, ms)
-        self.replay.add(*new)
+        px, py, pc, pm = self.pending
+        px = {k: np.concatenate([px[k], xs[k]]) for k in keys}
+        py, pc, pm = np.r_[py, ys], np.r_[pc, cs], np.r_[pm, ms]
+        loss, b, start = float("nan"), self.step_rows, 0
+        while len(py) - start >= b:
+            part = slice(start, start + b)
+            loss = self._replayed_step({k: v[part] for k, v in px.items()}, py[part],
+                                       pc[part], pm[part])  # fmt: skip
+            start += b
+        self.pending = ({k: v[start:].copy() for k, v in px.items()}, py[start:].copy(),
+                        pc[start:].copy(), pm[start:].copy())  # fmt: skip
         for did in decision_ids:
             fp = fingerprint(did)
             self.seen.add(fp)
@@ -244,6 +283,25 @@ class OnlineLearner:
         self.learned += len(y)
         self.clicks += int(y.sum())
         self.conversions += n_conv
+        return loss
+
+    def _replayed_step(
+        self,
+        xs: dict[str, npt.NDArray[Any]],
+        ys: npt.NDArray[np.float32],
+        cs: npt.NDArray[np.float32],
+        ms: npt.NDArray[np.float32],
+    ) -> float:
+        """One Adam step on ``step_rows`` new rows and as many drawn from the replay ring."""
+        new = (xs, ys, cs, ms)
+        k = min(len(self.replay), len(ys))
+        if k:
+            rx, (ry, rc, rm) = self.replay.sample_rows(k, self.gen)
+            xs = {name: np.concatenate([xs[name], rx[name]]) for name in xs}
+            ys, cs, ms = np.r_[ys, ry], np.r_[cs, rc], np.r_[ms, rm]
+        loss = self._step(xs, ys, cs, ms)
+        self.replay.add(*new)
+        self.steps += 1
         return loss
 
     def _step(
@@ -282,6 +340,16 @@ class OnlineLearner:
             "state_dict": self.model.state_dict(),
             "optimizer": self.opt.state_dict(),
             "replay": self.replay.state(),
+            "pending": {
+                "x": {
+                    k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in self.pending[0].items()
+                },
+                **{
+                    name: torch.from_numpy(np.ascontiguousarray(a))
+                    for name, a in zip("ycm", self.pending[1:], strict=True)
+                },
+            },
+            "steps": self.steps,
             "seen": self.seen.state(),
             "seen_conversions": self.seen_conversions.state(),
             "generator": self.gen.get_state(),
@@ -297,6 +365,12 @@ class OnlineLearner:
         for group in self.opt.param_groups:
             group["lr"] = self.lr  # the configured rate wins over the saved one
         self.replay.load(state["replay"])
+        saved = state.get("pending")  # absent in checkpoints written before fixed-size steps
+        if saved is not None:
+            self.pending = ({k: v.numpy().copy() for k, v in saved["x"].items()},
+                            saved["y"].numpy().copy(), saved["c"].numpy().copy(),
+                            saved["m"].numpy().copy())  # fmt: skip
+        self.steps = int(state.get("steps", 0))
         self.seen.load(state["seen"])
         if "seen_conversions" in state:  # absent in checkpoints of one-head learners
             self.seen_conversions.load(state["seen_conversions"])

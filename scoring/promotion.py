@@ -16,6 +16,20 @@ The life of a candidate (``MODEL_DIR/candidates/<version>/``, exported by
    ``adpulse report``) and its calibration is not worse than the control's by more
    than the drift margin; else roll back.
 
+**Drift is judged against the version it would replace** (:func:`drifted`'s
+``reference``): the canary against the control's live observed/expected over the
+same period, a promoted version against the last good version's as measured when
+it was promoted (:attr:`PromotionState.reference_calibration`). A version has
+drifted when it is further from calibrated than the reference (in ratio:
+|log o/e| larger) and its o/e divided by the reference's is more than the margin
+from 1, significantly. Judged absolutely, a canary as far off as the control (a
+serving model trained on another world, as in ``adpulse simulate --trainer
+promoter``, observed/expected 0.5-1.9 per window there) would be rolled back for a fault it shares
+with the version that keeps serving, and a promoted version would be rolled back
+to one no better calibrated: the guard is there to stop a version that makes
+calibration worse, and rolling back fixes only that. With a calibrated reference
+(o/e 1) the rule is the absolute one: more than the margin from 1, significantly.
+
 Which version serves and which is the canary is one small JSON file,
 ``MODEL_DIR/promotion.json`` (:class:`PromotionState`), written atomically by the
 promoter and read by every worker's registry poll.
@@ -57,6 +71,9 @@ class PromotionState:
     last_good: str = ""
     canary_since_ms: int = 0  # labels of decisions from then on are the canary's test
     serving_since_ms: int = 0
+    # the last good version's live observed/expected when ``serving`` replaced it: the
+    # reference of the serving version's drift (1.0: none measured, judged absolutely)
+    reference_calibration: float = 1.0
     decided: list[str] = field(default_factory=list)  # candidates already judged, never retried
 
     def to_json(self) -> str:
@@ -146,11 +163,13 @@ class Tally:
         """Observed over expected clicks (1: calibrated; NaN before any prediction)."""
         return self.clicks / self.expected if self.expected > 0 else math.nan
 
-    def drift_z(self) -> float:
-        """How many standard deviations the clicks are from the predicted clicks."""
+    def drift_z(self, reference: float = 1.0) -> float:
+        """How many standard deviations the clicks are from the predicted clicks, each
+        prediction scaled by ``reference`` (another version's o/e; the variance then by
+        it too, a small-pCTR approximation)."""
         if self.variance <= 0:
             return 0.0
-        return (self.clicks - self.expected) / math.sqrt(self.variance)
+        return (self.clicks - reference * self.expected) / math.sqrt(reference * self.variance)
 
 
 @dataclass(frozen=True)
@@ -171,29 +190,56 @@ class Verdict:
     reason: str
 
 
-def drifted(t: Tally, rules: CanaryRules) -> str | None:
+def reference_of(t: Tally) -> float:
+    """A version's live observed/expected as the reference of another's drift: 1.0
+    (calibrated: the absolute rule) until it predicted :data:`MIN_EXPECTED_CLICKS`
+    clicks, or when it has none to compare with (no clicks: o/e 0)."""
+    cal = t.calibration
+    if t.expected < MIN_EXPECTED_CLICKS or not math.isfinite(cal) or cal <= 0.0:
+        return 1.0
+    return cal
+
+
+def worse_calibrated(cal: float, reference: float, margin: float) -> bool:
+    """Whether o/e ``cal`` is further from 1 than ``reference`` (in ratio) and more than
+    ``margin`` from it (``cal / reference`` beyond 1 +- margin); reference 1: |cal - 1| >
+    margin, the absolute rule."""
+    if not math.isfinite(cal):
+        return False
+    if cal <= 0.0:
+        return True  # no clicks at all where the reference saw some: infinitely far
+    further = abs(math.log(cal)) > abs(math.log(reference))
+    return further and abs(cal / reference - 1.0) > margin
+
+
+def drifted(t: Tally, rules: CanaryRules, reference: float = 1.0) -> str | None:
     """A calibration drift beyond the margin *and* significant at the confidence; None if not.
 
+    ``reference``: the observed/expected of the version ``t``'s would replace (module
+    docstring): ``t`` drifts when :func:`worse_calibrated` against it, and its clicks
+    are significantly off the clicks its predictions times the reference would give.
     Judged once the version predicted :data:`MIN_EXPECTED_CLICKS` clicks.
     """
     cal = t.calibration
     if t.expected < MIN_EXPECTED_CLICKS:
         return None
-    if not math.isfinite(cal) or abs(cal - 1.0) <= rules.max_calibration_drift:
+    if not worse_calibrated(cal, reference, rules.max_calibration_drift):
         return None
-    z = t.drift_z()
+    z = t.drift_z(reference)
     if abs(z) < rules.z:
         return None
+    against = "" if reference == 1.0 else f" against the reference's {reference:.3f}"
     return (
-        f"live calibration drift: observed/expected {cal:.3f} over {t.labels} labels "
-        f"(z {z:+.1f}; limit +-{rules.max_calibration_drift:g}, "
+        f"live calibration drift: observed/expected {cal:.3f}{against} over {t.labels} "
+        f"labels (z {z:+.1f}; limit +-{rules.max_calibration_drift:g}, "
         "ADPULSE_CANARY_MAX_CALIBRATION_DRIFT)"
     )
 
 
 def canary_verdict(control: Tally, canary: Tally, rules: CanaryRules) -> Verdict:
     """Promote, roll back or wait, from the labels of each arm since the canary began."""
-    why = drifted(canary, rules)
+    ref = reference_of(control)
+    why = drifted(canary, rules, ref)
     if why is not None:
         return Verdict("rollback", why)
     if canary.labels < rules.min_labels or control.labels < rules.min_labels:
@@ -203,10 +249,7 @@ def canary_verdict(control: Tally, canary: Tally, rules: CanaryRules) -> Verdict
     if math.isfinite(z) and z < -rules.z:
         return Verdict("rollback", f"live CTR {canary.ctr:.4f} below control {control.ctr:.4f} "
                                    f"(z {z:.2f}, two-sided p {p:.3g})")  # fmt: skip
-    err_canary, err_control = abs(canary.calibration - 1.0), abs(control.calibration - 1.0)
-    if not math.isfinite(err_control):
-        err_control = 0.0
-    if math.isfinite(err_canary) and err_canary > err_control + rules.max_calibration_drift:
+    if worse_calibrated(canary.calibration, ref, rules.max_calibration_drift):
         return Verdict("rollback", f"live calibration {canary.calibration:.3f} against control "
                                    f"{control.calibration:.3f}")  # fmt: skip
     return Verdict("promote", f"live CTR {canary.ctr:.4f} against control {control.ctr:.4f} "

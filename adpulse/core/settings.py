@@ -430,9 +430,14 @@ class Settings:
     )
     trainer_port: int = _setting(6067, "Port of adpulse trainer's Prometheus /metrics.")
     trainer_lr: float = _setting(
-        5e-4, "Adam learning rate of adpulse trainer: one step per batch of new labels."
+        5e-4, "Adam learning rate of adpulse trainer: one step per ADPULSE_TRAINER_STEP_ROWS rows."
     )
-    trainer_batch: int = _setting(512, "Most new labels adpulse trainer learns in one step.")
+    trainer_batch: int = _setting(512, "Most new labels adpulse trainer takes in from one poll.")
+    trainer_step_rows: int = _setting(
+        128,
+        "New rows in each of adpulse trainer's optimiser steps: rows wait (in the checkpoint) "
+        "until this many are pending, so every row weighs the same however polls group them.",
+    )
     trainer_replay: int = _setting(
         20000,
         "Labelled rows in adpulse trainer's replay ring (about 0.6 KB each at DIM 64); each "

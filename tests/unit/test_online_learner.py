@@ -234,3 +234,85 @@ def test_a_learned_sequence_model_exports_a_version_the_registry_serves_as_pytor
     assert np.max(np.abs(got[0] - want)) < 1e-5
     back = load_weights(path / "model.pt", FeatureSpec())
     assert back.spec.sequence == 8 and back.cvr is not None
+
+
+def test_clicks_early_and_non_clicks_late_leave_the_learner_calibrated(tmp_path: Path) -> None:
+    """The joiner sends a click's label at once and a non-click's when its window closes,
+    so polls bring small click-rich batches and larger click-free ones. Learned as they
+    come, from a calibrated start, pCTR must stay calibrated (it once rose sixfold:
+    observed/expected 1.1 -> 0.14 here, one equal step per batch whatever its size)."""
+    from scoring.synthetic import make_world
+    from scoring.train import train
+
+    world = make_world(11)
+    recs = generate(36_000, seed=11, world=world)
+    for i, r in enumerate(recs):
+        r["decision_id"] = f"d{i}"
+    train(recs[:16_000], tmp_path, epochs=2, threads=1, version="v1")
+    stream, held = recs[16_000:30_000], recs[30_000:]
+    torch.manual_seed(0)
+    learner = OnlineLearner(load_weights(tmp_path / "v1" / "model.pt", SPEC), SPEC, lr=5e-4,
+                            replay=20_000)  # fmt: skip
+
+    def observed_over_expected(rs: list[dict]) -> float:
+        y = np.array([r["clicked"] for r in rs])
+        return float(y.sum() / learner.score(from_feedback(rs, SPEC)).sum())
+
+    start = observed_over_expected(held)
+    assert 0.8 <= start <= 1.25  # the start version is calibrated
+    # per 100 decisions: their clicks as one batch at once, their non-clicks 3 batches later
+    chunks = [stream[i : i + 100] for i in range(0, len(stream), 100)]
+    lag, polls = 3, []
+    for i in range(len(chunks) + lag):
+        if i < len(chunks):
+            polls.append([r for r in chunks[i] if r["clicked"]])
+        if i >= lag:
+            polls.append([r for r in chunks[i - lag] if not r["clicked"]])
+    ys, ps = [], []
+    for batch in (b for b in polls if b):
+        x = from_feedback(batch, SPEC)
+        y = np.array([r["clicked"] for r in batch], dtype=np.float32)
+        ps.append(learner.score(x))  # progressive validation: scored before it is learned
+        ys.append(y)
+        learner.learn(x, y, [r["decision_id"] for r in batch])
+    y, p = np.concatenate(ys), np.concatenate(ps)
+    late = len(y) // 2
+    progressive = float(y[late:].sum() / p[late:].sum())  # the stream's second half
+    end = observed_over_expected(held)
+    assert 0.8 <= progressive <= 1.25, (start, progressive, end)
+    assert 0.8 <= end <= 1.25, (start, progressive, end)
+    assert learner.learned == len(stream) and learner.steps == len(stream) // 128
+
+
+def test_rows_pending_for_a_full_step_are_in_the_checkpoint_and_learned_once_after_a_restart(
+    tmp_path: Path,
+) -> None:
+    batches = _batches(6, size=50)  # 300 rows: steps of 128 leave rows pending between polls
+
+    def learner() -> OnlineLearner:
+        torch.manual_seed(1)
+        return OnlineLearner(CtrNet(SPEC), SPEC, lr=1e-3, replay=100, dedupe_ids=1000,
+                             step_rows=128)  # fmt: skip
+
+    straight = learner()
+    for x, y, ids in batches:
+        straight.learn(x, y, ids)
+    assert (straight.steps, straight.pending_rows) == (2, 300 - 256)
+
+    first = learner()
+    for x, y, ids in batches[:3]:  # 150 rows: one step, 22 pending
+        first.learn(x, y, ids)
+    assert (first.steps, first.pending_rows) == (1, 22)
+    atomic_save(first.state(), tmp_path / "ckpt.pt")
+    saved = load_saved(tmp_path / "ckpt.pt")
+    assert saved is not None
+    resumed = learner()
+    resumed.load(saved)
+    assert resumed.pending_rows == 22
+    for x, y, ids in batches[3:]:
+        resumed.learn(x, y, ids)
+    for (name, a), (_, b) in zip(straight.model.state_dict().items(),
+                                 resumed.model.state_dict().items(), strict=True):  # fmt: skip
+        assert torch.equal(a, b), name
+    assert (resumed.learned, resumed.checksum, resumed.steps, resumed.pending_rows) == (
+        straight.learned, straight.checksum, straight.steps, straight.pending_rows)  # fmt: skip

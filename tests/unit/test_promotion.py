@@ -186,3 +186,85 @@ def test_a_worker_scores_the_canary_share_of_users_with_the_canary_and_says_so(
     models.canary = registry.canary
     out = st.process(requests(50, DAY0 + 1000, "k2"), _empty(), DAY0 + 1000)
     assert {d.model_version for _, _, d in out.decisions} == {"v1"}
+
+
+# -- drift against the version a candidate would replace (scoring/promotion.py docstring) ---------
+def test_a_canary_as_miscalibrated_as_the_control_is_not_a_drift_and_may_be_promoted() -> None:
+    """A serving model trained on another world over-predicts (o/e 0.3): a canary as far
+    off, or less, is judged on CTR, not rolled back for the fault the control shares."""
+    control = _tally(3000, 90, 0.10)  # o/e 0.30
+    assert drifted(control, RULES) is not None  # absolutely, both have drifted
+    for clicks in (300, 330, 800):  # o/e 0.30, 0.33, 0.80 on 10,000 labels at pCTR 0.1
+        canary = _tally(10_000, clicks, 0.10)
+        assert drifted(canary, RULES, reference=0.3) is None
+        v = canary_verdict(_tally(10_000, 300, 0.10), canary, RULES)
+        assert v.action == "promote", (clicks, v.reason)
+
+
+def test_a_canary_worse_calibrated_than_a_miscalibrated_control_is_rolled_back_at_once() -> None:
+    control = _tally(3000, 150, 0.10)  # o/e 0.50
+    canary = _tally(600, 12, 0.10)  # o/e 0.20: predicts 2.5 times what the control would
+    v = canary_verdict(control, canary, RULES)
+    assert v.action == "rollback" and "drift" in v.reason and "reference's 0.500" in v.reason
+    # under-predicting where the control over-predicts, and further from 1: a drift too
+    assert drifted(_tally(600, 156, 0.10), RULES, reference=0.5) is not None  # o/e 2.6
+    assert drifted(_tally(600, 110, 0.10), RULES, reference=0.5) is None  # o/e 1.83: nearer
+    # o/e 0.4 against 0.5: further from 1, but within the margin of the reference
+    assert canary_verdict(control, _tally(1000, 40, 0.10), RULES).action == "promote"
+
+
+def test_with_a_calibrated_reference_the_drift_rule_is_the_absolute_one() -> None:
+    for t in (_tally(200, 40, 0.05), _tally(300, 6, 0.05), _tally(200, 12, 0.05),
+              _tally(2000, 70, 0.05), _tally(2000, 130, 0.05)):  # fmt: skip
+        assert (drifted(t, RULES) is None) == (drifted(t, RULES, reference=1.0) is None)
+        assert (drifted(t, RULES) is None) == (
+            abs(t.calibration - 1) <= 0.3 or abs(t.drift_z()) < RULES.z)  # fmt: skip
+
+
+def test_a_promoted_version_drifts_against_the_calibration_of_the_one_it_replaced(
+    registry: ModelRegistry,
+) -> None:
+    import msgspec
+
+    from adpulse.core.metrics import Metrics
+    from adpulse.promoter import Promoter
+    from schemas.messages import CtrFeedback, ModelEvent
+
+    root = Path(registry.root)
+    shutil.rmtree(root / CANDIDATES / "c3")  # no candidate: the serving version's watch only
+    write_state(root, PromotionState(serving="v2", last_good="v1", serving_since_ms=1,
+                                     reference_calibration=0.3))  # fmt: skip
+    assert read_state(root) is not None and read_state(root).reference_calibration == 0.3
+    events: list[ModelEvent] = []
+    s = Settings(model_dir=str(root), model_latency_budget_ms=math.inf, scorer_threads=1)
+    promoter = Promoter(s, Metrics.create(), events.append)
+
+    def labels(tag: str, n: int, clicks: int, pctr: float) -> list[CtrFeedback]:
+        return [msgspec.convert({"decision_id": f"{tag}{i}", "ad_id": "a", "user_id": f"u{i}",
+                                 "clicked": int(i < clicks), "decision_ts": 5, "label_ts": 6,
+                                 "features": {"interest": [], "pctr": pctr}, "propensity": 1.0,
+                                 "pctr": pctr, "model_version": "v2"}, CtrFeedback)
+                for i in range(n)]  # fmt: skip
+
+    promoter.observe(labels("a", 2000, 60, 0.10))  # o/e 0.30, as the version it replaced
+    promoter.tick()
+    assert promoter.state.serving == "v2" and not events
+    promoter.observe(labels("b", 2000, 0, 0.10))  # now o/e 0.15 over the 4000: worse by half
+    promoter.tick()
+    assert (promoter.state.serving, promoter.state.reference_calibration) == ("v1", 1.0)
+    assert events[-1].event == "rolled_back" and "reference's 0.300" in events[-1].reason
+
+
+def test_a_sequence_model_candidate_is_checked_against_its_own_pytorch_weights(
+    registry: ModelRegistry,
+) -> None:
+    """The packaged version attends over behaviours: its ONNX file is compared with its
+    PyTorch weights on inputs of its own spec (with ``seq``), not the serving spec's
+    (that raised ValueError out of the promoter's tick)."""
+    from adpulse.promoter import check_candidate
+
+    serving = registry.latest_valid()
+    assert serving is not None and serving.spec.sequence > 0
+    why = check_candidate(Path(registry.root) / CANDIDATES / "c3", registry, "v2", 0.01)
+    # past the ONNX check, to the held-back window, which the packaged copy has none of
+    assert why is not None and why.startswith("no held-back validation in metrics.json")
