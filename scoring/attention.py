@@ -16,7 +16,7 @@ nothing to the weighted sum, so the exported model needs no mask input.
 
 Serving cost: a request sends its user's sequence once ([1, L, d]) for all its
 candidates, and the exported graph then takes a shared-sequence form
-(:func:`_attend`), about twice as fast in ONNX Runtime at 100 candidates and
+(:func:`_attend`), about 1.5x as fast in ONNX Runtime at 100 candidates and
 L = 50 as the general form (docs/performance.md, "The scorer with the sequence
 block"). The block still costs B x L x d x hidden multiply-adds, whatever the form.
 """

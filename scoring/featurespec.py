@@ -26,7 +26,7 @@ Only in a sequence model (``sequence`` > 0, scoring/attention.py):
   L is dynamic (axis ``seq``): a batch is padded to its longest sequence.
   The batch axis (its own name, ``seq_batch``) may also be 1 where every row has
   the same user: the graph then takes its shared-sequence form, the same function
-  about twice as fast (scoring/attention.py; scores equal to the repeated rows'
+  about 1.5x as fast (scoring/attention.py; scores equal to the repeated rows'
   within float rounding), and :func:`assemble_many` so passes a single request's
   sequence once instead of once per candidate.
 
