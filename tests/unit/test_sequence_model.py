@@ -262,3 +262,34 @@ def test_the_shipped_model_onnx_is_its_model_pt() -> None:
             want = model.heads(*(torch.from_numpy(repeated[k]) for k in spec.input_names))
         for g, w in zip(got, want, strict=True):
             assert g is not None and np.max(np.abs(g - w.numpy().reshape(-1))) <= 1e-5
+
+
+def test_a_batch_of_requests_scores_each_as_it_scores_alone(tmp_path: Path) -> None:
+    """The decision stage runs a sequence model once per request (each sends its sequence once
+    and gets the graph's shared-sequence form), so a request's raw pCTR is the same, bit for
+    bit, whether it was decided alone or micro-batched with others."""
+    from adpulse.bench.decisionpath import DecisionPath, request_bodies
+    from adpulse.catalogtool import synthetic_ads
+    from adpulse.core.settings import Settings
+    from adpulse.workload import Workload, WorkloadModel
+    from streams.deadletter import Raw
+
+    s = Settings.from_env({}).with_(pseudonymise=False, partitions=1, policy="greedy")
+    _publish(tmp_path, "v1", replace(FeatureSpec.from_settings(s), sequence=10), seed=3)
+    workload = Workload(WorkloadModel(), users=20, seed=2)
+    ads = synthetic_ads(200, workload.columns(2_000)["category"].tolist(), seed=3)
+    _, events = workload.payloads(600, 1_700_000_000_000, prefix="w")
+    path = DecisionPath.build(ads, events, s.with_(model_dir=str(tmp_path), sequence_length=10))
+    bodies = request_bodies([a["ad_id"] for a in ads], 20, 40, 6, 5, "b")
+
+    def raw_pctr(batch: list[bytes]) -> dict[str, float]:
+        now = 1_700_000_100_000
+        reqs = [(path._decoder.decode(Raw(b, None, 0, 0, now)), Raw(None, None, 0, 0, now))
+                for b in batch]  # fmt: skip
+        out = path.stage.decide(reqs, path.tables, now)
+        assert out.rows_scored == 40 * len(batch) and not out.fallbacks
+        return {d.request_id: d.pctr_raw for _k, _r, d in out.decisions}
+
+    together = raw_pctr(bodies)
+    alone = {k: v for b in bodies for k, v in raw_pctr([b]).items()}
+    assert len(together) == 6 and together == alone
