@@ -361,7 +361,8 @@ def assemble_many(
 
     Equal to concatenating :func:`assemble` per request (a test holds them to
     it), with one gather per input instead of a few per request: the decision
-    stage scores a whole fetched batch of requests in one session run.
+    stage scores a whole fetched batch of requests in one session run (a sequence
+    model's, one request at a time: streams/decide.py).
     """
     ctx = _CONTEXT.get(spec)
     if ctx is None:

@@ -10,7 +10,8 @@ the real one (one ONNX Runtime session; providers chosen from
 exported graph in plain numpy (the benchmark baseline, and a fallback that needs
 no ONNX Runtime). ``FallbackRule`` is what a decision uses when no model can
 score. Concurrent requests share one session run through ``POST /decide``'s
-service (streams/serve.py), which batches per event-loop turn.
+service (streams/serve.py), which batches per event-loop turn (a sequence
+model runs once per request of the batch: streams/decide.py).
 """
 
 from __future__ import annotations

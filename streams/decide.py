@@ -1,7 +1,8 @@
 """ad-requests -> candidates -> scorer -> strategy -> ad-decisions, one batch at a time.
 
 All requests of a fetched batch are scored in one ONNX Runtime run (split at
-``ADPULSE_SCORER_MAX_BATCH_ROWS``): the consumer's batching is the micro-batch,
+``ADPULSE_SCORER_MAX_BATCH_ROWS``; a sequence model: one run per request, each
+sending its sequence once, see ``_run``): the consumer's batching is the micro-batch,
 bounded by the same wait (``ADPULSE_BATCH_MAX_WAIT_S``) as ingest. A request's
 user vector comes straight from the interest table (ad-requests is
 co-partitioned with user-events, so this worker owns it). Frequency caps and
