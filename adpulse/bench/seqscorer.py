@@ -228,6 +228,39 @@ def format_table(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def profile(models: Path, runs: int = 300, top: int = 10) -> str:
+    """Where each graph's time goes at batch 100 with one shared sequence: ONNX Runtime's
+    profiler (``enable_profiling``, one intra-op thread), the median kernel time per node over
+    ``runs`` runs, the ``top`` nodes of each graph (a node inside the sequence graph's If is
+    listed by itself; the If's own line includes them and the profiler's cost for each)."""
+    import onnxruntime as ort  # noqa: PLC0415
+
+    lines = []
+    with tempfile.TemporaryDirectory(prefix="adpulse-seqprof-") as tmp:
+        for k in KINDS:
+            spec = FeatureSpec.from_json((models / k / "v1" / SPEC).read_text())
+            o = SessionOptions(intra_op_threads=1).to_options()
+            o.enable_profiling = True
+            o.profile_file_prefix = str(Path(tmp) / k)
+            sess = ort.InferenceSession(str(models / k / "v1" / MODEL), o,
+                                        providers=["CPUExecutionProvider"])  # fmt: skip
+            x = _inputs(spec, SHARED)
+            for _ in range(runs):
+                sess.run(None, x)
+            events = json.loads(Path(sess.end_profiling()).read_text())
+            per: dict[str, list[float]] = {}
+            ops: dict[str, str] = {}
+            for e in events:
+                if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+                    per.setdefault(e["name"][:-12], []).append(e["dur"])
+                    ops[e["name"][:-12]] = e["args"].get("op_name", "")
+            med = sorted(((float(np.median(v)), n) for n, v in per.items()), reverse=True)
+            total = sum(m for m, n in med if ops[n] != "If")  # an If's nodes are listed too
+            lines.append(f"{k}: median kernel time per node, us (sum of the nodes {total:,.0f})")
+            lines += [f"  {m:8.1f}  {ops[n]:<12} {n}" for m, n in med[:top]]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python3 -m adpulse.bench.seqscorer")
     ap.add_argument("--models", type=Path, help="exported models (default: export them now)")
@@ -238,10 +271,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=cfg.seconds)
     ap.add_argument("--repeats", type=int, default=cfg.repeats)
     ap.add_argument("--out", type=Path, help="write seqscorer.json here")
+    ap.add_argument("--profile", action="store_true",
+                    help="only profile each graph per node (batch 100, one shared sequence)")
     a = ap.parse_args(argv)
     spec = FeatureSpec.from_settings(Settings.from_env({}))
     if a.export:
         export_models(a.export, spec, a.length)
+        return 0
+    if a.profile:
+        with tempfile.TemporaryDirectory(prefix="adpulse-seqbench-") as tmp:
+            print(profile(a.models or export_models(Path(tmp), spec, a.length)))
         return 0
     with tempfile.TemporaryDirectory(prefix="adpulse-seqbench-") as tmp:
         models = a.models or export_models(Path(tmp), spec, a.length)
