@@ -24,9 +24,11 @@ Only in a sequence model (``sequence`` > 0, scoring/attention.py):
 * ``seq``   float32 [B, L, D]: the vectors of the user's last L behaviours, newest
   first, in the ad's space (:func:`item_vectors`), zero rows after the last one.
   L is dynamic (axis ``seq``): a batch is padded to its longest sequence.
-  The batch axis may also be 1 where every row has the same user: the graph
-  broadcasts it (same scores, bit for bit), and :func:`assemble_many` so passes
-  a single request's sequence once instead of once per candidate.
+  The batch axis (its own name, ``seq_batch``) may also be 1 where every row has
+  the same user: the graph then takes its shared-sequence form, the same function
+  about 1.5x as fast (scoring/attention.py; scores equal to the repeated rows'
+  within float rounding), and :func:`assemble_many` so passes a single request's
+  sequence once instead of once per candidate.
 
 Output ``pctr`` float32 [B, 1].
 
@@ -66,6 +68,9 @@ OUTPUT = "pctr"
 CVR_OUTPUT = "pcvr"  # the optional second output: pCVR after a click (scoring/model.py)
 BATCH_AXIS = "batch"
 SEQ_AXIS = "seq"
+# seq's first axis: 1 (one request's sequence, broadcast) or the batch. A name of its own,
+# so ONNX Runtime does not take it for ``batch`` and plan buffers on that equality.
+SEQ_BATCH_AXIS = "seq_batch"
 _DAY_MS = 24 * 3600 * 1000
 _HOUR_MS = 3600 * 1000
 
@@ -356,7 +361,8 @@ def assemble_many(
 
     Equal to concatenating :func:`assemble` per request (a test holds them to
     it), with one gather per input instead of a few per request: the decision
-    stage scores a whole fetched batch of requests in one session run.
+    stage scores a whole fetched batch of requests in one session run (a sequence
+    model's, one request at a time: streams/decide.py).
     """
     ctx = _CONTEXT.get(spec)
     if ctx is None:

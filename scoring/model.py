@@ -51,7 +51,7 @@ import torch
 from torch import nn
 
 from scoring.attention import TargetAttention
-from scoring.featurespec import BATCH_AXIS, CVR_OUTPUT, SEQ_AXIS, FeatureSpec
+from scoring.featurespec import BATCH_AXIS, CVR_OUTPUT, SEQ_AXIS, SEQ_BATCH_AXIS, FeatureSpec
 
 ID_EMBED = 8
 CROSS_RANK = 16
@@ -220,14 +220,25 @@ def _golden(spec: FeatureSpec, n: int, length: int, seed: int) -> dict[str, np.n
     return x
 
 
-def export_onnx(model: CtrNet, path: Path, spec: FeatureSpec, *, atol: float = 1e-5) -> float:
+def export_onnx(
+    model: CtrNet,
+    path: Path,
+    spec: FeatureSpec,
+    *,
+    atol: float = 1e-5,
+    shared_sequence_form: bool = True,
+) -> float:
     """Write ``model`` as ONNX with a dynamic batch axis, then verify it.
 
     Verification runs ONNX Runtime and PyTorch on the same random inputs at
     batch 1 and 257 (a sequence model: sequences of 1 and ``spec.sequence``, so
-    both axes are proven dynamic) and raises ``AssertionError``-free
+    both axes are proven dynamic; and 100 candidates sharing one sequence of
+    ``spec.sequence``, [1, L, d], the graph's other branch, against PyTorch on the
+    sequence repeated per row) and raises ``AssertionError``-free
     ``ValueError`` if any output differs by more than ``atol``. Returns the
-    largest difference seen.
+    largest difference seen. ``shared_sequence_form`` False exports the attention
+    in its general form only (scoring/attention.py; what ``adpulse bench
+    seq-scorer`` compares against).
     A model with a CVR head is exported with two outputs, ``pctr`` then
     ``pcvr``, and both are verified.
     """
@@ -240,8 +251,10 @@ def export_onnx(model: CtrNet, path: Path, spec: FeatureSpec, *, atol: float = 1
         name: {0: BATCH_AXIS} for name in (*spec.input_names, *outputs)
     }
     if spec.sequence:
-        axes["seq"] = {0: BATCH_AXIS, 1: SEQ_AXIS}
+        axes["seq"] = {0: SEQ_BATCH_AXIS, 1: SEQ_AXIS}
     path.parent.mkdir(parents=True, exist_ok=True)
+    if model.attention is not None:
+        model.attention.export_shared_form = shared_sequence_form
     torch.onnx.export(
         model if model.cvr is None else _BothHeads(model),
         example,
@@ -253,11 +266,20 @@ def export_onnx(model: CtrNet, path: Path, spec: FeatureSpec, *, atol: float = 1
         do_constant_folding=True,
         dynamo=False,
     )
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    quiet = ort.SessionOptions()
+    quiet.log_severity_level = 3  # ORT warns about renaming inside the If's branches
+    sess = ort.InferenceSession(str(path), quiet, providers=["CPUExecutionProvider"])
     worst = 0.0
-    for n, length, seed in ((1, 1, 11), (257, max(1, spec.sequence), 12)):
-        x = _golden(spec, n, length, seed)
-        for name, got, want in zip(outputs, sess.run(outputs, x), _run(model, x), strict=True):
+    cases = [(1, 1, 11), (257, max(1, spec.sequence), 12)]
+    if spec.sequence:
+        cases.append((100, -spec.sequence, 13))  # negative: one sequence shared by all rows
+    for n, length, seed in cases:
+        x = _golden(spec, n, abs(length), seed)
+        if length < 0:  # the longest of the golden sequences, sent once as a request does
+            x["seq"] = x["seq"][[int(np.argmax(np.abs(x["seq"]).sum(axis=(1, 2))))]]
+        repeated = {**x, "seq": np.repeat(x["seq"], n, axis=0)} if length < 0 else x
+        got_all, want_all = sess.run(outputs, x), _run(model, repeated)
+        for name, got, want in zip(outputs, got_all, want_all, strict=True):
             if got.shape != want.shape:
                 msg = f"ONNX output {name} shape {got.shape} != PyTorch {want.shape} at batch {n}"
                 raise ValueError(msg)

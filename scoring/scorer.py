@@ -10,7 +10,8 @@ the real one (one ONNX Runtime session; providers chosen from
 exported graph in plain numpy (the benchmark baseline, and a fallback that needs
 no ONNX Runtime). ``FallbackRule`` is what a decision uses when no model can
 score. Concurrent requests share one session run through ``POST /decide``'s
-service (streams/serve.py), which batches per event-loop turn.
+service (streams/serve.py), which batches per event-loop turn (a sequence
+model runs once per request of the batch: streams/decide.py).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ log = logging.getLogger(__name__)
 F32 = npt.NDArray[np.float32]
 Heads = tuple[F32, F32 | None]  # (pCTR, pCVR or None: the model has no CVR head)
 Device = Literal["auto", "cuda", "cpu"]
+_Node = tuple[str, list[str], str, dict[str, Any]]  # NumpyScorer: op, inputs, output, attributes
 CPU, CUDA, TENSORRT = "CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"
 # Measured on the 2-core dev machine at batch 1,024, 6 interleaved rounds of 0.7 s:
 # 1 thread 303k rows/s (235k-357k), 2 threads 409k (285k-487k), so both cores.
@@ -195,28 +197,17 @@ class NumpyScorer:
 
     OPS = frozenset(
         {"Constant", "Add", "Mul", "Gather", "Flatten", "Concat", "MatMul", "Gemm", "Relu",
-         "Sigmoid", "Identity", "Reshape", "Unsqueeze", "Squeeze", "Transpose"}
+         "Sigmoid", "Identity", "Reshape", "Unsqueeze", "Squeeze", "Transpose",
+         "If", "Shape", "Equal", "Cast", "ReduceSum"}
     )  # fmt: skip
 
     def __init__(self, path: Path | str, *, version: str = "") -> None:
         import onnx  # noqa: PLC0415 (only the baseline needs it)
-        from onnx import numpy_helper  # noqa: PLC0415
 
         g = onnx.load(str(path)).graph
         self._version = version
-        self._consts: dict[str, npt.NDArray[Any]] = {
-            i.name: numpy_helper.to_array(i) for i in g.initializer
-        }
-        self._nodes: list[tuple[str, list[str], str, dict[str, Any]]] = []
-        for n in g.node:
-            if n.op_type not in self.OPS:
-                msg = f"NumpyScorer cannot run ONNX op {n.op_type} (node {n.name})"
-                raise ValueError(msg)
-            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
-            if n.op_type == "Constant":
-                self._consts[n.output[0]] = numpy_helper.to_array(attrs["value"])
-                continue
-            self._nodes.append((n.op_type, list(n.input), n.output[0], attrs))
+        self._consts: dict[str, npt.NDArray[Any]] = {}
+        self._nodes = self._compile(g)
         # Pre-transpose Gemm weights once so the hot loop is a plain matmul.
         for op, ins, _, attrs in self._nodes:
             if op == "Gemm" and attrs.get("transB", 0) and ins[1] in self._consts:
@@ -226,6 +217,32 @@ class NumpyScorer:
         self._output = g.output[0].name
         names = [o.name for o in g.output]
         self._cvr = CVR_OUTPUT if CVR_OUTPUT in names else None
+
+    def _compile(self, g: Any) -> list[_Node]:
+        """A graph's nodes in order, its constants into ``_consts``; an ``If``'s branches
+        (the sequence model's shared-sequence form, scoring/attention.py) compiled the same
+        way into its attributes."""
+        import onnx  # noqa: PLC0415
+        from onnx import numpy_helper  # noqa: PLC0415
+
+        self._consts.update({i.name: numpy_helper.to_array(i) for i in g.initializer})
+        nodes: list[_Node] = []
+        for n in g.node:
+            if n.op_type not in self.OPS:
+                msg = f"NumpyScorer cannot run ONNX op {n.op_type} (node {n.name})"
+                raise ValueError(msg)
+            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+            if n.op_type == "Constant":
+                self._consts[n.output[0]] = numpy_helper.to_array(attrs["value"])
+                continue
+            if n.op_type == "If":
+                for branch in ("then_branch", "else_branch"):
+                    sub = attrs[branch]
+                    attrs[branch] = (self._compile(sub), sub.output[0].name)
+            if n.op_type == "Cast":
+                attrs["to"] = onnx.helper.tensor_dtype_to_np_dtype(attrs["to"])
+            nodes.append((n.op_type, list(n.input), n.output[0], attrs))
+        return nodes
 
     @property
     def version(self) -> str:
@@ -241,13 +258,29 @@ class NumpyScorer:
     def score_heads(self, inputs: Mapping[str, npt.NDArray[Any]]) -> Heads:
         """(pCTR, pCVR), as :meth:`OnnxScorer.score_heads`."""
         v: dict[str, npt.NDArray[Any]] = {**self._consts, **inputs}
-        for op, ins, out, a in self._nodes:
-            x = [v[i] for i in ins if i]
-            v[out] = _OPS[op](x, a)
+        _run(self._nodes, v)
         ctr = np.asarray(v[self._output], dtype=np.float32).reshape(-1)
         if self._cvr is None:
             return ctr, None
         return ctr, np.asarray(v[self._cvr], dtype=np.float32).reshape(-1)
+
+
+def _run(nodes: list[_Node], v: dict[str, npt.NDArray[Any]]) -> None:
+    """Run ``nodes`` in order over the values ``v`` (a branch sees its outer scope's)."""
+    for op, ins, out, a in nodes:
+        x = [v[i] for i in ins if i]
+        if op == "If":
+            branch, result = a["then_branch"] if bool(x[0]) else a["else_branch"]
+            _run(branch, v)
+            v[out] = v[result]
+        else:
+            v[out] = _OPS[op](x, a)
+
+
+def _reduce_sum(x: list[npt.NDArray[Any]], a: dict[str, Any]) -> npt.NDArray[Any]:
+    axes = tuple(int(i) for i in x[1]) if len(x) > 1 else None
+    out: npt.NDArray[Any] = np.sum(x[0], axis=axes, keepdims=bool(a.get("keepdims", 1)))
+    return out
 
 
 def _gemm(x: list[npt.NDArray[Any]], a: dict[str, Any]) -> npt.NDArray[Any]:
@@ -288,6 +321,11 @@ _OPS: dict[str, Callable[[list[npt.NDArray[Any]], dict[str, Any]], npt.NDArray[A
     "Unsqueeze": lambda x, a: np.expand_dims(x[0], tuple(int(i) for i in x[1])),
     "Squeeze": lambda x, a: np.squeeze(x[0], tuple(int(i) for i in x[1])),
     "Transpose": lambda x, a: np.transpose(x[0], a.get("perm")),
+    # the sequence model's branch on seq's batch axis (scoring/attention.py)
+    "Shape": lambda x, a: np.asarray(x[0].shape, dtype=np.int64),
+    "Equal": lambda x, a: np.equal(x[0], x[1]),
+    "Cast": lambda x, a: np.asarray(x[0]).astype(a["to"]),
+    "ReduceSum": _reduce_sum,
 }
 
 

@@ -1,13 +1,21 @@
 """``adpulse bench seq-scorer``: what the attention block costs the scorer, in one run.
 
-Two CTR nets of the shipped architecture, one without and one with target
-attention over ``length`` behaviours (scoring/attention.py), are exported side
-by side (untrained: speed does not depend on the weights). Per repeat, the two
-are measured interleaved, so both see the same machine load:
+Three CTR nets of the shipped architecture are exported side by side (untrained:
+speed does not depend on the weights): ``plain``, without the block; ``general``,
+with target attention over ``length`` behaviours (scoring/attention.py) exported
+in its general form only, the graph served before the shared-sequence branch; and
+``sequence``, the same net as exported today, which takes a single-GEMM form when
+all rows share one sequence. Per repeat, the three are measured interleaved (the
+bare sessions call by call, the decision calls point by point), so all see the
+same machine load:
 
-* the bare ONNX Runtime session's rows/s at each batch size (100: one request's
-  candidates; 8,192: what ``POST /decide`` gathers under load, issue 16 item 7),
-  every row with a full sequence: the block's worst case;
+* the bare ONNX Runtime session at batch 100 with one shared sequence ([1, L, d]:
+  what a single request sends, the decide path's usual case), at 100 and 8,192
+  with a sequence per row (several requests in one run; 8,192 is what ``POST
+  /decide`` gathers under load, issue 16 item 7), every sequence full: rows/s
+  (wall clock) and, for the shared case, milliseconds of the calling thread's CPU
+  per 100-candidate call (all of the session's CPU at one intra-op thread, the
+  worker's default; steadier than wall time on a shared machine);
 * the worker's decision call (:class:`adpulse.bench.decisionpath.DecisionPath`:
   targeting, caps, pacing, feature assembly with the users' sequences read and
   embedded, ONNX Runtime, policy) on 100-candidate requests, one per call and
@@ -42,8 +50,9 @@ from scoring.featurespec import FeatureSpec
 from scoring.registry import MODEL, SPEC
 from scoring.scorer import Device, OnnxScorer, SessionOptions
 
-KINDS = ("plain", "sequence")
-BATCHES = (100, 8192)
+KINDS = ("plain", "general", "sequence")  # no block; the block's general form; as exported
+SHARED = "100-shared"  # batch 100, one sequence for all rows
+BATCHES = (SHARED, "100", "8192")
 CALLS = (1, 8)  # requests per decision call
 CANDIDATES = 100
 
@@ -58,20 +67,22 @@ class SeqScorerBench:
 
 
 def export_models(out: Path, spec: FeatureSpec, length: int) -> Path:
-    """``out/plain/v1`` and ``out/sequence/v1``: registries of one version each."""
+    """``out/<kind>/v1`` for each of :data:`KINDS`: registries of one version each."""
     import torch  # noqa: PLC0415 (training extra)
 
     from scoring.model import CtrNet, export_onnx  # noqa: PLC0415
 
-    for kind, s in zip(KINDS, (spec, replace(spec, sequence=length)), strict=True):
+    seq = replace(spec, sequence=length)
+    for kind, s in zip(KINDS, (spec, seq, seq), strict=True):
         torch.manual_seed(0)
         d = out / kind / "v1"
-        export_onnx(CtrNet(s), d / MODEL, s)
+        export_onnx(CtrNet(s), d / MODEL, s, shared_sequence_form=kind != "general")
         (d / SPEC).write_text(s.to_json() + "\n", encoding="utf-8")
     return out
 
 
 def _rate(fn: Callable[[], int], seconds: float) -> float:
+    """Rows/s by the wall clock."""
     fn()  # warm up
     rows, start = 0, time.perf_counter()
     while (elapsed := time.perf_counter() - start) < seconds:
@@ -79,8 +90,42 @@ def _rate(fn: Callable[[], int], seconds: float) -> float:
     return rows / elapsed
 
 
+def _alternating(
+    fns: dict[str, Callable[[], int]], seconds: float
+) -> dict[str, tuple[float, float]]:
+    """{name: (rows/s by the wall clock, seconds of this thread's CPU per call)}: the calls
+    alternate one by one for ``seconds`` per function, so a burst of load on the shared
+    machine hits all of them alike."""
+    for fn in fns.values():
+        fn()  # warm up
+    rows = dict.fromkeys(fns, 0)
+    wall = dict.fromkeys(fns, 0.0)
+    cpu = dict.fromkeys(fns, 0.0)
+    calls, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds * len(fns):
+        for k, fn in fns.items():
+            w, c = time.perf_counter(), time.thread_time()
+            rows[k] += fn()
+            cpu[k] += time.thread_time() - c
+            wall[k] += time.perf_counter() - w
+        calls += 1
+    return {k: (rows[k] / wall[k], cpu[k] / calls) for k in fns}
+
+
 def _scoring(scorer: OnnxScorer, x: dict[str, np.ndarray]) -> Callable[[], int]:
     return lambda: len(scorer.score(x))
+
+
+def _inputs(spec: FeatureSpec, batch: str) -> dict[str, np.ndarray]:
+    """Golden rows, every sequence full (the block's worst case); one sequence for ``SHARED``."""
+    n = int(batch.split("-", maxsplit=1)[0])
+    x = spec.golden_inputs(n, seed=n)
+    if "seq" in x:
+        x["seq"] = spec.golden_inputs(n, seed=n + 1)["seq"]
+        x["seq"][:] = np.where(x["seq"].any(axis=2, keepdims=True), x["seq"], 1 / 8)
+        if batch == SHARED:
+            x["seq"] = np.ascontiguousarray(x["seq"][:1])
+    return x
 
 
 def run(
@@ -93,7 +138,7 @@ def run(
     users: int = 2_000,
     log: Callable[[str], None] = lambda _: None,
 ) -> dict[str, Any]:
-    """Rows/s of both models, bare and on the decision path (medians of ``repeats``)."""
+    """Rows/s of the three models, bare and on the decision path (medians of ``repeats``)."""
     s = (settings or Settings.from_env({})).with_(pseudonymise=False, partitions=1,
                                                    policy="greedy", device=device)  # fmt: skip
     specs = {k: FeatureSpec.from_json((models / k / "v1" / SPEC).read_text()) for k in KINDS}
@@ -104,21 +149,23 @@ def run(
     ads = synthetic_ads(1_000, workload.columns(20_000)["category"].tolist(), seed=3)
     _, events = workload.payloads(20 * users, int(time.time() * 1000), prefix="warm")
     paths = {
-        k: DecisionPath.build(ads, events, s.with_(model_dir=str(models / k), sequence_length=n))
-        for k, n in (("plain", 0), ("sequence", length))
-    }
+        k: DecisionPath.build(ads, events, s.with_(model_dir=str(models / k),
+                                                   sequence_length=specs[k].sequence))
+        for k in KINDS
+    }  # fmt: skip
     bodies = request_bodies([a["ad_id"] for a in ads], users, CANDIDATES, 2_000, 5, "seq")
-    bare: dict[str, dict[str, list[float]]] = {k: {str(b): [] for b in BATCHES} for k in KINDS}
+    bare: dict[str, dict[str, list[float]]] = {k: {b: [] for b in BATCHES} for k in KINDS}
+    cpu_ms: dict[str, list[float]] = {k: [] for k in KINDS}
     path: dict[str, dict[str, list[float]]] = {k: {str(c): [] for c in CALLS} for k in KINDS}
     for _ in range(repeats):
         for b in BATCHES:
-            for k in KINDS:
-                x = specs[k].golden_inputs(b, seed=b)
-                if "seq" in x:  # every row's sequence full: the block's worst case
-                    x["seq"] = specs[k].golden_inputs(b, seed=b + 1)["seq"]
-                    x["seq"][:] = np.where(x["seq"].any(axis=2, keepdims=True), x["seq"], 1 / 8)
-                bare[k][str(b)].append(_rate(_scoring(scorers[k], x), seconds))
-                log(f"{k:>8} batch {b:>5}: {bare[k][str(b)][-1]:>12,.0f} rows/s")
+            got = _alternating({k: _scoring(scorers[k], _inputs(specs[k], b)) for k in KINDS},
+                               seconds)  # fmt: skip
+            for k, (rate, cpu) in got.items():
+                bare[k][b].append(rate)
+                if b == SHARED:
+                    cpu_ms[k].append(cpu * 1000)
+                log(f"{k:>8} batch {b:>10}: {rate:>12,.0f} rows/s")
         for c in CALLS:
             for k in KINDS:
                 turn = iter(range(0, len(bodies) - c, c))
@@ -138,6 +185,10 @@ def run(
         "seconds_per_point": seconds,
         "threads": s.scorer_threads,
         "rows_per_s": {k: _medians(v) for k, v in bare.items()},
+        "ms_per_request": {
+            k: round(CANDIDATES * 1000 / float(np.median(v[SHARED])), 3) for k, v in bare.items()
+        },
+        "cpu_ms_per_request": {k: round(float(np.median(v)), 3) for k, v in cpu_ms.items()},
         "path_rows_per_s": {k: _medians(v) for k, v in path.items()},
         "machine": machine(),
     }
@@ -148,37 +199,88 @@ def _medians(d: dict[str, list[float]]) -> dict[str, float]:
 
 
 def format_table(r: dict[str, Any]) -> str:
-    """Markdown: rows/s without and with the block, bare session and decision path."""
+    """Markdown: rows/s without the block, with its general form, and as exported."""
     lines = [
-        f"The scorer with and without target attention over {r['length']} behaviours, "
+        f"The scorer without and with target attention over {r['length']} behaviours, "
         f"{r['provider']}, {r['threads']} thread(s), {machine_line(r['machine'])}, "
         f"median of {r['repeats']}",
         "",
-        "| what | plain rows/s | sequence rows/s | sequence / plain |",
-        "|---|---:|---:|---:|",
+        "| what | plain rows/s | general form rows/s | as exported rows/s | exported / general "
+        "| exported / plain |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
-    for key, label in (("rows_per_s", "session, batch {}"), ("path_rows_per_s",
-                       "decision call, {} request(s) of 100 candidates")):  # fmt: skip
-        for b, plain in r[key]["plain"].items():
-            seq = r[key]["sequence"][b]
-            lines.append(f"| {label.format(b)} | {plain:,} | {seq:,} | {seq / max(1, plain):.2f} |")
+    labels = {SHARED: "session, batch 100, one shared sequence (a request)",
+              "100": "session, batch 100, a sequence per row",
+              "8192": "session, batch 8,192, a sequence per row"}  # fmt: skip
+    rows = [(labels[b], r["rows_per_s"], b) for b in BATCHES] + [
+        (f"decision call, {c} request(s) of 100 candidates", r["path_rows_per_s"], str(c))
+        for c in CALLS
+    ]
+    for label, table, b in rows:
+        p, g, q = (table[k][b] for k in KINDS)
+        lines.append(f"| {label} | {p:,} | {g:,} | {q:,} | {q / max(1, g):.2f} "
+                     f"| {q / max(1, p):.2f} |")  # fmt: skip
+    for key, what in (("ms_per_request", "ms per 100-candidate request (wall, from rows/s)"),
+                      ("cpu_ms_per_request", "ms of CPU per 100-candidate request")):  # fmt: skip
+        p, g, q = (r[key][k] for k in KINDS)
+        lines.append(f"| session: {what} | {p:.3f} | {g:.3f} | {q:.3f} | {q / g:.2f} "
+                     f"| {q / p:.2f} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def profile(models: Path, runs: int = 300, top: int = 10) -> str:
+    """Where each graph's time goes at batch 100 with one shared sequence: ONNX Runtime's
+    profiler (``enable_profiling``, one intra-op thread), the median kernel time per node over
+    ``runs`` runs, the ``top`` nodes of each graph (a node inside the sequence graph's If is
+    listed by itself; the If's own line includes them and the profiler's cost for each)."""
+    import onnxruntime as ort  # noqa: PLC0415
+
+    lines = []
+    with tempfile.TemporaryDirectory(prefix="adpulse-seqprof-") as tmp:
+        for k in KINDS:
+            spec = FeatureSpec.from_json((models / k / "v1" / SPEC).read_text())
+            o = SessionOptions(intra_op_threads=1).to_options()
+            o.enable_profiling = True
+            o.profile_file_prefix = str(Path(tmp) / k)
+            sess = ort.InferenceSession(str(models / k / "v1" / MODEL), o,
+                                        providers=["CPUExecutionProvider"])  # fmt: skip
+            x = _inputs(spec, SHARED)
+            for _ in range(runs):
+                sess.run(None, x)
+            events = json.loads(Path(sess.end_profiling()).read_text())
+            per: dict[str, list[float]] = {}
+            ops: dict[str, str] = {}
+            for e in events:
+                if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+                    per.setdefault(e["name"][:-12], []).append(e["dur"])
+                    ops[e["name"][:-12]] = e["args"].get("op_name", "")
+            med = sorted(((float(np.median(v)), n) for n, v in per.items()), reverse=True)
+            total = sum(m for m, n in med if ops[n] != "If")  # an If's nodes are listed too
+            lines.append(f"{k}: median kernel time per node, us (sum of the nodes {total:,.0f})")
+            lines += [f"  {m:8.1f}  {ops[n]:<12} {n}" for m, n in med[:top]]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python3 -m adpulse.bench.seqscorer")
     ap.add_argument("--models", type=Path, help="exported models (default: export them now)")
-    ap.add_argument("--export", type=Path, help="only export the two models to this folder")
+    ap.add_argument("--export", type=Path, help="only export the three models to this folder")
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
     cfg = SeqScorerBench()
     ap.add_argument("--length", type=int, default=cfg.length)
     ap.add_argument("--seconds", type=float, default=cfg.seconds)
     ap.add_argument("--repeats", type=int, default=cfg.repeats)
     ap.add_argument("--out", type=Path, help="write seqscorer.json here")
+    ap.add_argument("--profile", action="store_true",
+                    help="only profile each graph per node (batch 100, one shared sequence)")
     a = ap.parse_args(argv)
     spec = FeatureSpec.from_settings(Settings.from_env({}))
     if a.export:
         export_models(a.export, spec, a.length)
+        return 0
+    if a.profile:
+        with tempfile.TemporaryDirectory(prefix="adpulse-seqbench-") as tmp:
+            print(profile(a.models or export_models(Path(tmp), spec, a.length)))
         return 0
     with tempfile.TemporaryDirectory(prefix="adpulse-seqbench-") as tmp:
         models = a.models or export_models(Path(tmp), spec, a.length)

@@ -126,11 +126,14 @@ BENCHES = (
     Bench(
         "seq-scorer",
         with_bench_limits(cmd_bench_seq_scorer),
-        help="rows/s of the scorer with and without target attention over the sequence",
-        description="Export two CTR nets, without and with the attention block over --length "
-        "behaviours (needs PyTorch), and measure both in one run, interleaved: the ONNX "
-        "Runtime session's rows/s at batch 100 and 8192 with every row's sequence full, and "
-        "the worker's decision call on 100-candidate requests, 1 and 8 a call.",
+        help="rows/s of the scorer without and with target attention (old and new graph)",
+        description="Export three CTR nets: without the attention block, with it over --length "
+        "behaviours in its general form only (the graph served before the shared-sequence "
+        "branch), and with it as exported today (needs PyTorch); measure all three in one run, "
+        "interleaved: the ONNX Runtime session's rows/s at batch 100 with one shared sequence "
+        "(a request) and at 100 and 8192 with a sequence per row, every sequence full, CPU ms "
+        "per 100-candidate request, and the worker's decision call on 100-candidate requests, "
+        "1 and 8 a call.",
         sizes={
             "length": (50, "behaviours per user the block attends over (50)"),
             "seconds": (1.0, "seconds per measured point (1.0)"),

@@ -103,7 +103,7 @@ def cmd_bench_seq_scorer(args: argparse.Namespace, settings: Settings) -> int:
             models = seqscorer.export_models(Path(tmp), FeatureSpec.from_settings(settings),
                                              args.length)  # fmt: skip
         except ImportError:
-            msg = "bench seq-scorer exports its two models with PyTorch: pip install torch"
+            msg = "bench seq-scorer exports its three models with PyTorch: pip install torch"
             raise InputError(msg) from None
         seconds, repeats = (0.05, 1) if args.smoke else (args.seconds, args.repeats)
         result = seqscorer.run(models, settings, device=args.device, seconds=seconds,

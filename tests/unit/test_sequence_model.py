@@ -152,11 +152,12 @@ def test_a_sequence_model_with_the_cvr_head_exports_and_validates(tmp_path: Path
     assert loaded.spec.sequence == 12 and outputs == ["pctr", "pcvr"]
 
 
-def test_one_request_passes_its_sequence_once_and_scores_bit_for_bit_as_repeated(
+def test_one_request_passes_its_sequence_once_and_scores_as_repeated(
     registry_dir: tuple[Path, CtrNet],
 ) -> None:
     """All candidates of a request share the user's sequence: sent once ([1, L, D]), the graph
-    broadcasts it, and each score is the one the repeated rows give."""
+    takes its shared-sequence form, and each score is the one the repeated rows give (the
+    general form) up to float rounding: the same function, summed in another order."""
     root, model = registry_dir
     table = HashedEmbeddings(SEQ.dim, SEQ.embedding_seed)
     ads = AdIndex.build([{"ad_id": f"a{i}", "campaign_id": "c", "category_id": i, "bid": 1.0}
@@ -167,7 +168,7 @@ def test_one_request_passes_its_sequence_once_and_scores_bit_for_bit_as_repeated
     assert one["seq"].shape == (1, 9, SEQ.dim) and one["ad"].shape[0] == 50
     repeated = {**one, "seq": np.repeat(one["seq"], 50, axis=0)}
     scorer = OnnxScorer(root / "v2" / MODEL, device="cpu", options=ONE_THREAD)
-    assert np.array_equal(scorer.score(one), scorer.score(repeated))
+    assert np.max(np.abs(scorer.score(one) - scorer.score(repeated))) <= 1e-5  # export tolerance
     assert np.allclose(scorer.score(one), _torch(model, repeated, SEQ), atol=1e-5)
     two = assemble_many([req, req], ads, 0, SEQ)  # two requests: one row per candidate
     assert two["seq"].shape == (100, 9, SEQ.dim)
@@ -184,3 +185,111 @@ def test_the_numpy_scorer_runs_the_sequence_model_as_onnx_runtime(
     got = NumpyScorer(root / "v2" / MODEL).score(x)
     want = OnnxScorer(root / "v2" / MODEL, device="cpu", options=ONE_THREAD).score(x)
     assert np.allclose(got, want, atol=1e-6)
+
+
+@pytest.mark.parametrize(("n", "length"), [(1, 1), (100, 12), (7, 30), (0, 12)])
+def test_a_shared_sequence_scores_as_pytorch_on_the_repeated_rows(
+    registry_dir: tuple[Path, CtrNet], n: int, length: int
+) -> None:
+    """The graph's shared-sequence branch (seq [1, L, D], scoring/attention.py's _attend) is the
+    served function: ONNX Runtime and the numpy runner on it equal PyTorch's general form."""
+    from scoring.scorer import NumpyScorer
+
+    root, model = registry_dir
+    x = replace(SEQ, sequence=length).golden_inputs(max(n, 1), seed=40 + n)
+    x = {k: v[:n] for k, v in x.items()}
+    x["seq"] = _unit_rows(np.random.default_rng(n).standard_normal((1, length, SEQ.dim)))
+    want = _torch(model, {**x, "seq": np.repeat(x["seq"], n, axis=0)}, SEQ)
+    onnx_rt = OnnxScorer(root / "v2" / MODEL, device="cpu", options=ONE_THREAD)
+    for scorer in (onnx_rt, NumpyScorer(root / "v2" / MODEL)) if n else (onnx_rt,):
+        got = scorer.score(x)
+        assert got.shape == (n,)
+        assert n == 0 or np.max(np.abs(got - want)) <= 1e-5
+
+
+def test_the_sequence_graph_branches_on_a_shared_sequence(
+    registry_dir: tuple[Path, CtrNet],
+) -> None:
+    """The export carries both forms behind one If on seq's batch axis, which has a name of its
+    own (ONNX Runtime must not plan buffers as if it were the candidates' batch)."""
+    import onnx
+
+    root, _ = registry_dir
+    g = onnx.load(str(root / "v2" / MODEL)).graph
+    assert [n.op_type for n in g.node].count("If") == 1
+    seq = next(i for i in g.input if i.name == "seq")
+    ad = next(i for i in g.input if i.name == "ad")
+    assert seq.type.tensor_type.shape.dim[0].dim_param != ad.type.tensor_type.shape.dim[0].dim_param
+
+
+def test_the_general_form_alone_exports_the_same_function(tmp_path: Path) -> None:
+    """``shared_sequence_form=False`` (the graph before the branch, for `bench seq-scorer`)."""
+    import onnx
+
+    model = _publish(tmp_path, "v1", SEQ, seed=1)
+    export_onnx(model, tmp_path / "general.onnx", SEQ, shared_sequence_form=False)
+    assert "If" not in [n.op_type for n in onnx.load(str(tmp_path / "general.onnx")).graph.node]
+    x = SEQ.golden_inputs(40, seed=9)
+    a = OnnxScorer(tmp_path / "general.onnx", device="cpu", options=ONE_THREAD).score(x)
+    b = OnnxScorer(tmp_path / "v1" / MODEL, device="cpu", options=ONE_THREAD).score(x)
+    assert np.max(np.abs(a - b)) <= 1e-5
+
+
+def _unit_rows(x: np.ndarray) -> np.ndarray:
+    out: np.ndarray = (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+    return out
+
+
+def test_the_shipped_model_onnx_is_its_model_pt() -> None:
+    """The shipped version's graph (re-exported by scoring.reexport, in the shared-sequence form)
+    computes what its PyTorch weights do, a shared sequence and a sequence per row alike."""
+    import onnx
+
+    from scoring.online import load_weights
+    from scoring.registry import CHECKPOINT
+
+    root = Path(__file__).resolve().parents[2] / "scoring" / "models"
+    (version,) = sorted(root.iterdir())
+    spec = FeatureSpec.from_json((version / SPEC).read_text())
+    model = load_weights(version / CHECKPOINT, spec)
+    assert "If" in [n.op_type for n in onnx.load(str(version / MODEL)).graph.node]
+    scorer = OnnxScorer(version / MODEL, device="cpu", options=ONE_THREAD)
+    x = spec.golden_inputs(100, seed=21)
+    shared = {**x, "seq": x["seq"][[int(np.argmax(np.abs(x["seq"]).sum(axis=(1, 2))))]]}
+    for inputs, repeated in ((x, x), (shared, {**x, "seq": np.repeat(shared["seq"], 100, 0)})):
+        got = scorer.score_heads(inputs)
+        with torch.no_grad():
+            want = model.heads(*(torch.from_numpy(repeated[k]) for k in spec.input_names))
+        for g, w in zip(got, want, strict=True):
+            assert g is not None and np.max(np.abs(g - w.numpy().reshape(-1))) <= 1e-5
+
+
+def test_a_batch_of_requests_scores_each_as_it_scores_alone(tmp_path: Path) -> None:
+    """The decision stage runs a sequence model once per request (each sends its sequence once
+    and gets the graph's shared-sequence form), so a request's raw pCTR is the same, bit for
+    bit, whether it was decided alone or micro-batched with others."""
+    from adpulse.bench.decisionpath import DecisionPath, request_bodies
+    from adpulse.catalogtool import synthetic_ads
+    from adpulse.core.settings import Settings
+    from adpulse.workload import Workload, WorkloadModel
+    from streams.deadletter import Raw
+
+    s = Settings.from_env({}).with_(pseudonymise=False, partitions=1, policy="greedy")
+    _publish(tmp_path, "v1", replace(FeatureSpec.from_settings(s), sequence=10), seed=3)
+    workload = Workload(WorkloadModel(), users=20, seed=2)
+    ads = synthetic_ads(200, workload.columns(2_000)["category"].tolist(), seed=3)
+    _, events = workload.payloads(600, 1_700_000_000_000, prefix="w")
+    path = DecisionPath.build(ads, events, s.with_(model_dir=str(tmp_path), sequence_length=10))
+    bodies = request_bodies([a["ad_id"] for a in ads], 20, 40, 6, 5, "b")
+
+    def raw_pctr(batch: list[bytes]) -> dict[str, float]:
+        now = 1_700_000_100_000
+        reqs = [(path._decoder.decode(Raw(b, None, 0, 0, now)), Raw(None, None, 0, 0, now))
+                for b in batch]  # fmt: skip
+        out = path.stage.decide(reqs, path.tables, now)
+        assert out.rows_scored == 40 * len(batch) and not out.fallbacks
+        return {d.request_id: d.pctr_raw for _k, _r, d in out.decisions}
+
+    together = raw_pctr(bodies)
+    alone = {k: v for b in bodies for k, v in raw_pctr([b]).items()}
+    assert len(together) == 6 and together == alone
