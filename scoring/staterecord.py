@@ -18,9 +18,10 @@ as version 2, byte for byte. The maths that updates a state is scoring/features.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -107,9 +108,12 @@ def _header_fields(p: InterestParams) -> list[tuple[Any, ...]]:
     ]
 
 
+@functools.lru_cache(maxsize=16)
 def header_dtype(p: InterestParams) -> np.dtype[Any]:
     """The stored fixed part of a user's record; little-endian and packed so bytes are
-    portable. ``ncat`` entries of :data:`CATEGORY_DTYPE` follow it, heaviest first."""
+    portable. ``ncat`` entries of :data:`CATEGORY_DTYPE` follow it, heaviest first.
+    Cached: every decision reads it twice, and building a structured dtype costs more
+    than the rest of reading a user's header."""
     return np.dtype(_header_fields(p))
 
 
@@ -268,6 +272,9 @@ def decode_heads(values: list[bytes | None], p: InterestParams) -> npt.NDArray[A
     value is None), checked as :func:`decode_all` checks them: what a decision reads
     (``vec``, ``t_ref``) without decoding each user's weight maps, which cost as much again
     per user and which a decision without item vectors never looks at."""
+    if values and all(v is not None and v[:1] != b"\x01" for v in values):
+        # every user known and current: the headers as stored (a decision's usual case)
+        return _checked_heads(cast(list[bytes], values), p)[1].copy()
     hd = header_dtype(p)
     out = np.zeros(len(values), dtype=hd)
     out["version"] = STATE_VERSION

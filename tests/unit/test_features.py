@@ -468,3 +468,18 @@ def test_decision_reads_of_headers_alone_equal_the_full_decode_and_refuse_what_i
             decode_all([bad], P)
         with pytest.raises(ValueError):
             decode_heads([bad], P)
+
+
+def test_headers_of_known_users_alone_equal_the_full_decode_and_are_writable() -> None:
+    """Every user known and current (a decision's usual batch) takes decode_heads' short
+    path: the same headers as the full decode, as a writable array like the long path's."""
+    store = Store()
+    in_batches(store, make_events(300, users=5), 40)
+    values: list[bytes | None] = [store.data[u] for u in sorted(store.data)]
+    full, _, _ = decode_all(values, P)
+    heads = decode_heads(values, P)
+    for name in heads.dtype.names or ():
+        assert heads[name].tobytes() == full[name].tobytes(), name
+    assert heads.flags.writeable
+    with pytest.raises(ValueError):
+        decode_heads([values[0], b"\x07" + (values[0] or b"")[1:]], P)
