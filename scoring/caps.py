@@ -64,6 +64,13 @@ def under_caps(rec: CapRecord, ad_ids: Sequence[str], cap: int) -> list[bool]:
     return [shown.get(a, 0) < cap for a in ad_ids]
 
 
+def any_capped(rec: CapRecord, cap: int) -> bool:
+    """Whether any ad has reached ``cap`` today. When none has, every candidate passes
+    :func:`under_caps` and a decision need not look up the candidates' ad ids (a Python
+    list of ~100 ids per request, most users having few impressions today)."""
+    return any(n >= cap for n in rec.shown.values())
+
+
 def record_impression(rec: CapRecord, ad_id: str) -> None:
     rec.shown[ad_id] = rec.shown.get(ad_id, 0) + 1
 

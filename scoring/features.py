@@ -50,6 +50,7 @@ from scoring.staterecord import (
     Items,
     _fill_top,
     decode_all,
+    decode_heads,
     decode_records,
     decode_states,
     empty_states,
@@ -62,9 +63,10 @@ from scoring.weightmap import merge_weights
 __all__ = [  # the state record's names too (scoring/staterecord.py), for existing importers
     "APPLIED", "CATEGORY_DTYPE", "DUPLICATE", "KINDS", "KIND_INDEX", "NO_TIME", "OUTCOMES",
     "REDELIVERED", "STATE_VERSION", "Categories", "EventBatch", "InterestParams", "ItemVectors",
-    "Items", "apply_batch", "apply_events", "decode_all", "decode_records", "decode_states",
-    "describe", "empty_states", "encode_states", "fingerprint", "header_dtype", "read_vectors",
-    "reference_categories", "reference_vectors", "state_dtype", "vector_at", "vectors_at",
+    "Items", "apply_batch", "apply_events", "decode_all", "decode_heads", "decode_records",
+    "decode_states", "describe", "empty_states", "encode_states", "fingerprint", "header_dtype",
+    "read_vectors", "reference_categories", "reference_vectors", "state_dtype", "vector_at",
+    "vectors_at",
 ]  # fmt: skip
 
 # Outcomes of one event in apply_batch.
@@ -286,10 +288,12 @@ def read_vectors(
     values: list[bytes | None], t_ms: int, p: InterestParams, items: ItemVectors | None
 ) -> tuple[npt.NDArray[Any], npt.NDArray[np.float32], npt.NDArray[np.bool_]]:
     """Stored records -> states, their vectors at ``t_ms`` with the item vectors in force
-    now, and which states have history: what decisions and the lookup read."""
+    now, and which states have history: what decisions and the lookup read. Without item
+    vectors the states are only their stored headers (:func:`decode_heads`: no weight maps
+    decoded, no top categories filled in), all a vector needs."""
     if items is None:
-        states = decode_records(values, p)[0]
-        return (states, *vectors_at(states, t_ms, p))
+        heads = decode_heads(values, p)
+        return (heads, *vectors_at(heads, t_ms, p))
     states, _, item_maps = decode_all(values, p)
     return (states, *vectors_at(states, t_ms, p, corrections(item_maps, items, p.dim)))
 

@@ -220,8 +220,8 @@ class AdIndex:
 
     def rows(self, ad_ids: Iterable[str]) -> I64:
         """Row numbers of these ads; unknown ids are skipped (the caller filters first)."""
-        row = self.row
-        return np.array([row[a] for a in ad_ids if a in row], dtype=np.int64)
+        got = [r for r in map(self.row.get, ad_ids) if r is not None]  # one lookup per id
+        return np.array(got, dtype=np.int64)
 
     @classmethod
     def build(cls, ads: Sequence[Mapping[str, Any]], spec: FeatureSpec) -> AdIndex:

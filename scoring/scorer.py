@@ -351,6 +351,8 @@ class FallbackRule:
         """(scores to use, True if the fallback was applied)."""
         if scores is None or len(scores) != n:
             return self.pctr(n), True
-        if not bool(np.all(np.isfinite(scores) & (scores >= 0.0) & (scores <= 1.0))):
+        # Two reductions instead of three masks: a NaN fails both comparisons, an
+        # infinity one of them (called once per decision).
+        if n and not (float(scores.min()) >= 0.0 and float(scores.max()) <= 1.0):
             return self.pctr(n), True
         return scores, False

@@ -18,9 +18,10 @@ as version 2, byte for byte. The maths that updates a state is scoring/features.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -107,9 +108,12 @@ def _header_fields(p: InterestParams) -> list[tuple[Any, ...]]:
     ]
 
 
+@functools.lru_cache(maxsize=16)
 def header_dtype(p: InterestParams) -> np.dtype[Any]:
     """The stored fixed part of a user's record; little-endian and packed so bytes are
-    portable. ``ncat`` entries of :data:`CATEGORY_DTYPE` follow it, heaviest first."""
+    portable. ``ncat`` entries of :data:`CATEGORY_DTYPE` follow it, heaviest first.
+    Cached: every decision reads it twice, and building a structured dtype costs more
+    than the rest of reading a user's header."""
     return np.dtype(_header_fields(p))
 
 
@@ -227,8 +231,7 @@ def decode_all(
 ) -> tuple[npt.NDArray[Any], Categories, Items]:
     """States, category maps and item maps for stored values (empty where a value is None)."""
     values = [_upgrade_v1(v, p) if v is not None and v[:1] == b"\x01" else v for v in values]
-    hd = header_dtype(p)
-    h = hd.itemsize
+    h = header_dtype(p).itemsize
     out = empty_states(len(values), p)
     present = [i for i, v in enumerate(values) if v is not None]
     ncat = np.zeros(len(values), dtype=np.int64)
@@ -236,25 +239,11 @@ def decode_all(
     cat_tails, item_tails = [], []
     if present:
         raws: list[bytes] = [values[i] for i in present]  # type: ignore[misc]
-        heads = b"".join(v[:h] for v in raws)
-        if len(heads) != h * len(present):
-            raise _wrong_size(p)
-        head = np.frombuffer(heads, dtype=hd)
-        if not np.isin(head["version"], (STATE_VERSION, ITEMS_VERSION)).all():
-            msg = f"stored interest state has an unknown version {set(head['version'].tolist())}"
-            raise ValueError(msg)
-        c = CATEGORY_DTYPE.itemsize
-        cat_len = h + c * head["ncat"].astype(np.int64)
-        lengths = np.fromiter((len(v) for v in raws), np.int64, len(raws))
-        with_items = head["version"] == ITEMS_VERSION
-        if (lengths[~with_items] != cat_len[~with_items]).any():
-            raise _wrong_size(p)
+        heads, head, cat_len, with_items = _checked_heads(raws, p)
         cat_tails = [v[h:end] for v, end in zip(raws, cat_len.tolist(), strict=True)]
         for j in np.flatnonzero(with_items).tolist():  # version 3: the item map follows
             v, end = raws[j], int(cat_len[j])
             k = int.from_bytes(v[end : end + 4], "little")
-            if len(v) != end + 4 + ITEM_DTYPE.itemsize * k:
-                raise _wrong_size(p)
             item_tails.append(v[end + 4 :])
             nitem[present[j]] = k
         out.view(np.uint8).reshape(len(values), -1)[present, :h] = np.frombuffer(
@@ -276,6 +265,54 @@ def decode_all(
     )
     _fill_top(out, cats, p)
     return out, cats, items
+
+
+def decode_heads(values: list[bytes | None], p: InterestParams) -> npt.NDArray[Any]:
+    """Only the fixed headers of stored values (``header_dtype``; ``t_ref`` NO_TIME where a
+    value is None), checked as :func:`decode_all` checks them: what a decision reads
+    (``vec``, ``t_ref``) without decoding each user's weight maps, which cost as much again
+    per user and which a decision without item vectors never looks at."""
+    if values and all(v is not None and v[:1] != b"\x01" for v in values):
+        # every user known and current: the headers as stored (a decision's usual case)
+        return _checked_heads(cast(list[bytes], values), p)[1].copy()
+    hd = header_dtype(p)
+    out = np.zeros(len(values), dtype=hd)
+    out["version"] = STATE_VERSION
+    out["t_ref"] = NO_TIME
+    out["offset"] = -1
+    present = [i for i, v in enumerate(values) if v is not None]
+    raws = [v if v[:1] != b"\x01" else _upgrade_v1(v, p) for v in values if v is not None]
+    if raws:
+        out[present] = _checked_heads(raws, p)[1]
+    return out
+
+
+def _checked_heads(
+    raws: list[bytes], p: InterestParams
+) -> tuple[bytes, npt.NDArray[Any], I64, npt.NDArray[np.bool_]]:
+    """The stored records' headers (their bytes, and as ``header_dtype``), where each
+    category map ends, and which records carry an item map; ValueError for a record of an
+    unknown version or whose length does not match what its header says follows."""
+    hd = header_dtype(p)
+    h = hd.itemsize
+    heads = b"".join(v[:h] for v in raws)
+    if len(heads) != h * len(raws):
+        raise _wrong_size(p)
+    head = np.frombuffer(heads, dtype=hd)
+    if not ((head["version"] == STATE_VERSION) | (head["version"] == ITEMS_VERSION)).all():
+        msg = f"stored interest state has an unknown version {set(head['version'].tolist())}"
+        raise ValueError(msg)
+    cat_len = h + CATEGORY_DTYPE.itemsize * head["ncat"].astype(np.int64)
+    lengths = np.fromiter((len(v) for v in raws), np.int64, len(raws))
+    with_items = head["version"] == ITEMS_VERSION
+    if (lengths[~with_items] != cat_len[~with_items]).any():
+        raise _wrong_size(p)
+    for j in np.flatnonzero(with_items).tolist():  # version 3: the item map follows
+        v, end = raws[j], int(cat_len[j])
+        k = int.from_bytes(v[end : end + 4], "little")
+        if len(v) != end + 4 + ITEM_DTYPE.itemsize * k:
+            raise _wrong_size(p)
+    return heads, head, cat_len, with_items
 
 
 def decode_states(values: list[bytes | None], p: InterestParams) -> npt.NDArray[Any]:

@@ -369,9 +369,18 @@ class DecideStage:
     def _under_caps(
         self, catalog: Catalog, rows: npt.NDArray[np.int64], cap: caps.CapRecord
     ) -> npt.NDArray[np.int64]:
+        keep = self._cap_mask(catalog, rows, cap)
+        return rows if keep is None else rows[keep]
+
+    def _cap_mask(
+        self, catalog: Catalog, rows: npt.NDArray[np.int64], cap: caps.CapRecord
+    ) -> npt.NDArray[np.bool_] | None:
+        """Which ``rows`` are under the user's frequency caps; None: all of them."""
+        if not caps.any_capped(cap, self.s.freq_cap_per_day):
+            return None
         ids = catalog.index.ad_ids
         keep = caps.under_caps(cap, [ids[r] for r in rows.tolist()], self.s.freq_cap_per_day)
-        return rows if all(keep) else rows[np.asarray(keep, dtype=bool)]
+        return None if all(keep) else np.asarray(keep, dtype=bool)
 
     def _score(
         self,
@@ -478,11 +487,10 @@ class DecideStage:
         got_cvr = None if cvr[0] is None else cvr[0][p.start : p.start + len(p.rows)]
         if p.user in users.touched and catalog is not None:
             # An earlier request of this user in this batch may have used up a cap.
-            keep = np.asarray(caps.under_caps(users.caps[p.user],
-                                              [catalog.index.ad_ids[r] for r in p.rows.tolist()],
-                                              self.s.freq_cap_per_day), dtype=bool)  # fmt: skip
-            p.rows, got = p.rows[keep], None if got is None else got[keep]
-            got_cvr = None if got_cvr is None else got_cvr[keep]
+            keep = self._cap_mask(catalog, p.rows, users.caps[p.user])
+            if keep is not None:
+                p.rows, got = p.rows[keep], None if got is None else got[keep]
+                got_cvr = None if got_cvr is None else got_cvr[keep]
         if arm is not None:
             out.by_arm[arm] += 1
         if not len(p.rows) or catalog is None:
@@ -496,10 +504,11 @@ class DecideStage:
                 else np.full(len(p.rows), cvr[1]))  # fmt: skip
         cpa = catalog.cpa[p.rows]
         vector = users.vectors[p.user]
-        ad_ids = [catalog.index.ad_ids[r] for r in p.rows.tolist()]
+        ids, rows = catalog.index.ad_ids, p.rows
+        # The learners' states are read only by the policies that use them; so are the ids.
         candidates = Candidates(pctr.astype(np.float64), value_per_click(bids, cpa, pcvr), vector,
-                                lambda: self.strategy.states(ad_ids, arm), now_ms,
-                                pcvr=pcvr, cpa=cpa)  # fmt: skip
+                                lambda: self.strategy.states([ids[r] for r in rows.tolist()], arm),
+                                now_ms, pcvr=pcvr, cpa=cpa)  # fmt: skip
         choice = policy.choose(candidates, self.rng)
         j = choice.index
         row = int(p.rows[j])

@@ -43,9 +43,12 @@ class EpsilonGreedy:
         """
         k = len(values)
         best = argmax_set(values)
+        n_best = len(best)
         if rng.random() < self.epsilon:
             pick = int(rng.integers(k))
         else:
-            pick = int(best[0] if len(best) == 1 else best[rng.integers(len(best))])
-        greedy_share = (1.0 - self.epsilon) / len(best) if pick in best else 0.0
+            pick = int(best[0] if n_best == 1 else best[rng.integers(n_best)])
+        # one best (the usual case): a scalar compare, not an array search
+        in_best = pick == int(best[0]) if n_best == 1 else pick in best.tolist()
+        greedy_share = (1.0 - self.epsilon) / n_best if in_best else 0.0
         return Choice(pick, self.epsilon / k + greedy_share, None)

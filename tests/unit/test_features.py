@@ -25,14 +25,18 @@ from scoring.features import (
     EventBatch,
     InterestParams,
     apply_batch,
+    decode_all,
+    decode_heads,
     decode_records,
     decode_states,
     empty_states,
     encode_states,
     fingerprint,
+    read_vectors,
     reference_categories,
     reference_vectors,
     vector_at,
+    vectors_at,
 )
 
 P = InterestParams()
@@ -432,3 +436,50 @@ def test_any_batching_and_order_matches_reference(
     store = Store(p)
     in_batches(store, events, cut)
     assert_matches_reference(store, events)
+
+
+def test_decision_reads_of_headers_alone_equal_the_full_decode_and_refuse_what_it_refuses() -> None:
+    """Decisions decode only the records' headers (``decode_heads``): every version the full
+    decode reads gives the same header and so the same vector; a bad record is refused alike."""
+    store = Store()
+    in_batches(store, make_events(400, users=4), 50)
+    v2 = [store.data[u] for u in sorted(store.data)]
+    states, cats = decode_records(v2[:1], P)
+    items = staterecord.Items(np.array([0, 2]), np.array([11, 12]), np.array([3, 4]),
+                              np.array([1.5, 0.5], np.float32))  # fmt: skip
+    (v3,) = encode_states(states, cats, items)
+    assert v3[0] == staterecord.ITEMS_VERSION
+    v1 = np.zeros(1, dtype=staterecord._v1_dtype(P))
+    v1["version"], v1["t_ref"], v1["top_ids"][0] = 1, 1234, [9, -1, -1, -1]
+    v1["vec"][0][:3] = [1, 2, 3]
+    values: list[bytes | None] = [*v2, None, v3, v1.tobytes()]
+    full, _, _ = decode_all(values, P)
+    heads = decode_heads(values, P)
+    for name in heads.dtype.names or ():
+        assert heads[name].tobytes() == full[name].tobytes(), name
+    now = 10 * HOUR
+    _, vecs, known = read_vectors(values, now, P, None)
+    want, want_known = vectors_at(full, now, P)
+    assert vecs.tobytes() == want.tobytes() and known.tolist() == want_known.tolist()
+    assert known.tolist() == [True] * 4 + [False, True, True]
+    other_dim = encode_states(empty_states(1, InterestParams(dim=32)), Categories.empty(1))
+    for bad in (other_dim[0], v2[0][:-1], v3[:-1], b"\x07" + v2[0][1:]):
+        with pytest.raises(ValueError):
+            decode_all([bad], P)
+        with pytest.raises(ValueError):
+            decode_heads([bad], P)
+
+
+def test_headers_of_known_users_alone_equal_the_full_decode_and_are_writable() -> None:
+    """Every user known and current (a decision's usual batch) takes decode_heads' short
+    path: the same headers as the full decode, as a writable array like the long path's."""
+    store = Store()
+    in_batches(store, make_events(300, users=5), 40)
+    values: list[bytes | None] = [store.data[u] for u in sorted(store.data)]
+    full, _, _ = decode_all(values, P)
+    heads = decode_heads(values, P)
+    for name in heads.dtype.names or ():
+        assert heads[name].tobytes() == full[name].tobytes(), name
+    assert heads.flags.writeable
+    with pytest.raises(ValueError):
+        decode_heads([values[0], b"\x07" + (values[0] or b"")[1:]], P)

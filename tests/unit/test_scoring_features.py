@@ -118,3 +118,12 @@ def test_assemble_many_equals_per_request_assemble_concatenated() -> None:
     for name in many:
         np.testing.assert_allclose(many[name], one_by_one[name], rtol=1e-6)
         assert many[name].dtype == one_by_one[name].dtype
+
+
+def test_ad_rows_keep_the_order_given_and_skip_unknown_ids_including_row_zero() -> None:
+    """Row 0 is a valid row (a lookup that tested truthiness would drop it); unknown ids
+    are skipped; an all-unknown list gives an empty int64 array."""
+    index = AdIndex.build(ADS, SPEC)
+    assert index.rows(["a2", "zz", "a0", "a1", "a0"]).tolist() == [2, 0, 1, 0]
+    none = index.rows(["zz"])
+    assert none.dtype == np.int64 and len(none) == 0

@@ -53,3 +53,18 @@ def test_fallback_rule_replaces_non_finite_scores_with_the_prior() -> None:
     assert used and np.all(bad == np.float32(0.04)) and rule.policy == "fallback:prior"
     none, used = rule.guard(None, 3)
     assert used and none.shape == (3,)
+
+
+def test_fallback_guard_refuses_every_score_outside_unit_interval() -> None:
+    """The guard's two reductions refuse what the elementwise check refused: NaN, either
+    infinity, below 0, above 1; an empty request's scores pass as they are."""
+    rule = FallbackRule(prior_ctr=0.03)
+    for bad in (np.nan, np.inf, -np.inf, -0.01, 1.01):
+        got, used = rule.guard(np.array([0.5, bad, 0.2], dtype=np.float32), 3)
+        assert used and got.tolist() == pytest.approx([0.03] * 3)
+    edge = np.array([0.0, 1.0], dtype=np.float32)
+    got, used = rule.guard(edge, 2)
+    assert not used and got is edge
+    empty = np.zeros(0, dtype=np.float32)
+    got, used = rule.guard(empty, 0)
+    assert not used and len(got) == 0

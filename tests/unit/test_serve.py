@@ -266,3 +266,30 @@ def test_no_budget_means_no_deadline() -> None:
     empty = StateReaders(Tables().load, Tables().load, Tables().load)
     out = st.process(old, empty, now)
     assert all(d.ad_id is not None for _, _, d in out.decisions)
+
+
+@pytest.mark.parametrize("cap", [1, 2])
+def test_a_users_requests_in_one_run_and_the_next_never_pass_a_frequency_cap(cap: int) -> None:
+    """The caps a request's decision uses up hold for the user's next request in the same
+    micro-batch and in later ones (the decision skips the ad-id lookup while nothing is
+    capped, so both the batch's recheck and the stored record must still apply the rule)."""
+    s = settings(freq_cap_per_day=cap, pacing=False)
+    st, caps_table = stage(s), Tables()
+    now = DAY0 + 1000
+
+    def run(tag: str, n: int) -> list[str | None]:
+        raws = []
+        for i in range(n):
+            req = {"request_id": f"{tag}-{i}", "user_id": "u", "placement": "home", "ts": now}
+            raws.append(Raw(json.dumps(req).encode(), b"u", 0, i, now))
+        tables = StateReaders(Tables().load, caps_table.load, Tables().load)
+        out = st.process(raws, tables, now)
+        caps_table.write(out.cap_writes)
+        return [msgspec.to_builtins(d)["ad_id"] for _, _, d in out.decisions]
+
+    first = run("a", 3)  # two ads in the catalog: each may be shown ``cap`` times a day
+    later = run("b", 2 * cap)
+    served = [a for a in first + later if a is not None]
+    assert sorted(served) == sorted(["tight-ad", "filler-ad"] * cap)
+    assert first[0] == "tight-ad"  # greedy: the higher bid first
+    assert first.count(None) + later.count(None) == 3  # the rest: no fills
