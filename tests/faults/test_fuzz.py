@@ -196,7 +196,11 @@ def test_worker_applies_valid_and_dead_letters_each_invalid_message_once(
         worker.stop()  # a failure while feeding must not leave the worker running
         raise
     limited = rate_limited(events, stamps, limit)
-    assert len(limited) == BURST - limit, "only the burst goes over the limit"
+    # The reference counts by the broker's stamps: BURST - limit when the burst lands within
+    # one second, fewer when a loaded box spreads it over two (93 of 150 once). The worker is
+    # held to that count below, so only "some went over" is asked of the set-up here.
+    bursts = {v for _, v, _ in burst(BURST)}
+    assert limited and {events[at] for at in limited} <= bursts, "only the burst goes over"
     where.update({at: events[at] for at in limited})  # dead letters too, as rate_limited
     dead, decisions = Reader(settings, "dead-letters"), Reader(settings, "ad-decisions")
     try:
