@@ -15,6 +15,7 @@ bag-of-interests needs. A trained table (same protocol) can replace it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 import numpy as np
@@ -91,7 +92,21 @@ def event_embeddings(
     repeat interest in one product distinct. Ads use the same formula on their
     item and category, so user and ad live in one space.
     """
-    e = table.categories(categories) * np.float32(category_mix)
+    e = _looked_up(table.categories, categories) * np.float32(category_mix)
     if category_mix < 1.0:
-        e += table.items(items) * np.float32(1.0 - category_mix)
+        e += _looked_up(table.items, items) * np.float32(1.0 - category_mix)
     return e
+
+
+def _looked_up(lookup: Callable[[npt.ArrayLike], F32], ids: npt.ArrayLike) -> F32:
+    """``lookup(ids)``, each distinct id looked up once: a batch of events repeats its
+    categories and popular items many times, and a hashed vector costs ~2 us to compute
+    (a third of the interest stage's CPU before). A row depends only on its id, so the
+    result is the same, bit for bit."""
+    idv = np.asarray(ids)
+    if idv.ndim != 1 or len(idv) < 64:
+        return lookup(idv)
+    uniq, inverse = np.unique(idv, return_inverse=True)
+    if len(uniq) > 0.8 * len(idv):
+        return lookup(idv)
+    return lookup(uniq)[inverse]

@@ -66,6 +66,12 @@ log = logging.getLogger(__name__)
 def wire(w: Wiring) -> None:
     interest = InterestStage(w.settings, pseudonyms=w.pseudonyms)
     sequences = SequenceStage(w.settings.sequence_length) if w.sequence is not None else None
+    # Ingest's changelog records wait in buffers: sent directly, every slice of a batch
+    # waited for its previous record batch to drain (docs/performance.md, "Ingest after
+    # items and sequences"); forget's tombstones take the same buffers, so they keep order.
+    tables = IngestChangelogs(
+        ChangelogBuffer(w.interest), ChangelogBuffer(w.sequence) if w.sequence is not None else None
+    )
     models = timers.load_models(w)
     catalog = CatalogCache(w.catalog, FeatureSpec.from_settings(w.settings), w.metrics,
                            w.adtext.fill if w.adtext else None)  # fmt: skip
@@ -104,7 +110,7 @@ def wire(w: Wiring) -> None:
 
     @w.app.batch_topic(w.user_events)
     async def on_user_events(batch: Batch) -> Awaitable[Any]:
-        return await ingest(w, interest, batch, join, sequences)
+        return await ingest(w, interest, batch, join, sequences, tables)
 
     @w.app.batch_topic(w.ad_requests)
     async def on_ad_requests(batch: Batch) -> Awaitable[Any]:
@@ -127,7 +133,7 @@ def wire(w: Wiring) -> None:
         async for event in stream.events():
             m = event.message
             raw = Raw(event.value, event.key, m.partition, m.offset, int(m.timestamp * 1000))
-            await forget_user(w, join, changelogs.caps, raw)
+            await forget_user(w, join, changelogs.caps, raw, tables)
 
     @w.app.agent(w.ad_catalog)
     async def catalog_dead_letters(stream: Any) -> None:
@@ -148,12 +154,21 @@ def wire(w: Wiring) -> None:
 
 
 # -- user-events -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class IngestChangelogs:
+    """The interest and sequence tables' changelog buffers (None: records sent at once)."""
+
+    interest: ChangelogBuffer | None = None
+    sequence: ChangelogBuffer | None = None
+
+
 async def ingest(
     w: Wiring,
     stage: InterestStage,
     batch: Batch,
     join: Join | None = None,
     sequences: SequenceStage | None = None,
+    tables: IngestChangelogs | None = None,
 ) -> Awaitable[Any]:
     """One batch of user-events into RocksDB; returns what completes when changelogged.
 
@@ -184,9 +199,12 @@ async def ingest(
             load = functools.partial(_load, w.sequence)
             seq = sequences.process(result.valid, load, result.columns)
             sequence_writes = _write_local(w.sequence, seq.writes)
-        futures: list[Awaitable[Any]] = [*await _changelog(w.interest, interest_writes)]
+        buf = tables or IngestChangelogs()
+        futures: list[Awaitable[Any]] = [
+            *await _changelog(w.interest, interest_writes, buf.interest)
+        ]
         if sequence_writes:
-            futures += await _changelog(w.sequence, sequence_writes)
+            futures += await _changelog(w.sequence, sequence_writes, buf.sequence)
     futures += await _dead_letter(w, result.rejected, now_ms, "user-events", "ingest")
     if join is not None:
         ends = {tp.partition: records[-1].offset + 1 for tp, records in batch.items()}
@@ -360,7 +378,9 @@ async def learn_batch(w: Wiring, stage: LearnStage, batch: Batch) -> Awaitable[A
 
 
 # -- forget-requests -------------------------------------------------------------------------
-async def forget_user(w: Wiring, join: Join, caps: ChangelogBuffer, raw: Raw) -> None:
+async def forget_user(
+    w: Wiring, join: Join, caps: ChangelogBuffer, raw: Raw, tables: IngestChangelogs | None = None
+) -> None:
     """One forget request (streams/forget.py): tombstones acked, then the confirmation sent.
 
     The freqcap tombstone goes through ``caps``, the buffer the decisions' cap records
@@ -379,9 +399,10 @@ async def forget_user(w: Wiring, join: Join, caps: ChangelogBuffer, raw: Raw) ->
     # tombstone has its changelog records sent before it (streams/runtime/tablewriter.py).
     async with w.interest_locks.hold([part]):
         found["interest"] = sum(v is not None for v in _load(w.interest, [key], [part]))
-        futures += await _write(w.interest, [(key, part, None)])
+        buf = tables or IngestChangelogs()  # ingest's buffers: after its records of the user
+        futures += await _write(w.interest, [(key, part, None)], buf.interest)
         if w.sequence is not None:  # the user's behaviours go with their interest
-            futures += await _write(w.sequence, [(key, part, None)])
+            futures += await _write(w.sequence, [(key, part, None)], buf.sequence)
     found["freqcap"] = sum(v is not None for v in _load(w.freqcap, [key], [part]))
     futures += await _write(w.freqcap, [(key, part, None)], caps)
     async with join.stage.lock:
