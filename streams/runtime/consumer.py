@@ -232,66 +232,29 @@ class Slicer:
     takes tens of milliseconds; handled whole, every request that arrives
     meanwhile waits for all of it. Handled in slices of about ``slice_s`` with a
     yield between them, a request waits for one slice at most. The size of a
-    slice follows each topic's measured cost, so one setting fits cheap and expensive
-    topics. Each slice is still a batch (one table read and one write per key per
-    slice), and the whole fetched batch is acknowledged as one, once every slice's
-    writes are durable.
-
-    The cost of a slice is modelled as a fixed part (the stages' numpy calls, the
-    table reads and writes, the changelog sends: milliseconds whatever the size)
-    plus a cost per record, fitted to the recent slices (an exponentially weighted
-    least-squares line through (records, seconds)). A size from the average cost
-    per record alone spirals down where the fixed part is near ``slice_s``: smaller
-    slices cost more per record, so they were cut smaller again, to ``SMALLEST``,
-    and ingest ran at a tenth of its rate (docs/performance.md, "Ingest after items
-    and sequences"). So a slice gets ``slice_s`` less the fixed part, but never so
-    few records that the fixed part is more than ``OVERHEAD`` of the slice's time:
-    where the fixed part is near ``slice_s`` slices run longer than ``slice_s``
-    (a request waits longer) rather than ingest losing most of its rate.
+    slice follows each topic's measured cost per record (a moving average), so
+    one setting fits cheap and expensive topics. Each slice is still a batch
+    (one table read and one write per key per slice), and the whole fetched
+    batch is acknowledged as one, once every slice's writes are durable.
     """
 
     FIRST = 256  # records in a topic's first slice, before its cost is known
     SMALLEST = 32  # below this the per-slice overhead would dominate
-    WEIGHT = 0.2  # of the newest slice in the moving moments
-    OVERHEAD = 0.2  # the most of a slice's time its fixed part may take
 
     def __init__(self, slice_s: float) -> None:
         self.slice_s = slice_s
-        # per topic: moving means of n, t, n*n, n*t over the recent slices
-        self._moments: dict[str, tuple[float, float, float, float]] = {}
-        self._fit: dict[str, tuple[float, float]] = {}  # per topic: fixed s, s per record
+        self._per_record: dict[str, float] = {}
 
     def size(self, topic: str) -> int:
-        fit = self._fit.get(topic)
-        if fit is None:
+        cost = self._per_record.get(topic)
+        if cost is None:
             return self.FIRST
-        fixed, per_record = fit
-        budget = max(self.slice_s - fixed, fixed * (1 - self.OVERHEAD) / self.OVERHEAD)
-        return max(self.SMALLEST, round(budget / max(per_record, 1e-7)))
-
-    def cost(self, topic: str) -> tuple[float, float] | None:
-        """The fitted (fixed seconds a slice, seconds a record), None before any slice."""
-        return self._fit.get(topic)
+        return max(self.SMALLEST, round(self.slice_s / max(cost, 1e-7)))
 
     def observe(self, topic: str, n: int, seconds: float) -> None:
-        n = max(1, n)
-        new = (float(n), seconds, float(n * n), n * seconds)
-        old = self._moments.get(topic)
-        a = self.WEIGHT
-        if old is not None:
-            new = tuple((1 - a) * o + a * x for o, x in zip(old, new, strict=True))  # type: ignore[assignment]
-        self._moments[topic] = new
-        mn, mt, mnn, mnt = new
-        average = mt / mn
-        var = mnn - mn * mn
-        fixed = self._fit.get(topic, (0.0, 0.0))[0]
-        if var > (0.05 * mn) ** 2:  # sizes differ enough to tell the two parts apart
-            slope = (mnt - mn * mt) / var
-            fixed = mt - slope * mn if slope > 0 else 0.0
-        fixed = min(max(fixed, 0.0), mt)
-        # a fit that puts nearly all of the time in the fixed part is noise, not a free record
-        per_record = max((mt - fixed) / mn, 0.1 * average)
-        self._fit[topic] = (fixed, per_record)
+        cost = seconds / max(1, n)
+        old = self._per_record.get(topic)
+        self._per_record[topic] = cost if old is None else 0.8 * old + 0.2 * cost
 
     def slices(self, topic: str, batch: Batch) -> Iterator[Batch]:
         """The batch itself when slicing is off; else slices in partition order."""

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from faust.types import TP
 from hypothesis import given
 from hypothesis import strategies as st
@@ -43,33 +41,3 @@ def test_slice_size_follows_the_measured_cost_per_record() -> None:
 def test_zero_hands_over_the_whole_batch() -> None:
     batch = _batch([5000, 3000])
     assert list(Slicer(0.0).slices("t", batch)) == [batch]  # type: ignore[arg-type]
-
-
-def _cost(fixed: float, per_record: float) -> Callable[[int], float]:
-    return lambda n: fixed + per_record * n
-
-
-def test_a_fixed_cost_per_slice_does_not_shrink_slices_to_the_smallest() -> None:
-    """8 ms a slice whatever its size, 20 us a record, 5 ms wanted: slices cannot be 5 ms,
-    so each gets four times the fixed part's worth of records (1,600: the fixed part a
-    fifth of its time). The average cost per record alone cut them to 32 records."""
-    slicer = Slicer(0.005)
-    cost = _cost(0.008, 20e-6)
-    for _ in range(200):
-        n = slicer.size("t")
-        slicer.observe("t", n, cost(n))
-        slicer.observe("t", n // 3, cost(n // 3))  # the batch's last, shorter slice
-    assert abs(slicer.size("t") - 1600) <= 30
-    fixed, per_record = slicer.cost("t") or (0.0, 0.0)
-    assert abs(fixed - 0.008) < 1e-4
-    assert abs(per_record - 20e-6) < 1e-6
-
-
-def test_a_small_fixed_cost_leaves_the_rest_of_the_slice_to_records() -> None:
-    slicer = Slicer(0.005)
-    cost = _cost(0.001, 20e-6)
-    for _ in range(200):
-        n = slicer.size("t")
-        slicer.observe("t", n, cost(n))
-        slicer.observe("t", n // 3, cost(n // 3))
-    assert abs(slicer.size("t") - 200) <= 4  # (5 ms - 1 ms) / 20 us, fixed part 20%
