@@ -2,8 +2,8 @@
 
 Four broken versions, each newer than the serving one, are dropped into the
 worker's ADPULSE_MODEL_DIR one after the other while ad requests keep coming:
-a truncated file, wrong input names, NaN outputs, and a model about 13x slower
-than ADPULSE_MODEL_LATENCY_BUDGET_MS. Each must be refused (the refusal counter
+a truncated file, wrong input names, NaN outputs, and a model about 40x slower
+than the serving one (ADPULSE_MODEL_MAX_SLOWDOWN). Each must be refused (the refusal counter
 on /metrics moves, the log names the version and why) and every decision must
 still come from the serving version.
 """
@@ -26,12 +26,14 @@ from tests.integration.test_decisions import Decisions, Requests, ad, request, w
 from tests.modelfaults import corrupt, nan_model, publish_version, renamed_inputs, slow_model
 
 pytestmark = pytest.mark.integration
-BUDGET_MS = 15.0  # the shipped sequence model takes ~1 ms per 100 rows here; the slow one ~40 ms
+# The slow version is refused by the side-by-side ratio (a figure of one run, whatever the
+# box), not by an absolute budget: the shipped model ~1 ms per 100 rows, the slow one ~40x.
+MAX_SLOWDOWN = 5.0
 CASES = [
     ("truncated", corrupt, "ONNX Runtime cannot load"),
     ("renamed-inputs", renamed_inputs, "inputs ["),
     ("nan-outputs", nan_model, "NaN"),
-    ("too-slow", slow_model(layers=80), "too slow"),
+    ("too-slow", slow_model(layers=80), "slower than serving"),
 ]
 
 
@@ -48,8 +50,8 @@ def test_each_bad_new_version_is_refused_and_decisions_keep_the_serving_model(
     extra = {
         "ADPULSE_MODEL_DIR": str(registry),
         "ADPULSE_MODEL_POLL_S": "0.2",
-        "ADPULSE_MODEL_LATENCY_BUDGET_MS": str(BUDGET_MS),
-        "ADPULSE_MODEL_MAX_SLOWDOWN": "1000",  # only the budget may refuse the slow one
+        "ADPULSE_MODEL_LATENCY_BUDGET_MS": "inf",  # no absolute timing: the ratio refuses
+        "ADPULSE_MODEL_MAX_SLOWDOWN": str(MAX_SLOWDOWN),
     }
     worker = Worker(settings, tmp_path, extra).start()
     requests, decisions = Requests(settings), Decisions(settings)
