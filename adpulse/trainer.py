@@ -84,7 +84,7 @@ class Trainer:
         self.offsets: dict[int, int] = {}
         self.base_version = ""
         self.last_candidate = ""
-        self.learned_at_export = 0
+        self.steps_at_export = 0  # the learner's optimiser steps when the last candidate went out
         saved = load_saved(self.dir / CHECKPOINT_FILE)
         self.learner = self._restore(saved) if saved is not None else self._warm_start()
         self.spec = self.learner.spec  # the sequence length the weights were trained on
@@ -127,7 +127,8 @@ class Trainer:
         self.offsets = {int(p): int(o) for p, o in saved["offsets"].items()}
         self.base_version = str(saved["base_version"])
         self.last_candidate = str(saved["last_candidate"])
-        self.learned_at_export = int(saved["learned_at_export"])
+        # -1 (a checkpoint from before steps were counted): the next candidate goes out
+        self.steps_at_export = int(saved.get("steps_at_export", -1))
         self.pv = ProgressiveValidation.from_state(self.pv.sizes, saved["validation"])
         log.info("trainer: resumed from %s: %d labels learned, offsets %s",
                  self.dir / CHECKPOINT_FILE, learner.learned, self.offsets)  # fmt: skip
@@ -239,9 +240,15 @@ class Trainer:
         log.info("trainer: serving version now %s (was %s)", new.version, old)
 
     def export_candidate(self) -> Path | None:
-        """A candidate version when labels were learned since the last one, else None."""
+        """A candidate version when the weights changed since the last one, else None.
+
+        Counted in optimiser steps, not labels taken in: labels wait in the learner's
+        pending rows until a full step, and a candidate exported before that step would be
+        the previous weights under a new name (and a warm start's first one a copy of the
+        serving model).
+        """
         learner = self.learner
-        if learner.learned == self.learned_at_export:
+        if learner.steps == self.steps_at_export:
             return None
         out = self.root / CANDIDATES
         version = _version_name(out, self.root)
@@ -272,7 +279,7 @@ class Trainer:
             "trained_at": datetime.now(UTC).isoformat(timespec="seconds"),
         }
         path = export_version(learner.model, self.spec, out, version, metrics)
-        self.last_candidate, self.learned_at_export = version, learner.learned
+        self.last_candidate, self.steps_at_export = version, learner.steps
         self.m.trainer_candidates.inc()
         log.info("trainer: candidate %s exported (%d labels learned, window AUC %s)",
                  version, learner.learned, metrics.get("auc"))  # fmt: skip
@@ -284,7 +291,7 @@ class Trainer:
             "offsets": {str(p): o for p, o in self.offsets.items()},
             "base_version": self.base_version,
             "last_candidate": self.last_candidate,
-            "learned_at_export": self.learned_at_export,
+            "steps_at_export": self.steps_at_export,
             "validation": self.pv.state(),
         }
         atomic_save(payload, self.dir / CHECKPOINT_FILE)
