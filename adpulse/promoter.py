@@ -300,10 +300,14 @@ def run(settings: Settings, stop: threading.Event | None = None) -> int:
                              client_id="adpulse-promoter")  # fmt: skip
     decode = msgspec.json.Decoder(CtrFeedback)
     try:
-        _assign(consumer, topic, {}, TopicPartition)
+        parts = _assign(consumer, topic, {}, TopicPartition)
         log.info("promoter: serving %s, canary %s; judging every %gs", promoter.state.serving,
                  promoter.state.canary or "none", settings.promoter_poll_s)  # fmt: skip
         last_tick = 0.0
+        # The tallies are recounted from the oldest label at every start: judging before
+        # the recount reaches where ctr-feedback ended at start would judge (and, finishing
+        # a promotion a crash cut short, freeze as its drift reference) a partial count.
+        behind = consumer.end_offsets(parts)
         while not stop.is_set():
             polled = consumer.poll(timeout_ms=500, max_records=5000)
             labels = []
@@ -312,7 +316,8 @@ def run(settings: Settings, stop: threading.Event | None = None) -> int:
                     with contextlib.suppress(msgspec.ValidationError, msgspec.DecodeError):
                         labels.append(decode.decode(r.value))  # the trainer dead-letters bad ones
             promoter.observe(labels)
-            if time.monotonic() - last_tick >= settings.promoter_poll_s:
+            behind = {tp: end for tp, end in behind.items() if consumer.position(tp) < end}
+            if not behind and time.monotonic() - last_tick >= settings.promoter_poll_s:
                 promoter.tick()
                 last_tick = time.monotonic()
     finally:

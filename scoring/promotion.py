@@ -86,6 +86,9 @@ class PromotionState:
             msg = "not a promotion state (an object with a 'serving' version)"
             raise ValueError(msg)
         known = {k: raw[k] for k in cls.__dataclass_fields__ if k in raw}
+        ref = known.get("reference_calibration", 1.0)
+        if not isinstance(ref, int | float) or not math.isfinite(ref) or ref <= 0:
+            known["reference_calibration"] = 1.0  # a hand edit: judged absolutely, not a crash
         return cls(**known)
 
     def with_(self, **changes: Any) -> PromotionState:

@@ -342,3 +342,25 @@ def test_a_worker_serves_the_canary_to_its_share_of_users_and_drops_it_on_rollba
         requests.close()
         decisions.close()
         worker.stop()
+
+
+def test_a_promotion_finished_after_a_crash_takes_its_drift_reference_from_every_label(
+    settings: Settings, model_dir: Path, base_version: Path, tmp_path: Path
+) -> None:
+    """A crash after the canary was moved up but before promotion.json said so: the restarted
+    promoter finishes the promotion and freezes the control's observed/expected as the new
+    version's drift reference. It recounts the labels from the oldest, 5,000 a poll; it used
+    to judge after the first poll, whose 5,000 labels predicted 5 clicks (under the 10 a
+    reference needs), and froze 1.0 instead of the 2.0 all 20,000 labels give."""
+    from scoring.promotion import write_state
+
+    create_topics(settings)
+    shutil.copytree(base_version, model_dir / "c2")  # moved up; the state still says canary
+    write_state(model_dir, PromotionState(serving=BASE, canary="c2", canary_since_ms=1))
+    _send_labels(settings, "ctl", BASE, 20_000, 40, 0.001, 2)  # 40 clicks, 20 predicted
+    p = Promoter(settings, model_dir, tmp_path / "promoter.log").start()
+    try:
+        st = p.wait_for(lambda st: st.serving == "c2", "c2's promotion is finished")
+    finally:
+        p.stop()
+    assert st.reference_calibration == pytest.approx(2.0, rel=1e-6)

@@ -268,3 +268,16 @@ def test_a_sequence_model_candidate_is_checked_against_its_own_pytorch_weights(
     why = check_candidate(Path(registry.root) / CANDIDATES / "c3", registry, "v2", 0.01)
     # past the ONNX check, to the held-back window, which the packaged copy has none of
     assert why is not None and why.startswith("no held-back validation in metrics.json")
+
+
+@pytest.mark.parametrize("bad", [0, -1.5, None, "1", float("nan"), float("inf")])
+def test_a_hand_edited_reference_that_is_not_a_positive_number_reads_as_none_measured(
+    bad: object,
+) -> None:
+    """promotion.json is a file operators can edit: a reference of 0 or null made every
+    tick raise (log of 0); it reads as 1.0, the absolute rule."""
+    text = json.dumps({"serving": "v1", "reference_calibration": bad})
+    st = PromotionState.from_json(text)
+    assert st.reference_calibration == 1.0
+    calibrated = Tally(labels=1000, clicks=50, expected=50.0, variance=47.5)
+    assert drifted(calibrated, CanaryRules(300, 0.95, 0.2), st.reference_calibration) is None
