@@ -30,11 +30,12 @@ Why these choices:
   the offsets that consumed them, so a kill -9 neither learns them twice nor skips
   them.
 * **A replay buffer** of the last ``ADPULSE_TRAINER_REPLAY`` labelled rows (a ring:
-  bounded memory, about 0.6 KB a row at dim 64). Each step learns the new batch
-  together with as many rows drawn uniformly from the buffer: the gradient of a
-  batch of a few hundred fresh labels is noisy, and mixing in the recent past
-  damps that noise and the forgetting a stream of one-pass updates causes, while
-  a ring (not a reservoir) keeps the mix recent when the world drifts.
+  bounded memory, about 0.6 KB a row at dim 64, 1.4 KB with a sequence of 50). Each
+  step learns the new batch together with as many rows drawn uniformly from the
+  buffer: the gradient of a batch of a few hundred fresh labels is noisy, and
+  mixing in the recent past damps that noise and the forgetting a stream of
+  one-pass updates causes, while a ring (not a reservoir) keeps the mix recent
+  when the world drifts.
 * **Dedupe by decision id.** A label's identity is its ``decision_id``; the
   joiner's one duplicate window may send a label twice. The learner keeps the
   fingerprints of the last ``ADPULSE_TRAINER_DEDUPE_IDS`` learned decision ids and
@@ -54,7 +55,8 @@ Why these choices:
   Prediction", RecSys 2019: fake negatives). A converted decision so counts as
   one negative and one positive: the learned conversion rate is p / (1 + p),
   under 0.5% off at the synthetic world's p of 0.6% per impression. A conversion
-  row teaches pCVR only, its click having been learned from its label.
+  row is left out of pCTR's own log loss (its click was learned from its label) but,
+  as in offline ESMM, its pCTR x pCVR term moves both towers.
 
 Everything a restart needs is in :meth:`OnlineLearner.state`: weights, Adam's
 moments, the pending rows, the replay ring, the dedupe ring, the sampling

@@ -22,8 +22,8 @@ SEQ_IDS = ("behaviours", "seq_len")  # a sequence model's rows: ids, not vectors
 class ReplayBuffer:
     """The last ``capacity`` learned rows (inputs and labels), oldest overwritten first.
 
-    Labels per row: ``y`` clicked, ``c`` converted, ``m`` 1 when the row teaches pCTR
-    (a label) and 0 when it teaches pCVR alone (a conversion).
+    Labels per row: ``y`` clicked, ``c`` converted, ``m`` 1 when the row is in pCTR's log
+    loss (a label) and 0 when it is only in ESMM's pCTR x pCVR loss (a conversion).
     """
 
     def __init__(self, capacity: int, spec: FeatureSpec) -> None:

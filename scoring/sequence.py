@@ -195,7 +195,7 @@ def behaviour_ids(
     """The logged behaviours of ctr-feedback records (``features.sequence``) as ids:
     [n, spec.sequence, 2] (item, category), newest first, zero-padded, and each row's length.
 
-    A quarter of a kilobyte a row at N = 50, where the vectors are 13 KB: what the online
+    0.8 KB a row at N = 50 (int64 pairs), where the vectors are 13 KB: what the online
     learner keeps in its replay ring, rebuilding the vectors (:func:`behaviour_inputs`) when
     it learns a row again.
     """

@@ -440,8 +440,9 @@ class Settings:
     )
     trainer_replay: int = _setting(
         20000,
-        "Labelled rows in adpulse trainer's replay ring (about 0.6 KB each at DIM 64); each "
-        "step adds as many of them, drawn at random, to the new labels.",
+        "Labelled rows in adpulse trainer's replay ring (about 0.6 KB each at DIM 64, 1.4 KB "
+        "with a sequence of 50); each step adds as many of them, drawn at random, to the new "
+        "labels.",
     )
     trainer_dedupe_ids: int = _setting(
         200000,
