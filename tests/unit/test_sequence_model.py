@@ -293,3 +293,39 @@ def test_a_batch_of_requests_scores_each_as_it_scores_alone(tmp_path: Path) -> N
     together = raw_pctr(bodies)
     alone = {k: v for b in bodies for k, v in raw_pctr([b]).items()}
     assert len(together) == 6 and together == alone
+
+
+def test_reexport_replaces_the_graph_only_when_it_computes_the_same_scores(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``python -m scoring.reexport DIR`` rewrites model.onnx from model.pt; a version
+    whose model.onnx no longer matches its weights keeps its file (its name promises its
+    scores), and no temporary file is left either way; a folder that is not a version
+    is one line of error."""
+    import shutil
+
+    from scoring.reexport import main, reexport
+
+    root = Path(__file__).resolve().parents[2] / "scoring" / "models"
+    (shipped,) = sorted(root.iterdir())
+    version = tmp_path / shipped.name
+    shutil.copytree(shipped, version)
+    worst, drift = reexport(version)
+    assert worst <= 1e-5 and drift <= 1e-5
+    assert [p.name for p in version.iterdir() if p.name.startswith(".")] == []
+
+    other = tmp_path / "other"  # the same graph under other weights
+    shutil.copytree(shipped, other)
+    state = torch.load(str(other / "model.pt"), map_location="cpu", weights_only=True)
+    first = next(k for k, v in state["state_dict"].items() if v.is_floating_point())
+    state["state_dict"][first] = state["state_dict"][first] + 0.5
+    torch.save(state, str(other / "model.pt"))
+    before = (other / MODEL).read_bytes()
+    with pytest.raises(ValueError, match="from the old one"):
+        reexport(other)
+    assert (other / MODEL).read_bytes() == before
+    assert [p.name for p in other.iterdir() if p.name.startswith(".")] == []
+
+    assert main([str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "not a registry version" in err
