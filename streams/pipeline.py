@@ -166,14 +166,15 @@ async def ingest(
     w: Wiring,
     stage: InterestStage,
     batch: Batch,
-    join: Join | None = None,
-    sequences: SequenceStage | None = None,
-    tables: IngestChangelogs | None = None,
+    join: Join | None,
+    sequences: SequenceStage | None,
+    tables: IngestChangelogs,
 ) -> Awaitable[Any]:
     """One batch of user-events into RocksDB; returns what completes when changelogged.
 
     The batch is acked only once its changelog writes are acknowledged, so a
-    committed offset never gets ahead of the state it produced.
+    committed offset never gets ahead of the state it produced. ``tables`` is required:
+    forget_user must get the same buffers, or a tombstone could overtake the user's records.
     """
     started = time.perf_counter()
     now_ms = int(time.time() * 1000)
@@ -199,7 +200,7 @@ async def ingest(
             load = functools.partial(_load, w.sequence)
             seq = sequences.process(result.valid, load, result.columns)
             sequence_writes = _write_local(w.sequence, seq.writes)
-        buf = tables or IngestChangelogs()
+        buf = tables
         futures: list[Awaitable[Any]] = [
             *await _changelog(w.interest, interest_writes, buf.interest)
         ]
@@ -379,7 +380,7 @@ async def learn_batch(w: Wiring, stage: LearnStage, batch: Batch) -> Awaitable[A
 
 # -- forget-requests -------------------------------------------------------------------------
 async def forget_user(
-    w: Wiring, join: Join, caps: ChangelogBuffer, raw: Raw, tables: IngestChangelogs | None = None
+    w: Wiring, join: Join, caps: ChangelogBuffer, raw: Raw, tables: IngestChangelogs
 ) -> None:
     """One forget request (streams/forget.py): tombstones acked, then the confirmation sent.
 
@@ -399,7 +400,7 @@ async def forget_user(
     # tombstone has its changelog records sent before it (streams/runtime/tablewriter.py).
     async with w.interest_locks.hold([part]):
         found["interest"] = sum(v is not None for v in _load(w.interest, [key], [part]))
-        buf = tables or IngestChangelogs()  # ingest's buffers: after its records of the user
+        buf = tables  # ingest's buffers (required): after its records of the user
         futures += await _write(w.interest, [(key, part, None)], buf.interest)
         if w.sequence is not None:  # the user's behaviours go with their interest
             futures += await _write(w.sequence, [(key, part, None)], buf.sequence)
