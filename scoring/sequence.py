@@ -33,7 +33,7 @@ import numpy.typing as npt
 
 from scoring.embeddings import EmbeddingTable
 from scoring.features import KIND_INDEX, KINDS, EventBatch, fingerprint
-from scoring.featurespec import FeatureSpec, item_vectors
+from scoring.featurespec import FeatureSpec, ItemVectorCache, item_vectors
 
 SEQUENCE_VERSION = 1
 ENTRY_DTYPE = np.dtype(
@@ -170,13 +170,18 @@ def describe(entries: npt.NDArray[Any]) -> list[dict[str, Any]]:
 
 
 def sequence_vectors(
-    seqs: Sequences, table: EmbeddingTable, spec: FeatureSpec
+    seqs: Sequences,
+    table: EmbeddingTable,
+    spec: FeatureSpec,
+    cache: ItemVectorCache | None = None,
 ) -> list[npt.NDArray[np.float32] | None]:
     """Each user's behaviours as the model's ``seq`` rows ([L, D], newest first; None for
     a user with none), at most ``spec.sequence`` of them, one embedding call for all.
 
     The vectors are the items' as ads get them (:func:`scoring.featurespec.item_vectors`);
-    a table of item text embeddings plugs in as ``table``.
+    a table of item text embeddings plugs in as ``table``. ``cache``, when it
+    :meth:`~scoring.featurespec.ItemVectorCache.fits` ``table`` and ``spec``, serves the
+    same rows from memory.
     """
     lengths = np.minimum(seqs.lengths(), spec.sequence)
     starts = seqs.start[:-1]
@@ -184,7 +189,10 @@ def sequence_vectors(
         np.arange(int(lengths.sum())) - np.repeat(np.r_[0, np.cumsum(lengths)[:-1]], lengths)
     )
     ent = seqs.entries[take]
-    vecs = item_vectors(table, ent["item"], ent["category"], spec)
+    if cache is not None and cache.fits(table, spec):
+        vecs = cache(ent["item"], ent["category"])
+    else:
+        vecs = item_vectors(table, ent["item"], ent["category"], spec)
     at = np.r_[0, np.cumsum(lengths)].tolist()
     return [vecs[at[i] : at[i + 1]] if lengths[i] else None for i in range(len(seqs))]
 

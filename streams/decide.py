@@ -31,7 +31,7 @@ from scoring import caps
 from scoring.catalog import Catalog, Context
 from scoring.embeddings import HashedEmbeddings
 from scoring.features import InterestParams, ItemVectors, read_vectors
-from scoring.featurespec import FeatureSpec, RequestFeatures, assemble_many
+from scoring.featurespec import FeatureSpec, ItemVectorCache, RequestFeatures, assemble_many
 from scoring.promotion import in_canary
 from scoring.registry import LoadedModel, ModelRegistry
 from scoring.scorer import FallbackRule
@@ -233,6 +233,9 @@ class DecideStage:
         self.spec = FeatureSpec.from_settings(settings)
         # behaviours' vectors for a sequence model (item text vectors can replace them later)
         self.behaviour_table = HashedEmbeddings(settings.dim, settings.embedding_seed)
+        self.behaviour_cache = ItemVectorCache(  # bounded: ADPULSE_EMBEDDING_CACHE_ROWS
+            self.behaviour_table, self.spec, settings.embedding_cache_rows
+        )
         policy = PolicyParams.from_settings(settings)
         self.policy_for = placement_policies(settings.policy, settings.placement_policies, policy)
         self.experiment = parse_experiment(settings.experiment, policy)
@@ -338,7 +341,13 @@ class DecideStage:
         model = self.models.current
         if model is not None and model.spec.sequence and tables.sequence is not None:
             seqs = decode_sequences(tables.sequence(keys, parts))
-            users.sequences = sequence_vectors(seqs, self.behaviour_table, model.spec)
+            if not self.behaviour_cache.fits(self.behaviour_table, model.spec):  # new dim/mix
+                self.behaviour_cache = ItemVectorCache(
+                    self.behaviour_table, model.spec, self.s.embedding_cache_rows
+                )
+            users.sequences = sequence_vectors(
+                seqs, self.behaviour_table, model.spec, self.behaviour_cache
+            )
             users.behaviours = [
                 list(zip(e["item"].tolist(), e["category"].tolist(), strict=True))
                 for e in (seqs.of(i)[: model.spec.sequence] for i in range(len(seqs)))
