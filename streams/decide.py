@@ -29,7 +29,7 @@ from adpulse.core.settings import Settings
 from schemas.messages import UNSET, AdDecision, AdRequest, Billing, FeatureSnapshot
 from scoring import caps
 from scoring.catalog import Catalog, Context
-from scoring.embeddings import HashedEmbeddings
+from scoring.embeddings import CachedEmbeddings, EmbeddingTable, HashedEmbeddings
 from scoring.features import InterestParams, ItemVectors, read_vectors
 from scoring.featurespec import FeatureSpec, ItemVectorCache, RequestFeatures, assemble_many
 from scoring.promotion import in_canary
@@ -220,10 +220,13 @@ class DecideStage:
         calibration: Reader | None = None,
         generation: Callable[[], Any] = lambda: None,
         items: Callable[[], ItemVectors | None] = lambda: None,
+        embeddings: EmbeddingTable | None = None,
     ) -> None:
         """``generation`` names the consumer's current partition assignment: the budget
         records of this worker's partitions are kept while it does not change. ``items``:
-        the item vectors in force (streams/items.py), read into each user's interest."""
+        the item vectors in force (streams/items.py), read into each user's interest.
+        ``embeddings``: the hashed table behind ingest's cache (streams/interest.py), so a
+        behaviour's item and category vectors are the ones ingest computed when it arrived."""
         self.items = items
         self.s = settings
         self.pseudonyms = pseudonyms or Pseudonymiser.from_settings(settings)
@@ -232,7 +235,9 @@ class DecideStage:
         self.params = InterestParams.from_settings(settings)
         self.spec = FeatureSpec.from_settings(settings)
         # behaviours' vectors for a sequence model (item text vectors can replace them later)
-        self.behaviour_table = HashedEmbeddings(settings.dim, settings.embedding_seed)
+        self.behaviour_table = embeddings or CachedEmbeddings(
+            HashedEmbeddings(settings.dim, settings.embedding_seed), settings.embedding_cache_rows
+        )
         self.behaviour_cache = ItemVectorCache(  # bounded: ADPULSE_EMBEDDING_CACHE_ROWS
             self.behaviour_table, self.spec, settings.embedding_cache_rows
         )
