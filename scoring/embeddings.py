@@ -128,7 +128,8 @@ class RowCache:
     table's row): a cached row is then the very row the table would give, bit for bit.
     Eviction is first in, first out (a ring of slots): bounded memory, no bookkeeping
     on a hit. Whoever changes what a key maps to (another table, seed, mix or model
-    version) builds a new cache; nothing in here can tell.
+    version) builds a new cache; nothing in here can tell. Not thread-safe: in a worker,
+    ingest and decisions use it on the event loop's thread only.
     """
 
     def __init__(self, dim: int, capacity: int = DEFAULT_CACHE_ROWS) -> None:
