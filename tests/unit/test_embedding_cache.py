@@ -4,6 +4,9 @@ hashed table and with a text table (a fixed matrix of item vectors)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+from pathlib import Path
+
 import numpy as np
 import numpy.typing as npt
 import pytest
@@ -11,6 +14,7 @@ import pytest
 from scoring.embeddings import CachedEmbeddings, HashedEmbeddings, RowCache, event_embeddings
 from scoring.featurespec import FeatureSpec, ItemVectorCache, item_vectors
 from scoring.sequence import ENTRY_DTYPE, Sequences, sequence_vectors
+from tests.unit.test_sequence_model import _publish
 
 F32 = npt.NDArray[np.float32]
 
@@ -125,3 +129,43 @@ def test_sequence_vectors_with_a_cache_equal_the_uncached_ones(table_kind: str) 
         for g, w in zip(got, sequence_vectors(seqs, table, spec), strict=True)
     )
     assert len(other.rows) == 0
+
+
+def test_decisions_with_the_embedding_caches_equal_decisions_without(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A decision's behaviour vectors served from the caches (here 8 rows: full and evicting
+    at every request, then warm) give the raw pCTR computing them gives, bit for bit."""
+    import streams.decide
+    from adpulse.bench.decisionpath import DecisionPath, request_bodies
+    from adpulse.catalogtool import synthetic_ads
+    from adpulse.core.settings import Settings
+    from adpulse.workload import Workload, WorkloadModel
+    from streams.deadletter import Raw
+
+    s = Settings.from_env({}).with_(pseudonymise=False, partitions=1, policy="greedy")
+    _publish(tmp_path, "v1", replace(FeatureSpec.from_settings(s), sequence=10), seed=3)
+    workload = Workload(WorkloadModel(), users=20, seed=2)
+    ads = synthetic_ads(200, workload.columns(2_000)["category"].tolist(), seed=3)
+    _, events = workload.payloads(600, 1_700_000_000_000, prefix="w")
+    bodies = request_bodies([a["ad_id"] for a in ads], 20, 40, 12, 5, "c")
+
+    def raw_pctr(rows: int) -> dict[str, float]:
+        cfg = s.with_(model_dir=str(tmp_path), sequence_length=10, embedding_cache_rows=rows)
+        path = DecisionPath.build(ads, events, cfg)
+        now = 1_700_000_100_000
+        got = {}
+        for b in bodies + bodies:  # the second pass: what the first left in the caches
+            req = (path._decoder.decode(Raw(b, None, 0, 0, now)), Raw(None, None, 0, 0, now))
+            (_k, _r, d), *_ = path.stage.decide([req], path.tables, now).decisions
+            got.setdefault(d.request_id, []).append(d.pctr_raw)
+        return {k: v for k, v in got.items() if v[0] == v[1]}
+
+    small, large = raw_pctr(8), raw_pctr(65_536)
+    plain = HashedEmbeddings(s.dim, s.embedding_seed)
+    monkeypatch.setattr(  # main's computation: every vector hashed, no cache
+        streams.decide, "sequence_vectors",
+        lambda seqs, _table, spec, _cache=None: sequence_vectors(seqs, plain, spec),
+    )  # fmt: skip
+    computed = raw_pctr(8)
+    assert len(computed) == 12 and small == computed and large == computed
