@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from scoring.arrays import append, prepend
 from scoring.embeddings import EmbeddingTable, event_embeddings
 from scoring.itemspace import ItemVectors, corrections, update_items
 from scoring.staterecord import (
@@ -167,9 +168,9 @@ def apply_events(
     a_user, a_ts, a_fp = user[acc], ts[acc], fp[acc]
     a_kind = batch.kind[order][acc]
     a_item, a_cat = batch.item[order][acc], batch.category[order][acc]
-    starts = np.flatnonzero(np.r_[True, a_user[1:] != a_user[:-1]])
+    starts = np.flatnonzero(prepend(True, a_user[1:] != a_user[:-1]))
     ua = a_user[starts]
-    counts_per_u = np.diff(np.r_[starts, len(a_user)])
+    counts_per_u = np.diff(append(starts, len(a_user)))
 
     t_prev = new["t_ref"][ua]
     t_new = np.maximum(t_prev, np.maximum.reduceat(a_ts, starts))
@@ -249,7 +250,7 @@ def _update_ring(new: npt.NDArray[Any], ua: I64, n_new: I64, fps: U64, p: Intere
     src = np.arange(k)[None, :] + n_new[:, None]
     ring = np.where(src < k, np.take_along_axis(old, np.minimum(src, k - 1), axis=1), 0)
     group = np.repeat(np.arange(len(ua)), n_new)
-    pos = np.arange(len(fps)) - np.repeat(np.r_[0, np.cumsum(n_new)[:-1]], n_new)
+    pos = np.arange(len(fps)) - np.repeat(prepend(0, np.cumsum(n_new)[:-1]), n_new)
     from_end = np.repeat(n_new, n_new) - 1 - pos
     recent = from_end < k
     ring[group[recent], k - 1 - from_end[recent]] = fps[recent]

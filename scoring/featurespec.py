@@ -55,7 +55,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from scoring.embeddings import HashedEmbeddings, event_embeddings
+from scoring.embeddings import DEFAULT_CACHE_ROWS, HashedEmbeddings, RowCache, event_embeddings
 
 F32 = npt.NDArray[np.float32]
 I64 = npt.NDArray[np.int64]
@@ -180,6 +180,38 @@ def item_vectors(
     """Unit vectors of items (their category's mixed in), as an ad promoting the item gets:
     the rule behind both an ad's embedding and each behaviour of a sequence."""
     return _unit(event_embeddings(table, items, categories, spec.category_mix))
+
+
+class ItemVectorCache:
+    """:func:`item_vectors` through a bounded :class:`~scoring.embeddings.RowCache` keyed by
+    (item, category): a decision's behaviours repeat from request to request, so each pair's
+    vector is computed once while it stays among the last ``capacity`` new pairs.
+
+    Bit-identical to :func:`item_vectors` (each row depends only on its pair; a test holds
+    them to it, full and evicting). It is bound to one table and one spec's dim and mix:
+    :meth:`fits` says whether it still serves them, and a new table (a text model's), seed,
+    dim or mix needs a new cache.
+    """
+
+    def __init__(self, table: Any, spec: FeatureSpec, capacity: int = DEFAULT_CACHE_ROWS) -> None:
+        self.table = table
+        self.spec = spec
+        self.rows = RowCache(spec.dim, capacity)
+
+    def fits(self, table: Any, spec: FeatureSpec) -> bool:
+        return (
+            table is self.table
+            and spec.dim == self.spec.dim
+            and spec.category_mix == self.spec.category_mix
+        )
+
+    def __call__(self, items: npt.ArrayLike, categories: npt.ArrayLike) -> F32:
+        iv = np.asarray(items, dtype=np.int64).reshape(-1)
+        cv = np.asarray(categories, dtype=np.int64).reshape(-1)
+        keys = list(zip(iv.tolist(), cv.tolist(), strict=True))
+        return self.rows.lookup(
+            keys, lambda at: item_vectors(self.table, iv[at], cv[at], self.spec)
+        )
 
 
 def pad_sequences(seqs: Sequence[F32 | None], spec: FeatureSpec) -> F32:
@@ -454,4 +486,3 @@ def concat(parts: Sequence[Inputs]) -> Inputs:
     if len(parts) == 1:
         return parts[0]
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-

@@ -31,9 +31,10 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from scoring.arrays import append, prepend
 from scoring.embeddings import EmbeddingTable
 from scoring.features import KIND_INDEX, KINDS, EventBatch, fingerprint
-from scoring.featurespec import FeatureSpec, item_vectors
+from scoring.featurespec import FeatureSpec, ItemVectorCache, item_vectors
 
 SEQUENCE_VERSION = 1
 ENTRY_DTYPE = np.dtype(
@@ -83,7 +84,7 @@ def decode_sequences(values: list[bytes | None]) -> Sequences:
         counts[i] = count
         parts.append(v[h:])
     entries = np.frombuffer(b"".join(parts), dtype=ENTRY_DTYPE).copy()
-    return Sequences(np.r_[0, np.cumsum(counts)].astype(np.int64), entries)
+    return Sequences(prepend(0, np.cumsum(counts)).astype(np.int64), entries)
 
 
 def encode_sequences(seqs: Sequences) -> list[bytes]:
@@ -113,7 +114,8 @@ def apply_sequences(
     owner = np.repeat(np.arange(len(old)), old.lengths())
     user = np.concatenate([owner, batch.user])
     ent = np.concatenate([old.entries, new])
-    src = np.r_[np.full(len(owner), -1, np.int64), np.arange(n)]  # -1: stored before
+    # -1: stored before
+    src = np.concatenate((np.full(len(owner), -1, np.int64), np.arange(n, dtype=np.int64)))
     outcome = np.full(n, KEPT, dtype=np.uint8)
 
     # One sort: per user, newest first (ts descending, then fingerprint descending: a total
@@ -122,15 +124,15 @@ def apply_sequences(
     fp, ts = ent["fp"], ent["ts"]
     o = np.lexsort((src, ~fp, -ts, user))
     user, ent, src, fp, ts = user[o], ent[o], src[o], fp[o], ts[o]
-    dup = np.r_[False, (user[1:] == user[:-1]) & (fp[1:] == fp[:-1]) & (ts[1:] == ts[:-1])]
+    dup = prepend(False, (user[1:] == user[:-1]) & (fp[1:] == fp[:-1]) & (ts[1:] == ts[:-1]))
     outcome[src[dup & (src >= 0)]] = DUPLICATE
     user, ent, src = user[~dup], ent[~dup], src[~dup]
-    first = np.flatnonzero(np.r_[True, user[1:] != user[:-1]]) if len(user) else np.zeros(0, int)
-    rank = np.arange(len(user)) - np.repeat(first, np.diff(np.r_[first, len(user)]))
+    first = np.flatnonzero(prepend(True, user[1:] != user[:-1])) if len(user) else np.zeros(0, int)
+    rank = np.arange(len(user)) - np.repeat(first, np.diff(append(first, len(user))))
     cut = rank >= length
     outcome[src[cut & (src >= 0)]] = OLDER
     user, ent = user[~cut], ent[~cut]
-    start = np.r_[0, np.cumsum(np.bincount(user, minlength=len(old)))].astype(np.int64)
+    start = prepend(0, np.cumsum(np.bincount(user, minlength=len(old)))).astype(np.int64)
     return Sequences(start, ent), outcome
 
 
@@ -170,22 +172,30 @@ def describe(entries: npt.NDArray[Any]) -> list[dict[str, Any]]:
 
 
 def sequence_vectors(
-    seqs: Sequences, table: EmbeddingTable, spec: FeatureSpec
+    seqs: Sequences,
+    table: EmbeddingTable,
+    spec: FeatureSpec,
+    cache: ItemVectorCache | None = None,
 ) -> list[npt.NDArray[np.float32] | None]:
     """Each user's behaviours as the model's ``seq`` rows ([L, D], newest first; None for
     a user with none), at most ``spec.sequence`` of them, one embedding call for all.
 
     The vectors are the items' as ads get them (:func:`scoring.featurespec.item_vectors`);
-    a table of item text embeddings plugs in as ``table``.
+    a table of item text embeddings plugs in as ``table``. ``cache``, when it
+    :meth:`~scoring.featurespec.ItemVectorCache.fits` ``table`` and ``spec``, serves the
+    same rows from memory.
     """
     lengths = np.minimum(seqs.lengths(), spec.sequence)
     starts = seqs.start[:-1]
     take = np.repeat(starts, lengths) + (
-        np.arange(int(lengths.sum())) - np.repeat(np.r_[0, np.cumsum(lengths)[:-1]], lengths)
+        np.arange(int(lengths.sum())) - np.repeat(prepend(0, np.cumsum(lengths)[:-1]), lengths)
     )
     ent = seqs.entries[take]
-    vecs = item_vectors(table, ent["item"], ent["category"], spec)
-    at = np.r_[0, np.cumsum(lengths)].tolist()
+    if cache is not None and cache.fits(table, spec):
+        vecs = cache(ent["item"], ent["category"])
+    else:
+        vecs = item_vectors(table, ent["item"], ent["category"], spec)
+    at = prepend(0, np.cumsum(lengths)).tolist()
     return [vecs[at[i] : at[i + 1]] if lengths[i] else None for i in range(len(seqs))]
 
 

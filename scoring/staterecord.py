@@ -26,6 +26,8 @@ from typing import Any, cast
 import numpy as np
 import numpy.typing as npt
 
+from scoring.arrays import prepend
+
 KINDS = ("browse", "click", "cart", "fav", "purchase")
 KIND_INDEX = {k: i for i, k in enumerate(KINDS)}
 STATE_VERSION = 2  # 1: fixed 412-byte record with an approximate top-k (read, upgraded)
@@ -252,13 +254,13 @@ def decode_all(
         ncat[present] = head["ncat"]
     entries = np.frombuffer(b"".join(cat_tails), dtype=CATEGORY_DTYPE)
     cats = Categories(
-        np.r_[0, np.cumsum(ncat)].astype(np.int64),
+        prepend(0, np.cumsum(ncat)).astype(np.int64),
         entries["id"].astype(np.int64),
         entries["w"].astype(np.float32),
     )
     it = np.frombuffer(b"".join(item_tails), dtype=ITEM_DTYPE)
     items = Items(
-        np.r_[0, np.cumsum(nitem)].astype(np.int64),
+        prepend(0, np.cumsum(nitem)).astype(np.int64),
         it["item"].astype(np.int64),
         it["cat"].astype(np.int64),
         it["w"].astype(np.float32),
@@ -355,7 +357,7 @@ def _fill_top(states: npt.NDArray[Any], cats: Categories, p: InterestParams) -> 
     k, n = p.top_k, len(states)
     take = np.minimum(np.diff(cats.start), k)
     rows = np.repeat(np.arange(n), take)
-    rank = np.arange(len(rows)) - np.repeat(np.r_[0, np.cumsum(take)[:-1]], take)
+    rank = np.arange(len(rows)) - np.repeat(prepend(0, np.cumsum(take)[:-1]), take)
     src = cats.start[rows] + rank
     top_ids = np.full((n, k), -1, dtype=np.int64)
     top_w = np.zeros((n, k), dtype=np.float32)

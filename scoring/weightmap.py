@@ -19,6 +19,8 @@ from collections.abc import Sequence
 import numpy as np
 import numpy.typing as npt
 
+from scoring.arrays import append, prepend
+
 I64 = npt.NDArray[np.int64]
 F32 = npt.NDArray[np.float32]
 F64 = npt.NDArray[np.float64]
@@ -63,12 +65,12 @@ def merge_weights(
     change = g[1:] != g[:-1]
     for k in ks:
         change |= k[1:] != k[:-1]
-    first = np.flatnonzero(np.r_[True, change])
+    first = np.flatnonzero(prepend(True, change))
     g, ks, ww = g[first], [k[first] for k in ks], np.add.reduceat(ww, first)
     o = np.lexsort((*reversed(ks), -ww, g))
     g, ks, ww = g[o], [k[o] for k in ks], ww[o]
-    group_start = np.flatnonzero(np.r_[True, g[1:] != g[:-1]])
-    rank = np.arange(len(g)) - np.repeat(group_start, np.diff(np.r_[group_start, len(g)]))
+    group_start = np.flatnonzero(prepend(True, g[1:] != g[:-1]))
+    rank = np.arange(len(g)) - np.repeat(group_start, np.diff(append(group_start, len(g))))
     drop = (ww < floor) | (rank >= limit)
     lost = np.bincount(g[drop], weights=np.abs(ww[drop]), minlength=len(ua))
     g, ks, ww = g[~drop], [k[~drop] for k in ks], ww[~drop]
@@ -76,7 +78,7 @@ def merge_weights(
     # keeps each user's entries heaviest first.
     user = np.concatenate([owner[~touched], ua[g]])
     o = np.argsort(user, kind="stable")
-    new_start = np.r_[0, np.cumsum(np.bincount(user, minlength=n))].astype(np.int64)
+    new_start = prepend(0, np.cumsum(np.bincount(user, minlength=n))).astype(np.int64)
     out_keys = [
         np.concatenate([k[~touched], nk]).astype(np.int64)[o]
         for k, nk in zip(keys, ks, strict=True)

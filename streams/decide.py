@@ -29,9 +29,9 @@ from adpulse.core.settings import Settings
 from schemas.messages import UNSET, AdDecision, AdRequest, Billing, FeatureSnapshot
 from scoring import caps
 from scoring.catalog import Catalog, Context
-from scoring.embeddings import HashedEmbeddings
+from scoring.embeddings import CachedEmbeddings, EmbeddingTable, HashedEmbeddings
 from scoring.features import InterestParams, ItemVectors, read_vectors
-from scoring.featurespec import FeatureSpec, RequestFeatures, assemble_many
+from scoring.featurespec import FeatureSpec, ItemVectorCache, RequestFeatures, assemble_many
 from scoring.promotion import in_canary
 from scoring.registry import LoadedModel, ModelRegistry
 from scoring.scorer import FallbackRule
@@ -220,10 +220,13 @@ class DecideStage:
         calibration: Reader | None = None,
         generation: Callable[[], Any] = lambda: None,
         items: Callable[[], ItemVectors | None] = lambda: None,
+        embeddings: EmbeddingTable | None = None,
     ) -> None:
         """``generation`` names the consumer's current partition assignment: the budget
         records of this worker's partitions are kept while it does not change. ``items``:
-        the item vectors in force (streams/items.py), read into each user's interest."""
+        the item vectors in force (streams/items.py), read into each user's interest.
+        ``embeddings``: the hashed table behind ingest's cache (streams/interest.py), so a
+        behaviour's item and category vectors are the ones ingest computed when it arrived."""
         self.items = items
         self.s = settings
         self.pseudonyms = pseudonyms or Pseudonymiser.from_settings(settings)
@@ -232,7 +235,12 @@ class DecideStage:
         self.params = InterestParams.from_settings(settings)
         self.spec = FeatureSpec.from_settings(settings)
         # behaviours' vectors for a sequence model (item text vectors can replace them later)
-        self.behaviour_table = HashedEmbeddings(settings.dim, settings.embedding_seed)
+        self.behaviour_table = embeddings or CachedEmbeddings(
+            HashedEmbeddings(settings.dim, settings.embedding_seed), settings.embedding_cache_rows
+        )
+        self.behaviour_cache = ItemVectorCache(  # bounded: ADPULSE_EMBEDDING_CACHE_ROWS
+            self.behaviour_table, self.spec, settings.embedding_cache_rows
+        )
         policy = PolicyParams.from_settings(settings)
         self.policy_for = placement_policies(settings.policy, settings.placement_policies, policy)
         self.experiment = parse_experiment(settings.experiment, policy)
@@ -338,7 +346,13 @@ class DecideStage:
         model = self.models.current
         if model is not None and model.spec.sequence and tables.sequence is not None:
             seqs = decode_sequences(tables.sequence(keys, parts))
-            users.sequences = sequence_vectors(seqs, self.behaviour_table, model.spec)
+            if not self.behaviour_cache.fits(self.behaviour_table, model.spec):  # new dim/mix
+                self.behaviour_cache = ItemVectorCache(
+                    self.behaviour_table, model.spec, self.s.embedding_cache_rows
+                )
+            users.sequences = sequence_vectors(
+                seqs, self.behaviour_table, model.spec, self.behaviour_cache
+            )
             users.behaviours = [
                 list(zip(e["item"].tolist(), e["category"].tolist(), strict=True))
                 for e in (seqs.of(i)[: model.spec.sequence] for i in range(len(seqs)))

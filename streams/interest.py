@@ -19,7 +19,7 @@ from adpulse.core.privacy import Pseudonymiser
 from adpulse.core.settings import Settings
 from schemas.messages import UserEvent
 from scoring.abuse import EventRateLimiter
-from scoring.embeddings import EmbeddingTable, HashedEmbeddings
+from scoring.embeddings import CachedEmbeddings, EmbeddingTable, HashedEmbeddings
 from scoring.features import (
     KINDS,
     OUTCOMES,
@@ -61,7 +61,11 @@ class InterestStage:
         self.pseudonyms = pseudonyms or Pseudonymiser.from_settings(settings)
         self.limiter = EventRateLimiter(settings.max_events_per_user_s)
         self.params = InterestParams.from_settings(settings)
-        self.table = table or HashedEmbeddings(settings.dim, settings.embedding_seed)
+        # The hashed vectors behind a bounded cache (ADPULSE_EMBEDDING_CACHE_ROWS): a slice's
+        # events mostly touch items and categories seen before, and the rows are identical.
+        self.table = table or CachedEmbeddings(
+            HashedEmbeddings(settings.dim, settings.embedding_seed), settings.embedding_cache_rows
+        )
 
     def process(self, raws: Sequence[Raw], load: Loader, now_ms: int) -> BatchResult:
         s = self.settings

@@ -81,7 +81,8 @@ def wire(w: Wiring) -> None:
     decide = DecideStage(w.settings, models, catalog.get, strategy, pseudonyms=w.pseudonyms,
                          calibration=w.strategy.get_many,
                          generation=lambda: w.app.consumer_generation_id,
-                         items=w.items.get if w.items else lambda: None)  # fmt: skip
+                         items=w.items.get if w.items else lambda: None,
+                         embeddings=interest.table)  # fmt: skip
     learn = LearnStage(w.settings)
     # spend: re-read at flush, as the join's click charges and decisions interleave
     changelogs = DecisionChangelogs(ChangelogBuffer(w.freqcap),

@@ -90,7 +90,9 @@ class DecisionPath:
             lambda k, _p: [spend.get(x) for x in k],
             lambda k, _p: [sequence_table.get(x) for x in k],
         )
-        return cls(DecideStage(s, models, lambda: catalog), tables, s)
+        # the interest stage's cached table, warmed by the backfill as a worker's by ingest
+        stage = DecideStage(s, models, lambda: catalog, embeddings=interest.table)
+        return cls(stage, tables, s)
 
     def decide(self, bodies: Sequence[bytes]) -> int:
         """Decode and decide ``bodies`` as one micro-batch; returns the candidate rows scored."""

@@ -237,6 +237,11 @@ class Settings:
         0.5, "Share of the category embedding in an event's embedding (rest: the item's)."
     )
     embedding_seed: int = _setting(20171125, "Seed of the hashed embedding table.")
+    embedding_cache_rows: int = _setting(
+        65_536,
+        "Vectors each embedding cache keeps (behaviours' item vectors in decisions; item and "
+        "category vectors in ingest): 256 bytes each at dim 64, ~22 MiB a cache with its index.",
+    )
     top_categories: int = _setting(4, "Top categories kept per user.")
     category_limit: int = _setting(
         128,

@@ -16,6 +16,7 @@ MODULES = [
     "scoring.watermark",
     "scoring.train",
     "scoring.embeddings",
+    "scoring.arrays",
     "scoring.textencoder",
     "scoring.strategy.epsilon",
     "scoring.strategy.uniform",
