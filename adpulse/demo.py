@@ -69,7 +69,7 @@ def run_demo(settings: Settings, data: Path, out: Path, seconds: float = 120.0) 
         )  # fmt: skip
         worker, scrape = stack.enter_context(sim_worker(s, cfg, world, out, console.print))
         # the apps call POST /decide, with the worker's API token
-        cfg = dataclasses.replace(cfg, decide_url=worker.url, decide_token=worker.token)
+        cfg = dataclasses.replace(cfg, decide_url=worker.decide_url, decide_token=worker.token)
         console.print(f"worker metrics: [bold]{worker.url}/metrics[/bold]")
         server = _prometheus(worker, tmp, console)
         if server is not None:

@@ -6,6 +6,7 @@ import json
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import urllib.error
@@ -57,7 +58,7 @@ class WorkerProcess(ChildProcess):
         name: str = "worker",
         extra_env: dict[str, str] | None = None,
     ) -> None:
-        self.settings = settings.with_(web_port=free_port())
+        self.settings = settings.with_(web_port=free_port(), decide_port=free_port())
         self.extra_env = dict(extra_env or {})  # more ADPULSE_* variables (policy, windows)
         self.log_path = log_dir / f"{name}.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -82,6 +83,11 @@ class WorkerProcess(ChildProcess):
     def url(self) -> str:
         return f"http://127.0.0.1:{self.settings.web_port}"
 
+    @property
+    def decide_url(self) -> str:
+        """The lean server of ``POST /decide`` alone (``ADPULSE_DECIDE_PORT``)."""
+        return f"http://127.0.0.1:{self.settings.decide_port}"
+
     def env(self) -> dict[str, str]:
         s = self.settings
         env = dict(os.environ)
@@ -93,6 +99,7 @@ class WorkerProcess(ChildProcess):
             ADPULSE_APP_ID=s.app_id,
             ADPULSE_DATA_DIR=str(s.data_dir),
             ADPULSE_WEB_PORT=str(s.web_port),
+            ADPULSE_DECIDE_PORT=str(s.decide_port),
             ADPULSE_SESSION_TIMEOUT_S=str(s.session_timeout_s),
             ADPULSE_PARTITIONS=str(s.partitions),
             ADPULSE_API_TOKEN_FILE=str(self.token_file),
@@ -112,7 +119,16 @@ class WorkerProcess(ChildProcess):
     def wait_ready(self, timeout: float = 60.0) -> WorkerProcess:
         """Block until /health answers 200 (an exited worker fails at once, with its log)."""
         self.wait_until(lambda: self._health() == 200, timeout, "worker ready (/health 200)")
+        if self.settings.decide_port:
+            self.wait_until(self._decide_listens, timeout, "the decide port listening")
         return self
+
+    def _decide_listens(self) -> bool:
+        try:
+            socket.create_connection(("127.0.0.1", self.settings.decide_port), 2).close()
+        except OSError:
+            return False
+        return True
 
     def spawn(self) -> WorkerProcess:
         """Start the process and return at once (a fault test may kill it while it starts)."""
@@ -155,11 +171,17 @@ class WorkerProcess(ChildProcess):
         return status, json.loads(body) if body[:1] in (b"{", b"[") else body.decode()
 
     def post(
-        self, path: str, body: bytes, headers: dict[str, str] | None = None, authorized: bool = True
+        self,
+        path: str,
+        body: bytes,
+        headers: dict[str, str] | None = None,
+        authorized: bool = True,
+        base: str | None = None,
     ) -> tuple[int, Any, dict[str, str]]:
-        """POST ``body``: status, JSON answer, response headers (an HTTP error is an answer)."""
+        """POST ``body`` (to ``base``, default the web port): status, JSON answer, response
+        headers (an HTTP error is an answer)."""
         req = urllib.request.Request(
-            self.url + path,
+            (base or self.url) + path,
             data=body,
             method="POST",
             headers={"Content-Type": "application/json", **(self.auth if authorized else {}),
@@ -208,4 +230,3 @@ class WorkerProcess(ChildProcess):
     def interest(self, user: str) -> dict[str, Any] | None:
         status, body = self.get(f"/users/{user}/interest")
         return body if status == 200 else None
-

@@ -47,6 +47,7 @@ from yarl import URL
 from adpulse.core.privacy import API_TOKEN_HELP, bearer_ok, load_api_token
 from adpulse.core.settings import Settings
 from schemas.messages import AdDecision, AdRequest
+from streams import decideport
 from streams.deadletter import Raw, Rejected
 from streams.decide import request_decoder
 from streams.runtime.tablewriter import aiokafka_producer
@@ -293,14 +294,18 @@ def wire(w: Wiring, decide: Decide, catalog_rows: Callable[[], int]) -> DecideSe
         m.decide_seconds.observe(max(0.0, time.time() - start_ms / 1000))
         return "answered", Reply(200, msgspec.json.encode(decision))
 
-    async def post(request: aiohttp.web.Request) -> aiohttp.web.Response:
+    async def answer(body: bytes, header: Callable[[str], str | None]) -> Reply:
+        """Both ports' requests: ``header`` looks a header up by its lower-case name."""
         now_ms = int(time.time() * 1000)
-        forwarded = request.headers.get(FORWARDED) == "1"
-        start_ms = _int(request.headers.get(STARTED), now_ms) if forwarded else now_ms
-        body = await request.read()
-        auth = request.headers.get("Authorization")
-        outcome, reply = await handle(body, start_ms, forwarded, auth)
+        forwarded = header(_FORWARDED) == "1"
+        start_ms = _int(header(_STARTED), now_ms) if forwarded else now_ms
+        outcome, reply = await handle(body, start_ms, forwarded, header("authorization"))
         m.decide_requests.labels(outcome).inc()
+        return reply
+
+    async def post(request: aiohttp.web.Request) -> aiohttp.web.Response:
+        body = await request.read()
+        reply = await answer(body, request.headers.get)
         return aiohttp.web.Response(
             body=reply.body, status=reply.status, headers=reply.headers,
             content_type="application/json",
@@ -309,10 +314,33 @@ def wire(w: Wiring, decide: Decide, catalog_rows: Callable[[], int]) -> DecideSe
     # Straight on Faust's aiohttp application, not through a Faust View: its dispatch
     # and web sensors cost more than the rest of the HTTP handling.
     app.web.web_app.router.add_post("/decide", post)  # type: ignore[attr-defined]
+
+    async def on_port(body: bytes, headers: dict[str, str]) -> tuple[int, bytes, dict[str, str]]:
+        reply = await answer(body, headers.get)
+        return reply.status, reply.body, reply.headers
+
+    if w.settings.decide_port:
+
+        @app.task
+        async def decide_port() -> None:
+            """The lean server of streams/decideport.py, the same answers on a port of its own."""
+            s = w.settings
+            try:
+                server = await decideport.serve(on_port, s.web_host, s.decide_port)
+            except OSError as exc:  # a port in use: say so in one line and stop the worker
+                where = f"{s.web_host}:{s.decide_port}"
+                msg = f"cannot serve POST /decide on {where} (ADPULSE_DECIDE_PORT): {exc}"
+                log.error(msg)
+                await app.crash(RuntimeError(msg))
+                return
+            log.info("POST /decide also served on %s:%d", s.web_host, server.port)
+            app.decide_server = server  # type: ignore[attr-defined] # held for the app's life
+
     return service
 
 
 _FORWARD_TIMEOUT = aiohttp.ClientTimeout(total=2.0)
+_FORWARDED, _STARTED = FORWARDED.lower(), STARTED.lower()
 _CHALLENGE = {"WWW-Authenticate": 'Bearer realm="adpulse"'}
 
 

@@ -45,7 +45,7 @@ import aiohttp
 import numpy as np
 from aiokafka import AIOKafkaProducer
 
-from adpulse.bench import cpu, machine, machine_line, percentiles_ms
+from adpulse.bench import cpu, httpload, machine, machine_line, percentiles_ms
 from adpulse.bench.decisionpath import DecisionPath, request_bodies
 from adpulse.bench.decisions import per_minute_p99
 from adpulse.bench.warm import warm_worker
@@ -56,6 +56,7 @@ from adpulse.workload import Workload, WorkloadModel
 from scoring.registry import MODEL, PACKAGED
 
 POOL = 128  # keep-alive connections the generator may hold open
+TIMEOUT_S = 10.0  # a request unanswered this long is an error
 PROBE_EVERY_S = 0.1
 PROBE_POLL_S = 0.002
 
@@ -308,42 +309,37 @@ async def _offer(worker: WorkerProcess, cfg: ServeBench, ad_ids: list[str], phas
     n = int(cfg.rate * cfg.duration_s)
     rng = np.random.default_rng({"floor": 1, "alone": 2, "ingest": 3}[phase])
     arrivals = np.cumsum(rng.exponential(1.0 / cfg.rate, n)).tolist()
+    pool = _pool(worker, phase != "floor")
     # Built before the clock starts: the generator must not compete with the worker.
-    bodies = [] if phase == "floor" else _bodies(cfg, ad_ids, n, 10 + len(phase), phase)
+    if phase == "floor":
+        requests = [pool.build("GET", "/health")] * n
+    else:
+        requests = [pool.build("POST", "/decide", b)
+                    for b in _bodies(cfg, ad_ids, n, 10 + len(phase), phase)]  # fmt: skip
     out = Phase(arrivals, [], [])
-    url = worker.url
-    connector = aiohttp.TCPConnector(limit=POOL, keepalive_timeout=60)
-    timeout = aiohttp.ClientTimeout(total=10)
-    async with aiohttp.ClientSession(
-        connector=connector, timeout=timeout, headers=worker.auth
-    ) as session:
+    floor = phase == "floor"
 
-        async def one(i: int, due: float) -> None:
-            try:
-                if phase == "floor":
-                    async with session.get(url + "/health") as resp:
-                        await resp.read()
-                        ok = resp.status == 200
-                else:
-                    async with session.post(url + "/decide", data=bodies[i]) as resp:
-                        raw = await resp.read()
-                        if resp.status == 503:
-                            out.shed += 1
-                            return
-                        ok = resp.status == 200
-                        if ok and b'"ad_id":null' in raw:
-                            out.no_fill += 1
-            except (aiohttp.ClientError, TimeoutError):
-                ok = False
-            if not ok:
-                out.errors += 1
-                return
-            done = time.perf_counter()
-            out.latency_s.append(done - due)
-            out.sent_at.append(due - start)
-            out.answered_in_window += done <= start + arrivals[-1]
+    async def one(i: int, due: float) -> None:
+        try:
+            status, raw = await pool.request(requests[i], TIMEOUT_S)
+        except (httpload.ClientError, TimeoutError):
+            status, raw = 0, b""
+        if status == 503 and not floor:
+            out.shed += 1
+            return
+        if status != 200:
+            out.errors += 1
+            return
+        if not floor and b'"ad_id":null' in raw:
+            out.no_fill += 1
+        done = time.perf_counter()
+        out.latency_s.append(done - due)
+        out.sent_at.append(due - start)
+        out.answered_in_window += done <= start + arrivals[-1]
 
-        await _warm(session, url)
+    try:
+        for _ in range(3):  # open the pool's first connections before the clock starts
+            await pool.request(pool.build("GET", "/health"), TIMEOUT_S)
         # Only requests in flight are held: a list of every task of a 5-minute run keeps
         # 300,000 finished tasks alive for this process's garbage collector to walk, and
         # a generator pause counts as latency here (it is measured from the schedule).
@@ -359,14 +355,15 @@ async def _offer(worker: WorkerProcess, cfg: ServeBench, ad_ids: list[str], phas
             task.add_done_callback(tasks.discard)
         out.duration_s = arrivals[-1]
         await asyncio.gather(*tasks)
+    finally:
+        pool.close()
     return out
 
 
-async def _warm(session: aiohttp.ClientSession, url: str) -> None:
-    """Open the pool's first connections before the clock starts."""
-    for _ in range(3):
-        async with session.get(url + "/health") as resp:
-            await resp.read()
+def _pool(worker: WorkerProcess, decide: bool) -> httpload.Pool:
+    """Keep-alive connections to the worker's /decide port (its web port for /health)."""
+    port = worker.settings.decide_port if decide else 0
+    return httpload.Pool("127.0.0.1", port or worker.settings.web_port, POOL, worker.auth)
 
 
 async def _offer_with_probe(

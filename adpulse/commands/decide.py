@@ -59,7 +59,8 @@ def post_decide(
 
 
 def cmd_decide(args: argparse.Namespace, settings: Settings) -> int:
-    url = args.url or f"http://{settings.web_host}:{settings.web_port}"
+    port = settings.decide_port or settings.web_port  # the lean /decide server, if there is one
+    url = args.url or f"http://{settings.web_host}:{port}"
     token = load_api_token(settings)  # ADPULSE_API_TOKEN_FILE, as the worker's
     status, answer = post_decide(url, json.dumps(request_body(args)).encode(), token)
     if status != 200:
@@ -92,6 +93,7 @@ def register(sub: Subparsers) -> None:
     p.add_argument("--request-id", help="the decision id (default: a random one)")
     p.add_argument(
         "--url",
-        help="the worker's base URL (default: http://$ADPULSE_WEB_HOST:$ADPULSE_WEB_PORT)",
+        help="the worker's base URL (default: http://$ADPULSE_WEB_HOST:$ADPULSE_DECIDE_PORT, "
+        "else $ADPULSE_WEB_PORT)",
     )
     p.add_argument("--pretty", action="store_true", help="indent the JSON")

@@ -162,6 +162,11 @@ class Settings:
     data_dir: Path = _setting(Path("var/data"), "Where RocksDB tables live.")
     web_host: str = _setting("127.0.0.1", "Bind address of the worker's HTTP server.")
     web_port: int = _setting(6066, "Port of the worker's HTTP server (interest lookups, health).")
+    decide_port: int = _setting(
+        0,
+        "Port of a second, leaner HTTP server on WEB_HOST that serves POST /decide only "
+        "(streams/decideport.py; the web port keeps serving it too); 0: none.",
+    )
     canonical_url: str = _setting(
         "",
         "URL other workers use to reach this one (forwarded interest lookups); empty: "

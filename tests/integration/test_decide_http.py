@@ -8,6 +8,7 @@ short (5 s attribution, 1 s idle watermark) so the joiner labels within seconds.
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 import uuid
@@ -76,13 +77,14 @@ class Pair:
 
 
 def decide(
-    worker: WorkerProcess, raw: bytes, headers: dict[str, str] | None = None
+    worker: WorkerProcess, raw: bytes, headers: dict[str, str] | None = None, port: str = "web"
 ) -> tuple[int, Any, dict[str, str]]:
     """POST /decide as a client should: a 503 (shed with Retry-After, or a partition on the
     move) is retried a few times. The queue limit in these workers is 3 ms, so a
     garbage-collection pause can shed a lone request."""
     for _ in range(20):
-        status, got, hdrs = worker.post("/decide", raw, headers)
+        base = worker.decide_url if port == "decide" else worker.url
+        status, got, hdrs = worker.post("/decide", raw, headers, base=base)
         if status != 503:
             break
         time.sleep(0.05)
@@ -251,17 +253,22 @@ def test_a_decision_reads_the_state_its_worker_has_applied(pair: Pair) -> None:
         assert got["features"]["interest"], f"{user}: applied but not in the decision"
 
 
-def test_under_overload_the_excess_is_shed_with_503_and_nothing_else_is_lost(pair: Pair) -> None:
+@pytest.mark.parametrize("port", ["web", "decide"])
+def test_under_overload_the_excess_is_shed_with_503_and_nothing_else_is_lost(
+    pair: Pair, port: str
+) -> None:
     p = pair
     owner = p.owner(p.id("load0"))
+    base = owner.decide_url if port == "decide" else owner.url
     users = [u for u in (p.id(f"load{i}") for i in range(40)) if p.owner(u) is owner]
     results: list[tuple[str, int, dict[str, str]]] = []
     lock = threading.Lock()
 
     def fire(t: int) -> None:
         for i in range(25):
-            rid = p.id(f"o{t}-{i}")
-            status, _, headers = owner.post("/decide", body(rid, users[(t + i) % len(users)]))
+            rid = p.id(f"o{port}{t}-{i}")
+            raw = body(rid, users[(t + i) % len(users)])
+            status, _, headers = owner.post("/decide", raw, base=base)
             with lock:
                 results.append((rid, status, headers))
 
@@ -397,3 +404,36 @@ def test_a_fresh_worker_answers_before_it_has_seen_any_event(
         assert "Traceback" not in worker.log_path.read_text(errors="replace")
     finally:
         worker.stop()
+
+
+def test_the_decide_port_answers_as_the_web_port_does(pair: Pair) -> None:
+    """ADPULSE_DECIDE_PORT's lean server (streams/decideport.py): the same decisions, logged
+    the same way, the same refusals, and forwarding from a non-owner."""
+    p = pair
+    users = [p.id(f"port{i}") for i in range(16)]
+    for u in users:
+        p.events(history(u, 3))
+    mine = next(u for u in users if p.owner(u) is p.a)
+    away = next(u for u in users if p.owner(u) is p.b)
+    p.a.wait_until(lambda: _events_in(p.a, mine) == 3, 20, f"{mine}'s events")
+    web = decide(p.a, body(p.id("pw"), mine))
+    status, got, _ = decide(p.a, body(p.id("pd"), mine), port="decide")
+    assert (web[0], status) == (200, 200)
+    assert got["request_id"] == p.id("pd") and got["ad_id"] == web[1]["ad_id"]
+    assert first_error("ad-decisions", got) is None
+    before = p.a.metric("adpulse_decide_requests_total", 'outcome="forwarded"')
+    status, fwd, _ = decide(p.a, body(p.id("pf"), away), port="decide")
+    assert status == 200 and fwd["request_id"] == p.id("pf"), fwd
+    assert p.a.metric("adpulse_decide_requests_total", 'outcome="forwarded"') > before
+    p.decisions.wait([p.id("pd"), p.id("pf")])
+    assert len(p.decisions.by_id[p.id("pd")]) == len(p.decisions.by_id[p.id("pf")]) == 1
+    status, bad, _ = p.a.post("/decide", b"{not json", base=p.a.decide_url)
+    assert status == 400 and bad["error"].startswith("ad-requests contract: ")
+    status, refused, headers = p.a.post("/decide", body(p.id("pn"), mine), authorized=False,
+                                        base=p.a.decide_url)  # fmt: skip
+    assert status == 401 and "ADPULSE_API_TOKEN_FILE" in refused["error"]
+    assert headers["WWW-Authenticate"].startswith("Bearer")
+    with socket.create_connection(("127.0.0.1", p.a.settings.decide_port), 10) as s:
+        s.sendall(b"POST /decide HTTP/1.1\r\nHost: x\r\nContent-Length: 2000000\r\n\r\n")
+        s.settimeout(10)
+        assert s.recv(4096).startswith(b"HTTP/1.1 413 ")
