@@ -385,6 +385,12 @@ class Settings:
     scorer_max_batch_rows: int = _setting(
         4096, "Most candidate rows one micro-batch sends to the model."
     )
+    scorer_thread: bool = _setting(
+        True,
+        "Run a decision batch's model runs on a thread of their own (ONNX Runtime releases "
+        "the GIL), so the event loop serves HTTP and ingest meanwhile; off: on the loop "
+        "(one core, e.g. a 1-CPU container, where the hand-off only adds cost).",
+    )
     scorer_max_wait_ms: float = _setting(
         0.0,
         "POST /decide: longest a request waits for concurrent ones to share its scoring run "
