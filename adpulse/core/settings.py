@@ -386,10 +386,10 @@ class Settings:
         4096, "Most candidate rows one micro-batch sends to the model."
     )
     scorer_thread: bool = _setting(
-        True,
+        False,
         "Run a decision batch's model runs on a thread of their own (ONNX Runtime releases "
-        "the GIL), so the event loop serves HTTP and ingest meanwhile; off: on the loop "
-        "(one core, e.g. a 1-CPU container, where the hand-off only adds cost).",
+        "the GIL) while the event loop serves HTTP and ingest. Off by default: on the 2-core "
+        "box it answered fewer requests at a higher p99 (docs/decide.md).",
     )
     scorer_max_wait_ms: float = _setting(
         0.0,

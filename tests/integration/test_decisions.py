@@ -257,6 +257,9 @@ def shared(broker: EmbeddedBroker, tmp_path_factory: pytest.TempPathFactory) -> 
         # pacing (throttled participation) has its own test in test_pacing.py.
         "ADPULSE_PACING": "off",
         "ADPULSE_PLACEMENT_POLICIES": ";".join(f"{p}=greedy" for p in GREEDY),
+        # Model runs on the scoring thread (off by default): every decision test here
+        # also holds with batches' runs off the event loop (streams/lane.py).
+        "ADPULSE_SCORER_THREAD": "true",
         **LENIENT,
     }
     worker = Worker(settings, tmp, extra).start()
