@@ -16,6 +16,7 @@ head, else the prior (its metrics' training CVR, else ``ADPULSE_FALLBACK_CVR``).
 
 from __future__ import annotations
 
+import copy
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -205,6 +206,37 @@ class _Pending:
     version: str = ""  # the model that scored it, when not the batch's (the canary)
 
 
+class Scored(NamedTuple):
+    """A batch's model output: pCTR (None: no model, or it failed), pCVR (None: no CVR
+    head), and the version of the model in force."""
+
+    pctr: npt.NDArray[np.float32] | None
+    pcvr: npt.NDArray[np.float32] | None
+    version: str
+
+
+@dataclass
+class Prepared:
+    """A decision batch between its reads and its choices: what :meth:`DecideStage.score`
+    needs, handed over whole (streams/lane.py runs it on a thread), and what
+    :meth:`DecideStage.finish` needs after. ``models`` is a copy of the serving models
+    taken when the batch began: a hot swap during its run changes nothing in it."""
+
+    out: DecideResult
+    now_ms: int
+    catalog: Catalog | None = None
+    users: _Users | None = None
+    pending: list[_Pending] = field(default_factory=list)
+    models: ServingModels | None = None  # None: every request was answered in admission
+
+    @property
+    def runs_model(self) -> bool:
+        """Whether :meth:`DecideStage.score` will run a model (worth a thread)."""
+        m = self.models
+        return (m is not None and m.current is not None and self.catalog is not None
+                and any(len(p.rows) for p in self.pending))  # fmt: skip
+
+
 class DecideStage:
     """Requests -> decisions, in named steps: admit (deadlines), load the users,
     eligible candidates (targeting, caps, pacing), one scoring run, then per
@@ -286,22 +318,52 @@ class DecideStage:
         ``raw.timestamp_ms`` is when each request's budget started (its record
         timestamp, or its arrival over HTTP); one whose ``tmax_ms`` (else
         ``default_tmax_ms``, 0: none) is used up gets a ``deadline`` no fill, unscored.
+        In three parts (:meth:`begin`, :meth:`score`, :meth:`finish`) so that a caller
+        can run the model runs on a thread; this runs them all here.
         """
+        batch = self.begin(requests, tables, now_ms, default_tmax_ms)
+        return self.finish(batch, self.score(batch))
+
+    def begin(
+        self,
+        requests: Sequence[tuple[AdRequest, Raw]],
+        tables: StateReaders,
+        now_ms: int,
+        default_tmax_ms: int = 0,
+    ) -> Prepared:
+        """:meth:`decide`'s first part, on the caller's thread: admit, read the users,
+        pick each request's eligible candidates."""
         out = DecideResult()
         live = self._admit(requests, now_ms, default_tmax_ms, out)
         if not live:
-            return out
+            return Prepared(out, now_ms)
+        models = copy.copy(self.models)  # as they are now, whatever a swap does meanwhile
         catalog = self.catalog()
         self.strategy.batch()  # learner state read at most once per ad per batch
-        users = self._users(live, tables, now_ms)
+        users = self._users(live, tables, now_ms, models.current)
         self.budget.begin(catalog, users.parts, tables.spend, now_ms)
         pending = [self._eligible(catalog, req, raw, users, out) for req, raw in live]
-        scores, cvr, version = self._score(catalog, pending, users, now_ms, out)
-        prior = prior_cvr(self.models.current, self.s.fallback_cvr)
-        for p in pending:
-            out.decisions.append(
-                self._choose(catalog, p, users, scores, version, now_ms, out, (cvr, prior))
-            )
+        return Prepared(out, now_ms, catalog, users, pending, models)
+
+    def score(self, batch: Prepared) -> Scored:
+        """:meth:`decide`'s model runs: reads only ``batch`` and the settings, writes only
+        ``batch``, so it may run on another thread while the caller's goes on (ONNX
+        Runtime releases the GIL). A model failure gives the fallback, as inline."""
+        if batch.models is None or batch.users is None:
+            return Scored(None, None, "none")
+        return Scored(*self._score(batch.catalog, batch.pending, batch.users, batch.now_ms,
+                                   batch.out, batch.models))  # fmt: skip
+
+    def finish(self, batch: Prepared, scored: Scored) -> DecideResult:
+        """:meth:`decide`'s last part, on the caller's thread: each request's choice and
+        bookkeeping; the batch's cap and spend writes."""
+        out, users, models = batch.out, batch.users, batch.models
+        if models is None or users is None:
+            return out
+        prior = prior_cvr(models.current, self.s.fallback_cvr)
+        for p in batch.pending:
+            out.decisions.append(self._choose(batch.catalog, p, users, scored, batch.now_ms,
+                                              out, prior, models.fallback))  # fmt: skip
         out.cap_writes = users.cap_writes()
         out.spend_writes = self.budget.writes()
         return out
@@ -332,6 +394,7 @@ class DecideStage:
         live: list[tuple[AdRequest, Raw]],
         tables: StateReaders,
         now_ms: int,
+        model: LoadedModel | None,
     ) -> _Users:
         pairs = list(dict.fromkeys((r.user_id, raw.partition) for r, raw in live))
         keys = [u.encode() for u, _ in pairs]
@@ -343,7 +406,6 @@ class DecideStage:
         cap_recs = [caps.load_cap(v, day) for v in tables.caps(keys, parts)]
         row = {u: i for i, (u, _) in enumerate(pairs)}
         users = _Users(keys, parts, row, vectors, cap_recs)
-        model = self.models.current
         if model is not None and model.spec.sequence and tables.sequence is not None:
             seqs = decode_sequences(tables.sequence(keys, parts))
             if not self.behaviour_cache.fits(self.behaviour_table, model.spec):  # new dim/mix
@@ -403,16 +465,17 @@ class DecideStage:
         users: _Users,
         now_ms: int,
         out: DecideResult,
+        models: ServingModels,
     ) -> tuple[npt.NDArray[np.float32] | None, npt.NDArray[np.float32] | None, str]:
         """One model run over every request's candidates (split at the row limit): (pCTR,
         pCVR or None when a model has no CVR head, version); with a canary, one run for the
         control's requests and one for the canary's."""
-        model = self.models.current
-        canary = self.models.canary
+        model = models.current
+        canary = models.canary
         if canary is not None and model is not None:
-            mine = [p for p in pending if self.models.model_for(p.req.user_id) is canary]
+            mine = [p for p in pending if models.model_for(p.req.user_id) is canary]
             if mine:
-                rest = [p for p in pending if self.models.model_for(p.req.user_id) is not canary]
+                rest = [p for p in pending if models.model_for(p.req.user_id) is not canary]
                 got, cvr, version = self._run(catalog, rest, users, now_ms, out, model, 0)
                 n0 = out.rows_scored
                 theirs, their_cvr, cv = self._run(catalog, mine, users, now_ms, out, canary, n0)
@@ -482,17 +545,19 @@ class DecideStage:
         catalog: Catalog | None,
         p: _Pending,
         users: _Users,
-        scores: npt.NDArray[np.float32] | None,
-        version: str,
+        scored: Scored,
         now_ms: int,
         out: DecideResult,
-        cvr: tuple[npt.NDArray[np.float32] | None, float] = (None, 0.05),
+        prior: float,
+        fallback: FallbackRule,
     ) -> Decision:
         """Calibration, the policy's pick and its bookkeeping (caps, spend, counts).
 
-        ``cvr``: the batch's pCVR (None: no CVR head) and the prior that stands in for it."""
+        ``prior``: the pCVR that stands in where the model gives none; ``fallback``: the
+        rule of the model that scored the batch."""
         req, policy, arm = p.req, self.policy_for(p.req.placement), None
-        version = p.version or version
+        scores, cvr = scored.pctr, (scored.pcvr, prior)
+        version = p.version or scored.version
         if self.experiment is not None:
             exp, arm_policies = self.experiment
             i_arm = exp.arm_of(req.user_id)
@@ -510,7 +575,7 @@ class DecideStage:
         if not len(p.rows) or catalog is None:
             no_fill = _NoFill("no_candidates", policy.name, len(p.rows), version, arm)
             return self._no_fill(req, p.raw, now_ms, no_fill, out)
-        raw_pctr, fell_back = self.models.fallback.guard(got, len(p.rows))
+        raw_pctr, fell_back = fallback.guard(got, len(p.rows))
         pctr = raw_pctr if fell_back else self.calibration.apply(raw_pctr, now_ms)
         bids = catalog.index.bid[p.rows]
         has_cvr = not fell_back and got_cvr is not None and _usable(got_cvr, len(p.rows))
@@ -534,7 +599,7 @@ class DecideStage:
             score=float(pctr[j] * candidates.bids[j]), pctr=float(pctr[j]),
             pctr_raw=float(raw_pctr[j]), pcvr=UNSET if model_cvr is None else model_cvr,
             bid=float(bids[j]), propensity=choice.propensity,
-            policy=self.models.fallback.policy if fell_back else policy.name,
+            policy=fallback.policy if fell_back else policy.name,
             model_version=version, ts=now_ms, latency_ms=0.0, placement=req.placement,
             campaign_id=campaign, billing=cast(Billing, catalog.billing[row]),
             arm=UNSET if arm is None else arm, request_ts=req.ts, candidates=len(p.rows),

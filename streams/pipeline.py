@@ -43,6 +43,7 @@ from streams.ingest import LOG_APPEND_TIME, broker_ms
 from streams.interest import InterestStage
 from streams.items import check_item_record
 from streams.join import JOIN_TICK_S, JoinInput, JoinStage, PendingReads
+from streams.lane import DecisionLane
 from streams.learn import LearnStage
 from streams.runtime.consumer import Batch, Positions
 from streams.runtime.seal import is_seal
@@ -51,7 +52,6 @@ from streams.runtime.tablewriter import (
     scan,
 )
 from streams.sequence import SequenceStage
-from streams.tableio import by_partition as _by_partition
 from streams.tableio import changelog as _changelog
 from streams.tableio import dead_letter_all as _dead_letter
 from streams.tableio import load as _load
@@ -83,6 +83,7 @@ def wire(w: Wiring) -> None:
                          generation=lambda: w.app.consumer_generation_id,
                          items=w.items.get if w.items else lambda: None,
                          embeddings=interest.table)  # fmt: skip
+    lane = DecisionLane(decide, w.settings.scorer_thread)  # streams/lane.py
     learn = LearnStage(w.settings)
     # spend: re-read at flush, as the join's click charges and decisions interleave
     changelogs = DecisionChangelogs(ChangelogBuffer(w.freqcap),
@@ -91,18 +92,18 @@ def wire(w: Wiring) -> None:
     join = Join(
         JoinStage(w.settings, pending, Positions(w.app),
                   lambda: w.app.consumer_generation_id, lambda k: w.catalog.get_many([k])[0]),
-        functools.partial(settle_clicks, w, decide, changelogs.spend),
+        functools.partial(settle_clicks, w, lane, changelogs.spend),
     )  # fmt: skip
 
-    def decide_now(
+    async def decide_now(
         requests: Sequence[tuple[AdRequest, Raw]],
     ) -> tuple[list[AdDecision], serve.Log]:
-        now_ms = int(time.time() * 1000)
-        result = decide_requests(w, decide, requests, now_ms, w.settings.decide_tmax_ms)
+        tmax = w.settings.decide_tmax_ms
+        result, written = await decide_requests(w, lane, requests, tmax, changelogs)
         by_raw = {id(raw): d for _, raw, d in result.decisions}
 
         async def send() -> list[Awaitable[Any]]:
-            return (await emit_decisions(w, result, changelogs))[: len(result.decisions)]
+            return (await emit_decisions(w, result, written))[: len(result.decisions)]
 
         return [by_raw[id(raw)] for _, raw in requests], send
 
@@ -115,7 +116,7 @@ def wire(w: Wiring) -> None:
 
     @w.app.batch_topic(w.ad_requests)
     async def on_ad_requests(batch: Batch) -> Awaitable[Any]:
-        return await decide_batch(w, decide, batch, changelogs)
+        return await decide_batch(w, lane, batch, changelogs)
 
     @w.app.batch_topic(w.ad_decisions)
     async def on_ad_decisions(batch: Batch) -> Awaitable[Any]:
@@ -134,7 +135,7 @@ def wire(w: Wiring) -> None:
         async for event in stream.events():
             m = event.message
             raw = Raw(event.value, event.key, m.partition, m.offset, int(m.timestamp * 1000))
-            await forget_user(w, join, changelogs.caps, raw, tables)
+            await forget_user(w, join, changelogs.caps, raw, tables, lane.lock)
 
     @w.app.agent(w.ad_catalog)
     async def catalog_dead_letters(stream: Any) -> None:
@@ -229,32 +230,35 @@ def _warn_create_time(topic: str) -> None:
 
 # -- ad-requests (and POST /decide) ----------------------------------------------------------
 async def decide_batch(
-    w: Wiring, stage: DecideStage, batch: Batch, changelogs: DecisionChangelogs
+    w: Wiring, lane: DecisionLane, batch: Batch, changelogs: DecisionChangelogs
 ) -> Awaitable[Any]:
     """One batch of ad-requests: decisions sent, caps and spend written.
 
     Returns what completes when those writes are acknowledged; the consumer acks
     the batch then, and meanwhile moves on to the next one.
     """
+    good, rejected = lane.stage.split_topic(_raws(batch))
+    result, written = await decide_requests(w, lane, good, w.settings.topic_tmax_ms, changelogs)
+    futures = await emit_decisions(w, result, written)
     now_ms = int(time.time() * 1000)
-    good, rejected = stage.split_topic(_raws(batch))
-    result = decide_requests(w, stage, good, now_ms, w.settings.topic_tmax_ms)
-    futures = await emit_decisions(w, result, changelogs)
     futures += await _dead_letter(w, rejected, now_ms, "ad-requests", "decide")
     return asyncio.gather(*futures)
 
 
-def decide_requests(
+async def decide_requests(
     w: Wiring,
-    stage: DecideStage,
+    lane: DecisionLane,
     requests: Sequence[tuple[AdRequest, Raw]],
-    now_ms: int,
     default_tmax_ms: int,
-) -> DecideResult:
+    changelogs: DecisionChangelogs,
+) -> tuple[DecideResult, list[Awaitable[Any]]]:
     """Decoded requests from either entry point (the topic, ``POST /decide``): decided in
-    one :meth:`DecideStage.decide` call, caps and spend written to RocksDB, metrics
-    counted, each decision's ``latency_ms`` set. Synchronous: the next decision, from
-    either entry point, reads these caps (:func:`emit_decisions` sends the records).
+    one :meth:`DecideStage.decide` call (its model runs on the lane's thread), caps and
+    spend written to RocksDB and handed to their changelog buffers, metrics counted,
+    each decision's ``latency_ms`` set. Under the lane's lock from the reads to those
+    writes: the next decision, from either entry point, reads these caps, and their
+    changelog records keep the table's order (:func:`emit_decisions` sends the
+    decisions). Returns the result and what completes when its writes are acked.
     """
     tables = StateReaders(
         functools.partial(_load, w.interest),
@@ -262,22 +266,27 @@ def decide_requests(
         functools.partial(_load, w.spend),
         None if w.sequence is None else functools.partial(_load, w.sequence),
     )
-    result = stage.decide(requests, tables, now_ms, default_tmax_ms)
-    _write_local(w.freqcap, result.cap_writes)
-    _write_local(w.spend, result.spend_writes)
+
+    def write(result: DecideResult) -> list[Awaitable[Any]]:
+        caps = _write_local(w.freqcap, result.cap_writes)
+        spend = _write_local(w.spend, result.spend_writes)
+        return [*(changelogs.caps.add(p, items) for p, items in caps.items()),
+                *(changelogs.spend.add(p, items) for p, items in spend.items())]  # fmt: skip
+
+    result, written = await lane.decide(requests, tables, default_tmax_ms, write)
     done_ms, observe = time.time() * 1000, w.metrics.decision_latency.observe
     for _, raw, decision in result.decisions:
         decision.latency_ms = max(0.0, done_ms - raw.timestamp_ms)
         observe(decision.latency_ms / 1000)
     counts.decided(w.metrics, w.settings, result)
-    return result
+    return result, written
 
 
 async def emit_decisions(
-    w: Wiring, result: DecideResult, changelogs: DecisionChangelogs
+    w: Wiring, result: DecideResult, written: list[Awaitable[Any]]
 ) -> list[Awaitable[Any]]:
-    """Each decision to ad-decisions, then the caps' and spend's changelog records;
-    returns the send futures, the decisions' first and in the result's order."""
+    """Each decision to ad-decisions; returns the send futures, the decisions' first and
+    in the result's order, then ``written`` (its caps' and spend's changelog records)."""
     topic, encode = w.settings.topic("ad-decisions"), msgspec.json.encode
     futures: list[Awaitable[Any]] = []
     for key, raw, decision in result.decisions:
@@ -285,9 +294,7 @@ async def emit_decisions(
         # user's events are (the click join is partition-local).
         value = encode(decision)
         futures.append(await w.app.producer.send(topic, key, value, raw.partition, None, None))
-    futures += await _changelog(w.freqcap, _by_partition(result.cap_writes), changelogs.caps)
-    futures += await _changelog(w.spend, _by_partition(result.spend_writes), changelogs.spend)
-    return futures
+    return futures + written
 
 
 @dataclass(frozen=True)
@@ -298,21 +305,24 @@ class DecisionChangelogs:
     spend: ChangelogBuffer
 
 
-def settle_clicks(
+async def settle_clicks(
     w: Wiring,
-    stage: DecideStage,
+    lane: DecisionLane,
     spend: ChangelogBuffer,
     part: int,
     charges: list[Charge],
     now_ms: int,
 ) -> list[Awaitable[Any]]:
     """Clicks of cpc decisions charged to the partition's spend (the decision stage's own
-    budget copy, so the two never overwrite each other); completes when changelogged."""
-    writes = stage.budget.settle(part, charges, functools.partial(_load, w.spend), now_ms)
-    if not writes:
-        return []
-    _write_local(w.spend, writes)
-    return [spend.add(part, [(key, value) for key, _, value in writes])]
+    budget copy, so the two never overwrite each other; between decision batches, under
+    the lane's lock); completes when changelogged."""
+    async with lane.lock:
+        load = functools.partial(_load, w.spend)
+        writes = lane.stage.budget.settle(part, charges, load, now_ms)
+        if not writes:
+            return []
+        _write_local(w.spend, writes)
+        return [spend.add(part, [(key, value) for key, _, value in writes])]
 
 
 # -- the click join (ad-decisions, and the clicks of user-events) ----------------------------
@@ -321,7 +331,7 @@ class Join:
     """The click join and how it charges clicks of cpc decisions (:func:`settle_clicks`)."""
 
     stage: JoinStage
-    settle: Callable[[int, list[Charge], int], list[Awaitable[Any]]]
+    settle: Callable[[int, list[Charge], int], Awaitable[list[Awaitable[Any]]]]
 
 
 async def join_decisions(w: Wiring, join: Join, batch: Batch) -> Awaitable[Any]:
@@ -356,7 +366,7 @@ async def join_step(w: Wiring, join: Join, inp: JoinInput, now_ms: int) -> list[
             return []
         charged: list[Awaitable[Any]] = []
         if step.charges:  # durable with the labels, as they are
-            charged = join.settle(step.part, step.charges, now_ms)
+            charged = await join.settle(step.part, step.charges, now_ms)
         if step.labels:  # acked before the state that records them is written
             topic, send = w.settings.topic("ctr-feedback"), w.app.producer.send
             sends = [await send(topic, lab.ad_id.encode(), msgspec.json.encode(lab),
@@ -381,12 +391,19 @@ async def learn_batch(w: Wiring, stage: LearnStage, batch: Batch) -> Awaitable[A
 
 # -- forget-requests -------------------------------------------------------------------------
 async def forget_user(
-    w: Wiring, join: Join, caps: ChangelogBuffer, raw: Raw, tables: IngestChangelogs
+    w: Wiring,
+    join: Join,
+    caps: ChangelogBuffer,
+    raw: Raw,
+    tables: IngestChangelogs,
+    decisions: asyncio.Lock | None = None,
 ) -> None:
     """One forget request (streams/forget.py): tombstones acked, then the confirmation sent.
 
     The freqcap tombstone goes through ``caps``, the buffer the decisions' cap records
-    wait in, so no cap record written just before can be sent after it.
+    wait in, under ``decisions`` (the decision lane's lock, streams/lane.py), so no
+    decision batch that read the user's caps before it writes them after it, and no
+    cap record written just before can be sent after it.
     """
     now_ms = int(time.time() * 1000)
     req = forget.check(raw)
@@ -405,8 +422,9 @@ async def forget_user(
         futures += await _write(w.interest, [(key, part, None)], buf.interest)
         if w.sequence is not None:  # the user's behaviours go with their interest
             futures += await _write(w.sequence, [(key, part, None)], buf.sequence)
-    found["freqcap"] = sum(v is not None for v in _load(w.freqcap, [key], [part]))
-    futures += await _write(w.freqcap, [(key, part, None)], caps)
+    async with decisions or asyncio.Lock():
+        found["freqcap"] = sum(v is not None for v in _load(w.freqcap, [key], [part]))
+        futures += await _write(w.freqcap, [(key, part, None)], caps)
     async with join.stage.lock:
         gone = join.stage.forget(part, user)
         futures += await _write(w.pending, [(k, part, None) for k in gone])

@@ -11,10 +11,11 @@ consumer see it.
   one that does (Faust's partition assignment says which), with the time the
   budget started. A forwarded request that lands on a non-owner again (a
   rebalance in between) gets a 503.
-- **Micro-batching.** Requests that arrive while the event loop is busy are
-  decided together in one call (one scoring run, split at
-  ``ADPULSE_SCORER_MAX_BATCH_ROWS``); ``ADPULSE_SCORER_MAX_WAIT_MS`` can hold a
-  request back to wait for more.
+- **Micro-batching.** Requests that arrive while the event loop is busy, or while
+  the previous run is being decided (its model runs on a thread, streams/lane.py),
+  are decided together in one call (one scoring run, split at
+  ``ADPULSE_SCORER_MAX_BATCH_ROWS``); one run at a time; ``ADPULSE_SCORER_MAX_WAIT_MS``
+  can hold a request back to wait for more.
 - **Deadlines.** A request's budget is its ``tmax_ms``, else
   ``ADPULSE_DECIDE_TMAX_MS``, from its arrival: one used up before scoring gets
   a ``deadline`` no fill at once.
@@ -63,9 +64,11 @@ _TICK_S = 0.002  # how often the event loop's lateness is sampled
 
 # Decide the given requests (each budget started at its raw's timestamp) at once, state
 # written; returns each one's decision, in order, and what sends them to ad-decisions
-# (its result: the broker's acknowledgements to come, one per decision).
+# (its result: the broker's acknowledgements to come, one per decision); or an awaitable
+# of that, for a decide whose model runs on a thread while the event loop goes on.
 Log = Callable[[], Awaitable[list[Awaitable[Any]]]]
-Decide = Callable[[Sequence[tuple[AdRequest, Raw]]], tuple[list[AdDecision], Log]]
+Decided = tuple[list[AdDecision], Log]
+Decide = Callable[[Sequence[tuple[AdRequest, Raw]]], Decided | Awaitable[Decided]]
 
 
 @dataclass(frozen=True)
@@ -122,6 +125,8 @@ class DecideService:
         self._due: float | None = None  # when the next tick is due (loop time); None: not started
         self._flush: asyncio.Handle | asyncio.TimerHandle | None = None
         self._running: set[asyncio.Task[None]] = set()
+        self._deciding = False  # a run is being decided: the next one waits for it
+        self._next_due = False  # the queue was due meanwhile: it goes when that run is done
 
     def parse(self, body: bytes) -> AdRequest | Reply:
         out = self.decoder.decode(Raw(body, None, -1, -1))
@@ -167,7 +172,14 @@ class DecideService:
         return await call.done
 
     def _start(self, loop: asyncio.AbstractEventLoop) -> None:
-        task = loop.create_task(self._run(self._take()))
+        if self._deciding:  # one run at a time: what queues meanwhile is the next run
+            self._next_due = True
+            return
+        calls = self._take()
+        if not calls:
+            return
+        self._deciding = True
+        task = loop.create_task(self._run(calls))
         self._running.add(task)  # held until done: the loop keeps only a weak reference
         task.add_done_callback(self._running.discard)
 
@@ -177,17 +189,24 @@ class DecideService:
         calls, self.queue, self.queued_rows, self._flush = self.queue, [], 0, None
         return calls
 
+    def _decided(self) -> None:
+        self._deciding = False
+        if self._next_due:
+            self._next_due = False
+            self._start(asyncio.get_running_loop())
+
     async def _run(self, calls: list[_Call]) -> None:
-        if not calls:
-            return
         try:
-            decisions, send = self.decide([(c.req, c.raw) for c in calls])
+            got = self.decide([(c.req, c.raw) for c in calls])
+            decisions, send = got if isinstance(got, tuple) else await got
         except Exception as exc:  # every waiting caller gets an answer, never a hang
             log.exception("decide failed for %d request(s)", len(calls))
             for c in calls:
                 if not c.done.done():
                     c.done.set_exception(exc)
             return
+        finally:  # state written (or nothing done): the next run may read it
+            self._decided()
         for c, decision in zip(calls, decisions, strict=True):
             if not c.done.done():  # a caller that went away leaves its future cancelled
                 c.done.set_result(decision)

@@ -395,6 +395,12 @@ class Settings:
     scorer_max_batch_rows: int = _setting(
         4096, "Most candidate rows one micro-batch sends to the model."
     )
+    scorer_thread: bool = _setting(
+        False,
+        "Run a decision batch's model runs on a thread of their own (ONNX Runtime releases "
+        "the GIL) while the event loop serves HTTP and ingest. Off by default: on the 2-core "
+        "box it answered fewer requests at a higher p99 (docs/decide.md).",
+    )
     scorer_max_wait_ms: float = _setting(
         0.0,
         "POST /decide: longest a request waits for concurrent ones to share its scoring run "

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import json
 import shutil
+import threading
 import time
 import uuid
 from collections import Counter, defaultdict
@@ -256,6 +257,9 @@ def shared(broker: EmbeddedBroker, tmp_path_factory: pytest.TempPathFactory) -> 
         # pacing (throttled participation) has its own test in test_pacing.py.
         "ADPULSE_PACING": "off",
         "ADPULSE_PLACEMENT_POLICIES": ";".join(f"{p}=greedy" for p in GREEDY),
+        # Model runs on the scoring thread (off by default): every decision test here
+        # also holds with batches' runs off the event loop (streams/lane.py).
+        "ADPULSE_SCORER_THREAD": "true",
         **LENIENT,
     }
     worker = Worker(settings, tmp, extra).start()
@@ -379,6 +383,40 @@ def test_frequency_cap_serves_each_ad_once_then_no_fill(shared: Shared) -> None:
     sh.requests.send([other])
     sh.decisions.wait([other["request_id"]])
     assert sh.decisions.one(other["request_id"])["ad_id"] == "cap-2"  # highest bid
+
+
+def test_frequency_cap_holds_when_both_entry_points_decide_for_a_user_at_once(
+    shared: Shared,
+) -> None:
+    """One user's requests on the topic and over ``POST /decide`` at the same time: the
+    batches meet in the worker while an earlier one's model runs on the scoring thread
+    (streams/lane.py), and each must still read the caps the one before it wrote, so
+    each of the three ads is shown once, whichever path asked."""
+    sh = shared
+    user = sh.id("both-paths")
+    topic = [request(sh.id(f"bt{i}"), user, "cap") for i in range(8)]
+    http = [request(sh.id(f"bh{i}"), user, "cap") for i in range(8)]
+    statuses: list[int] = []
+
+    def post(req: dict[str, Any]) -> None:
+        for _ in range(40):  # a shed request decided nothing: it is asked again
+            status, _, _ = sh.worker.post("/decide", json.dumps(req).encode())
+            if status != 503:
+                break
+            time.sleep(0.05)
+        statuses.append(status)
+
+    threads = [threading.Thread(target=post, args=(r,)) for r in http]
+    sh.requests.send(topic)
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert statuses == [200] * len(http)
+    sh.decisions.wait([r["request_id"] for r in topic + http], settle=0.5)
+    got = [sh.decisions.one(r["request_id"]) for r in topic + http]
+    filled = [d["ad_id"] for d in got if d["ad_id"] is not None]
+    assert sorted(filled) == ["cap-0", "cap-1", "cap-2"]  # never one ad twice
 
 
 def test_campaign_out_of_budget_stops_while_others_continue(shared: Shared) -> None:

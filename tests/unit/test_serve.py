@@ -293,3 +293,46 @@ def test_a_users_requests_in_one_run_and_the_next_never_pass_a_frequency_cap(cap
     assert sorted(served) == sorted(["tight-ad", "filler-ad"] * cap)
     assert first[0] == "tight-ad"  # greedy: the higher bid first
     assert first.count(None) + later.count(None) == 3  # the rest: no fills
+
+
+def test_requests_that_come_while_a_run_is_decided_wait_and_share_the_next_run() -> None:
+    """A ``decide`` whose model runs on a thread returns an awaitable; while it is out,
+    the event loop takes more requests: they queue, and go in one run once it is done,
+    never in a second run alongside it (two runs at once could both spend a cap)."""
+    gate_open = asyncio.Event()
+    runs: list[list[str]] = []
+    running, most = 0, 0
+
+    async def decide(reqs: Sequence[tuple[AdRequest, Raw]]) -> tuple[list[dict[str, Any]], Any]:
+        nonlocal running, most
+        running += 1
+        most = max(most, running)
+        runs.append([r.request_id for r, _ in reqs])
+        if len(runs) == 1:
+            await gate_open.wait()  # the first run's model is still on the thread
+        running -= 1
+
+        async def send() -> list[Any]:
+            return []
+
+        return [{"request_id": r.request_id} for r, _ in reqs], send
+
+    async def main() -> list[dict[str, Any]]:
+        svc = DecideService(Settings(), decide, lambda: 10, lambda _e: None)
+        first = asyncio.ensure_future(svc.submit(parsed(svc, body(0)), 0, 0))
+        for _ in range(100):  # the first run starts within a few loop turns
+            if runs:
+                break
+            await asyncio.sleep(0)
+        assert runs == [["r0"]], "the first run did not start"
+        later = [asyncio.ensure_future(svc.submit(parsed(svc, body(i)), 0, 0)) for i in (1, 2, 3)]
+        for _ in range(10):  # the loop is free: nothing else may start meanwhile
+            await asyncio.sleep(0)
+        assert runs == [["r0"]]
+        gate_open.set()
+        return await asyncio.wait_for(asyncio.gather(first, *later), timeout=30)
+
+    got = asyncio.run(main())
+    assert runs == [["r0"], ["r1", "r2", "r3"]]
+    assert most == 1
+    assert [d["request_id"] for d in got] == ["r0", "r1", "r2", "r3"]
