@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -226,6 +227,43 @@ class DecideService:
             self.on_log_failure(fut.exception())  # type: ignore[arg-type]
 
 
+class Relearn:
+    """Learns the partition map again when a request finds none, one try at a time and
+    at most one per ``every_s``.
+
+    A worker learns the topics' partition counts once at start
+    (``learn_partition_counts``); on a loaded box some starts ended with no partitions
+    of ad-requests in the producer's metadata, and such a worker answered every request
+    503 "no worker owns this user yet" for its whole life (docs/decide.md). Retrying the
+    lookup heals it; a request that finds no map is still answered 503 at once.
+    """
+
+    def __init__(
+        self,
+        learn: Callable[[], Awaitable[None]],
+        every_s: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.learn, self.every_s, self.clock = learn, every_s, clock
+        self.tries = 0
+        self._task: asyncio.Task[None] | None = None
+        self._last = -math.inf
+
+    def kick(self) -> None:
+        busy = self._task is not None and not self._task.done()
+        if busy or self.clock() - self._last < self.every_s:
+            return
+        self._last = self.clock()
+        self.tries += 1
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        try:
+            await self.learn()
+        except Exception as exc:  # the next request that finds no map tries again
+            log.warning("learning the partition map again failed: %r", exc)
+
+
 def wire(w: Wiring, decide: Decide, catalog_rows: Callable[[], int]) -> DecideService:
     """``POST /decide`` on the worker's web server, in front of ``decide``."""
     app, m = w.app, w.metrics
@@ -256,16 +294,22 @@ def wire(w: Wiring, decide: Decide, catalog_rows: Callable[[], int]) -> DecideSe
             raise KeyError(user_id) from None
         return None if _ident(url) == own else url
 
+    async def learn_partitions() -> None:
+        producer = aiokafka_producer(app)
+        for topic in (w.interest.changelog_topic.get_topic_name(), requests_topic):
+            await producer.partitions_for(topic)
+
+    relearn = Relearn(learn_partitions)
+
     @app.task
     async def learn_partition_counts() -> None:
         """Both topics that pick a request's partition (the interest changelog, where
         Faust's router looks up the owner, and ad-requests) become known to the
         producer. A worker only learns a topic's partition count when it first
         sends to it, so a fresh worker, before its first user event, answered
-        /decide with an error; until this completes it answers 503."""
-        producer = aiokafka_producer(app)
-        for topic in (w.interest.changelog_topic.get_topic_name(), requests_topic):
-            await producer.partitions_for(topic)
+        /decide with an error; until this completes it answers 503 (and a request
+        that finds no map later makes it learn again: :class:`Relearn`)."""
+        await learn_partitions()
 
     async def forward(url: URL, body: bytes, start_ms: int, auth: str) -> Reply:
         started = time.perf_counter()
@@ -298,6 +342,7 @@ def wire(w: Wiring, decide: Decide, catalog_rows: Callable[[], int]) -> DecideSe
         try:
             url = owner(req.user_id)
         except KeyError:
+            relearn.kick()
             return "unavailable", Reply.error(503, "no worker owns this user yet: retry", 1)
         if url is not None:
             if forwarded:  # the assignment moved while it was on its way
@@ -308,6 +353,7 @@ def wire(w: Wiring, decide: Decide, catalog_rows: Callable[[], int]) -> DecideSe
         try:
             partition = app.producer.key_partition(requests_topic, req.user_id.encode()).partition
         except TypeError:  # see learn_partition_counts
+            relearn.kick()
             return "unavailable", Reply.error(503, "learning the partition map: retry", 1)
         decision = await service.submit(req, partition, start_ms)
         m.decide_seconds.observe(max(0.0, time.time() - start_ms / 1000))

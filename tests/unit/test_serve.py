@@ -336,3 +336,40 @@ def test_requests_that_come_while_a_run_is_decided_wait_and_share_the_next_run()
     assert runs == [["r0"], ["r1", "r2", "r3"]]
     assert most == 1
     assert [d["request_id"] for d in got] == ["r0", "r1", "r2", "r3"]
+
+
+def test_a_request_that_finds_no_partition_map_makes_the_worker_learn_it_again() -> None:
+    """A worker whose start left no ad-requests partitions in its metadata answered 503
+    for good; now each such request kicks one relearn, one at a time, at most one a
+    second, and a failed try is retried by a later request."""
+    from streams.serve import Relearn
+
+    now = [0.0]
+    calls: list[float] = []
+    fail = [True]
+    gate = asyncio.Event()
+
+    async def learn() -> None:
+        calls.append(now[0])
+        await gate.wait()
+        if fail[0]:
+            raise RuntimeError("no metadata")
+
+    async def scenario() -> None:
+        r = Relearn(learn, every_s=1.0, clock=lambda: now[0])
+        r.kick()
+        r.kick()  # one try at a time
+        await asyncio.sleep(0)
+        assert calls == [0.0]
+        gate.set()
+        await asyncio.sleep(0.01)  # the try fails: logged, not raised
+        now[0] = 0.5
+        r.kick()  # within the second: no new try
+        await asyncio.sleep(0)
+        assert calls == [0.0]
+        now[0], fail[0] = 1.2, False
+        r.kick()
+        await asyncio.sleep(0.01)
+        assert calls == [0.0, 1.2] and r.tries == 2
+
+    asyncio.run(scenario())
