@@ -467,9 +467,10 @@ class DecideStage:
         out: DecideResult,
         models: ServingModels,
     ) -> tuple[npt.NDArray[np.float32] | None, npt.NDArray[np.float32] | None, str]:
-        """One model run over every request's candidates (split at the row limit): (pCTR,
-        pCVR or None when a model has no CVR head, version); with a canary, one run for the
-        control's requests and one for the canary's."""
+        """Every request's candidates scored: (pCTR, pCVR or None when a model has no CVR
+        head, version). A plain model: one run over all (split at the row limit); a
+        sequence model: one run per request (``_run``); with a canary, the control's
+        requests and the canary's apart."""
         model = models.current
         canary = models.canary
         if canary is not None and model is not None:
