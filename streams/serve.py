@@ -249,13 +249,16 @@ class Relearn:
         self._task: asyncio.Task[None] | None = None
         self._last = -math.inf
 
-    def kick(self) -> None:
+    def kick(self) -> asyncio.Task[None] | None:
+        """The try started now, or None (one is running, or one started within
+        ``every_s``)."""
         busy = self._task is not None and not self._task.done()
         if busy or self.clock() - self._last < self.every_s:
-            return
+            return None
         self._last = self.clock()
         self.tries += 1
         self._task = asyncio.get_running_loop().create_task(self._run())
+        return self._task
 
     async def _run(self) -> None:
         try:

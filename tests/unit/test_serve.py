@@ -357,19 +357,20 @@ def test_a_request_that_finds_no_partition_map_makes_the_worker_learn_it_again()
 
     async def scenario() -> None:
         r = Relearn(learn, every_s=1.0, clock=lambda: now[0])
-        r.kick()
-        r.kick()  # one try at a time
+        first = r.kick()
+        assert first is not None
+        assert r.kick() is None  # one try at a time
         await asyncio.sleep(0)
         assert calls == [0.0]
         gate.set()
-        await asyncio.sleep(0.01)  # the try fails: logged, not raised
+        await first  # the try fails: logged, not raised
         now[0] = 0.5
-        r.kick()  # within the second: no new try
-        await asyncio.sleep(0)
+        assert r.kick() is None  # within the second: no new try
         assert calls == [0.0]
         now[0], fail[0] = 1.2, False
-        r.kick()
-        await asyncio.sleep(0.01)
+        second = r.kick()
+        assert second is not None
+        await second
         assert calls == [0.0, 1.2] and r.tries == 2
 
     asyncio.run(scenario())
