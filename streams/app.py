@@ -28,6 +28,21 @@ from streams.wiring import Wiring
 log = logging.getLogger(__name__)
 
 
+# tansu holds every fetch for its full wait, even when data arrives (docs/reference.md,
+# The embedded broker); Apache Kafka answers at the first byte, so a long wait is free.
+TANSU_FETCH_WAIT_MS = 10
+
+
+def fetch_wait_ms(settings: Settings) -> int:
+    """The worker's fetch wait: the setting, capped at 10 ms on the embedded tansu.
+
+    At 10 ms on Kafka the worker spent a tenth of a core on empty fetch round trips:
+    `bench serve --rate 10` 20% of a core vs 12% at 500 (docs/decide.md)."""
+    tansu = settings.embedded_broker and settings.embedded == "tansu"
+    wait = settings.fetch_max_wait_ms
+    return min(wait, TANSU_FETCH_WAIT_MS) if tansu else wait
+
+
 def create_app(settings: Settings) -> Wiring:
     pseudonyms = Pseudonymiser.from_settings(settings, warn=True)  # no key: ConfigError
     app = BatchApp(
@@ -56,7 +71,7 @@ def create_app(settings: Settings) -> Wiring:
         TableManager=SealingTableManager,
         batch_max=settings.batch_max_events,
         batch_within=settings.batch_max_wait_s,
-        fetch_max_wait_ms=settings.fetch_max_wait_ms,
+        fetch_max_wait_ms=fetch_wait_ms(settings),
         slice_ms=settings.batch_slice_ms,
         # Only tansu reports short end offsets (streams/runtime/seal.py); Kafka needs no seal.
         seal_changelogs=settings.embedded_broker and settings.embedded == "tansu",

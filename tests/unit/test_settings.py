@@ -76,3 +76,17 @@ def test_every_setting_is_documented() -> None:
     assert all(var.startswith("ADPULSE_") and doc for var, _default, doc in rows)
     weights = dict((var, default) for var, default, _ in rows)["ADPULSE_KIND_WEIGHTS"]
     assert weights == ",".join(f"{k}={w}" for k, w in zip(KINDS, (1, 2, 4, 3, 6), strict=True))
+
+
+def test_the_worker_fetch_wait_is_kafkas_own_except_on_the_embedded_tansu() -> None:
+    from streams.app import fetch_wait_ms  # the rule lives with the app it configures
+
+    kafka = Settings.from_env({"ADPULSE_EMBEDDED_BROKER": "true"})
+    tansu = Settings.from_env({"ADPULSE_EMBEDDED_BROKER": "true", "ADPULSE_EMBEDDED": "tansu"})
+    short = {"ADPULSE_EMBEDDED_BROKER": "true", "ADPULSE_EMBEDDED": "tansu",
+             "ADPULSE_FETCH_MAX_WAIT_MS": "5"}  # fmt: skip
+    external = Settings.from_env({"ADPULSE_EMBEDDED": "tansu"})  # not embedded: a real Kafka
+    assert fetch_wait_ms(kafka) == 500
+    assert fetch_wait_ms(tansu) == 10
+    assert fetch_wait_ms(Settings.from_env(short)) == 5
+    assert fetch_wait_ms(external) == 500
