@@ -12,7 +12,7 @@ from typing import Any
 
 from faust.types import TableT
 
-from adpulse.core.kafkaconf import client_kwargs, faust_credentials
+from adpulse.core.kafkaconf import client_kwargs, faust_credentials, fetch_wait_ms
 from adpulse.core.metrics import Metrics
 from adpulse.core.privacy import Pseudonymiser
 from adpulse.core.settings import Settings
@@ -26,21 +26,6 @@ from streams.runtime.restore import SealingTableManager
 from streams.wiring import Wiring
 
 log = logging.getLogger(__name__)
-
-
-# tansu holds every fetch for its full wait, even when data arrives (docs/reference.md,
-# The embedded broker); Apache Kafka answers at the first byte, so a long wait is free.
-TANSU_FETCH_WAIT_MS = 10
-
-
-def fetch_wait_ms(settings: Settings) -> int:
-    """The worker's fetch wait: the setting, capped at 10 ms on the embedded tansu.
-
-    At 10 ms on Kafka the worker spent a tenth of a core on empty fetch round trips:
-    `bench serve --rate 10` 20% of a core vs 12% at 500 (docs/decide.md)."""
-    tansu = settings.embedded_broker and settings.embedded == "tansu"
-    wait = settings.fetch_max_wait_ms
-    return min(wait, TANSU_FETCH_WAIT_MS) if tansu else wait
 
 
 def create_app(settings: Settings) -> Wiring:

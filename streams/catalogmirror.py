@@ -33,16 +33,13 @@ from collections.abc import Callable, Sequence
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from adpulse.core.kafkaconf import client_kwargs
+from adpulse.core.kafkaconf import client_kwargs, fetch_wait_ms
 from adpulse.core.settings import Settings
 from streams.catalog import TextCheck, check_catalog_record
 from streams.runtime.seal import is_seal
 
 log = logging.getLogger(__name__)
 POLL_MS = 500
-# How long the broker holds a mirror's fetch for data: a new record's way to every
-# worker's decisions (a catalog change, a learned label) is at most about this.
-FETCH_WAIT_MS = 20
 
 
 def catalog_mirror(
@@ -102,7 +99,7 @@ class TopicMirror:
         consumer = AIOKafkaConsumer(
             **client_kwargs(self.settings), client_id=f"adpulse-{self.name}-mirror",
             group_id=None, enable_auto_commit=False, auto_offset_reset="earliest",
-            fetch_max_wait_ms=FETCH_WAIT_MS,
+            fetch_max_wait_ms=fetch_wait_ms(self.settings),  # Kafka: returns on data
         )  # fmt: skip
         await consumer.start()
         try:

@@ -28,6 +28,7 @@ from adpulse.core.settings import Settings
 
 SSL_PROTOCOLS = ("SSL", "SASL_SSL")
 SASL_PROTOCOLS = ("SASL_PLAINTEXT", "SASL_SSL")
+TANSU_FETCH_WAIT_MS = 10
 
 
 def client_kwargs(target: Settings | str) -> dict[str, Any]:
@@ -38,6 +39,19 @@ def client_kwargs(target: Settings | str) -> dict[str, Any]:
     if isinstance(target, str):
         return {"bootstrap_servers": target}
     return {"bootstrap_servers": target.bootstrap_or_default, **security_kwargs(target)}
+
+
+def fetch_wait_ms(s: Settings) -> int:
+    """How long the broker may hold the worker's fetches (its consumer's and its topic
+    mirrors'): ``ADPULSE_FETCH_MAX_WAIT_MS``, at most 10 ms on the embedded tansu.
+
+    Apache Kafka answers a fetch as soon as any data arrives, so the wait only bounds
+    empty round trips: at 10 ms an idle worker spent 20% of a core on them, at 500 12%
+    (``bench serve --rate 10``, docs/decide.md). tansu holds every fetch for the full
+    wait, data or not (docs/reference.md, The embedded broker), so there it is latency.
+    """
+    tansu = s.embedded_broker and s.embedded == "tansu"
+    return min(s.fetch_max_wait_ms, TANSU_FETCH_WAIT_MS) if tansu else s.fetch_max_wait_ms
 
 
 def security_kwargs(s: Settings) -> dict[str, Any]:

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from adpulse.core.errors import ConfigError
+from adpulse.core.kafkaconf import fetch_wait_ms
 from adpulse.core.settings import KINDS, Settings, documented
 
 
@@ -79,8 +80,6 @@ def test_every_setting_is_documented() -> None:
 
 
 def test_the_worker_fetch_wait_is_kafkas_own_except_on_the_embedded_tansu() -> None:
-    from streams.app import fetch_wait_ms  # the rule lives with the app it configures
-
     kafka = Settings.from_env({"ADPULSE_EMBEDDED_BROKER": "true"})
     tansu = Settings.from_env({"ADPULSE_EMBEDDED_BROKER": "true", "ADPULSE_EMBEDDED": "tansu"})
     short = {"ADPULSE_EMBEDDED_BROKER": "true", "ADPULSE_EMBEDDED": "tansu",
