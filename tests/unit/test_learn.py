@@ -27,6 +27,7 @@ from scoring.strategy.state import (
     CalibrationShard,
     calibration_key,
     decode_ad,
+    encode,
     segment_of,
     state_key,
 )
@@ -186,6 +187,38 @@ def test_strategy_reader_reads_each_ad_once_per_batch() -> None:
     reader.states(["a", "b"])
     reader.states(["b", "a", "c"])
     assert reads == [[b"a", b"b"], [b"c"]]
+
+
+def test_strategy_reader_decodes_a_record_again_only_when_its_bytes_change(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from scoring.strategy import policy
+
+    decoded: list[bytes | None] = []
+
+    def counting(raw: bytes | None) -> AdState:
+        decoded.append(raw)
+        return decode_ad(raw)
+
+    monkeypatch.setattr(policy, "decode_ad", counting)
+    store = {b"a": encode(AdState(shows=1.0)), b"b": encode(AdState(shows=2.0))}
+    reader = StrategyReader(lambda keys: [store.get(k) for k in keys])
+    reader.batch()
+    first = reader.states(["a", "b", "c"])
+    reader.batch()
+    again = reader.states(["a", "b", "c"])
+    assert [s.shows for s in again] == [1.0, 2.0, 0.0]
+    assert again[0] is first[0] and again[1] is first[1]  # unchanged bytes: reused
+    assert decoded == [store[b"a"], store[b"b"], None, None]  # an unknown ad: no entry
+    store[b"a"] = encode(AdState(shows=5.0))  # a label moved it: a new bytes object
+    store[b"b"] = bytes(bytearray(store[b"b"]))  # equal bytes, another object
+    del decoded[:]
+    reader.batch()
+    assert [s.shows for s in reader.states(["a", "b"])] == [5.0, 2.0]
+    assert decoded == [store[b"a"]]  # only the changed record decoded again
+    store.pop(b"b")  # the record went (a tombstone): a fresh state, not the cached one
+    reader.batch()
+    assert reader.states(["b"])[0].shows == 0.0 and "b" not in reader.decoded
 
 
 def test_experiment_arms_are_stable_and_carry_their_policies() -> None:
