@@ -114,12 +114,13 @@ class Trainer:
 
     def _learner(self, model: Any) -> OnlineLearner:
         s = self.s
-        if s.trainer_step_rows < 1:
-            msg = f"ADPULSE_TRAINER_STEP_ROWS={s.trainer_step_rows}: must be at least 1"
-            raise ConfigError(msg)
-        return OnlineLearner(model, self.spec, lr=s.trainer_lr, replay=s.trainer_replay,
-                             dedupe_ids=s.trainer_dedupe_ids,
-                             step_rows=s.trainer_step_rows)  # fmt: skip
+        try:  # the learner checks its step size (one home for the rule); here it is a setting
+            return OnlineLearner(model, lr=s.trainer_lr, replay=s.trainer_replay,
+                                 dedupe_ids=s.trainer_dedupe_ids,
+                                 step_rows=s.trainer_step_rows)  # fmt: skip
+        except ValueError as exc:
+            msg = f"ADPULSE_TRAINER_STEP_ROWS: {exc}"
+            raise ConfigError(msg) from None
 
     def _restore(self, saved: dict[str, Any]) -> OnlineLearner:
         learner = self._learner(build(self.spec, saved["arch"]))

@@ -179,7 +179,6 @@ class OnlineLearner:
     def __init__(
         self,
         model: CtrNet,
-        spec: FeatureSpec,
         *,
         lr: float = 5e-4,
         replay: int = 20_000,
@@ -190,7 +189,7 @@ class OnlineLearner:
         if step_rows < 1:
             msg = f"step_rows={step_rows}: a step learns at least one row"
             raise ValueError(msg)
-        spec = model.spec  # the weights' own sequence length wins
+        spec = model.spec  # the weights' own spec (and sequence length), not the settings'
         self.model, self.spec, self.lr, self.step_rows = model, spec, lr, step_rows
         self.opt = torch.optim.Adam(model.parameters(), lr=lr)
         self.replay = ReplayBuffer(replay, spec)

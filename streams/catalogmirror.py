@@ -33,7 +33,7 @@ from collections.abc import Callable, Sequence
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from adpulse.core.kafkaconf import client_kwargs, fetch_wait_ms
+from adpulse.core.kafkaconf import client_kwargs, mirror_fetch_wait_ms
 from adpulse.core.settings import Settings
 from streams.catalog import TextCheck, check_catalog_record
 from streams.runtime.seal import is_seal
@@ -99,7 +99,7 @@ class TopicMirror:
         consumer = AIOKafkaConsumer(
             **client_kwargs(self.settings), client_id=f"adpulse-{self.name}-mirror",
             group_id=None, enable_auto_commit=False, auto_offset_reset="earliest",
-            fetch_max_wait_ms=fetch_wait_ms(self.settings),  # Kafka: returns on data
+            fetch_max_wait_ms=mirror_fetch_wait_ms(self.settings),
         )  # fmt: skip
         await consumer.start()
         try:

@@ -29,6 +29,7 @@ from adpulse.core.settings import Settings
 SSL_PROTOCOLS = ("SSL", "SASL_SSL")
 SASL_PROTOCOLS = ("SASL_PLAINTEXT", "SASL_SSL")
 TANSU_FETCH_WAIT_MS = 10
+MIRROR_FETCH_WAIT_MS, TANSU_MIRROR_FETCH_WAIT_MS = 500, 20
 
 
 def client_kwargs(target: Settings | str) -> dict[str, Any]:
@@ -42,16 +43,28 @@ def client_kwargs(target: Settings | str) -> dict[str, Any]:
 
 
 def fetch_wait_ms(s: Settings) -> int:
-    """How long the broker may hold the worker's fetches (its consumer's and its topic
-    mirrors'): ``ADPULSE_FETCH_MAX_WAIT_MS``, at most 10 ms on the embedded tansu.
+    """How long the broker may hold the worker's consumer fetch: ``ADPULSE_FETCH_MAX_WAIT_MS``,
+    at most 10 ms on the embedded tansu (it holds every fetch for the full wait, data or
+    not: docs/reference.md, The embedded broker).
 
-    Apache Kafka answers a fetch as soon as any data arrives, so the wait only bounds
-    empty round trips: at 10 ms an idle worker spent 20% of a core on them, at 500 12%
-    (``bench serve --rate 10``, docs/decide.md). tansu holds every fetch for the full
-    wait, data or not (docs/reference.md, The embedded broker), so there it is latency.
+    Kept short on Apache Kafka too, though Kafka answers at the first data: aiokafka sends
+    no fetch to a broker while one is in flight, and leaves out a partition whose records
+    the worker has not taken yet, so when it takes them that partition waits for the
+    fetch in flight. At 500 ms `bench decisions` (the Kafka path) had p50 410-709 ms
+    against 41-83 ms at 10 (docs/decide.md).
     """
     tansu = s.embedded_broker and s.embedded == "tansu"
     return min(s.fetch_max_wait_ms, TANSU_FETCH_WAIT_MS) if tansu else s.fetch_max_wait_ms
+
+
+def mirror_fetch_wait_ms(s: Settings) -> int:
+    """The topic mirrors' fetch wait (streams/catalogmirror.py): 500 ms on Apache Kafka, which
+    answers at the first data, and whose mirrors take every record a fetch brings at once;
+    20 ms on the embedded tansu, where it is how late a catalog change or a label can be.
+    At 20 ms on Kafka the three mirrors cost an idle worker 3% of a core (12% against 9%,
+    ``bench serve --rate 10``) in empty round trips."""
+    tansu = s.embedded_broker and s.embedded == "tansu"
+    return TANSU_MIRROR_FETCH_WAIT_MS if tansu else MIRROR_FETCH_WAIT_MS
 
 
 def security_kwargs(s: Settings) -> dict[str, Any]:

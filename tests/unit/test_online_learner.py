@@ -41,7 +41,7 @@ def _batches(n_batches: int, size: int = 64) -> list[tuple[dict, np.ndarray, lis
 
 def _learner(seed: int = 1) -> OnlineLearner:
     torch.manual_seed(seed)
-    return OnlineLearner(CtrNet(SPEC), SPEC, lr=1e-3, replay=100, dedupe_ids=1000)
+    return OnlineLearner(CtrNet(SPEC), lr=1e-3, replay=100, dedupe_ids=1000)
 
 
 def test_a_learner_restored_from_its_checkpoint_continues_exactly_as_if_never_stopped(
@@ -59,7 +59,7 @@ def test_a_learner_restored_from_its_checkpoint_continues_exactly_as_if_never_st
     saved = load_saved(tmp_path / "ckpt.pt")
     assert saved is not None
     torch.manual_seed(99)  # a restart initialises other weights: the checkpoint must win
-    resumed = OnlineLearner(build(SPEC, saved["arch"]), SPEC, lr=1e-3, replay=100,
+    resumed = OnlineLearner(build(SPEC, saved["arch"]), lr=1e-3, replay=100,
                             dedupe_ids=1000)  # fmt: skip
     resumed.load(saved)
     for x, y, ids in batches[2:]:
@@ -159,7 +159,7 @@ def _seq_batches(n_batches: int, size: int = 64) -> list[tuple[dict, np.ndarray,
 
 def _seq_learner(seed: int = 1) -> OnlineLearner:
     torch.manual_seed(seed)
-    return OnlineLearner(CtrNet(SEQ_SPEC, cvr_head=True), SPEC, lr=1e-3, replay=100,
+    return OnlineLearner(CtrNet(SEQ_SPEC, cvr_head=True), lr=1e-3, replay=100,
                          dedupe_ids=1000)  # fmt: skip
 
 
@@ -201,7 +201,7 @@ def test_a_sequence_model_with_two_heads_learns_both_and_resumes_exactly(
     saved = load_saved(tmp_path / "ckpt.pt")
     assert saved is not None and saved["arch"]["sequence"] == 8
     torch.manual_seed(99)
-    resumed = OnlineLearner(build(SPEC, saved["arch"]), SPEC, lr=1e-3, replay=100,
+    resumed = OnlineLearner(build(SPEC, saved["arch"]), lr=1e-3, replay=100,
                             dedupe_ids=1000)  # fmt: skip
     resumed.load(saved)
     for x, y, ids, conv in batches[2:]:
@@ -251,7 +251,7 @@ def test_clicks_early_and_non_clicks_late_leave_the_learner_calibrated(tmp_path:
     train(recs[:16_000], tmp_path, epochs=2, threads=1, version="v1")
     stream, held = recs[16_000:30_000], recs[30_000:]
     torch.manual_seed(0)
-    learner = OnlineLearner(load_weights(tmp_path / "v1" / "model.pt", SPEC), SPEC, lr=5e-4,
+    learner = OnlineLearner(load_weights(tmp_path / "v1" / "model.pt", SPEC), lr=5e-4,
                             replay=20_000)  # fmt: skip
 
     def observed_over_expected(rs: list[dict]) -> float:
@@ -291,7 +291,7 @@ def test_rows_pending_for_a_full_step_are_in_the_checkpoint_and_learned_once_aft
 
     def learner() -> OnlineLearner:
         torch.manual_seed(1)
-        return OnlineLearner(CtrNet(SPEC), SPEC, lr=1e-3, replay=100, dedupe_ids=1000,
+        return OnlineLearner(CtrNet(SPEC), lr=1e-3, replay=100, dedupe_ids=1000,
                              step_rows=128)  # fmt: skip
 
     straight = learner()

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from adpulse.core.errors import ConfigError
-from adpulse.core.kafkaconf import fetch_wait_ms
+from adpulse.core.kafkaconf import fetch_wait_ms, mirror_fetch_wait_ms
 from adpulse.core.settings import KINDS, Settings, documented
 
 
@@ -79,13 +79,13 @@ def test_every_setting_is_documented() -> None:
     assert weights == ",".join(f"{k}={w}" for k, w in zip(KINDS, (1, 2, 4, 3, 6), strict=True))
 
 
-def test_the_worker_fetch_wait_is_kafkas_own_except_on_the_embedded_tansu() -> None:
+def test_fetch_waits_stay_short_for_the_consumer_and_long_for_kafka_mirrors() -> None:
     kafka = Settings.from_env({"ADPULSE_EMBEDDED_BROKER": "true"})
     tansu = Settings.from_env({"ADPULSE_EMBEDDED_BROKER": "true", "ADPULSE_EMBEDDED": "tansu"})
-    short = {"ADPULSE_EMBEDDED_BROKER": "true", "ADPULSE_EMBEDDED": "tansu",
-             "ADPULSE_FETCH_MAX_WAIT_MS": "5"}  # fmt: skip
-    external = Settings.from_env({"ADPULSE_EMBEDDED": "tansu"})  # not embedded: a real Kafka
-    assert fetch_wait_ms(kafka) == 500
-    assert fetch_wait_ms(tansu) == 10
-    assert fetch_wait_ms(Settings.from_env(short)) == 5
-    assert fetch_wait_ms(external) == 500
+    longer = {"ADPULSE_EMBEDDED_BROKER": "true", "ADPULSE_EMBEDDED": "tansu",
+              "ADPULSE_FETCH_MAX_WAIT_MS": "50"}  # fmt: skip
+    external = Settings.from_env({"ADPULSE_EMBEDDED": "tansu", "ADPULSE_FETCH_MAX_WAIT_MS": "50"})
+    assert fetch_wait_ms(kafka) == 10
+    assert fetch_wait_ms(Settings.from_env(longer)) == 10  # tansu: never more
+    assert fetch_wait_ms(external) == 50  # not embedded: a real Kafka, the setting as given
+    assert (mirror_fetch_wait_ms(kafka), mirror_fetch_wait_ms(tansu)) == (500, 20)

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from adpulse.core.errors import ConfigError
 from adpulse.core.metrics import Metrics
 from adpulse.core.settings import Settings
 from scoring.synthetic import generate
@@ -38,6 +40,16 @@ def _settings(root: Path, tmp_path: Path) -> Settings:
     return Settings(model_dir=str(root), data_dir=str(tmp_path / "data"),
                     model_latency_budget_ms=math.inf, scorer_threads=1,
                     trainer_step_rows=128)  # fmt: skip
+
+
+def test_a_step_size_below_one_row_is_a_one_line_config_error(
+    base_root: Path, tmp_path: Path
+) -> None:
+    from adpulse.trainer import Trainer
+
+    s = replace(_settings(base_root, tmp_path), trainer_step_rows=0)
+    with pytest.raises(ConfigError, match=r"^ADPULSE_TRAINER_STEP_ROWS: step_rows=0: a step "):
+        Trainer(s, Metrics.create())
 
 
 def test_no_candidate_until_the_pending_rows_make_a_step_then_one(
