@@ -114,12 +114,12 @@ class Trainer:
 
     def _learner(self, model: Any) -> OnlineLearner:
         s = self.s
-        try:  # the learner checks its step size (one home for the rule); here it is a setting
+        try:  # the learner (and torch's optimiser) check their arguments: one home each
             return OnlineLearner(model, lr=s.trainer_lr, replay=s.trainer_replay,
                                  dedupe_ids=s.trainer_dedupe_ids,
                                  step_rows=s.trainer_step_rows)  # fmt: skip
-        except ValueError as exc:
-            msg = f"ADPULSE_TRAINER_STEP_ROWS: {exc}"
+        except ValueError as exc:  # from the ADPULSE_TRAINER_* settings: one line, no traceback
+            msg = f"trainer settings (ADPULSE_TRAINER_*): {exc}"
             raise ConfigError(msg) from None
 
     def _restore(self, saved: dict[str, Any]) -> OnlineLearner:

@@ -48,7 +48,7 @@ def test_a_step_size_below_one_row_is_a_one_line_config_error(
     from adpulse.trainer import Trainer
 
     s = replace(_settings(base_root, tmp_path), trainer_step_rows=0)
-    with pytest.raises(ConfigError, match=r"^ADPULSE_TRAINER_STEP_ROWS: step_rows=0: a step "):
+    with pytest.raises(ConfigError, match=r"^trainer settings \(ADPULSE_TRAINER_\*\): step_rows=0"):
         Trainer(s, Metrics.create())
 
 
