@@ -12,7 +12,12 @@ from typing import Any
 
 from faust.types import TableT
 
-from adpulse.core.kafkaconf import client_kwargs, faust_credentials, fetch_wait_ms
+from adpulse.core.kafkaconf import (
+    client_kwargs,
+    faust_credentials,
+    fetch_wait_ms,
+    on_embedded_tansu,
+)
 from adpulse.core.metrics import Metrics
 from adpulse.core.privacy import Pseudonymiser
 from adpulse.core.settings import Settings
@@ -59,7 +64,7 @@ def create_app(settings: Settings) -> Wiring:
         fetch_max_wait_ms=fetch_wait_ms(settings),
         slice_ms=settings.batch_slice_ms,
         # Only tansu reports short end offsets (streams/runtime/seal.py); Kafka needs no seal.
-        seal_changelogs=settings.embedded_broker and settings.embedded == "tansu",
+        seal_changelogs=on_embedded_tansu(settings),
         # streams/runtime/restore.py: the aiokafka client that reads changelog backlogs in bulk.
         bulk_restore_client=client_kwargs(settings) if settings.bulk_restore else None,
     )

@@ -42,6 +42,12 @@ def client_kwargs(target: Settings | str) -> dict[str, Any]:
     return {"bootstrap_servers": target.bootstrap_or_default, **security_kwargs(target)}
 
 
+def on_embedded_tansu(s: Settings) -> bool:
+    """Whether the broker is the embedded tansu, whose workarounds apply (short fetch waits,
+    sealed changelogs: streams/runtime/seal.py); never for a broker run elsewhere."""
+    return s.embedded_broker and s.embedded == "tansu"
+
+
 def fetch_wait_ms(s: Settings) -> int:
     """How long the broker may hold the worker's consumer fetch: ``ADPULSE_FETCH_MAX_WAIT_MS``,
     at most 10 ms on the embedded tansu (it holds every fetch for the full wait, data or
@@ -50,21 +56,20 @@ def fetch_wait_ms(s: Settings) -> int:
     Kept short on Apache Kafka too, though Kafka answers at the first data: aiokafka sends
     no fetch to a broker while one is in flight, and leaves out a partition whose records
     the worker has not taken yet, so when it takes them that partition waits for the
-    fetch in flight. At 500 ms `bench decisions` (the Kafka path) had p50 410-709 ms
-    against 41-83 ms at 10 (docs/decide.md).
+    fetch in flight. At 500 ms `bench decisions` (the Kafka path) had p50 411-709 ms in three
+    of four runs (42 in the fourth) against 41-83 ms at 10 (docs/decide.md).
     """
-    tansu = s.embedded_broker and s.embedded == "tansu"
-    return min(s.fetch_max_wait_ms, TANSU_FETCH_WAIT_MS) if tansu else s.fetch_max_wait_ms
+    wait = s.fetch_max_wait_ms
+    return min(wait, TANSU_FETCH_WAIT_MS) if on_embedded_tansu(s) else wait
 
 
 def mirror_fetch_wait_ms(s: Settings) -> int:
     """The topic mirrors' fetch wait (streams/catalogmirror.py): 500 ms on Apache Kafka, which
-    answers at the first data, and whose mirrors take every record a fetch brings at once;
-    20 ms on the embedded tansu, where it is how late a catalog change or a label can be.
-    At 20 ms on Kafka the three mirrors cost an idle worker 3% of a core (12% against 9%,
-    ``bench serve --rate 10``) in empty round trips."""
-    tansu = s.embedded_broker and s.embedded == "tansu"
-    return TANSU_MIRROR_FETCH_WAIT_MS if tansu else MIRROR_FETCH_WAIT_MS
+    answers at the first data (a mirror's ``getmany`` takes up to 10,000 records a fetch
+    brings, so none waits out a fetch as the worker's consumer can); 20 ms on the embedded
+    tansu, where it is how late a catalog change or a label can be. At 20 ms on Kafka an
+    idle worker used 20% of a core, at 500 15% (``bench serve --rate 10``, one run each)."""
+    return TANSU_MIRROR_FETCH_WAIT_MS if on_embedded_tansu(s) else MIRROR_FETCH_WAIT_MS
 
 
 def security_kwargs(s: Settings) -> dict[str, Any]:
