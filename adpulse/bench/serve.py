@@ -60,7 +60,7 @@ TIMEOUT_S = 10.0  # a request unanswered this long is an error
 PROBE_EVERY_S = 0.1
 # A probe polls 2 ms apart at first, then a tenth of its elapsed time apart: a reading is
 # at most 10% (or 2 ms) late, never early. Polled every 2 ms throughout, a probe waiting
-# out a 2 s backlog sent the worker ~500 GETs/s, and loaded it more the slower it got.
+# out a 2 s backlog sent the worker up to 500 GETs/s (one per 2 ms), more the slower it got.
 PROBE_POLL_S = 0.002
 PROBE_POLL_FRACTION = 0.1
 PROBE_GIVE_UP_S = 10.0  # a probe not seen by then counts as 10 s (it used to be dropped at 5)
