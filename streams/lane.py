@@ -46,13 +46,20 @@ class DecisionLane:
 
     ``thread`` False: the model runs stay on the caller's thread (``ADPULSE_SCORER_THREAD``).
     ``clock``: epoch ms, read when a batch starts (after the lock), not when it queued.
+    ``busy``: told the seconds each batch's steps held the event loop (its model runs on
+    the thread do not), the load ``POST /decide`` gives way by (streams/serve.py).
     """
 
     def __init__(
-        self, stage: DecideStage, thread: bool = True, clock: Callable[[], int] = _now_ms
+        self,
+        stage: DecideStage,
+        thread: bool = True,
+        clock: Callable[[], int] = _now_ms,
+        busy: Callable[[float], None] = lambda _s: None,
     ) -> None:
         self.stage = stage
         self.clock = clock
+        self.busy = busy
         self.lock = asyncio.Lock()  # held from a batch's reads to its writes
         self._pool = ThreadPoolExecutor(1, "adpulse-scorer") if thread else None
         if thread:  # process-wide; only costs while two threads want the GIL
@@ -69,14 +76,19 @@ class DecisionLane:
         thread, then ``write`` (the result's caps and spend to RocksDB and the changelog
         buffers), all under :attr:`lock`; the result and what ``write`` returned."""
         async with self.lock:
+            started = time.perf_counter()
             batch = self.stage.begin(requests, tables, self.clock(), default_tmax_ms)
             if self._pool is None or not batch.runs_model:
                 scored = self.stage.score(batch)
             else:  # the batch's objects are the thread's alone until it returns
+                held = time.perf_counter() - started
                 loop = asyncio.get_running_loop()
                 scored = await loop.run_in_executor(self._pool, self.stage.score, batch)
+                started = time.perf_counter() - held
             result = self.stage.finish(batch, scored)
-            return result, write(result)
+            written = write(result)
+            self.busy(time.perf_counter() - started)
+            return result, written
 
     def close(self) -> None:
         if self._pool is not None:

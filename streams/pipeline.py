@@ -83,7 +83,8 @@ def wire(w: Wiring) -> None:
                          generation=lambda: w.app.consumer_generation_id,
                          items=w.items.get if w.items else lambda: None,
                          embeddings=interest.table)  # fmt: skip
-    lane = DecisionLane(decide, w.settings.scorer_thread)  # streams/lane.py
+    guard = serve.IngestGuard(w.settings.decide_max_ingest_lag_ms)  # /decide gives way to ingest
+    lane = DecisionLane(decide, w.settings.scorer_thread, busy=guard.busy)  # streams/lane.py
     learn = LearnStage(w.settings)
     # spend: re-read at flush, as the join's click charges and decisions interleave
     changelogs = DecisionChangelogs(ChangelogBuffer(w.freqcap),
@@ -108,11 +109,11 @@ def wire(w: Wiring) -> None:
         return [by_raw[id(raw)] for _, raw in requests], send
 
     # POST /decide (streams/serve.py): the same decisions, answered synchronously
-    serve.wire(w, decide_now, lambda: len(catalog.get() or ()))
+    serve.wire(w, decide_now, lambda: len(catalog.get() or ()), guard)
 
     @w.app.batch_topic(w.user_events)
     async def on_user_events(batch: Batch) -> Awaitable[Any]:
-        return await ingest(w, interest, batch, join, sequences, tables)
+        return await ingest(w, interest, batch, join, sequences, tables, guard.saw)
 
     @w.app.batch_topic(w.ad_requests)
     async def on_ad_requests(batch: Batch) -> Awaitable[Any]:
@@ -171,8 +172,12 @@ async def ingest(
     join: Join | None,
     sequences: SequenceStage | None,
     tables: IngestChangelogs,
+    lag: Callable[[float], None] = lambda _s: None,
 ) -> Awaitable[Any]:
     """One batch of user-events into RocksDB; returns what completes when changelogged.
+
+    ``lag`` is told how old the batch's oldest event is as its writes begin (what
+    ``POST /decide`` gives way to: streams/serve.py, ``IngestGuard``).
 
     The batch is acked only once its changelog writes are acknowledged, so a
     committed offset never gets ahead of the state it produced. ``tables`` is required:
@@ -181,7 +186,7 @@ async def ingest(
     started = time.perf_counter()
     now_ms = int(time.time() * 1000)
     raws: list[Raw] = []
-    oldest_ms = now_ms
+    oldest_ms = arrived_ms = now_ms
     for tp, records in batch.items():
         part = tp.partition
         raws.extend(
@@ -189,9 +194,12 @@ async def ingest(
                 broker_ms(r.timestamp, r.timestamp_type, now_ms))
             for r in records
         )  # fmt: skip
-        oldest_ms = min(oldest_ms, records[0].timestamp)
-        if records[0].timestamp_type != LOG_APPEND_TIME:
+        first = records[0]
+        oldest_ms = min(oldest_ms, first.timestamp)
+        arrived_ms = min(arrived_ms, broker_ms(first.timestamp, first.timestamp_type, now_ms))
+        if first.timestamp_type != LOG_APPEND_TIME:
             _warn_create_time(tp.topic)
+    lag((now_ms - arrived_ms) / 1000)  # by the broker's clock: a replay's CreateTime is old
 
     async with w.interest_locks.hold(tp.partition for tp in batch):  # vs forget: tablewriter
         result = stage.process(raws, functools.partial(_load, w.interest), now_ms)

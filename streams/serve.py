@@ -227,6 +227,72 @@ class DecideService:
             self.on_log_failure(fut.exception())  # type: ignore[arg-type]
 
 
+class IngestGuard:
+    """Sheds ``POST /decide`` requests while ingest falls behind and decisions hold the loop.
+
+    One event loop answers requests and writes events. Shedding by the requests' own
+    wait (:meth:`DecideService.overloaded`) bounds their p99, but nothing bounded
+    ingest's: offered more than the worker could carry, decisions took the loop and
+    the state they read fell seconds behind (``bench serve`` with 5,000 events/s:
+    freshness p99 6.0 s; docs/decide.md, "Decisions give way to ingest"). An event
+    cannot be shed (each one is state), so decisions give way.
+
+    Two measures: ingest's lag (``saw``: how old the events of each slice are as it is
+    written; not told again within :data:`STALE_S`, it is over: no events, nothing
+    behind) and the decisions' load (``busy``: the seconds their steps held the loop,
+    streams/lane.py; :attr:`load` is that per second, averaged over about
+    :data:`WINDOW_S`). While the lag exceeds ``ADPULSE_DECIDE_MAX_INGEST_LAG_MS`` the
+    load decisions may have, :attr:`cap`, halves every :data:`HALVING_S` down to
+    :data:`FLOOR`; once it does not, it climbs back to all of the loop within
+    :data:`RECOVER_S`. A request is shed while the load is over the cap. So a few
+    requests a second are never shed for a lag they did not cause, and a worker
+    catching up on a backlog still gives decisions a tenth of its loop.
+    """
+
+    FLOOR = 0.1
+    HALVING_S = 0.1
+    RECOVER_S = 1.0
+    STALE_S = 1.0
+    WINDOW_S = 0.2
+
+    def __init__(self, limit_ms: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.limit_s = limit_ms / 1000
+        self.clock = clock
+        self.cap = 1.0  # of the loop's time that decisions may hold
+        self.load = 0.0  # of the loop's time they held lately
+        self._busy_s = 0.0  # held since the last question
+        self._lag_s = 0.0
+        self._seen = -math.inf  # when ingest last said how far behind it is
+        self._at: float | None = None  # the last question
+
+    def saw(self, lag_s: float) -> None:
+        """Ingest is writing events ``lag_s`` seconds old now."""
+        self._lag_s, self._seen = lag_s, self.clock()
+
+    def busy(self, seconds: float) -> None:
+        """Decisions' steps held the event loop this long."""
+        self._busy_s += seconds
+
+    def behind(self) -> bool:
+        fresh = self.clock() - self._seen < self.STALE_S
+        return self.limit_s > 0 and fresh and self._lag_s > self.limit_s
+
+    def admit(self) -> bool:
+        """Whether this request may go on (False: shed it)."""
+        if self.limit_s <= 0:
+            return True
+        now = self.clock()
+        dt = 0.0 if self._at is None else now - self._at
+        self._at = now
+        self.load = self.load * math.exp(-dt / self.WINDOW_S) + self._busy_s / self.WINDOW_S
+        self._busy_s = 0.0
+        if self.behind():
+            self.cap = max(self.FLOOR, self.cap * 0.5 ** (dt / self.HALVING_S))
+        else:
+            self.cap = min(1.0, self.cap + dt / self.RECOVER_S)
+        return self.load <= self.cap
+
+
 class Relearn:
     """Learns the partition map again when a request finds none, one try at a time and
     at most one per ``every_s``.
@@ -267,8 +333,11 @@ class Relearn:
             log.warning("learning the partition map again failed: %r", exc)
 
 
-def wire(w: Wiring, decide: Decide, catalog_rows: Callable[[], int]) -> DecideService:
-    """``POST /decide`` on the worker's web server, in front of ``decide``."""
+def wire(
+    w: Wiring, decide: Decide, catalog_rows: Callable[[], int], guard: IngestGuard
+) -> DecideService:
+    """``POST /decide`` on the worker's web server, in front of ``decide``; ``guard``:
+    what ingest's lag admits (ingest tells it, streams/pipeline.py)."""
     app, m = w.app, w.metrics
     requests_topic = w.settings.topic("ad-requests")
 
@@ -353,6 +422,10 @@ def wire(w: Wiring, decide: Decide, catalog_rows: Callable[[], int]) -> DecideSe
             return "forwarded", await forward(url, body, start_ms, auth or "")
         if service.overloaded():
             return "shed", Reply.error(503, "overloaded: request shed", 1)
+        admitted = guard.admit()
+        m.decide_loop_cap.set(guard.cap)
+        if not admitted:
+            return "shed_ingest", Reply.error(503, "ingest is behind: request shed", 1)
         try:
             partition = app.producer.key_partition(requests_topic, req.user_id.encode()).partition
         except TypeError:  # see learn_partition_counts

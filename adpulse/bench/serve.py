@@ -91,6 +91,7 @@ class Phase:
     latency_s: list[float]  # answered (200) requests only
     sent_at: list[float]  # their scheduled offsets
     shed: int = 0
+    shed_ingest: int = 0  # of them, shed because ingest was behind (the worker's count)
     errors: int = 0
     no_fill: int = 0
     duration_s: float = 0.0  # the offer window: first to last scheduled send
@@ -106,7 +107,8 @@ class Phase:
             "requests": len(self.scheduled), "answered": len(self.latency_s),
             "achieved_per_s": self.answered_in_window / max(self.duration_s, 1e-9),
             "latency_p50_ms": p50, "latency_p99_ms": p99, "latency_p999_ms": p999,
-            "shed": self.shed, "errors": self.errors, "no_fill": self.no_fill,
+            "shed": self.shed, "shed_ingest": self.shed_ingest, "errors": self.errors,
+            "no_fill": self.no_fill,
             "in_worker_p50_ms": self.in_worker[0], "in_worker_p99_ms": self.in_worker[1],
             "loop_lag_p50_ms": self.loop_lag[0], "loop_lag_p99_ms": self.loop_lag[1],
             **self.cpu,
@@ -138,6 +140,13 @@ def _copy_version(src: Path, dest: Path) -> None:
     tmp.rename(dest)
 
 
+SHED_INGEST = 'outcome="shed_ingest"'  # POST /decide gave way to ingest (streams/serve.py)
+
+
+def _count_since(worker: WorkerProcess, labels: str, before: float) -> int:
+    return round(worker.metric("adpulse_decide_requests_total", labels) - before)
+
+
 def _swap_later(registry: Path, after_s: float) -> tuple[threading.Timer, list[float]]:
     """Publish v0002 ``after_s`` from now; the list gets the perf_counter time it was done."""
     at: list[float] = []
@@ -162,6 +171,7 @@ def _run(base: Settings, cfg: ServeBench, registry: Path | None, log: Any) -> di
         lag = worker.buckets("adpulse_event_loop_lag_seconds")
         t0 = cpu.sample(worker.pid)
         swaps = worker.metric("adpulse_model_swaps_total", 'outcome="swapped"')
+        gave_way = worker.metric("adpulse_decide_requests_total", SHED_INGEST)
         timer, published = (None, []) if registry is None else _swap_later(
             registry, cfg.duration_s / 2)  # fmt: skip
         alone = _measured(lambda: _offer(worker, cfg, ad_ids, "alone"))
@@ -174,18 +184,21 @@ def _run(base: Settings, cfg: ServeBench, registry: Path | None, log: Any) -> di
             log(f"  swap: {_swap_line(swap)}")
         alone.in_worker = _quantiles(before, worker.buckets("adpulse_decide_seconds"))
         alone.loop_lag = _quantiles(lag, worker.buckets("adpulse_event_loop_lag_seconds"))
+        alone.shed_ingest = _count_since(worker, SHED_INGEST, gave_way)
         log(f"  alone: {_phase_line(alone)}")
         log(f"  with ingest: the same + {cfg.event_rate:g} user-events/s, freshness probes")
         ingest = _ingest_process(s, cfg)
         before = worker.buckets("adpulse_decide_seconds")
         batches = worker.buckets("adpulse_ingest_batch_seconds")
         lag = worker.buckets("adpulse_event_loop_lag_seconds")
+        gave_way = worker.metric("adpulse_decide_requests_total", SHED_INGEST)
         try:
             t0 = cpu.sample(worker.pid)
             busy, fresh = _measured(lambda: _offer_with_probe(s, worker, cfg, ad_ids))
             busy.cpu = cpu.usage(t0, cpu.sample(worker.pid), len(busy.latency_s))
             busy.in_worker = _quantiles(before, worker.buckets("adpulse_decide_seconds"))
             busy.loop_lag = _quantiles(lag, worker.buckets("adpulse_event_loop_lag_seconds"))
+            busy.shed_ingest = _count_since(worker, SHED_INGEST, gave_way)
             ingest_batch = _quantiles(batches, worker.buckets("adpulse_ingest_batch_seconds"))
             log(
                 f"  with ingest: {_phase_line(busy)}; ingest batches p50 <= "
@@ -254,7 +267,8 @@ def _phase_line(ph: Phase) -> str:
         f"{x['latency_p99_ms']:.2f} ms p99.9 {x['latency_p999_ms']:.2f} ms (in the worker: "
         f"p50 <= {x['in_worker_p50_ms']:g} ms, p99 <= {x['in_worker_p99_ms']:g} ms; event loop "
         f"late p50 <= {x['loop_lag_p50_ms']:g} ms, p99 <= {x['loop_lag_p99_ms']:g} ms); "
-        f"{x['shed']} shed, {x['errors']} errors; CPU: worker {x.get('worker_cpu_pct', nan):.0f}% "
+        f"{x['shed']} shed ({x['shed_ingest']} giving way to ingest), {x['errors']} errors; "
+        f"CPU: worker {x.get('worker_cpu_pct', nan):.0f}% "
         f"of a core ({x.get('worker_cpu_ms_per_answer', nan):.2f} ms per answer), generator "
         f"{x.get('generator_cpu_pct', nan):.0f}%, box {x.get('box_busy_pct', nan):.0f}% busy"
     )

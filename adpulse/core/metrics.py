@@ -70,6 +70,7 @@ class Metrics:
     consumer_stalled: Gauge
     consumer_stalls: Counter
     decide_requests: Counter
+    decide_loop_cap: Gauge
     decide_seconds: Histogram
     decide_forward_seconds: Histogram
     decision_log_failures: Counter
@@ -303,9 +304,17 @@ class Metrics:
             decide_requests=Counter(
                 "adpulse_decide_requests_total",
                 "POST /decide requests by outcome: answered, forwarded (to the owner of the "
-                "user's partition), shed (503, overload), invalid (400), unauthorized (401, no "
-                "or a wrong API token), unavailable (503, recovering or no owner known).",
+                "user's partition), shed (503, overload), shed_ingest (503, ingest is behind), "
+                "invalid (400), unauthorized (401, no or a wrong API token), unavailable (503, "
+                "recovering or no owner known).",
                 ["outcome"],
+                registry=r,
+            ),
+            decide_loop_cap=Gauge(
+                "adpulse_decide_loop_cap",
+                "Share of the event loop's time POST /decide's decisions may hold before "
+                "requests are shed (shed_ingest): 1 while ingest keeps up, down to 0.1 while "
+                "its events are older than ADPULSE_DECIDE_MAX_INGEST_LAG_MS.",
                 registry=r,
             ),
             decide_seconds=Histogram(

@@ -421,8 +421,14 @@ class Settings:
     )
     decide_max_queue_ms: float = _setting(
         20.0,
-        "POST /decide sheds a request (503 with Retry-After) when the requests already "
-        "waiting would take longer than this to score at the measured rate.",
+        "POST /decide sheds a request (503 with Retry-After) while requests wait longer "
+        "than this: the event loop running that late, or the oldest queued request that old.",
+    )
+    decide_max_ingest_lag_ms: float = _setting(
+        200.0,
+        "POST /decide gives way to ingest: while the events being written are older than "
+        "this, the share of the event loop decisions may hold falls, down to a tenth, and "
+        "requests over it are shed (503, outcome shed_ingest); 0: never.",
     )
     fallback_ctr: float = _setting(
         0.02, "pCTR of every candidate when no model can score (unless the model's metrics say)."

@@ -10,6 +10,7 @@ import asyncio
 import dataclasses
 import json
 import threading
+import time
 from collections.abc import Sequence
 
 import msgspec
@@ -156,3 +157,29 @@ def test_a_forget_or_a_click_charge_waits_for_the_batch_in_flight(
     asyncio.run(main())
     lane.close()
     assert order == ["written", "forget"]
+
+
+def test_the_lane_reports_the_loop_time_of_each_batch_without_its_thread_time(
+    models: ServingModels,
+) -> None:
+    """What ``POST /decide`` gives way to ingest by (streams/serve.py, IngestGuard): the
+    batch's steps on the loop, not its model run on the thread, while which the loop is
+    free. The run sleeps 0.3 s on the thread, so the loop time plus 0.3 s fits in the
+    call's wall time whatever the machine's speed."""
+    st = stage(settings(freq_cap_per_day=100, pacing=False), serving(models))
+    held: list[float] = []
+    lane = DecisionLane(st, thread=True, clock=lambda: NOW, busy=held.append)
+    score = st.score
+
+    def slow(batch: Prepared) -> Scored:
+        time.sleep(0.3)
+        return score(batch)
+
+    st.score = slow  # type: ignore[method-assign]
+    tables = StateReaders(Tables().load, Tables().load, Tables().load)
+    started = time.perf_counter()
+    asyncio.run(lane.decide(decoded(st, ["b0", "b1"]), tables, 0, lambda _r: None))
+    wall = time.perf_counter() - started
+    lane.close()
+    assert len(held) == 1 and held[0] > 0
+    assert held[0] + 0.3 <= wall

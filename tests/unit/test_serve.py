@@ -19,7 +19,7 @@ from adpulse.core.settings import Settings
 from schemas.messages import AdRequest
 from streams.deadletter import Raw
 from streams.decide import StateReaders
-from streams.serve import _TICK_S, DecideService, Reply
+from streams.serve import _TICK_S, DecideService, IngestGuard, Reply
 from tests.unit.test_pacing_stage import DAY0, Tables, requests, settings, stage
 
 
@@ -374,3 +374,63 @@ def test_a_request_that_finds_no_partition_map_makes_the_worker_learn_it_again()
         assert calls == [0.0, 1.2] and r.tries == 2
 
     asyncio.run(scenario())
+
+
+# -- decisions give way to ingest (IngestGuard) ------------------------------------------------
+def offered(guard: IngestGuard, clock: Clock, seconds: float, rate: float, cost_s: float,
+            lag_s: float | None) -> list[bool]:
+    """Requests at ``rate``/s for ``seconds``, each admitted one holding the loop
+    ``cost_s``; ingest says ``lag_s`` every 10 ms (None: it says nothing). Which were
+    admitted, in order."""
+    admitted: list[bool] = []
+    step, told = 1.0 / rate, 0.0
+    for _ in range(round(seconds * rate)):
+        clock.now += step
+        told += step
+        if lag_s is not None and told >= 0.01:
+            guard.saw(lag_s)
+            told = 0.0
+        ok = guard.admit()
+        if ok:
+            guard.busy(cost_s)
+        admitted.append(ok)
+    return admitted  # fmt: skip
+
+
+def test_decisions_give_way_while_ingest_is_behind() -> None:
+    """1,000 requests/s at 0.8 ms each hold 80% of the loop. With ingest 500 ms behind
+    (limit 200 ms) the cap halves every 100 ms to a tenth, so after a second about a
+    tenth of the loop is theirs: 0.1 / 0.8 ms = 125 requests/s admitted."""
+    clock = Clock()
+    guard = IngestGuard(200.0, clock)
+    first = offered(guard, clock, 1.0, 1000, 0.0008, lag_s=None)
+    assert all(first)  # ingest keeps up: nothing shed, whatever the load
+    assert guard.load == pytest.approx(0.8, rel=0.05)
+    behind = offered(guard, clock, 2.0, 1000, 0.0008, lag_s=0.5)
+    assert guard.cap == IngestGuard.FLOOR
+    assert 100 <= sum(behind[1000:]) <= 150  # the second second: ~125 admitted
+    assert sum(behind[:100]) > sum(behind[1000:1100])  # it gives way step by step
+
+
+def test_a_few_requests_are_never_shed_for_a_lag_they_did_not_cause() -> None:
+    clock = Clock()
+    guard = IngestGuard(200.0, clock)
+    assert all(offered(guard, clock, 10.0, 5, 0.001, lag_s=3.0))  # 0.5% of the loop
+    assert guard.cap == IngestGuard.FLOOR
+
+
+def test_the_cap_climbs_back_once_ingest_keeps_up_or_goes_quiet() -> None:
+    for recovered in (0.05, None):  # ingest back within the limit; ingest says nothing
+        clock = Clock()
+        guard = IngestGuard(200.0, clock)
+        offered(guard, clock, 1.0, 1000, 0.0008, lag_s=0.5)
+        assert guard.cap == IngestGuard.FLOOR and guard.behind()
+        after = offered(guard, clock, 2.0, 1000, 0.0008, lag_s=recovered)
+        assert not guard.behind() and guard.cap == 1.0
+        assert all(after[-500:])  # the last half second: every request
+
+
+def test_no_limit_never_sheds() -> None:
+    clock = Clock()
+    guard = IngestGuard(0.0, clock)
+    assert all(offered(guard, clock, 1.0, 1000, 0.005, lag_s=60.0))
