@@ -77,8 +77,8 @@ def openapi() -> dict[str, Any]:
                         "400": _error("The body breaks the ad-requests contract."),
                         "401": _error("No or a wrong bearer token (ADPULSE_API_TOKEN_FILE)."),
                         "503": _error(
-                            "Shed (overloaded), recovering, or the user's partition is "
-                            "moving: retry after Retry-After seconds.",
+                            "Shed (overloaded, or giving way to ingest), recovering, or the "
+                            "user's partition is moving: retry after Retry-After seconds.",
                             retry=True,
                         ),
                     },
