@@ -47,7 +47,8 @@ class DecisionLane:
     ``thread`` False: the model runs stay on the caller's thread (``ADPULSE_SCORER_THREAD``).
     ``clock``: epoch ms, read when a batch starts (after the lock), not when it queued.
     ``busy``: told the seconds each batch's steps held the event loop (its model runs on
-    the thread do not), the load ``POST /decide`` gives way by (streams/serve.py).
+    the thread do not), the load ``POST /decide`` gives way by (streams/serve.py), as
+    ``timer`` (seconds, monotonic) measures them.
     """
 
     def __init__(
@@ -56,10 +57,12 @@ class DecisionLane:
         thread: bool = True,
         clock: Callable[[], int] = _now_ms,
         busy: Callable[[float], None] = lambda _s: None,
+        timer: Callable[[], float] = time.perf_counter,
     ) -> None:
         self.stage = stage
         self.clock = clock
         self.busy = busy
+        self.timer = timer
         self.lock = asyncio.Lock()  # held from a batch's reads to its writes
         self._pool = ThreadPoolExecutor(1, "adpulse-scorer") if thread else None
         if thread:  # process-wide; only costs while two threads want the GIL
@@ -76,18 +79,18 @@ class DecisionLane:
         thread, then ``write`` (the result's caps and spend to RocksDB and the changelog
         buffers), all under :attr:`lock`; the result and what ``write`` returned."""
         async with self.lock:
-            started = time.perf_counter()
+            started = self.timer()
             batch = self.stage.begin(requests, tables, self.clock(), default_tmax_ms)
             if self._pool is None or not batch.runs_model:
                 scored = self.stage.score(batch)
             else:  # the batch's objects are the thread's alone until it returns
-                held = time.perf_counter() - started
+                held = self.timer() - started
                 loop = asyncio.get_running_loop()
                 scored = await loop.run_in_executor(self._pool, self.stage.score, batch)
-                started = time.perf_counter() - held
+                started = self.timer() - held
             result = self.stage.finish(batch, scored)
             written = write(result)
-            self.busy(time.perf_counter() - started)
+            self.busy(self.timer() - started)
             return result, written
 
     def close(self) -> None:
