@@ -172,7 +172,7 @@ async def ingest(
     join: Join | None,
     sequences: SequenceStage | None,
     tables: IngestChangelogs,
-    lag: Callable[[float], None] = lambda _s: None,
+    lag: Callable[[float], None],
 ) -> Awaitable[Any]:
     """One batch of user-events into RocksDB; returns what completes when changelogged.
 
