@@ -16,6 +16,7 @@ from adpulse.commands.benchrun import (
     cmd_bench_decisions,
     cmd_bench_eos,
     cmd_bench_features,
+    cmd_bench_gaps,
     cmd_bench_mixed,
     cmd_bench_promises,
     cmd_bench_rebalance,
@@ -121,6 +122,29 @@ BENCHES = (
             "choices": ["cpu", "cuda", "auto"], "default": "cpu",
             "help": "where ONNX Runtime runs (default cpu; auto: CUDA if present)",
         }),),
+        bootstrap=False,
+    ),
+    Bench(
+        "gaps",
+        with_bench_limits(cmd_bench_gaps),
+        help="CPU of one decision call back to back and with gaps between calls",
+        description="Run the worker's decision call in this process (one request of "
+        "--candidates ads, in-memory copies of its tables) --calls times per gap, each "
+        "after sleeping the gap (--spin: busy-waiting it), in --rounds rounds that go "
+        "through every gap in turn; print the median CPU (thread time) per call at each "
+        "gap and its ratio to the first gap's. On the 2-core box calls a few "
+        "milliseconds apart cost about twice a tight loop's (docs/decide.md).",
+        sizes={
+            "calls": (400, "timed calls per gap per round (400)"),
+            "rounds": (3, "rounds through the gaps; medians reported (3)"),
+            "candidates": (100, "candidate ads per request (100)"),
+        },
+        flags=(
+            ("--gaps", {"default": "0,0.2,1,2,4",
+                        "help": "gaps between calls, ms, comma-separated (0,0.2,1,2,4)"}),
+            ("--spin", {"action": "store_true", "help": "busy-wait the gaps instead of sleeping"}),
+        ),
+        json_help=FIGURES,
         bootstrap=False,
     ),
     Bench(

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -109,6 +110,24 @@ def cmd_bench_seq_scorer(args: argparse.Namespace, settings: Settings) -> int:
         result = seqscorer.run(models, settings, device=args.device, seconds=seconds,
                                repeats=repeats, log=_log)  # fmt: skip
     return _show(args, "seq_scorer", result, seqscorer.format_table(result))
+
+
+def cmd_bench_gaps(args: argparse.Namespace, settings: Settings) -> int:
+    from adpulse.bench import gaps  # noqa: PLC0415
+
+    msg = f"--gaps takes one or more gaps of 0 ms or more, comma-separated, not {args.gaps!r}"
+    try:
+        gaps_ms = tuple(float(g) for g in args.gaps.split(",") if g.strip())
+    except ValueError:
+        raise InputError(msg) from None
+    if not gaps_ms or min(gaps_ms) < 0 or not all(math.isfinite(g) for g in gaps_ms):
+        raise InputError(msg)
+    cfg = gaps.GapsBench.smoke() if args.smoke else gaps.GapsBench(
+        gaps_ms=gaps_ms, calls=args.calls, rounds=args.rounds, candidates=args.candidates,
+        spin=args.spin,
+    )  # fmt: skip
+    result = gaps.run(cfg, log=_log)
+    return _show(args, "gaps", result, gaps.result_line(result))
 
 
 def cmd_bench_scorer(args: argparse.Namespace, settings: Settings) -> int:

@@ -17,7 +17,7 @@ CONFIGS = {
     "rebalance": ("rebalance", "RebalanceBench"), "broker": ("broker", "BrokerBench"),
     "startup": ("startup", "StartupBench"), "eos": ("eos", "EosBench"),
     "catalog-join": ("catalogjoin", "CatalogJoinBench"), "adtext": ("adtext", "AdTextBench"),
-    "seq-scorer": ("seqscorer", "SeqScorerBench"),
+    "seq-scorer": ("seqscorer", "SeqScorerBench"), "gaps": ("gaps", "GapsBench"),
 }  # fmt: skip
 FIELD = {"repeat": "repeats", "duration": "duration_s", "window": "window_s",
          "session_timeout": "session_timeout_s", "delay": "delay_s"}  # fmt: skip

@@ -1,0 +1,39 @@
+"""``adpulse bench gaps``: the worker's decision call timed with gaps between calls.
+
+Run for real at tiny sizes (the shipped model in ONNX Runtime, the decision stage on
+in-memory tables); what is checked is the shape of its figures, never their speed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from adpulse.cli import main
+
+
+def test_bench_gaps_smoke_times_every_gap_in_every_round(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "gaps.json"
+    assert main(["bench", "gaps", "--smoke", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())["gaps"]
+    assert res["gaps_ms"] == [0.0, 1.0]
+    assert res["wait"] == "sleep"
+    assert [len(v) for v in res["per_round"].values()] == [res["rounds"]] * 2
+    assert all(c > 0 and math.isfinite(c) for c in res["cpu_ms_per_decision"])
+    assert res["ratio_to_first"][0] == 1.0  # every ratio is to the first gap's figure
+    printed = capsys.readouterr().out
+    assert printed.startswith("gaps: CPU ms per decision") and "1 ms" in printed
+
+
+@pytest.mark.parametrize("gaps", ["1,x", "-1", ",", "nan"])
+def test_bench_gaps_refuses_bad_gaps_in_one_line(
+    gaps: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["bench", "gaps", f"--gaps={gaps}"]) == 4
+    err = capsys.readouterr().err
+    assert err.startswith("adpulse: error: --gaps takes") and err.count("\n") == 1
