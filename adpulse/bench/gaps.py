@@ -1,17 +1,18 @@
 """``adpulse bench gaps``: the CPU of one decision call back to back and with gaps between calls.
 
-Why: on the 2-core box the same in-process decision took about twice the CPU when
-calls were a few milliseconds apart as in a tight loop (docs/decide.md, "Tried and
-left, with figures"), which is most of why a worker spends 3 ms of CPU per answer at
-250 requests/s and 1 ms at 1,000/s. Other machines (the GPU box) may differ, so the
-figure is a command, not a one-off script.
+Why: on the 2-core box the same in-process decision took about 1.4x the CPU (up to
+2.5x in a first script) when calls were a few milliseconds apart as in a tight loop
+(docs/decide.md, "Tried and left, with figures"): part of why a worker spends 3 ms of
+CPU per answer at 250 requests/s and 1 ms at 1,000/s. Other machines (the GPU box) may
+differ, so the figure is a command, not a one-off script.
 
-The worker's decision call (:class:`~adpulse.bench.decisionpath.DecisionPath`: one
-request of ``candidates`` ads, the worker's default policy, in-memory copies of its
-tables) runs ``calls`` times per gap, each call timed with ``time.thread_time`` (CPU,
-not wall time), with ``time.sleep(gap)`` (or a busy wait, ``spin``) before it. Rounds
-go through every gap in turn, so all see the same machine. Per gap: the mean CPU of a
-call (what a worker pays) and the median call, each the median over rounds.
+The worker's decision call (:class:`~adpulse.bench.decisionpath.DecisionPath`, as in
+``bench serve``'s in-process baseline: one request of ``candidates`` ads, in-memory
+copies of the worker's tables) runs ``calls`` times per gap, each call timed with
+``time.thread_time`` (CPU, not wall time), with ``time.sleep(gap)`` (or a busy wait,
+``spin``) before it. Rounds go through every gap in turn, so all see the same machine.
+Per gap: the mean CPU of a call (what a worker pays) and the median call, each the
+median over rounds.
 """
 
 from __future__ import annotations

@@ -120,7 +120,13 @@ def cmd_bench_gaps(args: argparse.Namespace, settings: Settings) -> int:
         gaps_ms = tuple(float(g) for g in args.gaps.split(",") if g.strip())
     except ValueError:
         raise InputError(msg) from None
-    if not gaps_ms or min(gaps_ms) < 0 or not all(math.isfinite(g) for g in gaps_ms):
+    if not gaps_ms or min(gaps_ms) < 0 or not all(map(math.isfinite, gaps_ms)):
+        raise InputError(msg)
+    if len(set(gaps_ms)) < len(gaps_ms):
+        msg = f"--gaps names a gap twice: {args.gaps!r}"
+        raise InputError(msg)
+    if args.calls < 1 or args.rounds < 1:
+        msg = "--calls and --rounds take 1 or more"
         raise InputError(msg)
     cfg = gaps.GapsBench.smoke() if args.smoke else gaps.GapsBench(
         gaps_ms=gaps_ms, calls=args.calls, rounds=args.rounds, candidates=args.candidates,

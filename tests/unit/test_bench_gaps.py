@@ -30,10 +30,16 @@ def test_bench_gaps_smoke_times_every_gap_in_every_round(
     assert printed.startswith("gaps: CPU ms per decision") and "1 ms" in printed
 
 
-@pytest.mark.parametrize("gaps", ["1,x", "-1", ",", "nan"])
-def test_bench_gaps_refuses_bad_gaps_in_one_line(
-    gaps: str, capsys: pytest.CaptureFixture[str]
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [(["--gaps=1,x"], "--gaps takes"), (["--gaps=-1"], "--gaps takes"),
+     (["--gaps=,"], "--gaps takes"), (["--gaps=nan"], "--gaps takes"),
+     (["--gaps=1,1"], "--gaps names a gap twice"), (["--calls=0"], "--calls and --rounds"),
+     (["--rounds=0"], "--calls and --rounds")],
+)  # fmt: skip
+def test_bench_gaps_refuses_bad_sizes_in_one_line(
+    args: list[str], says: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert main(["bench", "gaps", f"--gaps={gaps}"]) == 4
+    assert main(["bench", "gaps", *args]) == 4
     err = capsys.readouterr().err
-    assert err.startswith("adpulse: error: --gaps takes") and err.count("\n") == 1
+    assert err.startswith(f"adpulse: error: {says}") and err.count("\n") == 1
