@@ -145,7 +145,7 @@ class AdDecision(_Message, kw_only=True):
     model_version: Id
     ts: EpochMs
     latency_ms: Annotated[float, Meta(ge=0)]
-    no_fill_reason: Literal["no_candidates", "deadline"] | UnsetType = UNSET
+    no_fill_reason: Literal["no_candidates", "deadline", "shed"] | UnsetType = UNSET
     placement: Placement | UnsetType = UNSET
     campaign_id: Id | UnsetType = UNSET
     billing: Billing | UnsetType = UNSET

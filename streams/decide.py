@@ -160,7 +160,7 @@ Decision = tuple[bytes, Raw, AdDecision]
 class _NoFill(NamedTuple):
     """Why a request gets no ad, and what its decision says besides."""
 
-    reason: Literal["no_candidates", "deadline"]
+    reason: Literal["no_candidates", "deadline", "shed"]
     policy: str
     candidates: int
     version: str  # the model in force ("none": none was asked)
@@ -366,6 +366,20 @@ class DecideStage:
                                               out, prior, models.fallback))  # fmt: skip
         out.cap_writes = users.cap_writes()
         out.spend_writes = self.budget.writes()
+        return out
+
+    def shed(
+        self, requests: Sequence[tuple[AdRequest, Raw]], now_ms: int, default_tmax_ms: int = 0
+    ) -> DecideResult:
+        """Each request answered at once, unscored, no state read or written: a ``deadline``
+        no fill where its budget is used up (as :meth:`decide` would), else a ``shed`` one.
+        The ad-requests topic's answer while decisions give way to ingest (``IngestGuard``,
+        streams/serve.py), as ``POST /decide``'s is a 503: the request's producer gets a
+        record that says why, at once, instead of a decision seconds late."""
+        out = DecideResult()
+        for req, raw in self._admit(requests, now_ms, default_tmax_ms, out):
+            no_fill = _NoFill("shed", self.policy_for(req.placement).name, 0, "none", None)
+            out.decisions.append(self._no_fill(req, raw, now_ms, no_fill, out))
         return out
 
     # -- the steps ------------------------------------------------------------------------

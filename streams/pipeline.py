@@ -117,7 +117,7 @@ def wire(w: Wiring) -> None:
 
     @w.app.batch_topic(w.ad_requests)
     async def on_ad_requests(batch: Batch) -> Awaitable[Any]:
-        return await decide_batch(w, lane, batch, changelogs)
+        return await decide_batch(w, lane, batch, changelogs, guard)
 
     @w.app.batch_topic(w.ad_decisions)
     async def on_ad_decisions(batch: Batch) -> Awaitable[Any]:
@@ -238,15 +238,29 @@ def _warn_create_time(topic: str) -> None:
 
 # -- ad-requests (and POST /decide) ----------------------------------------------------------
 async def decide_batch(
-    w: Wiring, lane: DecisionLane, batch: Batch, changelogs: DecisionChangelogs
+    w: Wiring,
+    lane: DecisionLane,
+    batch: Batch,
+    changelogs: DecisionChangelogs,
+    guard: serve.IngestGuard,
 ) -> Awaitable[Any]:
-    """One batch of ad-requests: decisions sent, caps and spend written.
+    """One batch (a slice: streams/runtime/consumer.py) of ad-requests: decisions sent,
+    caps and spend written.
 
-    Returns what completes when those writes are acknowledged; the consumer acks
-    the batch then, and meanwhile moves on to the next one.
+    While decisions give way to ingest (``guard``: the one ``POST /decide`` asks), the
+    slice is answered at once with ``shed`` no fills instead, unscored: a queue of
+    requests behind an ingest backlog would otherwise grow into seconds (docs/decide.md,
+    "Decisions give way to ingest"). Returns what completes when the writes are
+    acknowledged; the consumer acks the batch then, and meanwhile moves on to the next one.
     """
     good, rejected = lane.stage.split_topic(_raws(batch))
-    result, written = await decide_requests(w, lane, good, w.settings.topic_tmax_ms, changelogs)
+    tmax = w.settings.topic_tmax_ms
+    if good and not guard.admit():
+        result = lane.stage.shed(good, int(time.time() * 1000), tmax)
+        written: list[Awaitable[Any]] = []
+        _decided(w, result)
+    else:
+        result, written = await decide_requests(w, lane, good, tmax, changelogs)
     futures = await emit_decisions(w, result, written)
     now_ms = int(time.time() * 1000)
     futures += await _dead_letter(w, rejected, now_ms, "ad-requests", "decide")
@@ -282,12 +296,17 @@ async def decide_requests(
                 *(changelogs.spend.add(p, items) for p, items in spend.items())]  # fmt: skip
 
     result, written = await lane.decide(requests, tables, default_tmax_ms, write)
+    _decided(w, result)
+    return result, written
+
+
+def _decided(w: Wiring, result: DecideResult) -> None:
+    """Each decision's ``latency_ms`` set and observed; the result's counts."""
     done_ms, observe = time.time() * 1000, w.metrics.decision_latency.observe
     for _, raw, decision in result.decisions:
         decision.latency_ms = max(0.0, done_ms - raw.timestamp_ms)
         observe(decision.latency_ms / 1000)
     counts.decided(w.metrics, w.settings, result)
-    return result, written
 
 
 async def emit_decisions(

@@ -8,7 +8,8 @@ seconds and at the same time:
     fresh when a changelog record of its user counts it (as ``bench features``);
   * a requests process offers ``request_rate`` ad requests/s (Poisson arrivals,
     ``candidates`` ads each) for the warm users, reads ad-decisions back
-    (latency: request handed to the producer -> decision consumed, one clock)
+    (latency: request handed to the producer -> decision consumed, one clock; a
+    ``shed`` no fill, the worker giving way to ingest, is counted apart, with its own p99)
     and answers a share ``ctr`` of the filled decisions with a click
     (``kind=click`` with ``decision_id`` and ``ad_id``) on user-events;
   * this process samples the worker's CPU and RSS from /proc and reads the
@@ -130,7 +131,7 @@ def _summary(cfg: MixedBench, runs: list[dict[str, Any]]) -> dict[str, Any]:
     figures = ("latency_p50_ms", "latency_p99_ms", "latency_p999_ms", "freshness_p50_ms",
                "freshness_p99_ms", "worker_events_per_s", "requests_per_s", "worker_cpu_percent",
                "worker_rss_bytes", "events_offered_per_s", "requests_offered_per_s",
-               "clicks_per_s")  # fmt: skip
+               "clicks_per_s", "shed_per_s", "shed_latency_p99_ms")  # fmt: skip
     out: dict[str, Any] = {k: med(k)["median"] for k in figures}
     out.update({f"{k}_spread": med(k) for k in figures})
     out.update(
@@ -139,6 +140,7 @@ def _summary(cfg: MixedBench, runs: list[dict[str, Any]]) -> dict[str, Any]:
         generators_kept_up=all(x["generators_kept_up"] for x in runs),
         requests=sum(x["requests"] for x in runs),
         lost=sum(x["lost"] for x in runs),
+        shed=sum(x["shed"] for x in runs),
         freshness_samples=sum(x["freshness_samples"] for x in runs),
         candidates=cfg.candidates, ctr=cfg.ctr, repeats=cfg.repeats,
         duration_s=cfg.duration_s, users=cfg.users, ads=cfg.ads,
@@ -152,7 +154,8 @@ def _repeat_line(r: int, cfg: MixedBench, x: dict[str, Any]) -> str:
     return (
         f"  repeat {r + 1}/{cfg.repeats}: offered {x['events_offered_per_s']:,.0f} events/s + "
         f"{x['requests_offered_per_s']:,.0f} req/s; worker {x['worker_events_per_s']:,.0f} "
-        f"events/s, {x['requests_per_s']:,.0f} decisions/s; decision p50 "
+        f"events/s, {x['requests_per_s']:,.0f} decisions/s, {x['shed_per_s']:,.0f} shed/s; "
+        f"decision p50 "
         f"{x['latency_p50_ms']:.1f} p99 {x['latency_p99_ms']:.1f} p99.9 "
         f"{x['latency_p999_ms']:.1f} ms; freshness p99 {x['freshness_p99_ms']:.1f} ms; CPU "
         f"{x['worker_cpu_percent']:.0f}%, RSS {x['worker_rss_bytes'] / 2**20:.0f} MiB"
@@ -165,7 +168,9 @@ def result_line(res: dict[str, Any]) -> str:
         f"mixed: asked {res['offered_events_per_s']:,.0f} events/s + "
         f"{res['offered_requests_per_s']:,.0f} req/s x {res['candidates']}, offered "
         f"{res['events_offered_per_s']:,.0f} + {res['requests_offered_per_s']:,.0f}{kept}; worker "
-        f"{res['worker_events_per_s']:,.0f} events/s, {res['requests_per_s']:,.0f} decisions/s; "
+        f"{res['worker_events_per_s']:,.0f} events/s, {res['requests_per_s']:,.0f} decisions/s "
+        f"and {res['shed_per_s']:,.0f} shed/s (giving way to ingest; their p99 "
+        f"{res['shed_latency_p99_ms']:.1f} ms); "
         f"decision p50 {res['latency_p50_ms']:.1f} p99 {res['latency_p99_ms']:.1f} (range "
         f"{res['latency_p99_ms_spread']['min']:.1f}-{res['latency_p99_ms_spread']['max']:.1f}) "
         f"p99.9 {res['latency_p999_ms']:.1f} ms (target p99 <= 15); freshness p99 "
@@ -261,14 +266,15 @@ async def _requests(s: Settings, cfg: MixedBench, ad_items: dict[str, tuple[int,
                                  list(ad_items), cfg.candidates, prefix=f"x{r}-")  # fmt: skip
     n = len(reqs)
     sent: dict[str, tuple[float, int]] = {}
-    latencies: list[float] = []
+    latencies: list[float] = []  # of the decisions the worker made (its shed no fills apart)
+    shed: list[float] = []
     clicks = 0
     async with decision_clients(s) as (consumer, producer):
 
         async def watch() -> None:
             nonlocal clicks
             click_rng = np.random.default_rng(300 + r)
-            while len(latencies) < n:
+            while len(latencies) + len(shed) < n:
                 batch = await consumer.getmany(timeout_ms=100)
                 now = time.perf_counter()
                 for records in batch.values():
@@ -276,6 +282,9 @@ async def _requests(s: Settings, cfg: MixedBench, ad_items: dict[str, tuple[int,
                         d = json.loads(rec.value)
                         hit = sent.pop(d.get("request_id", ""), None)
                         if hit is None:
+                            continue
+                        if d.get("no_fill_reason") == "shed":  # gave way to ingest: unscored
+                            shed.append(now - hit[0])
                             continue
                         latencies.append(now - hit[0])
                         ad = d.get("ad_id")
@@ -292,9 +301,12 @@ async def _requests(s: Settings, cfg: MixedBench, ad_items: dict[str, tuple[int,
         p50, p99, p999 = percentiles_ms(latencies, [50, 99, 99.9])
         kept_up = offered_s <= max(cfg.duration_s, float(reqs.arrivals[-1])) * 1.05
         return {
-            "requests_offered_per_s": n / offered_s, "requests": n, "lost": n - len(latencies),
+            "requests_offered_per_s": n / offered_s, "requests": n,
+            "lost": n - len(latencies) - len(shed),
             "latency_p50_ms": p50, "latency_p99_ms": p99, "latency_p999_ms": p999,
             "requests_per_s": len(latencies) / offered_s, "clicks_per_s": clicks / offered_s,
+            "shed_per_s": len(shed) / offered_s, "shed": len(shed),
+            "shed_latency_p99_ms": percentiles_ms(shed, [99])[0] if shed else 0.0,
             "requests_kept_up": kept_up,
         }  # fmt: skip
 

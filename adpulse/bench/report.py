@@ -88,7 +88,8 @@ def markdown(report: dict[str, Any]) -> str:
             ("mixed: achieved events/s, decisions/s", "as offered",
              f"{_fmt(mx['worker_events_per_s'])}, {_fmt(mx['requests_per_s'])}",
              f"generators offered {_fmt(mx['events_offered_per_s'])}, "
-             f"{_fmt(mx['requests_offered_per_s'])}"),
+             f"{_fmt(mx['requests_offered_per_s'])}"
+             + (f"; requests shed {_fmt(mx['shed_per_s'])}/s" if "shed_per_s" in mx else "")),
             ("mixed: worker CPU, RSS", "", f"{_fmt(mx['worker_cpu_percent'], '%')}, "
              f"{_fmt(mx['worker_rss_bytes'] / 2**20, ' MiB')}", ""),
         ]  # fmt: skip

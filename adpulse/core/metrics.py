@@ -144,7 +144,7 @@ class Metrics:
             ),
             no_fill=Counter(
                 "adpulse_no_fill_total",
-                "Decisions without an ad, by no_fill_reason (no_candidates, deadline).",
+                "Decisions without an ad, by no_fill_reason (no_candidates, deadline, shed).",
                 ["reason"],
                 registry=r,
             ),

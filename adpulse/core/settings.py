@@ -426,9 +426,10 @@ class Settings:
     )
     decide_max_ingest_lag_ms: float = _setting(
         200.0,
-        "POST /decide gives way to ingest: while the events being written are older than "
+        "Decisions give way to ingest: while the events being written are older than "
         "this, the share of the event loop decisions may hold falls, down to a tenth, and "
-        "requests over it are shed (503, outcome shed_ingest); 0: never.",
+        "requests over it are shed: POST /decide with a 503 (outcome shed_ingest), an "
+        "ad-requests record with a no fill, no_fill_reason shed; 0: never.",
     )
     fallback_ctr: float = _setting(
         0.02, "pCTR of every candidate when no model can score (unless the model's metrics say)."

@@ -22,6 +22,7 @@ from kafka import KafkaProducer
 
 from adpulse.broker import EmbeddedBroker
 from adpulse.catalogtool import publish
+from adpulse.core.settings import Settings
 from adpulse.workerproc import WorkerProcess
 from streams.runtime.topicadmin import create_topics
 from tests.conftest import isolated
@@ -35,37 +36,48 @@ GUARDED = {
     "ADPULSE_POLICY": "greedy",
 }
 CALLERS, MOST_PER_CALLER = 8, 1500  # the count only bounds a run that never sheds (a hang)
+TOPIC_MOST = 20_000  # ad-requests records, at most (likewise a bound, not an expectation)
+
+
+def events(producer: KafkaProducer, settings: Settings, unique: str, stop: threading.Event) -> None:
+    """Ingest, about 4,000 events/s, until ``stop``."""
+    i = 0
+    while not stop.is_set():
+        user = f"{unique}-u{i % 50}"
+        event = {"event_id": f"{unique}-e{i}", "user_id": user, "kind": "browse",
+                 "item_id": 1000 + i % 97, "category_id": CATS[i % 5],
+                 "ts": int(time.time() * 1000)}  # fmt: skip
+        producer.send(settings.topic("user-events"), key=user.encode(),
+                      value=json.dumps(event).encode())  # fmt: skip
+        i += 1
+        if i % 20 == 0:
+            time.sleep(0.005)
+
+
+def guarded_worker(
+    broker: EmbeddedBroker, tmp_path: Path, unique: str
+) -> tuple[Settings, WorkerProcess, int]:
+    """A worker with :data:`GUARDED` and a catalog of ten ads; returns it and the ad count."""
+    settings = isolated(broker, unique, tmp_path / "w")
+    create_topics(settings)
+    ads = [ad(f"g-{i}", "guard", round(1.0 + 0.05 * i, 2), CATS[i % 5]) for i in range(10)]
+    publish(settings.bootstrap, settings.topic("ad-catalog"), ads)
+    worker = WorkerProcess(settings, tmp_path, name="g", extra_env=GUARDED).start()
+    return settings, worker, len(ads)
 
 
 def test_requests_give_way_to_ingest_that_is_behind_and_nothing_else_is_lost(
     broker: EmbeddedBroker, tmp_path: Path
 ) -> None:
     unique = f"guard-{uuid.uuid4().hex[:8]}"
-    settings = isolated(broker, unique, tmp_path / "w")
-    create_topics(settings)
-    ads = [ad(f"g-{i}", "guard", round(1.0 + 0.05 * i, 2), CATS[i % 5]) for i in range(10)]
-    publish(settings.bootstrap, settings.topic("ad-catalog"), ads)
-    worker = WorkerProcess(settings, tmp_path, name="g", extra_env=GUARDED).start()
+    settings, worker, n_ads = guarded_worker(broker, tmp_path, unique)
     decisions = Decisions(settings)
     producer = KafkaProducer(bootstrap_servers=settings.bootstrap, linger_ms=5, acks=1)
     results: list[tuple[str, int, Any, dict[str, str]]] = []
     lock = threading.Lock()
     shed_seen, stop = threading.Event(), threading.Event()
     try:
-        worker.wait_until(lambda: worker.metric("adpulse_catalog_ads") == len(ads), 30, "catalog")
-
-        def events() -> None:  # ingest, for as long as requests are fired
-            i = 0
-            while not stop.is_set():
-                user = f"{unique}-u{i % 50}"
-                event = {"event_id": f"{unique}-e{i}", "user_id": user, "kind": "browse",
-                         "item_id": 1000 + i % 97, "category_id": CATS[i % 5],
-                         "ts": int(time.time() * 1000)}  # fmt: skip
-                producer.send(settings.topic("user-events"), key=user.encode(),
-                              value=json.dumps(event).encode())  # fmt: skip
-                i += 1
-                if i % 20 == 0:
-                    time.sleep(0.005)
+        worker.wait_until(lambda: worker.metric("adpulse_catalog_ads") == n_ads, 30, "catalog")
 
         def fire(t: int) -> None:
             for i in range(MOST_PER_CALLER):
@@ -79,7 +91,7 @@ def test_requests_give_way_to_ingest_that_is_behind_and_nothing_else_is_lost(
                 if status == 503:
                     shed_seen.set()
 
-        ingest = threading.Thread(target=events)
+        ingest = threading.Thread(target=events, args=(producer, settings, unique, stop))
         ingest.start()
         callers = [threading.Thread(target=fire, args=(t,)) for t in range(CALLERS)]
         for c in callers:
@@ -105,6 +117,56 @@ def test_requests_give_way_to_ingest_that_is_behind_and_nothing_else_is_lost(
         assert not any(r in decisions.by_id for r in refused)  # a shed request decided nothing
     finally:
         stop.set()
+        producer.close()
+        decisions.close()
+        worker.stop()
+
+
+def test_topic_requests_give_way_to_ingest_with_shed_no_fills_and_none_is_lost(
+    broker: EmbeddedBroker, tmp_path: Path
+) -> None:
+    """The ad-requests topic's side of the same guard: a slice of requests fetched while
+    decisions are over their share gets ``shed`` no fills at once, unscored; every request
+    still gets exactly one decision on ad-decisions."""
+    unique = f"tguard-{uuid.uuid4().hex[:8]}"
+    settings, worker, n_ads = guarded_worker(broker, tmp_path, unique)
+    decisions = Decisions(settings)
+    producer = KafkaProducer(bootstrap_servers=settings.bootstrap, linger_ms=5, acks=1)
+    stop = threading.Event()
+    ingest = threading.Thread(target=events, args=(producer, settings, unique, stop))
+    sent: list[str] = []
+    try:
+        worker.wait_until(lambda: worker.metric("adpulse_catalog_ads") == n_ads, 30, "catalog")
+        ingest.start()
+        for i in range(TOPIC_MOST):  # about 1,000 requests/s, until some are shed
+            rid = f"{unique}-r{i}"
+            user = f"{unique}-u{i % 50}"
+            producer.send(settings.topic("ad-requests"), key=user.encode(),
+                          value=json.dumps(request(rid, user, "guard")).encode())  # fmt: skip
+            sent.append(rid)
+            if i % 20 == 19:
+                time.sleep(0.02)
+                decisions.poll(0)
+                if any(d[0].get("no_fill_reason") == "shed" for d in decisions.by_id.values()):
+                    break
+        stop.set()
+        ingest.join()
+        producer.flush()
+        decisions.wait(sent, timeout=60, settle=1.0)
+        assert all(len(decisions.by_id[r]) == 1 for r in sent)
+        got = [decisions.by_id[r][0] for r in sent]
+        shed = [d for d in got if d.get("no_fill_reason") == "shed"]
+        assert shed, f"{len(sent)} topic requests next to ingest 1 ms behind, none shed"
+        assert all((d["ad_id"], d["model_version"]) == (None, "none") for d in shed)
+        assert any(d["ad_id"] is not None for d in got), "the guard keeps a tenth for decisions"
+        worker.wait_until(
+            lambda: worker.metric("adpulse_no_fill_total", 'reason="shed"') == len(shed),
+            10, "the shed no fills counted",
+        )  # fmt: skip
+    finally:
+        stop.set()
+        if ingest.is_alive():
+            ingest.join()
         producer.close()
         decisions.close()
         worker.stop()

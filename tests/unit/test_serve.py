@@ -259,6 +259,26 @@ def test_a_request_past_its_budget_gets_a_deadline_no_fill_unscored(tmax: int | 
     assert out.rows_scored == 2  # only the fresh request's candidates
 
 
+def test_a_shed_topic_request_gets_a_shed_no_fill_unscored() -> None:
+    """The ad-requests topic's answer while decisions give way to ingest: every request
+    answered, none scored, no table read; one past its budget is still a deadline."""
+    st = stage(settings())
+    now = DAY0 + 1000
+    late = [Raw(r.value, r.key, r.partition, r.offset, now - 60) for r in requests(1, now, "l")]
+    good, rejected = st.split_topic([*late, *requests(2, now, "s")])
+    assert not rejected
+    out = st.shed(good, now, 50)
+    by_id = {d.request_id: msgspec.to_builtins(d) for _, _, d in out.decisions}
+    assert set(by_id) == {"l-0", "s-0", "s-1"}
+    assert by_id["l-0"]["no_fill_reason"] == "deadline"
+    for rid in ("s-0", "s-1"):
+        d = by_id[rid]
+        assert (d["ad_id"], d["no_fill_reason"], d["model_version"]) == (None, "shed", "none")
+        assert (d["candidates"], d["propensity"]) == (0, 1.0)
+    assert out.no_fill == {"shed": 2, "deadline": 1}
+    assert out.rows_scored == 0 and not out.cap_writes and not out.spend_writes
+
+
 def test_no_budget_means_no_deadline() -> None:
     st = stage(settings())
     now = DAY0 + 10_000_000
