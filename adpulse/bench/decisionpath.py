@@ -19,7 +19,9 @@ from typing import Any
 import numpy as np
 
 from adpulse.bench.requests import pick, request_body
+from adpulse.catalogtool import synthetic_ads
 from adpulse.core.settings import Settings
+from adpulse.workload import Workload, WorkloadModel
 from schemas.messages import AdRequest
 from scoring.catalog import Catalog
 from scoring.featurespec import FeatureSpec
@@ -42,6 +44,18 @@ def request_bodies(
                      int(time.time() * 1000))
         for i in range(n)
     ]  # fmt: skip
+
+
+def synthetic_inputs(
+    users: int, ads: int, events_per_user: int, category_rows: int = 50_000
+) -> tuple[list[dict[str, Any]], list[bytes]]:
+    """A synthetic catalog of ``ads`` ads over the workload's categories (drawn from
+    ``category_rows`` of its rows) and ``events_per_user`` x ``users`` warm user-events
+    payloads: what :meth:`DecisionPath.build` takes, as the in-process benches use it."""
+    workload = Workload(WorkloadModel(), users=users, seed=2)
+    catalog = synthetic_ads(ads, workload.columns(category_rows)["category"].tolist(), seed=3)
+    _, events = workload.payloads(events_per_user * users, int(time.time() * 1000), prefix="warm")
+    return catalog, events
 
 
 @dataclass

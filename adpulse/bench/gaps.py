@@ -24,9 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from adpulse.bench import machine, machine_line
-from adpulse.bench.decisionpath import DecisionPath, request_bodies
-from adpulse.catalogtool import synthetic_ads
-from adpulse.workload import Workload, WorkloadModel
+from adpulse.bench.decisionpath import DecisionPath, request_bodies, synthetic_inputs
 
 
 @dataclass(frozen=True)
@@ -69,9 +67,7 @@ def _cpu_ms(
 
 
 def run(cfg: GapsBench, log: Callable[[str], None] = print) -> dict[str, Any]:
-    workload = Workload(WorkloadModel(), users=cfg.users, seed=2)
-    ads = synthetic_ads(cfg.ads, workload.columns(50_000)["category"].tolist(), seed=3)
-    _, values = workload.payloads(10 * cfg.users, int(time.time() * 1000), prefix="warm")
+    ads, values = synthetic_inputs(cfg.users, cfg.ads, 10)
     path = DecisionPath.build(ads, values)
     ad_ids = [a["ad_id"] for a in ads]
     warm = request_bodies(ad_ids, cfg.users, cfg.candidates, max(20, cfg.calls // 4), 5, "w")

@@ -29,10 +29,8 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from adpulse.bench import machine, machine_line, spread
-from adpulse.bench.decisionpath import DecisionPath, request_bodies
-from adpulse.catalogtool import synthetic_ads
+from adpulse.bench.decisionpath import DecisionPath, request_bodies, synthetic_inputs
 from adpulse.core.settings import Settings
-from adpulse.workload import Workload, WorkloadModel
 from scoring.featurespec import FeatureSpec, Inputs
 from scoring.registry import MODEL, PACKAGED, SPEC, ModelRegistry
 from scoring.scorer import CUDA, TENSORRT, Device, NumpyScorer, OnnxScorer
@@ -151,9 +149,7 @@ def _path(
 ) -> dict[str, Any]:
     """Rows/s of the worker's decision call per micro-batch of requests."""
     users = 500 if smoke else 10_000
-    workload = Workload(WorkloadModel(), users=users, seed=2)
-    ads = synthetic_ads(1_000, workload.columns(50_000)["category"].tolist(), seed=3)
-    _, events = workload.payloads(20 * users, int(time.time() * 1000), prefix="warm")
+    ads, events = synthetic_inputs(users, 1_000, 20)
     decide = DecisionPath.build(ads, events, s.with_(pseudonymise=False, partitions=1))
     ad_ids = [a["ad_id"] for a in ads]
     bodies = request_bodies(ad_ids, users, CANDIDATES, 4_000, 5, "path")

@@ -42,10 +42,8 @@ from typing import Any
 import numpy as np
 
 from adpulse.bench import machine, machine_line
-from adpulse.bench.decisionpath import DecisionPath, request_bodies
-from adpulse.catalogtool import synthetic_ads
+from adpulse.bench.decisionpath import DecisionPath, request_bodies, synthetic_inputs
 from adpulse.core.settings import Settings
-from adpulse.workload import Workload, WorkloadModel
 from scoring.featurespec import FeatureSpec
 from scoring.registry import MODEL, SPEC
 from scoring.scorer import Device, OnnxScorer, SessionOptions
@@ -145,9 +143,7 @@ def run(
     length = specs["sequence"].sequence
     opts = SessionOptions(intra_op_threads=s.scorer_threads)
     scorers = {k: OnnxScorer(models / k / "v1" / MODEL, device=device, options=opts) for k in KINDS}
-    workload = Workload(WorkloadModel(), users=users, seed=2)
-    ads = synthetic_ads(1_000, workload.columns(20_000)["category"].tolist(), seed=3)
-    _, events = workload.payloads(20 * users, int(time.time() * 1000), prefix="warm")
+    ads, events = synthetic_inputs(users, 1_000, 20, category_rows=20_000)
     paths = {
         k: DecisionPath.build(ads, events, s.with_(model_dir=str(models / k),
                                                    sequence_length=specs[k].sequence))
