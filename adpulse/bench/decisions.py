@@ -78,6 +78,7 @@ def run(base: Settings, cfg: DecisionsBench, log: Any = print) -> dict[str, Any]
         "candidates": cfg.candidates,
         "requests": sum(x["requests"] for x in runs),
         "lost": sum(x["lost"] for x in runs),
+        "shed": sum(x["shed"] for x in runs),
         "repeats": cfg.repeats,
         "duration_s": cfg.duration_s,
         "users": cfg.users,
@@ -106,7 +107,7 @@ def result_line(res: dict[str, Any]) -> str:
         f"achieved {res['achieved_per_s']:,.0f}/s; latency p50 {res['latency_p50_ms']:.2f} ms "
         f"p99 {res['latency_p99_ms']:.2f} ms (range {res['latency_p99_ms_spread']['min']:.2f}"
         f"-{res['latency_p99_ms_spread']['max']:.2f}) p99.9 {res['latency_p999_ms']:.2f} ms; "
-        f"{res['lost']} lost; {_minutes(res)}{machine_line(res['machine'])}"
+        f"{res['lost']} lost, {res['shed']} shed; {_minutes(res)}{machine_line(res['machine'])}"
     )
 
 
@@ -130,17 +131,21 @@ async def _offer(
     sent_at: list[float] = []  # when each measured request was sent, from the run's start
     in_worker: list[float] = []  # the decision's own latency_ms: request record -> decision sent
     received_at: list[float] = []  # when each decision arrived, from the run's start
+    shed = 0  # shed no fills (the worker gave way to ingest): answered, not decided
     async with decision_clients(s) as (consumer, producer):
 
         async def watch() -> None:
-            while len(latencies) < n:
+            nonlocal shed
+            while len(latencies) + shed < n:
                 batch = await consumer.getmany(timeout_ms=100)
                 now = time.perf_counter()
                 for records in batch.values():
                     for rec in records:
                         decision = json.loads(rec.value)
                         hit = sent.pop(decision["request_id"], None)
-                        if hit is not None:
+                        if hit is not None and decision.get("no_fill_reason") == "shed":
+                            shed += 1
+                        elif hit is not None:
                             latencies.append(now - hit[0])
                             sent_at.append(hit[0] - start)
                             received_at.append(now - start)
@@ -156,7 +161,8 @@ async def _offer(
         p50, p99, p999 = percentiles_ms(latencies, [50, 99, 99.9])
         (worker_p99,) = percentiles_ms(in_worker, [99])
         return {
-            "requests": n, "lost": n - len(latencies), "p50": p50, "p99": p99, "p999": p999,
+            "requests": n, "lost": n - len(latencies) - shed, "shed": shed,
+            "p50": p50, "p99": p99, "p999": p999,
             "worker_p99": worker_p99,
             "per_minute_p99": per_minute_p99(sent_at, latencies, cfg.duration_s),
             # decisions that arrived while requests were being offered: a backlog drained
