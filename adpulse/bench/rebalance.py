@@ -100,7 +100,10 @@ class Decisions:
             now = time.perf_counter()
             for records in batch.values():
                 for rec in records:
-                    part = self.part_of.get(json.loads(rec.value).get("request_id", ""))
+                    d = json.loads(rec.value)
+                    if d.get("no_fill_reason") == "shed":  # answered unscored: ends no pause
+                        continue
+                    part = self.part_of.get(d.get("request_id", ""))
                     if part is not None:
                         self.seen.append((now, part))
 
