@@ -220,6 +220,7 @@ def test_every_alert_has_severity_summary_description_and_runbook() -> None:
         "AdpulseDecisionLatencyP99OverBudget",
         "AdpulseFreshnessP99OverBudget",
         "AdpulseDeadLetterSpike",
+        "AdpulseRequestsShed",
         "AdpulseModelSwapRefused",
         "AdpulseJoinerStalled",
         "AdpulseBudgetExhaustedEarly",
