@@ -31,6 +31,12 @@ KAFKA_VERSION = "3.8.0"  # = deploy/kafka/pom.xml and the apache/kafka image in 
 POM = Path(__file__).resolve().parent.parent / "deploy" / "kafka" / "pom.xml"
 _CLUSTER_ID = "u8mGQ_fwW0eaHQ1hw9RkCQ"  # base64url of uuid5(DNS, "adpulse.embedded"): any fixed id
 
+# ADPULSE_KAFKA_JIT. quick: C1 alone (tier 1). In a fresh broker under `bench features`
+# at 5,000 events/s the C2 compiler thread took 37-45% of a core (request handling 25-27%);
+# with C1 alone the broker took 38-40% in all, and `bench serve`'s freshness p99 with
+# ingest was 1.4 and 0.7 s against 2.8 and 2.1 s (docs/reference.md, "The embedded broker").
+JIT_FLAGS: Mapping[str, tuple[str, ...]] = {"quick": ("-XX:TieredStopAtLevel=1",), "full": ()}
+
 # One machine, one node: replication factors of 1, no rebalance delay, short sessions
 # allowed (tests use 6 s), few threads (the box has 2 cores shared with the worker).
 SERVER_PROPERTIES = """\
@@ -207,6 +213,7 @@ class KafkaBroker(EmbeddedBroker):
             f"-Xms{min(self.settings.kafka_heap_mb, 256)}m",
             "-XX:+UseG1GC",
             "-XX:MaxGCPauseMillis=20",
+            *JIT_FLAGS[self.settings.kafka_jit],
             "-Djava.awt.headless=true",
             f"-Dlog4j.configuration=file:{self.workdir / 'log4j.properties'}",
             "-cp",

@@ -30,9 +30,11 @@ TextPrecision = Literal["auto", "fp32"]
 SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
 SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
 EmbeddedKind = Literal["kafka", "tansu"]
+KafkaJit = Literal["quick", "full"]
 LinUCBOffset = Literal["model", "none"]
 _LITERALS: dict[str, Any] = {
     "EmbeddedKind": EmbeddedKind,
+    "KafkaJit": KafkaJit,
     "LinUCBOffset": LinUCBOffset,
     "Device": Device,
     "TextPrecision": TextPrecision,
@@ -90,6 +92,13 @@ class Settings:
         "filled once by `make kafka` (mvn dependency:copy-dependencies).",
     )
     kafka_heap_mb: int = _setting(512, "Java heap of the embedded Apache Kafka broker (MiB).")
+    kafka_jit: KafkaJit = _setting(
+        "quick",
+        "JIT of the embedded Apache Kafka broker: quick (the JVM's first-tier compiler "
+        "only: its optimising compiler took ~40% of a core in a fresh broker's first "
+        "minute, beside the worker on 2 cores) or full (the JVM's default; a little less "
+        "CPU per request once warm, for a broker that runs for hours).",
+    )
     embedded_broker: bool = _setting(
         False,
         "The broker is an embedded development broker (development pseudonym key allowed; "

@@ -17,6 +17,7 @@ from adpulse.broker import EmbeddedBroker, embedded_broker, free_port
 from adpulse.core.errors import BrokerStartError
 from adpulse.core.probe import metadata_answers
 from adpulse.core.settings import Settings
+from adpulse.kafkabroker import JIT_FLAGS
 
 pytestmark = pytest.mark.integration
 
@@ -24,6 +25,18 @@ pytestmark = pytest.mark.integration
 def test_session_broker_answers_metadata(broker: EmbeddedBroker) -> None:
     host, port = broker.bootstrap.split(":")
     assert metadata_answers(host, int(port))
+
+
+def test_session_kafka_runs_with_the_jit_its_setting_names(broker: EmbeddedBroker) -> None:
+    """ADPULSE_KAFKA_JIT reaches the JVM (adpulse/kafkabroker.py, JIT_FLAGS): read off the
+    running broker's own command line."""
+    if broker.kind != "kafka":
+        pytest.skip("ADPULSE_EMBEDDED is not kafka")
+    assert broker.proc is not None
+    argv = Path(f"/proc/{broker.proc.pid}/cmdline").read_bytes().decode().split("\0")
+    wanted = JIT_FLAGS[Settings.from_env().kafka_jit]
+    assert all(flag in argv for flag in wanted), argv
+    assert ("-XX:TieredStopAtLevel=1" in argv) == bool(wanted), argv
 
 
 def test_kafka_python_round_trip_through_embedded_broker(
