@@ -109,7 +109,9 @@ def wire(w: Wiring) -> None:
         return [by_raw[id(raw)] for _, raw in requests], send
 
     # POST /decide (streams/serve.py): the same decisions, answered synchronously
-    serve.wire(w, decide_now, lambda: len(catalog.get() or ()), guard)
+    service = serve.wire(w, decide_now, lambda: len(catalog.get() or ()), guard)
+    # ingest's slices are short while requests come (streams/runtime/consumer.py, Slicer)
+    w.app.slicer.contended = lambda: service.asked_within(serve.ASKED_WINDOW_S)
 
     @w.app.batch_topic(w.user_events)
     async def on_user_events(batch: Batch) -> Awaitable[Any]:

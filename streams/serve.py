@@ -62,6 +62,9 @@ log = logging.getLogger(__name__)
 FORWARDED = "X-Adpulse-Forwarded"  # set on a request one worker forwards to another
 STARTED = "X-Adpulse-Start-Ms"  # when the forwarded request's budget started (epoch ms)
 _TICK_S = 0.002  # how often the event loop's lateness is sampled
+# A worker asked for a decision within this long keeps ingest's slices short, so the next
+# request waits for one short slice; one asked none for a minute hands over longer slices.
+ASKED_WINDOW_S = 60.0
 
 # Decide the given requests (each budget started at its raw's timestamp) at once, state
 # written; returns each one's decision, in order, and what sends them to ad-decisions
@@ -128,6 +131,16 @@ class DecideService:
         self._running: set[asyncio.Task[None]] = set()
         self._deciding = False  # a run is being decided: the next one waits for it
         self._next_due = False  # the queue was due meanwhile: it goes when that run is done
+        self._asked = -math.inf  # when the last request came (clock time), answered or not
+
+    def asked(self) -> None:
+        """A request came in (any outcome)."""
+        self._asked = self.clock()
+
+    def asked_within(self, seconds: float) -> bool:
+        """Whether a request came in the last ``seconds``: while one did, ingest keeps its
+        slices short (streams/runtime/consumer.py, ``Slicer``)."""
+        return self.clock() - self._asked < seconds
 
     def parse(self, body: bytes) -> AdRequest | Reply:
         out = self.decoder.decode(Raw(body, None, -1, -1))
@@ -437,6 +450,7 @@ def wire(
 
     async def answer(body: bytes, header: Callable[[str], str | None]) -> Reply:
         """Both ports' requests: ``header`` looks a header up by its lower-case name."""
+        service.asked()
         now_ms = int(time.time() * 1000)
         forwarded = header(_FORWARDED) == "1"
         start_ms = _int(header(_STARTED), now_ms) if forwarded else now_ms

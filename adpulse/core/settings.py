@@ -229,7 +229,8 @@ class Settings:
     batch_slice_ms: float = _setting(
         5.0,
         "A fetched batch is handled in slices of about this long, yielding between them, so "
-        "a /decide request waits for one slice, not a whole batch; 0: whole batches.",
+        "a /decide request waits for one slice, not a whole batch; 0: whole batches. Only "
+        "while POST /decide was asked in the last minute; otherwise slices of 50 ms.",
     )
     fetch_max_wait_ms: int = _setting(
         10,

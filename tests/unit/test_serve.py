@@ -207,6 +207,17 @@ def test_a_malformed_body_is_a_400_with_the_contract_error_in_one_line() -> None
         assert "\n" not in message
 
 
+def test_the_service_says_whether_it_was_asked_lately() -> None:
+    clock = Clock()
+    svc = service(Recorder(), clock=clock)
+    assert not svc.asked_within(60.0)
+    svc.asked()
+    clock.now += 59.0
+    assert svc.asked_within(60.0)
+    clock.now += 2.0
+    assert not svc.asked_within(60.0)
+
+
 def test_a_decision_the_broker_refuses_is_counted() -> None:
     rec, failures = Recorder(), list[BaseException]()
 

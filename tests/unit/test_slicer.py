@@ -41,3 +41,14 @@ def test_slice_size_follows_the_measured_cost_per_record() -> None:
 def test_zero_hands_over_the_whole_batch() -> None:
     batch = _batch([5000, 3000])
     assert list(Slicer(0.0).slices("t", batch)) == [batch]  # type: ignore[arg-type]
+
+
+def test_slices_are_short_only_while_requests_wait_on_the_loop() -> None:
+    asked = [False]
+    slicer = Slicer(0.005, contended=lambda: asked[0])
+    slicer.observe("t", 500, 0.010)  # 20 us a record
+    assert slicer.size("t") == round(Slicer.QUIET_S / 20e-6)  # nobody waits: long slices
+    asked[0] = True
+    assert slicer.size("t") == 250  # a request came lately: 5 ms slices
+    asked[0] = False
+    assert slicer.size("t") == 2500
