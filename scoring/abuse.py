@@ -58,12 +58,16 @@ class EventRateLimiter:
     Counts are kept for the newest second seen and the ``keep_s`` before it, so
     memory is bounded by the users active in that span; an event older than that
     (a partition read far behind the others) is limited within its batch only.
+    They are kept by second, so the seconds that fall out of the span are dropped
+    whole: rebuilding one map of (user, second) once a second held the event loop
+    ~7.5 ms at 5,000 events/s (cProfile in the worker, ``bench features``), and
+    longer the more users a second has.
     """
 
     def __init__(self, limit: int, keep_s: int = 3) -> None:
         self.limit = limit
         self.keep_s = keep_s
-        self.counts: dict[tuple[str, int], int] = {}
+        self.counts: dict[int, dict[str, int]] = {}  # second -> user -> events
         self.newest_s = -(1 << 62)
 
     def admit(self, users: Sequence[str], ts_ms: npt.NDArray[np.int64]) -> npt.NDArray[np.bool_]:
@@ -74,20 +78,21 @@ class EventRateLimiter:
             return keep
         sec = ts_ms // 1000
         counts, limit = self.counts, self.limit
-        for i, key in enumerate(zip(users, sec.tolist(), strict=True)):
-            c = counts.get(key, 0) + 1
-            counts[key] = c
+        for i, (user, s) in enumerate(zip(users, sec.tolist(), strict=True)):
+            of_second = counts.get(s)
+            if of_second is None:
+                of_second = counts[s] = {}
+            c = of_second.get(user, 0) + 1
+            of_second[user] = c
             if c > limit:
                 keep[i] = False
         newest = int(sec.max())
         if newest > self.newest_s:
             self.newest_s = newest
             horizon = newest - self.keep_s
-            self.counts = {k: v for k, v in counts.items() if k[1] >= horizon}
+            for old in [s for s in counts if s < horizon]:
+                del counts[old]
         return keep
-
-    def forget(self, user: str) -> None:
-        self.counts = {k: v for k, v in self.counts.items() if k[0] != user}
 
 
 def too_fast(decision_ts: int, click_ts: int, min_delay_ms: int) -> bool:

@@ -56,7 +56,7 @@ def test_rate_limiter_memory_keeps_only_recent_seconds() -> None:
     limiter = EventRateLimiter(limit=1, keep_s=2)
     for s in range(100):
         limiter.admit([f"u{s}"], np.array([s * 1000], np.int64))
-    assert {sec for _, sec in limiter.counts} == {97, 98, 99}
+    assert set(limiter.counts) == {97, 98, 99}
 
 
 def test_rate_limited_events_become_dead_letters_naming_the_pseudonym_only() -> None:
