@@ -57,8 +57,6 @@ touches one, and that this list names every one used here):
   restored in bulk (its records must reach the callback).
 - ``Store._db_for_partition`` (tablewriter.py, restore.py): a partition's RocksDB, for
   one WriteBatch per partition per batch, multi-gets and scans.
-- ``Store._key_index`` (tablewriter.py): Faust's key -> partition map, kept as
-  ``table[key] = value`` keeps it.
 - ``Store._dbs`` (gauges.py): the open partition databases, for RocksDB's key estimate.
 - ``Producer._producer`` (tablewriter.py): the aiokafka producer under Faust's, for
   changelog record batches (``create_batch``/``send_batch``) and ``partitions_for``
