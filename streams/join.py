@@ -15,6 +15,8 @@ to send and write; streams/pipeline.py does that I/O (``join_step``).
 Order of effects, per batch and per timer tick, under one lock: read records,
 apply (:meth:`JoinStage.step`), **send the labels and wait for their acks**,
 then write the records (:meth:`JoinStage.settled`).
+Steps run one after another in the order the batches gave them, on tasks of their
+own (:class:`StepChain`), so the batch loop never waits for a label's ack.
 A crash before the labels are acked replays the batch from the state before
 it: nothing lost. A crash after the acks but before the state is durable
 replays it too and sends the same labels again: that is the one duplicate
@@ -37,9 +39,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import msgspec
 
@@ -124,6 +126,65 @@ class JoinStep:
     expired: int
     suspect: list[tuple[str, str]]  # (rule, pseudonym)
     index: tuple[DueIndex, dict[str, set[str]]]  # the partition's, as the step read it
+
+
+class StepChain:
+    """The click join's steps, run one after another in the order they were submitted,
+    each on a task of its own, so that the batch loop that submits them goes on.
+
+    Why: a step that emits labels waits for their acknowledgement before it writes the
+    records that say so (the order this module's docstring explains), and the worker's
+    producer has one request in flight per broker, so that wait queues behind every
+    changelog and decision record sent before it. Awaited by the handlers, it held the
+    whole batch loop: in ``make demo`` the loop waited on label acks for 17.3 s of
+    ~45 s (1,177 steps, median 7.7 ms, p99 68 ms), and user events reached the interest
+    stage 80-190 ms after they were produced.
+
+    Still exact: a step starts only after the one before it has written its records
+    (it reads them), a step submitted before a rebalance is dropped unrun if the
+    consumer's generation moved on (its batch is never acknowledged, so its owner
+    handles it again), and once a step failed every later one fails too (their batches
+    are never acknowledged; the worker stops on the first, as on any failed write). A
+    batch is acknowledged only when its steps' writes are (:func:`durable`).
+    """
+
+    def __init__(self, generation: Callable[[], int | None]) -> None:
+        self.generation = generation
+        self.tail: asyncio.Task[list[Awaitable[Any]]] | None = None
+
+    def submit(
+        self, step: Callable[[], Awaitable[list[Awaitable[Any]]]]
+    ) -> asyncio.Task[list[Awaitable[Any]]]:
+        """Runs ``step()`` after every step submitted before it; its result: what
+        completes when the step's writes are acknowledged."""
+        task = asyncio.ensure_future(self._after(self.tail, self.generation(), step))
+        self.tail = task
+        return task
+
+    async def drained(self) -> None:
+        """Until every step submitted so far has run."""
+        if self.tail is not None:
+            await asyncio.wait([self.tail])
+
+    async def _after(
+        self,
+        previous: asyncio.Task[list[Awaitable[Any]]] | None,
+        gen: int | None,
+        step: Callable[[], Awaitable[list[Awaitable[Any]]]],
+    ) -> list[Awaitable[Any]]:
+        if previous is not None:
+            await asyncio.wait([previous])
+            if previous.cancelled() or previous.exception() is not None:
+                msg = "an earlier step of the click join failed"
+                raise RuntimeError(msg)
+        if gen != self.generation():
+            return []  # rebalanced since it was submitted: its batch is never acknowledged
+        return await step()
+
+
+async def durable(step: Awaitable[list[Awaitable[Any]]]) -> None:
+    """Completes when a submitted step has run and its writes are acknowledged."""
+    await asyncio.gather(*await step)
 
 
 class JoinStage:

@@ -27,7 +27,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 
@@ -42,7 +42,7 @@ from streams.decide import DecideResult, DecideStage, StateReaders
 from streams.ingest import LOG_APPEND_TIME, broker_ms
 from streams.interest import InterestStage
 from streams.items import check_item_record
-from streams.join import JOIN_TICK_S, JoinInput, JoinStage, PendingReads
+from streams.join import JOIN_TICK_S, JoinInput, JoinStage, PendingReads, StepChain, durable
 from streams.lane import DecisionLane
 from streams.learn import LearnStage
 from streams.runtime.consumer import Batch, Positions
@@ -90,10 +90,15 @@ def wire(w: Wiring) -> None:
     changelogs = DecisionChangelogs(ChangelogBuffer(w.freqcap),
                                     ChangelogBuffer(w.spend, reread=True))  # fmt: skip
     pending = PendingReads(functools.partial(_load, w.pending), functools.partial(scan, w.pending))
+
+    def generation() -> int | None:
+        return cast("int | None", w.app.consumer_generation_id)
+
     join = Join(
-        JoinStage(w.settings, pending, Positions(w.app),
-                  lambda: w.app.consumer_generation_id, lambda k: w.catalog.get_many([k])[0]),
+        JoinStage(w.settings, pending, Positions(w.app), generation,
+                  lambda k: w.catalog.get_many([k])[0]),
         functools.partial(settle_clicks, w, lane, changelogs.spend),
+        StepChain(generation),
     )  # fmt: skip
 
     async def decide_now(
@@ -223,8 +228,7 @@ async def ingest(
         ends = {tp.partition: records[-1].offset + 1 for tp, records in batch.items()}
         inputs, suspects = join.stage.on_events(result.valid, now_ms, ends)
         counts.suspect_clicks(w.metrics, suspects)
-        for inp in inputs:
-            futures += await join_step(w, join, inp, now_ms)
+        futures += [join.submit(w, inp, now_ms) for inp in inputs]
     counts.ingested(w.metrics, result, len(raws), started, oldest_ms)
     return asyncio.gather(*futures)
 
@@ -357,19 +361,24 @@ async def settle_clicks(
 # -- the click join (ad-decisions, and the clicks of user-events) ----------------------------
 @dataclass(frozen=True)
 class Join:
-    """The click join and how it charges clicks of cpc decisions (:func:`settle_clicks`)."""
+    """The click join, how it charges clicks of cpc decisions (:func:`settle_clicks`), and
+    the chain its steps run on (streams/join.py, ``StepChain``)."""
 
     stage: JoinStage
     settle: Callable[[int, list[Charge], int], Awaitable[list[Awaitable[Any]]]]
+    steps: StepChain
+
+    def submit(self, w: Wiring, inp: JoinInput, now_ms: int) -> Awaitable[None]:
+        """:func:`join_step` after the steps submitted before it; what completes when
+        its writes are acknowledged (what a batch's acknowledgement waits for)."""
+        return durable(self.steps.submit(functools.partial(join_step, w, self, inp, now_ms)))
 
 
 async def join_decisions(w: Wiring, join: Join, batch: Batch) -> Awaitable[Any]:
     """One batch of ad-decisions into the click join (labels sent before state is written)."""
     now_ms = int(time.time() * 1000)
     inputs, rejected = join.stage.on_decisions(_raws(batch))
-    futures: list[Awaitable[Any]] = []
-    for inp in inputs:
-        futures += await join_step(w, join, inp, now_ms)
+    futures = [join.submit(w, inp, now_ms) for inp in inputs]
     futures += await _dead_letter(w, rejected, now_ms, "ad-decisions", "join")
     return asyncio.gather(*futures)
 
@@ -383,7 +392,8 @@ async def join_tick(w: Wiring, join: Join) -> None:
     now_ms = int(time.time() * 1000)
     for tp in app.assignor.assigned_actives():
         if tp.topic == topic:
-            await join_step(w, join, JoinInput(tp.partition), now_ms)
+            step = functools.partial(join_step, w, join, JoinInput(tp.partition), now_ms)
+            await join.steps.submit(step)
 
 
 async def join_step(w: Wiring, join: Join, inp: JoinInput, now_ms: int) -> list[Awaitable[Any]]:
@@ -454,6 +464,7 @@ async def forget_user(
     async with decisions or asyncio.Lock():
         found["freqcap"] = sum(v is not None for v in _load(w.freqcap, [key], [part]))
         futures += await _write(w.freqcap, [(key, part, None)], caps)
+    await join.steps.drained()  # the steps of batches before this request come first
     async with join.stage.lock:
         gone = join.stage.forget(part, user)
         futures += await _write(w.pending, [(k, part, None) for k in gone])
