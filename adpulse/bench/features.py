@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import math
 import tempfile
 import time
 from dataclasses import dataclass
@@ -84,6 +85,10 @@ def run(base: Settings, cfg: FeaturesBench, log: Any = print) -> dict[str, Any]:
                 f"  repeat {r + 1}/{cfg.repeats}: worker {rate:,.0f} events/s, "
                 f"bare aiokafka loop {baseline:,.0f} events/s, ratio {rate / baseline:.2f}"
             )
+            if math.isnan(rate):
+                log(f"  repeat {r + 1}/{cfg.repeats}: the worker had applied all {cfg.events:,} "
+                    "events by its counter's first look, so there is no interval to time; "
+                    "use more (--events 100000 or more)")  # fmt: skip
     p50, p99 = percentiles_ms(fresh, [50, 99])
     w, b, q = spread(worker_rates), spread(base_rates), spread(ratios)
     return {
