@@ -137,8 +137,8 @@ class StepChain:
     producer has one request in flight per broker, so that wait queues behind every
     changelog and decision record sent before it. Awaited by the handlers, it held the
     whole batch loop: in ``make demo`` the loop waited on label acks for 17.3 s of
-    ~45 s (1,177 steps, median 7.7 ms, p99 68 ms), and user events reached the interest
-    stage 80-190 ms after they were produced.
+    ~45 s (1,177 steps, median 7.7 ms, p99 68 ms; docs/performance.md, "The click
+    join's steps").
 
     Still exact: a step starts only after the one before it has written its records
     (it reads them), a step submitted before a rebalance is dropped unrun if the
