@@ -12,6 +12,12 @@ import pytest
 from streams.join import StepChain, durable
 
 
+async def _turns(n: int = 20) -> None:
+    """Let every ready task run ``n`` loop turns: an order, never a duration."""
+    for _ in range(n):
+        await asyncio.sleep(0)
+
+
 def _step(log: list[str], name: str, gate: asyncio.Event) -> Any:
     async def run() -> list[Awaitable[Any]]:
         log.append(f"{name} starts")
@@ -31,7 +37,7 @@ def test_steps_run_in_submission_order_and_the_submitter_never_waits_for_them() 
                 durable(chain.submit(_step(log, "b", second_ack)))]  # fmt: skip
         log.append("submitter goes on")
         second_ack.set()  # b's ack comes first; b still waits for a to write
-        await asyncio.sleep(0.01)
+        await _turns()
         log.append("a acked")
         first_ack.set()
         await asyncio.gather(*done)
@@ -90,7 +96,7 @@ def test_drained_waits_for_every_step_submitted_so_far() -> None:
         gate = asyncio.Event()
         chain.submit(_step(log, "a", gate))
         chain.submit(_step(log, "b", gate))
-        asyncio.get_running_loop().call_later(0.01, gate.set)
+        asyncio.get_running_loop().call_soon(gate.set)
         await chain.drained()
         log.append("drained")
         return log
