@@ -136,8 +136,8 @@ class StepChain:
     records that say so (the order this module's docstring explains), and the worker's
     producer has one request in flight per broker, so that wait queues behind every
     changelog and decision record sent before it. Awaited by the handlers, it held the
-    whole batch loop: in ``make demo`` the loop waited on label acks for 17.3 s of
-    ~45 s (1,177 steps, median 7.7 ms, p99 68 ms; docs/performance.md, "The click
+    whole batch loop: in a demo whose live part lasted 36.9 s the loop waited on label
+    acks for 17.3 s (1,177 steps, median 7.7 ms, p99 68 ms; docs/performance.md, "The click
     join's steps").
 
     Still exact: a step starts only after the one before it has written its records
