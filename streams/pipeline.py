@@ -115,8 +115,10 @@ def wire(w: Wiring) -> None:
 
     # POST /decide (streams/serve.py): the same decisions, answered synchronously
     service = serve.wire(w, decide_now, lambda: len(catalog.get() or ()), guard)
-    # ingest's slices are short while requests come (streams/runtime/consumer.py, Slicer)
+    # ingest's slices are short while requests come, longer while decisions give way to it
+    # (streams/runtime/consumer.py, Slicer)
     w.app.slicer.contended = lambda: service.asked_within(serve.ASKED_WINDOW_S)
+    w.app.slicer.stretch = lambda: 1.0 / guard.cap
 
     @w.app.batch_topic(w.user_events)
     async def on_user_events(batch: Batch) -> Awaitable[Any]:

@@ -259,7 +259,9 @@ class IngestGuard:
     :data:`FLOOR`; once it does not, it climbs back to all of the loop within
     :data:`RECOVER_S`. A request is shed while the load is over the cap. So a few
     requests a second are never shed for a lag they did not cause, and a worker
-    catching up on a backlog still gives decisions a tenth of its loop.
+    catching up on a backlog still gives decisions a tenth of its loop. Ingest's slices
+    lengthen as the cap falls (streams/runtime/consumer.py, ``Slicer``): short slices
+    are for the requests the cap now sheds.
     """
 
     FLOOR = 0.1

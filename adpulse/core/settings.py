@@ -230,7 +230,8 @@ class Settings:
         5.0,
         "A fetched batch is handled in slices of about this long, yielding between them, so "
         "a /decide request waits for one slice, not a whole batch; 0: whole batches. Only "
-        "while POST /decide was asked in the last minute; otherwise slices of 50 ms.",
+        "while POST /decide was asked in the last minute; otherwise slices of 50 ms. While "
+        "decisions give way to ingest, this divided by their share of the loop, at most 50 ms.",
     )
     fetch_max_wait_ms: int = _setting(
         10,
