@@ -12,11 +12,13 @@ end of its partition and quiet, never on a backlog). It reads the ``pending``
 table and the consumer's positions through what it is given, and returns what
 to send and write; streams/pipeline.py does that I/O (``join_step``).
 
-Order of effects, per batch and per timer tick, under one lock: read records,
-apply (:meth:`JoinStage.step`), **send the labels and wait for their acks**,
-then write the records (:meth:`JoinStage.settled`).
-Steps run one after another in the order the batches gave them, on tasks of their
-own (:class:`StepChain`), so the batch loop never waits for a label's ack.
+Order of effects, per batch and per timer tick: under one lock, read records, apply
+(:meth:`JoinStage.step`), send the labels and take the records to write
+(:meth:`JoinStage.settled`); then **wait for the labels' acks**, then write the
+records. Steps go in the order the batches gave them, on tasks of their own
+(:class:`StepChain`), so the batch loop never waits for a label's ack, and a step is
+computed while the ones before it still wait for theirs, reading their records from
+:class:`Unwritten` until they are written.
 A crash before the labels are acked replays the batch from the state before
 it: nothing lost. A crash after the acks but before the state is durable
 replays it too and sends the same labels again: that is the one duplicate
@@ -128,58 +130,152 @@ class JoinStep:
     index: tuple[DueIndex, dict[str, set[str]]]  # the partition's, as the step read it
 
 
+# A computed step: what must be acknowledged before its records are written (its labels,
+# its charges), and the write itself, which returns what completes when that is durable.
+Prepared = tuple[list[Awaitable[Any]], Callable[[], Awaitable[list[Awaitable[Any]]]]]
+Step = Callable[[], Awaitable[Prepared | None]]
+
+
 class StepChain:
-    """The click join's steps, run one after another in the order they were submitted,
-    each on a task of its own, so that the batch loop that submits them goes on.
+    """The click join's steps, in the order they were submitted, each on tasks of its own,
+    so that the batch loop that submits them goes on; a group commit.
 
     Why: a step that emits labels waits for their acknowledgement before it writes the
-    records that say so (the order this module's docstring explains), and the worker's
-    producer has one request in flight per broker, so that wait queues behind every
-    changelog and decision record sent before it. Awaited by the handlers, it held the
-    whole batch loop: in a demo whose live part lasted 36.9 s the loop waited on label
-    acks for 17.3 s (1,177 steps, median 7.7 ms, p99 68 ms; docs/performance.md, "The click
-    join's steps").
+    records that say so (the order this module's docstring explains). Awaited by the
+    handlers, that wait held the whole batch loop (17.3 s of a demo whose live part
+    lasted 36.9 s); on a chain of its own where each step waited for the one before it
+    to write, the chain spent 3.0-3.9 s of every 5 s waiting for acks, and the batch
+    loop waited as long for its batches' steps (docs/performance.md, "The click join's
+    steps"). So a step is two phases: it is *computed* (records read, labels sent, the
+    join's indexes moved: the step function) as soon as the one before it was computed,
+    and *written* (the ``commit`` it returns) once its own acks are in and the one
+    before it was written. Its acks overlap the next steps' computing and acks.
 
-    Still exact: a step starts only after the one before it has written its records
-    (it reads them), a step submitted before a rebalance is dropped unrun if the
-    consumer's generation moved on (its batch is never acknowledged, so its owner
-    handles it again), and once a step failed every later one fails too (their batches
-    are never acknowledged; the worker stops on the first, as on any failed write). A
-    batch is acknowledged only when its steps' writes are (:func:`durable`).
+    Still exact: a step reads what the ones before it wrote or will write (their records
+    not yet written are read from :class:`Unwritten`), no record is written before its
+    step's labels are acknowledged, and records are written in submission order. A step
+    submitted before a rebalance is dropped unrun if the consumer's generation moved on
+    (its batch is never acknowledged, so its owner handles it again), and the first
+    step of a new generation is computed only once every earlier one is written. Once a
+    step failed every later one fails too, unwritten (their batches are never
+    acknowledged; the worker stops on the first, as on any failed write). A batch is
+    acknowledged only when its steps' writes are (:func:`durable`).
     """
 
     def __init__(self, generation: Callable[[], int | None]) -> None:
         self.generation = generation
-        self.tail: asyncio.Task[list[Awaitable[Any]]] | None = None
+        self.computed: asyncio.Task[Prepared | None] | None = None
+        self.tail: asyncio.Task[list[Awaitable[Any]]] | None = None  # the last written
+        self._gen: int | None = None  # the generation the last computed step ran in
 
-    def submit(
-        self, step: Callable[[], Awaitable[list[Awaitable[Any]]]]
-    ) -> asyncio.Task[list[Awaitable[Any]]]:
-        """Runs ``step()`` after every step submitted before it; its result: what
-        completes when the step's writes are acknowledged."""
-        task = asyncio.ensure_future(self._after(self.tail, self.generation(), step))
-        self.tail = task
-        return task
+    def submit(self, step: Step) -> asyncio.Task[list[Awaitable[Any]]]:
+        """Computes ``step()`` after every step submitted before it was computed, and writes
+        its records after theirs; the result: what completes when they are acknowledged."""
+        computed = asyncio.ensure_future(
+            self._compute(self.computed, self.tail, self.generation(), step)
+        )
+        written = asyncio.ensure_future(self._write(self.tail, computed))
+        self.computed, self.tail = computed, written
+        return written
 
     async def drained(self) -> None:
-        """Until every step submitted so far has run."""
+        """Until every step submitted so far has been written."""
         if self.tail is not None:
             await asyncio.wait([self.tail])
 
-    async def _after(
+    async def _compute(
+        self,
+        previous: asyncio.Task[Prepared | None] | None,
+        written: asyncio.Task[list[Awaitable[Any]]] | None,
+        gen: int | None,
+        step: Step,
+    ) -> Prepared | None:
+        await _after(previous)
+        if gen != self.generation():
+            return None  # rebalanced since it was submitted: its batch is never acknowledged
+        if gen != self._gen:  # a new generation reads only what is written
+            await _after(written)
+            self._gen = gen
+        return await step()
+
+    async def _write(
         self,
         previous: asyncio.Task[list[Awaitable[Any]]] | None,
-        gen: int | None,
-        step: Callable[[], Awaitable[list[Awaitable[Any]]]],
+        computed: asyncio.Task[Prepared | None],
     ) -> list[Awaitable[Any]]:
-        if previous is not None:
-            await asyncio.wait([previous])
-            if previous.cancelled() or previous.exception() is not None:
-                msg = "an earlier step of the click join failed"
-                raise RuntimeError(msg)
-        if gen != self.generation():
-            return []  # rebalanced since it was submitted: its batch is never acknowledged
-        return await step()
+        prepared = await computed
+        await _after(previous)
+        if prepared is None:
+            return []
+        acks, commit = prepared
+        await asyncio.gather(*acks)
+        return await commit()
+
+
+async def _after(task: asyncio.Task[Any] | None) -> None:
+    """Until ``task`` is done; raises if it failed (a later step never runs past a failure)."""
+    if task is None:
+        return
+    await asyncio.wait([task])
+    if task.cancelled() or task.exception() is not None:
+        msg = "an earlier step of the click join failed"
+        raise RuntimeError(msg)
+
+
+class Unwritten:
+    """Records of the ``pending`` table that computed steps will write once their labels
+    are acknowledged (:class:`StepChain`): what a later step reads instead of the table.
+
+    Each entry is the newest value given for its key; it is dropped when the step that
+    gave it has written it, so a key given again by a later step stays until that step
+    writes too.
+    """
+
+    def __init__(self) -> None:
+        self._values: dict[tuple[int, bytes], tuple[int, bytes | None]] = {}
+        self._seq = 0
+        self._empty = asyncio.Event()
+        self._empty.set()
+
+    async def empty(self) -> None:
+        """Until every record given so far is written (a forget request: under the stage's
+        lock no step computes, and the computed ones write without it)."""
+        await self._empty.wait()
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def put(self, part: int, writes: Sequence[tuple[bytes, bytes | None]]) -> int:
+        """Records a step will write (None: a delete); its ticket for :meth:`written`."""
+        self._seq += 1
+        for key, value in writes:
+            self._values[(part, key)] = (self._seq, value)
+        if self._values:
+            self._empty.clear()
+        return self._seq
+
+    def written(self, part: int, writes: Sequence[tuple[bytes, bytes | None]], ticket: int) -> None:
+        for key, _ in writes:
+            if self._values.get((part, key), (None, None))[0] == ticket:
+                del self._values[(part, key)]
+        if not self._values:
+            self._empty.set()
+
+    def over(self, load: Loader) -> Loader:
+        """``load`` with these records in front of the table's."""
+
+        def overlaid(keys: Sequence[bytes], parts: Sequence[int]) -> list[bytes | None]:
+            values = load(keys, parts)
+            if not self._values:
+                return values
+            out = list(values)
+            for i, (key, part) in enumerate(zip(keys, parts, strict=True)):
+                got = self._values.get((part, key))
+                if got is not None:
+                    out[i] = got[1]
+            return out
+
+        return overlaid
 
 
 async def durable(step: Awaitable[list[Awaitable[Any]]]) -> None:
@@ -283,7 +379,8 @@ class JoinStage:
     def step(self, inp: JoinInput, now_ms: int) -> JoinStep | None:
         """Read the records ``inp`` touches and those now due, apply; None: nothing to do.
 
-        Call under :attr:`lock`, and hold it until the step's writes are sent: the
+        Call under :attr:`lock`, and hold it until the step's records are taken
+        (:meth:`settled`) and readable by the next step (:class:`Unwritten`): the
         watermark moves with the records that move it, never before.
         """
         part = inp.part
@@ -312,8 +409,10 @@ class JoinStage:
         )  # fmt: skip
 
     def settled(self, step: JoinStep) -> list[tuple[bytes, bytes | None]]:
-        """Once the step's labels are acknowledged: its records to write (None deletes),
-        and the in-memory indexes moved to match."""
+        """The step's records to write (None deletes), and the in-memory indexes moved to
+        match: as the step is computed, so the next step finds what this one changed
+        (reading its records from :class:`Unwritten`); the records themselves are written
+        once the step's labels are acknowledged (:class:`StepChain`)."""
         due, users = step.index
         writes: list[tuple[bytes, bytes | None]] = []
         for key in sorted(step.changed | step.deleted):

@@ -42,7 +42,16 @@ from streams.decide import DecideResult, DecideStage, StateReaders
 from streams.ingest import LOG_APPEND_TIME, broker_ms
 from streams.interest import InterestStage
 from streams.items import check_item_record
-from streams.join import JOIN_TICK_S, JoinInput, JoinStage, PendingReads, StepChain, durable
+from streams.join import (
+    JOIN_TICK_S,
+    JoinInput,
+    JoinStage,
+    PendingReads,
+    Prepared,
+    StepChain,
+    Unwritten,
+    durable,
+)
 from streams.lane import DecisionLane
 from streams.learn import LearnStage
 from streams.runtime.consumer import Batch, Positions
@@ -89,7 +98,10 @@ def wire(w: Wiring) -> None:
     # spend: re-read at flush, as the join's click charges and decisions interleave
     changelogs = DecisionChangelogs(ChangelogBuffer(w.freqcap),
                                     ChangelogBuffer(w.spend, reread=True))  # fmt: skip
-    pending = PendingReads(functools.partial(_load, w.pending), functools.partial(scan, w.pending))
+    unwritten = Unwritten()  # records of computed join steps, until written (StepChain)
+    pending = PendingReads(
+        unwritten.over(functools.partial(_load, w.pending)), functools.partial(scan, w.pending)
+    )
 
     def generation() -> int | None:
         return cast("int | None", w.app.consumer_generation_id)
@@ -99,6 +111,7 @@ def wire(w: Wiring) -> None:
                   lambda k: w.catalog.get_many([k])[0]),
         functools.partial(settle_clicks, w, lane, changelogs.spend),
         StepChain(generation),
+        unwritten,
     )  # fmt: skip
 
     async def decide_now(
@@ -369,6 +382,7 @@ class Join:
     stage: JoinStage
     settle: Callable[[int, list[Charge], int], Awaitable[list[Awaitable[Any]]]]
     steps: StepChain
+    unwritten: Unwritten  # what the stage reads of ``pending`` before it is written
 
     def submit(self, w: Wiring, inp: JoinInput, now_ms: int) -> Awaitable[None]:
         """:func:`join_step` after the steps submitted before it; what completes when
@@ -398,24 +412,33 @@ async def join_tick(w: Wiring, join: Join) -> None:
             await join.steps.submit(step)
 
 
-async def join_step(w: Wiring, join: Join, inp: JoinInput, now_ms: int) -> list[Awaitable[Any]]:
+async def join_step(w: Wiring, join: Join, inp: JoinInput, now_ms: int) -> Prepared | None:
     """One change of a partition's click join, in the order streams/join.py explains: the
-    labels (and the clicks' charges) sent and acknowledged, then the records written."""
+    labels (and the clicks' charges) sent, and the records to write once they are
+    acknowledged (``StepChain`` awaits the acks, then calls the write, in step order).
+    The records are readable by later steps at once, through ``join.unwritten``."""
     async with join.stage.lock:
         step = join.stage.step(inp, now_ms)
         if step is None:
-            return []
-        charged: list[Awaitable[Any]] = []
+            return None
+        acks: list[Awaitable[Any]] = []
         if step.charges:  # durable with the labels, as they are
-            charged = await join.settle(step.part, step.charges, now_ms)
+            acks += await join.settle(step.part, step.charges, now_ms)
         if step.labels:  # acked before the state that records them is written
             topic, send = w.settings.topic("ctr-feedback"), w.app.producer.send
-            sends = [await send(topic, lab.ad_id.encode(), msgspec.json.encode(lab),
+            acks += [await send(topic, lab.ad_id.encode(), msgspec.json.encode(lab),
                                 None, None, None) for lab in step.labels]  # fmt: skip
-            await asyncio.gather(*sends, *charged)
         writes = join.stage.settled(step)
         counts.joined(w.metrics, step, len(writes))
-        return await _write(w.pending, [(key, step.part, value) for key, value in writes])
+        ticket = join.unwritten.put(step.part, writes)
+
+    async def commit() -> list[Awaitable[Any]]:
+        try:
+            return await _write(w.pending, [(key, step.part, value) for key, value in writes])
+        finally:
+            join.unwritten.written(step.part, writes, ticket)
+
+    return acks, commit
 
 
 # -- ctr-feedback ----------------------------------------------------------------------------
@@ -467,7 +490,8 @@ async def forget_user(
         found["freqcap"] = sum(v is not None for v in _load(w.freqcap, [key], [part]))
         futures += await _write(w.freqcap, [(key, part, None)], caps)
     await join.steps.drained()  # the steps of batches before this request come first
-    async with join.stage.lock:
+    async with join.stage.lock:  # no step computes meanwhile ...
+        await join.unwritten.empty()  # ... and every computed one has written its records
         gone = join.stage.forget(part, user)
         futures += await _write(w.pending, [(k, part, None) for k in gone])
     found["pending"] = len(gone)
