@@ -249,8 +249,8 @@ class Slicer:
     grow from ``slice_s`` up to :data:`QUIET_S` as that share falls. Short slices are
     for the requests, and while ingest is behind most requests are shed anyway; kept
     short, the fixed part of each slice took the time ingest needed to catch up: at
-    1,000 requests/s and 5,000 events/s the slices averaged 44 events at ~110 us an
-    event, against ~30 us in long ones, and the state read by decisions fell 1-10 s
+    1,000 requests/s and 5,000 events/s the slices held 37-52 events at 90-145 us an
+    event, against 32 us in slices of ~1,264, and the state read by decisions fell 1-10 s
     behind (docs/decide.md, "Decisions give way to ingest").
     """
 

@@ -56,19 +56,21 @@ def test_slices_are_short_only_while_requests_wait_on_the_loop() -> None:
 
 def test_slices_lengthen_as_decisions_give_way_to_ingest() -> None:
     """``stretch`` is 1 / the share of the loop decisions may hold (IngestGuard.cap):
-    slices grow with it, never past the quiet length, never below ``slice_s``."""
+    slices grow with it, never past a quiet slice, never below the contended one. Sizes
+    in records from an injected cost per record: no clock is read."""
     share = [1.0]
     slicer = Slicer(0.005, stretch=lambda: 1.0 / share[0])
-    slicer.observe("t", 500, 0.010)  # 20 us a record
-    assert slicer.size("t") == 250  # decisions may hold the whole loop: 5 ms slices
+    slicer.observe("t", 500, 0.010)  # an injected cost: 500 records said to take 10 ms
+    contended = slicer.size("t")
+    assert contended == 250  # decisions may hold the whole loop: the contended size
     share[0] = 0.5
-    assert slicer.size("t") == 500  # half of it: 10 ms
-    share[0] = 0.1
-    assert slicer.budget_s() == Slicer.QUIET_S  # a tenth: 50 ms, the quiet length
-    assert slicer.size("t") == 2500
-    share[0] = 0.01
-    assert slicer.budget_s() == Slicer.QUIET_S  # never longer than a quiet slice
-    share[0] = 2.0
-    assert slicer.budget_s() == 0.005  # never shorter than slice_s
+    assert slicer.size("t") == 2 * contended  # half of it: twice as long
     quiet = Slicer(0.005, contended=lambda: False, stretch=lambda: 1.0 / share[0])
-    assert quiet.budget_s() == Slicer.QUIET_S  # nobody asking: quiet slices, as before
+    quiet.observe("t", 500, 0.010)
+    assert quiet.size("t") == 10 * contended  # nobody asking: quiet slices, as before
+    share[0] = 0.1
+    assert slicer.size("t") == quiet.size("t")  # a tenth: as long as a quiet slice
+    share[0] = 0.01
+    assert slicer.size("t") == quiet.size("t")  # never longer than a quiet slice
+    share[0] = 2.0
+    assert slicer.size("t") == contended  # never shorter than the contended slice
