@@ -27,7 +27,9 @@ import os
 import subprocess
 import sys
 import threading
+import urllib.request
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -37,7 +39,7 @@ import numpy.typing as npt
 from adpulse.broker import free_port
 from adpulse.core.errors import ConfigError
 from adpulse.core.settings import Settings
-from adpulse.workerproc import ChildProcess
+from adpulse.workerproc import ChildProcess, metric_sum
 from scoring.recovery import Recovery, Window, paired_auc_diff, recovery
 from scoring.train import auc
 
@@ -50,6 +52,7 @@ PROMOTIONS: tuple[Promotion, ...] = ("direct", "promoter")
 # The simulation's time scale (the world's time runs fast); the environment wins.
 TRAINER_ENV = {"ADPULSE_TRAIN_INTERVAL_S": "10", "ADPULSE_TRAINER_CHECKPOINT_S": "5",
                "ADPULSE_TRAINER_THREADS": "1"}  # fmt: skip
+LEARNED, CANDIDATES_METRIC = "adpulse_trainer_labels_total", "adpulse_trainer_candidates_total"
 PROMOTER_ENV = {"ADPULSE_CANARY_SHARE": "0.5", "ADPULSE_CANARY_MIN_LABELS": "300",
                 "ADPULSE_PROMOTER_POLL_S": "1"}  # fmt: skip
 
@@ -73,11 +76,28 @@ def seed_registry(settings: Settings, root: Path, rows: int = 20_000, seed: int 
 
 
 class AdpulseProcess(ChildProcess):
-    """``adpulse <command>`` as a subprocess with the worker's environment plus ``env``."""
+    """``adpulse <command>`` as a subprocess with the worker's environment plus ``env``;
+    ``port`` is its metrics port, when it has one."""
 
-    def __init__(self, command: str, env: Mapping[str, str], log_path: Path) -> None:
-        self.command, self.env, self.log_path = command, dict(env), log_path
+    def __init__(
+        self, command: str, env: Mapping[str, str], log_path: Path, port: int | None = None
+    ) -> None:
+        self.command, self.env, self.log_path, self.port = command, dict(env), log_path, port
         self.proc: subprocess.Popen[bytes] | None = None
+
+    def metric(self, name: str, labels: str = "") -> float | None:
+        """A metric's sum from its metrics port; None while the port does not answer.
+
+        An exited process fails at once, with its log (nothing would ever answer)."""
+        if self.proc is not None and self.proc.poll() is not None:
+            msg = f"adpulse {self.command} exited with {self.proc.returncode}:\n{self.tail()}"
+            raise AssertionError(msg)
+        try:
+            url = f"http://127.0.0.1:{self.port}/metrics"
+            with urllib.request.urlopen(url, timeout=2) as r:
+                return metric_sum(r.read().decode(), name, labels)
+        except OSError:
+            return None
 
     def start(self) -> AdpulseProcess:
         with self.log_path.open("ab") as log:
@@ -96,29 +116,67 @@ def publish_candidates(root: Path, stop: threading.Event, every: float = 1.0) ->
     from scoring.registry import CANDIDATES  # noqa: PLC0415
 
     moved: list[str] = []
-    while True:
+
+    def move() -> None:
         cand = root / CANDIDATES
         if cand.is_dir():
             for d in sorted(cand.iterdir()):
                 if d.is_dir() and not d.name.startswith(".") and not (root / d.name).exists():
                     d.rename(root / d.name)
                     moved.append(d.name)
-        if stop.wait(every):
-            return moved
+
+    while not stop.is_set():
+        move()
+        stop.wait(every)
+    move()  # a candidate finished since the last pass is moved too
+    return moved
+
+
+@dataclass
+class Training:
+    """The trainer beside the run, and what :func:`online_auc` reports of it afterwards."""
+
+    trainer: AdpulseProcess
+    result: dict[str, Any]
+
+    def catch_up(self, labels: int, timeout: float = 120.0) -> bool:
+        """Wait until the trainer has taken in ``labels`` labels and exported a candidate.
+
+        The run's end stops the trainer; without this, a box on which the trainer starts or
+        learns slowly would stop it before its first candidate, and the summary would show
+        a served curve no candidate could have moved. False (and said in the summary) if
+        the trainer has not caught up within ``timeout`` seconds."""
+
+        def caught_up() -> bool:
+            learned = self.trainer.metric(LEARNED, 'outcome="learned"') or 0.0
+            return learned >= labels and (self.trainer.metric(CANDIDATES_METRIC) or 0.0) >= 1
+
+        try:
+            self.trainer.wait_until(caught_up, timeout, f"the trainer learning {labels} labels")
+        except AssertionError:
+            self.result["trainer_caught_up"] = False
+            return False
+        self.result["trainer_caught_up"] = True
+        return True
 
 
 @contextlib.contextmanager
 def online_training(
     worker_env: Mapping[str, str], root: Path, data: Path, out: Path, promotion: Promotion,
     log: Any = print,
-) -> Iterator[dict[str, Any]]:  # fmt: skip
+) -> Iterator[Training]:  # fmt: skip
     """The trainer (and the promoter, or the direct publisher) for the duration of the block;
-    yields a dict that holds, afterwards, the versions promoted."""
+    yields the :class:`Training`, whose result holds, afterwards, the versions promoted."""
     env = {**worker_env, "ADPULSE_MODEL_DIR": str(root), "ADPULSE_MODEL_POLL_S": "1"}
     for k, v in TRAINER_ENV.items():
         env.setdefault(k, os.environ.get(k, v))
-    env.update(ADPULSE_TRAINER_DIR=str(data / "trainer"), ADPULSE_TRAINER_PORT=str(free_port()))
-    trainer = AdpulseProcess("trainer", env, out / "simulate-trainer.log").start()
+    port = free_port()
+    env.update(ADPULSE_TRAINER_DIR=str(data / "trainer"), ADPULSE_TRAINER_PORT=str(port))
+    trainer = AdpulseProcess("trainer", env, out / "simulate-trainer.log", port).start()
+    # the run starts once the trainer has warm-started (its metrics port answers then): a
+    # slow box's start-up (PyTorch's import, the model) is not taken out of the run
+    trainer.wait_until(lambda: trainer.metric(LEARNED) is not None, 180,
+                       "adpulse trainer ready (its metrics port answering)")  # fmt: skip
     log(f"started adpulse trainer (log: {trainer.log_path}); promotion: {promotion}")
     result: dict[str, Any] = {"promotion": promotion, "promoted": []}
     stop = threading.Event()
@@ -126,6 +184,7 @@ def online_training(
     promoter: AdpulseProcess | None = None
     try:
         if promotion == "direct":
+
             def publish() -> None:
                 result["promoted"] = publish_candidates(root, stop)
 
@@ -136,7 +195,7 @@ def online_training(
             for k, v in PROMOTER_ENV.items():
                 penv.setdefault(k, os.environ.get(k, v))
             promoter = AdpulseProcess("promoter", penv, out / "simulate-promoter.log").start()
-        yield result
+        yield Training(trainer, result)
     finally:
         stop.set()
         if publisher is not None:

@@ -482,7 +482,7 @@ def simulate(settings: Settings, cfg: SimConfig, out: Path, log: Any = print) ->
     out.mkdir(parents=True, exist_ok=True)
     run = Run(cfg.decisions, int(cfg.drift_at * cfg.decisions))
     tag = secrets.token_hex(4)
-    training: dict[str, Any] = {}
+    training: simtrainer.Training | None = None
     start: Path | None = None
     with broker_for(settings, log) as b, tempfile.TemporaryDirectory(prefix="adpulse-sim-") as tmp:
         s = b.with_(
@@ -502,8 +502,11 @@ def simulate(settings: Settings, cfg: SimConfig, out: Path, log: Any = print) ->
                     "promoter" if cfg.promotion == "promoter" else "direct", log,
                 ))  # fmt: skip
             extra = run_loop(s, cfg, world, run, worker, scrape, log)
+            if training is not None and not run.interrupted:
+                log(f"waiting for the trainer to learn the run's {len(run.feedback)} labels ...")
+                training.catch_up(len(run.feedback))
         summary = simresults.summarise(run, cfg, world, extra)
-        summary["online_auc"] = simtrainer.online_auc(run, cfg, s, start, training or None,
-                                                     out)
+        summary["online_auc"] = simtrainer.online_auc(
+            run, cfg, s, start, training.result if training is not None else None, out)
     simresults.write(summary, run, cfg, out, log)
     return summary

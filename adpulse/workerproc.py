@@ -20,6 +20,16 @@ from adpulse.core.settings import Settings
 from adpulse.polling import log_tail, poll_until
 
 
+def metric_sum(text: str, name: str, labels: str = "") -> float:
+    """Sum of one metric's samples in a Prometheus text page whose labels contain ``labels``."""
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith(name) and line[len(name) : len(name) + 1] in (" ", "{")
+        and labels in line
+    )  # fmt: skip
+
+
 class ChildProcess:
     """An adpulse process the tools and tests start (a worker, the trainer): its log, and
     how to wait on it, stop it gracefully or kill it."""
@@ -204,14 +214,7 @@ class WorkerProcess(ChildProcess):
             status, text = self.get("/metrics")
         except OSError:
             return 0.0
-        if status != 200:
-            return 0.0
-        return sum(
-            float(line.rsplit(" ", 1)[1])
-            for line in str(text).splitlines()
-            if line.startswith(name) and line[len(name) : len(name) + 1] in (" ", "{")
-            and labels in line
-        )  # fmt: skip
+        return metric_sum(str(text), name, labels) if status == 200 else 0.0
 
     def buckets(self, name: str) -> dict[float, float]:
         """A histogram's cumulative bucket counts, upper bound -> count ({} if absent)."""

@@ -70,6 +70,7 @@ def test_a_simulation_with_the_trainer_draws_the_served_and_the_frozen_curve(
     auc = summary["online_auc"]
     assert summary["labels"]["exactly_one"] == summary["filled"] > 0
     assert auc["trainer_exit_code"] is None  # it ran until the end
+    assert auc["trainer_caught_up"] is True  # every label taken in before it was stopped
     # candidates exported from the labels and moved up into the registry (whether a worker
     # served one before the run ended depends on the box's speed: not asserted)
     assert auc["promoted"] and 1 <= auc["served_versions"] <= 1 + len(auc["promoted"])
