@@ -21,6 +21,7 @@ from adpulse.commands.benchrun import (
     cmd_bench_promises,
     cmd_bench_rebalance,
     cmd_bench_scorer,
+    cmd_bench_secondary,
     cmd_bench_seq_scorer,
     cmd_bench_serve,
     cmd_bench_startup,
@@ -122,6 +123,28 @@ BENCHES = (
             "choices": ["cpu", "cuda", "auto"], "default": "cpu",
             "help": "where ONNX Runtime runs (default cpu; auto: CUDA if present)",
         }),),
+        bootstrap=False,
+    ),
+    Bench(
+        "secondary",
+        cmd_bench_secondary,
+        help="freshness and CPU of a RocksDB secondary instance catching up with a writer",
+        description="A spawned primary writes --rate keys/s in write batches of --batch "
+        "keys (ingest's shape, the worker's RocksDB options); this process reads the same "
+        "database as a RocksDB secondary, catching up every --intervals ms, for --duration "
+        "seconds per interval. Print, per interval, when a batch became visible to the "
+        "secondary after its write returned (p50/p99), the catch-up call's time and CPU, "
+        "the secondary's share of a core, and the primary's write cost per key (the "
+        "baseline): what a serving process apart from the worker would pay "
+        "(docs/decide.md).",
+        sizes={
+            "rate": (10_000, "keys written a second (10000)"),
+            "batch": (56, "keys a write batch (56)"),
+            "duration": (10.0, "seconds per interval (10)"),
+        },
+        flags=(("--intervals", {"default": "1,5,20",
+                                "help": "catch-up intervals, ms, comma-separated (1,5,20)"}),),
+        json_help=FIGURES,
         bootstrap=False,
     ),
     Bench(

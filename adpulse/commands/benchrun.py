@@ -112,19 +112,26 @@ def cmd_bench_seq_scorer(args: argparse.Namespace, settings: Settings) -> int:
     return _show(args, "seq_scorer", result, seqscorer.format_table(result))
 
 
+def _ms_list(text: str, flag: str, what: str, least: float = 0.0) -> tuple[float, ...]:
+    """A comma-separated list of distinct milliseconds of at least ``least``, or one line."""
+    msg = (f"--{flag} takes one or more {what} of {least:g} ms or more, comma-separated, "
+           f"not {text!r}")  # fmt: skip
+    try:
+        values = tuple(float(g) for g in text.split(",") if g.strip())
+    except ValueError:
+        raise InputError(msg) from None
+    if not values or min(values) < least or not all(map(math.isfinite, values)):
+        raise InputError(msg)
+    if len(set(values)) < len(values):
+        msg = f"--{flag} names a {what[:-1]} twice: {text!r}"
+        raise InputError(msg)
+    return values
+
+
 def cmd_bench_gaps(args: argparse.Namespace, settings: Settings) -> int:
     from adpulse.bench import gaps  # noqa: PLC0415
 
-    msg = f"--gaps takes one or more gaps of 0 ms or more, comma-separated, not {args.gaps!r}"
-    try:
-        gaps_ms = tuple(float(g) for g in args.gaps.split(",") if g.strip())
-    except ValueError:
-        raise InputError(msg) from None
-    if not gaps_ms or min(gaps_ms) < 0 or not all(map(math.isfinite, gaps_ms)):
-        raise InputError(msg)
-    if len(set(gaps_ms)) < len(gaps_ms):
-        msg = f"--gaps names a gap twice: {args.gaps!r}"
-        raise InputError(msg)
+    gaps_ms = _ms_list(args.gaps, "gaps", "gaps")
     if args.calls < 1 or args.rounds < 1:
         msg = "--calls and --rounds take 1 or more"
         raise InputError(msg)
@@ -332,3 +339,17 @@ def _write_json(path: str | None, payload: dict[str, object]) -> None:
         Path(path).write_text(text + "\n")
         print(f"wrote {path}")
 
+
+
+def cmd_bench_secondary(args: argparse.Namespace, settings: Settings) -> int:
+    from adpulse.bench import secondary  # noqa: PLC0415
+
+    intervals = _ms_list(args.intervals, "intervals", "intervals", least=0.1)
+    if args.rate < 1 or args.batch < 2 or not args.duration > 0:
+        msg = "--rate takes 1 or more, --batch 2 or more, --duration more than 0"
+        raise InputError(msg)
+    cfg = secondary.SecondaryBench.smoke() if args.smoke else secondary.SecondaryBench(
+        intervals_ms=intervals, rate=args.rate, batch=args.batch, duration_s=args.duration,
+    )  # fmt: skip
+    result = secondary.run(cfg, log=_log)
+    return _show(args, "secondary", result, secondary.result_line(result))

@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import rocksdict
@@ -51,6 +52,14 @@ def scan(table: Any, partition: int) -> Iterator[tuple[bytes, bytes]]:
 def aiokafka_producer(app: Any) -> Any:
     """The aiokafka producer under Faust's (``producer_threaded`` must stay off)."""
     return app.producer._producer
+
+
+def open_db(path: Path) -> Any:
+    """A RocksDB opened as a worker's Faust table opens each partition's (its options), for
+    tools that measure what the tables cost (``adpulse bench secondary``)."""
+    from faust.stores.rocksdb import RocksDBOptions  # noqa: PLC0415
+
+    return RocksDBOptions().open(path)
 
 
 def write_local(table: Any, partition: int, items: Sequence[tuple[bytes, bytes | None]]) -> None:

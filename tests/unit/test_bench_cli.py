@@ -18,6 +18,7 @@ CONFIGS = {
     "startup": ("startup", "StartupBench"), "eos": ("eos", "EosBench"),
     "catalog-join": ("catalogjoin", "CatalogJoinBench"), "adtext": ("adtext", "AdTextBench"),
     "seq-scorer": ("seqscorer", "SeqScorerBench"), "gaps": ("gaps", "GapsBench"),
+    "secondary": ("secondary", "SecondaryBench"),
 }  # fmt: skip
 FIELD = {"repeat": "repeats", "duration": "duration_s", "window": "window_s",
          "session_timeout": "session_timeout_s", "delay": "delay_s"}  # fmt: skip
