@@ -51,6 +51,11 @@ touches one, and that this list names every one used here):
 - ``App._new_transport`` (consumer.py): overridden so the app's consumer is
   ``BatchConsumer``.
 - ``TableManager._recovery`` (restore.py): set to ``BulkRecovery``.
+- ``Consumer._thread`` and ``AIOKafkaConsumerThread._ensure_consumer`` (restore.py): the
+  aiokafka consumer, on its own thread, in which the active partitions' changelogs are
+  paused once recovery completes (``BulkRecovery.on_recovery_completed``; Faust's own
+  pause only stops asking for records, and aiokafka's fetches held unread records that
+  stopped every fetch from the broker for 100 ms).
 - ``Recovery._build_offsets`` (restore.py): overridden; the bulk read runs after the
   highwaters are built and before Faust reads the offsets to start from.
 - ``Table._on_changelog_event`` (restore.py): a table with such a callback is not
