@@ -39,7 +39,7 @@ from tests.integration.test_decisions import (
     request,
 )
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.long]  # make test stays under 10 minutes
 SHOES = "Cheap running shoes, free delivery on orders over $50"
 HEADPHONES = "Noise-cancelling wireless headphones, 30-hour battery 降噪耳机"
 

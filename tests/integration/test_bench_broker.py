@@ -14,7 +14,7 @@ import pytest
 
 from adpulse.cli import main
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.long]  # make test stays under 10 minutes
 
 
 def test_bench_broker_smoke_receives_every_record_sent(

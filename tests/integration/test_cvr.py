@@ -35,7 +35,7 @@ from tests.integration.test_decisions import (
     wait_catalog,
 )
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.long]  # make test stays under 10 minutes
 pytest.importorskip("torch")
 ADS = [
     ad("cvr-click", "cvr", 1.0, 4756105, billing="cpc"),

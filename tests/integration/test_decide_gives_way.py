@@ -28,7 +28,7 @@ from streams.runtime.topicadmin import create_topics
 from tests.conftest import isolated
 from tests.integration.test_decisions import Decisions, ad, request
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.long]  # make test stays under 10 minutes
 CATS = [4756105, 982926, 2355072, 1320293, 4145813]
 GUARDED = {
     "ADPULSE_DECIDE_MAX_INGEST_LAG_MS": "1",  # every event is behind: the guard acts

@@ -34,7 +34,7 @@ from tests.integration.test_decisions import (
     wait_catalog,
 )
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.long]  # make test stays under 10 minutes
 
 
 def test_an_overspending_campaign_is_throttled_and_feedback_carries_the_snapshot(

@@ -28,7 +28,7 @@ from scoring.registry import CANDIDATES, METRICS, MODEL, ModelRegistry
 from scoring.synthetic import generate
 from streams.runtime.topicadmin import create_topics
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.long]  # make test stays under 10 minutes
 torch = pytest.importorskip("torch")
 BASE = "20240101T000000Z"
 MIN_LABELS = 300

@@ -36,7 +36,7 @@ from tests.integration.test_decisions import (
 torch = pytest.importorskip("torch")
 from scoring.model import CtrNet, export_onnx  # noqa: E402
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.long]  # make test stays under 10 minutes
 CATS = [4756105, 982926, 2355072]
 
 

@@ -13,7 +13,7 @@ from adpulse.core.settings import Settings
 from scoring.synthetic import generate
 from streams.runtime.topicadmin import create_topics
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.long]  # make test stays under 10 minutes
 
 
 def test_train_from_the_feedback_topic_writes_a_valid_version(

@@ -28,7 +28,7 @@ from scoring.registry import CANDIDATES, ModelRegistry, validate
 from scoring.synthetic import World, generate, make_world
 from streams.runtime.topicadmin import create_topics
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.long]  # make test stays under 10 minutes
 torch = pytest.importorskip("torch")
 BASE = "20240101T000000Z"
 
@@ -210,7 +210,6 @@ def test_bad_labels_are_dead_lettered_and_counted_never_learned(
     assert t.proc is not None and t.proc.returncode == 0, t.tail()
 
 
-@pytest.mark.long
 def test_a_trainer_killed_mid_batch_resumes_without_learning_a_label_twice(
     settings: Settings, model_dir: Path, tmp_path: Path, trainers: list[Trainer], world: World
 ) -> None:

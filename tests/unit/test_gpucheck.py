@@ -9,6 +9,8 @@ import pytest
 
 from adpulse.bench import gpucheck
 
+pytestmark = pytest.mark.long  # a bench smoke (13 s here): make test stays under 10 minutes
+
 
 def test_gpu_check_writes_its_figures_without_a_gpu(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
