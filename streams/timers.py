@@ -16,7 +16,13 @@ from typing import TYPE_CHECKING
 from scoring.registry import LoadedModel, ModelRegistry
 from streams.catalog import CATALOG_REFRESH_S, CatalogCache
 from streams.decide import DecideStage, ServingModels
-from streams.runtime.gauges import SAMPLE_S, sample_consumer_lag, sample_pacing, sample_table_keys
+from streams.runtime.gauges import (
+    SAMPLE_S,
+    sample_consumer_lag,
+    sample_pacing,
+    sample_table_keys,
+    unread_changelog_partitions,
+)
 
 if TYPE_CHECKING:
     from streams.wiring import Wiring
@@ -57,6 +63,7 @@ def wire(w: Wiring, models: ServingModels, catalog: CatalogCache, decide: Decide
             _model_in_use(w, loaded)
             w.metrics.model_swaps.labels("swapped").inc()
 
+    w.metrics.unread_changelogs.set_function(lambda: unread_changelog_partitions(w.app))
     lag_labelled: set[tuple[str, str]] = set()
     pacing_labelled: set[str] = set()
 

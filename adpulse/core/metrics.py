@@ -53,6 +53,7 @@ class Metrics:
     catalog_invalid: Counter
     ad_text_embeddings: Counter
     consumer_lag: Gauge
+    unread_changelogs: Gauge
     feedback_labels: Counter
     arm_decisions: Counter
     table_keys: Gauge
@@ -205,6 +206,14 @@ class Metrics:
                 "(sampled every few seconds). The watermark is the last one a fetch reported, so "
                 "on the embedded broker it can be short by up to one fetched batch.",
                 ["topic", "partition"],
+                registry=r,
+            ),
+            unread_changelogs=Gauge(
+                "adpulse_consumer_unread_changelog_partitions",
+                "Changelog partitions whose fetched records wait unread in the consumer client "
+                "(read at each scrape). Any such partition stops every fetch from its broker for "
+                "0.1 s at a time; recovery pauses them, so it stays 0 (a standby's may show for "
+                "an instant).",
                 registry=r,
             ),
             table_keys=Gauge(

@@ -51,11 +51,14 @@ touches one, and that this list names every one used here):
 - ``App._new_transport`` (consumer.py): overridden so the app's consumer is
   ``BatchConsumer``.
 - ``TableManager._recovery`` (restore.py): set to ``BulkRecovery``.
-- ``Consumer._thread`` and ``AIOKafkaConsumerThread._ensure_consumer`` (restore.py): the
-  aiokafka consumer, on its own thread, in which the active partitions' changelogs are
-  paused once recovery completes (``BulkRecovery.on_recovery_completed``; Faust's own
-  pause only stops asking for records, and aiokafka's fetches held unread records that
-  stopped every fetch from the broker for 100 ms).
+- ``Consumer._thread`` and ``AIOKafkaConsumerThread._ensure_consumer`` (restore.py,
+  gauges.py): the aiokafka consumer, on its own thread, in which the active partitions'
+  changelogs are paused once recovery completes (``BulkRecovery.on_recovery_completed``;
+  Faust's own pause only stops asking for records, and aiokafka's fetches held unread
+  records that stopped every fetch from the broker for 100 ms).
+- ``AIOKafkaConsumer._fetcher`` and ``Fetcher._records`` (gauges.py, aiokafka's): the
+  fetched records waiting unread, per partition, counted for changelogs by
+  ``adpulse_consumer_unread_changelog_partitions`` (which shows that pause holding).
 - ``Recovery._build_offsets`` (restore.py): overridden; the bulk read runs after the
   highwaters are built and before Faust reads the offsets to start from.
 - ``Table._on_changelog_event`` (restore.py): a table with such a callback is not

@@ -47,6 +47,24 @@ def sample_consumer_lag(app: Any, metrics: Metrics, labelled: set[tuple[str, str
     labelled.update(seen)
 
 
+def unread_changelog_partitions(app: Any) -> int:
+    """Changelog partitions whose fetched records wait unread in the aiokafka client.
+
+    Nothing reads a table's own changelog after recovery, and while any fetched records
+    wait unread aiokafka sends their broker no fetch for 0.1 s (its ``prefetch_backoff``),
+    so such a partition holds up every source partition on that broker. Recovery pauses
+    them (streams/runtime/restore.py, ``BulkRecovery.on_recovery_completed``), so this
+    stays 0; a standby's may show for an instant. Read when Prometheus scrapes, from the
+    consumer thread's dict: ``list()`` of a dict copies it under the GIL.
+    """
+    try:
+        fetcher = app.consumer._thread._ensure_consumer()._fetcher
+        changelogs = set(app.tables.changelog_topics)
+        return sum(1 for tp in list(fetcher._records) if tp.topic in changelogs)
+    except Exception:  # no consumer yet, or stopping: nothing is held
+        return 0
+
+
 def sample_table_keys(tables: Iterable[Any], metrics: Metrics) -> None:
     """Set ``adpulse_table_keys`` from RocksDB's estimate over each table's open partitions."""
     for table in tables:

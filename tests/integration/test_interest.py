@@ -215,3 +215,26 @@ def test_unknown_user_is_404_and_known_user_has_counts_and_top_categories(
     weights = [c["weight"] for c in body["top_categories"]]
     assert weights == sorted(weights, reverse=True)
     assert len(body["vector_now"]) == settings.dim
+
+
+def test_after_recovery_the_tables_own_changelogs_hold_up_no_fetch(
+    worker: WorkerProcess, settings: Settings
+) -> None:
+    """Recovery pauses the active partitions' changelogs in the client.
+
+    Nothing reads them after recovery, so without that pause aiokafka fetched the first
+    records the worker wrote to each one and held them unread, and while fetched records
+    wait unread it sends the broker no fetch for 0.1 s: every source partition waited.
+    Three rounds, each applied before the next is sent, so the later rounds' fetches come
+    after the earlier rounds' changelog records are in the log.
+    """
+    sent: list[dict[str, Any]] = []
+    for seed in range(3):
+        sent += synthetic(200, 40, seed=100 + seed)
+        produce_events(settings, sent[-200:])
+        wait_applied(worker, sent)
+    assert worker.metric("adpulse_table_writes_total") > 0
+    status, text = worker.get("/metrics")
+    held = [line for line in str(text).splitlines()
+            if line.startswith("adpulse_consumer_unread_changelog_partitions ")]  # fmt: skip
+    assert (status, held) == (200, ["adpulse_consumer_unread_changelog_partitions 0.0"])
