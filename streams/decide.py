@@ -32,7 +32,13 @@ from scoring import caps
 from scoring.catalog import Catalog, Context
 from scoring.embeddings import CachedEmbeddings, EmbeddingTable, HashedEmbeddings
 from scoring.features import InterestParams, ItemVectors, read_vectors
-from scoring.featurespec import FeatureSpec, ItemVectorCache, RequestFeatures, assemble_many
+from scoring.featurespec import (
+    FeatureSpec,
+    ItemVectorCache,
+    RequestFeatures,
+    assemble_each,
+    assemble_many,
+)
 from scoring.promotion import in_canary
 from scoring.registry import LoadedModel, ModelRegistry
 from scoring.scorer import FallbackRule
@@ -534,13 +540,15 @@ class DecideStage:
         # [1, L, D], and the graph's shared-sequence form is ~1.5x faster than a batch's
         # sequence per row (docs/performance.md); a request's scores so never depend on
         # what it was batched with either.
-        groups = [[w] for w in wanted] if model.spec.sequence and len(wanted) > 1 else [wanted]
         step = self.s.scorer_max_batch_rows
         try:
+            spec = model.spec  # the model's spec
+            batches = (assemble_each(wanted, catalog.index, now_ms, spec)
+                       if spec.sequence and len(wanted) > 1
+                       else [assemble_many(wanted, catalog.index, now_ms, spec)])  # fmt: skip
             parts = []
-            for group in groups:
-                batch = assemble_many(group, catalog.index, now_ms, model.spec)  # model's spec
-                rows = sum(len(w.rows) for w in group)
+            for batch in batches:
+                rows = len(batch["ad"])
                 parts += [
                     model.scorer.score_heads(
                         {k: v[i : i + step] if len(v) == rows else v for k, v in batch.items()}

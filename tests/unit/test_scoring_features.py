@@ -10,6 +10,7 @@ from scoring.featurespec import (
     FeatureSpec,
     RequestFeatures,
     assemble,
+    assemble_each,
     assemble_many,
     concat,
     from_feedback,
@@ -118,6 +119,42 @@ def test_assemble_many_equals_per_request_assemble_concatenated() -> None:
     for name in many:
         np.testing.assert_allclose(many[name], one_by_one[name], rtol=1e-6)
         assert many[name].dtype == one_by_one[name].dtype
+
+
+def test_assemble_each_gives_each_request_what_it_gets_assembled_alone() -> None:
+    """A sequence model runs each request alone; one assembly sliced per request must give
+    every run the inputs ``assemble_many([request])`` gives, bit for bit, with its own
+    sequence length (not the batch's longest), as contiguous arrays."""
+    from dataclasses import replace
+
+    spec = replace(FeatureSpec(), sequence=12)
+    ads = AdIndex.build(
+        [{"ad_id": f"a{i}", "campaign_id": f"c{i % 3}", "category_id": i, "bid": 1.0}
+         for i in range(20)],
+        spec,
+    )  # fmt: skip
+    rng = np.random.default_rng(1)
+
+    def seq(n: int) -> np.ndarray:
+        return rng.normal(size=(n, spec.dim)).astype(np.float32)
+
+    reqs = [
+        RequestFeatures(rng.normal(size=spec.dim), np.array([1, 5, 7]), "home", "mobile", seq(4)),
+        RequestFeatures(None, np.array([0, 19]), "feed", None, None),
+        RequestFeatures(rng.normal(size=spec.dim), np.arange(20), "feed", "tv", seq(30)),
+        RequestFeatures(rng.normal(size=spec.dim), np.array([3]), "home", None, seq(1)),
+    ]
+    ts = 1_700_000_000_000
+    each = assemble_each(reqs, ads, ts, spec)
+    assert len(each) == len(reqs)
+    for got, r in zip(each, reqs, strict=True):
+        alone = assemble_many([r], ads, ts, spec)
+        assert got.keys() == alone.keys()
+        for name, want in alone.items():
+            assert got[name].dtype == want.dtype and got[name].shape == want.shape, name
+            assert np.array_equal(got[name], want), name
+            assert got[name].flags["C_CONTIGUOUS"], name
+    assert [x["seq"].shape[1] for x in each] == [4, 1, 12, 1]
 
 
 def test_ad_rows_keep_the_order_given_and_skip_unknown_ids_including_row_zero() -> None:
