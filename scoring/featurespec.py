@@ -413,7 +413,8 @@ def assemble_each(
     the gathers came once per request. Here the candidate rows of all requests are
     gathered once and each run gets views of its rows (contiguous slices, no copy). The
     decision call's CPU per request fell about 5% at 8-32 requests a call
-    (docs/performance.md, "One assembly for a batch's sequence runs").
+    (docs/performance.md, "Where the Kafka path's time goes, and one assembly for a
+    batch's sequence runs").
     """
     rows = _rows(requests, ads, ts_ms, spec)
     out: list[Inputs] = []
