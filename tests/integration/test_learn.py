@@ -22,7 +22,7 @@ from streams.runtime.topicadmin import create_topics
 from tests.integration.test_decisions import LENIENT, Decisions, Requests, Worker, ad, request
 from tests.integration.test_decisions import wait_catalog as wait_ads
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.long]  # make test stays under 10 minutes
 
 
 def feedback(i: int, ad_id: str, clicked: int) -> dict[str, Any]:

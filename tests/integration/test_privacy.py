@@ -161,6 +161,7 @@ def test_a_click_10_ms_after_its_decision_is_not_labelled_clicked_and_is_counted
     assert metric(worker, 'adpulse_suspect_clicks_total{rule="too_fast"}') == 1
 
 
+@pytest.mark.long  # ~15 s, a restart: make test stays under 10 minutes
 def test_forget_deletes_a_users_state_and_a_restored_worker_does_not_bring_it_back(
     worker: WorkerProcess,
     settings: Settings,
