@@ -50,7 +50,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from scoring.attention import TargetAttention
+from scoring.attention import ATTENTION_HIDDEN, TargetAttention
 from scoring.featurespec import BATCH_AXIS, CVR_OUTPUT, SEQ_AXIS, SEQ_BATCH_AXIS, FeatureSpec
 
 ID_EMBED = 8
@@ -102,6 +102,7 @@ class CtrNet(nn.Module):
         cross_rank: int = CROSS_RANK,
         cross_layers: int = CROSS_LAYERS,
         cvr_head: bool = False,
+        attention_hidden: int = ATTENTION_HIDDEN,
     ) -> None:
         super().__init__()
         self.spec = spec
@@ -126,7 +127,7 @@ class CtrNet(nn.Module):
             else None
         )
         # Made last, so a net without the block draws its weights as it always did.
-        self.attention = TargetAttention(spec.dim) if spec.sequence else None
+        self.attention = TargetAttention(spec.dim, attention_hidden) if spec.sequence else None
 
     def start_at(self, ctr: float) -> None:
         """Set the output bias so the untrained net predicts ``ctr`` (faster, stabler start)."""

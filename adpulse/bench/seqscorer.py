@@ -21,6 +21,9 @@ same machine load:
   embedded, ONNX Runtime, policy) on 100-candidate requests, one per call and
   8 per call: rows/s.
 
+``--widths 32,16,8`` only times the block at other attention widths (the shipped one is
+32) against the net without it: what a narrower block, retrained, would save.
+
 On the GPU machine, with models exported here first (``--export DIR``; it needs
 PyTorch, the device machine only ONNX Runtime)::
 
@@ -34,7 +37,7 @@ import json
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -257,6 +260,46 @@ def profile(models: Path, runs: int = 300, top: int = 10) -> str:
     return "\n".join(lines)
 
 
+def widths(
+    spec: FeatureSpec, length: int, hidden: Sequence[int], seconds: float, repeats: int
+) -> dict[str, list[float]]:
+    """Milliseconds of CPU per 100-candidate request (one shared sequence of ``length``, all
+    of it behaviours, one intra-op thread) of the block at each attention width in ``hidden``,
+    and without it (``plain``), calls alternating one by one: what a narrower block would
+    save before anyone retrains one (untrained nets: speed does not depend on the weights).
+    """
+    import torch  # noqa: PLC0415 (training extra)
+
+    from scoring.model import CtrNet, export_onnx  # noqa: PLC0415
+
+    seq = replace(spec, sequence=length)
+    fns: dict[str, Callable[[], int]] = {}
+    with tempfile.TemporaryDirectory(prefix="adpulse-seqwidth-") as tmp:
+        for name, s, h in [("plain", spec, 0), *((f"hidden {h}", seq, h) for h in hidden)]:
+            torch.manual_seed(0)
+            path = Path(tmp) / f"{h}.onnx"
+            net = CtrNet(s, attention_hidden=h) if h else CtrNet(s)
+            export_onnx(net, path, s)
+            scorer = OnnxScorer(path, device="cpu", options=SessionOptions(intra_op_threads=1))
+            fns[name] = _scoring(scorer, _inputs(s, SHARED))
+    cpu: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, (_, per_call) in _alternating(fns, seconds).items():
+            cpu[k].append(per_call * 1000)
+    return cpu
+
+
+def _widths_arg(value: str) -> list[int]:
+    try:
+        got = [int(x) for x in value.split(",")]
+    except ValueError:
+        got = []
+    if not got or min(got) < 1:
+        msg = f"{value!r}: give attention widths as positive integers, e.g. 32,16,8"
+        raise argparse.ArgumentTypeError(msg)
+    return got
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python3 -m adpulse.bench.seqscorer")
     ap.add_argument("--models", type=Path, help="exported models (default: export them now)")
@@ -267,12 +310,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=cfg.seconds)
     ap.add_argument("--repeats", type=int, default=cfg.repeats)
     ap.add_argument("--out", type=Path, help="write seqscorer.json here")
+    ap.add_argument("--widths", type=_widths_arg,
+                    help="only time the block at these attention widths, e.g. 32,16,8")
     ap.add_argument("--profile", action="store_true",
                     help="only profile each graph per node (batch 100, one shared sequence)")
     a = ap.parse_args(argv)
     spec = FeatureSpec.from_settings(Settings.from_env({}))
     if a.export:
         export_models(a.export, spec, a.length)
+        return 0
+    if a.widths:
+        cpu = widths(spec, a.length, a.widths, a.seconds, a.repeats)
+        for k, v in cpu.items():
+            each = ", ".join(f"{x:.3f}" for x in v)
+            print(f"{k:>10}: {np.median(v):.3f} ms of CPU per request (median; {each})")
         return 0
     if a.profile:
         with tempfile.TemporaryDirectory(prefix="adpulse-seqbench-") as tmp:

@@ -337,3 +337,21 @@ def test_reexport_replaces_the_graph_only_when_it_computes_the_same_scores(
     assert main([str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "not a registry version" in err
+
+
+def test_the_width_bench_times_the_block_at_each_width_and_refuses_bad_widths(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``python -m adpulse.bench.seqscorer --widths 32,16,8``: what a narrower attention block
+    would cost, timed before anyone retrains one; a bad list is one line of error."""
+    from adpulse.bench import seqscorer
+
+    narrow = CtrNet(SEQ, attention_hidden=8).attention
+    assert narrow is not None and narrow.k.out_features == 8 and narrow.out.in_features == 8
+    cpu = seqscorer.widths(PLAIN, 6, [8, 4], seconds=0.01, repeats=2)
+    assert list(cpu) == ["plain", "hidden 8", "hidden 4"]
+    assert all(len(v) == 2 and min(v) > 0 for v in cpu.values())
+    with pytest.raises(SystemExit) as exit_:
+        seqscorer.main(["--widths", "0,8"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "positive integers" in err and "Traceback" not in err
