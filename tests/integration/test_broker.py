@@ -69,6 +69,7 @@ def test_kafka_python_round_trip_through_embedded_broker(
     assert sorted(got) == sorted(sent)
 
 
+@pytest.mark.long  # ~4 s, a broker of its own: make test stays under 10 minutes
 def test_broker_stops_cleanly_and_frees_its_port() -> None:
     port = free_port()
     broker = embedded_broker(Settings.from_env(), port=port).start()
@@ -115,6 +116,7 @@ def _gone(pid: int, within_s: float) -> bool:
     return False
 
 
+@pytest.mark.long  # ~4 s, a broker of its own: make test stays under 10 minutes
 def test_broker_command_stops_its_broker_on_sigterm_and_leaves_no_orphan(tmp_path: Path) -> None:
     port = free_port()
     proc, child = _broker_cli(port, tmp_path)
@@ -124,6 +126,7 @@ def test_broker_command_stops_its_broker_on_sigterm_and_leaves_no_orphan(tmp_pat
     assert not metadata_answers("127.0.0.1", port, timeout=0.3)
 
 
+@pytest.mark.long  # ~4 s, a broker of its own: make test stays under 10 minutes
 def test_broker_dies_with_its_parent_killed_by_sigkill(tmp_path: Path) -> None:
     port = free_port()
     proc, child = _broker_cli(port, tmp_path)

@@ -577,6 +577,7 @@ def test_catalog_update_and_tombstone_take_effect(shared: Shared) -> None:
 
 
 # -- hot swap (own worker, own model registry) ---------------------------------------------
+@pytest.mark.long  # ~11 s, a worker of its own: make test stays under 10 minutes
 def test_model_hot_swap_drops_nothing_and_bad_models_are_refused(
     settings: Settings, tmp_path: Path
 ) -> None:

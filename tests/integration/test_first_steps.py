@@ -23,7 +23,7 @@ from adpulse.core.probe import wait_for_broker
 from adpulse.core.settings import Settings
 from adpulse.workerproc import WorkerProcess
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.long]  # make test stays under 10 minutes
 
 
 def bare_env(tmp_path: Path, **more: str) -> dict[str, str]:

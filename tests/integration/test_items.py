@@ -39,7 +39,7 @@ from tests.conftest import isolated
 from tests.integration.test_decisions import Decisions, Requests, TopicReader, ad, request
 from tests.integration.test_interest import BACKFILL, DAY, produce_events, wait_applied
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.long]  # make test stays under 10 minutes
 TITLES = [
     "Trail running shoes, waterproof", "Lightweight road running sneakers",
     "Noise-cancelling wireless headphones", "Bluetooth earbuds with charging case",
@@ -192,7 +192,6 @@ def wait_reference(
     return ref
 
 
-@pytest.mark.long
 def test_item_interest_is_exact_after_kill_9_and_a_wiped_data_dir(env: Env) -> None:
     """The item map is in the interest record, so the changelog restores it; the title
     vectors come back from item-catalog (the text cache went with the data dir)."""

@@ -30,7 +30,7 @@ from tests.conftest import isolated
 from tests.faults.kit import Reader
 from tests.integration.test_decisions import partition_of
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.long]  # make test stays under 10 minutes
 HOUR = 3_600_000
 LIMIT = 5  # events per user per second of broker time
 EXTRA = {"ADPULSE_MAX_EVENTS_PER_USER_S": str(LIMIT)}

@@ -85,6 +85,7 @@ def test_bad_csv_is_one_line_error_naming_the_problem(
     assert "Traceback" not in out.stderr
 
 
+@pytest.mark.long  # 5-11 s: make test stays under 10 minutes
 def test_unreachable_broker_is_one_line_error(tmp_path: Path) -> None:
     port = free_port()
     out = _run("topics", "create", "--bootstrap", f"127.0.0.1:{port}")

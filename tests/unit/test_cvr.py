@@ -91,6 +91,7 @@ def test_the_registry_serves_one_head_and_two_head_models(
     assert cvr is not None and cvr.shape == (3,)
 
 
+@pytest.mark.long  # 5-11 s: make test stays under 10 minutes
 def test_training_with_conversions_reports_auc_and_calibration_for_both_heads(
     tmp_path: Path,
 ) -> None:

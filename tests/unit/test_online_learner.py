@@ -236,6 +236,7 @@ def test_a_learned_sequence_model_exports_a_version_the_registry_serves_as_pytor
     assert back.spec.sequence == 8 and back.cvr is not None
 
 
+@pytest.mark.long  # 5-11 s: make test stays under 10 minutes
 def test_clicks_early_and_non_clicks_late_leave_the_learner_calibrated(tmp_path: Path) -> None:
     """The joiner sends a click's label at once and a non-click's when its window closes,
     so polls bring small click-rich batches and larger click-free ones. Learned as they

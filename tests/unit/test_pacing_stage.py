@@ -105,6 +105,7 @@ def _day(
     return hourly, decisions
 
 
+@pytest.mark.long  # 5-11 s: make test stays under 10 minutes
 def test_steady_traffic_spends_the_budget_along_the_day_not_in_the_first_hour() -> None:
     hourly, decisions = _day(pacing=True)
     assert hourly[0] < 0.1 * TIGHT_BUDGET  # plan: 1/24 of it
