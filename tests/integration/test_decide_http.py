@@ -386,6 +386,7 @@ def _learned(w: WorkerProcess, ad_id: str) -> tuple[float, float]:
     return (state["shows"], state["clicks"]) if status == 200 else (0, 0)
 
 
+@pytest.mark.long  # ~10 s, a worker of its own: make test stays under 10 minutes
 def test_a_fresh_worker_answers_before_it_has_seen_any_event(
     settings: Settings, tmp_path: Path
 ) -> None:

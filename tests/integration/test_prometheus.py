@@ -27,7 +27,7 @@ from adpulse.prometheus import Prometheus, scrape_config
 from adpulse.workerproc import WorkerProcess
 from streams.runtime.topicadmin import create_topics
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.long]  # make test stays under 10 minutes
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from adpulse.broker import EmbeddedBroker
 from streams.runtime.watchdog import StallWatchdog, check
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.long]  # make test stays under 10 minutes
 
 
 class AiokafkaView:

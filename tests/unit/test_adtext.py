@@ -17,6 +17,8 @@ from streams.adtext import AdTextEmbedder
 from streams.catalog import CatalogCache
 from streams.catalogmirror import catalog_mirror
 
+pytestmark = pytest.mark.long  # the text model, 12 s to build: make test stays under 10 min
+
 pytest.importorskip("torch")  # the text_model fixture exports with it
 
 

@@ -37,6 +37,7 @@ def test_an_item_record_is_refused_with_one_reason(
     assert (got and got[0]) == reason
 
 
+@pytest.mark.long  # the text model: make test stays under 10 minutes
 def test_the_vectors_in_force_follow_each_items_current_title(
     text_model: Path, tmp_path: Path
 ) -> None:

@@ -30,6 +30,8 @@ from scoring.textencoder import (
     project,
 )
 
+pytestmark = pytest.mark.long  # the text model, 12 s to build: make test stays under 10 min
+
 torch = pytest.importorskip("torch")
 textmodel = pytest.importorskip("scoring.textmodel")
 
