@@ -79,6 +79,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
+from scoring.attention import ATTENTION_HIDDEN
 from scoring.embeddings import HashedEmbeddings
 from scoring.features import fingerprint
 from scoring.featurespec import FeatureSpec, Inputs
@@ -106,18 +107,25 @@ def arch_of(model: CtrNet) -> dict[str, Any]:
         "cross_layers": len(model.cross),
         "cvr_head": model.cvr is not None,
         "sequence": model.spec.sequence,
+        # the attention block's width: a net of another width cannot take these weights
+        "attention_hidden": (
+            int(model.attention.out.in_features) if model.attention is not None else 0
+        ),
     }
 
 
 def build(spec: FeatureSpec, arch: Mapping[str, Any]) -> CtrNet:
     """The net of ``arch`` for ``spec``, with the sequence length the weights were trained on
-    (``arch["sequence"]``; absent in files written before sequence models: none)."""
+    (``arch["sequence"]``; absent in files written before sequence models: none) and
+    its attention block's width (``arch["attention_hidden"]``)."""
     return CtrNet(
         replace(spec, sequence=int(arch.get("sequence", 0))),
         hidden=tuple(int(h) for h in arch["hidden"]),
         cross_rank=int(arch["cross_rank"]),
         cross_layers=int(arch["cross_layers"]),
         cvr_head=bool(arch.get("cvr_head", False)),
+        # absent in files written before the width was recorded: they all had the default
+        attention_hidden=int(arch.get("attention_hidden") or ATTENTION_HIDDEN),
     )
 
 

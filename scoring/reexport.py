@@ -7,7 +7,7 @@ change; only the graph that computes them does. The new file is verified against
 PyTorch exactly as ``adpulse train`` verifies an export (scoring.model.export_onnx,
 same tolerance), and against the old file on golden inputs, then renamed over it.
 
-    .venv/bin/python -m scoring.reexport scoring/models/20261201T005657Z
+    .venv/bin/python -m scoring.reexport scoring/models/VERSION
 """
 
 from __future__ import annotations

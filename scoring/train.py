@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from adpulse.core.errors import InputError
+from adpulse.core.errors import ConfigError, InputError
 from scoring.featurespec import FeatureSpec, Inputs, from_feedback
 from scoring.registry import CHECKPOINT, METRICS, MODEL, SPEC
 from scoring.synthetic import generate as generate_records
@@ -46,6 +46,10 @@ log = logging.getLogger(__name__)
 SEQUENCE_HELP = (
     "give the model target attention over the last N behaviours of each record "
     "(features.sequence; 0, the default: no attention block)"
+)
+ATTENTION_HELP = (
+    "width of the attention block's hidden layer (default: the block's own, "
+    "scoring/attention.py); its cost per candidate and behaviour is proportional to it"
 )
 F64 = npt.NDArray[np.float64]
 MIN_CONVERSIONS = 20  # fewer in the training split: no CVR head (its AUC would be noise)
@@ -189,18 +193,27 @@ def train(
     version: str | None = None,
     cvr: bool | None = None,
     sequence: int = 0,
+    attention_hidden: int | None = None,
 ) -> dict[str, Any]:
     """Train, evaluate on the held-out time split, export and publish; returns the metrics.
 
     ``cvr``: train the pCVR head (None: when the training split has ``MIN_CONVERSIONS``).
     ``sequence`` > 0 gives the net the target-attention block over the records' last
-    ``sequence`` behaviours (``features.sequence``; scoring/attention.py).
+    ``sequence`` behaviours (``features.sequence``; scoring/attention.py), its hidden layer
+    ``attention_hidden`` wide (None: the block's default; its cost per candidate and
+    behaviour is proportional to the width).
     """
     import torch  # noqa: PLC0415 (training-only dependency)
 
     from scoring.model import CtrNet, export_onnx  # noqa: PLC0415
     from scoring.online import save_weights  # noqa: PLC0415
 
+    if attention_hidden is not None and attention_hidden < 1:
+        msg = (
+            "--attention-hidden: the attention block's width must be 1 or more, "
+            f"not {attention_hidden}"
+        )
+        raise ConfigError(msg)
     spec = spec or FeatureSpec()
     if sequence:
         spec = replace(spec, sequence=sequence)
@@ -231,7 +244,11 @@ def train(
     ctr_, cte = c_all[tr], c_all[te]
     with_cvr = bool(ctr_.sum() >= MIN_CONVERSIONS) if cvr is None else cvr
 
-    model = CtrNet(spec, cvr_head=with_cvr)
+    model = (
+        CtrNet(spec, cvr_head=with_cvr)
+        if attention_hidden is None
+        else CtrNet(spec, cvr_head=with_cvr, attention_hidden=attention_hidden)
+    )
     base = float(np.clip(ytr.mean(), 1e-4, 1 - 1e-4))
     model.start_at(base)
     base_cvr = float(np.clip(ctr_.sum() / max(ytr.sum(), 1.0), 1e-4, 1 - 1e-4))
@@ -288,6 +305,7 @@ def train(
         "heads": 2 if with_cvr else 1,
         "cvr": None if q is None else cvr_metrics(yte, cte, p, q, base_cvr),
         "sequence": spec.sequence,
+        "attention_hidden": 0 if model.attention is None else model.attention.out.in_features,
         "onnx_max_abs_diff": diff,
         "train_seconds": round(time.perf_counter() - t0, 2),
         "trained_at": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -344,6 +362,7 @@ def run_train(
     threads: int | None = None,
     version: str | None = None,
     sequence: int = 0,
+    attention_hidden: int | None = None,
 ) -> dict[str, Any]:
     """``adpulse train``: from a file, or from ``generate`` synthetic records when no file."""
     if input_path is None and not generate:
@@ -356,7 +375,7 @@ def run_train(
     )
     return train(
         records, out_dir, epochs=epochs, seed=seed, threads=threads, version=version,
-        sequence=sequence,
+        sequence=sequence, attention_hidden=attention_hidden,
     )  # fmt: skip
 
 
@@ -387,14 +406,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     ap.add_argument("--version", help="version name (default: UTC timestamp)")
     ap.add_argument("--sequence", type=int, default=0, help=SEQUENCE_HELP)
+    ap.add_argument("--attention-hidden", type=int, metavar="H", help=ATTENTION_HELP)
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         m = run_train(
             a.input, a.generate, a.out, a.seed, a.epochs, threads=a.threads, version=a.version,
-            sequence=a.sequence,
+            sequence=a.sequence, attention_hidden=a.attention_hidden,
         )  # fmt: skip
-    except InputError as exc:
+    except (InputError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
     print(summary(m))

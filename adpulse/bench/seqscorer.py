@@ -1,6 +1,6 @@
 """``adpulse bench seq-scorer``: what the attention block costs the scorer, in one run.
 
-Three CTR nets of the shipped architecture are exported side by side (untrained:
+Three CTR nets of the default architecture are exported side by side (untrained:
 speed does not depend on the weights): ``plain``, without the block; ``general``,
 with target attention over ``length`` behaviours (scoring/attention.py) exported
 in its general form only, the graph served before the shared-sequence branch; and
@@ -21,8 +21,9 @@ same machine load:
   embedded, ONNX Runtime, policy) on 100-candidate requests, one per call and
   8 per call: rows/s.
 
-``--widths 32,16,8`` only times the block at other attention widths (the shipped one is
-32) against the net without it: what a narrower block, retrained, would save.
+``--widths 32,16,8`` only times the block at other attention widths (the default block is
+32 wide, the shipped model's 8 since 2026-12-02, docs/evaluation.md) against the net
+without it: what a narrower block saves.
 
 On the GPU machine, with models exported here first (``--export DIR``; it needs
 PyTorch, the device machine only ONNX Runtime)::

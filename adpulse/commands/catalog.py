@@ -82,7 +82,8 @@ def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
             n = _dump_feedback(settings, Path(source))
             print(f"read {n} ctr-feedback records from {settings.topic('ctr-feedback')}")
         m = train.run_train(source, args.generate, out, seed=args.seed, epochs=args.epochs,
-                            sequence=args.sequence)  # fmt: skip
+                            sequence=args.sequence,
+                            attention_hidden=args.attention_hidden)  # fmt: skip
     print(train.summary(m))
     print(f"version directory: {m['path']}")
     return 0
@@ -191,6 +192,13 @@ def register(sub: Subparsers) -> None:
         metavar="N",
         help="give the model target attention over each record's last N behaviours "
         "(features.sequence; with --generate, synthetic ones); 0, the default: none",
+    )
+    p.add_argument(
+        "--attention-hidden",
+        type=int,
+        metavar="H",
+        help="with --sequence: the attention block's hidden width (default 32); its cost "
+        "per candidate and behaviour is proportional to it",
     )
     p.add_argument(
         "--out", metavar="DIR", help="model registry folder ($ADPULSE_MODEL_DIR, else var/models)"

@@ -99,3 +99,27 @@ def test_train_with_sequence_gives_a_sequence_model_the_registry_serves(tmp_path
     loaded = reg.latest_valid()
     assert loaded is not None and loaded.spec.sequence == 20
     assert "seq" in loaded.spec.input_names
+
+
+def test_train_gives_the_attention_block_the_width_asked_and_refuses_none(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--attention-hidden H``: the version's ``model.pt`` rebuilds an H-wide block (what
+    the trainer's warm start loads) and ``metrics.json`` says H; 0 is one line of error."""
+    from scoring.online import load_weights
+    from scoring.registry import CHECKPOINT, SPEC
+    from scoring.train import main
+
+    path = tmp_path / "labels.jsonl"
+    write_jsonl(generate(1_000, seed=5, world=make_world(5, n_users=200), sequence=6), path)
+    m = train(path, tmp_path / "models", epochs=1, threads=1, version="v4", sequence=6,
+              attention_hidden=4)  # fmt: skip
+    assert m["attention_hidden"] == 4
+    version = tmp_path / "models" / "v4"
+    net = load_weights(version / CHECKPOINT, FeatureSpec.from_json((version / SPEC).read_text()))
+    assert net.attention is not None and net.attention.k.out_features == 4
+    assert main([str(path), "--sequence", "6", "--attention-hidden", "0",
+                 "--out", str(tmp_path / "none")]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert "width must be 1 or more" in err and "Traceback" not in err
+    assert not (tmp_path / "none").exists()

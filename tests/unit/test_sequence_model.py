@@ -357,3 +357,31 @@ def test_the_width_bench_times_the_block_at_each_width_and_refuses_bad_widths(
         seqscorer.main(["--widths", "0,8"])
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and "positive integers" in err and "Traceback" not in err
+
+
+def test_a_narrower_attention_block_survives_its_checkpoint(tmp_path: Path) -> None:
+    """``model.pt`` records the block's width: the trainer's warm start, the online learner
+    and ``scoring.reexport`` rebuild the net from it. A file written before the width was
+    recorded (no ``attention_hidden``) still loads, as the default width it had."""
+    import torch
+
+    from scoring.attention import ATTENTION_HIDDEN
+    from scoring.online import load_weights, save_weights
+
+    torch.manual_seed(3)
+    narrow = CtrNet(SEQ, attention_hidden=8)
+    save_weights(narrow, tmp_path / "narrow.pt")
+    back = load_weights(tmp_path / "narrow.pt", SEQ)
+    assert back.attention is not None and back.attention.k.out_features == 8
+    x = SEQ.golden_inputs(5, seed=2)
+    t = [torch.from_numpy(np.ascontiguousarray(x[k])) for k in SEQ.input_names]
+    with torch.no_grad():
+        assert torch.equal(narrow(*t), back(*t))
+
+    wide = CtrNet(SEQ)
+    save_weights(wide, tmp_path / "old.pt")
+    saved = torch.load(str(tmp_path / "old.pt"), weights_only=True)
+    del saved["arch"]["attention_hidden"]  # as written before the width was recorded
+    torch.save(saved, str(tmp_path / "old.pt"))
+    old = load_weights(tmp_path / "old.pt", SEQ)
+    assert old.attention is not None and old.attention.k.out_features == ATTENTION_HIDDEN
