@@ -79,7 +79,6 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from scoring.attention import ATTENTION_HIDDEN
 from scoring.embeddings import HashedEmbeddings
 from scoring.features import fingerprint
 from scoring.featurespec import FeatureSpec, Inputs
@@ -88,6 +87,8 @@ from scoring.replay import DedupeRing, ReplayBuffer
 from scoring.sequence import behaviour_inputs
 
 CHECKPOINT_FORMAT = 1
+# The attention block's width of every model.pt written before files recorded it.
+UNRECORDED_ATTENTION_HIDDEN = 32
 _MASK64 = (1 << 64) - 1
 # rows as the replay ring keeps them: inputs, then y (clicked), c (converted), m (a label)
 _Rows = tuple[dict[str, npt.NDArray[Any]], npt.NDArray[np.float32], npt.NDArray[np.float32],
@@ -124,8 +125,7 @@ def build(spec: FeatureSpec, arch: Mapping[str, Any]) -> CtrNet:
         cross_rank=int(arch["cross_rank"]),
         cross_layers=int(arch["cross_layers"]),
         cvr_head=bool(arch.get("cvr_head", False)),
-        # absent in files written before the width was recorded: they all had the default
-        attention_hidden=int(arch.get("attention_hidden") or ATTENTION_HIDDEN),
+        attention_hidden=int(arch.get("attention_hidden") or UNRECORDED_ATTENTION_HIDDEN),
     )
 
 

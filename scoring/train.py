@@ -176,6 +176,15 @@ def calibration(y: npt.ArrayLike, p: npt.ArrayLike, bins: int = 10) -> list[dict
     ]
 
 
+def _check_width(attention_hidden: int | None) -> None:
+    if attention_hidden is not None and attention_hidden < 1:
+        msg = (
+            "--attention-hidden: the attention block's width must be 1 or more, "
+            f"not {attention_hidden}"
+        )
+        raise ConfigError(msg)
+
+
 def _take(x: Inputs, idx: npt.NDArray[np.int64]) -> Inputs:
     return {k: v[idx] for k, v in x.items()}
 
@@ -208,12 +217,7 @@ def train(
     from scoring.model import CtrNet, export_onnx  # noqa: PLC0415
     from scoring.online import save_weights  # noqa: PLC0415
 
-    if attention_hidden is not None and attention_hidden < 1:
-        msg = (
-            "--attention-hidden: the attention block's width must be 1 or more, "
-            f"not {attention_hidden}"
-        )
-        raise ConfigError(msg)
+    _check_width(attention_hidden)
     spec = spec or FeatureSpec()
     if sequence:
         spec = replace(spec, sequence=sequence)
@@ -365,6 +369,7 @@ def run_train(
     attention_hidden: int | None = None,
 ) -> dict[str, Any]:
     """``adpulse train``: from a file, or from ``generate`` synthetic records when no file."""
+    _check_width(attention_hidden)  # before minutes of generating records
     if input_path is None and not generate:
         msg = "give an input file of ctr-feedback records, or --generate N for synthetic ones"
         raise InputError(msg)

@@ -197,8 +197,8 @@ def register(sub: Subparsers) -> None:
         "--attention-hidden",
         type=int,
         metavar="H",
-        help="with --sequence: the attention block's hidden width (default 32); its cost "
-        "per candidate and behaviour is proportional to it",
+        help="with --sequence: the attention block's hidden width (default: the block's own, "
+        "scoring/attention.py); its cost per candidate and behaviour is proportional to it",
     )
     p.add_argument(
         "--out", metavar="DIR", help="model registry folder ($ADPULSE_MODEL_DIR, else var/models)"

@@ -365,8 +365,7 @@ def test_a_narrower_attention_block_survives_its_checkpoint(tmp_path: Path) -> N
     recorded (no ``attention_hidden``) still loads, as the default width it had."""
     import torch
 
-    from scoring.attention import ATTENTION_HIDDEN
-    from scoring.online import load_weights, save_weights
+    from scoring.online import UNRECORDED_ATTENTION_HIDDEN, load_weights, save_weights
 
     torch.manual_seed(3)
     narrow = CtrNet(SEQ, attention_hidden=8)
@@ -378,10 +377,11 @@ def test_a_narrower_attention_block_survives_its_checkpoint(tmp_path: Path) -> N
     with torch.no_grad():
         assert torch.equal(narrow(*t), back(*t))
 
-    wide = CtrNet(SEQ)
+    wide = CtrNet(SEQ, attention_hidden=32)
     save_weights(wide, tmp_path / "old.pt")
     saved = torch.load(str(tmp_path / "old.pt"), weights_only=True)
     del saved["arch"]["attention_hidden"]  # as written before the width was recorded
     torch.save(saved, str(tmp_path / "old.pt"))
     old = load_weights(tmp_path / "old.pt", SEQ)
-    assert old.attention is not None and old.attention.k.out_features == ATTENTION_HIDDEN
+    assert UNRECORDED_ATTENTION_HIDDEN == 32
+    assert old.attention is not None and old.attention.k.out_features == 32
