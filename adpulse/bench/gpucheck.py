@@ -82,13 +82,17 @@ def bench_texts(n: int, seed: int = 7) -> list[str]:
     return out
 
 
-def _rows_per_s(scorer: OnnxScorer, x: dict[str, np.ndarray], seconds: float) -> float:
+def _rows_per_s(
+    scorer: OnnxScorer, x: dict[str, np.ndarray], seconds: float
+) -> tuple[float, int]:
+    """(rows/s, batches timed): at least one timed batch, however short ``seconds`` is."""
     scorer.score(x)  # warm-up: the first CUDA run builds its kernels
     start = time.perf_counter()
-    n = len(scorer.score(x))  # at least one timed batch, however short ``seconds`` is
+    rows, batches = len(scorer.score(x)), 1
     while (elapsed := time.perf_counter() - start) < seconds:
-        n += len(scorer.score(x))
-    return n / elapsed
+        rows += len(scorer.score(x))
+        batches += 1
+    return rows / elapsed, batches
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -109,11 +113,14 @@ def main(argv: list[str] | None = None) -> int:
     else:  # no CUDA provider in this build, or no GPU: the session fell back
         print(f"no CUDA session here ({cuda.provider}): CPU figures only", flush=True)
     rates: dict[str, dict[str, list[float]]] = {k: {} for k in scorers}
+    timed: dict[str, dict[str, int]] = {k: {} for k in scorers}  # batches behind each figure
     for b in BATCHES:
         x = spec.golden_inputs(b, seed=b)
         for _ in range(a.repeats):
             for name, scorer in scorers.items():
-                rates[name].setdefault(str(b), []).append(_rows_per_s(scorer, x, a.seconds))
+                rate, batches = _rows_per_s(scorer, x, a.seconds)
+                rates[name].setdefault(str(b), []).append(rate)
+                timed[name][str(b)] = timed[name].get(str(b), 0) + batches
         line = ", ".join(f"{k} {np.median(v[str(b)]):,.0f}" for k, v in rates.items())
         print(f"batch {b:>6}: rows/s {line}", flush=True)
     result = {
@@ -121,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         "onnxruntime": ort.__version__,
         "model_version": version.name,
         "rows_per_s": {k: {b: float(np.median(v)) for b, v in r.items()} for k, r in rates.items()},
+        "batches_timed": timed,
         "used": {k: s.provider for k, s in scorers.items()},
         "machine": machine(),
     }
