@@ -215,7 +215,7 @@ def train(
     import torch  # noqa: PLC0415 (training-only dependency)
 
     from scoring.model import CtrNet, export_onnx  # noqa: PLC0415
-    from scoring.online import save_weights  # noqa: PLC0415
+    from scoring.online import arch_of, save_weights  # noqa: PLC0415
 
     _check_width(attention_hidden)
     spec = spec or FeatureSpec()
@@ -309,7 +309,7 @@ def train(
         "heads": 2 if with_cvr else 1,
         "cvr": None if q is None else cvr_metrics(yte, cte, p, q, base_cvr),
         "sequence": spec.sequence,
-        "attention_hidden": 0 if model.attention is None else model.attention.out.in_features,
+        "attention_hidden": arch_of(model)["attention_hidden"],
         "onnx_max_abs_diff": diff,
         "train_seconds": round(time.perf_counter() - t0, 2),
         "trained_at": datetime.now(UTC).isoformat(timespec="seconds"),
