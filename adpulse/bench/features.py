@@ -56,7 +56,7 @@ class FeaturesBench:
 def run(base: Settings, cfg: FeaturesBench, log: Any = print) -> dict[str, Any]:
     model = fit_taobao(cfg.taobao) if cfg.taobao and cfg.taobao.is_file() else WorkloadModel()
     workload = Workload(model, users=cfg.users, seed=1)
-    worker_rates, base_rates, ratios = [], [], []
+    worker_rates, base_rates, ratios, base_read = [], [], [], []
     with tempfile.TemporaryDirectory(prefix="adpulse-bench-") as tmp:
         # Freshness first, on its own fresh worker and topics, at the offered rate.
         s = fresh_settings(base, Path(tmp))
@@ -72,7 +72,8 @@ def run(base: Settings, cfg: FeaturesBench, log: Any = print) -> dict[str, Any]:
             s = fresh_settings(base, Path(tmp))
             keys, values = workload.payloads(cfg.events, int(time.time() * 1000), prefix=s.app_id)
             asyncio.run(produce(s, s.topic("user-events"), keys, values))
-            baseline = asyncio.run(_bare_loop(s, cfg.events))
+            read, baseline = asyncio.run(_bare_loop(s, cfg.events))
+            base_read.append(read)
             worker = WorkerProcess(s, Path(tmp), name=f"worker-{s.app_id}").start()
             try:
                 rate = _worker_rate(worker, cfg.events)
@@ -99,6 +100,7 @@ def run(base: Settings, cfg: FeaturesBench, log: Any = print) -> dict[str, Any]:
         "ratio": q["median"],
         "events_per_s_spread": w,
         "baseline_events_per_s_spread": b,
+        "baseline_events_read": base_read,  # per repeat: what each baseline rate timed
         "ratio_spread": q,
         "freshness_p50_ms": p50,
         "freshness_p99_ms": p99,
@@ -131,8 +133,9 @@ async def _create_topic(s: Settings, name: str) -> None:
         await admin.close()
 
 
-async def _bare_loop(s: Settings, n: int) -> float:
-    """Consume n messages and produce each to a sink topic: no decoding, no state."""
+async def _bare_loop(s: Settings, n: int) -> tuple[int, float]:
+    """Consume n messages and produce each to a sink topic: no decoding, no state.
+    Returns the messages read and their rate."""
     consumer = AIOKafkaConsumer(
         **client_kwargs(s), enable_auto_commit=False, fetch_max_wait_ms=10,
         max_partition_fetch_bytes=16 << 20, auto_offset_reset="earliest",
@@ -156,7 +159,7 @@ async def _bare_loop(s: Settings, n: int) -> float:
                     futures.append(await producer.send(sink, rec.value, key=rec.key))
                 seen += len(records)
         await asyncio.gather(*futures)
-        return n / (time.perf_counter() - started)
+        return seen, n / (time.perf_counter() - started)
     finally:
         await consumer.stop()
         await producer.stop()

