@@ -36,6 +36,7 @@ from rich.live import Live
 
 from adpulse import dashboard, plots, replay, simresults
 from adpulse import prometheus as prom
+from adpulse.bench.cpu import box_s, steal_pct
 from adpulse.broker import broker_for
 from adpulse.core.errors import InputError
 from adpulse.core.kafkaconf import client_kwargs
@@ -94,6 +95,7 @@ def run_demo(settings: Settings, data: Path, out: Path, seconds: float = 120.0) 
             "(Ctrl-C ends it early) ..."
         )
         player = threading.Thread(target=play, name="simulated-users", daemon=True)
+        box_at_start = box_s()
         player.start()
         deadline = time.monotonic() + seconds
         try:
@@ -110,12 +112,14 @@ def run_demo(settings: Settings, data: Path, out: Path, seconds: float = 120.0) 
             run.interrupted = True
             player.join(30)
         board.tick()
+        stolen = steal_pct(box_at_start, box_s())
         sim = simresults.summarise(run, cfg, world, result)
         simresults.write(sim, run, cfg, out, lambda *_: None)
         written = _plots(board, server, started, out)
     summary["live"] = dashboard.summary(board.views)
     if summary["live"]:
         summary["live"]["windows_10s"] = board.p99_windows(10.0)
+        summary["live"]["steal_pct"] = round(stolen, 1)
     summary["simulation"] = {k: sim[k] for k in ("arms", "labels") if k in sim}
     (out / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True, default=str))
     console.print(format_live(summary["live"]))
@@ -211,6 +215,7 @@ def format_live(live: dict[str, Any]) -> str:
         f"  decision p99 (median of 1 s windows) {live['decision_p99_ms_median']} ms, "
         f"freshness p99 {live['freshness_p99_ms_median']} ms",
         *_window_lines(live.get("windows_10s", [])),
+        *_steal_line(live.get("steal_pct", math.nan)),
         f"  dead letters {live['dead_letters'] or 'none'}",
     ]
     for policy, r in sorted(live["ctr_by_policy"].items()):
@@ -219,6 +224,14 @@ def format_live(live: dict[str, Any]) -> str:
             f"  CTR {policy:24s} {r['ctr']:.2%} [{lo:.2%}, {hi:.2%}] over {r['labels']:,} labels"
         )
     return "\n".join(lines)
+
+
+def _steal_line(pct: float) -> list[str]:
+    """On a virtual machine other guests may take the host's cores: every latency above
+    moves with that share, so it is printed next to them."""
+    if math.isnan(pct):
+        return []
+    return [f"  the hypervisor gave {pct:.0f}% of this box's CPU time to other guests meanwhile"]
 
 
 def _window_lines(windows: list[dict[str, float]]) -> list[str]:

@@ -7,6 +7,7 @@ repeats and reports the median with min and max, never one sample.
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import shutil
@@ -17,9 +18,17 @@ from typing import Any
 
 import numpy as np
 
+from adpulse.bench.cpu import box_s, steal_pct
 
-def machine() -> dict[str, Any]:
-    """Cores, CPU model and GPU (if any) of the machine the figures come from."""
+_since = box_s()  # steal is reported from here (the command's start) to the next machine()
+
+
+def machine(steal: bool = True) -> dict[str, Any]:
+    """Cores, CPU model and GPU (if any) of the machine the figures come from, and the
+    share of its time the hypervisor gave other guests (``steal_pct``) since the command
+    started or since the last call (each bench calls this once, as its figures are made,
+    so under ``bench all`` each gets its own run's share). ``steal=False``: a progress line's
+    description, which leaves the share to the figures."""
     cpu = platform.processor() or ""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -30,12 +39,18 @@ def machine() -> dict[str, Any]:
         pass
     gpu = None
     if shutil.which("nvidia-smi"):
-        out = subprocess.run(
+        smi = subprocess.run(
             ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
             capture_output=True, text=True, timeout=10, check=False,
         )  # fmt: skip
-        gpu = out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout else None
-    return {"cores": os.cpu_count(), "cpu": cpu, "gpu": gpu, "python": platform.python_version()}
+        gpu = smi.stdout.strip().splitlines()[0] if smi.returncode == 0 and smi.stdout else None
+    py = platform.python_version()
+    out: dict[str, Any] = {"cores": os.cpu_count(), "cpu": cpu, "gpu": gpu, "python": py}
+    if steal:
+        global _since  # the mark this command's next figures start from
+        now = box_s()
+        out["steal_pct"], _since = round(steal_pct(_since, now), 1), now
+    return out
 
 
 def spread(values: Sequence[float]) -> dict[str, float]:
@@ -53,4 +68,7 @@ def percentiles_ms(seconds: Sequence[float], qs: Sequence[float]) -> list[float]
 
 def machine_line(m: dict[str, Any]) -> str:
     gpu = f", GPU {m['gpu']}" if m.get("gpu") else ", no GPU"
-    return f"{m['cores']} cores, {m['cpu']}{gpu}"
+    steal = m.get("steal_pct")
+    known = steal is not None and not math.isnan(steal)
+    stolen = f", {steal:g}% of its time stolen by the hypervisor" if known else ""
+    return f"{m['cores']} cores, {m['cpu']}{gpu}{stolen}"

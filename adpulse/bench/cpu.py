@@ -4,6 +4,11 @@ On a 2-core box shared by the broker, the load generator and the worker, a laten
 alone does not say whether the worker was slow or starved. CPU seconds per answered request
 do: a worker that spends C ms of one core per request cannot answer more than 1000/C a
 second, whatever the queueing. Read from /proc (Linux); NaN elsewhere.
+
+On a virtual machine the host may run other guests on the same physical cores: the
+time a core was ready to run us but the hypervisor ran someone else is *steal*
+(/proc/stat's eighth field). On the 2-core dev VM it was 7-47% of the box's time in the
+same hour (2026-12-03), and it moves every latency figure, so the benches report it.
 """
 
 from __future__ import annotations
@@ -22,7 +27,8 @@ class CpuSample:
     at: float  # time.monotonic()
     worker_s: float  # the worker process's user + system CPU seconds
     self_s: float  # this process's (children not included)
-    busy_s: float  # all cores' busy seconds since boot (not idle, not iowait)
+    busy_s: float  # all cores' busy seconds since boot (not idle, not iowait; steal included)
+    steal_s: float  # all cores' seconds the hypervisor ran another guest instead
 
 
 def _proc_cpu_s(pid: int) -> float:
@@ -34,23 +40,34 @@ def _proc_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) * _TICK_S  # utime, stime
 
 
-def _busy_s() -> float:
+def box_s() -> tuple[float, float, float]:
+    """All cores' seconds since boot: in all, busy (not idle, not iowait), stolen."""
     try:
         first = Path("/proc/stat").read_text().splitlines()[0].split()
     except OSError:
-        return math.nan
+        return math.nan, math.nan, math.nan
     ticks = [int(x) for x in first[1:9]]  # user nice system idle iowait irq softirq steal
-    return (sum(ticks) - ticks[3] - ticks[4]) * _TICK_S
+    total = sum(ticks)
+    return total * _TICK_S, (total - ticks[3] - ticks[4]) * _TICK_S, ticks[7] * _TICK_S
+
+
+def steal_pct(a: tuple[float, float, float], b: tuple[float, float, float]) -> float:
+    """The share of the box's time between two :func:`box_s` readings that the hypervisor
+    gave to other guests (%): NaN where nothing elapsed or /proc is not there."""
+    total = b[0] - a[0]
+    return 100 * (b[2] - a[2]) / total if total > 0 else math.nan
 
 
 def sample(worker_pid: int) -> CpuSample:
     t = os.times()
-    return CpuSample(time.monotonic(), _proc_cpu_s(worker_pid), t.user + t.system, _busy_s())
+    _, busy, steal = box_s()
+    return CpuSample(time.monotonic(), _proc_cpu_s(worker_pid), t.user + t.system, busy, steal)
 
 
 def usage(a: CpuSample, b: CpuSample, answered: int) -> dict[str, float]:
     """Between two samples: the worker's and the generator's share of one core (%), the whole
-    box's busy share (% of all its cores), and the worker's CPU ms per answered request."""
+    box's busy share and the part of it stolen by the hypervisor (% of all its cores), and
+    the worker's CPU ms per answered request."""
     wall = max(b.at - a.at, 1e-9)
     worker = b.worker_s - a.worker_s
     cores = os.cpu_count() or 1
@@ -58,5 +75,6 @@ def usage(a: CpuSample, b: CpuSample, answered: int) -> dict[str, float]:
         "worker_cpu_pct": 100 * worker / wall,
         "generator_cpu_pct": 100 * (b.self_s - a.self_s) / wall,
         "box_busy_pct": 100 * (b.busy_s - a.busy_s) / (wall * cores),
+        "box_steal_pct": 100 * (b.steal_s - a.steal_s) / (wall * cores),
         "worker_cpu_ms_per_answer": 1000 * worker / answered if answered else math.nan,
     }

@@ -100,7 +100,7 @@ def run(
             note = "CUDA was unavailable: ran on CPU (CPUExecutionProvider)"
             log(note)
         log(f"model {version_dir.name} on {onnx.provider}, {t} thread(s) for ONNX Runtime and "
-            f"numpy's BLAS, {machine_line(machine())}")  # fmt: skip
+            f"numpy's BLAS, {machine_line(machine(steal=False))}")  # fmt: skip
         onnx_rates: dict[str, list[float]] = {str(b): [] for b in batch_sizes}
         base_rates: dict[str, list[float]] = {str(b): [] for b in batch_sizes}
         with threadpool_limits(limits=t):

@@ -270,7 +270,8 @@ def _phase_line(ph: Phase) -> str:
         f"{x['shed']} shed ({x['shed_ingest']} giving way to ingest), {x['errors']} errors; "
         f"CPU: worker {x.get('worker_cpu_pct', nan):.0f}% "
         f"of a core ({x.get('worker_cpu_ms_per_answer', nan):.2f} ms per answer), generator "
-        f"{x.get('generator_cpu_pct', nan):.0f}%, box {x.get('box_busy_pct', nan):.0f}% busy"
+        f"{x.get('generator_cpu_pct', nan):.0f}%, box {x.get('box_busy_pct', nan):.0f}% busy "
+        f"(stolen by the hypervisor: {x.get('box_steal_pct', nan):.0f}%)"
     )
 
 
