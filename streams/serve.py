@@ -62,6 +62,10 @@ log = logging.getLogger(__name__)
 FORWARDED = "X-Adpulse-Forwarded"  # set on a request one worker forwards to another
 STARTED = "X-Adpulse-Start-Ms"  # when the forwarded request's budget started (epoch ms)
 _TICK_S = 0.002  # how often the event loop's lateness is sampled
+# The sampling stops once no request has been checked for this long, and the next request
+# starts it again: 500 timers a second cost an idle worker about 5% of a core
+# (docs/decide.md), and a lateness nobody asks about sheds nothing.
+_TICK_IDLE_S = 1.0
 # A worker asked for a decision within this long keeps ingest's slices short, so the next
 # request waits for one short slice; one asked none for a minute hands over longer slices.
 ASKED_WINDOW_S = 60.0
@@ -126,7 +130,8 @@ class DecideService:
         self.queue: list[_Call] = []
         self.queued_rows = 0
         self.lag_s = 0.0  # how late the event loop ran the last tick
-        self._due: float | None = None  # when the next tick is due (loop time); None: not started
+        self._due: float | None = None  # when the next tick is due (loop time); None: not running
+        self._checked = -math.inf  # when overloaded() was last asked (clock time)
         self._flush: asyncio.Handle | asyncio.TimerHandle | None = None
         self._running: set[asyncio.Task[None]] = set()
         self._deciding = False  # a run is being decided: the next one waits for it
@@ -153,7 +158,7 @@ class DecideService:
         event loop running late (requests wait unseen in sockets and handlers while it
         is busy) and the oldest queued request's age."""
         loop = asyncio.get_running_loop()
-        now = self.clock()
+        now = self._checked = self.clock()
         if self._due is None:
             self._due = now + _TICK_S
             loop.call_later(_TICK_S, self._tick)
@@ -166,6 +171,9 @@ class DecideService:
         now = self.clock()
         self.lag_s = max(0.0, now - (self._due or now))
         self.on_lag(self.lag_s)
+        if now - self._checked > _TICK_IDLE_S:  # no request for a while: stop sampling
+            self._due, self.lag_s = None, 0.0
+            return
         self._due = now + _TICK_S
         loop.call_later(_TICK_S, self._tick)
 

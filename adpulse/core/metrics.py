@@ -350,8 +350,8 @@ class Metrics:
             loop_lag=Histogram(
                 "adpulse_event_loop_lag_seconds",
                 "How late the worker's event loop ran a 2 ms timer (sampled while /decide is in "
-                "use): the wait a request has before its handler runs. /decide sheds above "
-                "ADPULSE_DECIDE_MAX_QUEUE_MS.",
+                "use, until 1 s after its last request): the wait a request has before its "
+                "handler runs. /decide sheds above ADPULSE_DECIDE_MAX_QUEUE_MS.",
                 buckets=LATENCY_BUCKETS,
                 registry=r,
             ),

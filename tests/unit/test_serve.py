@@ -19,7 +19,7 @@ from adpulse.core.settings import Settings
 from schemas.messages import AdRequest
 from streams.deadletter import Raw
 from streams.decide import StateReaders
-from streams.serve import _TICK_S, DecideService, IngestGuard, Reply
+from streams.serve import _TICK_IDLE_S, _TICK_S, DecideService, IngestGuard, Reply
 from tests.unit.test_pacing_stage import DAY0, Tables, requests, settings, stage
 
 
@@ -157,6 +157,30 @@ def test_a_request_is_shed_while_the_event_loop_runs_late() -> None:
     assert busy
     assert measured == pytest.approx(0.05 - _TICK_S)  # late by the block, less its tick
     assert not after
+
+
+def test_lateness_sampling_stops_when_requests_stop_and_the_next_request_restarts_it() -> None:
+    clock = Clock()
+
+    async def main() -> tuple[int, float, bool, int]:
+        svc = service(Recorder(), clock=clock, decide_max_queue_ms=20.0)
+        svc.overloaded()
+        await clock.elapse(0.01)
+        clock.now += _TICK_IDLE_S + 0.01  # no request checked for longer than the idle limit
+        await clock.next_tick()  # this tick finds nobody asked, and is the last one
+        stopped = len(clock.lags)
+        await asyncio.sleep(0.05)  # a sampler still running would tick about 25 times here
+        idle_ticks = len(clock.lags) - stopped
+        lag_after_stop = svc.lag_s
+        shed = svc.overloaded()  # the next request: not shed for lateness from before the stop
+        await clock.elapse(0.01)  # sampled again, on time
+        return idle_ticks, lag_after_stop, shed, len(clock.lags) - stopped
+
+    idle_ticks, lag_after_stop, shed, resumed = asyncio.run(main())
+    assert idle_ticks == 0
+    assert lag_after_stop == 0.0
+    assert not shed
+    assert resumed == round(0.01 / _TICK_S)
 
 
 def test_a_loop_late_by_less_than_the_limit_sheds_nothing() -> None:
