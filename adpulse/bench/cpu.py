@@ -7,7 +7,7 @@ second, whatever the queueing. Read from /proc (Linux); NaN elsewhere.
 
 On a virtual machine the host may run other guests on the same physical cores: the
 time a core was ready to run us but the hypervisor ran someone else is *steal*
-(/proc/stat's eighth field). On the 2-core dev VM it was 7-47% of the box's time in the
+(/proc/stat's eighth field). On the 2-core dev VM it was 2-47% of the box's time in the
 same hour (2026-12-03), and it moves every latency figure, so the benches report it.
 """
 
