@@ -235,8 +235,7 @@ class Settings:
     )
     fetch_max_wait_ms: int = _setting(
         10,
-        "Longest the broker holds the worker's consumer fetch when no data arrives, while some "
-        "fetched records wait unread (ADPULSE_FETCH_IDLE_WAIT_MS otherwise). Kafka "
+        "Longest the broker holds the worker's consumer fetch when no data arrives. Kafka "
         "answers at the first data, but no new fetch goes out while one is in flight, so a "
         "partition just drained waits for it: at 500 the Kafka path's p50 was 0.4-0.7 s in "
         "3 of 4 runs. "
