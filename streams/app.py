@@ -15,7 +15,6 @@ from faust.types import TableT
 from adpulse.core.kafkaconf import (
     client_kwargs,
     faust_credentials,
-    fetch_idle_wait_ms,
     fetch_wait_ms,
     on_embedded_tansu,
 )
@@ -63,7 +62,6 @@ def create_app(settings: Settings) -> Wiring:
         batch_max=settings.batch_max_events,
         batch_within=settings.batch_max_wait_s,
         fetch_max_wait_ms=fetch_wait_ms(settings),
-        fetch_idle_wait_ms=fetch_idle_wait_ms(settings),
         slice_ms=settings.batch_slice_ms,
         # Only tansu reports short end offsets (streams/runtime/seal.py); Kafka needs no seal.
         seal_changelogs=on_embedded_tansu(settings),

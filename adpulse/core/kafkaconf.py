@@ -63,14 +63,6 @@ def fetch_wait_ms(s: Settings) -> int:
     return min(wait, TANSU_FETCH_WAIT_MS) if on_embedded_tansu(s) else wait
 
 
-def fetch_idle_wait_ms(s: Settings) -> int:
-    """The worker's consumer fetch wait while nothing it fetched waits unread
-    (``ADPULSE_FETCH_IDLE_WAIT_MS``; streams/runtime/consumer.py, ``adapt_fetch_wait``);
-    0 (the short wait always) on the embedded tansu, which holds every fetch for the full
-    wait, data or not."""
-    return 0 if on_embedded_tansu(s) else max(0, s.fetch_idle_wait_ms)
-
-
 def mirror_fetch_wait_ms(s: Settings) -> int:
     """The topic mirrors' fetch wait (streams/catalogmirror.py): 500 ms on Apache Kafka, which
     answers at the first data (a mirror's ``getmany`` takes up to 10,000 records a fetch

@@ -241,13 +241,6 @@ class Settings:
         "3 of 4 runs. "
         "On the embedded tansu at most 10 (at 2 ms it stopped answering under load).",
     )
-    fetch_idle_wait_ms: int = _setting(
-        250,
-        "Longest the broker holds the worker's consumer fetch while none of the fetched "
-        "records wait unread: that fetch names every partition, so data on any of them "
-        "answers it at once, and a long wait only saves empty round trips. "
-        "0: always ADPULSE_FETCH_MAX_WAIT_MS. Not used on the embedded tansu.",
-    )
     dedupe_ids: int = _setting(8, "Recent event ids remembered per user to drop duplicates.")
     dedupe_ttl_h: int = _setting(
         24, "A user's remembered event ids are forgotten after this many hours with no arrival."

@@ -52,15 +52,12 @@ touches one, and that this list names every one used here):
   ``BatchConsumer``.
 - ``TableManager._recovery`` (restore.py): set to ``BulkRecovery``.
 - ``Consumer._thread`` and ``AIOKafkaConsumerThread._ensure_consumer`` (restore.py,
-  gauges.py, consumer.py): the aiokafka consumer, on its own thread, in which the active partitions'
+  gauges.py): the aiokafka consumer, on its own thread, in which the active partitions'
   changelogs are paused once recovery completes (``BulkRecovery.on_recovery_completed``;
   Faust's own pause only stops asking for records, and aiokafka's fetches held unread
   records that stopped every fetch from the broker for 100 ms).
-- ``Fetcher._get_actions_per_node`` and ``Fetcher._fetch_max_wait_ms`` (consumer.py,
-  aiokafka's): wrapped so each fetch's wait is chosen as it is built, long while no fetched
-  record waits unread (``adapt_fetch_wait``, ``ADPULSE_FETCH_IDLE_WAIT_MS``).
-- ``AIOKafkaConsumer._fetcher`` and ``Fetcher._records`` (gauges.py, consumer.py,
-  aiokafka's): the fetched records waiting unread, per partition, counted for changelogs by
+- ``AIOKafkaConsumer._fetcher`` and ``Fetcher._records`` (gauges.py, aiokafka's): the
+  fetched records waiting unread, per partition, counted for changelogs by
   ``adpulse_consumer_unread_changelog_partitions`` (which shows that pause holding).
 - ``Recovery._build_offsets`` (restore.py): overridden; the bulk read runs after the
   highwaters are built and before Faust reads the offsets to start from.

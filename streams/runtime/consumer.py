@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Hashable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
 from time import monotonic
 from typing import Any, cast
 
@@ -214,52 +213,6 @@ class _ConsumerThread(_drv.AIOKafkaConsumerThread):
         consumer._fetch_max_wait_ms = cast("BatchApp", self.app).fetch_max_wait_ms
         return consumer
 
-    async def on_start(self) -> None:
-        await super().on_start()
-        app = cast("BatchApp", self.app)
-        if app.fetch_idle_wait_ms > app.fetch_max_wait_ms:
-            app.fetch_waits = adapt_fetch_wait(
-                self._ensure_consumer(), app.fetch_max_wait_ms, app.fetch_idle_wait_ms
-            )
-
-
-@dataclass
-class FetchWaits:
-    """Fetch requests built so far at each wait (:func:`adapt_fetch_wait`)."""
-
-    idle: int = 0  # nothing fetched waited unread: the long wait
-    short: int = 0  # some did: those partitions were left out, the short wait
-
-
-def adapt_fetch_wait(consumer: Any, short_ms: int, idle_ms: int) -> FetchWaits:
-    """Each fetch the started aiokafka ``consumer`` sends waits ``idle_ms`` at most while
-    none of the records it fetched wait unread, and ``short_ms`` otherwise.
-
-    Why: Apache Kafka answers a fetch at the first data on any partition it names, so a
-    long wait only saves empty round trips; but aiokafka leaves out of a fetch every
-    partition whose records the worker has not taken yet, and sends no second fetch while
-    one is in flight, so once those records are taken their partition waits for the fetch
-    in flight. At 500 ms always, the Kafka path's p50 was 0.4-0.7 s (docs/decide.md). While
-    nothing waits unread the fetch names every partition it can (one paused or seeking
-    meanwhile waits for it: at most ``idle_ms``), and at 10 ms always an idle worker sent
-    about 100 empty fetches a second."""
-    fetcher = consumer._fetcher
-    build = fetcher._get_actions_per_node
-    waits = FetchWaits()
-
-    def actions(assignment: Any) -> Any:
-        unread = bool(fetcher._records)
-        fetcher._fetch_max_wait_ms = short_ms if unread else idle_ms
-        out = build(assignment)
-        if unread:
-            waits.short += len(out[0])
-        else:
-            waits.idle += len(out[0])
-        return out
-
-    fetcher._get_actions_per_node = actions
-    return waits
-
 
 def _new_consumer_thread(self: BatchConsumer) -> _ConsumerThread:
     return _ConsumerThread(self, loop=self.loop, beacon=self.beacon)
@@ -362,7 +315,6 @@ class BatchApp(faust.App):
         batch_max: int = 20_000,
         batch_within: float = 0.005,
         fetch_max_wait_ms: int = 10,
-        fetch_idle_wait_ms: int = 0,
         slice_ms: float = 0.0,
         seal_changelogs: bool = False,
         bulk_restore_client: dict[str, Any] | None = None,
@@ -375,8 +327,6 @@ class BatchApp(faust.App):
         self.batch_max = batch_max  # hand a batch over at this many records ...
         self.batch_within = batch_within  # ... or this long after its first record
         self.fetch_max_wait_ms = fetch_max_wait_ms
-        self.fetch_idle_wait_ms = fetch_idle_wait_ms  # 0: fetch_max_wait_ms always
-        self.fetch_waits: FetchWaits | None = None  # set once the consumer started, if adapted
         self.slicer = Slicer(slice_ms / 1000)
 
     def _new_transport(self) -> BatchTransport:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from adpulse.core.errors import ConfigError
-from adpulse.core.kafkaconf import fetch_idle_wait_ms, fetch_wait_ms, mirror_fetch_wait_ms
+from adpulse.core.kafkaconf import fetch_wait_ms, mirror_fetch_wait_ms
 from adpulse.core.settings import KINDS, Settings, documented
 
 
@@ -89,8 +89,3 @@ def test_fetch_waits_stay_short_for_the_consumer_and_long_for_kafka_mirrors() ->
     assert fetch_wait_ms(Settings.from_env(longer)) == 10  # tansu: never more
     assert fetch_wait_ms(external) == 50  # not embedded: a real Kafka, the setting as given
     assert (mirror_fetch_wait_ms(kafka), mirror_fetch_wait_ms(tansu)) == (500, 20)
-    # idle fetches wait long on Kafka (it answers at the first data); tansu holds every
-    # fetch for its whole wait, so there the short wait stays
-    assert (fetch_idle_wait_ms(kafka), fetch_idle_wait_ms(tansu)) == (250, 0)
-    off = Settings.from_env({"ADPULSE_EMBEDDED_BROKER": "true", "ADPULSE_FETCH_IDLE_WAIT_MS": "0"})
-    assert fetch_idle_wait_ms(off) == 0
