@@ -153,6 +153,11 @@ class DecideService:
             return Reply.error(400, f"ad-requests contract: {out.message}")
         return out
 
+    @property
+    def sampling(self) -> bool:
+        """Whether the event loop's lateness is being sampled (a tick is scheduled)."""
+        return self._due is not None
+
     def overloaded(self) -> bool:
         """Whether requests now wait longer than the queue limit, measured two ways: the
         event loop running late (requests wait unseen in sockets and handlers while it

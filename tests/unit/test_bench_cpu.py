@@ -37,7 +37,7 @@ def test_a_bench_phase_reports_the_box_share_stolen_next_to_the_share_busy() -> 
     a = sample(os.getpid())
     sum(i * i for i in range(2_000_000))
     u = usage(a, sample(os.getpid()), answered=10)
-    assert 0.0 <= u["box_steal_pct"] <= u["box_busy_pct"] <= 100.0 + 1e-6
+    assert 0.0 <= u["box_steal_pct"] <= u["box_busy_pct"]  # stolen time is counted as busy
 
 
 @linux
