@@ -27,8 +27,7 @@ class CpuSample:
     at: float  # time.monotonic()
     worker_s: float  # the worker process's user + system CPU seconds
     self_s: float  # this process's (children not included)
-    busy_s: float  # all cores' busy seconds since boot (not idle, not iowait; steal included)
-    steal_s: float  # all cores' seconds the hypervisor ran another guest instead
+    box: tuple[float, float, float]  # all cores' seconds since boot: in all, busy, stolen
 
 
 def _proc_cpu_s(pid: int) -> float:
@@ -60,8 +59,7 @@ def steal_pct(a: tuple[float, float, float], b: tuple[float, float, float]) -> f
 
 def sample(worker_pid: int) -> CpuSample:
     t = os.times()
-    _, busy, steal = box_s()
-    return CpuSample(time.monotonic(), _proc_cpu_s(worker_pid), t.user + t.system, busy, steal)
+    return CpuSample(time.monotonic(), _proc_cpu_s(worker_pid), t.user + t.system, box_s())
 
 
 def usage(a: CpuSample, b: CpuSample, answered: int) -> dict[str, float]:
@@ -74,7 +72,7 @@ def usage(a: CpuSample, b: CpuSample, answered: int) -> dict[str, float]:
     return {
         "worker_cpu_pct": 100 * worker / wall,
         "generator_cpu_pct": 100 * (b.self_s - a.self_s) / wall,
-        "box_busy_pct": 100 * (b.busy_s - a.busy_s) / (wall * cores),
-        "box_steal_pct": 100 * (b.steal_s - a.steal_s) / (wall * cores),
+        "box_busy_pct": 100 * (b.box[1] - a.box[1]) / (wall * cores),  # steal included
+        "box_steal_pct": steal_pct(a.box, b.box),
         "worker_cpu_ms_per_answer": 1000 * worker / answered if answered else math.nan,
     }
