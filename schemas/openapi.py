@@ -84,6 +84,18 @@ def openapi() -> dict[str, Any]:
                     },
                 }
             },
+            "/owners": {
+                "get": {
+                    "operationId": "owners",
+                    "summary": "Which worker owns each partition of ad-requests, so a client "
+                    "can send a user's POST /decide to its owner and skip the forward.",
+                    "description": "A user's partition is Kafka's default for a keyed record: "
+                    "(murmur2(user_id as UTF-8) & 0x7fffffff) % partitions. A partition no "
+                    "worker holds (a rebalance under way) is left out and complete is false; "
+                    "send such users to any worker, which forwards them.",
+                    "responses": {"200": _json("Owners", "The group's assignment.")},
+                }
+            },
             "/users/{user_id}/interest": {
                 "get": {
                     "operationId": "userInterest",
@@ -160,6 +172,25 @@ def openapi() -> dict[str, Any]:
             "schemas": {
                 "AdRequest": request,
                 "AdDecision": decision,
+                "Owners": {
+                    "type": "object",
+                    "required": ["topic", "partitions", "partitioner", "owners", "complete"],
+                    "properties": {
+                        "topic": {"type": "string", "description": "The ad-requests topic."},
+                        "partitions": {"type": "integer", "minimum": 1},
+                        "partitioner": {"const": "murmur2"},
+                        "owners": {
+                            "type": "object",
+                            "description": "Partition number (a string) -> the owner's "
+                            "canonical URL (ADPULSE_CANONICAL_URL).",
+                            "additionalProperties": {"type": "string"},
+                        },
+                        "complete": {
+                            "type": "boolean",
+                            "description": "Every partition has an owner.",
+                        },
+                    },
+                },
                 "Error": {
                     "type": "object",
                     "required": ["error"],

@@ -37,7 +37,7 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -481,9 +481,16 @@ def wire(
             content_type="application/json",
         )  # fmt: skip
 
+    async def owners(request: aiohttp.web.Request) -> aiohttp.web.Response:
+        """Which worker owns each partition of ad-requests (:func:`owner_map`)."""
+        count = len(await aiokafka_producer(app).partitions_for(requests_topic))
+        body = owner_map(app.router.external_topics_metadata(), requests_topic, count)
+        return aiohttp.web.Response(body=msgspec.json.encode(body), content_type="application/json")
+
     # Straight on Faust's aiohttp application, not through a Faust View: its dispatch
     # and web sensors cost more than the rest of the HTTP handling.
     app.web.web_app.router.add_post("/decide", post)  # type: ignore[attr-defined]
+    app.web.web_app.router.add_get("/owners", owners)  # type: ignore[attr-defined]
 
     async def on_port(body: bytes, headers: dict[str, str]) -> tuple[int, bytes, dict[str, str]]:
         reply = await answer(body, headers.get)
@@ -512,6 +519,30 @@ def wire(
 _FORWARD_TIMEOUT = aiohttp.ClientTimeout(total=2.0)
 _FORWARDED, _STARTED = FORWARDED.lower(), STARTED.lower()
 _CHALLENGE = {"WWW-Authenticate": 'Bearer realm="adpulse"'}
+
+
+def owner_map(
+    distribution: Mapping[str, Mapping[str, Sequence[int]]], topic: str, partitions: int
+) -> dict[str, Any]:
+    """``GET /owners``: the worker (its canonical URL) that owns each partition of ``topic``,
+    from the group's assignment (``distribution``: URL -> topic -> partitions).
+
+    A request sent to its user's owner skips the forward, which cost the forwarder and the
+    owner more than the decision itself (docs/decide.md, "Routing to the owner"). The
+    partition is Kafka's default for a keyed record, as on the topics:
+    ``(murmur2(user_id as UTF-8) & 0x7fffffff) % partitions``. A partition no worker holds
+    (a rebalance under way) is left out and ``complete`` is false: send such users to any
+    worker, which forwards them.
+    """
+    owned = {
+        str(p): url
+        for url, topics in distribution.items()
+        for p in topics.get(topic, ())
+        if 0 <= p < partitions
+    }
+    ordered = {str(p): owned[str(p)] for p in range(partitions) if str(p) in owned}
+    return {"topic": topic, "partitions": partitions, "partitioner": "murmur2",
+            "owners": ordered, "complete": len(ordered) == partitions}  # fmt: skip
 
 
 def _ident(url: URL) -> tuple[str, int]:

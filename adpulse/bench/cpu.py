@@ -25,7 +25,7 @@ _TICK_S = 1.0 / os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 0.01
 @dataclass(frozen=True)
 class CpuSample:
     at: float  # time.monotonic()
-    worker_s: float  # the worker process's user + system CPU seconds
+    worker_s: float  # the worker processes' user + system CPU seconds, summed
     self_s: float  # this process's (children not included)
     box: tuple[float, float, float]  # all cores' seconds since boot: in all, busy, stolen
 
@@ -57,15 +57,18 @@ def steal_pct(a: tuple[float, float, float], b: tuple[float, float, float]) -> f
     return 100 * (b[2] - a[2]) / total if total > 0 else math.nan
 
 
-def sample(worker_pid: int) -> CpuSample:
+def sample(*worker_pids: int) -> CpuSample:
+    """Now: the workers' CPU seconds (summed: a run may spread its load over several),
+    this process's and the box's."""
     t = os.times()
-    return CpuSample(time.monotonic(), _proc_cpu_s(worker_pid), t.user + t.system, box_s())
+    worker_s = sum(_proc_cpu_s(pid) for pid in worker_pids)
+    return CpuSample(time.monotonic(), worker_s, t.user + t.system, box_s())
 
 
 def usage(a: CpuSample, b: CpuSample, answered: int) -> dict[str, float]:
-    """Between two samples: the worker's and the generator's share of one core (%), the whole
-    box's busy share and the part of it stolen by the hypervisor (% of all its cores), and
-    the worker's CPU ms per answered request."""
+    """Between two samples: the workers' (summed) and the generator's share of one core (%),
+    the whole box's busy share and the part of it stolen by the hypervisor (% of all its
+    cores), and the workers' CPU ms per answered request."""
     wall = max(b.at - a.at, 1e-9)
     worker = b.worker_s - a.worker_s
     cores = os.cpu_count() or 1

@@ -1,8 +1,12 @@
 """``adpulse bench serve``: ``POST /decide`` latency of one worker under open-loop load.
 
 Setup as ``bench decisions``: a synthetic catalog, ``users`` users with warm
-interest vectors, one ``adpulse worker``. Then, each phase at ``rate``
-requests/s with Poisson arrivals over a keep-alive connection pool:
+interest vectors, one ``adpulse worker``. With ``workers`` above 1, more workers then
+join its group, and the requests go to them round robin, as from a load balancer that
+does not know which worker owns which user: a request that reaches a non-owner is
+forwarded (counted, and the hop timed from the forwarders' histogram); their metrics
+and CPU are summed. Then, each phase at ``rate`` requests/s with Poisson arrivals over
+a keep-alive connection pool (one per worker):
 
 1. **floor**: ``GET /health`` of the same server: what HTTP alone costs here;
 2. **alone**: ``POST /decide``, each request naming ``candidates`` ads;
@@ -36,6 +40,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from math import nan
 from pathlib import Path
@@ -44,11 +49,12 @@ from typing import Any
 import aiohttp
 import numpy as np
 from aiokafka import AIOKafkaProducer
+from aiokafka.partitioner import murmur2
 
 from adpulse.bench import cpu, httpload, machine, machine_line, percentiles_ms
 from adpulse.bench.decisionpath import DecisionPath, request_bodies
 from adpulse.bench.decisions import per_minute_p99
-from adpulse.bench.warm import warm_worker
+from adpulse.bench.warm import Warm, warm_worker
 from adpulse.core.kafkaconf import client_kwargs
 from adpulse.core.settings import Settings
 from adpulse.workerproc import WorkerProcess
@@ -76,6 +82,8 @@ class ServeBench:
     ads: int = 2_000
     warm_events: int = 100_000
     swap: bool = False  # publish a new model version halfway through phase 2
+    workers: int = 1  # this many workers of one group share the requests
+    route: str = "any"  # any: round robin (non-owners forward); owner: to the user's owner
 
     @classmethod
     def smoke(cls) -> ServeBench:
@@ -100,6 +108,9 @@ class Phase:
     loop_lag: tuple[float, float] = (float("nan"), float("nan"))  # the worker's, likewise
     cpu: dict[str, float] = field(default_factory=dict)  # adpulse/bench/cpu.py usage()
     started: float = 0.0  # time.perf_counter() when the schedule began
+    workers: int = 1
+    forwarded: int = 0  # requests a non-owner passed on to the owner (the workers' count)
+    hop: tuple[float, float] = (nan, nan)  # the forward's p50, p99 ms (bucket bound)
 
     def summary(self) -> dict[str, Any]:
         p50, p99, p999 = percentiles_ms(self.latency_s, [50, 99, 99.9])
@@ -111,7 +122,8 @@ class Phase:
             "no_fill": self.no_fill,
             "in_worker_p50_ms": self.in_worker[0], "in_worker_p99_ms": self.in_worker[1],
             "loop_lag_p50_ms": self.loop_lag[0], "loop_lag_p99_ms": self.loop_lag[1],
-            **self.cpu,
+            "forwarded": self.forwarded, "forward_p50_ms": self.hop[0],
+            "forward_p99_ms": self.hop[1], **self.cpu,
         }  # fmt: skip
 
 
@@ -141,10 +153,84 @@ def _copy_version(src: Path, dest: Path) -> None:
 
 
 SHED_INGEST = 'outcome="shed_ingest"'  # POST /decide gave way to ingest (streams/serve.py)
+FORWARDED = 'outcome="forwarded"'  # a non-owner passed the request on
+HOP = "adpulse_decide_forward_seconds"  # that forward's round trip, as the forwarder saw it
 
 
-def _count_since(worker: WorkerProcess, labels: str, before: float) -> int:
-    return round(worker.metric("adpulse_decide_requests_total", labels) - before)
+def _forwards(workers: Fleet) -> tuple[float, dict[float, float]]:
+    return workers.metric("adpulse_decide_requests_total", FORWARDED), workers.buckets(HOP)
+
+
+def _forwarded_since(
+    workers: Fleet, before: tuple[float, dict[float, float]]
+) -> tuple[int, tuple[float, float]]:
+    """Requests forwarded since ``before`` (:func:`_forwards`), and the hop's p50, p99 ms."""
+    count, hop = _forwards(workers)
+    return round(count - before[0]), _quantiles(before[1], hop)
+
+
+@dataclass(frozen=True)
+class Fleet:
+    """The workers of one run: requests go to them round robin, as a load balancer that
+    knows nothing of users would send them, so a request for a user another worker owns
+    is forwarded (one more HTTP hop). Their metrics and CPU are summed."""
+
+    members: list[WorkerProcess]
+
+    @property
+    def pids(self) -> list[int]:
+        return [w.pid for w in self.members]
+
+    def metric(self, name: str, labels: str = "") -> float:
+        return sum(w.metric(name, labels) for w in self.members)
+
+    def buckets(self, name: str) -> dict[float, float]:
+        out: dict[float, float] = {}
+        for w in self.members:
+            for bound, count in w.buckets(name).items():
+                out[bound] = out.get(bound, 0.0) + count
+        return out
+
+
+@contextlib.contextmanager
+def _fleet(warm: Warm, cfg: ServeBench, log: Any) -> Iterator[Fleet]:
+    """The warm worker and ``cfg.workers - 1`` more in its group, once each owns some
+    users' partitions and has restored their state; the ones started here stop on exit."""
+    first = warm.worker
+    root, s = first.log_path.parent, first.settings
+    more: list[WorkerProcess] = []
+    try:
+        for i in range(1, cfg.workers):
+            log(f"  worker {i + 1} of {cfg.workers} joins the group")
+            ws = s.with_(data_dir=Path(s.data_dir).parent / f"{s.app_id}-w{i}")
+            more.append(WorkerProcess(ws, root, name=f"worker{i}").start(120))
+        fleet = Fleet([first, *more])
+        if more:
+            ad_ids = [a["ad_id"] for a in warm.ads]
+            _wait_split(fleet, _bodies(cfg, ad_ids, 32, 99, "split"))
+        yield fleet
+    finally:
+        for w in more:
+            w.stop()
+
+
+def _wait_split(fleet: Fleet, bodies: list[bytes]) -> None:
+    """Until the first worker answers all of ``bodies`` (through the others for their users)
+    and every worker answered some itself: the group has rebalanced and every new owner
+    has restored its partitions (until then they answer 503)."""
+    first, answered = fleet.members[0], 'outcome="answered"'
+
+    def split() -> bool:
+        before = [w.metric("adpulse_decide_requests_total", answered) for w in fleet.members]
+        ok = all(first.post("/decide", b)[0] == 200 for b in bodies)
+        after = [w.metric("adpulse_decide_requests_total", answered) for w in fleet.members]
+        return ok and all(a > b for a, b in zip(after, before, strict=True))
+
+    first.wait_until(split, 300, "every worker to own partitions and answer /decide", every=1.0)
+
+
+def _count_since(workers: Fleet, labels: str, before: float) -> int:
+    return round(workers.metric("adpulse_decide_requests_total", labels) - before)
 
 
 def _swap_later(registry: Path, after_s: float) -> tuple[threading.Timer, list[float]]:
@@ -161,45 +247,52 @@ def _swap_later(registry: Path, after_s: float) -> tuple[threading.Timer, list[f
 
 
 def _run(base: Settings, cfg: ServeBench, registry: Path | None, log: Any) -> dict[str, Any]:
-    with warm_worker(base, cfg.users, cfg.ads, cfg.warm_events) as warm:
-        s, worker, ads = warm.settings, warm.worker, warm.ads
+    with (
+        warm_worker(base, cfg.users, cfg.ads, cfg.warm_events) as warm,
+        _fleet(warm, cfg, log) as workers,
+    ):
+        s, ads = warm.settings, warm.ads
         ad_ids = [a["ad_id"] for a in ads]
         log(f"  floor: GET /health at {cfg.rate:g}/s for {cfg.duration_s:g} s")
-        floor = _measured(lambda: _offer(worker, cfg, ad_ids, "floor"))
+        floor = _measured(lambda: _offer(workers, cfg, ad_ids, "floor"))
         log(f"  alone: POST /decide at {cfg.rate:g}/s x {cfg.candidates} candidates")
-        before = worker.buckets("adpulse_decide_seconds")
-        lag = worker.buckets("adpulse_event_loop_lag_seconds")
-        t0 = cpu.sample(worker.pid)
-        swaps = worker.metric("adpulse_model_swaps_total", 'outcome="swapped"')
-        gave_way = worker.metric("adpulse_decide_requests_total", SHED_INGEST)
+        before = workers.buckets("adpulse_decide_seconds")
+        lag = workers.buckets("adpulse_event_loop_lag_seconds")
+        forwards = _forwards(workers)
+        t0 = cpu.sample(*workers.pids)
+        swaps = workers.metric("adpulse_model_swaps_total", 'outcome="swapped"')
+        gave_way = workers.metric("adpulse_decide_requests_total", SHED_INGEST)
         timer, published = (None, []) if registry is None else _swap_later(
             registry, cfg.duration_s / 2)  # fmt: skip
-        alone = _measured(lambda: _offer(worker, cfg, ad_ids, "alone"))
-        alone.cpu = cpu.usage(t0, cpu.sample(worker.pid), len(alone.latency_s))
+        alone = _measured(lambda: _offer(workers, cfg, ad_ids, "alone"))
+        alone.cpu = cpu.usage(t0, cpu.sample(*workers.pids), len(alone.latency_s))
         swap = None
         if timer is not None:
             timer.join()
-            swapped = worker.metric("adpulse_model_swaps_total", 'outcome="swapped"') - swaps
+            swapped = workers.metric("adpulse_model_swaps_total", 'outcome="swapped"') - swaps
             swap = _around_swap(alone, published[0] - alone.started, swapped)
             log(f"  swap: {_swap_line(swap)}")
-        alone.in_worker = _quantiles(before, worker.buckets("adpulse_decide_seconds"))
-        alone.loop_lag = _quantiles(lag, worker.buckets("adpulse_event_loop_lag_seconds"))
-        alone.shed_ingest = _count_since(worker, SHED_INGEST, gave_way)
+        alone.in_worker = _quantiles(before, workers.buckets("adpulse_decide_seconds"))
+        alone.loop_lag = _quantiles(lag, workers.buckets("adpulse_event_loop_lag_seconds"))
+        alone.shed_ingest = _count_since(workers, SHED_INGEST, gave_way)
+        alone.forwarded, alone.hop = _forwarded_since(workers, forwards)
         log(f"  alone: {_phase_line(alone)}")
         log(f"  with ingest: the same + {cfg.event_rate:g} user-events/s, freshness probes")
         ingest = _ingest_process(s, cfg)
-        before = worker.buckets("adpulse_decide_seconds")
-        batches = worker.buckets("adpulse_ingest_batch_seconds")
-        lag = worker.buckets("adpulse_event_loop_lag_seconds")
-        gave_way = worker.metric("adpulse_decide_requests_total", SHED_INGEST)
+        before = workers.buckets("adpulse_decide_seconds")
+        batches = workers.buckets("adpulse_ingest_batch_seconds")
+        lag = workers.buckets("adpulse_event_loop_lag_seconds")
+        gave_way = workers.metric("adpulse_decide_requests_total", SHED_INGEST)
+        forwards = _forwards(workers)
         try:
-            t0 = cpu.sample(worker.pid)
-            busy, fresh = _measured(lambda: _offer_with_probe(s, worker, cfg, ad_ids))
-            busy.cpu = cpu.usage(t0, cpu.sample(worker.pid), len(busy.latency_s))
-            busy.in_worker = _quantiles(before, worker.buckets("adpulse_decide_seconds"))
-            busy.loop_lag = _quantiles(lag, worker.buckets("adpulse_event_loop_lag_seconds"))
-            busy.shed_ingest = _count_since(worker, SHED_INGEST, gave_way)
-            ingest_batch = _quantiles(batches, worker.buckets("adpulse_ingest_batch_seconds"))
+            t0 = cpu.sample(*workers.pids)
+            busy, fresh = _measured(lambda: _offer_with_probe(s, workers, cfg, ad_ids))
+            busy.cpu = cpu.usage(t0, cpu.sample(*workers.pids), len(busy.latency_s))
+            busy.in_worker = _quantiles(before, workers.buckets("adpulse_decide_seconds"))
+            busy.loop_lag = _quantiles(lag, workers.buckets("adpulse_event_loop_lag_seconds"))
+            busy.shed_ingest = _count_since(workers, SHED_INGEST, gave_way)
+            busy.forwarded, busy.hop = _forwarded_since(workers, forwards)
+            ingest_batch = _quantiles(batches, workers.buckets("adpulse_ingest_batch_seconds"))
             log(
                 f"  with ingest: {_phase_line(busy)}; ingest batches p50 <= "
                 f"{ingest_batch[0]:g} ms, p99 <= {ingest_batch[1]:g} ms"
@@ -208,7 +301,7 @@ def _run(base: Settings, cfg: ServeBench, registry: Path | None, log: Any) -> di
             ingest.join(cfg.duration_s + 60)
             if ingest.is_alive():
                 ingest.kill()
-        forwards = worker.metric("adpulse_decide_requests_total", 'outcome="forwarded"')
+        forwarded = workers.metric("adpulse_decide_requests_total", FORWARDED)
     in_process = _in_process(cfg, ads, warm.warm_values)
     a, b = alone.summary(), busy.summary()
     (floor_p99,) = percentiles_ms(floor.latency_s, [99])
@@ -229,7 +322,8 @@ def _run(base: Settings, cfg: ServeBench, registry: Path | None, log: Any) -> di
         "floor_p99_ms": floor_p99,
         "in_process_p50_ms": in_process[0], "in_process_p99_ms": in_process[1],
         "errors": a["errors"] + b["errors"], "shed": a["shed"] + b["shed"],
-        "no_fill": a["no_fill"] + b["no_fill"], "forwarded": forwards,
+        "no_fill": a["no_fill"] + b["no_fill"], "forwarded": forwarded,
+        "workers": cfg.workers, "route": cfg.route,
         "alone": a, "with_ingest": b, "floor": floor.summary(),
         "duration_s": cfg.duration_s, "users": cfg.users, "ads": cfg.ads,
         "machine": machine(),
@@ -255,9 +349,16 @@ def result_line(res: dict[str, Any]) -> str:
         f"{res['with_ingest_latency_p99_ms']:.2f} ms; freshness p99 "
         f"{res['freshness_p99_ms']:.1f} ms; HTTP floor (/health) p99 {res['floor_p99_ms']:.2f} "
         f"ms; in-process decision p99 {res['in_process_p99_ms']:.2f} ms; {res['errors']} "
-        f"errors, {res['shed']} shed, {res['no_fill']} no-fill; {minutes}"
+        f"errors, {res['shed']} shed, {res['no_fill']} no-fill; {minutes}{_workers_part(res)}"
         f"{machine_line(res['machine'])}"
     )
+
+
+def _workers_part(res: dict[str, Any]) -> str:
+    n = res.get("workers", 1)
+    if n == 1:
+        return ""
+    return f"{n} workers, routed to {res['route']}, {res['forwarded']:,.0f} requests forwarded; "
 
 
 def _phase_line(ph: Phase) -> str:
@@ -268,11 +369,22 @@ def _phase_line(ph: Phase) -> str:
         f"p50 <= {x['in_worker_p50_ms']:g} ms, p99 <= {x['in_worker_p99_ms']:g} ms; event loop "
         f"late p50 <= {x['loop_lag_p50_ms']:g} ms, p99 <= {x['loop_lag_p99_ms']:g} ms); "
         f"{x['shed']} shed ({x['shed_ingest']} giving way to ingest), {x['errors']} errors; "
-        f"CPU: worker {x.get('worker_cpu_pct', nan):.0f}% "
+        f"{_forward_part(ph)}CPU: {_who(ph)} {x.get('worker_cpu_pct', nan):.0f}% "
         f"of a core ({x.get('worker_cpu_ms_per_answer', nan):.2f} ms per answer), generator "
         f"{x.get('generator_cpu_pct', nan):.0f}%, box {x.get('box_busy_pct', nan):.0f}% busy "
         f"(stolen by the hypervisor: {x.get('box_steal_pct', nan):.0f}%)"
     )
+
+
+def _who(ph: Phase) -> str:
+    return "worker" if ph.workers == 1 else f"{ph.workers} workers together"
+
+
+def _forward_part(ph: Phase) -> str:
+    if ph.workers == 1:
+        return ""
+    return (f"{ph.forwarded} forwarded to their owner (the hop: p50 <= {ph.hop[0]:g} ms, "
+            f"p99 <= {ph.hop[1]:g} ms); ")  # fmt: skip
 
 
 def _around_swap(ph: Phase, at_s: float, swapped: float) -> dict[str, Any]:
@@ -325,23 +437,25 @@ def _bodies(cfg: ServeBench, ad_ids: list[str], n: int, seed: int, tag: str) -> 
     return request_bodies(ad_ids, cfg.users, cfg.candidates, n, seed, tag)
 
 
-async def _offer(worker: WorkerProcess, cfg: ServeBench, ad_ids: list[str], phase: str) -> Phase:
+async def _offer(workers: Fleet, cfg: ServeBench, ad_ids: list[str], phase: str) -> Phase:
     n = int(cfg.rate * cfg.duration_s)
     rng = np.random.default_rng({"floor": 1, "alone": 2, "ingest": 3}[phase])
     arrivals = np.cumsum(rng.exponential(1.0 / cfg.rate, n)).tolist()
-    pool = _pool(worker, phase != "floor")
+    pools = [_pool(w, phase != "floor") for w in workers.members]
     # Built before the clock starts: the generator must not compete with the worker.
     if phase == "floor":
-        requests = [pool.build("GET", "/health")] * n
+        to = [i % len(pools) for i in range(n)]
+        requests = [pools[j].build("GET", "/health") for j in to]
     else:
-        requests = [pool.build("POST", "/decide", b)
-                    for b in _bodies(cfg, ad_ids, n, 10 + len(phase), phase)]  # fmt: skip
-    out = Phase(arrivals, [], [])
+        bodies = _bodies(cfg, ad_ids, n, 10 + len(phase), phase)
+        to = _routes(workers, bodies, cfg.route)
+        requests = [pools[j].build("POST", "/decide", b) for j, b in zip(to, bodies, strict=True)]
+    out = Phase(arrivals, [], [], workers=len(pools))
     floor = phase == "floor"
 
     async def one(i: int, due: float) -> None:
         try:
-            status, raw = await pool.request(requests[i], TIMEOUT_S)
+            status, raw = await pools[to[i]].request(requests[i], TIMEOUT_S)
         except (httpload.ClientError, TimeoutError):
             status, raw = 0, b""
         if status == 503 and not floor:
@@ -358,8 +472,9 @@ async def _offer(worker: WorkerProcess, cfg: ServeBench, ad_ids: list[str], phas
         out.answered_in_window += done <= start + arrivals[-1]
 
     try:
-        for _ in range(3):  # open the pool's first connections before the clock starts
-            await pool.request(pool.build("GET", "/health"), TIMEOUT_S)
+        for pool in pools:  # open each pool's first connections before the clock starts
+            for _ in range(3):
+                await pool.request(pool.build("GET", "/health"), TIMEOUT_S)
         # Only requests in flight are held: a list of every task of a 5-minute run keeps
         # 300,000 finished tasks alive for this process's garbage collector to walk, and
         # a generator pause counts as latency here (it is measured from the schedule).
@@ -376,7 +491,29 @@ async def _offer(worker: WorkerProcess, cfg: ServeBench, ad_ids: list[str], phas
         out.duration_s = arrivals[-1]
         await asyncio.gather(*tasks)
     finally:
-        pool.close()
+        for pool in pools:
+            pool.close()
+    return out
+
+
+def _routes(workers: Fleet, bodies: list[bytes], route: str) -> list[int]:
+    """Which worker each request goes to: round robin, or (``owner``) the one that owns its
+    user's partition by the group's ``GET /owners`` (round robin where it names none)."""
+    k = len(workers.members)
+    if route != "owner" or k == 1:
+        return [i % k for i in range(len(bodies))]
+    status, got = workers.members[0].get("/owners")
+    if status != 200 or not isinstance(got, dict):
+        msg = f"GET /owners answered {status}: {got!r}"
+        raise RuntimeError(msg)
+    index = {w.url: j for j, w in enumerate(workers.members)}
+    owners = {int(p): index.get(url) for p, url in got["owners"].items()}
+    parts = got["partitions"]
+    out = []
+    for i, body in enumerate(bodies):
+        user = json.loads(body)["user_id"].encode()
+        j = owners.get((murmur2(user) & 0x7FFFFFFF) % parts)
+        out.append(i % k if j is None else j)
     return out
 
 
@@ -387,10 +524,10 @@ def _pool(worker: WorkerProcess, decide: bool) -> httpload.Pool:
 
 
 async def _offer_with_probe(
-    s: Settings, worker: WorkerProcess, cfg: ServeBench, ad_ids: list[str]
+    s: Settings, workers: Fleet, cfg: ServeBench, ad_ids: list[str]
 ) -> tuple[Phase, list[float]]:
-    probe = asyncio.create_task(_freshness(s, worker, cfg.duration_s))
-    phase = await _offer(worker, cfg, ad_ids, "ingest")
+    probe = asyncio.create_task(_freshness(s, workers.members[0], cfg.duration_s))
+    phase = await _offer(workers, cfg, ad_ids, "ingest")
     return phase, await probe
 
 

@@ -54,6 +54,10 @@ SWAP = ("--swap", {"action": "store_true",
                    "help": "publish a new model version halfway through the first /decide phase "
                    "and report the latency of the requests around the hot swap"})
 
+ROUTE = ("--route", {"choices": ["any", "owner"], "default": "any",
+                     "help": "with --workers: any sends requests round robin (a non-owner "
+                     "forwards), owner sends each to its user's owner by GET /owners (any)"})
+
 BENCHES = (
     Bench(
         "features",
@@ -90,8 +94,9 @@ BENCHES = (
             "users": (10_000, "users with warm vectors (10000)"),
             "candidates": (100, "candidate ads per request (100)"),
             "ads": (2000, "ads in the catalog (2000)"),
+            "workers": (1, "workers in one group sharing the requests (1)"),
         },
-        flags=(SWAP,),
+        flags=(SWAP, ROUTE),
     ),
     Bench(
         "decisions",

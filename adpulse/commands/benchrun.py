@@ -88,7 +88,7 @@ def cmd_bench_serve(args: argparse.Namespace, settings: Settings) -> int:
         rate=args.rate, duration_s=args.duration, event_rate=args.event_rate,
         users=args.users, candidates=args.candidates, ads=args.ads,
     )  # fmt: skip
-    cfg = dataclasses.replace(cfg, swap=args.swap)
+    cfg = dataclasses.replace(cfg, swap=args.swap, workers=args.workers, route=args.route)
     result = _on_broker(settings, lambda s: serve.run(s, cfg, log=_log))
     return _show(args, "serve", result, serve.result_line(result))
 

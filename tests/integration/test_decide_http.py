@@ -332,6 +332,26 @@ def test_a_lookup_reaches_the_owner_from_either_worker(pair: Pair) -> None:
             assert sum(body["counts"].values()) == 2
 
 
+def test_a_client_routing_by_the_owner_map_reaches_the_owner_without_a_forward(
+    pair: Pair,
+) -> None:
+    """``GET /owners`` and Kafka's murmur2 of the raw user id (docs/decide.md) name the
+    worker that answers the user's ``/decide`` itself, from either worker."""
+    p = pair
+    maps = [w.get("/owners") for w in (p.a, p.b)]
+    for status, got in maps:
+        assert status == 200, got
+        assert got["complete"] is True
+    got = maps[0][1]
+    assert maps[1][1] == got  # the group's one assignment
+    assert got["topic"] == p.settings.topic("ad-requests")
+    assert set(got["owners"].values()) == {p.a.url, p.b.url}
+    for i in range(12):
+        user = p.id(f"route{i}")
+        part = partition_of(user, got["partitions"])
+        assert got["owners"][str(part)] == p.owner(user).url, user
+
+
 def test_the_catalog_reaches_both_workers(pair: Pair) -> None:
     p = pair
     new = ad(p.id("late-ad"), "late", 1.0, CATS[0])

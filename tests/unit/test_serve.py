@@ -19,7 +19,7 @@ from adpulse.core.settings import Settings
 from schemas.messages import AdRequest
 from streams.deadletter import Raw
 from streams.decide import StateReaders
-from streams.serve import _TICK_IDLE_S, _TICK_S, DecideService, IngestGuard, Reply
+from streams.serve import _TICK_IDLE_S, _TICK_S, DecideService, IngestGuard, Reply, owner_map
 from tests.unit.test_pacing_stage import DAY0, Tables, requests, settings, stage
 
 
@@ -488,3 +488,22 @@ def test_no_limit_never_sheds() -> None:
     clock = Clock()
     guard = IngestGuard(0.0, clock)
     assert all(offered(guard, clock, 1.0, 1000, 0.005, lag_s=60.0))
+
+
+def test_the_owner_map_names_each_partition_of_the_topic_once_and_says_when_it_is_whole() -> None:
+    a, b = "http://10.0.0.1:6066", "http://10.0.0.2:6066"
+    whole = {a: {"t.ad-requests": [0, 2], "t.user-events": [0, 2]},
+             b: {"t.ad-requests": [3, 1], "t.user-events": [1, 3]}}  # fmt: skip
+    got = owner_map(whole, "t.ad-requests", 4)
+    assert got == {"topic": "t.ad-requests", "partitions": 4, "partitioner": "murmur2",
+                   "owners": {"0": a, "1": b, "2": a, "3": b}, "complete": True}  # fmt: skip
+    assert list(got["owners"]) == ["0", "1", "2", "3"]  # in partition order
+
+    moving = {a: {"t.ad-requests": [0, 2]}, b: {"t.user-events": [1, 3]}}  # 1 and 3 unowned
+    got = owner_map(moving, "t.ad-requests", 4)
+    assert got["owners"] == {"0": a, "2": a}
+    assert got["complete"] is False
+
+    stale = {a: {"t.ad-requests": [0, 1, 7]}}  # 7: from a larger count than the topic's now
+    assert owner_map(stale, "t.ad-requests", 2)["owners"] == {"0": a, "1": a}
+    assert owner_map({}, "t.ad-requests", 2)["complete"] is False
