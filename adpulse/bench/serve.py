@@ -40,7 +40,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from math import nan
 from pathlib import Path
@@ -496,12 +496,11 @@ async def _offer(workers: Fleet, cfg: ServeBench, ad_ids: list[str], phase: str)
     return out
 
 
-def _routes(workers: Fleet, bodies: list[bytes], route: str) -> list[int]:
-    """Which worker each request goes to: round robin, or (``owner``) the one that owns its
-    user's partition by the group's ``GET /owners`` (round robin where it names none)."""
-    k = len(workers.members)
-    if route != "owner" or k == 1:
-        return [i % k for i in range(len(bodies))]
+def _owners(workers: Fleet) -> Callable[[str], int | None]:
+    """Which of ``workers`` owns a user's partition, by the group's ``GET /owners`` and
+    Kafka's murmur2 of the raw id (docs/decide.md); None where the map names no owner."""
+    if len(workers.members) == 1:
+        return lambda _user: 0
     status, got = workers.members[0].get("/owners")
     if status != 200 or not isinstance(got, dict):
         msg = f"GET /owners answered {status}: {got!r}"
@@ -509,12 +508,18 @@ def _routes(workers: Fleet, bodies: list[bytes], route: str) -> list[int]:
     index = {w.url: j for j, w in enumerate(workers.members)}
     owners = {int(p): index.get(url) for p, url in got["owners"].items()}
     parts = got["partitions"]
-    out = []
-    for i, body in enumerate(bodies):
-        user = json.loads(body)["user_id"].encode()
-        j = owners.get((murmur2(user) & 0x7FFFFFFF) % parts)
-        out.append(i % k if j is None else j)
-    return out
+    return lambda user: owners.get((murmur2(user.encode()) & 0x7FFFFFFF) % parts)
+
+
+def _routes(workers: Fleet, bodies: list[bytes], route: str) -> list[int]:
+    """Which worker each request goes to: round robin, or (``owner``) the one that owns its
+    user's partition (round robin where the map names none)."""
+    k = len(workers.members)
+    if route != "owner":
+        return [i % k for i in range(len(bodies))]
+    owner = _owners(workers)
+    picked = (owner(json.loads(b)["user_id"]) for b in bodies)
+    return [i % k if j is None else j for i, j in enumerate(picked)]
 
 
 def _pool(worker: WorkerProcess, decide: bool) -> httpload.Pool:
@@ -526,24 +531,29 @@ def _pool(worker: WorkerProcess, decide: bool) -> httpload.Pool:
 async def _offer_with_probe(
     s: Settings, workers: Fleet, cfg: ServeBench, ad_ids: list[str]
 ) -> tuple[Phase, list[float]]:
-    probe = asyncio.create_task(_freshness(s, workers.members[0], cfg.duration_s))
+    owner = _owners(workers)  # before the clock starts: a blocking GET
+    probe = asyncio.create_task(_freshness(s, workers, owner, cfg.duration_s))
     phase = await _offer(workers, cfg, ad_ids, "ingest")
     return phase, await probe
 
 
-async def _freshness(s: Settings, worker: WorkerProcess, duration_s: float) -> list[float]:
-    """Produced -> visible in the interest table, for one new user every 100 ms."""
+async def _freshness(
+    s: Settings, workers: Fleet, owner: Callable[[str], int | None], duration_s: float
+) -> list[float]:
+    """Produced -> visible in the interest table, for one new user every 100 ms, asked of
+    the user's owner (a lookup elsewhere would also time a forward)."""
     producer = AIOKafkaProducer(**client_kwargs(s), linger_ms=0, acks=1)
     await producer.start()
     seen: list[float] = []
     try:
-        url = worker.url
         timeout = aiohttp.ClientTimeout(total=5)
-        async with aiohttp.ClientSession(timeout=timeout, headers=worker.auth) as session:
+        auth = workers.members[0].auth
+        async with aiohttp.ClientSession(timeout=timeout, headers=auth) as session:
             end = time.perf_counter() + duration_s
             k = 0
             while time.perf_counter() < end:
                 user = f"fresh-{uuid.uuid4().hex[:10]}"
+                url = workers.members[owner(user) or 0].url
                 event = {"event_id": f"{user}-e", "user_id": user, "kind": "click",
                          "item_id": 7, "category_id": 7, "ts": int(time.time() * 1000)}  # fmt: skip
                 t0 = time.perf_counter()
