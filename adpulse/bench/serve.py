@@ -171,9 +171,9 @@ def _forwarded_since(
 
 @dataclass(frozen=True)
 class Fleet:
-    """The workers of one run: requests go to them round robin, as a load balancer that
-    knows nothing of users would send them, so a request for a user another worker owns
-    is forwarded (one more HTTP hop). Their metrics and CPU are summed."""
+    """The workers of one run, which share its requests (:func:`_routes`: round robin, so
+    a request for a user another worker owns is forwarded, one more HTTP hop; or each to
+    its user's owner). Their metrics and CPU are summed."""
 
     members: list[WorkerProcess]
 
