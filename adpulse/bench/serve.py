@@ -42,14 +42,13 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from math import nan
+from math import inf, nan
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import aiohttp
 import numpy as np
 from aiokafka import AIOKafkaProducer
-from aiokafka.partitioner import murmur2
 
 from adpulse.bench import cpu, httpload, machine, machine_line, percentiles_ms
 from adpulse.bench.decisionpath import DecisionPath, request_bodies
@@ -60,6 +59,7 @@ from adpulse.core.settings import Settings
 from adpulse.workerproc import WorkerProcess
 from adpulse.workload import Workload, WorkloadModel
 from scoring.registry import MODEL, PACKAGED
+from streams.serve import user_partition
 
 POOL = 128  # keep-alive connections the generator may hold open
 TIMEOUT_S = 10.0  # a request unanswered this long is an error
@@ -83,7 +83,8 @@ class ServeBench:
     warm_events: int = 100_000
     swap: bool = False  # publish a new model version halfway through phase 2
     workers: int = 1  # this many workers of one group share the requests
-    route: str = "any"  # any: round robin (non-owners forward); owner: to the user's owner
+    route: Literal["any", "owner"] = "any"  # any: round robin (non-owners forward); owner: to
+    # each user's owner (GET /owners)
 
     @classmethod
     def smoke(cls) -> ServeBench:
@@ -111,6 +112,7 @@ class Phase:
     workers: int = 1
     forwarded: int = 0  # requests a non-owner passed on to the owner (the workers' count)
     hop: tuple[float, float] = (nan, nan)  # the forward's p50, p99 ms (bucket bound)
+    hops_timed: int = 0  # forwards the hop histogram counted
 
     def summary(self) -> dict[str, Any]:
         p50, p99, p999 = percentiles_ms(self.latency_s, [50, 99, 99.9])
@@ -123,7 +125,7 @@ class Phase:
             "in_worker_p50_ms": self.in_worker[0], "in_worker_p99_ms": self.in_worker[1],
             "loop_lag_p50_ms": self.loop_lag[0], "loop_lag_p99_ms": self.loop_lag[1],
             "forwarded": self.forwarded, "forward_p50_ms": self.hop[0],
-            "forward_p99_ms": self.hop[1], **self.cpu,
+            "forward_p99_ms": self.hop[1], "forwards_timed": self.hops_timed, **self.cpu,
         }  # fmt: skip
 
 
@@ -162,11 +164,14 @@ def _forwards(workers: Fleet) -> tuple[float, dict[float, float]]:
 
 
 def _forwarded_since(
-    workers: Fleet, before: tuple[float, dict[float, float]]
-) -> tuple[int, tuple[float, float]]:
-    """Requests forwarded since ``before`` (:func:`_forwards`), and the hop's p50, p99 ms."""
+    phase: Phase, workers: Fleet, before: tuple[float, dict[float, float]]
+) -> None:
+    """Into ``phase``: requests forwarded since ``before`` (:func:`_forwards`), the hops the
+    histogram counted meanwhile, and their p50, p99 ms."""
     count, hop = _forwards(workers)
-    return round(count - before[0]), _quantiles(before[1], hop)
+    phase.forwarded = round(count - before[0])
+    phase.hops_timed = round(hop.get(inf, 0.0) - before[1].get(inf, 0.0))
+    phase.hop = _quantiles(before[1], hop)
 
 
 @dataclass(frozen=True)
@@ -275,7 +280,7 @@ def _run(base: Settings, cfg: ServeBench, registry: Path | None, log: Any) -> di
         alone.in_worker = _quantiles(before, workers.buckets("adpulse_decide_seconds"))
         alone.loop_lag = _quantiles(lag, workers.buckets("adpulse_event_loop_lag_seconds"))
         alone.shed_ingest = _count_since(workers, SHED_INGEST, gave_way)
-        alone.forwarded, alone.hop = _forwarded_since(workers, forwards)
+        _forwarded_since(alone, workers, forwards)
         log(f"  alone: {_phase_line(alone)}")
         log(f"  with ingest: the same + {cfg.event_rate:g} user-events/s, freshness probes")
         ingest = _ingest_process(s, cfg)
@@ -291,7 +296,7 @@ def _run(base: Settings, cfg: ServeBench, registry: Path | None, log: Any) -> di
             busy.in_worker = _quantiles(before, workers.buckets("adpulse_decide_seconds"))
             busy.loop_lag = _quantiles(lag, workers.buckets("adpulse_event_loop_lag_seconds"))
             busy.shed_ingest = _count_since(workers, SHED_INGEST, gave_way)
-            busy.forwarded, busy.hop = _forwarded_since(workers, forwards)
+            _forwarded_since(busy, workers, forwards)
             ingest_batch = _quantiles(batches, workers.buckets("adpulse_ingest_batch_seconds"))
             log(
                 f"  with ingest: {_phase_line(busy)}; ingest batches p50 <= "
@@ -508,7 +513,7 @@ def _owners(workers: Fleet) -> Callable[[str], int | None]:
     index = {w.url: j for j, w in enumerate(workers.members)}
     owners = {int(p): index.get(url) for p, url in got["owners"].items()}
     parts = got["partitions"]
-    return lambda user: owners.get((murmur2(user.encode()) & 0x7FFFFFFF) % parts)
+    return lambda user: owners.get(user_partition(user, parts))
 
 
 def _routes(workers: Fleet, bodies: list[bytes], route: str) -> list[int]:

@@ -19,7 +19,15 @@ from adpulse.core.settings import Settings
 from schemas.messages import AdRequest
 from streams.deadletter import Raw
 from streams.decide import StateReaders
-from streams.serve import _TICK_IDLE_S, _TICK_S, DecideService, IngestGuard, Reply, owner_map
+from streams.serve import (
+    _TICK_IDLE_S,
+    _TICK_S,
+    DecideService,
+    IngestGuard,
+    Reply,
+    owner_map,
+    user_partition,
+)
 from tests.unit.test_pacing_stage import DAY0, Tables, requests, settings, stage
 
 
@@ -507,3 +515,15 @@ def test_the_owner_map_names_each_partition_of_the_topic_once_and_says_when_it_i
     stale = {a: {"t.ad-requests": [0, 1, 7]}}  # 7: from a larger count than the topic's now
     assert owner_map(stale, "t.ad-requests", 2)["owners"] == {"0": a, "1": a}
     assert owner_map({}, "t.ad-requests", 2)["complete"] is False
+
+
+# Apache Kafka's UtilsTest.testMurmur2 (the Java client's hash, signed 32-bit).
+JAVA_MURMUR2 = {"21": -973932308, "foobar": -790332482, "a-little-bit-long-string": -985981536,
+                "a-little-bit-longer-string": -1486304829, "abc": 479470107,
+                "lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8": -58897971}  # fmt: skip
+
+
+@pytest.mark.parametrize("partitions", [1, 4, 12, 50])
+def test_a_users_partition_is_the_java_clients_for_the_same_key(partitions: int) -> None:
+    for key, java in JAVA_MURMUR2.items():
+        assert user_partition(key, partitions) == (java & 0x7FFFFFFF) % partitions, key
