@@ -276,7 +276,7 @@ def vectors_at(
     t_ref), and which states have any history (the others' vectors are zeros).
     ``extra``: what the item vectors add at t_ref (scoring/itemspace.py, ``corrections``)."""
     known = states["t_ref"] != NO_TIME
-    age = np.where(known, np.maximum(0, t_ms - np.where(known, states["t_ref"], t_ms)), 0)
+    age = np.maximum(0, t_ms - np.where(known, states["t_ref"], t_ms))  # 0 where unknown
     if extra is None:
         scale = np.where(known, np.exp(-age / p.tau_ms), 0.0).astype(np.float32)
         return (states["vec"] * scale[:, None]).astype(np.float32), known

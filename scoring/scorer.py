@@ -349,10 +349,15 @@ class FallbackRule:
 
     def guard(self, scores: F32 | None, n: int) -> tuple[F32, bool]:
         """(scores to use, True if the fallback was applied)."""
-        if scores is None or len(scores) != n:
-            return self.pctr(n), True
-        # Two reductions instead of three masks: a NaN fails both comparisons, an
-        # infinity one of them (called once per decision).
-        if n and not (float(scores.min()) >= 0.0 and float(scores.max()) <= 1.0):
+        if scores is None or len(scores) != n or not probabilities(scores):
             return self.pctr(n), True
         return scores, False
+
+
+def probabilities(x: npt.NDArray[np.floating[Any]]) -> bool:
+    """Whether every value of ``x`` is finite and within [0, 1] (True when empty).
+
+    Two reductions instead of three masks and their conjunction: a NaN fails both
+    comparisons, an infinity one of them. Asked of each decision's pCTR and pCVR.
+    """
+    return not len(x) or (float(x.min()) >= 0.0 and float(x.max()) <= 1.0)

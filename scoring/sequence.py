@@ -63,7 +63,7 @@ class Sequences:
         return self.entries[int(self.start[i]) : int(self.start[i + 1])]
 
     def lengths(self) -> I64:
-        return np.diff(self.start)
+        return self.start[1:] - self.start[:-1]  # np.diff's dispatch costs more here
 
 
 def decode_sequences(values: list[bytes | None]) -> Sequences:
@@ -84,7 +84,9 @@ def decode_sequences(values: list[bytes | None]) -> Sequences:
         counts[i] = count
         parts.append(v[h:])
     entries = np.frombuffer(b"".join(parts), dtype=ENTRY_DTYPE).copy()
-    return Sequences(prepend(0, np.cumsum(counts)).astype(np.int64), entries)
+    start = np.zeros(len(values) + 1, dtype=np.int64)
+    np.cumsum(counts, out=start[1:])
+    return Sequences(start, entries)
 
 
 def encode_sequences(seqs: Sequences) -> list[bytes]:
@@ -186,17 +188,16 @@ def sequence_vectors(
     same rows from memory.
     """
     lengths = np.minimum(seqs.lengths(), spec.sequence)
-    starts = seqs.start[:-1]
-    take = np.repeat(starts, lengths) + (
-        np.arange(int(lengths.sum())) - np.repeat(prepend(0, np.cumsum(lengths)[:-1]), lengths)
-    )
-    ent = seqs.entries[take]
+    ends = np.cumsum(lengths)  # where each user's rows end in ``vecs``
+    # user i's row j (j < lengths[i]) is entry start[i] + j, and sits at ends[i] - lengths[i] + j
+    shift = np.repeat(seqs.start[:-1] - (ends - lengths), lengths)
+    ent = seqs.entries[np.arange(len(shift)) + shift]
     if cache is not None and cache.fits(table, spec):
         vecs = cache(ent["item"], ent["category"])
     else:
         vecs = item_vectors(table, ent["item"], ent["category"], spec)
-    at = prepend(0, np.cumsum(lengths)).tolist()
-    return [vecs[at[i] : at[i + 1]] if lengths[i] else None for i in range(len(seqs))]
+    at = [0, *ends.tolist()]
+    return [vecs[at[i] : at[i + 1]] if at[i + 1] > at[i] else None for i in range(len(seqs))]
 
 
 def behaviour_ids(
