@@ -23,7 +23,7 @@ from scoring.sequence import (
 )
 
 
-def _events(n: int, users: int, seed: int) -> list[dict[str, Any]]:
+def _events(n: int, users: int, seed: int, base: int = 1_700_000_000_000) -> list[dict[str, Any]]:
     rng = random.Random(seed)
     return [
         {
@@ -33,7 +33,7 @@ def _events(n: int, users: int, seed: int) -> list[dict[str, Any]]:
             "category_id": rng.randrange(1, 30),
             "kind": rng.choice(KINDS),
             # Few distinct times: ties are the order's hard case.
-            "ts": 1_700_000_000_000 + rng.randrange(40) * 1000,
+            "ts": base + rng.randrange(40) * 1000,
         }
         for i in range(n)
     ]
@@ -62,12 +62,18 @@ def _stream(events: list[dict[str, Any]], length: int, batch: int) -> dict[str, 
     return {u: as_tuples(seqs.of(i)) for i, u in enumerate(store)}
 
 
+# 2**42 ms (the year 2109) and beyond: the order is sorted by its columns, not packed
+# into one key (scoring/arrays.py, ``pack``); both ways must give the same sequences.
+BEYOND_PACKING = (1 << 42) - 20_000
+
+
 @pytest.mark.parametrize("seed", [1, 2, 3])
 @pytest.mark.parametrize("batch", [1, 7, 500])
+@pytest.mark.parametrize("base", [1_700_000_000_000, BEYOND_PACKING])
 def test_sequences_equal_the_reference_under_shuffle_duplicates_and_redelivery(
-    seed: int, batch: int
+    seed: int, batch: int, base: int
 ) -> None:
-    events = _events(400, 6, seed)
+    events = _events(400, 6, seed, base)
     rng = random.Random(seed)
     replay = events + rng.sample(events, 150) + events[:50]  # duplicates and a redelivery
     rng.shuffle(replay)
