@@ -112,7 +112,7 @@ class Phase:
     workers: int = 1
     forwarded: int = 0  # requests a non-owner passed on to the owner (the workers' count)
     hop: tuple[float, float] = (nan, nan)  # the forward's p50, p99 ms (bucket bound)
-    hops_timed: int = 0  # forwards the hop histogram counted
+    hops_counted: int = 0  # observations the hop histogram gained (a count, not a time)
 
     def summary(self) -> dict[str, Any]:
         p50, p99, p999 = percentiles_ms(self.latency_s, [50, 99, 99.9])
@@ -125,7 +125,7 @@ class Phase:
             "in_worker_p50_ms": self.in_worker[0], "in_worker_p99_ms": self.in_worker[1],
             "loop_lag_p50_ms": self.loop_lag[0], "loop_lag_p99_ms": self.loop_lag[1],
             "forwarded": self.forwarded, "forward_p50_ms": self.hop[0],
-            "forward_p99_ms": self.hop[1], "forwards_timed": self.hops_timed, **self.cpu,
+            "forward_p99_ms": self.hop[1], "forwards_counted": self.hops_counted, **self.cpu,
         }  # fmt: skip
 
 
@@ -170,7 +170,7 @@ def _forwarded_since(
     histogram counted meanwhile, and their p50, p99 ms."""
     count, hop = _forwards(workers)
     phase.forwarded = round(count - before[0])
-    phase.hops_timed = round(hop.get(inf, 0.0) - before[1].get(inf, 0.0))
+    phase.hops_counted = round(hop.get(inf, 0.0) - before[1].get(inf, 0.0))
     phase.hop = _quantiles(before[1], hop)
 
 
