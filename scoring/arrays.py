@@ -6,9 +6,9 @@ array: ``np.r_`` parses its index expression in Python on every call (about 3 us
 ingest slice makes ~17 of them around arrays of a few dozen entries (7% of a 32-event
 slice's CPU). They keep ``x``'s dtype, as ``np.r_`` does for a scalar.
 
-``pack``, ``descending`` and ``packed_order`` sort by two columns packed into one int64
-(``np.lexsort`` sorts once per column), and ``ranks_in_runs`` numbers each element within
-its run: see their docstrings.
+``group_order`` (with ``pack`` and ``packed_order``) sorts by two columns packed into one
+int64 (``np.lexsort`` sorts once per column), ``descending`` ranks floats as integers for
+it, and ``ranks_in_runs`` numbers each element within its run: see their docstrings.
 
 >>> prepend(0, np.array([3, 5])), append(np.array([True]), False)
 (array([0, 3, 5]), array([ True, False]))
@@ -55,6 +55,17 @@ def pack(group: I64, low: I64) -> I64 | None:
         return None
     packed: I64 = (group.astype(np.int64) << LOW_BITS) | low.astype(np.int64)
     return packed
+
+
+def group_order(group: I64, low: I64, *ties: npt.NDArray[Any]) -> I64:
+    """``np.lexsort((*reversed(ties), low, group))``: by ``group``, then ``low``, then each
+    of ``ties``; through one packed key (:func:`packed_order`) when the two fit, else by
+    ``np.lexsort`` itself."""
+    key = pack(group, low)
+    if key is None:
+        out: I64 = np.lexsort((*reversed(ties), low, group))
+        return out
+    return packed_order(key, *ties)
 
 
 def descending(x: npt.NDArray[np.float64]) -> I64:

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from scoring.arrays import LOW_TOP, pack, packed_order, prepend, ranks_in_runs
+from scoring.arrays import LOW_TOP, group_order, prepend, ranks_in_runs
 from scoring.embeddings import EmbeddingTable
 from scoring.features import KIND_INDEX, KINDS, EventBatch, fingerprint
 from scoring.featurespec import FeatureSpec, ItemVectorCache, item_vectors
@@ -130,8 +130,7 @@ def apply_sequences(
     # order), copies of an event (same ts and fingerprint) adjacent, the stored one (src
     # -1) or else the first arrival first; the copies after it are dropped.
     fp, ts = ent["fp"], ent["ts"]
-    key = pack(user, LOW_TOP - ts)  # ts descending within a user
-    o = np.lexsort((src, ~fp, -ts, user)) if key is None else packed_order(key, ~fp, src)
+    o = group_order(user, LOW_TOP - ts, ~fp, src)  # LOW_TOP - ts: ts descending
     # The entries (33-byte records) are gathered once, at the end, through ``o``.
     user, src, fp, ts = user[o], src[o], fp[o], ts[o]
     dup = prepend(False, (user[1:] == user[:-1]) & (fp[1:] == fp[:-1]) & (ts[1:] == ts[:-1]))

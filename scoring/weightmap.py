@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import numpy as np
 import numpy.typing as npt
 
-from scoring.arrays import descending, pack, packed_order, prepend, ranks_in_runs
+from scoring.arrays import descending, group_order, prepend, ranks_in_runs
 
 I64 = npt.NDArray[np.int64]
 F32 = npt.NDArray[np.float32]
@@ -60,8 +60,7 @@ def merge_weights(
     g = np.concatenate([old_g, group])
     ks = [np.concatenate([k[touched], nk]) for k, nk in zip(keys, new_keys, strict=True)]
     ww = np.concatenate([w[touched].astype(np.float64) * keep_old[old_g], contrib])
-    key = pack(g, ks[0])
-    o = np.lexsort((*reversed(ks), g)) if key is None else packed_order(key, *ks[1:])
+    o = group_order(g, *ks)
     g, ks, ww = g[o], [k[o] for k in ks], ww[o]
     change = g[1:] != g[:-1]
     for k in ks:
@@ -91,11 +90,10 @@ def merge_weights(
 
 def _heaviest_first(g: I64, ww: F64, ks: Sequence[I64]) -> I64:
     """``np.lexsort((*reversed(ks), -ww, g))``: by group, heaviest first, then by key. The
-    weights are ranked as integers (equal weights, equal ranks) and packed under the group,
-    so one sort does what lexsort does in 2 + len(ks) (4.2 against 11.4 ms for 34,000
-    entries)."""
-    if not len(ww) or np.isnan(ww).any():
-        return np.lexsort((*reversed(ks), -ww, g))
+    weights are ranked as integers (equal weights, equal ranks), so one packed sort does
+    what lexsort does in 2 + len(ks) (4.2 against 11.4 ms for 34,000 entries)."""
+    if np.isnan(ww).any():  # NaN has no integer rank
+        out: I64 = np.lexsort((*reversed(ks), -ww, g))
+        return out
     _, rank = np.unique(descending(ww), return_inverse=True)
-    key = pack(g, rank.astype(np.int64))
-    return np.lexsort((*reversed(ks), -ww, g)) if key is None else packed_order(key, *ks)
+    return group_order(g, rank.astype(np.int64), *ks)
