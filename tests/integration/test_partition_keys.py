@@ -184,7 +184,9 @@ def test_a_client_spreading_its_timestamps_is_limited_at_the_rate_the_broker_see
     assert {r.timestamp_type for r in records} == {1}  # LogAppendTime: the broker's clock
     per_second = Counter(r.timestamp // 1000 for r in records)
     admitted = sum(min(n, LIMIT) for n in per_second.values())
-    assert admitted <= 2 * LIMIT, f"the burst spread over {len(per_second)} seconds"
+    # The premise, not a speed: some second of broker time held more than the limit, so
+    # the worker had something to refuse (the counts below are exact however it spread).
+    assert admitted < len(records), f"the burst spread over {len(per_second)} seconds"
     topic = p.settings.topic("user-events")
     mine = {(topic, r.partition, r.offset) for r in records}
 

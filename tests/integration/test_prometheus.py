@@ -21,6 +21,7 @@ from kafka import KafkaProducer
 from adpulse import prometheus as prom
 from adpulse import replay
 from adpulse.catalogtool import publish, synthetic_ads
+from adpulse.core.metrics import LATENCY_BUCKETS
 from adpulse.core.settings import Settings
 from adpulse.plots import dashboard_png
 from adpulse.prometheus import Prometheus, scrape_config
@@ -99,7 +100,9 @@ def test_prometheus_scrapes_a_worker_replaying_taobao_through_the_shipped_config
         "histogram_quantile(0.99, sum by (le) (adpulse_decision_latency_seconds_bucket))"
     )
     assert p99 is not None
-    assert 0 < p99 < 10
+    # Not a speed claim: histogram_quantile answers within the histogram's finite buckets
+    # whatever the decisions took, so this checks the series is our histogram, whole.
+    assert 0 < p99 <= LATENCY_BUCKETS[-1]
     assert prometheus.value('count(adpulse_build_info{version!=""})') == 1
     assert prometheus.value("count(adpulse_model_info)") == 1
     assert (prometheus.value("max(adpulse_catalog_ads)") or 0) > 0
