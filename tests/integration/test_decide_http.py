@@ -210,8 +210,10 @@ def test_a_request_past_its_deadline_gets_a_deadline_no_fill(pair: Pair) -> None
     assert status == 200
     assert (got["ad_id"], got["no_fill_reason"]) == (None, "deadline")
     assert first_error("ad-decisions", got) is None
-    status, got, _ = decide(owner, body(p.id("late2"), user, tmax_ms=5000), old)
-    assert got["ad_id"] is not None  # the same age, within a larger budget
+    # The same age within the largest budget the contract allows: 59.5 s left, longer than
+    # the client waits for any answer, so this checks the rule, not the worker's speed.
+    status, got, _ = decide(owner, body(p.id("late2"), user, tmax_ms=60_000), old)
+    assert got["ad_id"] is not None
     # The topic path: a record stamped 500 ms ago with a 100 ms budget.
     stamp = int(time.time() * 1000) - 500
     p.producer.send(p.settings.topic("ad-requests"), key=user.encode(), timestamp_ms=stamp,
